@@ -1,0 +1,226 @@
+//! Criterion micro-benchmarks of the node's hot paths, without the network.
+//!
+//! - `causality`: a DVV-set write with a causal context and the merge of two
+//!   replicas holding siblings; PN-counter and OR-set merges.
+//! - `codec`: the versioned, checksummed envelope, sealed and opened.
+//! - `storage`: one-row batches and point reads on RocksDB (unsynced and
+//!   fsync'd) and on the in-memory engine, through the `Engine` trait.
+//!
+//! Each group keeps few samples and a short measurement time so the whole
+//! suite runs in a few minutes on a 2-core machine:
+//! `cargo bench -p geokv-bench --bench micro` (see docs/benchmarks.md).
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use geokv_server::causality::{Crdt, DvvSet, HlcTimestamp, OrSet, PnCounter, VersionVector};
+use geokv_server::codec::{open, seal};
+use geokv_server::storage::memory::MemoryEngine;
+use geokv_server::storage::rocks::{RocksEngine, RocksOptions};
+use geokv_server::storage::{Cf, Engine, WriteBatch};
+
+/// Actors of a three-region deployment.
+const ACTORS: [&str; 3] = ["us-east-1/n1", "eu-west-1/n1", "ap-south-1/n1"];
+/// Keys written before the read benchmarks, and cycled through by them.
+const STORED_KEYS: u64 = 10_000;
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3))
+}
+
+fn ts(ms: u64) -> HlcTimestamp {
+    HlcTimestamp::from_parts(ms, 0)
+}
+
+/// A register as a replica holds it after each region wrote blind once: one
+/// sibling per region.
+fn dvv_with_siblings(value_bytes: usize) -> DvvSet {
+    let mut replicas: Vec<DvvSet> = ACTORS
+        .iter()
+        .enumerate()
+        .map(|(i, actor)| {
+            let mut d = DvvSet::new();
+            d.write(actor, &VersionVector::new(), Some(vec![i as u8; value_bytes]), ts(i as u64 + 1));
+            d
+        })
+        .collect();
+    let mut merged = replicas.remove(0);
+    for r in &replicas {
+        merged.merge(r);
+    }
+    merged
+}
+
+fn causality(c: &mut Criterion) {
+    let mut g = c.benchmark_group("causality");
+    let value = vec![7u8; 100];
+
+    // The committer's path for a put that carries the context of the last
+    // read: the write replaces every sibling the context covers.
+    let base = dvv_with_siblings(100);
+    let context = base.context().clone();
+    g.bench_function("dvv_write_with_context", |b| {
+        b.iter(|| {
+            let mut d = base.clone();
+            d.write(ACTORS[0], black_box(&context), Some(value.clone()), ts(10));
+            black_box(d)
+        })
+    });
+
+    // Replication receive path: a replica with three siblings merges one
+    // whose write superseded them all.
+    let mut ahead = base.clone();
+    ahead.write(ACTORS[1], &context, Some(value.clone()), ts(11));
+    g.bench_function("dvv_merge_3_siblings", |b| {
+        b.iter(|| {
+            let mut d = base.clone();
+            d.merge(black_box(&ahead));
+            black_box(d)
+        })
+    });
+
+    let counter = |offset: i64| {
+        let mut p = PnCounter::new();
+        for (i, actor) in ACTORS.iter().enumerate() {
+            p.add(actor, 1000 + offset + i as i64);
+            p.add(actor, -(10 + i as i64));
+        }
+        p
+    };
+    let (left, right) = (counter(0), counter(5));
+    g.bench_function("pn_counter_merge_3_actors", |b| {
+        b.iter(|| {
+            let mut p = left.clone();
+            Crdt::merge(&mut p, black_box(&right));
+            black_box(p.value())
+        })
+    });
+
+    for members in [10usize, 100] {
+        let set = |actor: &str, skip: usize| {
+            let mut s = OrSet::new();
+            for m in (0..members).filter(|m| m % 7 != skip) {
+                s.add(actor, format!("member-{m:04}").into_bytes());
+            }
+            s
+        };
+        let (a, b_set) = (set(ACTORS[0], 0), set(ACTORS[1], 3));
+        g.throughput(Throughput::Elements(members as u64));
+        g.bench_with_input(BenchmarkId::new("or_set_merge", members), &members, |b, _| {
+            b.iter(|| {
+                let mut s = a.clone();
+                Crdt::merge(&mut s, black_box(&b_set));
+                black_box(s.len())
+            })
+        });
+    }
+    g.finish();
+}
+
+fn codec(c: &mut Criterion) {
+    let mut g = c.benchmark_group("codec");
+    for bytes in [100usize, 4096] {
+        let payload = vec![0x5au8; bytes];
+        let sealed = seal(&payload);
+        g.throughput(Throughput::Bytes(bytes as u64));
+        g.bench_with_input(BenchmarkId::new("seal", bytes), &payload, |b, p| {
+            b.iter(|| black_box(seal(black_box(p))))
+        });
+        g.bench_with_input(BenchmarkId::new("open", bytes), &sealed, |b, s| {
+            b.iter(|| black_box(open(black_box(s)).expect("a sealed record opens").len()))
+        });
+    }
+    g.finish();
+}
+
+fn key(i: u64) -> Vec<u8> {
+    format!("default\0bench/{i:012}").into_bytes()
+}
+
+/// Writes `STORED_KEYS` rows of `value` in batches, unsynced.
+fn fill(engine: &dyn Engine, value: &[u8]) {
+    for chunk in (0..STORED_KEYS).collect::<Vec<_>>().chunks(1000) {
+        let mut batch = WriteBatch::new();
+        for &i in chunk {
+            batch.put(Cf::Data, key(i), value.to_vec());
+        }
+        engine.write(batch, false).expect("filling the store");
+    }
+}
+
+fn engine_benches(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    engine: &dyn Engine,
+) {
+    let value = seal(&[0x42u8; 100]);
+    fill(engine, &value);
+    let mut n = 0u64;
+    g.bench_function(format!("{name}_put"), |b| {
+        b.iter(|| {
+            n = (n + 1) % STORED_KEYS;
+            let mut batch = WriteBatch::new();
+            batch.put(Cf::Data, key(n), value.clone());
+            engine.write(batch, false).expect("put");
+        })
+    });
+    let mut n = 0u64;
+    g.bench_function(format!("{name}_get"), |b| {
+        b.iter(|| {
+            n = (n + 7) % STORED_KEYS;
+            black_box(engine.get(Cf::Data, &key(n)).expect("get").is_some())
+        })
+    });
+}
+
+fn storage(c: &mut Criterion) {
+    let mut g = c.benchmark_group("storage");
+    g.throughput(Throughput::Elements(1));
+
+    let memory = MemoryEngine::new();
+    engine_benches(&mut g, "memory", &memory);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rocks = RocksEngine::open(dir.path(), &RocksOptions::default()).expect("opening RocksDB");
+    engine_benches(&mut g, "rocksdb", &rocks);
+
+    // One fsync'd batch per iteration: the floor under a durable write when
+    // nothing shares the sync, which group commit amortizes.
+    let value = seal(&[0x42u8; 100]);
+    let mut n = 0u64;
+    g.sample_size(10);
+    g.bench_function("rocksdb_put_sync", |b| {
+        b.iter(|| {
+            n = (n + 1) % STORED_KEYS;
+            let mut batch = WriteBatch::new();
+            batch.put(Cf::Data, key(n), value.clone());
+            rocks.write(batch, true).expect("synced put");
+        })
+    });
+    // A group of 64 rows in one synced batch: what group commit pays for 64
+    // concurrent writers.
+    g.throughput(Throughput::Elements(64));
+    g.bench_function("rocksdb_put_sync_batch_64", |b| {
+        b.iter(|| {
+            let mut batch = WriteBatch::new();
+            for _ in 0..64 {
+                n = (n + 1) % STORED_KEYS;
+                batch.put(Cf::Data, key(n), value.clone());
+            }
+            rocks.write(batch, true).expect("synced batch");
+        })
+    });
+    g.finish();
+    drop(rocks);
+}
+
+criterion_group! {
+    name = micro;
+    config = config();
+    targets = causality, codec, storage
+}
+criterion_main!(micro);

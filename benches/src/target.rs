@@ -1,0 +1,169 @@
+//! What a run measures: a running target (started by the tool or already
+//! there) and the per-client connection that drives it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use geokv_client::Consistency;
+
+use crate::etcd::{self, EtcdCluster, EtcdConn};
+use crate::geokv::{self, ContextTable, GeokvConn, GeokvNode, GeokvSettings};
+use crate::redis::{self, RedisConn, RedisServer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TargetKind {
+    Geokv,
+    Etcd,
+    Redis,
+}
+
+impl TargetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Geokv => "geokv",
+            TargetKind::Etcd => "etcd",
+            TargetKind::Redis => "redis",
+        }
+    }
+
+    /// What durability and consistency a write of this target has, for the
+    /// report.
+    pub fn semantics(self, consistency: Consistency) -> String {
+        match self {
+            TargetKind::Geokv => format!("1 node, writes at {consistency:?}, WAL fsync (group commit)"),
+            TargetKind::Etcd => {
+                format!("{} members, raft quorum writes, WAL fsync on each member", etcd::MEMBERS)
+            }
+            TargetKind::Redis => "1 node, appendonly + appendfsync always".to_string(),
+        }
+    }
+}
+
+impl fmt::Display for TargetKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How to start or reach each target, from the command line.
+pub struct TargetPlan {
+    /// An already-running geokv node; None starts one.
+    pub geokv_endpoint: Option<String>,
+    pub geokv_bin: std::path::PathBuf,
+    pub geokv_args: Vec<String>,
+    pub etcd_bin: std::path::PathBuf,
+    pub redis_bin: std::path::PathBuf,
+    pub table: String,
+    pub consistency: Consistency,
+    pub op_timeout: Duration,
+    pub keys: u64,
+    pub blind_puts: bool,
+}
+
+/// A target ready for load. Dropping it stops what the tool started.
+pub enum Running {
+    Geokv {
+        /// None when the node was already running (`--endpoint`).
+        node: Option<GeokvNode>,
+        settings: GeokvSettings,
+    },
+    Etcd {
+        cluster: EtcdCluster,
+        serializable: bool,
+        op_timeout: Duration,
+    },
+    Redis(RedisServer),
+}
+
+impl Running {
+    /// Starts (or reaches) `kind` as `plan` says.
+    pub async fn start(kind: TargetKind, plan: &TargetPlan) -> Result<Self> {
+        Ok(match kind {
+            TargetKind::Geokv => {
+                let (node, endpoint) = match &plan.geokv_endpoint {
+                    Some(endpoint) => (None, endpoint.clone()),
+                    None => {
+                        let node = geokv::start(&plan.geokv_bin, &plan.geokv_args).await?;
+                        let endpoint = node.endpoint.clone();
+                        (Some(node), endpoint)
+                    }
+                };
+                let contexts = (!plan.blind_puts).then(|| Arc::new(ContextTable::new(plan.keys)));
+                let settings = GeokvSettings {
+                    endpoint,
+                    table: plan.table.clone(),
+                    consistency: plan.consistency,
+                    op_timeout: plan.op_timeout,
+                    contexts,
+                };
+                Running::Geokv { node, settings }
+            }
+            TargetKind::Etcd => Running::Etcd {
+                cluster: etcd::start(&plan.etcd_bin).await?,
+                // geokv's LOCAL and EVENTUAL reads are served by the replica
+                // that receives them; etcd's serializable reads are the match.
+                serializable: matches!(plan.consistency, Consistency::Local | Consistency::Eventual),
+                op_timeout: plan.op_timeout,
+            },
+            TargetKind::Redis => Running::Redis(redis::start(&plan.redis_bin).await?),
+        })
+    }
+
+    pub fn kind(&self) -> TargetKind {
+        match self {
+            Running::Geokv { .. } => TargetKind::Geokv,
+            Running::Etcd { .. } => TargetKind::Etcd,
+            Running::Redis(_) => TargetKind::Redis,
+        }
+    }
+
+    /// Fails, quoting the log, when a process the tool started has died.
+    pub fn check_alive(&mut self) -> Result<()> {
+        match self {
+            Running::Geokv { node: Some(node), .. } => node.check_alive(),
+            Running::Geokv { node: None, .. } => Ok(()),
+            Running::Etcd { cluster, .. } => cluster.check_alive(),
+            Running::Redis(server) => server.check_alive(),
+        }
+    }
+
+    /// Opens one load client's own connection.
+    pub async fn connect(&self) -> Result<Conn> {
+        Ok(match self {
+            Running::Geokv { settings, .. } => Conn::Geokv(GeokvConn::connect(settings).await?),
+            Running::Etcd { cluster, serializable, op_timeout } => {
+                Conn::Etcd(EtcdConn::connect(&cluster.leader_url, *serializable, *op_timeout).await?)
+            }
+            Running::Redis(server) => Conn::Redis(RedisConn::connect(server.addr).await?),
+        })
+    }
+}
+
+/// One load client's connection to a target.
+pub enum Conn {
+    Geokv(GeokvConn),
+    Etcd(EtcdConn),
+    Redis(RedisConn),
+}
+
+impl Conn {
+    /// Writes `value` under `key` (the `key_index`-th key of the key space).
+    pub async fn put(&mut self, key_index: u64, key: &[u8], value: &[u8]) -> Result<()> {
+        match self {
+            Conn::Geokv(c) => c.put(key_index, key, value).await,
+            Conn::Etcd(c) => c.put(key, value).await,
+            Conn::Redis(c) => c.set(key, value).await,
+        }
+    }
+
+    /// Reads `key`; a key never written is a successful read.
+    pub async fn get(&mut self, key_index: u64, key: &[u8]) -> Result<()> {
+        match self {
+            Conn::Geokv(c) => c.get(key_index, key).await,
+            Conn::Etcd(c) => c.get(key).await,
+            Conn::Redis(c) => c.get(key).await,
+        }
+    }
+}

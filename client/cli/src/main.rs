@@ -1,0 +1,533 @@
+//! `geokv`: runs nodes and speaks to them.
+//!
+//! # Layout
+//! - `node`: start a node (defaults give a working single-region node).
+//! - data commands: `put`, `get`, `del`, `scan`, `incr`, `sadd`, `srem`,
+//!   `smembers`; readable output, `--json` for scripts; errors print the
+//!   stable reason and exit with status 1.
+//! - `status`: what a node says about itself.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use geokv_client::{CausalContext, Client, ClientConfig, Consistency, ReadConsistency, Row, WriteOptions};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "geokv", version, about = "geokv: a geo-partitioned multi-region key-value store")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node. With no flags: data in ./geokv-data, gRPC on 127.0.0.1:7700,
+    /// admin HTTP on 127.0.0.1:7701, and a table `default` homed in this node's region.
+    Node(NodeArgs),
+    /// Write a value (a sibling of concurrent values unless --context is given).
+    Put {
+        #[command(flatten)]
+        row: RowArgs,
+        value: String,
+        #[command(flatten)]
+        write: WriteArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Read a value: its siblings and causal context.
+    Get {
+        #[command(flatten)]
+        row: RowArgs,
+        #[command(flatten)]
+        read: ReadArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Delete a value (what --context saw, or everything stored).
+    Del {
+        #[command(flatten)]
+        row: RowArgs,
+        #[command(flatten)]
+        write: WriteArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// List rows of a table by key prefix.
+    Scan {
+        /// Key prefix (empty: every row).
+        #[arg(default_value = "")]
+        prefix: String,
+        #[arg(long, default_value = "default")]
+        table: String,
+        /// Rows per page.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Continue after this key.
+        #[arg(long, default_value = "")]
+        start_after: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Add to a counter (default +1); prints the new value.
+    Incr {
+        #[command(flatten)]
+        row: RowArgs,
+        #[arg(default_value_t = 1, allow_negative_numbers = true)]
+        delta: i64,
+        #[command(flatten)]
+        write: WriteArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Read a counter.
+    Count {
+        #[command(flatten)]
+        row: RowArgs,
+        #[command(flatten)]
+        read: ReadArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Add members to an add-wins set.
+    Sadd {
+        #[command(flatten)]
+        row: RowArgs,
+        #[arg(required = true)]
+        members: Vec<String>,
+        #[command(flatten)]
+        write: WriteArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Remove members from a set.
+    Srem {
+        #[command(flatten)]
+        row: RowArgs,
+        #[arg(required = true)]
+        members: Vec<String>,
+        #[command(flatten)]
+        write: WriteArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// List a set's members.
+    Smembers {
+        #[command(flatten)]
+        row: RowArgs,
+        #[command(flatten)]
+        read: ReadArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Show what a node says about itself.
+    Status {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// TOML configuration file (see deploy/node.example.toml).
+    #[arg(long, env = "GEOKV_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// gRPC address.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Admin HTTP address (/metrics, /health).
+    #[arg(long)]
+    admin_listen: Option<std::net::SocketAddr>,
+    /// The node's region.
+    #[arg(long)]
+    region: Option<String>,
+    /// The node's name inside its region.
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Acknowledge writes before they are synced to disk (faster, not durable).
+    #[arg(long)]
+    no_sync: bool,
+}
+
+#[derive(Args, Clone)]
+struct ConnArgs {
+    /// Node to talk to.
+    #[arg(long, env = "GEOKV_ENDPOINT", default_value = "127.0.0.1:7700")]
+    endpoint: String,
+    /// Print JSON instead of readable text.
+    #[arg(long)]
+    json: bool,
+    /// Deadline per attempt, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+}
+
+#[derive(Args, Clone)]
+struct RowArgs {
+    key: String,
+    #[arg(long, default_value = "default")]
+    table: String,
+    /// Home region of the row.
+    #[arg(long, conflicts_with = "locality")]
+    home: Option<String>,
+    /// Locality value (e.g. a country code) mapped to the home by the table.
+    #[arg(long)]
+    locality: Option<String>,
+}
+
+#[derive(Args, Clone)]
+struct WriteArgs {
+    /// local, eventual, quorum or strong (default: the table's).
+    #[arg(long)]
+    consistency: Option<String>,
+    /// Causal context from an earlier read (base64).
+    #[arg(long)]
+    context: Option<String>,
+    /// Makes a retried command apply once.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+}
+
+#[derive(Args, Clone)]
+struct ReadArgs {
+    /// local, bounded:<ms>, session, quorum or strong.
+    #[arg(long, default_value = "local")]
+    consistency: String,
+}
+
+impl RowArgs {
+    fn row(&self) -> Row {
+        let row = Row::new(self.table.clone(), self.key.as_bytes().to_vec());
+        match (&self.home, &self.locality) {
+            (Some(h), _) => row.home(h.clone()),
+            (None, Some(l)) => row.locality(l.clone()),
+            (None, None) => row,
+        }
+    }
+}
+
+/// Failures worth a distinct message: a server's reason, or a usage problem.
+enum Failure {
+    Server(geokv_client::Error),
+    Usage(String),
+    Other(anyhow::Error),
+}
+
+impl From<geokv_client::Error> for Failure {
+    fn from(e: geokv_client::Error) -> Self {
+        Failure::Server(e)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e)
+    }
+}
+
+impl WriteArgs {
+    fn options(&self) -> Result<WriteOptions, Failure> {
+        let mut o = WriteOptions::default();
+        if let Some(c) = &self.consistency {
+            o.consistency = Some(c.parse::<Consistency>().map_err(Failure::Usage)?);
+        }
+        if let Some(c) = &self.context {
+            o.context = Some(CausalContext::from_base64(c)?);
+        }
+        o.idempotency_key = self.idempotency_key.clone();
+        Ok(o)
+    }
+}
+
+impl ReadArgs {
+    fn level(&self) -> Result<ReadConsistency, Failure> {
+        self.consistency.parse().map_err(Failure::Usage)
+    }
+}
+
+async fn connect(conn: &ConnArgs) -> Result<Client, Failure> {
+    let mut cfg = ClientConfig::new(conn.endpoint.clone());
+    cfg.timeout = Duration::from_millis(conn.timeout_ms);
+    Ok(Client::with_config(cfg).await?)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn ack_json(a: &geokv_client::WriteAck) -> serde_json::Value {
+    json!({
+        "context": a.context.to_base64(),
+        "hlc": a.hlc,
+        "home_region": a.home_region,
+        "epoch": a.epoch,
+        "accepted_by_region": a.accepted_by_region,
+        "replayed": a.replayed,
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Server(e)) => {
+            eprintln!("error: {e}");
+            for (k, v) in &e.metadata {
+                eprintln!("  {k}: {v}");
+            }
+            ExitCode::FAILURE
+        }
+        Err(Failure::Usage(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Node(args) => run_node(args).await.map_err(Failure::Other),
+        Command::Put { row, value, write, conn } => {
+            let client = connect(&conn).await?;
+            let ack = client.put(&row.row(), value.into_bytes(), write.options()?).await?;
+            if conn.json {
+                println!("{}", ack_json(&ack));
+            } else {
+                println!("OK (home {}, hlc {})", ack.home_region, ack.hlc);
+            }
+            Ok(())
+        }
+        Command::Get { row, read, conn } => {
+            let client = connect(&conn).await?;
+            let got = client.get(&row.row(), read.level()?).await?;
+            if conn.json {
+                let siblings: Vec<_> = got
+                    .siblings
+                    .iter()
+                    .map(|s| json!({"value": text(&s.value), "hlc": s.hlc, "origin": s.origin}))
+                    .collect();
+                println!(
+                    "{}",
+                    json!({
+                        "found": got.found,
+                        "siblings": siblings,
+                        "context": got.context.to_base64(),
+                        "served_by_region": got.info.served_by_region,
+                        "staleness_ms_max": got.info.staleness_ms_max,
+                    })
+                );
+            } else if !got.found {
+                println!("(not found)");
+            } else if got.siblings.len() == 1 {
+                println!("{}", text(&got.siblings[0].value));
+            } else {
+                println!("{} siblings (concurrent writes; write with --context to resolve):", got.siblings.len());
+                for s in &got.siblings {
+                    println!("  {}    (from {}, hlc {})", text(&s.value), s.origin, s.hlc);
+                }
+                println!("context: {}", got.context.to_base64());
+            }
+            Ok(())
+        }
+        Command::Del { row, write, conn } => {
+            let client = connect(&conn).await?;
+            let ack = client.delete(&row.row(), write.options()?).await?;
+            if conn.json {
+                println!("{}", ack_json(&ack));
+            } else {
+                println!("OK");
+            }
+            Ok(())
+        }
+        Command::Scan { prefix, table, limit, start_after, conn } => {
+            let client = connect(&conn).await?;
+            let page = client.scan(&table, prefix.as_bytes(), start_after.as_bytes(), limit).await?;
+            if conn.json {
+                let rows: Vec<_> = page
+                    .rows
+                    .iter()
+                    .map(|r| {
+                        json!({
+                            "key": text(&r.key),
+                            "kind": r.kind,
+                            "home_region": r.home_region,
+                            "values": r.siblings.iter().map(|s| text(&s.value)).collect::<Vec<_>>(),
+                            "counter": r.counter_value,
+                            "members": r.set_members.iter().map(|m| text(m)).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                let next = page.next_start_after.as_deref().map(text);
+                println!("{}", json!({"rows": rows, "next_start_after": next}));
+            } else {
+                for r in &page.rows {
+                    let shown = match r.kind.as_str() {
+                        "counter" => r.counter_value.to_string(),
+                        "set" => format!("{{{}}}", r.set_members.iter().map(|m| text(m)).collect::<Vec<_>>().join(", ")),
+                        _ => r.siblings.iter().map(|s| text(&s.value)).collect::<Vec<_>>().join(" | "),
+                    };
+                    println!("{}\t{}", text(&r.key), shown);
+                }
+                if let Some(next) = page.next_start_after {
+                    eprintln!("(more: --start-after {})", text(&next));
+                }
+            }
+            Ok(())
+        }
+        Command::Incr { row, delta, write, conn } => {
+            let client = connect(&conn).await?;
+            let (value, ack) = client.counter_add(&row.row(), delta, write.options()?).await?;
+            if conn.json {
+                println!("{}", json!({"value": value, "ack": ack_json(&ack)}));
+            } else {
+                println!("{value}");
+            }
+            Ok(())
+        }
+        Command::Count { row, read, conn } => {
+            let client = connect(&conn).await?;
+            let value = client.counter_get(&row.row(), read.level()?).await?;
+            if conn.json {
+                println!("{}", json!({"found": value.is_some(), "value": value.unwrap_or(0)}));
+            } else {
+                println!("{}", value.map(|v| v.to_string()).unwrap_or_else(|| "(not found)".into()));
+            }
+            Ok(())
+        }
+        Command::Sadd { row, members, write, conn } => {
+            let client = connect(&conn).await?;
+            let members = members.into_iter().map(String::into_bytes).collect();
+            let (now, ack) = client.set_add(&row.row(), members, write.options()?).await?;
+            print_members(&now, conn.json, Some(&ack));
+            Ok(())
+        }
+        Command::Srem { row, members, write, conn } => {
+            let client = connect(&conn).await?;
+            let members = members.into_iter().map(String::into_bytes).collect();
+            let (now, ack) = client.set_remove(&row.row(), members, write.options()?).await?;
+            print_members(&now, conn.json, Some(&ack));
+            Ok(())
+        }
+        Command::Smembers { row, read, conn } => {
+            let client = connect(&conn).await?;
+            let set = client.set_members(&row.row(), read.level()?).await?;
+            if conn.json {
+                let members: Vec<_> = set.members.iter().map(|m| text(m)).collect();
+                println!("{}", json!({"found": set.found, "members": members, "context": set.context.to_base64()}));
+            } else {
+                print_members(&set.members, false, None);
+            }
+            Ok(())
+        }
+        Command::Status { conn } => {
+            let client = connect(&conn).await?;
+            let s = client.node_status().await?;
+            if conn.json {
+                let tables: Vec<_> = s
+                    .tables
+                    .iter()
+                    .map(|t| json!({"name": t.name, "locality": t.locality, "default_consistency": t.default_consistency,
+                        "conflict_policy": t.conflict_policy, "home_region": t.home_region, "zone": t.zone, "conflicts": t.conflicts}))
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"node_id": s.node_id, "region": s.region, "version": s.version, "uptime_ms": s.uptime_ms,
+                        "data_dir": s.data_dir, "regions": s.regions, "tables": tables, "log_seq": s.log_seq,
+                        "durable_writes": s.durable_writes, "storage_engine": s.storage_engine})
+                );
+            } else {
+                println!("node      {}/{} (geokv {})", s.region, s.node_id, s.version);
+                println!("uptime    {:.1}s", s.uptime_ms as f64 / 1000.0);
+                println!("storage   {} in {} (durable writes: {})", s.storage_engine, s.data_dir, s.durable_writes);
+                println!("regions   {}", s.regions.join(", "));
+                println!("log seq   {}", s.log_seq);
+                for t in &s.tables {
+                    println!(
+                        "table     {} ({}, default {}, conflicts {}: {}{})",
+                        t.name,
+                        t.locality,
+                        t.default_consistency,
+                        t.conflict_policy,
+                        t.conflicts,
+                        if t.zone.is_empty() { String::new() } else { format!(", zone {}", t.zone) }
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_members(members: &[Vec<u8>], as_json: bool, ack: Option<&geokv_client::WriteAck>) {
+    let shown: Vec<String> = members.iter().map(|m| text(m)).collect();
+    if as_json {
+        println!("{}", json!({"members": shown, "ack": ack.map(ack_json)}));
+    } else if shown.is_empty() {
+        println!("(empty)");
+    } else {
+        for m in shown {
+            println!("{m}");
+        }
+    }
+}
+
+async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut cfg = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            geokv_server::config::Config::from_toml(&text).with_context(|| format!("in {}", path.display()))?
+        }
+        None => geokv_server::config::Config::default(),
+    };
+    if let Some(d) = args.data_dir {
+        cfg.data_dir = d;
+    }
+    if let Some(l) = args.listen {
+        cfg.listen = l;
+    }
+    if let Some(l) = args.admin_listen {
+        cfg.admin_listen = l;
+    }
+    if let Some(r) = args.region {
+        cfg.region = r;
+    }
+    if let Some(n) = args.node_id {
+        cfg.node_id = n;
+    }
+    if args.no_sync {
+        cfg.storage.sync = false;
+    }
+    let cfg = cfg.finish().context("invalid configuration")?;
+    eprintln!(
+        "geokv node {}/{}: gRPC {} | admin http://{}/metrics | data {}",
+        cfg.region,
+        cfg.node_id,
+        cfg.listen,
+        cfg.admin_listen,
+        cfg.data_dir.display()
+    );
+    geokv_server::server::run(cfg, geokv_server::server::shutdown_signal()).await
+}

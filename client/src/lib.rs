@@ -1,0 +1,641 @@
+//! The Rust client of geokv.
+//!
+//! It speaks the `geokv.v1` gRPC API and never depends on the server crate,
+//! so a service adding it does not compile RocksDB.
+//!
+//! # Layout
+//! - [`Client`]: typed operations (registers with siblings and causal
+//!   contexts, counters, sets, scans, batches, node status), per-attempt
+//!   deadlines, and bounded retries of transient failures. Every write carries
+//!   an idempotency key (one is generated when the caller gives none), so a
+//!   retried counter add counts once.
+//! - [`Row`]: which row, and how it is homed.
+//! - [`Error`]: a failed call with its gRPC code and geokv's stable reason.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), geokv_client::Error> {
+//! use geokv_client::{Client, Row, WriteOptions};
+//! let client = Client::connect("http://127.0.0.1:7700").await?;
+//! let row = Row::new("default", "user:1");
+//! client.put(&row, b"hello".to_vec(), WriteOptions::default()).await?;
+//! let got = client.get(&row, Default::default()).await?;
+//! assert_eq!(got.values(), vec![b"hello".to_vec()]);
+//! # Ok(()) }
+//! ```
+
+mod error;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use geokv_proto::v1 as pb;
+use pb::admin_client::AdminClient;
+use pb::kv_client::KvClient;
+use tonic::transport::{Channel, Endpoint};
+
+pub use error::Error;
+pub use geokv_proto::v1 as proto;
+
+/// Write levels; see the README for what each guarantees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    Local,
+    Eventual,
+    Quorum,
+    Strong,
+}
+
+impl Consistency {
+    fn to_proto(self) -> i32 {
+        (match self {
+            Consistency::Local => pb::WriteConsistency::WriteLocal,
+            Consistency::Eventual => pb::WriteConsistency::WriteEventual,
+            Consistency::Quorum => pb::WriteConsistency::WriteQuorum,
+            Consistency::Strong => pb::WriteConsistency::WriteStrong,
+        }) as i32
+    }
+}
+
+impl std::str::FromStr for Consistency {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "local" => Ok(Consistency::Local),
+            "eventual" => Ok(Consistency::Eventual),
+            "quorum" => Ok(Consistency::Quorum),
+            "strong" => Ok(Consistency::Strong),
+            other => Err(format!("unknown write consistency `{other}`: use local, eventual, quorum or strong")),
+        }
+    }
+}
+
+/// Read levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadConsistency {
+    #[default]
+    Local,
+    /// Served locally when at most this stale, else from the home region.
+    Bounded(Duration),
+    /// Read-your-writes and monotonic reads for this client.
+    Session,
+    Quorum,
+    Strong,
+}
+
+impl ReadConsistency {
+    fn to_proto(self) -> (i32, u64) {
+        match self {
+            ReadConsistency::Local => (pb::ReadConsistency::ReadLocal as i32, 0),
+            ReadConsistency::Bounded(d) => (pb::ReadConsistency::ReadBounded as i32, d.as_millis() as u64),
+            ReadConsistency::Session => (pb::ReadConsistency::ReadSession as i32, 0),
+            ReadConsistency::Quorum => (pb::ReadConsistency::ReadQuorum as i32, 0),
+            ReadConsistency::Strong => (pb::ReadConsistency::ReadStrong as i32, 0),
+        }
+    }
+}
+
+impl std::str::FromStr for ReadConsistency {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.to_ascii_lowercase();
+        if let Some(ms) = lower.strip_prefix("bounded:") {
+            let ms: u64 = ms.trim_end_matches("ms").parse().map_err(|_| format!("bad staleness bound in `{s}`"))?;
+            return Ok(ReadConsistency::Bounded(Duration::from_millis(ms)));
+        }
+        match lower.as_str() {
+            "local" => Ok(ReadConsistency::Local),
+            "session" => Ok(ReadConsistency::Session),
+            "quorum" => Ok(ReadConsistency::Quorum),
+            "strong" => Ok(ReadConsistency::Strong),
+            other => Err(format!(
+                "unknown read consistency `{other}`: use local, bounded:<ms>, session, quorum or strong"
+            )),
+        }
+    }
+}
+
+/// How a row finds its home region.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Locality {
+    #[default]
+    TableDefault,
+    HomeRegion(String),
+    /// A value such as a country code that the table maps to a region.
+    Value(String),
+}
+
+/// Identifies one row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub table: String,
+    pub key: Vec<u8>,
+    pub locality: Locality,
+}
+
+impl Row {
+    pub fn new(table: impl Into<String>, key: impl Into<Vec<u8>>) -> Self {
+        Self { table: table.into(), key: key.into(), locality: Locality::TableDefault }
+    }
+
+    /// Homes the row in an explicit region.
+    pub fn home(mut self, region: impl Into<String>) -> Self {
+        self.locality = Locality::HomeRegion(region.into());
+        self
+    }
+
+    /// Homes the row by a locality value (e.g. a country code).
+    pub fn locality(mut self, value: impl Into<String>) -> Self {
+        self.locality = Locality::Value(value.into());
+        self
+    }
+
+    fn to_proto(&self) -> pb::RowRef {
+        let locality = match &self.locality {
+            Locality::TableDefault => None,
+            Locality::HomeRegion(r) => Some(pb::row_ref::Locality::HomeRegion(r.clone())),
+            Locality::Value(v) => Some(pb::row_ref::Locality::LocalityValue(v.clone())),
+        };
+        pb::RowRef { table: self.table.clone(), key: self.key.clone(), locality }
+    }
+}
+
+/// Opaque causal context: what a read saw. Pass it to the next write so the
+/// write supersedes exactly those values.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CausalContext(pub Vec<u8>);
+
+impl CausalContext {
+    /// The context as URL-safe base64, for command lines and logs.
+    pub fn to_base64(&self) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&self.0)
+    }
+
+    pub fn from_base64(s: &str) -> Result<Self, Error> {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(s.trim())
+            .map(CausalContext)
+            .map_err(|e| Error::local(format!("context is not base64: {e}")))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Options of a write.
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    /// None uses the table's default level.
+    pub consistency: Option<Consistency>,
+    /// The context of an earlier read; None means "saw nothing".
+    pub context: Option<CausalContext>,
+    /// Makes a retried write apply once. Generated when None.
+    pub idempotency_key: Option<String>,
+}
+
+impl WriteOptions {
+    pub fn consistency(mut self, c: Consistency) -> Self {
+        self.consistency = Some(c);
+        self
+    }
+
+    pub fn context(mut self, c: CausalContext) -> Self {
+        self.context = Some(c);
+        self
+    }
+
+    pub fn idempotency_key(mut self, k: impl Into<String>) -> Self {
+        self.idempotency_key = Some(k.into());
+        self
+    }
+}
+
+/// One concurrent value of a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sibling {
+    pub value: Vec<u8>,
+    pub hlc: u64,
+    pub origin: String,
+}
+
+/// How a read was served.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReadInfo {
+    pub served_by_region: String,
+    pub staleness_ms_max: u64,
+}
+
+/// The result of a register read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GetResult {
+    pub found: bool,
+    pub siblings: Vec<Sibling>,
+    pub context: CausalContext,
+    pub info: ReadInfo,
+}
+
+impl GetResult {
+    /// The values, one per sibling.
+    pub fn values(&self) -> Vec<Vec<u8>> {
+        self.siblings.iter().map(|s| s.value.clone()).collect()
+    }
+}
+
+/// A durable-write acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteAck {
+    pub context: CausalContext,
+    pub hlc: u64,
+    pub home_region: String,
+    pub epoch: u64,
+    pub accepted_by_region: String,
+    /// True when the server replayed the reply of an earlier attempt.
+    pub replayed: bool,
+}
+
+/// A set's members and the context to remove exactly what was seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetResult {
+    pub found: bool,
+    pub members: Vec<Vec<u8>>,
+    pub context: CausalContext,
+}
+
+/// A page of scanned rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScanPage {
+    pub rows: Vec<pb::ScanRow>,
+    /// Pass as `start_after` to continue; None when the scan is complete.
+    pub next_start_after: Option<Vec<u8>>,
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `http://host:port` or `host:port`.
+    pub endpoint: String,
+    /// Deadline of one attempt.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Extra attempts after a transient failure (Unavailable, deadline, transport).
+    pub retries_max: u32,
+    /// Delay before the first retry; doubled per retry.
+    pub retry_backoff: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+            retries_max: 3,
+            retry_backoff: Duration::from_millis(50),
+        }
+    }
+}
+
+/// A connection to one geokv node (which routes to the others).
+#[derive(Clone)]
+pub struct Client {
+    kv: KvClient<Channel>,
+    admin: AdminClient<Channel>,
+    cfg: ClientConfig,
+    /// Session token from the last acknowledged write or read, sent with
+    /// SESSION reads.
+    session: Arc<Mutex<Vec<u8>>>,
+}
+
+fn normalize(endpoint: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
+impl Client {
+    /// Connects with default settings.
+    pub async fn connect(endpoint: impl Into<String>) -> Result<Self, Error> {
+        Self::with_config(ClientConfig::new(endpoint)).await
+    }
+
+    pub async fn with_config(cfg: ClientConfig) -> Result<Self, Error> {
+        let url = normalize(&cfg.endpoint);
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| Error::local(format!("bad endpoint `{url}`: {e}")))?
+            .connect_timeout(cfg.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect().await.map_err(|e| Error::transport(&url, e))?;
+        Ok(Self {
+            kv: KvClient::new(channel.clone()).max_decoding_message_size(64 << 20),
+            admin: AdminClient::new(channel),
+            cfg,
+            session: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    /// The session token this client holds (for handing to another client).
+    pub fn session_token(&self) -> Vec<u8> {
+        self.session.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn set_session_token(&self, token: Vec<u8>) {
+        if let Ok(mut s) = self.session.lock() {
+            *s = token;
+        }
+    }
+
+    fn remember(&self, token: &[u8]) {
+        if !token.is_empty() {
+            self.set_session_token(token.to_vec());
+        }
+    }
+
+    /// Runs `call` with a per-attempt deadline, retrying transient failures
+    /// a bounded number of times with exponential backoff.
+    async fn attempt<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut(Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut backoff = self.cfg.retry_backoff;
+        let mut attempt = 0;
+        loop {
+            match call(self.cfg.timeout).await {
+                Ok(v) => return Ok(v),
+                Err(status) => {
+                    let err = Error::from(status);
+                    if attempt >= self.cfg.retries_max || !err.is_transient() {
+                        return Err(err);
+                    }
+                    attempt += 1;
+                    tracing::debug!(attempt, error = %err, "retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = backoff.saturating_mul(2);
+                }
+            }
+        }
+    }
+
+    fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(timeout);
+        r
+    }
+
+    fn idempotency(opts: &WriteOptions) -> String {
+        opts.idempotency_key.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+    }
+
+    fn ack(&self, a: Option<pb::WriteAck>) -> WriteAck {
+        let a = a.unwrap_or_default();
+        self.remember(&a.session_token);
+        WriteAck {
+            context: CausalContext(a.context),
+            hlc: a.hlc,
+            home_region: a.home_region,
+            epoch: a.epoch,
+            accepted_by_region: a.accepted_by_region,
+            replayed: a.replayed,
+        }
+    }
+
+    fn info(&self, i: Option<pb::ReadInfo>) -> ReadInfo {
+        let i = i.unwrap_or_default();
+        self.remember(&i.session_token);
+        ReadInfo { served_by_region: i.served_by_region, staleness_ms_max: i.staleness_ms_max }
+    }
+
+    fn read_fields(&self, level: ReadConsistency) -> (i32, u64, Vec<u8>) {
+        let (c, ms) = level.to_proto();
+        let token = if level == ReadConsistency::Session { self.session_token() } else { Vec::new() };
+        (c, ms, token)
+    }
+
+    /// Reads a register row: its siblings and causal context.
+    pub async fn get(&self, row: &Row, level: ReadConsistency) -> Result<GetResult, Error> {
+        let (consistency, max_staleness_ms, session_token) = self.read_fields(level);
+        let msg = pb::GetRequest { row: Some(row.to_proto()), consistency, max_staleness_ms, session_token };
+        let resp = self
+            .attempt(|t| {
+                let mut kv = self.kv.clone();
+                let msg = msg.clone();
+                async move { kv.get(Self::request(msg, t)).await }
+            })
+            .await?
+            .into_inner();
+        Ok(GetResult {
+            found: resp.found,
+            siblings: resp
+                .siblings
+                .into_iter()
+                .map(|s| Sibling { value: s.value, hlc: s.hlc, origin: s.origin })
+                .collect(),
+            context: CausalContext(resp.context),
+            info: self.info(resp.info),
+        })
+    }
+
+    /// Writes a value. Without a context it becomes a sibling of whatever
+    /// concurrent values exist.
+    pub async fn put(&self, row: &Row, value: Vec<u8>, opts: WriteOptions) -> Result<WriteAck, Error> {
+        let msg = pb::PutRequest {
+            row: Some(row.to_proto()),
+            value,
+            consistency: opts.consistency.map(Consistency::to_proto).unwrap_or(0),
+            context: opts.context.clone().unwrap_or_default().0,
+            idempotency_key: Self::idempotency(&opts),
+        };
+        let resp = self
+            .attempt(|t| {
+                let mut kv = self.kv.clone();
+                let msg = msg.clone();
+                async move { kv.put(Self::request(msg, t)).await }
+            })
+            .await?
+            .into_inner();
+        Ok(self.ack(resp.ack))
+    }
+
+    /// Deletes the values the context saw (all stored values without one).
+    pub async fn delete(&self, row: &Row, opts: WriteOptions) -> Result<WriteAck, Error> {
+        let msg = pb::DeleteRequest {
+            row: Some(row.to_proto()),
+            consistency: opts.consistency.map(Consistency::to_proto).unwrap_or(0),
+            context: opts.context.clone().unwrap_or_default().0,
+            idempotency_key: Self::idempotency(&opts),
+        };
+        let resp = self
+            .attempt(|t| {
+                let mut kv = self.kv.clone();
+                let msg = msg.clone();
+                async move { kv.delete(Self::request(msg, t)).await }
+            })
+            .await?
+            .into_inner();
+        Ok(self.ack(resp.ack))
+    }
+
+    /// Puts and deletes applied atomically.
+    pub async fn batch(
+        &self,
+        ops: Vec<pb::BatchOp>,
+        consistency: Option<Consistency>,
+        idempotency_key: Option<String>,
+    ) -> Result<Vec<WriteAck>, Error> {
+        let msg = pb::BatchRequest {
+            ops,
+            consistency: consistency.map(Consistency::to_proto).unwrap_or(0),
+            idempotency_key: idempotency_key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        };
+        let resp = self
+            .attempt(|t| {
+                let mut kv = self.kv.clone();
+                let msg = msg.clone();
+                async move { kv.batch(Self::request(msg, t)).await }
+            })
+            .await?
+            .into_inner();
+        Ok(resp.acks.into_iter().map(|a| self.ack(Some(a))).collect())
+    }
+
+    /// One page of a table's rows whose keys start with `prefix`.
+    pub async fn scan(
+        &self,
+        table: &str,
+        prefix: &[u8],
+        start_after: &[u8],
+        limit: u32,
+    ) -> Result<ScanPage, Error> {
+        let msg = pb::ScanRequest {
+            table: table.to_string(),
+            prefix: prefix.to_vec(),
+            start_after: start_after.to_vec(),
+            limit,
+            include_deleted: false,
+        };
+        let resp = self
+            .attempt(|t| {
+                let mut kv = self.kv.clone();
+                let msg = msg.clone();
+                async move { kv.scan(Self::request(msg, t)).await }
+            })
+            .await?
+            .into_inner();
+        Ok(ScanPage { rows: resp.rows, next_start_after: resp.more.then_some(resp.next_start_after) })
+    }
+
+    /// Adds `delta` to a counter; returns its value after the add.
+    pub async fn counter_add(&self, row: &Row, delta: i64, opts: WriteOptions) -> Result<(i64, WriteAck), Error> {
+        let msg = pb::CounterAddRequest {
+            row: Some(row.to_proto()),
+            delta,
+            consistency: opts.consistency.map(Consistency::to_proto).unwrap_or(0),
+            idempotency_key: Self::idempotency(&opts),
+        };
+        let resp = self
+            .attempt(|t| {
+                let mut kv = self.kv.clone();
+                let msg = msg.clone();
+                async move { kv.counter_add(Self::request(msg, t)).await }
+            })
+            .await?
+            .into_inner();
+        Ok((resp.value, self.ack(resp.ack)))
+    }
+
+    /// Reads a counter; None when it was never written.
+    pub async fn counter_get(&self, row: &Row, level: ReadConsistency) -> Result<Option<i64>, Error> {
+        let (consistency, max_staleness_ms, session_token) = self.read_fields(level);
+        let msg = pb::CounterGetRequest { row: Some(row.to_proto()), consistency, max_staleness_ms, session_token };
+        let resp = self
+            .attempt(|t| {
+                let mut kv = self.kv.clone();
+                let msg = msg.clone();
+                async move { kv.counter_get(Self::request(msg, t)).await }
+            })
+            .await?
+            .into_inner();
+        self.info(resp.info);
+        Ok(resp.found.then_some(resp.value))
+    }
+
+    /// Adds members to an add-wins set; returns the members after the add.
+    pub async fn set_add(
+        &self,
+        row: &Row,
+        members: Vec<Vec<u8>>,
+        opts: WriteOptions,
+    ) -> Result<(Vec<Vec<u8>>, WriteAck), Error> {
+        let msg = pb::SetAddRequest {
+            row: Some(row.to_proto()),
+            members,
+            consistency: opts.consistency.map(Consistency::to_proto).unwrap_or(0),
+            idempotency_key: Self::idempotency(&opts),
+        };
+        let resp = self
+            .attempt(|t| {
+                let mut kv = self.kv.clone();
+                let msg = msg.clone();
+                async move { kv.set_add(Self::request(msg, t)).await }
+            })
+            .await?
+            .into_inner();
+        Ok((resp.members, self.ack(resp.ack)))
+    }
+
+    /// Removes members: with a context only the adds it saw (a concurrent
+    /// add wins), without one the adds stored where the request lands.
+    pub async fn set_remove(
+        &self,
+        row: &Row,
+        members: Vec<Vec<u8>>,
+        opts: WriteOptions,
+    ) -> Result<(Vec<Vec<u8>>, WriteAck), Error> {
+        let msg = pb::SetRemoveRequest {
+            row: Some(row.to_proto()),
+            members,
+            consistency: opts.consistency.map(Consistency::to_proto).unwrap_or(0),
+            idempotency_key: Self::idempotency(&opts),
+            context: opts.context.clone().unwrap_or_default().0,
+        };
+        let resp = self
+            .attempt(|t| {
+                let mut kv = self.kv.clone();
+                let msg = msg.clone();
+                async move { kv.set_remove(Self::request(msg, t)).await }
+            })
+            .await?
+            .into_inner();
+        Ok((resp.members, self.ack(resp.ack)))
+    }
+
+    pub async fn set_members(&self, row: &Row, level: ReadConsistency) -> Result<SetResult, Error> {
+        let (consistency, max_staleness_ms, session_token) = self.read_fields(level);
+        let msg = pb::SetMembersRequest { row: Some(row.to_proto()), consistency, max_staleness_ms, session_token };
+        let resp = self
+            .attempt(|t| {
+                let mut kv = self.kv.clone();
+                let msg = msg.clone();
+                async move { kv.set_members(Self::request(msg, t)).await }
+            })
+            .await?
+            .into_inner();
+        self.info(resp.info);
+        Ok(SetResult { found: resp.found, members: resp.members, context: CausalContext(resp.context) })
+    }
+
+    pub async fn node_status(&self) -> Result<pb::NodeStatusResponse, Error> {
+        let resp = self
+            .attempt(|t| {
+                let mut admin = self.admin.clone();
+                async move { admin.node_status(Self::request(pb::NodeStatusRequest {}, t)).await }
+            })
+            .await?;
+        Ok(resp.into_inner())
+    }
+}

@@ -1,0 +1,23 @@
+//! The geokv wire and storage formats, generated from `proto/v1/*.proto`.
+//!
+//! # Layout
+//! - [`v1`]: the public gRPC API (package `geokv.v1`): the KV and Admin services.
+//! - [`storage`]: internal records (rows, log entries, contexts), package
+//!   `geokv.storage.v1`; the server wraps each in a versioned, checksummed envelope.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, served by gRPC reflection.
+
+#![allow(clippy::all, missing_docs)]
+
+pub mod v1 {
+    tonic::include_proto!("geokv.v1");
+}
+
+pub mod storage {
+    tonic::include_proto!("geokv.storage.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every geokv proto, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("geokv_descriptor");
+
+/// The domain of every `google.rpc.ErrorInfo` that geokv returns.
+pub const ERROR_DOMAIN: &str = "geokv.io";

@@ -1,0 +1,64 @@
+//! The admin HTTP port: `/metrics` for Prometheus and `/health` for probes.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::kv::Node;
+
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+/// Several nodes in one process (tests) share it.
+pub fn prometheus() -> PrometheusHandle {
+    RECORDER
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                ])
+                .expect("bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only when another recorder was installed first, in which
+            // case this handle renders nothing but the process still works.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+#[derive(Clone)]
+struct AdminState {
+    node: Arc<Node>,
+    prometheus: PrometheusHandle,
+}
+
+/// The admin HTTP routes.
+pub fn router(node: Arc<Node>) -> Router {
+    let state = AdminState { node, prometheus: prometheus() };
+    Router::new().route("/metrics", get(metrics_page)).route("/health", get(health)).with_state(state)
+}
+
+async fn metrics_page(State(s): State<AdminState>) -> impl IntoResponse {
+    metrics::gauge!("geokv_uptime_seconds").set(s.node.uptime().as_secs_f64());
+    metrics::gauge!("geokv_log_seq").set(s.node.log_seq() as f64);
+    metrics::gauge!("geokv_hlc_rejected_total").set(s.node.hlc().rejected_count() as f64);
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.prometheus.render())
+}
+
+async fn health(State(s): State<AdminState>) -> impl IntoResponse {
+    let cfg = s.node.config();
+    Json(serde_json::json!({
+        "status": "serving",
+        "node_id": cfg.node_id,
+        "region": cfg.region,
+        "uptime_ms": s.node.uptime().as_millis() as u64,
+        "log_seq": s.node.log_seq(),
+    }))
+}

@@ -1,0 +1,495 @@
+//! Node and cluster configuration, read from TOML.
+//!
+//! Every section has defaults, so an empty file (or none) starts a working
+//! single-region node. Unknown fields are rejected, and [`Config::validate`]
+//! names the offending field, so a typo fails at start-up rather than being
+//! silently ignored.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// A configuration problem, naming the field as written in the TOML.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config field `{field}`: {why}")]
+pub struct ConfigError {
+    pub field: String,
+    pub why: String,
+}
+
+fn bad(field: impl Into<String>, why: impl Into<String>) -> ConfigError {
+    ConfigError { field: field.into(), why: why.into() }
+}
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This node's name inside its region; with the region it forms the
+    /// actor id ("region/node") stamped on every write it accepts.
+    pub node_id: String,
+    /// The region this node runs in.
+    pub region: String,
+    /// Directory of the node's RocksDB store.
+    pub data_dir: PathBuf,
+    /// gRPC address (KV, Admin, health, reflection).
+    pub listen: SocketAddr,
+    /// Admin HTTP address (`/metrics`, `/health`).
+    pub admin_listen: SocketAddr,
+    /// Every region of the cluster. Empty means just this node's region.
+    pub regions: Vec<RegionConfig>,
+    /// Residency zones: named sets of regions a row may be stored in.
+    pub zones: Vec<ZoneConfig>,
+    /// Cluster-wide map of locality values (country codes) to home regions.
+    pub localities: BTreeMap<String, String>,
+    /// Tables. Empty means one table named `default`, homed by row with this
+    /// node's region as the default home.
+    pub tables: Vec<TableConfig>,
+    pub limits: Limits,
+    pub storage: StorageConfig,
+    pub clock: ClockConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneConfig {
+    pub name: String,
+    /// Regions rows of this zone may be stored in.
+    pub regions: Vec<String>,
+}
+
+/// How a table finds the home region of a row.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LocalityMode {
+    /// Each row names its home (explicitly, or by a locality value).
+    #[default]
+    ByRow,
+    /// Every row lives in the table's `home_region`.
+    ByTable,
+    /// Rows are written anywhere and replicated everywhere.
+    Global,
+}
+
+impl LocalityMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocalityMode::ByRow => "by_row",
+            LocalityMode::ByTable => "by_table",
+            LocalityMode::Global => "global",
+        }
+    }
+}
+
+/// Write levels, as named in configuration and on the command line.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    #[default]
+    Local,
+    Eventual,
+    Quorum,
+    Strong,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Local => "local",
+            Level::Eventual => "eventual",
+            Level::Quorum => "quorum",
+            Level::Strong => "strong",
+        }
+    }
+}
+
+/// What happens to concurrent writes of a plain value.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictPolicy {
+    /// Keep concurrent values as siblings until a writer resolves them.
+    #[default]
+    Siblings,
+    /// Keep the value with the highest HLC stamp; counted as a conflict.
+    Lww,
+}
+
+impl ConflictPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConflictPolicy::Siblings => "siblings",
+            ConflictPolicy::Lww => "lww",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TableConfig {
+    /// Lowercase letters, digits, `_` and `-`, 1 to 64 characters.
+    pub name: String,
+    pub locality: LocalityMode,
+    /// For `by_table`: the region every row lives in.
+    pub home_region: Option<String>,
+    /// For `by_row`: the home of a row written without a locality.
+    /// Unset means such a write is refused with `MISSING_LOCALITY`.
+    pub default_home_region: Option<String>,
+    /// Residency zone every row of the table must stay in. Unset means the
+    /// zone that contains the row's home region, if any.
+    pub zone: Option<String>,
+    /// Table-specific locality values, consulted before the cluster's.
+    pub localities: BTreeMap<String, String>,
+    /// Level used when a write does not name one.
+    pub default_consistency: Level,
+    pub conflict: ConflictPolicy,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            locality: LocalityMode::ByRow,
+            home_region: None,
+            default_home_region: None,
+            zone: None,
+            localities: BTreeMap::new(),
+            default_consistency: Level::Local,
+            conflict: ConflictPolicy::Siblings,
+        }
+    }
+}
+
+/// Bounds on what one request may carry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub key_bytes_max: usize,
+    pub value_bytes_max: usize,
+    /// Operations in one Batch request; also members in one set add/remove.
+    pub batch_ops_max: usize,
+    /// Rows returned by one Scan.
+    pub scan_rows_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { key_bytes_max: 1024, value_bytes_max: 1 << 20, batch_ops_max: 128, scan_rows_max: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineKind {
+    #[default]
+    Rocksdb,
+    /// In-memory, for simulation tests only: loses everything on exit.
+    Memory,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub engine: EngineKind,
+    /// Acknowledge writes only after the write-ahead log is synced to disk.
+    pub sync: bool,
+    /// Most writes that share one commit (one WAL sync).
+    pub group_commit_writes_max: usize,
+    /// Most bytes of values that share one commit.
+    pub group_commit_bytes_max: usize,
+    /// Writes waiting for the committer before callers are held back.
+    pub commit_queue_max: usize,
+    /// Replication-log entries kept on this node.
+    pub log_retention_entries: u64,
+    /// How long a reply is remembered for its idempotency key, in seconds.
+    pub idempotency_ttl_s: u64,
+    /// Memtable size per column family, in MiB.
+    pub write_buffer_mib: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            engine: EngineKind::Rocksdb,
+            sync: true,
+            group_commit_writes_max: 512,
+            group_commit_bytes_max: 16 << 20,
+            commit_queue_max: 8192,
+            log_retention_entries: 1_000_000,
+            idempotency_ttl_s: 3600,
+            write_buffer_mib: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClockConfig {
+    /// Largest clock difference tolerated between nodes, in milliseconds; a
+    /// stamp further ahead is refused.
+    pub max_offset_ms: u64,
+}
+
+impl Default for ClockConfig {
+    fn default() -> Self {
+        Self { max_offset_ms: 500 }
+    }
+}
+
+pub const DEFAULT_REGION: &str = "local-1";
+pub const DEFAULT_TABLE: &str = "default";
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_id: "n1".into(),
+            region: DEFAULT_REGION.into(),
+            data_dir: PathBuf::from("./geokv-data"),
+            listen: "127.0.0.1:7700".parse().expect("literal address"),
+            admin_listen: "127.0.0.1:7701".parse().expect("literal address"),
+            regions: Vec::new(),
+            zones: Vec::new(),
+            localities: BTreeMap::new(),
+            tables: Vec::new(),
+            limits: Limits::default(),
+            storage: StorageConfig::default(),
+            clock: ClockConfig::default(),
+        }
+    }
+}
+
+fn valid_name(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+impl Config {
+    /// Parses TOML text. The result still needs [`Config::finish`].
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let span = e.span().map(|s| format!(" (at byte {})", s.start)).unwrap_or_default();
+            bad("<file>", format!("{}{}", e.message(), span))
+        })
+    }
+
+    /// Fills in the implied defaults (the region list, the `default` table)
+    /// and validates. Call after applying command-line overrides.
+    pub fn finish(mut self) -> Result<Self, ConfigError> {
+        if self.regions.is_empty() {
+            self.regions.push(RegionConfig { name: self.region.clone() });
+        }
+        if self.tables.is_empty() {
+            self.tables.push(TableConfig {
+                name: DEFAULT_TABLE.into(),
+                default_home_region: Some(self.region.clone()),
+                ..TableConfig::default()
+            });
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks every rule that would otherwise fail later at write time.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !valid_name(&self.node_id, 64) {
+            return Err(bad("node_id", "use 1-64 of a-z, 0-9, '_' and '-'"));
+        }
+        let mut regions = BTreeSet::new();
+        for (i, r) in self.regions.iter().enumerate() {
+            if !valid_name(&r.name, 64) {
+                return Err(bad(format!("regions[{i}].name"), "use 1-64 of a-z, 0-9, '_' and '-'"));
+            }
+            if !regions.insert(r.name.as_str()) {
+                return Err(bad(format!("regions[{i}].name"), format!("region `{}` listed twice", r.name)));
+            }
+        }
+        if !regions.contains(self.region.as_str()) {
+            return Err(bad("region", format!("`{}` is not in `regions` {:?}", self.region, regions)));
+        }
+        let mut zoned = BTreeMap::new();
+        let mut zones = BTreeSet::new();
+        for (i, z) in self.zones.iter().enumerate() {
+            if !valid_name(&z.name, 64) {
+                return Err(bad(format!("zones[{i}].name"), "use 1-64 of a-z, 0-9, '_' and '-'"));
+            }
+            if !zones.insert(z.name.as_str()) {
+                return Err(bad(format!("zones[{i}].name"), format!("zone `{}` listed twice", z.name)));
+            }
+            if z.regions.is_empty() {
+                return Err(bad(format!("zones[{i}].regions"), "a zone needs at least one region"));
+            }
+            for r in &z.regions {
+                if !regions.contains(r.as_str()) {
+                    return Err(bad(format!("zones[{i}].regions"), format!("unknown region `{r}`")));
+                }
+                if let Some(other) = zoned.insert(r.as_str(), z.name.as_str()) {
+                    return Err(bad(
+                        format!("zones[{i}].regions"),
+                        format!("region `{r}` is already in zone `{other}`; a region belongs to one zone"),
+                    ));
+                }
+            }
+        }
+        let check_localities = |field: &str, map: &BTreeMap<String, String>| -> Result<(), ConfigError> {
+            for (value, region) in map {
+                if value.is_empty() || value.len() > 64 {
+                    return Err(bad(field, format!("locality value `{value}` must be 1-64 bytes")));
+                }
+                if !regions.contains(region.as_str()) {
+                    return Err(bad(format!("{field}.{value}"), format!("unknown region `{region}`")));
+                }
+            }
+            Ok(())
+        };
+        check_localities("localities", &self.localities)?;
+        let mut tables = BTreeSet::new();
+        for (i, t) in self.tables.iter().enumerate() {
+            let f = |name: &str| format!("tables[{i}].{name}");
+            if !valid_name(&t.name, 64) {
+                return Err(bad(f("name"), "use 1-64 of a-z, 0-9, '_' and '-'"));
+            }
+            if !tables.insert(t.name.as_str()) {
+                return Err(bad(f("name"), format!("table `{}` listed twice", t.name)));
+            }
+            check_localities(&f("localities"), &t.localities)?;
+            for (field, region) in [("home_region", &t.home_region), ("default_home_region", &t.default_home_region)]
+            {
+                if let Some(r) = region {
+                    if !regions.contains(r.as_str()) {
+                        return Err(bad(f(field), format!("unknown region `{r}`")));
+                    }
+                }
+            }
+            if let Some(z) = &t.zone {
+                let Some(zone) = self.zones.iter().find(|zone| &zone.name == z) else {
+                    return Err(bad(f("zone"), format!("unknown zone `{z}`")));
+                };
+                let homes = t.home_region.iter().chain(t.default_home_region.iter());
+                for home in homes.chain(t.localities.values()) {
+                    if !zone.regions.contains(home) {
+                        return Err(bad(f("zone"), format!("home region `{home}` is outside zone `{z}`")));
+                    }
+                }
+            }
+            match t.locality {
+                LocalityMode::ByTable if t.home_region.is_none() => {
+                    return Err(bad(f("home_region"), "a table homed `by_table` needs a home region"));
+                }
+                LocalityMode::ByRow | LocalityMode::Global if t.home_region.is_some() => {
+                    return Err(bad(f("home_region"), "only tables homed `by_table` take a home region"));
+                }
+                _ => {}
+            }
+        }
+        let l = &self.limits;
+        for (field, v, lo, hi) in [
+            ("limits.key_bytes_max", l.key_bytes_max, 1, 64 << 10),
+            ("limits.value_bytes_max", l.value_bytes_max, 1, 64 << 20),
+            ("limits.batch_ops_max", l.batch_ops_max, 1, 10_000),
+            ("limits.scan_rows_max", l.scan_rows_max, 1, 100_000),
+        ] {
+            if v < lo || v > hi {
+                return Err(bad(field, format!("{v} is outside {lo}..={hi}")));
+            }
+        }
+        let s = &self.storage;
+        if s.group_commit_writes_max == 0 || s.group_commit_writes_max > 100_000 {
+            return Err(bad("storage.group_commit_writes_max", "must be 1..=100000"));
+        }
+        if s.group_commit_bytes_max < l.value_bytes_max {
+            return Err(bad("storage.group_commit_bytes_max", "must be at least limits.value_bytes_max"));
+        }
+        if s.commit_queue_max == 0 || s.commit_queue_max > 1_000_000 {
+            return Err(bad("storage.commit_queue_max", "must be 1..=1000000"));
+        }
+        if s.log_retention_entries == 0 {
+            return Err(bad("storage.log_retention_entries", "must be at least 1"));
+        }
+        if s.write_buffer_mib == 0 || s.write_buffer_mib > 4096 {
+            return Err(bad("storage.write_buffer_mib", "must be 1..=4096"));
+        }
+        if self.clock.max_offset_ms == 0 {
+            return Err(bad("clock.max_offset_ms", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The table named `name`.
+    pub fn table(&self, name: &str) -> Option<&TableConfig> {
+        self.tables.iter().find(|t| t.name == name)
+    }
+
+    pub fn region_names(&self) -> Vec<String> {
+        self.regions.iter().map(|r| r.name.clone()).collect()
+    }
+
+    pub fn zone(&self, name: &str) -> Option<&ZoneConfig> {
+        self.zones.iter().find(|z| z.name == name)
+    }
+
+    /// The zone containing `region`, if any.
+    pub fn zone_of(&self, region: &str) -> Option<&ZoneConfig> {
+        self.zones.iter().find(|z| z.regions.iter().any(|r| r == region))
+    }
+
+    /// The node's actor id, stamped on the writes it accepts.
+    pub fn actor(&self) -> String {
+        format!("{}/{}", self.region, self.node_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_a_working_single_region_node() {
+        let c = Config::from_toml("").unwrap().finish().unwrap();
+        assert_eq!(c.regions.len(), 1);
+        let t = c.table("default").unwrap();
+        assert_eq!(t.default_home_region.as_deref(), Some(DEFAULT_REGION));
+        assert!(c.storage.sync, "durability is on by default");
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        let e = Config::from_toml("regoin = \"x\"").unwrap_err();
+        assert!(e.why.contains("regoin"), "{e}");
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases = [
+            ("region = \"nowhere\"\n[[regions]]\nname = \"a\"", "region"),
+            ("region = \"a\"\n[[regions]]\nname = \"a\"\n[[zones]]\nname = \"eu\"\nregions = [\"b\"]", "zones[0].regions"),
+            ("[[tables]]\nname = \"T!\"", "tables[0].name"),
+            ("[[tables]]\nname = \"t\"\nlocality = \"by_table\"", "tables[0].home_region"),
+            ("[[tables]]\nname = \"t\"\nzone = \"eu\"", "tables[0].zone"),
+            ("[limits]\nvalue_bytes_max = 0", "limits.value_bytes_max"),
+            ("[localities]\nDE = \"mars-1\"", "localities.DE"),
+        ];
+        for (text, field) in cases {
+            let err = Config::from_toml(text).and_then(Config::finish).unwrap_err();
+            assert_eq!(err.field, field, "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn region_in_two_zones_is_refused() {
+        let text = r#"
+            region = "a"
+            regions = [{ name = "a" }, { name = "b" }]
+            zones = [{ name = "z1", regions = ["a"] }, { name = "z2", regions = ["a", "b"] }]
+        "#;
+        let err = Config::from_toml(text).unwrap().finish().unwrap_err();
+        assert_eq!(err.field, "zones[1].regions");
+    }
+}

@@ -1,0 +1,456 @@
+//! Group commit: one thread applies writes in arrival order and makes each
+//! group of them durable with a single synced storage batch.
+//!
+//! Writers hand an admitted write to the committer through a bounded queue
+//! and wait for its reply. The committer takes the first waiting write, then
+//! every other write already queued (up to `group_commit_writes_max` writes
+//! or `group_commit_bytes_max` bytes), computes each new row state by merging
+//! into the stored one, and writes all rows, their replication-log entries and
+//! idempotency records in one `WriteBatch` with one WAL sync. Only then are
+//! the replies sent, so an acknowledged write is on disk. While one sync is in
+//! flight the next group gathers, which is what lets many clients share
+//! syncs. Being the only writer also makes each read-merge-write atomic.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use geokv_proto::storage as pb;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use super::row::{data_key, display_key, Row, RowValue};
+use super::{AdmittedWrite, RowOp};
+use crate::causality::{encode_context, Crdt, DvvSet, Hlc, HlcTimestamp, LwwRegister, OrSet, PnCounter, VersionVector};
+use crate::codec;
+use crate::config::ConflictPolicy;
+use crate::error::KvError;
+use crate::storage::{Cf, Engine, WriteBatch};
+
+/// Epoch of every home until failover arrives: nothing fences yet.
+pub const INITIAL_EPOCH: u64 = 1;
+
+/// What one acknowledged write produced, as the client sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WriteOutcome {
+    pub context: Vec<u8>,
+    pub hlc: u64,
+    pub home_region: String,
+    pub epoch: u64,
+    pub accepted_by_region: String,
+    /// Replication-log position of the write (0 when nothing was written).
+    pub log_seq: u64,
+    pub counter_value: Option<i64>,
+    pub members: Option<Vec<Vec<u8>>>,
+    pub replayed: bool,
+}
+
+/// A client-chosen key that makes a retried request apply once.
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    pub key: String,
+    /// Hash of the request, to refuse the same key for another request.
+    pub request_hash: u64,
+}
+
+/// One unit of work for the committer: all its writes commit together.
+pub struct CommitJob {
+    pub writes: Vec<AdmittedWrite>,
+    pub idempotency: Option<Idempotency>,
+    pub reply: oneshot::Sender<Result<Vec<WriteOutcome>, KvError>>,
+}
+
+impl CommitJob {
+    fn bytes(&self) -> usize {
+        self.writes.iter().map(|w| w.key.len() + w.op.payload_bytes()).sum()
+    }
+}
+
+/// Settings of the committer, taken from the storage config.
+#[derive(Debug, Clone)]
+pub struct CommitSettings {
+    pub actor: String,
+    pub region: String,
+    pub sync: bool,
+    pub writes_max: usize,
+    pub bytes_max: usize,
+    pub log_retention_entries: u64,
+    pub idempotency_ttl: Duration,
+}
+
+/// Shared facts the committer publishes for readers.
+#[derive(Default)]
+pub struct CommitState {
+    /// Highest replication-log sequence number durably written.
+    pub log_seq: AtomicU64,
+    /// Conflicts per table (siblings created, LWW overwrites).
+    pub conflicts: std::sync::Mutex<HashMap<String, u64>>,
+}
+
+const IDEM_PREFIX: &[u8] = b"idem/";
+const IDEM_EXPIRY_PREFIX: &[u8] = b"idemx/";
+/// Expired idempotency records removed per sweep, bounding the work of one batch.
+const IDEM_SWEEP_MAX: usize = 256;
+const IDEM_SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Starts the committer thread. It ends once every sender is dropped and the
+/// queue is drained.
+pub fn spawn(
+    engine: Arc<dyn Engine>,
+    hlc: Arc<Hlc>,
+    settings: CommitSettings,
+    state: Arc<CommitState>,
+    mut rx: mpsc::Receiver<CommitJob>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("geokv-commit".into()).spawn(move || {
+        let mut committer = Committer { engine, hlc, settings, state, last_sweep: Instant::now() };
+        while let Some(first) = rx.blocking_recv() {
+            let mut jobs = vec![first];
+            let mut bytes = jobs[0].bytes();
+            let mut writes = jobs[0].writes.len();
+            while writes < committer.settings.writes_max && bytes < committer.settings.bytes_max {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        bytes += job.bytes();
+                        writes += job.writes.len();
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            committer.commit_group(jobs);
+        }
+    })
+}
+
+struct Committer {
+    engine: Arc<dyn Engine>,
+    hlc: Arc<Hlc>,
+    settings: CommitSettings,
+    state: Arc<CommitState>,
+    last_sweep: Instant,
+}
+
+/// Rows and idempotency records changed earlier in the same group, which the
+/// store does not have yet.
+#[derive(Default)]
+struct Overlay {
+    rows: HashMap<Vec<u8>, Row>,
+    idem: HashMap<String, pb::IdempotencyRecord>,
+}
+
+impl Committer {
+    fn commit_group(&mut self, jobs: Vec<CommitJob>) {
+        let started = Instant::now();
+        let first_seq = self.state.log_seq.load(Ordering::Acquire) + 1;
+        let mut next_seq = first_seq;
+        let mut overlay = Overlay::default();
+        let mut batch = WriteBatch::new();
+        let mut replies = Vec::with_capacity(jobs.len());
+        let mut conflicts: Vec<String> = Vec::new();
+        let mut write_count = 0usize;
+        for job in jobs {
+            let result = self.apply_job(&job, &mut overlay, &mut batch, &mut next_seq, &mut conflicts);
+            if result.is_ok() {
+                write_count += job.writes.len();
+            }
+            replies.push((job.reply, result));
+        }
+        self.sweep_idempotency(&mut batch);
+        if batch.is_empty() {
+            for (reply, result) in replies {
+                let _ = reply.send(result);
+            }
+            return;
+        }
+        match self.engine.write(batch, self.settings.sync) {
+            Ok(()) => {
+                self.state.log_seq.store(next_seq - 1, Ordering::Release);
+                metrics::histogram!("geokv_commit_group_writes").record(write_count as f64);
+                metrics::histogram!("geokv_commit_seconds").record(started.elapsed().as_secs_f64());
+                metrics::gauge!("geokv_log_seq").set((next_seq - 1) as f64);
+                if !conflicts.is_empty() {
+                    let mut map = self.state.conflicts.lock().unwrap_or_else(|p| p.into_inner());
+                    for table in conflicts {
+                        metrics::counter!("geokv_conflicts_total", "table" => table.clone()).increment(1);
+                        *map.entry(table).or_default() += 1;
+                    }
+                }
+                for (reply, result) in replies {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "commit failed; the group's writes are not acknowledged");
+                metrics::counter!("geokv_commit_failures_total").increment(1);
+                for (reply, result) in replies {
+                    let failed = result.and(Err(KvError::Storage(e.to_string())));
+                    let _ = reply.send(failed);
+                }
+            }
+        }
+    }
+
+    /// Applies one job against the overlay. On error nothing of the job
+    /// reaches the batch or the overlay.
+    fn apply_job(
+        &mut self,
+        job: &CommitJob,
+        overlay: &mut Overlay,
+        batch: &mut WriteBatch,
+        next_seq: &mut u64,
+        conflicts: &mut Vec<String>,
+    ) -> Result<Vec<WriteOutcome>, KvError> {
+        if let Some(idem) = &job.idempotency {
+            if let Some(record) = self.idempotency_record(&idem.key, overlay)? {
+                if record.request_hash != idem.request_hash {
+                    return Err(KvError::IdempotencyKeyReused { key: idem.key.clone() });
+                }
+                metrics::counter!("geokv_idempotent_replays_total").increment(1);
+                let mut outcomes: Vec<WriteOutcome> = serde_json::from_slice(&record.reply).map_err(|e| {
+                    KvError::Corrupt { what: format!("idempotency record `{}`", idem.key), why: e.to_string() }
+                })?;
+                outcomes.iter_mut().for_each(|o| o.replayed = true);
+                return Ok(outcomes);
+            }
+        }
+        let mut staged: HashMap<Vec<u8>, Row> = HashMap::new();
+        let mut job_batch = WriteBatch::new();
+        let mut outcomes = Vec::with_capacity(job.writes.len());
+        let mut seq = *next_seq;
+        let mut job_conflicts = Vec::new();
+        for w in &job.writes {
+            let dk = data_key(&w.table, &w.key);
+            let current = match staged.get(&dk).or_else(|| overlay.rows.get(&dk)) {
+                Some(r) => Some(r.clone()),
+                None => self.load_row(&dk, &w.table, &w.key)?,
+            };
+            let hlc = self.hlc.now().0;
+            let applied = self.apply_op(w, current, hlc)?;
+            let Some((row, mut outcome, conflicted)) = applied else {
+                outcomes.push(WriteOutcome {
+                    context: Vec::new(),
+                    hlc,
+                    home_region: w.placement.home_region.clone(),
+                    epoch: INITIAL_EPOCH,
+                    accepted_by_region: self.settings.region.clone(),
+                    log_seq: 0,
+                    counter_value: None,
+                    members: None,
+                    replayed: false,
+                });
+                continue;
+            };
+            if conflicted {
+                job_conflicts.push(w.table.clone());
+            }
+            let entry = pb::LogEntry {
+                seq,
+                table: w.table.clone(),
+                key: w.key.clone(),
+                row: Some(row.to_proto()),
+                hlc,
+                origin: self.settings.actor.clone(),
+            };
+            job_batch.put(Cf::Data, dk.clone(), row.seal());
+            job_batch.put(Cf::ReplLog, seq.to_be_bytes().to_vec(), codec::seal_message(&entry));
+            if seq > self.settings.log_retention_entries {
+                job_batch.delete(Cf::ReplLog, (seq - self.settings.log_retention_entries).to_be_bytes().to_vec());
+            }
+            outcome.log_seq = seq;
+            seq += 1;
+            staged.insert(dk, row);
+            outcomes.push(outcome);
+        }
+        if let Some(idem) = &job.idempotency {
+            let stored_at_ms = now_ms();
+            let reply = serde_json::to_vec(&outcomes).map_err(|e| KvError::Storage(e.to_string()))?;
+            let record = pb::IdempotencyRecord { stored_at_ms, request_hash: idem.request_hash, reply };
+            job_batch.put(Cf::Meta, idem_key(&idem.key), codec::seal_message(&record));
+            job_batch.put(Cf::Meta, idem_expiry_key(stored_at_ms, &idem.key), Vec::new());
+            overlay.idem.insert(idem.key.clone(), record);
+        }
+        *next_seq = seq;
+        overlay.rows.extend(staged);
+        batch.extend(job_batch);
+        conflicts.extend(job_conflicts);
+        Ok(outcomes)
+    }
+
+    fn load_row(&self, dk: &[u8], table: &str, key: &[u8]) -> Result<Option<Row>, KvError> {
+        match self.engine.get(Cf::Data, dk).map_err(|e| KvError::Storage(e.to_string()))? {
+            None => Ok(None),
+            Some(bytes) => Row::open(&bytes, || display_key(table, key)).map(Some),
+        }
+    }
+
+    /// Computes the row after `w`. None means the write changes nothing (a
+    /// delete of a row that does not exist).
+    fn apply_op(
+        &self,
+        w: &AdmittedWrite,
+        current: Option<Row>,
+        hlc: u64,
+    ) -> Result<Option<(Row, WriteOutcome, bool)>, KvError> {
+        let actor = self.settings.actor.as_str();
+        let shown = || display_key(&w.table, &w.key);
+        if let Some(existing) = &current {
+            if existing.home_region != w.placement.home_region {
+                return Err(KvError::HomeMismatch {
+                    key: shown(),
+                    existing: existing.home_region.clone(),
+                    requested: w.placement.home_region.clone(),
+                });
+            }
+        }
+        if current.is_none() && matches!(w.op, RowOp::Delete { .. } | RowOp::SetRemove { .. }) {
+            return Ok(None);
+        }
+        let wrong = |expected: &'static str, actual: &RowValue| KvError::WrongType {
+            key: shown(),
+            expected,
+            actual: actual.kind(),
+        };
+        let mut row = current.unwrap_or_else(|| Row {
+            home_region: w.placement.home_region.clone(),
+            zone: w.placement.zone.clone(),
+            epoch: INITIAL_EPOCH,
+            hlc,
+            value: match (&w.op, w.conflict) {
+                (RowOp::CounterAdd { .. }, _) => RowValue::Counter(PnCounter::default()),
+                (RowOp::SetAdd { .. }, _) => RowValue::Set(OrSet::default()),
+                (_, ConflictPolicy::Lww) => RowValue::Lww(LwwRegister::default()),
+                (_, ConflictPolicy::Siblings) => RowValue::Register(DvvSet::default()),
+            },
+        });
+        row.hlc = row.hlc.max(hlc);
+        let mut conflicted = false;
+        let mut counter_value = None;
+        let mut members = None;
+        let context: VersionVector = match (&w.op, &mut row.value) {
+            (RowOp::Put { value, context }, RowValue::Register(dvv)) => {
+                dvv.write(actor, context, Some(value.clone()), HlcTimestamp(hlc));
+                conflicted = dvv.live_values().len() > 1;
+                dvv.context().clone()
+            }
+            (RowOp::Delete { context }, RowValue::Register(dvv)) => {
+                let seen = context.clone().unwrap_or_else(|| dvv.context().clone());
+                dvv.write(actor, &seen, None, HlcTimestamp(hlc));
+                dvv.context().clone()
+            }
+            (RowOp::Put { value, .. }, RowValue::Lww(reg)) => {
+                let incoming = LwwRegister::new(actor, Some(value.clone()), HlcTimestamp(hlc));
+                reg.merge_reporting(&incoming);
+                VersionVector::default()
+            }
+            (RowOp::Delete { .. }, RowValue::Lww(reg)) => {
+                let incoming = LwwRegister::new(actor, None, HlcTimestamp(hlc));
+                reg.merge_reporting(&incoming);
+                VersionVector::default()
+            }
+            (RowOp::CounterAdd { delta }, RowValue::Counter(c)) => {
+                let value = c.value().checked_add(*delta).ok_or(KvError::CounterOverflow)?;
+                c.add(actor, *delta);
+                counter_value = Some(value);
+                VersionVector::default()
+            }
+            (RowOp::SetAdd { members: add }, RowValue::Set(s)) => {
+                for m in add {
+                    s.add(actor, m.clone());
+                }
+                members = Some(owned(s.members()));
+                s.context().clone()
+            }
+            (RowOp::SetRemove { members: remove, context }, RowValue::Set(s)) => {
+                for m in remove {
+                    s.remove(m, context.as_ref());
+                }
+                members = Some(owned(s.members()));
+                s.context().clone()
+            }
+            (RowOp::Delete { context }, RowValue::Set(s)) => {
+                for m in owned(s.members()) {
+                    s.remove(&m, context.as_ref());
+                }
+                members = Some(owned(s.members()));
+                s.context().clone()
+            }
+            (RowOp::Put { .. }, v) | (RowOp::Delete { .. }, v) => return Err(wrong("register or set", v)),
+            (RowOp::CounterAdd { .. }, v) => return Err(wrong("counter", v)),
+            (RowOp::SetAdd { .. }, v) | (RowOp::SetRemove { .. }, v) => return Err(wrong("set", v)),
+        };
+        let outcome = WriteOutcome {
+            context: encode_context(&context),
+            hlc,
+            home_region: row.home_region.clone(),
+            epoch: row.epoch,
+            accepted_by_region: self.settings.region.clone(),
+            log_seq: 0,
+            counter_value,
+            members,
+            replayed: false,
+        };
+        Ok(Some((row, outcome, conflicted)))
+    }
+
+    fn idempotency_record(
+        &self,
+        key: &str,
+        overlay: &Overlay,
+    ) -> Result<Option<pb::IdempotencyRecord>, KvError> {
+        if let Some(r) = overlay.idem.get(key) {
+            return Ok(Some(r.clone()));
+        }
+        let Some(bytes) = self.engine.get(Cf::Meta, &idem_key(key)).map_err(|e| KvError::Storage(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let record: pb::IdempotencyRecord = codec::open_message(&bytes)
+            .map_err(|e| KvError::Corrupt { what: format!("idempotency record `{key}`"), why: e.to_string() })?;
+        let expired = now_ms().saturating_sub(record.stored_at_ms) > self.settings.idempotency_ttl.as_millis() as u64;
+        Ok(if expired { None } else { Some(record) })
+    }
+
+    /// Deletes idempotency records older than the TTL, a bounded number per
+    /// sweep, at most once a second.
+    fn sweep_idempotency(&mut self, batch: &mut WriteBatch) {
+        if self.last_sweep.elapsed() < IDEM_SWEEP_EVERY {
+            return;
+        }
+        self.last_sweep = Instant::now();
+        let cutoff = now_ms().saturating_sub(self.settings.idempotency_ttl.as_millis() as u64);
+        let end = idem_expiry_key(cutoff, "");
+        let Ok(expired) = self.engine.scan(Cf::Meta, IDEM_EXPIRY_PREFIX, Some(&end), IDEM_SWEEP_MAX) else {
+            return;
+        };
+        for (k, _) in expired {
+            let key = &k[IDEM_EXPIRY_PREFIX.len() + 8..];
+            let mut idem = IDEM_PREFIX.to_vec();
+            idem.extend_from_slice(key);
+            batch.delete(Cf::Meta, idem);
+            batch.delete(Cf::Meta, k);
+        }
+    }
+}
+
+fn owned(members: Vec<&[u8]>) -> Vec<Vec<u8>> {
+    members.into_iter().map(<[u8]>::to_vec).collect()
+}
+
+fn idem_key(key: &str) -> Vec<u8> {
+    let mut k = IDEM_PREFIX.to_vec();
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn idem_expiry_key(stored_at_ms: u64, key: &str) -> Vec<u8> {
+    let mut k = IDEM_EXPIRY_PREFIX.to_vec();
+    k.extend_from_slice(&stored_at_ms.to_be_bytes());
+    k.extend_from_slice(key.as_bytes());
+    k
+}

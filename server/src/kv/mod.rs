@@ -1,0 +1,470 @@
+//! The key-value domain: admission, writes through group commit, reads.
+//!
+//! # Layout
+//! - [`row`]: the stored row and the data key layout.
+//! - [`commit`]: the group-commit thread, the only writer of rows.
+//! - this file: [`Node`], which validates and admits requests (limits,
+//!   tables, placement, residency, levels) and serves reads.
+//!
+//! Requests arrive here already converted from protobuf by `api`; nothing
+//! in this module knows about gRPC.
+
+pub mod commit;
+pub mod row;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use geokv_proto::storage as pb;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::causality::{decode_context, encode_context, Hlc, VersionVector};
+use crate::codec;
+use crate::config::{Config, ConflictPolicy, Level};
+use crate::error::KvError;
+use crate::residency::{self, Locality, Placement, ReadLevel};
+use crate::storage::{prefix_end, Cf, Engine};
+use commit::{CommitJob, CommitSettings, CommitState, Idempotency, WriteOutcome};
+use row::{data_key, display_key, split_data_key, Row, RowValue};
+
+/// Identifies a row and how it is homed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowRef {
+    pub table: String,
+    pub key: Vec<u8>,
+    pub locality: Locality,
+}
+
+/// A change to one row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOp {
+    Put { value: Vec<u8>, context: VersionVector },
+    /// `context: None` deletes what the accepting region currently stores.
+    Delete { context: Option<VersionVector> },
+    CounterAdd { delta: i64 },
+    SetAdd { members: Vec<Vec<u8>> },
+    SetRemove { members: Vec<Vec<u8>>, context: Option<VersionVector> },
+}
+
+impl RowOp {
+    fn payload_bytes(&self) -> usize {
+        match self {
+            RowOp::Put { value, .. } => value.len(),
+            RowOp::SetAdd { members } | RowOp::SetRemove { members, .. } => members.iter().map(Vec::len).sum(),
+            RowOp::Delete { .. } | RowOp::CounterAdd { .. } => 8,
+        }
+    }
+}
+
+/// One write of a request, before admission.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteOp {
+    pub row: RowRef,
+    pub op: RowOp,
+}
+
+/// A write request: its ops commit atomically.
+#[derive(Debug, Clone)]
+pub struct WriteRequest {
+    pub ops: Vec<WriteOp>,
+    /// None means each table's default level.
+    pub level: Option<Level>,
+    pub idempotency: Option<Idempotency>,
+}
+
+/// A write that passed admission, ready for the committer.
+#[derive(Debug, Clone)]
+pub struct AdmittedWrite {
+    pub table: String,
+    pub key: Vec<u8>,
+    pub placement: Placement,
+    pub conflict: ConflictPolicy,
+    pub op: RowOp,
+}
+
+/// One live value of a register row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiblingValue {
+    pub value: Vec<u8>,
+    pub hlc: u64,
+    pub origin: String,
+}
+
+/// How a read was served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadInfo {
+    pub served_by_region: String,
+    pub staleness_ms_max: u64,
+    pub session_token: Vec<u8>,
+}
+
+/// What a read of one row found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadResult {
+    /// None when the row was never written.
+    pub row: Option<Row>,
+    pub info: ReadInfo,
+}
+
+/// A row returned by a scan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScannedRow {
+    pub key: Vec<u8>,
+    pub row: Row,
+}
+
+/// A page of a scan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScanPage {
+    pub rows: Vec<ScannedRow>,
+    pub next_start_after: Option<Vec<u8>>,
+    pub info: ReadInfo,
+}
+
+/// Scan pages stop after reading this many stored rows, so a table full of
+/// deleted rows cannot make one request unbounded.
+const SCAN_EXAMINED_MAX: usize = 10_000;
+
+/// A node's key-value service: owns the engine, the clock and the committer.
+pub struct Node {
+    cfg: Arc<Config>,
+    engine: Arc<dyn Engine>,
+    hlc: Arc<Hlc>,
+    /// Queue to the committer; taken on shutdown so the committer drains and exits.
+    commit_tx: Mutex<Option<mpsc::Sender<CommitJob>>>,
+    commit_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    state: Arc<CommitState>,
+    started: Instant,
+}
+
+impl Node {
+    /// Starts the node's committer over `engine`. The highest log sequence
+    /// number is recovered from the engine, so numbering continues after a restart.
+    pub fn start(cfg: Arc<Config>, engine: Arc<dyn Engine>, hlc: Arc<Hlc>) -> anyhow::Result<Arc<Self>> {
+        let state = Arc::new(CommitState::default());
+        if let Some((k, _)) = engine.last(Cf::ReplLog)? {
+            let seq = <[u8; 8]>::try_from(k.as_slice())
+                .map(u64::from_be_bytes)
+                .map_err(|_| anyhow::anyhow!("replication log key of {} bytes is not a sequence number", k.len()))?;
+            state.log_seq.store(seq, Ordering::Release);
+        }
+        let settings = CommitSettings {
+            actor: cfg.actor(),
+            region: cfg.region.clone(),
+            sync: cfg.storage.sync,
+            writes_max: cfg.storage.group_commit_writes_max,
+            bytes_max: cfg.storage.group_commit_bytes_max,
+            log_retention_entries: cfg.storage.log_retention_entries,
+            idempotency_ttl: Duration::from_secs(cfg.storage.idempotency_ttl_s),
+        };
+        let (tx, rx) = mpsc::channel(cfg.storage.commit_queue_max);
+        let thread = commit::spawn(engine.clone(), hlc.clone(), settings, state.clone(), rx)?;
+        Ok(Arc::new(Self {
+            cfg,
+            engine,
+            hlc,
+            commit_tx: Mutex::new(Some(tx)),
+            commit_thread: Mutex::new(Some(thread)),
+            state,
+            started: Instant::now(),
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+
+    pub fn hlc(&self) -> &Hlc {
+        &self.hlc
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn log_seq(&self) -> u64 {
+        self.state.log_seq.load(Ordering::Acquire)
+    }
+
+    /// Conflicts counted per table since start.
+    pub fn conflicts(&self) -> HashMap<String, u64> {
+        self.state.conflicts.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Stops taking writes, lets the committer finish what is queued, and
+    /// waits for it. Idempotent.
+    pub fn shutdown(&self) {
+        drop(self.commit_tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(t) = self.commit_thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<(), KvError> {
+        if key.is_empty() {
+            return Err(KvError::MissingField { field: "row.key" });
+        }
+        let max = self.cfg.limits.key_bytes_max;
+        if key.len() > max {
+            return Err(KvError::KeyTooLarge { len: key.len(), max });
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, len: usize) -> Result<(), KvError> {
+        let max = self.cfg.limits.value_bytes_max;
+        if len > max {
+            return Err(KvError::ValueTooLarge { len, max });
+        }
+        Ok(())
+    }
+
+    fn table(&self, name: &str) -> Result<&crate::config::TableConfig, KvError> {
+        if name.is_empty() {
+            return Err(KvError::MissingField { field: "row.table" });
+        }
+        self.cfg.table(name).ok_or_else(|| KvError::UnknownTable { table: name.to_string() })
+    }
+
+    /// Validates and admits every op, then commits them together.
+    pub async fn write(&self, req: WriteRequest) -> Result<Vec<WriteOutcome>, KvError> {
+        if req.ops.is_empty() {
+            return Err(KvError::MissingField { field: "ops" });
+        }
+        if req.ops.len() > self.cfg.limits.batch_ops_max {
+            return Err(KvError::BatchTooLarge { len: req.ops.len(), max: self.cfg.limits.batch_ops_max });
+        }
+        let mut admitted = Vec::with_capacity(req.ops.len());
+        for w in req.ops {
+            let table = self.table(&w.row.table)?;
+            self.check_key(&w.row.key)?;
+            match &w.op {
+                RowOp::Put { value, .. } => self.check_value(value.len())?,
+                RowOp::SetAdd { members } | RowOp::SetRemove { members, .. } => {
+                    if members.is_empty() {
+                        return Err(KvError::MissingField { field: "members" });
+                    }
+                    if members.len() > self.cfg.limits.batch_ops_max {
+                        return Err(KvError::BatchTooLarge { len: members.len(), max: self.cfg.limits.batch_ops_max });
+                    }
+                    self.check_value(members.iter().map(Vec::len).sum())?;
+                }
+                RowOp::Delete { .. } | RowOp::CounterAdd { .. } => {}
+            }
+            let placement = residency::resolve(&self.cfg, table, &w.row.locality)?;
+            let level = req.level.unwrap_or(table.default_consistency);
+            residency::admit_write(&self.cfg.region, &placement, level)?;
+            admitted.push(AdmittedWrite {
+                table: table.name.clone(),
+                key: w.row.key,
+                placement,
+                conflict: table.conflict,
+                op: w.op,
+            });
+        }
+        let tx = self.commit_tx.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(KvError::ShuttingDown)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(CommitJob { writes: admitted, idempotency: req.idempotency, reply })
+            .await
+            .map_err(|_| KvError::ShuttingDown)?;
+        let outcomes = rx.await.map_err(|_| KvError::ShuttingDown)??;
+        Ok(outcomes)
+    }
+
+    /// The session token after observing `log_seq` in this region, merged
+    /// with the token the client sent.
+    pub fn session_token(&self, previous: &[u8], log_seq: u64) -> Result<Vec<u8>, KvError> {
+        let mut token = decode_session(previous)?;
+        let here = self.cfg.region.as_str();
+        match token.seen.iter_mut().find(|e| e.actor == here) {
+            Some(e) => e.counter = e.counter.max(log_seq),
+            None => token.seen.push(pb::VvEntry { actor: here.to_string(), counter: log_seq }),
+        }
+        Ok(codec::seal_message(&token))
+    }
+
+    fn read_info(&self, placement: &Placement, session: &[u8]) -> Result<ReadInfo, KvError> {
+        Ok(ReadInfo {
+            served_by_region: self.cfg.region.clone(),
+            // Every region but the home may lag it; without replication there
+            // is no other copy, so the home is exact.
+            staleness_ms_max: if placement.home_region == self.cfg.region { 0 } else { u64::MAX },
+            session_token: self.session_token(session, self.log_seq())?,
+        })
+    }
+
+    /// Reads one row after checking that this region may serve it at `level`.
+    pub fn read(&self, row: &RowRef, level: ReadLevel, session: &[u8]) -> Result<ReadResult, KvError> {
+        let table = self.table(&row.table)?;
+        self.check_key(&row.key)?;
+        let resolved = match residency::resolve(&self.cfg, table, &row.locality) {
+            Ok(p) => Some(p),
+            // A read may omit the locality: the stored row says where it lives.
+            Err(KvError::MissingLocality { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(p) = &resolved {
+            residency::admit_read(&self.cfg.region, p, level)?;
+        }
+        let dk = data_key(&table.name, &row.key);
+        let stored = self.engine.get(Cf::Data, &dk).map_err(|e| KvError::Storage(e.to_string()))?;
+        let stored = match stored {
+            Some(bytes) => Some(Row::open(&bytes, || display_key(&table.name, &row.key))?),
+            None => None,
+        };
+        let placement = match (resolved, &stored) {
+            (Some(p), _) => p,
+            (None, Some(r)) => {
+                let p = self.stored_placement(r);
+                residency::admit_read(&self.cfg.region, &p, level)?;
+                p
+            }
+            (None, None) => return Err(KvError::MissingLocality { table: table.name.clone() }),
+        };
+        metrics::counter!("geokv_reads_total", "table" => table.name.clone()).increment(1);
+        Ok(ReadResult { row: stored, info: self.read_info(&placement, session)? })
+    }
+
+    /// Placement of a row as recorded when it was written.
+    fn stored_placement(&self, row: &Row) -> Placement {
+        let replica_regions = match self.cfg.zone(&row.zone) {
+            Some(z) => z.regions.clone(),
+            None if row.zone.is_empty() => self.cfg.region_names(),
+            // A zone no longer configured: only the home may serve it.
+            None => vec![row.home_region.clone()],
+        };
+        Placement { home_region: row.home_region.clone(), zone: row.zone.clone(), replica_regions }
+    }
+
+    /// Scans a table's rows whose key starts with `prefix`, after `start_after`.
+    /// Rows this region may not hold are never returned.
+    pub fn scan(
+        &self,
+        table: &str,
+        prefix: &[u8],
+        start_after: &[u8],
+        limit: usize,
+        include_deleted: bool,
+    ) -> Result<ScanPage, KvError> {
+        let table = self.table(table)?;
+        let limit = limit.clamp(1, self.cfg.limits.scan_rows_max);
+        let base = data_key(&table.name, prefix);
+        let end = prefix_end(&base);
+        let mut start = if start_after.is_empty() || !start_after.starts_with(prefix) {
+            base.clone()
+        } else {
+            let mut s = data_key(&table.name, start_after);
+            s.push(0);
+            s
+        };
+        if start < base {
+            start = base.clone();
+        }
+        let mut rows = Vec::new();
+        let mut examined = 0usize;
+        let mut last_key: Option<Vec<u8>> = None;
+        let mut exhausted = false;
+        while rows.len() < limit && examined < SCAN_EXAMINED_MAX {
+            let chunk = self
+                .engine
+                .scan(Cf::Data, &start, end.as_deref(), limit - rows.len() + 16)
+                .map_err(|e| KvError::Storage(e.to_string()))?;
+            if chunk.is_empty() {
+                exhausted = true;
+                break;
+            }
+            let chunk_len = chunk.len();
+            for (k, v) in chunk {
+                examined += 1;
+                let Some((_, key)) = split_data_key(&k) else { continue };
+                let key = key.to_vec();
+                let row = Row::open(&v, || display_key(&table.name, &key))?;
+                start = k.clone();
+                start.push(0);
+                last_key = Some(key.clone());
+                let placement = self.stored_placement(&row);
+                if !placement.allows(&self.cfg.region) {
+                    continue;
+                }
+                if !include_deleted && row_is_deleted(&row) {
+                    continue;
+                }
+                rows.push(ScannedRow { key, row });
+                if rows.len() >= limit {
+                    break;
+                }
+            }
+            if chunk_len < limit + 16 && rows.len() < limit {
+                exhausted = true;
+                break;
+            }
+        }
+        let next_start_after = if exhausted { None } else { last_key };
+        let placement = Placement {
+            home_region: self.cfg.region.clone(),
+            zone: String::new(),
+            replica_regions: vec![self.cfg.region.clone()],
+        };
+        Ok(ScanPage { rows, next_start_after, info: self.read_info(&placement, &[])? })
+    }
+}
+
+/// A register row whose every value is deleted, or an empty set.
+pub fn row_is_deleted(row: &Row) -> bool {
+    match &row.value {
+        RowValue::Register(d) => d.is_deleted(),
+        RowValue::Lww(l) => l.value().is_none(),
+        RowValue::Counter(_) => false,
+        RowValue::Set(s) => s.is_empty(),
+    }
+}
+
+/// The live values of a register row, with the context to write back.
+pub fn register_view(row: &Row) -> (Vec<SiblingValue>, Vec<u8>) {
+    match &row.value {
+        RowValue::Register(d) => {
+            let siblings = d
+                .siblings()
+                .iter()
+                .filter_map(|s| {
+                    s.value.as_ref().map(|v| SiblingValue { value: v.clone(), hlc: s.hlc.0, origin: s.dot.actor.clone() })
+                })
+                .collect();
+            (siblings, encode_context(d.context()))
+        }
+        RowValue::Lww(l) => {
+            let siblings = l
+                .value()
+                .map(|v| vec![SiblingValue { value: v.to_vec(), hlc: l.hlc().0, origin: l.actor().to_string() }])
+                .unwrap_or_default();
+            (siblings, encode_context(&VersionVector::default()))
+        }
+        RowValue::Counter(_) | RowValue::Set(_) => (Vec::new(), Vec::new()),
+    }
+}
+
+/// Decodes a client's causal context.
+pub fn parse_context(bytes: &[u8]) -> Result<VersionVector, KvError> {
+    decode_context(bytes).map_err(|e| KvError::MalformedContext { why: e.to_string() })
+}
+
+fn decode_session(bytes: &[u8]) -> Result<pb::SessionToken, KvError> {
+    if bytes.is_empty() {
+        return Ok(pb::SessionToken::default());
+    }
+    codec::open_message(bytes).map_err(|e| KvError::MalformedSessionToken { why: e.to_string() })
+}
+
+/// Checks a session token sent by a client.
+pub fn parse_session(bytes: &[u8]) -> Result<(), KvError> {
+    decode_session(bytes).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests;

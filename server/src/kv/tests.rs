@@ -1,0 +1,263 @@
+//! Node-level tests over the in-memory and RocksDB engines: the behaviour a
+//! client sees, without the network.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::causality::SystemClock;
+use crate::config::Config;
+use crate::storage::memory::MemoryEngine;
+use crate::storage::rocks::{RocksEngine, RocksOptions};
+
+fn config(extra: &str) -> Arc<Config> {
+    let text = format!(
+        r#"
+        region = "eu-west-1"
+        regions = [{{ name = "eu-west-1" }}, {{ name = "eu-central-1" }}, {{ name = "us-east-1" }}]
+        zones = [{{ name = "eu", regions = ["eu-west-1", "eu-central-1"] }}]
+        localities = {{ FR = "eu-west-1", DE = "eu-central-1", US = "us-east-1" }}
+        [[tables]]
+        name = "default"
+        default_home_region = "eu-west-1"
+        [[tables]]
+        name = "strict"
+        [[tables]]
+        name = "lww"
+        default_home_region = "eu-west-1"
+        conflict = "lww"
+        {extra}
+        "#
+    );
+    Arc::new(Config::from_toml(&text).unwrap().finish().unwrap())
+}
+
+fn node_on(engine: Arc<dyn Engine>) -> Arc<Node> {
+    let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), 500));
+    Node::start(config(""), engine, hlc).unwrap()
+}
+
+fn node() -> Arc<Node> {
+    node_on(Arc::new(MemoryEngine::new()))
+}
+
+fn row(key: &str) -> RowRef {
+    RowRef { table: "default".into(), key: key.as_bytes().to_vec(), locality: Locality::Unset }
+}
+
+fn put(row: RowRef, value: &str, context: VersionVector) -> WriteRequest {
+    WriteRequest {
+        ops: vec![WriteOp { row, op: RowOp::Put { value: value.as_bytes().to_vec(), context } }],
+        level: Some(Level::Eventual),
+        idempotency: None,
+    }
+}
+
+fn values(node: &Node, key: &str) -> (Vec<String>, VersionVector) {
+    let read = node.read(&row(key), ReadLevel::Local, &[]).unwrap();
+    let (siblings, ctx) = register_view(read.row.as_ref().expect("row exists"));
+    let mut vals: Vec<String> = siblings.into_iter().map(|s| String::from_utf8(s.value).unwrap()).collect();
+    vals.sort();
+    (vals, parse_context(&ctx).unwrap())
+}
+
+#[tokio::test]
+async fn concurrent_blind_puts_leave_siblings_and_a_context_put_supersedes_exactly_them() {
+    let node = node();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let node = node.clone();
+        tasks.push(tokio::spawn(async move { node.write(put(row("k"), &format!("v{i}"), VersionVector::default())).await }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let (vals, ctx) = values(&node, "k");
+    assert_eq!(vals.len(), 8, "every blind write is kept as a sibling: {vals:?}");
+    assert_eq!(node.conflicts().get("default").copied().unwrap_or(0), 7);
+
+    // A write the reader did not see survives the reader's resolving write.
+    node.write(put(row("k"), "late", VersionVector::default())).await.unwrap();
+    node.write(put(row("k"), "resolved", ctx)).await.unwrap();
+    let (vals, _) = values(&node, "k");
+    assert_eq!(vals, ["late", "resolved"]);
+}
+
+#[tokio::test]
+async fn delete_with_context_removes_what_it_saw() {
+    let node = node();
+    node.write(put(row("d"), "a", VersionVector::default())).await.unwrap();
+    let (_, ctx) = values(&node, "d");
+    node.write(WriteRequest {
+        ops: vec![WriteOp { row: row("d"), op: RowOp::Delete { context: Some(ctx) } }],
+        level: None,
+        idempotency: None,
+    })
+    .await
+    .unwrap();
+    let read = node.read(&row("d"), ReadLevel::Local, &[]).unwrap();
+    assert!(row_is_deleted(read.row.as_ref().unwrap()));
+    assert!(register_view(read.row.as_ref().unwrap()).0.is_empty());
+}
+
+#[tokio::test]
+async fn concurrent_counter_adds_sum_exactly_and_idempotent_retry_counts_once() {
+    let node = node();
+    let add = |delta, key: Option<&str>| WriteRequest {
+        ops: vec![WriteOp { row: row("c"), op: RowOp::CounterAdd { delta } }],
+        level: None,
+        idempotency: key.map(|k| Idempotency { key: k.into(), request_hash: 7 }),
+    };
+    let mut tasks = Vec::new();
+    for i in 0..50i64 {
+        let node = node.clone();
+        let req = add(if i % 5 == 0 { -1 } else { 2 }, None);
+        tasks.push(tokio::spawn(async move { node.write(req).await }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let first = node.write(add(100, Some("retry-1"))).await.unwrap();
+    let again = node.write(add(100, Some("retry-1"))).await.unwrap();
+    assert!(!first[0].replayed && again[0].replayed);
+    assert_eq!(first[0].counter_value, again[0].counter_value);
+    let expected = 40 * 2 - 10 + 100;
+    assert_eq!(first[0].counter_value, Some(expected));
+    let read = node.read(&row("c"), ReadLevel::Local, &[]).unwrap();
+    match read.row.unwrap().value {
+        RowValue::Counter(c) => assert_eq!(c.value(), expected),
+        other => panic!("not a counter: {other:?}"),
+    }
+    // The same key for another request is refused, not silently replayed.
+    let err = node.write(WriteRequest { idempotency: Some(Idempotency { key: "retry-1".into(), request_hash: 8 }), ..add(1, None) });
+    assert_eq!(err.await.unwrap_err().reason(), "IDEMPOTENCY_KEY_REUSED");
+}
+
+#[tokio::test]
+async fn set_remove_with_stale_context_keeps_a_later_add() {
+    let node = node();
+    let op = |op| WriteRequest { ops: vec![WriteOp { row: row("s"), op }], level: None, idempotency: None };
+    node.write(op(RowOp::SetAdd { members: vec![b"x".to_vec(), b"y".to_vec()] })).await.unwrap();
+    let seen = match node.read(&row("s"), ReadLevel::Local, &[]).unwrap().row.unwrap().value {
+        RowValue::Set(s) => s.context().clone(),
+        _ => unreachable!(),
+    };
+    node.write(op(RowOp::SetAdd { members: vec![b"x".to_vec()] })).await.unwrap();
+    let out = node
+        .write(op(RowOp::SetRemove { members: vec![b"x".to_vec(), b"y".to_vec()], context: Some(seen) }))
+        .await
+        .unwrap();
+    assert_eq!(out[0].members.as_deref(), Some(&[b"x".to_vec()][..]), "the unseen add of x wins");
+}
+
+#[tokio::test]
+async fn wrong_type_and_limits_are_typed() {
+    let node = node();
+    node.write(put(row("r"), "v", VersionVector::default())).await.unwrap();
+    let incr = WriteRequest {
+        ops: vec![WriteOp { row: row("r"), op: RowOp::CounterAdd { delta: 1 } }],
+        level: None,
+        idempotency: None,
+    };
+    assert_eq!(node.write(incr).await.unwrap_err().reason(), "WRONG_TYPE");
+    let big = "x".repeat(node.config().limits.value_bytes_max + 1);
+    assert_eq!(node.write(put(row("r"), &big, VersionVector::default())).await.unwrap_err().reason(), "VALUE_TOO_LARGE");
+    let long_key = "k".repeat(node.config().limits.key_bytes_max + 1);
+    assert_eq!(node.write(put(row(&long_key), "v", VersionVector::default())).await.unwrap_err().reason(), "KEY_TOO_LARGE");
+    let mut strict = row("s");
+    strict.table = "strict".into();
+    assert_eq!(node.write(put(strict, "v", VersionVector::default())).await.unwrap_err().reason(), "MISSING_LOCALITY");
+    let mut unknown = row("s");
+    unknown.table = "nope".into();
+    assert_eq!(node.write(put(unknown, "v", VersionVector::default())).await.unwrap_err().reason(), "UNKNOWN_TABLE");
+}
+
+#[tokio::test]
+async fn residency_and_levels_are_enforced_at_admission() {
+    let node = node();
+    let us_row = RowRef { locality: Locality::Value("US".into()), ..row("u") };
+    let err = node.write(put(us_row.clone(), "v", VersionVector::default())).await.unwrap_err();
+    assert_eq!(err.reason(), "NOT_HOME", "{err}");
+    let mut eventual = put(us_row, "v", VersionVector::default());
+    eventual.level = Some(Level::Quorum);
+    assert_eq!(node.write(eventual).await.unwrap_err().reason(), "LEVEL_UNAVAILABLE");
+    let de = RowRef { locality: Locality::Value("DE".into()), ..row("de") };
+    node.write(put(de.clone(), "v", VersionVector::default())).await.expect("eu row accepted in an eu region");
+    let stored = node.read(&de, ReadLevel::Local, &[]).unwrap().row.unwrap();
+    assert_eq!((stored.home_region.as_str(), stored.zone.as_str()), ("eu-central-1", "eu"));
+}
+
+#[tokio::test]
+async fn corrupted_stored_value_is_reported_never_returned() {
+    let engine = Arc::new(MemoryEngine::new());
+    let node = node_on(engine.clone());
+    node.write(put(row("bad"), "precious", VersionVector::default())).await.unwrap();
+    let dk = row::data_key("default", b"bad");
+    let mut bytes = engine.get(Cf::Data, &dk).unwrap().unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    let mut batch = crate::storage::WriteBatch::new();
+    batch.put(Cf::Data, dk, bytes);
+    engine.write(batch, true).unwrap();
+
+    let err = node.read(&row("bad"), ReadLevel::Local, &[]).unwrap_err();
+    assert_eq!(err.reason(), "DATA_CORRUPTION");
+    assert!(err.to_string().contains("default/bad"), "names the key: {err}");
+    // A write does not paper over the corruption either.
+    let err = node.write(put(row("bad"), "new", VersionVector::default())).await.unwrap_err();
+    assert_eq!(err.reason(), "DATA_CORRUPTION");
+    assert_eq!(node.scan("default", b"", b"", 10, false).unwrap_err().reason(), "DATA_CORRUPTION");
+}
+
+#[tokio::test]
+async fn rocksdb_node_recovers_rows_and_log_position_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let seq = {
+        let engine = Arc::new(RocksEngine::open(dir.path(), &RocksOptions::default()).unwrap());
+        let node = node_on(engine);
+        for i in 0..20 {
+            node.write(put(row(&format!("k{i:02}")), &format!("v{i}"), VersionVector::default())).await.unwrap();
+        }
+        node.shutdown();
+        node.log_seq()
+    };
+    assert_eq!(seq, 20);
+    let engine = Arc::new(RocksEngine::open(dir.path(), &RocksOptions::default()).unwrap());
+    let node = node_on(engine);
+    assert_eq!(node.log_seq(), 20, "log numbering continues after restart");
+    let page = node.scan("default", b"k1", b"", 100, false).unwrap();
+    let keys: Vec<_> = page.rows.iter().map(|r| String::from_utf8(r.key.clone()).unwrap()).collect();
+    assert_eq!(keys, (10..20).map(|i| format!("k{i}")).collect::<Vec<_>>());
+    let first = node.scan("default", b"k", b"", 5, false).unwrap();
+    assert_eq!(first.rows.len(), 5);
+    let rest = node.scan("default", b"k", first.next_start_after.as_deref().unwrap(), 100, false).unwrap();
+    assert_eq!(rest.rows.len(), 15);
+    assert!(rest.next_start_after.is_none());
+}
+
+#[tokio::test]
+async fn batch_is_atomic_when_one_op_fails() {
+    let node = node();
+    node.write(put(row("counter"), "v", VersionVector::default())).await.unwrap();
+    let req = WriteRequest {
+        ops: vec![
+            WriteOp { row: row("a"), op: RowOp::Put { value: b"1".to_vec(), context: VersionVector::default() } },
+            WriteOp { row: row("counter"), op: RowOp::CounterAdd { delta: 1 } },
+        ],
+        level: None,
+        idempotency: None,
+    };
+    assert_eq!(node.write(req).await.unwrap_err().reason(), "WRONG_TYPE");
+    assert!(node.read(&row("a"), ReadLevel::Local, &[]).unwrap().row.is_none(), "no partial batch");
+}
+
+#[tokio::test]
+async fn lww_table_keeps_the_last_write() {
+    let node = node();
+    let lww = |key: &str| RowRef { table: "lww".into(), ..row(key) };
+    node.write(put(lww("x"), "one", VersionVector::default())).await.unwrap();
+    node.write(put(lww("x"), "two", VersionVector::default())).await.unwrap();
+    let read = node.read(&lww("x"), ReadLevel::Local, &[]).unwrap();
+    let (siblings, _) = register_view(read.row.as_ref().unwrap());
+    assert_eq!(siblings.len(), 1);
+    assert_eq!(siblings[0].value, b"two");
+}

@@ -1,0 +1,26 @@
+//! The geokv node.
+//!
+//! # Layout
+//! - [`config`]: TOML configuration with validation naming the bad field.
+//! - [`storage`]: the engine trait, RocksDB and in-memory engines.
+//! - [`codec`]: the versioned, checksummed envelope of every stored record.
+//! - [`causality`]: hybrid logical clock, version vectors, CRDTs.
+//! - [`residency`]: placement of rows (home region, zone) and admission.
+//! - [`kv`]: the key-value domain: admission, group commit, reads.
+//! - [`api`]: gRPC handlers (proto <-> domain only).
+//! - [`admin`]: admin HTTP (`/metrics`, `/health`).
+//! - [`server`]: running a node: listeners, shutdown, drain.
+//! - [`error`]: client-visible errors with stable reasons.
+//!
+//! Dependencies point one way: `api -> kv -> (residency, causality) -> storage`.
+
+pub mod admin;
+pub mod api;
+pub mod causality;
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod kv;
+pub mod residency;
+pub mod server;
+pub mod storage;

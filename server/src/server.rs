@@ -1,0 +1,141 @@
+//! Running a node: open the store, start the committer, serve gRPC and the
+//! admin HTTP port until the shutdown future completes, then drain.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use geokv_proto::v1::{admin_server::AdminServer, kv_server::KvServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::{AdminService, KvService};
+use crate::causality::{Hlc, SystemClock};
+use crate::config::{Config, EngineKind};
+use crate::kv::Node;
+use crate::storage::memory::MemoryEngine;
+use crate::storage::rocks::{RocksEngine, RocksOptions};
+use crate::storage::Engine;
+
+/// Largest gRPC message accepted, in bytes: a batch at the value limit plus framing.
+fn message_bytes_max(cfg: &Config) -> usize {
+    cfg.limits.value_bytes_max.saturating_mul(2).max(4 << 20)
+}
+
+/// Opens the configured engine.
+pub fn open_engine(cfg: &Config) -> anyhow::Result<Arc<dyn Engine>> {
+    Ok(match cfg.storage.engine {
+        EngineKind::Rocksdb => {
+            let tuning = RocksOptions { write_buffer_bytes: cfg.storage.write_buffer_mib << 20, background_jobs: 2 };
+            Arc::new(
+                RocksEngine::open(&cfg.data_dir, &tuning)
+                    .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,
+            )
+        }
+        EngineKind::Memory => Arc::new(MemoryEngine::new()),
+    })
+}
+
+/// Runs a node on already-bound listeners until `shutdown` completes.
+/// Listeners are injected so tests can bind port 0.
+pub async fn serve(
+    cfg: Config,
+    grpc: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let engine = open_engine(&cfg)?;
+    let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), cfg.clock.max_offset_ms));
+    let node = Node::start(cfg.clone(), engine, hlc).context("starting the committer")?;
+    crate::admin::prometheus();
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<KvServer<KvService>>().await;
+    health_reporter.set_serving::<AdminServer<AdminService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(geokv_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(geokv_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building the reflection service")?;
+
+    let limit = message_bytes_max(&cfg);
+    let kv = KvServer::new(KvService::new(node.clone())).max_decoding_message_size(limit);
+    let admin_svc = AdminServer::new(AdminService::new(node.clone()));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut grpc_stop = stop_rx.clone();
+    let mut http_stop = stop_rx;
+    let grpc_addr = grpc.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    tracing::info!(node = %cfg.actor(), grpc = %grpc_addr, admin = %admin_addr, data_dir = %cfg.data_dir.display(),
+        engine = node.engine().kind(), "node serving");
+
+    let grpc_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
+            .add_service(kv)
+            .add_service(admin_svc)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+                let _ = grpc_stop.wait_for(|s| *s).await;
+            }),
+    );
+    let http_task = tokio::spawn(
+        axum::serve(admin, crate::admin::router(node.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            })
+            .into_future(),
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down: draining requests and the commit queue");
+    health_reporter.set_not_serving::<KvServer<KvService>>().await;
+    let _ = stop_tx.send(true);
+    let grpc_result = grpc_task.await;
+    let _ = http_task.await;
+    node.shutdown();
+    tracing::info!("node stopped");
+    grpc_result.context("gRPC server task")?.context("gRPC server")?;
+    Ok(())
+}
+
+/// Binds the configured addresses and runs until `shutdown` completes.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let grpc = TcpListener::bind(cfg.listen).await.with_context(|| format!("binding gRPC address {}", cfg.listen))?;
+    let admin = TcpListener::bind(cfg.admin_listen)
+        .await
+        .with_context(|| format!("binding admin HTTP address {}", cfg.admin_listen))?;
+    serve(cfg, grpc, admin, shutdown).await
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

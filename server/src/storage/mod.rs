@@ -1,0 +1,175 @@
+//! The storage-engine abstraction and its two implementations.
+//!
+//! # Layout
+//! - [`Engine`]: what the node needs from a store: point reads, ordered
+//!   scans, and atomic multi-column-family batches with optional sync.
+//! - [`rocks`]: the RocksDB engine used by every real node.
+//! - [`memory`]: an in-memory engine for simulation tests only.
+//!
+//! Column families separate the row data, the replication log and node
+//! metadata so each can have its own compaction and retention.
+
+pub mod memory;
+pub mod rocks;
+
+use std::fmt;
+
+/// A column family of the node's store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Cf {
+    /// Rows: `table \0 key` -> sealed `storage::Row`.
+    Data,
+    /// Replication log: big-endian sequence number -> sealed `storage::LogEntry`.
+    ReplLog,
+    /// Node metadata: counters, idempotency records, cursors.
+    Meta,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 3] = [Cf::Data, Cf::ReplLog, Cf::Meta];
+
+    /// The column family's name on disk.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Data => "data",
+            Cf::ReplLog => "repl_log",
+            Cf::Meta => "meta",
+        }
+    }
+}
+
+impl fmt::Display for Cf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One change inside a [`WriteBatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOp {
+    Put { cf: Cf, key: Vec<u8>, value: Vec<u8> },
+    Delete { cf: Cf, key: Vec<u8> },
+}
+
+/// Changes applied all together or not at all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    pub ops: Vec<BatchOp>,
+}
+
+impl WriteBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(BatchOp::Put { cf, key: key.into(), value: value.into() });
+    }
+
+    pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
+        self.ops.push(BatchOp::Delete { cf, key: key.into() });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Appends every operation of `other`, keeping order.
+    pub fn extend(&mut self, other: WriteBatch) {
+        self.ops.extend(other.ops);
+    }
+}
+
+/// A storage failure. Callers do not branch on the variants beyond
+/// reporting them, so they carry the context needed to diagnose.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("cannot open store at {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("read from column family {cf} failed: {reason}")]
+    Read { cf: Cf, reason: String },
+    #[error("write batch of {ops} operations failed: {reason}")]
+    Write { ops: usize, reason: String },
+}
+
+/// Ordered key-value pairs returned by a scan.
+pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The storage engine behind a node. Implementations are shared between
+/// threads; every method may block on IO, so async callers use
+/// `spawn_blocking` or a dedicated thread.
+pub trait Engine: Send + Sync + 'static {
+    /// A short name for status output ("rocksdb", "memory").
+    fn kind(&self) -> &'static str;
+
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// Applies `batch` atomically. With `sync`, returns only once the batch
+    /// is on stable storage (survives power loss and `kill -9`).
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError>;
+
+    /// Pairs with `start <= key < end` (no end bound when `end` is None), in
+    /// key order, at most `limit` of them.
+    fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>, limit: usize)
+        -> Result<KvPairs, StorageError>;
+
+    /// The last pair of the column family, if any (used to recover the log's
+    /// highest sequence number).
+    fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError>;
+}
+
+/// The smallest key greater than every key that starts with `prefix`, or
+/// None when no such key exists (prefix of all 0xff).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+pub(crate) mod conformance {
+    //! The same behavioural checks run against every engine.
+    use super::*;
+
+    pub fn check(engine: &dyn Engine) {
+        assert_eq!(engine.get(Cf::Data, b"a").unwrap(), None);
+        let mut batch = WriteBatch::new();
+        batch.put(Cf::Data, b"a".to_vec(), b"1".to_vec());
+        batch.put(Cf::Data, b"b".to_vec(), b"2".to_vec());
+        batch.put(Cf::Data, b"c".to_vec(), b"3".to_vec());
+        batch.put(Cf::Meta, b"a".to_vec(), b"meta".to_vec());
+        engine.write(batch, true).unwrap();
+        assert_eq!(engine.get(Cf::Data, b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(engine.get(Cf::Meta, b"a").unwrap(), Some(b"meta".to_vec()));
+        assert_eq!(engine.get(Cf::ReplLog, b"a").unwrap(), None);
+
+        let all = engine.scan(Cf::Data, b"", None, 10).unwrap();
+        assert_eq!(all.iter().map(|(k, _)| k.as_slice()).collect::<Vec<_>>(), [b"a", b"b", b"c"]);
+        let bounded = engine.scan(Cf::Data, b"b", Some(b"c"), 10).unwrap();
+        assert_eq!(bounded, vec![(b"b".to_vec(), b"2".to_vec())]);
+        assert_eq!(engine.scan(Cf::Data, b"", None, 2).unwrap().len(), 2);
+        assert_eq!(engine.last(Cf::Data).unwrap(), Some((b"c".to_vec(), b"3".to_vec())));
+        assert_eq!(engine.last(Cf::ReplLog).unwrap(), None);
+
+        let mut batch = WriteBatch::new();
+        batch.delete(Cf::Data, b"b".to_vec());
+        engine.write(batch, false).unwrap();
+        assert_eq!(engine.get(Cf::Data, b"b").unwrap(), None);
+    }
+
+    #[test]
+    fn prefix_end_bounds() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+    }
+}

@@ -1,0 +1,352 @@
+//! Shared harness for the integration tests: real `geokv node` processes.
+//!
+//! # Layout
+//! - [`NodeProcess`]: one node in its own temp directory on free loopback
+//!   ports, started and waited for (bounded), stopped with `kill -9` or
+//!   SIGTERM, restarted on the same data and ports, and always killed when
+//!   dropped, so a failing test never leaves a node behind.
+//! - [`CliOutput`] and [`run_bounded`]: the `geokv` command line run with a
+//!   deadline, its status and both outputs captured.
+//! - [`Deadline`]: the time bound every polling loop here carries.
+//!
+//! Every test binary compiles this module but uses a part of it.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `geokv` binary cargo built for this test run.
+pub const GEOKV_BIN: &str = env!("CARGO_BIN_EXE_geokv");
+
+/// Longest wait for a node to answer `/health` after it was spawned. A cold
+/// RocksDB open takes well under a second; the margin is for loaded CI hosts.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a node to exit after SIGTERM.
+pub const TERMINATE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest a single command-line invocation may run.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause between readiness or exit polls.
+const POLL_INTERVAL: Duration = Duration::from_millis(25);
+/// Attempts at a first start on fresh ports, when another process took a
+/// port between our probe and the node's bind.
+const START_ATTEMPTS_MAX: u32 = 3;
+
+/// A point in time a loop must not run past.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    at: Instant,
+    limit: Duration,
+}
+
+impl Deadline {
+    pub fn after(limit: Duration) -> Self {
+        Self { at: Instant::now() + limit, limit }
+    }
+
+    pub fn passed(&self) -> bool {
+        Instant::now() >= self.at
+    }
+
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
+}
+
+/// A loopback port nobody listens on right now (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
+    listener.local_addr().expect("local address of a bound listener").port()
+}
+
+/// What one command-line invocation did.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// Asserts exit status 0 and returns stdout with the trailing newline removed.
+    pub fn ok(&self) -> String {
+        assert!(self.status.success(), "command failed with {}:\nstdout: {}\nstderr: {}", self.status, self.stdout, self.stderr);
+        self.stdout.trim_end().to_string()
+    }
+
+    /// Asserts a failure whose message names `reason` the way the CLI prints it
+    /// (`error: REASON: message`) with exit status 1.
+    pub fn assert_reason(&self, reason: &str) {
+        assert_eq!(
+            self.status.code(),
+            Some(1),
+            "expected exit status 1 for {reason}:\nstdout: {}\nstderr: {}",
+            self.stdout,
+            self.stderr
+        );
+        let wanted = format!("error: {reason}: ");
+        assert!(self.stderr.contains(&wanted), "stderr does not contain `{wanted}`:\n{}", self.stderr);
+    }
+}
+
+/// Runs `cmd` to completion, killing it if it runs past `limit`.
+pub fn run_bounded(mut cmd: Command, limit: Duration) -> CliOutput {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {shown}: {e}"));
+    // Readers on their own threads, so a chatty child never blocks on a full pipe.
+    let mut out = child.stdout.take().expect("stdout is piped");
+    let mut err = child.stderr.take().expect("stderr is piped");
+    let out_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Deadline::after(limit);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("polling a child process") {
+            break status;
+        }
+        if deadline.passed() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{shown} did not finish within {limit:?}");
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    };
+    let stdout = out_thread.join().unwrap_or_default();
+    let stderr = err_thread.join().unwrap_or_default();
+    CliOutput { status, stdout, stderr }
+}
+
+/// One `geokv node` process with its own data directory and ports.
+///
+/// The temp directory holds `data/` (the store), `config.toml` (when extra
+/// configuration was given) and `node-N.log`, the stderr of the N-th start,
+/// which is printed when a test fails while the node is alive.
+pub struct NodeProcess {
+    /// Owns the temp directory; removed when the harness is dropped.
+    dir: tempfile::TempDir,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    config_path: Option<PathBuf>,
+    /// None while the node is stopped.
+    child: Option<Child>,
+    /// Starts so far, numbering the log files.
+    starts: u32,
+}
+
+impl NodeProcess {
+    /// Starts a node with the built-in defaults (one region, table `default`).
+    pub fn start() -> Self {
+        Self::start_inner(None)
+    }
+
+    /// Starts a node with `toml` as its configuration file. Data directory
+    /// and addresses come from the command line, which overrides the file.
+    pub fn start_with_config(toml: &str) -> Self {
+        Self::start_inner(Some(toml))
+    }
+
+    fn start_inner(toml: Option<&str>) -> Self {
+        let dir = tempfile::Builder::new().prefix("geokv-it-").tempdir().expect("create a temp dir");
+        let config_path = toml.map(|text| {
+            let path = dir.path().join("config.toml");
+            std::fs::write(&path, text).expect("write config.toml");
+            path
+        });
+        let mut node = Self {
+            dir,
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            config_path,
+            child: None,
+            starts: 0,
+        };
+        for attempt in 1..=START_ATTEMPTS_MAX {
+            node.grpc_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            node.admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            node.spawn();
+            match node.wait_ready() {
+                Ok(()) => return node,
+                Err(why) if attempt < START_ATTEMPTS_MAX && why.contains("binding") => {
+                    eprintln!("start attempt {attempt} lost a port race, retrying on new ports: {why}");
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// `http://127.0.0.1:PORT` of the gRPC API.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// Stderr of the current (or last) run.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default()
+    }
+
+    fn log_path(&self, start: u32) -> PathBuf {
+        self.dir.path().join(format!("node-{start}.log"))
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "spawn while a node process is running");
+        self.starts += 1;
+        let log = File::create(self.log_path(self.starts)).expect("create the node log");
+        let mut cmd = Command::new(GEOKV_BIN);
+        cmd.arg("node");
+        if let Some(path) = &self.config_path {
+            cmd.arg("--config").arg(path);
+        }
+        cmd.arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--listen")
+            .arg(self.grpc_addr.to_string())
+            .arg("--admin-listen")
+            .arg(self.admin_addr.to_string())
+            .env("RUST_LOG", "info")
+            .env_remove("GEOKV_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        self.child = Some(cmd.spawn().expect("spawn `geokv node`"));
+    }
+
+    /// Polls `/health` until the node answers, it exits, or the deadline passes.
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Deadline::after(READY_TIMEOUT);
+        loop {
+            let child = self.child.as_mut().expect("waiting for a spawned node");
+            if let Some(status) = child.try_wait().expect("polling the node process") {
+                self.child = None;
+                return Err(format!("node exited with {status} before it was ready:\n{}", self.log()));
+            }
+            if let Ok(body) = http_get(self.admin_addr, "/health") {
+                if body.contains("\"serving\"") {
+                    return Ok(());
+                }
+            }
+            if deadline.passed() {
+                let log = self.log();
+                self.kill_9();
+                return Err(format!("node not ready within {READY_TIMEOUT:?}:\n{log}"));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// The body of `GET /health` on the admin port.
+    pub fn health(&self) -> String {
+        http_get(self.admin_addr, "/health").unwrap_or_else(|e| panic!("GET /health: {e}"))
+    }
+
+    /// Kills the node with SIGKILL: no shutdown code runs, as in a crash.
+    pub fn kill_9(&mut self) {
+        let mut child = self.child.take().expect("kill -9 of a running node");
+        child.kill().expect("send SIGKILL");
+        let status = child.wait().expect("reap the killed node");
+        assert!(!status.success(), "a node killed with SIGKILL reported success");
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the node to exit; returns its status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("terminate a running node");
+        let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) with a pid we spawned and have not reaped yet, so it
+        // cannot name another process.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(sent, 0, "kill(SIGTERM) failed: {}", std::io::Error::last_os_error());
+        let deadline = Deadline::after(TERMINATE_TIMEOUT);
+        loop {
+            if let Some(status) = child.try_wait().expect("polling the node process") {
+                return status;
+            }
+            if deadline.passed() {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("node did not exit within {TERMINATE_TIMEOUT:?} of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Starts the stopped node again on the same data directory and ports.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart of a node that is still running");
+        self.spawn();
+        if let Err(why) = self.wait_ready() {
+            panic!("restart failed: {why}");
+        }
+    }
+
+    /// Runs `geokv ARGS --endpoint 127.0.0.1:PORT`.
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        let mut cmd = Command::new(GEOKV_BIN);
+        cmd.args(args).arg("--endpoint").arg(self.grpc_addr.to_string()).env_remove("GEOKV_ENDPOINT");
+        run_bounded(cmd, CLI_TIMEOUT)
+    }
+
+    /// A Rust client connected to this node.
+    pub async fn client(&self) -> geokv_client::Client {
+        geokv_client::Client::connect(self.endpoint())
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.endpoint()))
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            if std::thread::panicking() {
+                eprintln!("---- log of node {} (start {}) ----\n{}", self.grpc_addr, self.starts, self.log());
+            }
+        }
+    }
+}
+
+/// A one-shot HTTP/1.1 GET; returns the body of a 200 response.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
+    let timeout = Duration::from_secs(2);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(|e| format!("read {addr}{path}: {e}"))?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| format!("no HTTP header end in {response:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("GET {path}: {head}"));
+    }
+    Ok(body.to_string())
+}
+
+/// Path of a file under the workspace's `tests/` folder.
+pub fn tests_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests").join(relative)
+}
