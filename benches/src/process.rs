@@ -64,10 +64,6 @@ impl Child {
         Ok(Self { name, child: Some(child), log_path: log_path.to_path_buf() })
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }

@@ -132,7 +132,7 @@ impl Running {
     /// Opens one load client's own connection.
     pub async fn connect(&self) -> Result<Conn> {
         Ok(match self {
-            Running::Geokv { settings, .. } => Conn::Geokv(GeokvConn::connect(settings).await?),
+            Running::Geokv { settings, .. } => Conn::Geokv(Box::new(GeokvConn::connect(settings).await?)),
             Running::Etcd { cluster, serializable, op_timeout } => {
                 Conn::Etcd(EtcdConn::connect(&cluster.leader_url, *serializable, *op_timeout).await?)
             }
@@ -143,7 +143,8 @@ impl Running {
 
 /// One load client's connection to a target.
 pub enum Conn {
-    Geokv(GeokvConn),
+    /// Boxed: a geokv client is much larger than the other connections.
+    Geokv(Box<GeokvConn>),
     Etcd(EtcdConn),
     Redis(RedisConn),
 }

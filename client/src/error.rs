@@ -20,7 +20,12 @@ pub struct Error {
 
 impl Error {
     pub(crate) fn local(message: String) -> Self {
-        Self { code: Code::InvalidArgument, reason: Some("CLIENT_ERROR".into()), message, metadata: HashMap::new() }
+        Self {
+            code: Code::InvalidArgument,
+            reason: Some("CLIENT_ERROR".into()),
+            message,
+            metadata: HashMap::new(),
+        }
     }
 
     pub(crate) fn transport(endpoint: &str, e: tonic::transport::Error) -> Self {
@@ -30,7 +35,12 @@ impl Error {
             message.push_str(&format!(": {s}"));
             source = s.source();
         }
-        Self { code: Code::Unavailable, reason: Some("UNREACHABLE".into()), message, metadata: HashMap::new() }
+        Self {
+            code: Code::Unavailable,
+            reason: Some("UNREACHABLE".into()),
+            message,
+            metadata: HashMap::new(),
+        }
     }
 
     /// The reason, or the gRPC code's name when the server gave none.
@@ -41,8 +51,10 @@ impl Error {
     /// Worth retrying: the request may not have been processed, and the
     /// idempotency key makes a repeat safe.
     pub fn is_transient(&self) -> bool {
-        matches!(self.code, Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::ResourceExhausted)
-            && self.reason.as_deref() != Some("LEVEL_UNAVAILABLE")
+        matches!(
+            self.code,
+            Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::ResourceExhausted
+        ) && self.reason.as_deref() != Some("LEVEL_UNAVAILABLE")
             && self.reason.as_deref() != Some("SHUTTING_DOWN")
     }
 }

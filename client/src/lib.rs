@@ -65,7 +65,9 @@ impl std::str::FromStr for Consistency {
             "eventual" => Ok(Consistency::Eventual),
             "quorum" => Ok(Consistency::Quorum),
             "strong" => Ok(Consistency::Strong),
-            other => Err(format!("unknown write consistency `{other}`: use local, eventual, quorum or strong")),
+            other => {
+                Err(format!("unknown write consistency `{other}`: use local, eventual, quorum or strong"))
+            }
         }
     }
 }
@@ -100,7 +102,8 @@ impl std::str::FromStr for ReadConsistency {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let lower = s.to_ascii_lowercase();
         if let Some(ms) = lower.strip_prefix("bounded:") {
-            let ms: u64 = ms.trim_end_matches("ms").parse().map_err(|_| format!("bad staleness bound in `{s}`"))?;
+            let ms: u64 =
+                ms.trim_end_matches("ms").parse().map_err(|_| format!("bad staleness bound in `{s}`"))?;
             return Ok(ReadConsistency::Bounded(Duration::from_millis(ms)));
         }
         match lower.as_str() {
@@ -530,7 +533,12 @@ impl Client {
     }
 
     /// Adds `delta` to a counter; returns its value after the add.
-    pub async fn counter_add(&self, row: &Row, delta: i64, opts: WriteOptions) -> Result<(i64, WriteAck), Error> {
+    pub async fn counter_add(
+        &self,
+        row: &Row,
+        delta: i64,
+        opts: WriteOptions,
+    ) -> Result<(i64, WriteAck), Error> {
         let msg = pb::CounterAddRequest {
             row: Some(row.to_proto()),
             delta,
@@ -551,7 +559,8 @@ impl Client {
     /// Reads a counter; None when it was never written.
     pub async fn counter_get(&self, row: &Row, level: ReadConsistency) -> Result<Option<i64>, Error> {
         let (consistency, max_staleness_ms, session_token) = self.read_fields(level);
-        let msg = pb::CounterGetRequest { row: Some(row.to_proto()), consistency, max_staleness_ms, session_token };
+        let msg =
+            pb::CounterGetRequest { row: Some(row.to_proto()), consistency, max_staleness_ms, session_token };
         let resp = self
             .attempt(|t| {
                 let mut kv = self.kv.clone();
@@ -616,7 +625,8 @@ impl Client {
 
     pub async fn set_members(&self, row: &Row, level: ReadConsistency) -> Result<SetResult, Error> {
         let (consistency, max_staleness_ms, session_token) = self.read_fields(level);
-        let msg = pb::SetMembersRequest { row: Some(row.to_proto()), consistency, max_staleness_ms, session_token };
+        let msg =
+            pb::SetMembersRequest { row: Some(row.to_proto()), consistency, max_staleness_ms, session_token };
         let resp = self
             .attempt(|t| {
                 let mut kv = self.kv.clone();

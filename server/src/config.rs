@@ -360,7 +360,8 @@ impl Config {
                 return Err(bad(f("name"), format!("table `{}` listed twice", t.name)));
             }
             check_localities(&f("localities"), &t.localities)?;
-            for (field, region) in [("home_region", &t.home_region), ("default_home_region", &t.default_home_region)]
+            for (field, region) in
+                [("home_region", &t.home_region), ("default_home_region", &t.default_home_region)]
             {
                 if let Some(r) = region {
                     if !regions.contains(r.as_str()) {
@@ -469,7 +470,10 @@ mod tests {
     fn bad_fields_are_named() {
         let cases = [
             ("region = \"nowhere\"\n[[regions]]\nname = \"a\"", "region"),
-            ("region = \"a\"\n[[regions]]\nname = \"a\"\n[[zones]]\nname = \"eu\"\nregions = [\"b\"]", "zones[0].regions"),
+            (
+                "region = \"a\"\n[[regions]]\nname = \"a\"\n[[zones]]\nname = \"eu\"\nregions = [\"b\"]",
+                "zones[0].regions",
+            ),
             ("[[tables]]\nname = \"T!\"", "tables[0].name"),
             ("[[tables]]\nname = \"t\"\nlocality = \"by_table\"", "tables[0].home_region"),
             ("[[tables]]\nname = \"t\"\nzone = \"eu\"", "tables[0].zone"),

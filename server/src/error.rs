@@ -24,7 +24,9 @@ pub enum KvError {
     UnknownRegion { region: String, known: Vec<String> },
     #[error("locality value `{value}` is not mapped to a region by table `{table}`")]
     UnknownLocality { table: String, value: String },
-    #[error("table `{table}` is homed by row and has no default home: set a home region or a locality value")]
+    #[error(
+        "table `{table}` is homed by row and has no default home: set a home region or a locality value"
+    )]
     MissingLocality { table: String },
     #[error("key is {len} bytes; the limit is {max}")]
     KeyTooLarge { len: usize, max: usize },
@@ -156,7 +158,8 @@ impl KvError {
     /// Converts to a gRPC status with an `ErrorInfo` detail.
     pub fn to_status(&self) -> Status {
         let message = format!("{}: {}", self.reason(), self);
-        let details = ErrorDetails::with_error_info(self.reason(), geokv_proto::ERROR_DOMAIN, self.metadata());
+        let details =
+            ErrorDetails::with_error_info(self.reason(), geokv_proto::ERROR_DOMAIN, self.metadata());
         Status::with_error_details(self.code(), message, details)
     }
 }

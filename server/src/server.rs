@@ -1,7 +1,7 @@
 //! Running a node: open the store, start the committer, serve gRPC and the
 //! admin HTTP port until the shutdown future completes, then drain.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -26,7 +26,8 @@ fn message_bytes_max(cfg: &Config) -> usize {
 pub fn open_engine(cfg: &Config) -> anyhow::Result<Arc<dyn Engine>> {
     Ok(match cfg.storage.engine {
         EngineKind::Rocksdb => {
-            let tuning = RocksOptions { write_buffer_bytes: cfg.storage.write_buffer_mib << 20, background_jobs: 2 };
+            let tuning =
+                RocksOptions { write_buffer_bytes: cfg.storage.write_buffer_mib << 20, background_jobs: 2 };
             Arc::new(
                 RocksEngine::open(&cfg.data_dir, &tuning)
                     .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,
@@ -111,7 +112,9 @@ pub async fn serve(
 
 /// Binds the configured addresses and runs until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let grpc = TcpListener::bind(cfg.listen).await.with_context(|| format!("binding gRPC address {}", cfg.listen))?;
+    let grpc = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding gRPC address {}", cfg.listen))?;
     let admin = TcpListener::bind(cfg.admin_listen)
         .await
         .with_context(|| format!("binding admin HTTP address {}", cfg.admin_listen))?;

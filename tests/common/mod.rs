@@ -73,7 +73,13 @@ pub struct CliOutput {
 impl CliOutput {
     /// Asserts exit status 0 and returns stdout with the trailing newline removed.
     pub fn ok(&self) -> String {
-        assert!(self.status.success(), "command failed with {}:\nstdout: {}\nstderr: {}", self.status, self.stdout, self.stderr);
+        assert!(
+            self.status.success(),
+            "command failed with {}:\nstdout: {}\nstderr: {}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
         self.stdout.trim_end().to_string()
     }
 
@@ -333,13 +339,16 @@ impl Drop for NodeProcess {
 /// A one-shot HTTP/1.1 GET; returns the body of a 200 response.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
     let timeout = Duration::from_secs(2);
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut stream =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
     stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     stream.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
     let mut response = String::new();
     stream.read_to_string(&mut response).map_err(|e| format!("read {addr}{path}: {e}"))?;
-    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| format!("no HTTP header end in {response:?}"))?;
+    let (head, body) =
+        response.split_once("\r\n\r\n").ok_or_else(|| format!("no HTTP header end in {response:?}"))?;
     if !head.starts_with("HTTP/1.1 200") {
         return Err(format!("GET {path}: {head}"));
     }

@@ -337,7 +337,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             } else if got.siblings.len() == 1 {
                 println!("{}", text(&got.siblings[0].value));
             } else {
-                println!("{} siblings (concurrent writes; write with --context to resolve):", got.siblings.len());
+                println!(
+                    "{} siblings (concurrent writes; write with --context to resolve):",
+                    got.siblings.len()
+                );
                 for s in &got.siblings {
                     println!("  {}    (from {}, hlc {})", text(&s.value), s.origin, s.hlc);
                 }
@@ -379,7 +382,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 for r in &page.rows {
                     let shown = match r.kind.as_str() {
                         "counter" => r.counter_value.to_string(),
-                        "set" => format!("{{{}}}", r.set_members.iter().map(|m| text(m)).collect::<Vec<_>>().join(", ")),
+                        "set" => format!(
+                            "{{{}}}",
+                            r.set_members.iter().map(|m| text(m)).collect::<Vec<_>>().join(", ")
+                        ),
                         _ => r.siblings.iter().map(|s| text(&s.value)).collect::<Vec<_>>().join(" | "),
                     };
                     println!("{}\t{}", text(&r.key), shown);
@@ -429,7 +435,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let set = client.set_members(&row.row(), read.level()?).await?;
             if conn.json {
                 let members: Vec<_> = set.members.iter().map(|m| text(m)).collect();
-                println!("{}", json!({"found": set.found, "members": members, "context": set.context.to_base64()}));
+                println!(
+                    "{}",
+                    json!({"found": set.found, "members": members, "context": set.context.to_base64()})
+                );
             } else {
                 print_members(&set.members, false, None);
             }
@@ -454,12 +463,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             } else {
                 println!("node      {}/{} (geokv {})", s.region, s.node_id, s.version);
                 println!("uptime    {:.1}s", s.uptime_ms as f64 / 1000.0);
-                println!("storage   {} in {} (durable writes: {})", s.storage_engine, s.data_dir, s.durable_writes);
+                println!(
+                    "storage   {} in {} (durable writes: {})",
+                    s.storage_engine, s.data_dir, s.durable_writes
+                );
                 println!("regions   {}", s.regions.join(", "));
                 println!("log seq   {}", s.log_seq);
                 for t in &s.tables {
                     println!(
-                        "table     {} ({}, default {}, conflicts {}: {}{})",
+                        "table     {}: {}, default level {}, conflict policy {}, conflicts {}{}",
                         t.name,
                         t.locality,
                         t.default_consistency,
@@ -494,11 +506,14 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut cfg = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            geokv_server::config::Config::from_toml(&text).with_context(|| format!("in {}", path.display()))?
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            geokv_server::config::Config::from_toml(&text)
+                .with_context(|| format!("in {}", path.display()))?
         }
         None => geokv_server::config::Config::default(),
     };

@@ -126,7 +126,10 @@ mod tests {
     fn unknown_levels_are_typed() {
         assert_eq!(write_level(99, "consistency").unwrap_err().reason(), "UNKNOWN_CONSISTENCY");
         assert_eq!(read_level(-1, 0).unwrap_err().reason(), "UNKNOWN_CONSISTENCY");
-        assert_eq!(read_level(pb::ReadConsistency::ReadBounded as i32, 0).unwrap_err().reason(), "INVALID_ARGUMENT");
+        assert_eq!(
+            read_level(pb::ReadConsistency::ReadBounded as i32, 0).unwrap_err().reason(),
+            "INVALID_ARGUMENT"
+        );
         assert_eq!(write_level(0, "consistency").unwrap(), None);
     }
 

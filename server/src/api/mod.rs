@@ -13,9 +13,9 @@ use std::sync::Arc;
 use geokv_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use crate::error::KvError;
 use crate::kv::row::RowValue;
 use crate::kv::{parse_session, register_view, Node, RowOp, WriteOp, WriteRequest};
-use crate::error::KvError;
 
 /// The `geokv.v1.KV` service over one node.
 #[derive(Clone)]
@@ -103,7 +103,10 @@ impl pb::kv_server::Kv for KvService {
         Ok(Response::new(pb::PutResponse { ack: Some(convert::ack(&o, self.token(o.log_seq))) }))
     }
 
-    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
         let mut req = request.into_inner();
         let key = std::mem::take(&mut req.idempotency_key);
         let idem = convert::idempotency(key, &req);
@@ -190,7 +193,8 @@ impl pb::kv_server::Kv for KvService {
         let mut req = request.into_inner();
         let key = std::mem::take(&mut req.idempotency_key);
         let idem = convert::idempotency(key, &req);
-        let op = convert::row_ref(req.row.take()).map(|row| WriteOp { row, op: RowOp::CounterAdd { delta: req.delta } });
+        let op = convert::row_ref(req.row.take())
+            .map(|row| WriteOp { row, op: RowOp::CounterAdd { delta: req.delta } });
         let o = self.write_one("counter_add", op, req.consistency, idem).await?;
         Ok(Response::new(pb::CounterAddResponse {
             value: o.counter_value.unwrap_or(0),
@@ -231,7 +235,10 @@ impl pb::kv_server::Kv for KvService {
         Ok(Response::new(result?))
     }
 
-    async fn set_add(&self, request: Request<pb::SetAddRequest>) -> Result<Response<pb::SetWriteResponse>, Status> {
+    async fn set_add(
+        &self,
+        request: Request<pb::SetAddRequest>,
+    ) -> Result<Response<pb::SetWriteResponse>, Status> {
         let mut req = request.into_inner();
         let key = std::mem::take(&mut req.idempotency_key);
         let idem = convert::idempotency(key, &req);
@@ -320,7 +327,11 @@ impl pb::admin_server::Admin for AdminService {
                 locality: t.locality.as_str().into(),
                 default_consistency: t.default_consistency.as_str().into(),
                 conflict_policy: t.conflict.as_str().into(),
-                home_region: t.home_region.clone().or_else(|| t.default_home_region.clone()).unwrap_or_default(),
+                home_region: t
+                    .home_region
+                    .clone()
+                    .or_else(|| t.default_home_region.clone())
+                    .unwrap_or_default(),
                 zone: t.zone.clone().unwrap_or_default(),
                 conflicts: conflicts.get(&t.name).copied().unwrap_or(0),
             })

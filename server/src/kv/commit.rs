@@ -22,7 +22,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::row::{data_key, display_key, Row, RowValue};
 use super::{AdmittedWrite, RowOp};
-use crate::causality::{encode_context, Crdt, DvvSet, Hlc, HlcTimestamp, LwwRegister, OrSet, PnCounter, VersionVector};
+use crate::causality::{
+    encode_context, DvvSet, Hlc, HlcTimestamp, LwwRegister, OrSet, PnCounter, VersionVector,
+};
 use crate::codec;
 use crate::config::ConflictPolicy;
 use crate::error::KvError;
@@ -95,7 +97,10 @@ const IDEM_SWEEP_MAX: usize = 256;
 const IDEM_SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Starts the committer thread. It ends once every sender is dropped and the
@@ -212,9 +217,11 @@ impl Committer {
                     return Err(KvError::IdempotencyKeyReused { key: idem.key.clone() });
                 }
                 metrics::counter!("geokv_idempotent_replays_total").increment(1);
-                let mut outcomes: Vec<WriteOutcome> = serde_json::from_slice(&record.reply).map_err(|e| {
-                    KvError::Corrupt { what: format!("idempotency record `{}`", idem.key), why: e.to_string() }
-                })?;
+                let mut outcomes: Vec<WriteOutcome> =
+                    serde_json::from_slice(&record.reply).map_err(|e| KvError::Corrupt {
+                        what: format!("idempotency record `{}`", idem.key),
+                        why: e.to_string(),
+                    })?;
                 outcomes.iter_mut().for_each(|o| o.replayed = true);
                 return Ok(outcomes);
             }
@@ -260,7 +267,8 @@ impl Committer {
             job_batch.put(Cf::Data, dk.clone(), row.seal());
             job_batch.put(Cf::ReplLog, seq.to_be_bytes().to_vec(), codec::seal_message(&entry));
             if seq > self.settings.log_retention_entries {
-                job_batch.delete(Cf::ReplLog, (seq - self.settings.log_retention_entries).to_be_bytes().to_vec());
+                job_batch
+                    .delete(Cf::ReplLog, (seq - self.settings.log_retention_entries).to_be_bytes().to_vec());
             }
             outcome.log_seq = seq;
             seq += 1;
@@ -406,13 +414,17 @@ impl Committer {
         if let Some(r) = overlay.idem.get(key) {
             return Ok(Some(r.clone()));
         }
-        let Some(bytes) = self.engine.get(Cf::Meta, &idem_key(key)).map_err(|e| KvError::Storage(e.to_string()))?
+        let Some(bytes) =
+            self.engine.get(Cf::Meta, &idem_key(key)).map_err(|e| KvError::Storage(e.to_string()))?
         else {
             return Ok(None);
         };
-        let record: pb::IdempotencyRecord = codec::open_message(&bytes)
-            .map_err(|e| KvError::Corrupt { what: format!("idempotency record `{key}`"), why: e.to_string() })?;
-        let expired = now_ms().saturating_sub(record.stored_at_ms) > self.settings.idempotency_ttl.as_millis() as u64;
+        let record: pb::IdempotencyRecord = codec::open_message(&bytes).map_err(|e| KvError::Corrupt {
+            what: format!("idempotency record `{key}`"),
+            why: e.to_string(),
+        })?;
+        let expired =
+            now_ms().saturating_sub(record.stored_at_ms) > self.settings.idempotency_ttl.as_millis() as u64;
         Ok(if expired { None } else { Some(record) })
     }
 

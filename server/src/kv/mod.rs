@@ -40,19 +40,33 @@ pub struct RowRef {
 /// A change to one row.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RowOp {
-    Put { value: Vec<u8>, context: VersionVector },
+    Put {
+        value: Vec<u8>,
+        context: VersionVector,
+    },
     /// `context: None` deletes what the accepting region currently stores.
-    Delete { context: Option<VersionVector> },
-    CounterAdd { delta: i64 },
-    SetAdd { members: Vec<Vec<u8>> },
-    SetRemove { members: Vec<Vec<u8>>, context: Option<VersionVector> },
+    Delete {
+        context: Option<VersionVector>,
+    },
+    CounterAdd {
+        delta: i64,
+    },
+    SetAdd {
+        members: Vec<Vec<u8>>,
+    },
+    SetRemove {
+        members: Vec<Vec<u8>>,
+        context: Option<VersionVector>,
+    },
 }
 
 impl RowOp {
     fn payload_bytes(&self) -> usize {
         match self {
             RowOp::Put { value, .. } => value.len(),
-            RowOp::SetAdd { members } | RowOp::SetRemove { members, .. } => members.iter().map(Vec::len).sum(),
+            RowOp::SetAdd { members } | RowOp::SetRemove { members, .. } => {
+                members.iter().map(Vec::len).sum()
+            }
             RowOp::Delete { .. } | RowOp::CounterAdd { .. } => 8,
         }
     }
@@ -145,9 +159,9 @@ impl Node {
     pub fn start(cfg: Arc<Config>, engine: Arc<dyn Engine>, hlc: Arc<Hlc>) -> anyhow::Result<Arc<Self>> {
         let state = Arc::new(CommitState::default());
         if let Some((k, _)) = engine.last(Cf::ReplLog)? {
-            let seq = <[u8; 8]>::try_from(k.as_slice())
-                .map(u64::from_be_bytes)
-                .map_err(|_| anyhow::anyhow!("replication log key of {} bytes is not a sequence number", k.len()))?;
+            let seq = <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes).map_err(|_| {
+                anyhow::anyhow!("replication log key of {} bytes is not a sequence number", k.len())
+            })?;
             state.log_seq.store(seq, Ordering::Release);
         }
         let settings = CommitSettings {
@@ -251,7 +265,10 @@ impl Node {
                         return Err(KvError::MissingField { field: "members" });
                     }
                     if members.len() > self.cfg.limits.batch_ops_max {
-                        return Err(KvError::BatchTooLarge { len: members.len(), max: self.cfg.limits.batch_ops_max });
+                        return Err(KvError::BatchTooLarge {
+                            len: members.len(),
+                            max: self.cfg.limits.batch_ops_max,
+                        });
                     }
                     self.check_value(members.iter().map(Vec::len).sum())?;
                 }
@@ -268,7 +285,8 @@ impl Node {
                 op: w.op,
             });
         }
-        let tx = self.commit_tx.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(KvError::ShuttingDown)?;
+        let tx =
+            self.commit_tx.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(KvError::ShuttingDown)?;
         let (reply, rx) = oneshot::channel();
         tx.send(CommitJob { writes: admitted, idempotency: req.idempotency, reply })
             .await
@@ -433,7 +451,11 @@ pub fn register_view(row: &Row) -> (Vec<SiblingValue>, Vec<u8>) {
                 .siblings()
                 .iter()
                 .filter_map(|s| {
-                    s.value.as_ref().map(|v| SiblingValue { value: v.clone(), hlc: s.hlc.0, origin: s.dot.actor.clone() })
+                    s.value.as_ref().map(|v| SiblingValue {
+                        value: v.clone(),
+                        hlc: s.hlc.0,
+                        origin: s.dot.actor.clone(),
+                    })
                 })
                 .collect();
             (siblings, encode_context(d.context()))
@@ -441,7 +463,9 @@ pub fn register_view(row: &Row) -> (Vec<SiblingValue>, Vec<u8>) {
         RowValue::Lww(l) => {
             let siblings = l
                 .value()
-                .map(|v| vec![SiblingValue { value: v.to_vec(), hlc: l.hlc().0, origin: l.actor().to_string() }])
+                .map(|v| {
+                    vec![SiblingValue { value: v.to_vec(), hlc: l.hlc().0, origin: l.actor().to_string() }]
+                })
                 .unwrap_or_default();
             (siblings, encode_context(&VersionVector::default()))
         }

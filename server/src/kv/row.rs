@@ -83,9 +83,15 @@ impl Row {
 
     pub fn from_proto(p: pb::Row) -> Result<Self, String> {
         let value = match p.value {
-            Some(pb::row::Value::Register(d)) => RowValue::Register(DvvSet::try_from(d).map_err(|e| e.to_string())?),
-            Some(pb::row::Value::Lww(l)) => RowValue::Lww(LwwRegister::try_from(l).map_err(|e| e.to_string())?),
-            Some(pb::row::Value::Counter(c)) => RowValue::Counter(PnCounter::try_from(c).map_err(|e| e.to_string())?),
+            Some(pb::row::Value::Register(d)) => {
+                RowValue::Register(DvvSet::try_from(d).map_err(|e| e.to_string())?)
+            }
+            Some(pb::row::Value::Lww(l)) => {
+                RowValue::Lww(LwwRegister::try_from(l).map_err(|e| e.to_string())?)
+            }
+            Some(pb::row::Value::Counter(c)) => {
+                RowValue::Counter(PnCounter::try_from(c).map_err(|e| e.to_string())?)
+            }
             Some(pb::row::Value::Set(s)) => RowValue::Set(OrSet::try_from(s).map_err(|e| e.to_string())?),
             None => return Err("row has no value".into()),
         };

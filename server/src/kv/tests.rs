@@ -66,7 +66,9 @@ async fn concurrent_blind_puts_leave_siblings_and_a_context_put_supersedes_exact
     let mut tasks = Vec::new();
     for i in 0..8 {
         let node = node.clone();
-        tasks.push(tokio::spawn(async move { node.write(put(row("k"), &format!("v{i}"), VersionVector::default())).await }));
+        tasks.push(tokio::spawn(async move {
+            node.write(put(row("k"), &format!("v{i}"), VersionVector::default())).await
+        }));
     }
     for t in tasks {
         t.await.unwrap().unwrap();
@@ -128,7 +130,10 @@ async fn concurrent_counter_adds_sum_exactly_and_idempotent_retry_counts_once() 
         other => panic!("not a counter: {other:?}"),
     }
     // The same key for another request is refused, not silently replayed.
-    let err = node.write(WriteRequest { idempotency: Some(Idempotency { key: "retry-1".into(), request_hash: 8 }), ..add(1, None) });
+    let err = node.write(WriteRequest {
+        idempotency: Some(Idempotency { key: "retry-1".into(), request_hash: 8 }),
+        ..add(1, None)
+    });
     assert_eq!(err.await.unwrap_err().reason(), "IDEMPOTENCY_KEY_REUSED");
 }
 
@@ -160,28 +165,44 @@ async fn wrong_type_and_limits_are_typed() {
     };
     assert_eq!(node.write(incr).await.unwrap_err().reason(), "WRONG_TYPE");
     let big = "x".repeat(node.config().limits.value_bytes_max + 1);
-    assert_eq!(node.write(put(row("r"), &big, VersionVector::default())).await.unwrap_err().reason(), "VALUE_TOO_LARGE");
+    assert_eq!(
+        node.write(put(row("r"), &big, VersionVector::default())).await.unwrap_err().reason(),
+        "VALUE_TOO_LARGE"
+    );
     let long_key = "k".repeat(node.config().limits.key_bytes_max + 1);
-    assert_eq!(node.write(put(row(&long_key), "v", VersionVector::default())).await.unwrap_err().reason(), "KEY_TOO_LARGE");
+    assert_eq!(
+        node.write(put(row(&long_key), "v", VersionVector::default())).await.unwrap_err().reason(),
+        "KEY_TOO_LARGE"
+    );
     let mut strict = row("s");
     strict.table = "strict".into();
-    assert_eq!(node.write(put(strict, "v", VersionVector::default())).await.unwrap_err().reason(), "MISSING_LOCALITY");
+    assert_eq!(
+        node.write(put(strict, "v", VersionVector::default())).await.unwrap_err().reason(),
+        "MISSING_LOCALITY"
+    );
     let mut unknown = row("s");
     unknown.table = "nope".into();
-    assert_eq!(node.write(put(unknown, "v", VersionVector::default())).await.unwrap_err().reason(), "UNKNOWN_TABLE");
+    assert_eq!(
+        node.write(put(unknown, "v", VersionVector::default())).await.unwrap_err().reason(),
+        "UNKNOWN_TABLE"
+    );
 }
 
 #[tokio::test]
 async fn residency_and_levels_are_enforced_at_admission() {
     let node = node();
     let us_row = RowRef { locality: Locality::Value("US".into()), ..row("u") };
-    let err = node.write(put(us_row.clone(), "v", VersionVector::default())).await.unwrap_err();
+    let mut local = put(us_row.clone(), "v", VersionVector::default());
+    local.level = Some(Level::Local);
+    let err = node.write(local).await.unwrap_err();
     assert_eq!(err.reason(), "NOT_HOME", "{err}");
     let mut eventual = put(us_row, "v", VersionVector::default());
     eventual.level = Some(Level::Quorum);
     assert_eq!(node.write(eventual).await.unwrap_err().reason(), "LEVEL_UNAVAILABLE");
     let de = RowRef { locality: Locality::Value("DE".into()), ..row("de") };
-    node.write(put(de.clone(), "v", VersionVector::default())).await.expect("eu row accepted in an eu region");
+    node.write(put(de.clone(), "v", VersionVector::default()))
+        .await
+        .expect("eu row accepted in an eu region");
     let stored = node.read(&de, ReadLevel::Local, &[]).unwrap().row.unwrap();
     assert_eq!((stored.home_region.as_str(), stored.zone.as_str()), ("eu-central-1", "eu"));
 }
@@ -215,7 +236,9 @@ async fn rocksdb_node_recovers_rows_and_log_position_after_restart() {
         let engine = Arc::new(RocksEngine::open(dir.path(), &RocksOptions::default()).unwrap());
         let node = node_on(engine);
         for i in 0..20 {
-            node.write(put(row(&format!("k{i:02}")), &format!("v{i}"), VersionVector::default())).await.unwrap();
+            node.write(put(row(&format!("k{i:02}")), &format!("v{i}"), VersionVector::default()))
+                .await
+                .unwrap();
         }
         node.shutdown();
         node.log_seq()
@@ -240,7 +263,10 @@ async fn batch_is_atomic_when_one_op_fails() {
     node.write(put(row("counter"), "v", VersionVector::default())).await.unwrap();
     let req = WriteRequest {
         ops: vec![
-            WriteOp { row: row("a"), op: RowOp::Put { value: b"1".to_vec(), context: VersionVector::default() } },
+            WriteOp {
+                row: row("a"),
+                op: RowOp::Put { value: b"1".to_vec(), context: VersionVector::default() },
+            },
             WriteOp { row: row("counter"), op: RowOp::CounterAdd { delta: 1 } },
         ],
         level: None,

@@ -113,7 +113,9 @@ pub fn admit_write(here: &str, placement: &Placement, level: Level) -> Result<()
         Level::Local | Level::Eventual => Ok(()),
         // A majority (or a consensus group) of one region is this region.
         Level::Quorum | Level::Strong if placement.replica_regions.len() == 1 => Ok(()),
-        Level::Quorum | Level::Strong => Err(KvError::LevelUnavailable { level: level.as_str().to_uppercase() }),
+        Level::Quorum | Level::Strong => {
+            Err(KvError::LevelUnavailable { level: level.as_str().to_uppercase() })
+        }
     }
 }
 
@@ -199,7 +201,10 @@ mod tests {
         let t = c.table("users").unwrap();
         assert_eq!(resolve(&c, t, &Locality::Unset).unwrap_err().reason(), "MISSING_LOCALITY");
         assert_eq!(resolve(&c, t, &Locality::Value("XX".into())).unwrap_err().reason(), "UNKNOWN_LOCALITY");
-        assert_eq!(resolve(&c, t, &Locality::HomeRegion("mars".into())).unwrap_err().reason(), "UNKNOWN_REGION");
+        assert_eq!(
+            resolve(&c, t, &Locality::HomeRegion("mars".into())).unwrap_err().reason(),
+            "UNKNOWN_REGION"
+        );
     }
 
     #[test]
@@ -216,7 +221,10 @@ mod tests {
         for level in [Level::Local, Level::Eventual, Level::Quorum, Level::Strong] {
             assert_eq!(admit_write("us-east-1", &p, level).unwrap_err().reason(), "RESIDENCY_VIOLATION");
         }
-        assert_eq!(admit_read("us-east-1", &p, ReadLevel::Local).unwrap_err().reason(), "RESIDENCY_VIOLATION");
+        assert_eq!(
+            admit_read("us-east-1", &p, ReadLevel::Local).unwrap_err().reason(),
+            "RESIDENCY_VIOLATION"
+        );
         assert!(admit_write("eu-central-1", &p, Level::Eventual).is_ok());
         assert_eq!(admit_write("eu-central-1", &p, Level::Local).unwrap_err().reason(), "NOT_HOME");
         assert_eq!(admit_write("eu-west-1", &p, Level::Quorum).unwrap_err().reason(), "LEVEL_UNAVAILABLE");

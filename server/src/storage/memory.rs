@@ -5,12 +5,15 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Mutex;
 
-use super::{BatchOp, Cf, Engine, KvPairs, StorageError, WriteBatch};
+use super::{BatchOp, Cf, Engine, KvPair, KvPairs, StorageError, WriteBatch};
+
+/// Every column family's ordered map.
+type Families = BTreeMap<Cf, BTreeMap<Vec<u8>, Vec<u8>>>;
 
 /// Column families as ordered maps behind one lock, so a batch is atomic.
 #[derive(Default)]
 pub struct MemoryEngine {
-    cfs: Mutex<BTreeMap<Cf, BTreeMap<Vec<u8>, Vec<u8>>>>,
+    cfs: Mutex<Families>,
 }
 
 impl MemoryEngine {
@@ -18,7 +21,7 @@ impl MemoryEngine {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Cf, BTreeMap<Vec<u8>, Vec<u8>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Families> {
         // A poisoned lock means a panic mid-batch elsewhere; the maps are
         // still consistent because batches are applied after validation.
         self.cfs.lock().unwrap_or_else(|p| p.into_inner())
@@ -63,7 +66,7 @@ impl Engine for MemoryEngine {
             .collect())
     }
 
-    fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn last(&self, cf: Cf) -> Result<Option<KvPair>, StorageError> {
         Ok(self.lock().get(&cf).and_then(|m| m.iter().next_back().map(|(k, v)| (k.clone(), v.clone()))))
     }
 }

@@ -96,8 +96,10 @@ pub enum StorageError {
     Write { ops: usize, reason: String },
 }
 
+/// One key and its value.
+pub type KvPair = (Vec<u8>, Vec<u8>);
 /// Ordered key-value pairs returned by a scan.
-pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
+pub type KvPairs = Vec<KvPair>;
 
 /// The storage engine behind a node. Implementations are shared between
 /// threads; every method may block on IO, so async callers use
@@ -114,12 +116,11 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Pairs with `start <= key < end` (no end bound when `end` is None), in
     /// key order, at most `limit` of them.
-    fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>, limit: usize)
-        -> Result<KvPairs, StorageError>;
+    fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, StorageError>;
 
     /// The last pair of the column family, if any (used to recover the log's
     /// highest sequence number).
-    fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError>;
+    fn last(&self, cf: Cf) -> Result<Option<KvPair>, StorageError>;
 }
 
 /// The smallest key greater than every key that starts with `prefix`, or

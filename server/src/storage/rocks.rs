@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteOptions, DB};
 
-use super::{BatchOp, Cf, Engine, KvPairs, StorageError, WriteBatch};
+use super::{BatchOp, Cf, Engine, KvPair, KvPairs, StorageError, WriteBatch};
 
 /// Tuning that the node passes explicitly rather than trusting defaults.
 #[derive(Debug, Clone)]
@@ -56,7 +56,7 @@ impl RocksEngine {
         &self.path
     }
 
-    fn handle(&self, cf: Cf) -> Result<&rocksdb::ColumnFamily, StorageError> {
+    fn handle(&self, cf: Cf) -> Result<std::sync::Arc<rocksdb::BoundColumnFamily<'_>>, StorageError> {
         self.db
             .cf_handle(cf.name())
             .ok_or_else(|| StorageError::Read { cf, reason: "column family missing".into() })
@@ -69,7 +69,7 @@ impl Engine for RocksEngine {
     }
 
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        self.db.get_cf(self.handle(cf)?, key).map_err(|e| StorageError::Read { cf, reason: e.to_string() })
+        self.db.get_cf(&self.handle(cf)?, key).map_err(|e| StorageError::Read { cf, reason: e.to_string() })
     }
 
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
@@ -77,8 +77,8 @@ impl Engine for RocksEngine {
         let mut wb = rocksdb::WriteBatch::default();
         for op in &batch.ops {
             match op {
-                BatchOp::Put { cf, key, value } => wb.put_cf(self.handle(*cf)?, key, value),
-                BatchOp::Delete { cf, key } => wb.delete_cf(self.handle(*cf)?, key),
+                BatchOp::Put { cf, key, value } => wb.put_cf(&self.handle(*cf)?, key, value),
+                BatchOp::Delete { cf, key } => wb.delete_cf(&self.handle(*cf)?, key),
             }
         }
         let mut wo = WriteOptions::default();
@@ -89,7 +89,7 @@ impl Engine for RocksEngine {
     fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, StorageError> {
         let handle = self.handle(cf)?;
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(handle, IteratorMode::From(start, Direction::Forward)) {
+        for item in self.db.iterator_cf(&handle, IteratorMode::From(start, Direction::Forward)) {
             if out.len() >= limit {
                 break;
             }
@@ -102,9 +102,9 @@ impl Engine for RocksEngine {
         Ok(out)
     }
 
-    fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn last(&self, cf: Cf) -> Result<Option<KvPair>, StorageError> {
         let handle = self.handle(cf)?;
-        match self.db.iterator_cf(handle, IteratorMode::End).next() {
+        match self.db.iterator_cf(&handle, IteratorMode::End).next() {
             None => Ok(None),
             Some(item) => {
                 let (k, v) = item.map_err(|e| StorageError::Read { cf, reason: e.to_string() })?;
