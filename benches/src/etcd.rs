@@ -118,7 +118,9 @@ async fn leader(urls: Vec<String>) -> Result<String> {
     Ok(urls[at].clone())
 }
 
-/// One load client's connection (its own HTTP/2 connection to the leader).
+/// A load client's connection to the leader. Clones share one HTTP/2
+/// connection (see `--connections`).
+#[derive(Clone)]
 pub struct EtcdConn {
     kv: KvClient<Channel>,
     /// Reads served from the member's local state instead of linearizable.

@@ -125,7 +125,9 @@ pub struct GeokvSettings {
     pub contexts: Option<Arc<ContextTable>>,
 }
 
-/// One load client's connection (its own HTTP/2 connection).
+/// A load client's connection. Clones share one HTTP/2 connection (see
+/// `--connections`).
+#[derive(Clone)]
 pub struct GeokvConn {
     client: Client,
     settings: GeokvSettings,

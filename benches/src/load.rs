@@ -42,6 +42,9 @@ pub struct Shape {
     pub op_timeout: Duration,
     /// Seeds each client's key and operation choices (client i uses seed + i).
     pub seed: u64,
+    /// Connections the clients share, where the protocol multiplexes; None
+    /// gives every client its own.
+    pub connections: Option<usize>,
 }
 
 /// The key of index `i`: fixed width, so every target stores the same bytes.
@@ -93,9 +96,16 @@ struct ClientStats {
 /// Runs `clients` closed-loop clients against `running` for the shape's
 /// warmup plus duration.
 pub async fn run(running: &Running, shape: &Shape, clients: usize) -> Result<Measured> {
-    let mut conns = Vec::with_capacity(clients);
+    let own = shape.connections.unwrap_or(clients).min(clients);
+    let mut conns: Vec<Conn> = Vec::with_capacity(clients);
     for i in 0..clients {
-        let conn = running.connect().await.with_context(|| format!("opening connection {i} of {clients}"))?;
+        let shared = if i >= own { conns[i % own].share() } else { None };
+        let conn = match shared {
+            Some(c) => c,
+            None => {
+                running.connect().await.with_context(|| format!("opening connection {i} of {clients}"))?
+            }
+        };
         conns.push(conn);
     }
     let start = Instant::now();

@@ -99,6 +99,10 @@ struct Args {
     /// Deadline of one operation, in milliseconds; a slower one is an error.
     #[arg(long, default_value_t = 10_000)]
     op_timeout_ms: u64,
+    /// Connections shared by the clients of geokv and etcd (HTTP/2
+    /// multiplexes); default: one per client. Redis always gets one per client.
+    #[arg(long)]
+    connections: Option<usize>,
     /// Seed of the key and operation choices (client i uses seed + i).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -131,6 +135,9 @@ impl Args {
         if self.keys == 0 || self.keys > KEYS_MAX {
             bail!("--keys must be 1..={KEYS_MAX}");
         }
+        if self.connections.is_some_and(|c| c == 0 || c > CLIENTS_MAX) {
+            bail!("--connections must be 1..={CLIENTS_MAX}");
+        }
         if self.op_timeout_ms == 0 || self.op_timeout_ms > 60_000 {
             bail!("--op-timeout-ms must be 1..=60000");
         }
@@ -159,6 +166,7 @@ impl Args {
             duration: Duration::from_secs(self.duration_s),
             op_timeout: Duration::from_millis(self.op_timeout_ms),
             seed: self.seed,
+            connections: self.connections,
         }
     }
 
@@ -266,8 +274,12 @@ async fn run(args: &Args) -> Result<()> {
         let value = report::json(&shape, &semantics, &results, &ratios);
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
+        let connections = match shape.connections {
+            Some(n) => format!("{n} shared connections (Redis: one per client)"),
+            None => "one connection per client".to_string(),
+        };
         println!(
-            "load: put ratio {}, {} B values, {} keys, {} s window after {} s warmup, closed loop",
+            "load: put ratio {}, {} B values, {} keys, {} s window after {} s warmup, closed loop, {connections}",
             shape.put_ratio,
             shape.value_bytes,
             shape.keys,

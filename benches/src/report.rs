@@ -119,6 +119,7 @@ pub fn json(
             "duration_s": shape.duration.as_secs_f64(),
             "op_timeout_ms": shape.op_timeout.as_millis() as u64,
             "seed": shape.seed,
+            "connections": shape.connections,
         },
         "targets": semantics.iter().map(|(k, s)| json!({"target": k.name(), "semantics": s})).collect::<Vec<_>>(),
         "results": results.iter().map(|m| json!({

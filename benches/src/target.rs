@@ -159,6 +159,17 @@ impl Conn {
         }
     }
 
+    /// Another client's handle on the same connection, where the protocol
+    /// multiplexes (HTTP/2: geokv, etcd); None for Redis, whose connection
+    /// carries one request at a time.
+    pub fn share(&self) -> Option<Conn> {
+        match self {
+            Conn::Geokv(c) => Some(Conn::Geokv(c.clone())),
+            Conn::Etcd(c) => Some(Conn::Etcd(c.clone())),
+            Conn::Redis(_) => None,
+        }
+    }
+
     /// Reads `key`; a key never written is a successful read.
     pub async fn get(&mut self, key_index: u64, key: &[u8]) -> Result<()> {
         match self {

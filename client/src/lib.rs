@@ -639,6 +639,51 @@ impl Client {
         Ok(SetResult { found: resp.found, members: resp.members, context: CausalContext(resp.context) })
     }
 
+    /// The cluster as the connected node sees it: regions, health, endpoints.
+    pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, Error> {
+        self.admin_call(pb::ClusterStatusRequest {}, |mut a, r| async move { a.cluster_status(r).await }).await
+    }
+
+    /// Replication links leaving the connected node's region.
+    pub async fn replication_status(&self) -> Result<pb::ReplicationStatusResponse, Error> {
+        self.admin_call(pb::ReplicationStatusRequest {}, |mut a, r| async move { a.replication_status(r).await })
+            .await
+    }
+
+    /// Pauses (`paused = true`) or resumes shipping to `destination`.
+    pub async fn control_replication(
+        &self,
+        destination: &str,
+        paused: bool,
+    ) -> Result<pb::ReplicationControlResponse, Error> {
+        let msg = pb::ReplicationControlRequest { destination: destination.to_string() };
+        if paused {
+            self.admin_call(msg, |mut a, r| async move { a.pause_replication(r).await }).await
+        } else {
+            self.admin_call(msg, |mut a, r| async move { a.resume_replication(r).await }).await
+        }
+    }
+
+    /// Rows the connected node stores outside their residency zone.
+    pub async fn residency_audit(&self) -> Result<pb::ResidencyAuditResponse, Error> {
+        self.admin_call(pb::ResidencyAuditRequest {}, |mut a, r| async move { a.residency_audit(r).await }).await
+    }
+
+    /// Digests of the connected node's rows per (table, zone).
+    pub async fn digest(&self) -> Result<pb::DigestResponse, Error> {
+        self.admin_call(pb::DigestRequest {}, |mut a, r| async move { a.digest(r).await }).await
+    }
+
+    async fn admin_call<Req, Resp, F, Fut>(&self, msg: Req, call: F) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        F: Fn(AdminClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let resp = self.attempt(|t| call(self.admin.clone(), Self::request(msg.clone(), t))).await?;
+        Ok(resp.into_inner())
+    }
+
     pub async fn node_status(&self) -> Result<pb::NodeStatusResponse, Error> {
         let resp = self
             .attempt(|t| {

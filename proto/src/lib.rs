@@ -4,14 +4,18 @@
 //! - [`v1`]: the public gRPC API (package `geokv.v1`): the KV and Admin services.
 //! - [`storage`]: internal records (rows, log entries, contexts), package
 //!   `geokv.storage.v1`; the server wraps each in a versioned, checksummed envelope.
+//! - [`envelope`]: the versioned, checksummed wrapper of every stored record
+//!   and opaque token.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, served by gRPC reflection.
 
-#![allow(clippy::all, missing_docs)]
+pub mod envelope;
 
+#[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("geokv.v1");
 }
 
+#[allow(clippy::all, missing_docs)]
 pub mod storage {
     tonic::include_proto!("geokv.storage.v1");
 }

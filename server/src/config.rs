@@ -50,12 +50,63 @@ pub struct Config {
     pub limits: Limits,
     pub storage: StorageConfig,
     pub clock: ClockConfig,
+    pub replication: ReplicationConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RegionConfig {
     pub name: String,
+    /// The region's nodes, as this node reaches them (through the WAN or a
+    /// fault proxy). Empty for this node's own region when it runs alone.
+    #[serde(default)]
+    pub nodes: Vec<PeerConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: String,
+    /// gRPC address this node uses to reach the peer.
+    pub addr: String,
+    /// gRPC address clients use to reach the peer (defaults to `addr`).
+    #[serde(default)]
+    pub client_addr: Option<String>,
+}
+
+/// Cross-region replication.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Ship this node's writes to the other regions.
+    pub enabled: bool,
+    /// Entries per frame.
+    pub batch_entries_max: usize,
+    /// Uncompressed bytes per frame.
+    pub batch_bytes_max: usize,
+    /// Frames sent but not yet acknowledged, per destination.
+    pub in_flight_frames_max: usize,
+    /// An idle link sends an empty frame this often, so destinations know
+    /// how fresh they are, in milliseconds.
+    pub heartbeat_ms: u64,
+    /// Delay before reconnecting a failed link, in milliseconds (doubles up to 2 s).
+    pub reconnect_ms: u64,
+    /// A region is unhealthy after this many heartbeats without contact.
+    pub unhealthy_after_misses: u32,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            batch_entries_max: 512,
+            batch_bytes_max: 1 << 20,
+            in_flight_frames_max: 32,
+            heartbeat_ms: 100,
+            reconnect_ms: 100,
+            unhealthy_after_misses: 3,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -261,6 +312,7 @@ impl Default for Config {
             limits: Limits::default(),
             storage: StorageConfig::default(),
             clock: ClockConfig::default(),
+            replication: ReplicationConfig::default(),
         }
     }
 }
@@ -284,7 +336,7 @@ impl Config {
     /// and validates. Call after applying command-line overrides.
     pub fn finish(mut self) -> Result<Self, ConfigError> {
         if self.regions.is_empty() {
-            self.regions.push(RegionConfig { name: self.region.clone() });
+            self.regions.push(RegionConfig { name: self.region.clone(), nodes: Vec::new() });
         }
         if self.tables.is_empty() {
             self.tables.push(TableConfig {
@@ -417,6 +469,32 @@ impl Config {
         if s.write_buffer_mib == 0 || s.write_buffer_mib > 4096 {
             return Err(bad("storage.write_buffer_mib", "must be 1..=4096"));
         }
+        let r = &self.replication;
+        if r.batch_entries_max == 0 || r.batch_entries_max > 100_000 {
+            return Err(bad("replication.batch_entries_max", "must be 1..=100000"));
+        }
+        if r.batch_bytes_max < 1024 || r.batch_bytes_max > 64 << 20 {
+            return Err(bad("replication.batch_bytes_max", "must be 1 KiB..=64 MiB"));
+        }
+        if r.in_flight_frames_max == 0 || r.in_flight_frames_max > 1024 {
+            return Err(bad("replication.in_flight_frames_max", "must be 1..=1024"));
+        }
+        if r.heartbeat_ms == 0 || r.reconnect_ms == 0 {
+            return Err(bad("replication.heartbeat_ms", "heartbeat_ms and reconnect_ms must be at least 1"));
+        }
+        if r.unhealthy_after_misses == 0 {
+            return Err(bad("replication.unhealthy_after_misses", "must be at least 1"));
+        }
+        for (i, region) in self.regions.iter().enumerate() {
+            for (j, node) in region.nodes.iter().enumerate() {
+                if !valid_name(&node.id, 64) {
+                    return Err(bad(format!("regions[{i}].nodes[{j}].id"), "use 1-64 of a-z, 0-9, '_' and '-'"));
+                }
+                if node.addr.is_empty() {
+                    return Err(bad(format!("regions[{i}].nodes[{j}].addr"), "a peer needs an address"));
+                }
+            }
+        }
         if self.clock.max_offset_ms == 0 {
             return Err(bad("clock.max_offset_ms", "must be at least 1"));
         }
@@ -439,6 +517,19 @@ impl Config {
     /// The zone containing `region`, if any.
     pub fn zone_of(&self, region: &str) -> Option<&ZoneConfig> {
         self.zones.iter().find(|z| z.regions.iter().any(|r| r == region))
+    }
+
+    /// Regions other than this node's that have a reachable node configured.
+    pub fn peer_regions(&self) -> Vec<&RegionConfig> {
+        self.regions.iter().filter(|r| r.name != self.region && !r.nodes.is_empty()).collect()
+    }
+
+    /// The regions a row of `zone` may be stored in ("" = every region).
+    pub fn zone_regions(&self, zone: &str) -> Vec<String> {
+        match self.zone(zone) {
+            Some(z) => z.regions.clone(),
+            None => self.region_names(),
+        }
     }
 
     /// The node's actor id, stamped on the writes it accepts.

@@ -58,6 +58,10 @@ pub enum KvError {
     Storage(String),
     #[error("clock of the request is {ahead_ms} ms ahead; the limit is {max_ms} ms")]
     ClockOffset { ahead_ms: u64, max_ms: u64 },
+    #[error("the replica in this region is not fresh enough ({why}); region `{region}` can answer")]
+    ReplicaStale { region: String, why: String },
+    #[error("region `{region}` cannot be reached: {why}")]
+    RegionUnreachable { region: String, why: String },
     #[error("the node is shutting down")]
     ShuttingDown,
     #[error("counter overflow")]
@@ -90,6 +94,8 @@ impl KvError {
             KvError::Storage(_) => "STORAGE_FAILURE",
             KvError::ClockOffset { .. } => "CLOCK_OFFSET",
             KvError::ShuttingDown => "SHUTTING_DOWN",
+            KvError::ReplicaStale { .. } => "REPLICA_STALE",
+            KvError::RegionUnreachable { .. } => "REGION_UNREACHABLE",
             KvError::CounterOverflow => "COUNTER_OVERFLOW",
         }
     }
@@ -109,7 +115,10 @@ impl KvError {
             | KvError::MalformedSessionToken { .. }
             | KvError::UnknownConsistency { .. } => Code::InvalidArgument,
             KvError::UnknownTable { .. } => Code::NotFound,
-            KvError::LevelUnavailable { .. } | KvError::ShuttingDown => Code::Unavailable,
+            KvError::LevelUnavailable { .. }
+            | KvError::ShuttingDown
+            | KvError::ReplicaStale { .. }
+            | KvError::RegionUnreachable { .. } => Code::Unavailable,
             KvError::NotHome { .. }
             | KvError::ResidencyViolation { .. }
             | KvError::HomeMismatch { .. }
@@ -140,6 +149,9 @@ impl KvError {
             KvError::ResidencyViolation { zone, allowed, region } => {
                 m.insert("zone".into(), zone.clone());
                 m.insert("allowed_regions".into(), allowed.join(","));
+                m.insert("region".into(), region.clone());
+            }
+            KvError::ReplicaStale { region, .. } | KvError::RegionUnreachable { region, .. } => {
                 m.insert("region".into(), region.clone());
             }
             KvError::NotHome { home, here } => {

@@ -7,6 +7,7 @@
 //! - [`causality`]: hybrid logical clock, version vectors, CRDTs.
 //! - [`residency`]: placement of rows (home region, zone) and admission.
 //! - [`kv`]: the key-value domain: admission, group commit, reads.
+//! - [`replication`]: cross-region shipping and receiving of the log.
 //! - [`api`]: gRPC handlers (proto <-> domain only).
 //! - [`admin`]: admin HTTP (`/metrics`, `/health`).
 //! - [`server`]: running a node: listeners, shutdown, drain.
@@ -21,6 +22,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod kv;
+pub mod replication;
 pub mod residency;
 pub mod server;
 pub mod storage;

@@ -9,7 +9,9 @@ use geokv_proto::v1::{admin_server::AdminServer, kv_server::KvServer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::api::{AdminService, KvService};
+use crate::api::{AdminService, KvService, Peers};
+use crate::replication::{receive::ReplicationService, Replicator};
+use geokv_proto::v1::replication_server::ReplicationServer;
 use crate::causality::{Hlc, SystemClock};
 use crate::config::{Config, EngineKind};
 use crate::kv::Node;
@@ -66,8 +68,12 @@ pub async fn serve(
         .context("building the reflection service")?;
 
     let limit = message_bytes_max(&cfg);
-    let kv = KvServer::new(KvService::new(node.clone())).max_decoding_message_size(limit);
-    let admin_svc = AdminServer::new(AdminService::new(node.clone()));
+    let replicator = Replicator::start(&cfg, node.clone());
+    let kv = KvServer::new(KvService::new(node.clone(), Peers::from_config(&cfg))).max_decoding_message_size(limit);
+    let admin_svc = AdminServer::new(AdminService::new(node.clone(), replicator.clone()));
+    let replication_svc = ReplicationServer::new(ReplicationService::new(node.clone(), replicator.clone()))
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut grpc_stop = stop_rx.clone();
@@ -86,6 +92,7 @@ pub async fn serve(
             .add_service(reflection_alpha)
             .add_service(kv)
             .add_service(admin_svc)
+            .add_service(replication_svc)
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
                 let _ = grpc_stop.wait_for(|s| *s).await;
             }),
@@ -101,6 +108,7 @@ pub async fn serve(
     shutdown.await;
     tracing::info!("shutting down: draining requests and the commit queue");
     health_reporter.set_not_serving::<KvServer<KvService>>().await;
+    replicator.shutdown().await;
     let _ = stop_tx.send(true);
     let grpc_result = grpc_task.await;
     let _ = http_task.await;

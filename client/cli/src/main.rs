@@ -7,6 +7,9 @@
 //!   stable reason and exit with status 1.
 //! - `status`: what a node says about itself.
 
+mod cluster;
+mod dev;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -128,6 +131,70 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Run a whole local multi-region cluster with emulated WAN latency.
+    Dev(dev::DevArgs),
+    /// Regions: list them, or show health and replication per region.
+    Region {
+        #[command(subcommand)]
+        action: RegionAction,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Cross-region replication: status, pause, resume.
+    Replication {
+        #[command(subcommand)]
+        action: ReplicationAction,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Residency: audit every region's storage for rows outside their zone.
+    Residency {
+        #[command(subcommand)]
+        action: ResidencyAction,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Digests of every region's rows per (table, zone), compared.
+    Digest {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum RegionAction {
+    /// Regions, zones, health and endpoints.
+    List,
+    /// Health plus replication lag leaving each region.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum ReplicationAction {
+    /// Lag per (source, destination) pair across the cluster.
+    Status,
+    /// Stop shipping from one region to another (entries queue in the log).
+    Pause {
+        /// Destination region.
+        #[arg(long)]
+        to: String,
+        /// Source region (default: the entry node's region).
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// Resume shipping.
+    Resume {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        from: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ResidencyAction {
+    /// Lists every row stored outside its residency zone, in every region.
+    Audit,
 }
 
 #[derive(Args)]
@@ -159,6 +226,9 @@ struct ConnArgs {
     /// Node to talk to.
     #[arg(long, env = "GEOKV_ENDPOINT", default_value = "127.0.0.1:7700")]
     endpoint: String,
+    /// Enter the cluster in this region (found through --endpoint's cluster view).
+    #[arg(long)]
+    region: Option<String>,
     /// Print JSON instead of readable text.
     #[arg(long)]
     json: bool,
@@ -250,9 +320,26 @@ impl ReadArgs {
     }
 }
 
-async fn connect(conn: &ConnArgs) -> Result<Client, Failure> {
+fn client_config(conn: &ConnArgs) -> ClientConfig {
     let mut cfg = ClientConfig::new(conn.endpoint.clone());
     cfg.timeout = Duration::from_millis(conn.timeout_ms);
+    cfg
+}
+
+async fn connect(conn: &ConnArgs) -> Result<Client, Failure> {
+    let cfg = client_config(conn);
+    let entry = Client::with_config(cfg.clone()).await?;
+    let Some(region) = &conn.region else { return Ok(entry) };
+    let view = entry.cluster_status().await?;
+    let Some(info) = view.regions.iter().find(|r| &r.name == region) else {
+        let known: Vec<_> = view.regions.iter().map(|r| r.name.clone()).collect();
+        return Err(Failure::Usage(format!("unknown region `{region}`; the cluster has {}", known.join(", "))));
+    };
+    let Some(addr) = info.client_addrs.first() else {
+        return Err(Failure::Usage(format!("region `{region}` has no client endpoint")));
+    };
+    let mut cfg = cfg;
+    cfg.endpoint = addr.clone();
     Ok(Client::with_config(cfg).await?)
 }
 
@@ -441,6 +528,166 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 );
             } else {
                 print_members(&set.members, false, None);
+            }
+            Ok(())
+        }
+        Command::Dev(args) => dev::run(args).await.map_err(Failure::Other),
+        Command::Region { action, conn } => {
+            let entry = connect(&conn).await?;
+            let regions = cluster::connect_all(&entry, &client_config(&conn)).await?;
+            cluster::print_regions(&regions.view, conn.json);
+            if matches!(action, RegionAction::Status) {
+                let (links, errors) = cluster::replication_links(&regions).await;
+                if !conn.json {
+                    println!();
+                }
+                cluster::print_links(&links, &errors, conn.json);
+            }
+            Ok(())
+        }
+        Command::Replication { action, conn } => {
+            let entry = connect(&conn).await?;
+            match action {
+                ReplicationAction::Status => {
+                    let regions = cluster::connect_all(&entry, &client_config(&conn)).await?;
+                    let (links, errors) = cluster::replication_links(&regions).await;
+                    cluster::print_links(&links, &errors, conn.json);
+                }
+                ReplicationAction::Pause { ref to, ref from } | ReplicationAction::Resume { ref to, ref from } => {
+                    let paused = matches!(action, ReplicationAction::Pause { .. });
+                    let source = match from {
+                        Some(region) => {
+                            let regions = cluster::connect_all(&entry, &client_config(&conn)).await?;
+                            match regions.clients.into_iter().find(|(n, _)| n == region) {
+                                Some((_, c)) => c?,
+                                None => return Err(Failure::Usage(format!("unknown region `{region}`"))),
+                            }
+                        }
+                        None => entry,
+                    };
+                    let out = source.control_replication(to, paused).await?;
+                    let link = out.link.unwrap_or_default();
+                    if conn.json {
+                        println!("{}", json!({"source": link.source, "destination": link.destination, "paused": link.paused}));
+                    } else {
+                        println!("{} -> {}: {}", link.source, link.destination, if link.paused { "paused" } else { "resumed" });
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Residency { action: ResidencyAction::Audit, conn } => {
+            let entry = connect(&conn).await?;
+            let regions = cluster::connect_all(&entry, &client_config(&conn)).await?;
+            let mut total_rows = 0u64;
+            let mut violations = Vec::new();
+            let mut unreachable = Vec::new();
+            for (name, client) in &regions.clients {
+                match client {
+                    Ok(c) => match c.residency_audit().await {
+                        Ok(a) => {
+                            total_rows += a.rows_checked;
+                            violations.extend(a.violations);
+                        }
+                        Err(e) => unreachable.push(format!("{name}: {e}")),
+                    },
+                    Err(e) => unreachable.push(format!("{name}: {e}")),
+                }
+            }
+            if conn.json {
+                let rows: Vec<_> = violations
+                    .iter()
+                    .map(|v| json!({"table": v.table, "key": text(&v.key), "zone": v.zone,
+                        "allowed_regions": v.allowed_regions, "stored_in_region": v.stored_in_region}))
+                    .collect();
+                println!("{}", json!({"rows_checked": total_rows, "violations": rows, "unreachable": unreachable}));
+            } else {
+                println!("checked {} rows in {} regions", total_rows, regions.clients.len() - unreachable.len());
+                for v in &violations {
+                    println!(
+                        "VIOLATION {}/{} (zone {}, allowed {}) stored in {}",
+                        v.table,
+                        text(&v.key),
+                        v.zone,
+                        v.allowed_regions.join(","),
+                        v.stored_in_region
+                    );
+                }
+                for u in &unreachable {
+                    println!("unreachable: {u}");
+                }
+                if violations.is_empty() && unreachable.is_empty() {
+                    println!("no row is stored outside its residency zone");
+                }
+            }
+            if !violations.is_empty() || !unreachable.is_empty() {
+                return Err(Failure::Other(anyhow::anyhow!(
+                    "residency audit: {} violations, {} regions unreachable",
+                    violations.len(),
+                    unreachable.len()
+                )));
+            }
+            Ok(())
+        }
+        Command::Digest { conn } => {
+            let entry = connect(&conn).await?;
+            let regions = cluster::connect_all(&entry, &client_config(&conn)).await?;
+            let mut by_zone: std::collections::BTreeMap<(String, String), Vec<(String, u64, String)>> = Default::default();
+            let mut unreachable = Vec::new();
+            for (name, client) in &regions.clients {
+                match client {
+                    Ok(c) => match c.digest().await {
+                        Ok(d) => {
+                            for z in d.digests {
+                                by_zone.entry((z.table, z.zone)).or_default().push((name.clone(), z.rows, z.digest));
+                            }
+                        }
+                        Err(e) => unreachable.push(format!("{name}: {e}")),
+                    },
+                    Err(e) => unreachable.push(format!("{name}: {e}")),
+                }
+            }
+            // Every region allowed to hold a zone's rows must report the same digest.
+            let zone_regions = |zone: &str| -> Vec<String> {
+                if zone.is_empty() {
+                    regions.view.regions.iter().map(|r| r.name.clone()).collect()
+                } else {
+                    regions.view.regions.iter().filter(|r| r.zone == zone).map(|r| r.name.clone()).collect()
+                }
+            };
+            let mut mismatches = 0;
+            let mut report = Vec::new();
+            for ((table, zone), seen) in &by_zone {
+                let expected = zone_regions(zone);
+                let digests: std::collections::BTreeSet<&String> = seen.iter().map(|(_, _, d)| d).collect();
+                let missing: Vec<&String> = expected.iter().filter(|r| !seen.iter().any(|(n, _, _)| n == *r)).collect();
+                let converged = digests.len() == 1 && missing.is_empty();
+                if !converged {
+                    mismatches += 1;
+                }
+                report.push(json!({"table": table, "zone": zone, "converged": converged,
+                    "regions": seen.iter().map(|(n, rows, d)| json!({"region": n, "rows": rows, "digest": d})).collect::<Vec<_>>(),
+                    "missing_regions": missing}));
+                if !conn.json {
+                    let zone_name = if zone.is_empty() { "-" } else { zone.as_str() };
+                    println!("{table} (zone {zone_name}): {}", if converged { "converged" } else { "DIFFERS" });
+                    for (n, rows, d) in seen {
+                        println!("  {n:<16} {rows:>8} rows  {}", &d[..16.min(d.len())]);
+                    }
+                    for m in &missing {
+                        println!("  {m:<16}  (no rows)");
+                    }
+                }
+            }
+            if conn.json {
+                println!("{}", json!({"zones": report, "converged": mismatches == 0 && unreachable.is_empty(), "unreachable": unreachable}));
+            } else {
+                for u in &unreachable {
+                    println!("unreachable: {u}");
+                }
+            }
+            if mismatches > 0 || !unreachable.is_empty() {
+                return Err(Failure::Other(anyhow::anyhow!("{mismatches} (table, zone) digests differ")));
             }
             Ok(())
         }

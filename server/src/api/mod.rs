@@ -8,24 +8,110 @@
 
 pub mod convert;
 
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use geokv_proto::v1 as pb;
+use pb::kv_client::KvClient;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::error::KvError;
 use crate::kv::row::RowValue;
 use crate::kv::{parse_session, register_view, Node, RowOp, WriteOp, WriteRequest};
 
+/// Metadata set on a request one node forwards to another, so it is never
+/// forwarded twice.
+pub const FORWARDED_HEADER: &str = "geokv-forwarded-by";
+/// How long a SESSION read waits for replication before it is forwarded.
+const SESSION_WAIT: Duration = Duration::from_millis(300);
+const SESSION_POLL: Duration = Duration::from_millis(5);
+/// Deadline of a forwarded request.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// KV clients of one node per other region, connected lazily.
+#[derive(Clone, Default)]
+pub struct Peers {
+    kv: BTreeMap<String, KvClient<Channel>>,
+}
+
+impl Peers {
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        let mut kv = BTreeMap::new();
+        for region in cfg.peer_regions() {
+            let Some(node) = region.nodes.first() else { continue };
+            let url = if node.addr.contains("://") { node.addr.clone() } else { format!("http://{}", node.addr) };
+            match tonic::transport::Endpoint::from_shared(url) {
+                Ok(ep) => {
+                    let ep = ep
+                        .connect_timeout(Duration::from_secs(2))
+                        .tcp_nodelay(true)
+                        .http2_keep_alive_interval(Duration::from_secs(1))
+                        .keep_alive_timeout(Duration::from_secs(3))
+                        .keep_alive_while_idle(true);
+                    kv.insert(region.name.clone(), KvClient::new(ep.connect_lazy()));
+                }
+                Err(e) => tracing::warn!(region = %region.name, error = %e, "bad peer address"),
+            }
+        }
+        Self { kv }
+    }
+}
+
 /// The `geokv.v1.KV` service over one node.
 #[derive(Clone)]
 pub struct KvService {
     node: Arc<Node>,
+    peers: Peers,
+}
+
+fn forwarded<T>(r: &Request<T>) -> bool {
+    r.metadata().contains_key(FORWARDED_HEADER)
 }
 
 impl KvService {
-    pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+    pub fn new(node: Arc<Node>, peers: Peers) -> Self {
+        Self { node, peers }
+    }
+
+    /// Sends the request to a node of `region`, marked as forwarded.
+    async fn forward<Req, Resp, F, Fut>(&self, region: &str, req: Req, call: F) -> Result<Response<Resp>, Status>
+    where
+        F: FnOnce(KvClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let Some(client) = self.peers.kv.get(region).cloned() else {
+            return Err(KvError::RegionUnreachable { region: region.into(), why: "no node configured".into() }.into());
+        };
+        let mut request = Request::new(req);
+        request.set_timeout(FORWARD_TIMEOUT);
+        if let Ok(v) = self.node.config().region.parse() {
+            request.metadata_mut().insert(FORWARDED_HEADER, v);
+        }
+        metrics::counter!("geokv_forwarded_total", "to" => region.to_string()).increment(1);
+        call(client, request).await
+    }
+
+    /// Reads a row, giving SESSION reads a bounded wait for replication.
+    async fn read_waiting(
+        &self,
+        row: &crate::kv::RowRef,
+        level: crate::residency::ReadLevel,
+        token: &[u8],
+    ) -> Result<crate::kv::ReadResult, KvError> {
+        let started = Instant::now();
+        loop {
+            match self.node.read(row, level, token) {
+                Err(KvError::ReplicaStale { .. })
+                    if level == crate::residency::ReadLevel::Session && started.elapsed() < SESSION_WAIT =>
+                {
+                    tokio::time::sleep(SESSION_POLL).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     fn count(method: &'static str, result: &Result<impl Sized, KvError>) {
@@ -63,12 +149,14 @@ impl KvService {
 #[tonic::async_trait]
 impl pb::kv_server::Kv for KvService {
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let was_forwarded = forwarded(&request);
         let req = request.into_inner();
-        let result = (|| {
+        let copy = req.clone();
+        let result = async {
             let row = convert::row_ref(req.row)?;
             let level = convert::read_level(req.consistency, req.max_staleness_ms)?;
             parse_session(&req.session_token)?;
-            let read = self.node.read(&row, level, &req.session_token)?;
+            let read = self.read_waiting(&row, level, &req.session_token).await?;
             let (found, siblings, context) = match &read.row {
                 None => (false, Vec::new(), Vec::new()),
                 Some(r) => {
@@ -89,17 +177,30 @@ impl pb::kv_server::Kv for KvService {
                 context,
                 info: Some(convert::read_info(read.info)),
             })
-        })();
+        }
+        .await;
         Self::count("get", &result);
-        Ok(Response::new(result?))
+        match result {
+            Err(KvError::ReplicaStale { region, .. }) if !was_forwarded => {
+                self.forward(&region, copy, |mut c, r| async move { c.get(r).await }).await
+            }
+            other => Ok(Response::new(other?)),
+        }
     }
 
     async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let was_forwarded = forwarded(&request);
         let mut req = request.into_inner();
+        let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
-        let o = self.write_one("put", convert::put_op(req), level, idem).await?;
+        let o = match self.write_one("put", convert::put_op(req), level, idem).await {
+            Err(KvError::NotHome { home, .. }) if !was_forwarded => {
+                return self.forward(&home, copy, |mut c, r| async move { c.put(r).await }).await;
+            }
+            other => other?,
+        };
         Ok(Response::new(pb::PutResponse { ack: Some(convert::ack(&o, self.token(o.log_seq))) }))
     }
 
@@ -107,11 +208,18 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let was_forwarded = forwarded(&request);
         let mut req = request.into_inner();
+        let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
-        let o = self.write_one("delete", convert::delete_op(req), level, idem).await?;
+        let o = match self.write_one("delete", convert::delete_op(req), level, idem).await {
+            Err(KvError::NotHome { home, .. }) if !was_forwarded => {
+                return self.forward(&home, copy, |mut c, r| async move { c.delete(r).await }).await;
+            }
+            other => other?,
+        };
         Ok(Response::new(pb::DeleteResponse { ack: Some(convert::ack(&o, self.token(o.log_seq))) }))
     }
 
@@ -190,12 +298,19 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::CounterAddRequest>,
     ) -> Result<Response<pb::CounterAddResponse>, Status> {
+        let was_forwarded = forwarded(&request);
         let mut req = request.into_inner();
+        let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
         let idem = convert::idempotency(key, &req);
         let op = convert::row_ref(req.row.take())
             .map(|row| WriteOp { row, op: RowOp::CounterAdd { delta: req.delta } });
-        let o = self.write_one("counter_add", op, req.consistency, idem).await?;
+        let o = match self.write_one("counter_add", op, req.consistency, idem).await {
+            Err(KvError::NotHome { home, .. }) if !was_forwarded => {
+                return self.forward(&home, copy, |mut c, r| async move { c.counter_add(r).await }).await;
+            }
+            other => other?,
+        };
         Ok(Response::new(pb::CounterAddResponse {
             value: o.counter_value.unwrap_or(0),
             ack: Some(convert::ack(&o, self.token(o.log_seq))),
@@ -206,12 +321,14 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::CounterGetRequest>,
     ) -> Result<Response<pb::CounterGetResponse>, Status> {
+        let was_forwarded = forwarded(&request);
         let req = request.into_inner();
-        let result = (|| {
+        let copy = req.clone();
+        let result = async {
             let row = convert::row_ref(req.row)?;
             let level = convert::read_level(req.consistency, req.max_staleness_ms)?;
             parse_session(&req.session_token)?;
-            let read = self.node.read(&row, level, &req.session_token)?;
+            let read = self.read_waiting(&row, level, &req.session_token).await?;
             let value = match &read.row {
                 None => None,
                 Some(r) => match &r.value {
@@ -230,21 +347,34 @@ impl pb::kv_server::Kv for KvService {
                 value: value.unwrap_or(0),
                 info: Some(convert::read_info(read.info)),
             })
-        })();
+        }
+        .await;
         Self::count("counter_get", &result);
-        Ok(Response::new(result?))
+        match result {
+            Err(KvError::ReplicaStale { region, .. }) if !was_forwarded => {
+                self.forward(&region, copy, |mut c, r| async move { c.counter_get(r).await }).await
+            }
+            other => Ok(Response::new(other?)),
+        }
     }
 
     async fn set_add(
         &self,
         request: Request<pb::SetAddRequest>,
     ) -> Result<Response<pb::SetWriteResponse>, Status> {
+        let was_forwarded = forwarded(&request);
         let mut req = request.into_inner();
+        let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
         let idem = convert::idempotency(key, &req);
         let members = std::mem::take(&mut req.members);
         let op = convert::row_ref(req.row.take()).map(|row| WriteOp { row, op: RowOp::SetAdd { members } });
-        let o = self.write_one("set_add", op, req.consistency, idem).await?;
+        let o = match self.write_one("set_add", op, req.consistency, idem).await {
+            Err(KvError::NotHome { home, .. }) if !was_forwarded => {
+                return self.forward(&home, copy, |mut c, r| async move { c.set_add(r).await }).await;
+            }
+            other => other?,
+        };
         Ok(Response::new(pb::SetWriteResponse {
             members: o.members.clone().unwrap_or_default(),
             ack: Some(convert::ack(&o, self.token(o.log_seq))),
@@ -255,11 +385,18 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::SetRemoveRequest>,
     ) -> Result<Response<pb::SetWriteResponse>, Status> {
+        let was_forwarded = forwarded(&request);
         let mut req = request.into_inner();
+        let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
-        let o = self.write_one("set_remove", convert::set_remove_op(req), level, idem).await?;
+        let o = match self.write_one("set_remove", convert::set_remove_op(req), level, idem).await {
+            Err(KvError::NotHome { home, .. }) if !was_forwarded => {
+                return self.forward(&home, copy, |mut c, r| async move { c.set_remove(r).await }).await;
+            }
+            other => other?,
+        };
         Ok(Response::new(pb::SetWriteResponse {
             members: o.members.clone().unwrap_or_default(),
             ack: Some(convert::ack(&o, self.token(o.log_seq))),
@@ -270,12 +407,14 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::SetMembersRequest>,
     ) -> Result<Response<pb::SetMembersResponse>, Status> {
+        let was_forwarded = forwarded(&request);
         let req = request.into_inner();
-        let result = (|| {
+        let copy = req.clone();
+        let result = async {
             let row = convert::row_ref(req.row)?;
             let level = convert::read_level(req.consistency, req.max_staleness_ms)?;
             parse_session(&req.session_token)?;
-            let read = self.node.read(&row, level, &req.session_token)?;
+            let read = self.read_waiting(&row, level, &req.session_token).await?;
             let (found, members, context) = match &read.row {
                 None => (false, Vec::new(), Vec::new()),
                 Some(r) => match &r.value {
@@ -293,9 +432,15 @@ impl pb::kv_server::Kv for KvService {
                 },
             };
             Ok(pb::SetMembersResponse { found, members, context, info: Some(convert::read_info(read.info)) })
-        })();
+        }
+        .await;
         Self::count("set_members", &result);
-        Ok(Response::new(result?))
+        match result {
+            Err(KvError::ReplicaStale { region, .. }) if !was_forwarded => {
+                self.forward(&region, copy, |mut c, r| async move { c.set_members(r).await }).await
+            }
+            other => Ok(Response::new(other?)),
+        }
     }
 }
 
@@ -303,11 +448,42 @@ impl pb::kv_server::Kv for KvService {
 #[derive(Clone)]
 pub struct AdminService {
     node: Arc<Node>,
+    replicator: Arc<crate::replication::Replicator>,
 }
 
 impl AdminService {
-    pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+    pub fn new(node: Arc<Node>, replicator: Arc<crate::replication::Replicator>) -> Self {
+        Self { node, replicator }
+    }
+
+    fn link(&self, s: crate::replication::ship::LinkSnapshot) -> pb::ReplicationLink {
+        pb::ReplicationLink {
+            source: s.source,
+            destination: s.destination,
+            paused: s.paused,
+            connected: s.connected,
+            acked_seq: s.acked_seq,
+            head_seq: s.head_seq,
+            lag_seconds: s.lag_seconds,
+            lag_entries: s.lag_entries,
+            lag_bytes: s.lag_bytes,
+            skipped_by_residency: s.skipped_by_residency,
+            shipped_bytes: s.shipped_bytes,
+            last_error: s.last_error,
+        }
+    }
+
+    fn control(&self, destination: &str, paused: bool) -> Result<pb::ReplicationControlResponse, Status> {
+        let Some(link) = self.replicator.link(destination) else {
+            return Err(KvError::UnknownRegion {
+                region: destination.to_string(),
+                known: self.replicator.links().iter().map(|l| l.destination.clone()).collect(),
+            }
+            .into());
+        };
+        link.set_paused(paused);
+        tracing::info!(destination, paused, "replication control");
+        Ok(pb::ReplicationControlResponse { link: Some(self.link(link.snapshot(&self.node))) })
     }
 }
 
@@ -348,6 +524,102 @@ impl pb::admin_server::Admin for AdminService {
             hlc: self.node.hlc().now().0,
             durable_writes: cfg.storage.sync,
             storage_engine: self.node.engine().kind().into(),
+        }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let cfg = self.node.config();
+        let regions = cfg
+            .regions
+            .iter()
+            .map(|r| {
+                let is_self = r.name == cfg.region;
+                let mut client_addrs: Vec<String> =
+                    r.nodes.iter().map(|n| n.client_addr.clone().unwrap_or_else(|| n.addr.clone())).collect();
+                if is_self && client_addrs.is_empty() {
+                    client_addrs.push(cfg.listen.to_string());
+                }
+                let health = if is_self {
+                    "self"
+                } else if self.replicator.is_healthy(&r.name) {
+                    "healthy"
+                } else {
+                    "unreachable"
+                };
+                pb::RegionInfo {
+                    name: r.name.clone(),
+                    zone: cfg.zone_of(&r.name).map(|z| z.name.clone()).unwrap_or_default(),
+                    client_addrs,
+                    health: health.into(),
+                    last_contact_ms: if is_self {
+                        0
+                    } else {
+                        self.replicator.last_contact(&r.name).map(|d| d.as_millis() as u64).unwrap_or(u64::MAX)
+                    },
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ClusterStatusResponse { answered_by_region: cfg.region.clone(), regions }))
+    }
+
+    async fn replication_status(
+        &self,
+        _request: Request<pb::ReplicationStatusRequest>,
+    ) -> Result<Response<pb::ReplicationStatusResponse>, Status> {
+        let links = self.replicator.links().into_iter().map(|l| self.link(l.snapshot(&self.node))).collect();
+        Ok(Response::new(pb::ReplicationStatusResponse { links }))
+    }
+
+    async fn pause_replication(
+        &self,
+        request: Request<pb::ReplicationControlRequest>,
+    ) -> Result<Response<pb::ReplicationControlResponse>, Status> {
+        Ok(Response::new(self.control(&request.into_inner().destination, true)?))
+    }
+
+    async fn resume_replication(
+        &self,
+        request: Request<pb::ReplicationControlRequest>,
+    ) -> Result<Response<pb::ReplicationControlResponse>, Status> {
+        Ok(Response::new(self.control(&request.into_inner().destination, false)?))
+    }
+
+    async fn residency_audit(
+        &self,
+        _request: Request<pb::ResidencyAuditRequest>,
+    ) -> Result<Response<pb::ResidencyAuditResponse>, Status> {
+        let node = self.node.clone();
+        let (checked, findings) = tokio::task::spawn_blocking(move || node.residency_audit())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        let region = self.node.config().region.clone();
+        let violations = findings
+            .into_iter()
+            .map(|f| pb::ResidencyViolationRow {
+                table: f.table,
+                key: f.key,
+                zone: f.zone,
+                allowed_regions: f.allowed_regions,
+                stored_in_region: region.clone(),
+            })
+            .collect();
+        Ok(Response::new(pb::ResidencyAuditResponse { region, rows_checked: checked, violations }))
+    }
+
+    async fn digest(&self, _request: Request<pb::DigestRequest>) -> Result<Response<pb::DigestResponse>, Status> {
+        let node = self.node.clone();
+        let digests = tokio::task::spawn_blocking(move || node.digest())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(pb::DigestResponse {
+            region: self.node.config().region.clone(),
+            digests: digests
+                .into_iter()
+                .map(|d| pb::ZoneDigest { table: d.table, zone: d.zone, rows: d.rows, digest: d.digest })
+                .collect(),
         }))
     }
 }

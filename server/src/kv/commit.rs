@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::row::{data_key, display_key, Row, RowValue};
 use super::{AdmittedWrite, RowOp};
 use crate::causality::{
+    Crdt,
     encode_context, DvvSet, Hlc, HlcTimestamp, LwwRegister, OrSet, PnCounter, VersionVector,
 };
 use crate::codec;
@@ -58,15 +59,52 @@ pub struct Idempotency {
 
 /// One unit of work for the committer: all its writes commit together.
 pub struct CommitJob {
-    pub writes: Vec<AdmittedWrite>,
-    pub idempotency: Option<Idempotency>,
+    pub work: Work,
     pub reply: oneshot::Sender<Result<Vec<WriteOutcome>, KvError>>,
+}
+
+/// What a job asks the committer to do.
+pub enum Work {
+    /// Client writes accepted by this region.
+    Client { writes: Vec<AdmittedWrite>, idempotency: Option<Idempotency> },
+    /// Row states replicated from another region: merged, never logged again
+    /// (the source ships to every region itself). The source's position is
+    /// stored in the same batch, so a frame is applied exactly once.
+    Apply(RemoteApply),
+}
+
+/// A replication frame to merge.
+pub struct RemoteApply {
+    pub source_region: String,
+    pub first_seq: u64,
+    pub through_seq: u64,
+    pub entries: Vec<(String, Vec<u8>, Row)>,
 }
 
 impl CommitJob {
     fn bytes(&self) -> usize {
-        self.writes.iter().map(|w| w.key.len() + w.op.payload_bytes()).sum()
+        match &self.work {
+            Work::Client { writes, .. } => writes.iter().map(|w| w.key.len() + w.op.payload_bytes()).sum(),
+            Work::Apply(a) => a.entries.iter().map(|(_, k, _)| k.len() + 64).sum(),
+        }
     }
+
+    fn writes(&self) -> usize {
+        match &self.work {
+            Work::Client { writes, .. } => writes.len(),
+            Work::Apply(a) => a.entries.len().max(1),
+        }
+    }
+}
+
+/// Where an inbound replication stream stands, per source region.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inbound {
+    /// Every entry of the source through this position is applied here.
+    pub applied_through: u64,
+    /// HLC stamp at which the source last said this region had everything
+    /// (0 = never): reads here are at most `now - fresh_as_of` stale.
+    pub fresh_as_of_hlc: u64,
 }
 
 /// Settings of the committer, taken from the storage config.
@@ -82,12 +120,33 @@ pub struct CommitSettings {
 }
 
 /// Shared facts the committer publishes for readers.
-#[derive(Default)]
 pub struct CommitState {
     /// Highest replication-log sequence number durably written.
     pub log_seq: AtomicU64,
     /// Conflicts per table (siblings created, LWW overwrites).
     pub conflicts: std::sync::Mutex<HashMap<String, u64>>,
+    /// Inbound replication positions per source region.
+    pub inbound: std::sync::Mutex<HashMap<String, Inbound>>,
+    /// Announces each new durable log position (to shippers).
+    pub log_watch: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for CommitState {
+    fn default() -> Self {
+        Self {
+            log_seq: AtomicU64::new(0),
+            conflicts: Default::default(),
+            inbound: Default::default(),
+            log_watch: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+/// Meta key of the position applied from `source`.
+pub fn inbound_key(source: &str) -> Vec<u8> {
+    let mut k = b"recv/".to_vec();
+    k.extend_from_slice(source.as_bytes());
+    k
 }
 
 const IDEM_PREFIX: &[u8] = b"idem/";
@@ -117,12 +176,12 @@ pub fn spawn(
         while let Some(first) = rx.blocking_recv() {
             let mut jobs = vec![first];
             let mut bytes = jobs[0].bytes();
-            let mut writes = jobs[0].writes.len();
+            let mut writes = jobs[0].writes();
             while writes < committer.settings.writes_max && bytes < committer.settings.bytes_max {
                 match rx.try_recv() {
                     Ok(job) => {
                         bytes += job.bytes();
-                        writes += job.writes.len();
+                        writes += job.writes();
                         jobs.push(job);
                     }
                     Err(_) => break,
@@ -147,6 +206,7 @@ struct Committer {
 struct Overlay {
     rows: HashMap<Vec<u8>, Row>,
     idem: HashMap<String, pb::IdempotencyRecord>,
+    inbound: HashMap<String, u64>,
 }
 
 impl Committer {
@@ -160,9 +220,19 @@ impl Committer {
         let mut conflicts: Vec<String> = Vec::new();
         let mut write_count = 0usize;
         for job in jobs {
-            let result = self.apply_job(&job, &mut overlay, &mut batch, &mut next_seq, &mut conflicts);
+            let result = match &job.work {
+                Work::Client { writes, idempotency } => self.apply_job(
+                    writes,
+                    idempotency.as_ref(),
+                    &mut overlay,
+                    &mut batch,
+                    &mut next_seq,
+                    &mut conflicts,
+                ),
+                Work::Apply(remote) => self.apply_remote(remote, &mut overlay, &mut batch, &mut conflicts),
+            };
             if result.is_ok() {
-                write_count += job.writes.len();
+                write_count += job.writes();
             }
             replies.push((job.reply, result));
         }
@@ -176,6 +246,16 @@ impl Committer {
         match self.engine.write(batch, self.settings.sync) {
             Ok(()) => {
                 self.state.log_seq.store(next_seq - 1, Ordering::Release);
+                if next_seq > first_seq {
+                    self.state.log_watch.send_replace(next_seq - 1);
+                }
+                if !overlay.inbound.is_empty() {
+                    let mut inbound = self.state.inbound.lock().unwrap_or_else(|p| p.into_inner());
+                    for (source, through) in &overlay.inbound {
+                        let e = inbound.entry(source.clone()).or_default();
+                        e.applied_through = e.applied_through.max(*through);
+                    }
+                }
                 metrics::histogram!("geokv_commit_group_writes").record(write_count as f64);
                 metrics::histogram!("geokv_commit_seconds").record(started.elapsed().as_secs_f64());
                 metrics::gauge!("geokv_log_seq").set((next_seq - 1) as f64);
@@ -203,15 +283,17 @@ impl Committer {
 
     /// Applies one job against the overlay. On error nothing of the job
     /// reaches the batch or the overlay.
+    #[allow(clippy::too_many_arguments)]
     fn apply_job(
         &mut self,
-        job: &CommitJob,
+        writes: &[AdmittedWrite],
+        idempotency: Option<&Idempotency>,
         overlay: &mut Overlay,
         batch: &mut WriteBatch,
         next_seq: &mut u64,
         conflicts: &mut Vec<String>,
     ) -> Result<Vec<WriteOutcome>, KvError> {
-        if let Some(idem) = &job.idempotency {
+        if let Some(idem) = idempotency {
             if let Some(record) = self.idempotency_record(&idem.key, overlay)? {
                 if record.request_hash != idem.request_hash {
                     return Err(KvError::IdempotencyKeyReused { key: idem.key.clone() });
@@ -228,10 +310,10 @@ impl Committer {
         }
         let mut staged: HashMap<Vec<u8>, Row> = HashMap::new();
         let mut job_batch = WriteBatch::new();
-        let mut outcomes = Vec::with_capacity(job.writes.len());
+        let mut outcomes = Vec::with_capacity(writes.len());
         let mut seq = *next_seq;
         let mut job_conflicts = Vec::new();
-        for w in &job.writes {
+        for w in writes {
             let dk = data_key(&w.table, &w.key);
             let current = match staged.get(&dk).or_else(|| overlay.rows.get(&dk)) {
                 Some(r) => Some(r.clone()),
@@ -275,7 +357,7 @@ impl Committer {
             staged.insert(dk, row);
             outcomes.push(outcome);
         }
-        if let Some(idem) = &job.idempotency {
+        if let Some(idem) = idempotency {
             let stored_at_ms = now_ms();
             let reply = serde_json::to_vec(&outcomes).map_err(|e| KvError::Storage(e.to_string()))?;
             let record = pb::IdempotencyRecord { stored_at_ms, request_hash: idem.request_hash, reply };
@@ -288,6 +370,70 @@ impl Committer {
         batch.extend(job_batch);
         conflicts.extend(job_conflicts);
         Ok(outcomes)
+    }
+
+    /// Merges a replicated frame into the stored rows and records the
+    /// source's position in the same batch. A frame at or below the stored
+    /// position was applied before and changes nothing.
+    fn apply_remote(
+        &mut self,
+        remote: &RemoteApply,
+        overlay: &mut Overlay,
+        batch: &mut WriteBatch,
+        conflicts: &mut Vec<String>,
+    ) -> Result<Vec<WriteOutcome>, KvError> {
+        let applied = match overlay.inbound.get(&remote.source_region) {
+            Some(seq) => *seq,
+            None => self.inbound_position(&remote.source_region)?,
+        };
+        if remote.through_seq <= applied {
+            metrics::counter!("geokv_replication_duplicate_frames_total", "source" => remote.source_region.clone())
+                .increment(1);
+            return Ok(Vec::new());
+        }
+        if remote.first_seq > applied + 1 {
+            tracing::warn!(source = %remote.source_region, applied, first = remote.first_seq,
+                "replication gap: entries were trimmed at the source before this region got them");
+            metrics::counter!("geokv_replication_gaps_total", "source" => remote.source_region.clone()).increment(1);
+        }
+        let mut staged: HashMap<Vec<u8>, Row> = HashMap::new();
+        let mut job_batch = WriteBatch::new();
+        let mut job_conflicts = Vec::new();
+        let now = self.hlc.now();
+        for (table, key, incoming) in &remote.entries {
+            let dk = data_key(table, key);
+            let current = match staged.get(&dk).or_else(|| overlay.rows.get(&dk)) {
+                Some(r) => Some(r.clone()),
+                None => self.load_row(&dk, table, key)?,
+            };
+            let merged = match current {
+                None => incoming.clone(),
+                Some(mut row) => {
+                    if merge_row(&mut row, incoming) {
+                        job_conflicts.push(table.clone());
+                    }
+                    row
+                }
+            };
+            let delay_s = now.physical_ms().saturating_sub(HlcTimestamp(incoming.hlc).physical_ms()) as f64 / 1000.0;
+            metrics::histogram!("geokv_replication_apply_delay_seconds", "source" => remote.source_region.clone())
+                .record(delay_s);
+            job_batch.put(Cf::Data, dk.clone(), merged.seal());
+            staged.insert(dk, merged);
+        }
+        job_batch.put(Cf::Meta, inbound_key(&remote.source_region), remote.through_seq.to_be_bytes().to_vec());
+        metrics::counter!("geokv_replication_applied_entries_total", "source" => remote.source_region.clone())
+            .increment(remote.entries.len() as u64);
+        overlay.inbound.insert(remote.source_region.clone(), remote.through_seq);
+        overlay.rows.extend(staged);
+        batch.extend(job_batch);
+        conflicts.extend(job_conflicts);
+        Ok(Vec::new())
+    }
+
+    fn inbound_position(&self, source: &str) -> Result<u64, KvError> {
+        let stored = self.engine.get(Cf::Meta, &inbound_key(source)).map_err(|e| KvError::Storage(e.to_string()))?;
+        Ok(stored.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map(u64::from_be_bytes).unwrap_or(0))
     }
 
     fn load_row(&self, dk: &[u8], table: &str, key: &[u8]) -> Result<Option<Row>, KvError> {
@@ -446,6 +592,39 @@ impl Committer {
             idem.extend_from_slice(key);
             batch.delete(Cf::Meta, idem);
             batch.delete(Cf::Meta, k);
+        }
+    }
+}
+
+/// Merges `incoming` into `row`; true when the merge is a conflict
+/// (siblings created, or an LWW value discarded).
+pub fn merge_row(row: &mut Row, incoming: &Row) -> bool {
+    row.hlc = row.hlc.max(incoming.hlc);
+    if incoming.epoch > row.epoch {
+        row.epoch = incoming.epoch;
+        row.home_region = incoming.home_region.clone();
+    }
+    match (&mut row.value, &incoming.value) {
+        (RowValue::Register(a), RowValue::Register(b)) => {
+            let before = a.live_values().len().max(b.live_values().len());
+            a.merge(b);
+            a.live_values().len() > before
+        }
+        (RowValue::Lww(a), RowValue::Lww(b)) => a.merge_reporting(b),
+        (RowValue::Counter(a), RowValue::Counter(b)) => {
+            a.merge(b);
+            false
+        }
+        (RowValue::Set(a), RowValue::Set(b)) => {
+            a.merge(b);
+            false
+        }
+        (mine, theirs) => {
+            // Two regions created the row with different kinds concurrently.
+            // Keep the local kind, deterministically reported, never silent.
+            tracing::warn!(local = mine.kind(), remote = theirs.kind(), "row kind conflict; keeping the local kind");
+            metrics::counter!("geokv_kind_conflicts_total").increment(1);
+            true
         }
     }
 }

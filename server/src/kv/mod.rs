@@ -26,7 +26,7 @@ use crate::config::{Config, ConflictPolicy, Level};
 use crate::error::KvError;
 use crate::residency::{self, Locality, Placement, ReadLevel};
 use crate::storage::{prefix_end, Cf, Engine};
-use commit::{CommitJob, CommitSettings, CommitState, Idempotency, WriteOutcome};
+use commit::{CommitJob, CommitSettings, CommitState, Idempotency, Inbound, RemoteApply, Work, WriteOutcome};
 use row::{data_key, display_key, split_data_key, Row, RowValue};
 
 /// Identifies a row and how it is homed.
@@ -163,6 +163,15 @@ impl Node {
                 anyhow::anyhow!("replication log key of {} bytes is not a sequence number", k.len())
             })?;
             state.log_seq.store(seq, Ordering::Release);
+            state.log_watch.send_replace(seq);
+        }
+        {
+            let mut inbound = state.inbound.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, v) in engine.scan(Cf::Meta, b"recv/", Some(b"recv0"), 1024)? {
+                let source = String::from_utf8_lossy(&k[b"recv/".len()..]).into_owned();
+                let through = <[u8; 8]>::try_from(v.as_slice()).map(u64::from_be_bytes).unwrap_or(0);
+                inbound.insert(source, Inbound { applied_through: through, fresh_as_of_hlc: 0 });
+            }
         }
         let settings = CommitSettings {
             actor: cfg.actor(),
@@ -209,6 +218,61 @@ impl Node {
     /// Conflicts counted per table since start.
     pub fn conflicts(&self) -> HashMap<String, u64> {
         self.state.conflicts.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A receiver of each new durable log position, for shippers.
+    pub fn subscribe_log(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.state.log_watch.subscribe()
+    }
+
+    /// Inbound replication positions per source region.
+    pub fn inbound(&self) -> HashMap<String, Inbound> {
+        self.state.inbound.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records that `source` said, at `hlc`, that this region had all of its
+    /// log through `through`.
+    pub fn note_fresh(&self, source: &str, through: u64, hlc: u64) {
+        let mut inbound = self.state.inbound.lock().unwrap_or_else(|p| p.into_inner());
+        let e = inbound.entry(source.to_string()).or_default();
+        if e.applied_through >= through {
+            e.fresh_as_of_hlc = e.fresh_as_of_hlc.max(hlc);
+        }
+    }
+
+    /// Merges a replicated frame through the committer.
+    pub async fn apply_remote(&self, remote: RemoteApply) -> Result<(), KvError> {
+        let tx = self.commit_tx.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(KvError::ShuttingDown)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(CommitJob { work: Work::Apply(remote), reply }).await.map_err(|_| KvError::ShuttingDown)?;
+        rx.await.map_err(|_| KvError::ShuttingDown)??;
+        Ok(())
+    }
+
+    /// How stale this region's copy of rows homed in `home` may be, in ms.
+    pub fn staleness_ms(&self, home: &str) -> u64 {
+        if home == self.cfg.region {
+            return 0;
+        }
+        let fresh = self.inbound().get(home).map(|i| i.fresh_as_of_hlc).unwrap_or(0);
+        if fresh == 0 {
+            return u64::MAX;
+        }
+        let now = self.hlc.now().physical_ms();
+        now.saturating_sub(crate::causality::HlcTimestamp(fresh).physical_ms())
+    }
+
+    /// Checks a SESSION token against what this region has applied: the
+    /// first region whose writes the client saw but this region lacks.
+    fn session_gap(&self, token: &pb::SessionToken) -> Option<String> {
+        let inbound = self.inbound();
+        token.seen.iter().find_map(|e| {
+            if e.actor == self.cfg.region {
+                return None;
+            }
+            let applied = inbound.get(&e.actor).map(|i| i.applied_through).unwrap_or(0);
+            (applied < e.counter).then(|| e.actor.clone())
+        })
     }
 
     /// Stops taking writes, lets the committer finish what is queued, and
@@ -288,7 +352,7 @@ impl Node {
         let tx =
             self.commit_tx.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(KvError::ShuttingDown)?;
         let (reply, rx) = oneshot::channel();
-        tx.send(CommitJob { writes: admitted, idempotency: req.idempotency, reply })
+        tx.send(CommitJob { work: Work::Client { writes: admitted, idempotency: req.idempotency }, reply })
             .await
             .map_err(|_| KvError::ShuttingDown)?;
         let outcomes = rx.await.map_err(|_| KvError::ShuttingDown)??;
@@ -310,11 +374,36 @@ impl Node {
     fn read_info(&self, placement: &Placement, session: &[u8]) -> Result<ReadInfo, KvError> {
         Ok(ReadInfo {
             served_by_region: self.cfg.region.clone(),
-            // Every region but the home may lag it; without replication there
-            // is no other copy, so the home is exact.
-            staleness_ms_max: if placement.home_region == self.cfg.region { 0 } else { u64::MAX },
+            staleness_ms_max: self.staleness_ms(&placement.home_region),
             session_token: self.session_token(session, self.log_seq())?,
         })
+    }
+
+    /// Whether this region's copy is fresh enough for `level`; otherwise the
+    /// region that has what the reader needs.
+    fn check_freshness(&self, placement: &Placement, level: ReadLevel, session: &[u8]) -> Result<(), KvError> {
+        match level {
+            ReadLevel::Bounded { max_staleness_ms } => {
+                let stale = self.staleness_ms(&placement.home_region);
+                if stale > max_staleness_ms {
+                    return Err(KvError::ReplicaStale {
+                        region: placement.home_region.clone(),
+                        why: format!("copy here may be {stale} ms stale; the bound is {max_staleness_ms} ms"),
+                    });
+                }
+            }
+            ReadLevel::Session => {
+                if let Some(missing) = self.session_gap(&decode_session(session)?) {
+                    let region = if placement.allows(&missing) { missing.clone() } else { placement.home_region.clone() };
+                    return Err(KvError::ReplicaStale {
+                        region,
+                        why: format!("this region has not yet applied the session's writes from `{missing}`"),
+                    });
+                }
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Reads one row after checking that this region may serve it at `level`.
@@ -329,6 +418,7 @@ impl Node {
         };
         if let Some(p) = &resolved {
             residency::admit_read(&self.cfg.region, p, level)?;
+            self.check_freshness(p, level, session)?;
         }
         let dk = data_key(&table.name, &row.key);
         let stored = self.engine.get(Cf::Data, &dk).map_err(|e| KvError::Storage(e.to_string()))?;
@@ -341,6 +431,7 @@ impl Node {
             (None, Some(r)) => {
                 let p = self.stored_placement(r);
                 residency::admit_read(&self.cfg.region, &p, level)?;
+                self.check_freshness(&p, level, session)?;
                 p
             }
             (None, None) => return Err(KvError::MissingLocality { table: table.name.clone() }),
@@ -350,7 +441,7 @@ impl Node {
     }
 
     /// Placement of a row as recorded when it was written.
-    fn stored_placement(&self, row: &Row) -> Placement {
+    pub fn stored_placement(&self, row: &Row) -> Placement {
         let replica_regions = match self.cfg.zone(&row.zone) {
             Some(z) => z.regions.clone(),
             None if row.zone.is_empty() => self.cfg.region_names(),
@@ -488,6 +579,94 @@ fn decode_session(bytes: &[u8]) -> Result<pb::SessionToken, KvError> {
 /// Checks a session token sent by a client.
 pub fn parse_session(bytes: &[u8]) -> Result<(), KvError> {
     decode_session(bytes).map(|_| ())
+}
+
+/// A row stored in a region outside its residency zone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResidencyFinding {
+    pub table: String,
+    pub key: Vec<u8>,
+    pub zone: String,
+    pub allowed_regions: Vec<String>,
+}
+
+/// Digest of the rows of one (table, zone), over their canonical encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneDigest {
+    pub table: String,
+    pub zone: String,
+    pub rows: u64,
+    pub digest: String,
+}
+
+/// Rows read per storage scan by audits and digests.
+const FULL_SCAN_CHUNK: usize = 1024;
+
+impl Node {
+    /// Visits every stored row in key order, a chunk at a time.
+    fn for_each_row(&self, mut visit: impl FnMut(&str, &[u8], Row)) -> Result<u64, KvError> {
+        let mut start: Vec<u8> = Vec::new();
+        let mut seen = 0u64;
+        loop {
+            let chunk =
+                self.engine.scan(Cf::Data, &start, None, FULL_SCAN_CHUNK).map_err(|e| KvError::Storage(e.to_string()))?;
+            let done = chunk.len() < FULL_SCAN_CHUNK;
+            for (k, v) in chunk {
+                let Some((table, key)) = split_data_key(&k) else { continue };
+                let row = Row::open(&v, || display_key(table, key))?;
+                visit(table, key, row);
+                seen += 1;
+                start = k.clone();
+                start.push(0);
+            }
+            if done {
+                return Ok(seen);
+            }
+        }
+    }
+
+    /// Lists every row this node stores outside its residency zone. The
+    /// expected answer is none, always.
+    pub fn residency_audit(&self) -> Result<(u64, Vec<ResidencyFinding>), KvError> {
+        let here = self.cfg.region.clone();
+        let mut findings = Vec::new();
+        let checked = self.for_each_row(|table, key, row| {
+            let allowed = self.cfg.zone_regions(&row.zone);
+            let known_zone = row.zone.is_empty() || self.cfg.zone(&row.zone).is_some();
+            if !known_zone || !allowed.contains(&here) {
+                findings.push(ResidencyFinding {
+                    table: table.to_string(),
+                    key: key.to_vec(),
+                    zone: row.zone.clone(),
+                    allowed_regions: if known_zone { allowed } else { vec![row.home_region.clone()] },
+                });
+            }
+        })?;
+        Ok((checked, findings))
+    }
+
+    /// Digests of every (table, zone), so regions can be compared: two
+    /// regions that converged give equal digests for the zones they share.
+    pub fn digest(&self) -> Result<Vec<ZoneDigest>, KvError> {
+        use sha2::Digest as _;
+        let mut acc: std::collections::BTreeMap<(String, String), (u64, sha2::Sha256)> = Default::default();
+        self.for_each_row(|table, key, row| {
+            let (count, hasher) = acc.entry((table.to_string(), row.zone.clone())).or_default();
+            *count += 1;
+            let mut canonical = row.to_proto();
+            // Where a row was last written from is not part of its contents.
+            canonical.hlc = 0;
+            let bytes = prost::Message::encode_to_vec(&canonical);
+            hasher.update((key.len() as u64).to_be_bytes());
+            hasher.update(key);
+            hasher.update((bytes.len() as u64).to_be_bytes());
+            hasher.update(&bytes);
+        })?;
+        Ok(acc
+            .into_iter()
+            .map(|((table, zone), (rows, h))| ZoneDigest { table, zone, rows, digest: hex::encode(h.finalize()) })
+            .collect())
+    }
 }
 
 #[cfg(test)]

@@ -147,10 +147,10 @@ pub fn admit_read(here: &str, placement: &Placement, level: ReadLevel) -> Result
         return Err(placement.violation(here));
     }
     match level {
-        ReadLevel::Local => Ok(()),
-        // The home region is never stale relative to itself, and a single
-        // replica region is its own majority and its own leader.
-        ReadLevel::Bounded { .. } | ReadLevel::Session if placement.home_region == here => Ok(()),
+        // Freshness of BOUNDED and SESSION reads is checked against what
+        // replication has applied here (`kv::Node::read`).
+        ReadLevel::Local | ReadLevel::Bounded { .. } | ReadLevel::Session => Ok(()),
+        // A single replica region is its own majority and its own leader.
         ReadLevel::Quorum | ReadLevel::Strong if placement.replica_regions.len() == 1 => Ok(()),
         _ => Err(KvError::LevelUnavailable { level: level.name().into() }),
     }

@@ -1,0 +1,271 @@
+//! `geokv dev`: a whole multi-region cluster on this machine, with every
+//! inter-region link behind the fault proxy so WAN latency is real.
+//!
+//! Each region's node is a separate `geokv node` process with its own data
+//! directory and config. Node A reaches node B through a proxy link named
+//! `A->B`, whose one-way latency comes from measured round trips between
+//! the cloud regions (scaled by `--latency-scale`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use geokv_proxy::{LinkFaults, ProxySet};
+use tokio::process::{Child, Command};
+
+pub const DEFAULT_REGIONS: &str = "us-east-1,eu-west-1,eu-central-1,ap-southeast-1";
+
+#[derive(Args, Clone)]
+pub struct DevArgs {
+    /// Regions to run, comma separated.
+    #[arg(long, default_value = DEFAULT_REGIONS, value_delimiter = ',')]
+    pub regions: Vec<String>,
+    /// Nodes per region (1 today; more arrive with partitioning inside a region).
+    #[arg(long, default_value_t = 1)]
+    pub nodes_per_region: u32,
+    /// Multiplies every emulated inter-region latency (0 = no added latency).
+    #[arg(long, default_value_t = 1.0)]
+    pub latency_scale: f64,
+    /// First port: region i gets gRPC base+10*i and admin HTTP base+10*i+1.
+    #[arg(long, default_value_t = 7700)]
+    pub base_port: u16,
+    /// Where the nodes keep their data and logs.
+    #[arg(long, default_value = "./geokv-dev")]
+    pub data_dir: PathBuf,
+    /// Start from empty stores (deletes --data-dir first).
+    #[arg(long)]
+    pub fresh: bool,
+    /// Port of the fault proxy's control API (default base+99).
+    #[arg(long)]
+    pub proxy_control_port: Option<u16>,
+}
+
+/// Round-trip times between regions in milliseconds, as measured between the
+/// cloud regions of the same names; unknown pairs get 100 ms.
+pub fn round_trip_ms(a: &str, b: &str) -> f64 {
+    let table: &[(&str, &str, f64)] = &[
+        ("us-east-1", "eu-west-1", 80.0),
+        ("us-east-1", "eu-central-1", 90.0),
+        ("us-east-1", "ap-southeast-1", 217.0),
+        ("eu-west-1", "eu-central-1", 25.0),
+        ("eu-west-1", "ap-southeast-1", 238.0),
+        ("eu-central-1", "ap-southeast-1", 160.0),
+    ];
+    table
+        .iter()
+        .find(|(x, y, _)| (*x == a && *y == b) || (*x == b && *y == a))
+        .map(|(_, _, ms)| *ms)
+        .unwrap_or(100.0)
+}
+
+/// Country codes mapped to dev regions (only those that are running).
+fn localities(regions: &[String]) -> BTreeMap<&'static str, String> {
+    let wanted = [
+        ("US", "us-east-1"),
+        ("CA", "us-east-1"),
+        ("FR", "eu-west-1"),
+        ("IE", "eu-west-1"),
+        ("GB", "eu-west-1"),
+        ("DE", "eu-central-1"),
+        ("AT", "eu-central-1"),
+        ("SG", "ap-southeast-1"),
+        ("AU", "ap-southeast-1"),
+        ("JP", "ap-southeast-1"),
+    ];
+    wanted.into_iter().filter(|(_, r)| regions.iter().any(|x| x == r)).map(|(c, r)| (c, r.to_string())).collect()
+}
+
+/// One region's node as `geokv dev` runs it.
+pub struct DevNode {
+    pub region: String,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+    child: Child,
+}
+
+/// A running dev cluster: the proxy links and the node processes.
+pub struct DevCluster {
+    pub nodes: Vec<DevNode>,
+    pub proxies: ProxySet,
+    pub control: Option<geokv_proxy::ControlServer>,
+}
+
+fn config_text(
+    args: &DevArgs,
+    region: &str,
+    node_dir: &Path,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+    peer_addrs: &BTreeMap<String, (SocketAddr, SocketAddr)>,
+) -> String {
+    let mut out = String::new();
+    out.push_str("# Written by `geokv dev`; regenerated at every start.\n");
+    out.push_str(&format!("node_id = \"n1\"\nregion = \"{region}\"\n"));
+    out.push_str(&format!("data_dir = {:?}\n", node_dir.join("data").display().to_string()));
+    out.push_str(&format!("listen = \"{grpc}\"\nadmin_listen = \"{admin}\"\n\n"));
+    for r in &args.regions {
+        out.push_str(&format!("[[regions]]\nname = \"{r}\"\n"));
+        if let Some((via, client)) = peer_addrs.get(r) {
+            out.push_str(&format!("nodes = [{{ id = \"n1\", addr = \"{via}\", client_addr = \"{client}\" }}]\n"));
+        }
+        out.push('\n');
+    }
+    let eu: Vec<&String> = args.regions.iter().filter(|r| r.starts_with("eu-")).collect();
+    if eu.len() >= 2 {
+        let list: Vec<String> = eu.iter().map(|r| format!("\"{r}\"")).collect();
+        out.push_str(&format!("[[zones]]\nname = \"eu\"\nregions = [{}]\n\n", list.join(", ")));
+    }
+    out.push_str("[localities]\n");
+    for (c, r) in localities(&args.regions) {
+        out.push_str(&format!("{c} = \"{r}\"\n"));
+    }
+    out.push_str(&format!(
+        "\n[[tables]]\nname = \"default\"\ndefault_home_region = \"{}\"\n\n[[tables]]\nname = \"users\"\n",
+        args.regions[0]
+    ));
+    if eu.len() >= 2 {
+        out.push_str("\n[[tables]]\nname = \"eu_users\"\nzone = \"eu\"\ndefault_consistency = \"eventual\"\n");
+    }
+    out
+}
+
+impl DevCluster {
+    /// Starts the proxies and the nodes and waits until every node answers.
+    pub async fn start(args: &DevArgs, geokv_bin: &Path) -> anyhow::Result<Self> {
+        if args.regions.is_empty() {
+            bail!("--regions needs at least one region");
+        }
+        if args.nodes_per_region != 1 {
+            bail!("--nodes-per-region {} is not supported yet: one node per region for now", args.nodes_per_region);
+        }
+        if !(0.0..=100.0).contains(&args.latency_scale) {
+            bail!("--latency-scale must be between 0 and 100");
+        }
+        if args.fresh && args.data_dir.exists() {
+            std::fs::remove_dir_all(&args.data_dir)
+                .with_context(|| format!("removing {}", args.data_dir.display()))?;
+        }
+        let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let mut addrs = BTreeMap::new();
+        for (i, r) in args.regions.iter().enumerate() {
+            let base = args.base_port.checked_add((i as u16) * 10).context("ports beyond 65535")?;
+            addrs.insert(r.clone(), (loopback(base), loopback(base + 1)));
+        }
+        let proxies = ProxySet::new();
+        let mut via: BTreeMap<(String, String), SocketAddr> = BTreeMap::new();
+        for a in &args.regions {
+            for b in &args.regions {
+                if a == b {
+                    continue;
+                }
+                let one_way = (round_trip_ms(a, b) / 2.0 * args.latency_scale).round() as u64;
+                let name = format!("{a}->{b}");
+                let handle = proxies
+                    .add(&name, loopback(0), addrs[b].0, LinkFaults::symmetric_latency(one_way))
+                    .await
+                    .with_context(|| format!("starting proxy link {name}"))?;
+                via.insert((a.clone(), b.clone()), handle.local_addr());
+            }
+        }
+        let control_port = args.proxy_control_port.unwrap_or(args.base_port.saturating_add(99));
+        let control = proxies.serve_control(loopback(control_port)).await.ok();
+        let mut nodes = Vec::new();
+        for r in &args.regions {
+            let dir = args.data_dir.join(r);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let peers: BTreeMap<String, (SocketAddr, SocketAddr)> = args
+                .regions
+                .iter()
+                .filter(|p| *p != r)
+                .map(|p| (p.clone(), (via[&(r.clone(), p.clone())], addrs[p].0)))
+                .collect();
+            let (grpc, admin) = addrs[r];
+            let config = dir.join("node.toml");
+            std::fs::write(&config, config_text(args, r, &dir, grpc, admin, &peers))
+                .with_context(|| format!("writing {}", config.display()))?;
+            let log = std::fs::File::create(dir.join("node.log"))?;
+            let child = Command::new(geokv_bin)
+                .arg("node")
+                .arg("--config")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting {}", geokv_bin.display()))?;
+            nodes.push(DevNode { region: r.clone(), grpc, admin, dir, child });
+        }
+        let cluster = DevCluster { nodes, proxies, control };
+        cluster.wait_ready(Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    async fn wait_ready(&self, limit: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        for n in &self.nodes {
+            loop {
+                if tokio::net::TcpStream::connect(n.grpc).await.is_ok()
+                    && tokio::net::TcpStream::connect(n.admin).await.is_ok()
+                {
+                    break;
+                }
+                if started.elapsed() > limit {
+                    bail!(
+                        "node of {} did not start within {:?}; see {}",
+                        n.region,
+                        limit,
+                        n.dir.join("node.log").display()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every node with SIGTERM (SIGKILL after a bounded wait) and the proxies.
+    pub async fn stop(mut self) {
+        for n in &self.nodes {
+            if let Some(pid) = n.child.id() {
+                // SAFETY: sending a signal to a child we started; no memory is touched.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+        }
+        for n in &mut self.nodes {
+            if tokio::time::timeout(Duration::from_secs(10), n.child.wait()).await.is_err() {
+                let _ = n.child.kill().await;
+            }
+        }
+        if let Some(c) = self.control.take() {
+            c.shutdown().await;
+        }
+        self.proxies.shutdown().await;
+    }
+}
+
+/// Runs `geokv dev` until Ctrl-C or SIGTERM.
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let bin = std::env::current_exe().context("locating the geokv binary")?;
+    let cluster = DevCluster::start(&args, &bin).await?;
+    println!("geokv dev: {} regions (latency scale {})", cluster.nodes.len(), args.latency_scale);
+    println!("{:<16} {:<22} {:<30}", "region", "gRPC endpoint", "admin / dashboard");
+    for n in &cluster.nodes {
+        println!("{:<16} {:<22} http://{}/dashboard", n.region, n.grpc, n.admin);
+    }
+    if let Some(c) = &cluster.control {
+        println!("fault proxy control: http://{}/links", c.local_addr());
+    }
+    println!("logs and data: {}", args.data_dir.display());
+    println!("try: geokv put user:1 alice --region {} && geokv get user:1 --region {}", args.regions[0], args.regions[args.regions.len() - 1]);
+    println!("Ctrl-C stops the cluster.");
+    geokv_server::server::shutdown_signal().await;
+    println!("stopping...");
+    cluster.stop().await;
+    Ok(())
+}

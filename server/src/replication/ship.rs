@@ -1,0 +1,338 @@
+//! One shipper per destination region: tails the durable replication log,
+//! leaves out entries the destination may not hold, and streams frames over
+//! one gRPC stream with at most `in_flight_frames_max` unacknowledged.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use geokv_proto::storage as spb;
+use geokv_proto::v1 as pb;
+use tokio::sync::{mpsc, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec;
+use crate::config::ReplicationConfig;
+use crate::error::KvError;
+use crate::kv::Node;
+use crate::storage::Cf;
+
+/// The state of one link, shared with status and metrics.
+pub struct LinkState {
+    pub source: String,
+    pub destination: String,
+    pub paused: AtomicBool,
+    pub connected: AtomicBool,
+    /// Highest position the destination acknowledged.
+    pub acked_seq: AtomicU64,
+    pub skipped_by_residency: AtomicU64,
+    pub shipped_bytes: AtomicU64,
+    /// Uncompressed bytes of entries sent and not yet acknowledged.
+    pub in_flight_bytes: AtomicU64,
+    /// Average uncompressed entry size seen, for the lag estimate.
+    pub avg_entry_bytes: AtomicU64,
+    pub last_error: Mutex<String>,
+    /// Wakes the shipper on resume.
+    pub resume: Notify,
+}
+
+/// A point-in-time view of a link.
+#[derive(Debug, Clone)]
+pub struct LinkSnapshot {
+    pub source: String,
+    pub destination: String,
+    pub paused: bool,
+    pub connected: bool,
+    pub acked_seq: u64,
+    pub head_seq: u64,
+    pub lag_seconds: f64,
+    pub lag_entries: u64,
+    pub lag_bytes: u64,
+    pub skipped_by_residency: u64,
+    pub shipped_bytes: u64,
+    pub last_error: String,
+}
+
+impl LinkState {
+    pub fn new(source: &str, destination: &str) -> Self {
+        Self {
+            source: source.to_string(),
+            destination: destination.to_string(),
+            paused: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            acked_seq: AtomicU64::new(0),
+            skipped_by_residency: AtomicU64::new(0),
+            shipped_bytes: AtomicU64::new(0),
+            in_flight_bytes: AtomicU64::new(0),
+            avg_entry_bytes: AtomicU64::new(256),
+            last_error: Mutex::new(String::new()),
+            resume: Notify::new(),
+        }
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Release);
+        if !paused {
+            self.resume.notify_waiters();
+        }
+    }
+
+    fn set_error(&self, e: impl ToString) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e.to_string();
+    }
+
+    /// Lag as CockroachDB reports replicated time: the age of the oldest
+    /// entry not yet applied at the destination, plus entry and byte counts
+    /// (bytes not yet read from the log are estimated from the average size).
+    pub fn snapshot(&self, node: &Node) -> LinkSnapshot {
+        let head = node.log_seq();
+        let acked = self.acked_seq.load(Ordering::Acquire).min(head);
+        let lag_entries = head - acked;
+        let lag_seconds = if lag_entries == 0 {
+            0.0
+        } else {
+            match oldest_unacked_hlc(node, acked + 1) {
+                Some(hlc) => {
+                    let now = node.hlc().now().physical_ms();
+                    now.saturating_sub(crate::causality::HlcTimestamp(hlc).physical_ms()) as f64 / 1000.0
+                }
+                None => 0.0,
+            }
+        };
+        LinkSnapshot {
+            source: self.source.clone(),
+            destination: self.destination.clone(),
+            paused: self.paused.load(Ordering::Acquire),
+            connected: self.connected.load(Ordering::Acquire),
+            acked_seq: acked,
+            head_seq: head,
+            lag_seconds,
+            lag_entries,
+            lag_bytes: lag_entries.saturating_mul(self.avg_entry_bytes.load(Ordering::Relaxed)),
+            skipped_by_residency: self.skipped_by_residency.load(Ordering::Relaxed),
+            shipped_bytes: self.shipped_bytes.load(Ordering::Relaxed),
+            last_error: self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+}
+
+fn oldest_unacked_hlc(node: &Node, seq: u64) -> Option<u64> {
+    let bytes = node.engine().get(Cf::ReplLog, &seq.to_be_bytes()).ok()??;
+    let entry: spb::LogEntry = codec::open_message(&bytes).ok()?;
+    Some(entry.hlc)
+}
+
+fn cursor_key(destination: &str) -> Vec<u8> {
+    let mut k = b"ship/".to_vec();
+    k.extend_from_slice(destination.as_bytes());
+    k
+}
+
+/// Ships this node's log to one destination region.
+pub struct Shipper {
+    node: Arc<Node>,
+    state: Arc<LinkState>,
+    addr: String,
+    cfg: ReplicationConfig,
+    contact: Arc<Mutex<BTreeMap<String, Instant>>>,
+}
+
+/// A frame sent and not yet acknowledged.
+struct InFlight {
+    through_seq: u64,
+    bytes: u64,
+}
+
+impl Shipper {
+    pub fn new(
+        node: Arc<Node>,
+        state: Arc<LinkState>,
+        addr: String,
+        cfg: ReplicationConfig,
+        contact: Arc<Mutex<BTreeMap<String, Instant>>>,
+    ) -> Self {
+        Self { node, state, addr, cfg, contact }
+    }
+
+    /// Runs until cancelled: connect, stream, and on any failure back off
+    /// (bounded) and resume from the last acknowledged position.
+    pub async fn run(self, cancel: CancellationToken) {
+        let stored = self.node.engine().get(Cf::Meta, &cursor_key(&self.state.destination)).ok().flatten();
+        let start = stored.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map(u64::from_be_bytes).unwrap_or(0);
+        self.state.acked_seq.store(start, Ordering::Release);
+        let mut backoff = Duration::from_millis(self.cfg.reconnect_ms);
+        while !cancel.is_cancelled() {
+            let result = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = self.stream_once(&cancel) => r,
+            };
+            self.state.connected.store(false, Ordering::Release);
+            self.state.in_flight_bytes.store(0, Ordering::Relaxed);
+            match result {
+                Ok(()) => backoff = Duration::from_millis(self.cfg.reconnect_ms),
+                Err(e) => {
+                    tracing::debug!(destination = %self.state.destination, error = %e, "replication link down");
+                    self.state.set_error(&e);
+                    metrics::counter!("geokv_replication_link_errors_total", "destination" => self.state.destination.clone())
+                        .increment(1);
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+        self.persist_cursor();
+    }
+
+    fn persist_cursor(&self) {
+        let acked = self.state.acked_seq.load(Ordering::Acquire);
+        let mut batch = crate::storage::WriteBatch::new();
+        batch.put(Cf::Meta, cursor_key(&self.state.destination), acked.to_be_bytes().to_vec());
+        // Not synced: a lost cursor only means frames are sent again, and
+        // the destination skips what it already applied.
+        if let Err(e) = self.node.engine().write(batch, false) {
+            tracing::warn!(error = %e, "cannot store the replication cursor");
+        }
+    }
+
+    async fn stream_once(&self, cancel: &CancellationToken) -> Result<(), KvError> {
+        let unreachable = |why: String| KvError::RegionUnreachable { region: self.state.destination.clone(), why };
+        let url = if self.addr.contains("://") { self.addr.clone() } else { format!("http://{}", self.addr) };
+        let endpoint = tonic::transport::Endpoint::from_shared(url)
+            .map_err(|e| unreachable(e.to_string()))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect().await.map_err(|e| unreachable(e.to_string()))?;
+        let mut client = pb::replication_client::ReplicationClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let (tx, rx) = mpsc::channel::<pb::ShipFrame>(self.cfg.in_flight_frames_max);
+        let mut acks = client
+            .ship(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| unreachable(format!("{}: {}", s.code(), s.message())))?
+            .into_inner();
+        self.state.connected.store(true, Ordering::Release);
+        self.state.set_error("");
+        let mut log = self.node.subscribe_log();
+        let mut read_pos = self.state.acked_seq.load(Ordering::Acquire);
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut heartbeat = tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_ms));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_persist = Instant::now();
+        loop {
+            let paused = self.state.paused.load(Ordering::Acquire);
+            let head = self.node.log_seq();
+            if !paused && read_pos < head && in_flight.len() < self.cfg.in_flight_frames_max {
+                let (frame, bytes) = self.next_frame(read_pos, head)?;
+                read_pos = frame.through_seq;
+                let wire = frame.entries.len() as u64;
+                in_flight.push_back(InFlight { through_seq: frame.through_seq, bytes });
+                self.state.in_flight_bytes.fetch_add(bytes, Ordering::Relaxed);
+                tx.send(frame).await.map_err(|_| unreachable("stream closed".into()))?;
+                self.state.shipped_bytes.fetch_add(wire, Ordering::Relaxed);
+                metrics::counter!("geokv_replication_shipped_bytes_total", "destination" => self.state.destination.clone())
+                    .increment(wire);
+                continue;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                ack = acks.message() => {
+                    let ack = ack.map_err(|s| unreachable(format!("{}: {}", s.code(), s.message())))?
+                        .ok_or_else(|| unreachable("destination closed the stream".into()))?;
+                    self.contact.lock().unwrap_or_else(|p| p.into_inner())
+                        .insert(self.state.destination.clone(), Instant::now());
+                    while in_flight.front().is_some_and(|f| f.through_seq <= ack.applied_through_seq) {
+                        if let Some(f) = in_flight.pop_front() {
+                            self.state.in_flight_bytes.fetch_sub(f.bytes.min(self.state.in_flight_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+                        }
+                    }
+                    self.state.acked_seq.fetch_max(ack.applied_through_seq, Ordering::AcqRel);
+                    if last_persist.elapsed() > Duration::from_secs(1) {
+                        self.persist_cursor();
+                        last_persist = Instant::now();
+                    }
+                }
+                changed = log.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+                _ = self.state.resume.notified() => {}
+                _ = heartbeat.tick() => {
+                    // An idle, caught-up link says so, which is how the
+                    // destination knows how fresh its copy is.
+                    if in_flight.is_empty() && read_pos >= head && !paused {
+                        let frame = super::frame::build(
+                            &self.state.source, &self.node.config().node_id, read_pos + 1, read_pos,
+                            Vec::new(), head, self.node.hlc().now().0)?;
+                        in_flight.push_back(InFlight { through_seq: read_pos, bytes: 0 });
+                        tx.send(frame).await.map_err(|_| unreachable("stream closed".into()))?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the next run of log entries after `after`, leaving out those
+    /// the destination may not hold; returns the frame and its raw bytes.
+    fn next_frame(&self, after: u64, head: u64) -> Result<(pb::ShipFrame, u64), KvError> {
+        let cfg = self.node.config();
+        let start = (after + 1).to_be_bytes();
+        let rows = self
+            .node
+            .engine()
+            .scan(Cf::ReplLog, &start, None, self.cfg.batch_entries_max)
+            .map_err(|e| KvError::Storage(e.to_string()))?;
+        let mut entries = Vec::new();
+        let mut bytes = 0u64;
+        let mut through = after;
+        let mut first = after + 1;
+        for (i, (k, v)) in rows.into_iter().enumerate() {
+            let seq = <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes).map_err(|_| KvError::Corrupt {
+                what: "replication log key".into(),
+                why: format!("{} bytes", k.len()),
+            })?;
+            if i == 0 && seq > after + 1 {
+                // Entries were trimmed by retention before this link sent them.
+                first = seq;
+            }
+            let entry: spb::LogEntry = codec::open_message(&v)
+                .map_err(|e| KvError::Corrupt { what: format!("replication log entry {seq}"), why: e.to_string() })?;
+            let zone = entry.row.as_ref().map(|r| r.zone.as_str()).unwrap_or("");
+            through = seq;
+            if super::frame::zone_allows(cfg, zone, &self.state.destination) {
+                bytes += v.len() as u64;
+                entries.push(entry);
+            } else {
+                self.state.skipped_by_residency.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("geokv_replication_skipped_by_residency_total", "destination" => self.state.destination.clone())
+                    .increment(1);
+            }
+            if bytes as usize >= self.cfg.batch_bytes_max || seq >= head {
+                break;
+            }
+        }
+        if !entries.is_empty() {
+            let avg = bytes / entries.len() as u64;
+            self.state.avg_entry_bytes.store(avg.max(1), Ordering::Relaxed);
+        }
+        let frame = super::frame::build(
+            &self.state.source,
+            &cfg.node_id,
+            first,
+            through,
+            entries,
+            head,
+            self.node.hlc().now().0,
+        )?;
+        Ok((frame, bytes))
+    }
+}
