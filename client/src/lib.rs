@@ -641,13 +641,17 @@ impl Client {
 
     /// The cluster as the connected node sees it: regions, health, endpoints.
     pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, Error> {
-        self.admin_call(pb::ClusterStatusRequest {}, |mut a, r| async move { a.cluster_status(r).await }).await
+        self.admin_call(pb::ClusterStatusRequest {}, |mut a, r| async move { a.cluster_status(r).await })
+            .await
     }
 
     /// Replication links leaving the connected node's region.
     pub async fn replication_status(&self) -> Result<pb::ReplicationStatusResponse, Error> {
-        self.admin_call(pb::ReplicationStatusRequest {}, |mut a, r| async move { a.replication_status(r).await })
-            .await
+        self.admin_call(
+            pb::ReplicationStatusRequest {},
+            |mut a, r| async move { a.replication_status(r).await },
+        )
+        .await
     }
 
     /// Pauses (`paused = true`) or resumes shipping to `destination`.
@@ -666,7 +670,8 @@ impl Client {
 
     /// Rows the connected node stores outside their residency zone.
     pub async fn residency_audit(&self) -> Result<pb::ResidencyAuditResponse, Error> {
-        self.admin_call(pb::ResidencyAuditRequest {}, |mut a, r| async move { a.residency_audit(r).await }).await
+        self.admin_call(pb::ResidencyAuditRequest {}, |mut a, r| async move { a.residency_audit(r).await })
+            .await
     }
 
     /// Digests of the connected node's rows per (table, zone).

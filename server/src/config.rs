@@ -488,7 +488,10 @@ impl Config {
         for (i, region) in self.regions.iter().enumerate() {
             for (j, node) in region.nodes.iter().enumerate() {
                 if !valid_name(&node.id, 64) {
-                    return Err(bad(format!("regions[{i}].nodes[{j}].id"), "use 1-64 of a-z, 0-9, '_' and '-'"));
+                    return Err(bad(
+                        format!("regions[{i}].nodes[{j}].id"),
+                        "use 1-64 of a-z, 0-9, '_' and '-'",
+                    ));
                 }
                 if node.addr.is_empty() {
                     return Err(bad(format!("regions[{i}].nodes[{j}].addr"), "a peer needs an address"));

@@ -10,14 +10,14 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::{AdminService, KvService, Peers};
-use crate::replication::{receive::ReplicationService, Replicator};
-use geokv_proto::v1::replication_server::ReplicationServer;
 use crate::causality::{Hlc, SystemClock};
 use crate::config::{Config, EngineKind};
 use crate::kv::Node;
+use crate::replication::{receive::ReplicationService, Replicator};
 use crate::storage::memory::MemoryEngine;
 use crate::storage::rocks::{RocksEngine, RocksOptions};
 use crate::storage::Engine;
+use geokv_proto::v1::replication_server::ReplicationServer;
 
 /// Largest gRPC message accepted, in bytes: a batch at the value limit plus framing.
 fn message_bytes_max(cfg: &Config) -> usize {
@@ -69,7 +69,8 @@ pub async fn serve(
 
     let limit = message_bytes_max(&cfg);
     let replicator = Replicator::start(&cfg, node.clone());
-    let kv = KvServer::new(KvService::new(node.clone(), Peers::from_config(&cfg))).max_decoding_message_size(limit);
+    let kv = KvServer::new(KvService::new(node.clone(), Peers::from_config(&cfg)))
+        .max_decoding_message_size(limit);
     let admin_svc = AdminServer::new(AdminService::new(node.clone(), replicator.clone()));
     let replication_svc = ReplicationServer::new(ReplicationService::new(node.clone(), replicator.clone()))
         .max_decoding_message_size(64 << 20)
@@ -98,7 +99,7 @@ pub async fn serve(
             }),
     );
     let http_task = tokio::spawn(
-        axum::serve(admin, crate::admin::router(node.clone()))
+        axum::serve(admin, crate::admin::router(node.clone(), replicator.clone()))
             .with_graceful_shutdown(async move {
                 let _ = http_stop.wait_for(|s| *s).await;
             })

@@ -44,8 +44,10 @@ pub fn print_regions(view: &pb::ClusterStatusResponse, as_json: bool) {
         let regions: Vec<_> = view
             .regions
             .iter()
-            .map(|r| json!({"name": r.name, "zone": r.zone, "client_addrs": r.client_addrs, "health": r.health,
-                "last_contact_ms": (r.last_contact_ms != u64::MAX).then_some(r.last_contact_ms)}))
+            .map(|r| {
+                json!({"name": r.name, "zone": r.zone, "client_addrs": r.client_addrs, "health": r.health,
+                "last_contact_ms": (r.last_contact_ms != u64::MAX).then_some(r.last_contact_ms)})
+            })
             .collect();
         println!("{}", json!({"answered_by_region": view.answered_by_region, "regions": regions}));
         return;
@@ -105,7 +107,14 @@ pub fn print_links(links: &[pb::ReplicationLink], errors: &[String], as_json: bo
         };
         println!(
             "{:<16} {:<16} {:<10} {:>9.3} {:>9} {:>9} {:>10} {:>9}",
-            l.source, l.destination, state, l.lag_seconds, l.lag_entries, l.lag_bytes, l.shipped_bytes, l.skipped_by_residency
+            l.source,
+            l.destination,
+            state,
+            l.lag_seconds,
+            l.lag_entries,
+            l.lag_bytes,
+            l.shipped_bytes,
+            l.skipped_by_residency
         );
         if !l.last_error.is_empty() && !l.connected {
             println!("    last error: {}", l.last_error);

@@ -76,7 +76,11 @@ fn localities(regions: &[String]) -> BTreeMap<&'static str, String> {
         ("AU", "ap-southeast-1"),
         ("JP", "ap-southeast-1"),
     ];
-    wanted.into_iter().filter(|(_, r)| regions.iter().any(|x| x == r)).map(|(c, r)| (c, r.to_string())).collect()
+    wanted
+        .into_iter()
+        .filter(|(_, r)| regions.iter().any(|x| x == r))
+        .map(|(c, r)| (c, r.to_string()))
+        .collect()
 }
 
 /// One region's node as `geokv dev` runs it.
@@ -111,7 +115,9 @@ fn config_text(
     for r in &args.regions {
         out.push_str(&format!("[[regions]]\nname = \"{r}\"\n"));
         if let Some((via, client)) = peer_addrs.get(r) {
-            out.push_str(&format!("nodes = [{{ id = \"n1\", addr = \"{via}\", client_addr = \"{client}\" }}]\n"));
+            out.push_str(&format!(
+                "nodes = [{{ id = \"n1\", addr = \"{via}\", client_addr = \"{client}\" }}]\n"
+            ));
         }
         out.push('\n');
     }
@@ -129,7 +135,9 @@ fn config_text(
         args.regions[0]
     ));
     if eu.len() >= 2 {
-        out.push_str("\n[[tables]]\nname = \"eu_users\"\nzone = \"eu\"\ndefault_consistency = \"eventual\"\n");
+        out.push_str(
+            "\n[[tables]]\nname = \"eu_users\"\nzone = \"eu\"\ndefault_consistency = \"eventual\"\n",
+        );
     }
     out
 }
@@ -141,7 +149,10 @@ impl DevCluster {
             bail!("--regions needs at least one region");
         }
         if args.nodes_per_region != 1 {
-            bail!("--nodes-per-region {} is not supported yet: one node per region for now", args.nodes_per_region);
+            bail!(
+                "--nodes-per-region {} is not supported yet: one node per region for now",
+                args.nodes_per_region
+            );
         }
         if !(0.0..=100.0).contains(&args.latency_scale) {
             bail!("--latency-scale must be between 0 and 100");
@@ -262,7 +273,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         println!("fault proxy control: http://{}/links", c.local_addr());
     }
     println!("logs and data: {}", args.data_dir.display());
-    println!("try: geokv put user:1 alice --region {} && geokv get user:1 --region {}", args.regions[0], args.regions[args.regions.len() - 1]);
+    println!(
+        "try: geokv put user:1 alice --region {} && geokv get user:1 --region {}",
+        args.regions[0],
+        args.regions[args.regions.len() - 1]
+    );
     println!("Ctrl-C stops the cluster.");
     geokv_server::server::shutdown_signal().await;
     println!("stopping...");

@@ -224,16 +224,16 @@ struct NodeArgs {
 #[derive(Args, Clone)]
 struct ConnArgs {
     /// Node to talk to.
-    #[arg(long, env = "GEOKV_ENDPOINT", default_value = "127.0.0.1:7700")]
+    #[arg(long, global = true, env = "GEOKV_ENDPOINT", default_value = "127.0.0.1:7700")]
     endpoint: String,
     /// Enter the cluster in this region (found through --endpoint's cluster view).
-    #[arg(long)]
+    #[arg(long, global = true)]
     region: Option<String>,
     /// Print JSON instead of readable text.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
     /// Deadline per attempt, in milliseconds.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, global = true, default_value_t = 5000)]
     timeout_ms: u64,
 }
 
@@ -333,7 +333,10 @@ async fn connect(conn: &ConnArgs) -> Result<Client, Failure> {
     let view = entry.cluster_status().await?;
     let Some(info) = view.regions.iter().find(|r| &r.name == region) else {
         let known: Vec<_> = view.regions.iter().map(|r| r.name.clone()).collect();
-        return Err(Failure::Usage(format!("unknown region `{region}`; the cluster has {}", known.join(", "))));
+        return Err(Failure::Usage(format!(
+            "unknown region `{region}`; the cluster has {}",
+            known.join(", ")
+        )));
     };
     let Some(addr) = info.client_addrs.first() else {
         return Err(Failure::Usage(format!("region `{region}` has no client endpoint")));
@@ -553,7 +556,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     let (links, errors) = cluster::replication_links(&regions).await;
                     cluster::print_links(&links, &errors, conn.json);
                 }
-                ReplicationAction::Pause { ref to, ref from } | ReplicationAction::Resume { ref to, ref from } => {
+                ReplicationAction::Pause { ref to, ref from }
+                | ReplicationAction::Resume { ref to, ref from } => {
                     let paused = matches!(action, ReplicationAction::Pause { .. });
                     let source = match from {
                         Some(region) => {
@@ -568,9 +572,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     let out = source.control_replication(to, paused).await?;
                     let link = out.link.unwrap_or_default();
                     if conn.json {
-                        println!("{}", json!({"source": link.source, "destination": link.destination, "paused": link.paused}));
+                        println!(
+                            "{}",
+                            json!({"source": link.source, "destination": link.destination, "paused": link.paused})
+                        );
                     } else {
-                        println!("{} -> {}: {}", link.source, link.destination, if link.paused { "paused" } else { "resumed" });
+                        println!(
+                            "{} -> {}: {}",
+                            link.source,
+                            link.destination,
+                            if link.paused { "paused" } else { "resumed" }
+                        );
                     }
                 }
             }
@@ -597,12 +609,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if conn.json {
                 let rows: Vec<_> = violations
                     .iter()
-                    .map(|v| json!({"table": v.table, "key": text(&v.key), "zone": v.zone,
-                        "allowed_regions": v.allowed_regions, "stored_in_region": v.stored_in_region}))
+                    .map(|v| {
+                        json!({"table": v.table, "key": text(&v.key), "zone": v.zone,
+                        "allowed_regions": v.allowed_regions, "stored_in_region": v.stored_in_region})
+                    })
                     .collect();
-                println!("{}", json!({"rows_checked": total_rows, "violations": rows, "unreachable": unreachable}));
+                println!(
+                    "{}",
+                    json!({"rows_checked": total_rows, "violations": rows, "unreachable": unreachable})
+                );
             } else {
-                println!("checked {} rows in {} regions", total_rows, regions.clients.len() - unreachable.len());
+                println!(
+                    "checked {} rows in {} regions",
+                    total_rows,
+                    regions.clients.len() - unreachable.len()
+                );
                 for v in &violations {
                     println!(
                         "VIOLATION {}/{} (zone {}, allowed {}) stored in {}",
@@ -632,14 +653,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Digest { conn } => {
             let entry = connect(&conn).await?;
             let regions = cluster::connect_all(&entry, &client_config(&conn)).await?;
-            let mut by_zone: std::collections::BTreeMap<(String, String), Vec<(String, u64, String)>> = Default::default();
+            let mut by_zone: DigestsByZone = Default::default();
             let mut unreachable = Vec::new();
             for (name, client) in &regions.clients {
                 match client {
                     Ok(c) => match c.digest().await {
                         Ok(d) => {
                             for z in d.digests {
-                                by_zone.entry((z.table, z.zone)).or_default().push((name.clone(), z.rows, z.digest));
+                                by_zone.entry((z.table, z.zone)).or_default().push((
+                                    name.clone(),
+                                    z.rows,
+                                    z.digest,
+                                ));
                             }
                         }
                         Err(e) => unreachable.push(format!("{name}: {e}")),
@@ -660,7 +685,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             for ((table, zone), seen) in &by_zone {
                 let expected = zone_regions(zone);
                 let digests: std::collections::BTreeSet<&String> = seen.iter().map(|(_, _, d)| d).collect();
-                let missing: Vec<&String> = expected.iter().filter(|r| !seen.iter().any(|(n, _, _)| n == *r)).collect();
+                let missing: Vec<&String> =
+                    expected.iter().filter(|r| !seen.iter().any(|(n, _, _)| n == *r)).collect();
                 let converged = digests.len() == 1 && missing.is_empty();
                 if !converged {
                     mismatches += 1;
@@ -670,7 +696,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "missing_regions": missing}));
                 if !conn.json {
                     let zone_name = if zone.is_empty() { "-" } else { zone.as_str() };
-                    println!("{table} (zone {zone_name}): {}", if converged { "converged" } else { "DIFFERS" });
+                    println!(
+                        "{table} (zone {zone_name}): {}",
+                        if converged { "converged" } else { "DIFFERS" }
+                    );
                     for (n, rows, d) in seen {
                         println!("  {n:<16} {rows:>8} rows  {}", &d[..16.min(d.len())]);
                     }
@@ -680,7 +709,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             if conn.json {
-                println!("{}", json!({"zones": report, "converged": mismatches == 0 && unreachable.is_empty(), "unreachable": unreachable}));
+                println!(
+                    "{}",
+                    json!({"zones": report, "converged": mismatches == 0 && unreachable.is_empty(), "unreachable": unreachable})
+                );
             } else {
                 for u in &unreachable {
                     println!("unreachable: {u}");
@@ -732,6 +764,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
 }
+
+/// Per (table, zone), each region's (name, rows, digest).
+type DigestsByZone = std::collections::BTreeMap<(String, String), Vec<(String, u64, String)>>;
 
 fn print_members(members: &[Vec<u8>], as_json: bool, ack: Option<&geokv_client::WriteAck>) {
     let shown: Vec<String> = members.iter().map(|m| text(m)).collect();

@@ -1,4 +1,7 @@
-//! The admin HTTP port: `/metrics` for Prometheus and `/health` for probes.
+//! The admin HTTP port: `/metrics` for Prometheus, `/health` for probes,
+//! and the live dashboard under `/dashboard` ([`dashboard`]).
+
+mod dashboard;
 
 use std::sync::{Arc, OnceLock};
 
@@ -10,6 +13,7 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::kv::Node;
+use crate::replication::Replicator;
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -22,6 +26,18 @@ pub fn prometheus() -> PrometheusHandle {
                 .set_buckets(&[
                     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                 ])
+                .expect("bucket list is not empty")
+                // Replication delay is judged against the one-way WAN delay
+                // (tens of ms), so it gets fine buckets of its own.
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(
+                        "geokv_replication_apply_delay_seconds".into(),
+                    ),
+                    &[
+                        0.005, 0.01, 0.02, 0.03, 0.035, 0.04, 0.045, 0.05, 0.055, 0.06, 0.07, 0.08, 0.09,
+                        0.1, 0.125, 0.15, 0.175, 0.19, 0.2, 0.25, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0,
+                    ],
+                )
                 .expect("bucket list is not empty")
                 .build_recorder();
             let handle = recorder.handle();
@@ -36,13 +52,19 @@ pub fn prometheus() -> PrometheusHandle {
 #[derive(Clone)]
 struct AdminState {
     node: Arc<Node>,
+    /// Link lag and region health for the dashboard.
+    replicator: Arc<Replicator>,
     prometheus: PrometheusHandle,
 }
 
 /// The admin HTTP routes.
-pub fn router(node: Arc<Node>) -> Router {
-    let state = AdminState { node, prometheus: prometheus() };
-    Router::new().route("/metrics", get(metrics_page)).route("/health", get(health)).with_state(state)
+pub fn router(node: Arc<Node>, replicator: Arc<Replicator>) -> Router {
+    let state = AdminState { node, replicator, prometheus: prometheus() };
+    Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/health", get(health))
+        .merge(dashboard::routes())
+        .with_state(state)
 }
 
 async fn metrics_page(State(s): State<AdminState>) -> impl IntoResponse {

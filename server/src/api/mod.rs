@@ -42,7 +42,8 @@ impl Peers {
         let mut kv = BTreeMap::new();
         for region in cfg.peer_regions() {
             let Some(node) = region.nodes.first() else { continue };
-            let url = if node.addr.contains("://") { node.addr.clone() } else { format!("http://{}", node.addr) };
+            let url =
+                if node.addr.contains("://") { node.addr.clone() } else { format!("http://{}", node.addr) };
             match tonic::transport::Endpoint::from_shared(url) {
                 Ok(ep) => {
                     let ep = ep
@@ -77,13 +78,22 @@ impl KvService {
     }
 
     /// Sends the request to a node of `region`, marked as forwarded.
-    async fn forward<Req, Resp, F, Fut>(&self, region: &str, req: Req, call: F) -> Result<Response<Resp>, Status>
+    async fn forward<Req, Resp, F, Fut>(
+        &self,
+        region: &str,
+        req: Req,
+        call: F,
+    ) -> Result<Response<Resp>, Status>
     where
         F: FnOnce(KvClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
         let Some(client) = self.peers.kv.get(region).cloned() else {
-            return Err(KvError::RegionUnreachable { region: region.into(), why: "no node configured".into() }.into());
+            return Err(KvError::RegionUnreachable {
+                region: region.into(),
+                why: "no node configured".into(),
+            }
+            .into());
         };
         let mut request = Request::new(req);
         request.set_timeout(FORWARD_TIMEOUT);
@@ -557,7 +567,10 @@ impl pb::admin_server::Admin for AdminService {
                     last_contact_ms: if is_self {
                         0
                     } else {
-                        self.replicator.last_contact(&r.name).map(|d| d.as_millis() as u64).unwrap_or(u64::MAX)
+                        self.replicator
+                            .last_contact(&r.name)
+                            .map(|d| d.as_millis() as u64)
+                            .unwrap_or(u64::MAX)
                     },
                 }
             })
@@ -609,7 +622,10 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::ResidencyAuditResponse { region, rows_checked: checked, violations }))
     }
 
-    async fn digest(&self, _request: Request<pb::DigestRequest>) -> Result<Response<pb::DigestResponse>, Status> {
+    async fn digest(
+        &self,
+        _request: Request<pb::DigestRequest>,
+    ) -> Result<Response<pb::DigestResponse>, Status> {
         let node = self.node.clone();
         let digests = tokio::task::spawn_blocking(move || node.digest())
             .await

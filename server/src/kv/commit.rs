@@ -23,8 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::row::{data_key, display_key, Row, RowValue};
 use super::{AdmittedWrite, RowOp};
 use crate::causality::{
-    Crdt,
-    encode_context, DvvSet, Hlc, HlcTimestamp, LwwRegister, OrSet, PnCounter, VersionVector,
+    encode_context, Crdt, DvvSet, Hlc, HlcTimestamp, LwwRegister, OrSet, PnCounter, VersionVector,
 };
 use crate::codec;
 use crate::config::ConflictPolicy;
@@ -394,7 +393,8 @@ impl Committer {
         if remote.first_seq > applied + 1 {
             tracing::warn!(source = %remote.source_region, applied, first = remote.first_seq,
                 "replication gap: entries were trimmed at the source before this region got them");
-            metrics::counter!("geokv_replication_gaps_total", "source" => remote.source_region.clone()).increment(1);
+            metrics::counter!("geokv_replication_gaps_total", "source" => remote.source_region.clone())
+                .increment(1);
         }
         let mut staged: HashMap<Vec<u8>, Row> = HashMap::new();
         let mut job_batch = WriteBatch::new();
@@ -415,13 +415,18 @@ impl Committer {
                     row
                 }
             };
-            let delay_s = now.physical_ms().saturating_sub(HlcTimestamp(incoming.hlc).physical_ms()) as f64 / 1000.0;
+            let delay_s =
+                now.physical_ms().saturating_sub(HlcTimestamp(incoming.hlc).physical_ms()) as f64 / 1000.0;
             metrics::histogram!("geokv_replication_apply_delay_seconds", "source" => remote.source_region.clone())
                 .record(delay_s);
             job_batch.put(Cf::Data, dk.clone(), merged.seal());
             staged.insert(dk, merged);
         }
-        job_batch.put(Cf::Meta, inbound_key(&remote.source_region), remote.through_seq.to_be_bytes().to_vec());
+        job_batch.put(
+            Cf::Meta,
+            inbound_key(&remote.source_region),
+            remote.through_seq.to_be_bytes().to_vec(),
+        );
         metrics::counter!("geokv_replication_applied_entries_total", "source" => remote.source_region.clone())
             .increment(remote.entries.len() as u64);
         overlay.inbound.insert(remote.source_region.clone(), remote.through_seq);
@@ -432,7 +437,8 @@ impl Committer {
     }
 
     fn inbound_position(&self, source: &str) -> Result<u64, KvError> {
-        let stored = self.engine.get(Cf::Meta, &inbound_key(source)).map_err(|e| KvError::Storage(e.to_string()))?;
+        let stored =
+            self.engine.get(Cf::Meta, &inbound_key(source)).map_err(|e| KvError::Storage(e.to_string()))?;
         Ok(stored.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map(u64::from_be_bytes).unwrap_or(0))
     }
 
@@ -622,7 +628,11 @@ pub fn merge_row(row: &mut Row, incoming: &Row) -> bool {
         (mine, theirs) => {
             // Two regions created the row with different kinds concurrently.
             // Keep the local kind, deterministically reported, never silent.
-            tracing::warn!(local = mine.kind(), remote = theirs.kind(), "row kind conflict; keeping the local kind");
+            tracing::warn!(
+                local = mine.kind(),
+                remote = theirs.kind(),
+                "row kind conflict; keeping the local kind"
+            );
             metrics::counter!("geokv_kind_conflicts_total").increment(1);
             true
         }

@@ -242,7 +242,8 @@ impl Node {
 
     /// Merges a replicated frame through the committer.
     pub async fn apply_remote(&self, remote: RemoteApply) -> Result<(), KvError> {
-        let tx = self.commit_tx.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(KvError::ShuttingDown)?;
+        let tx =
+            self.commit_tx.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(KvError::ShuttingDown)?;
         let (reply, rx) = oneshot::channel();
         tx.send(CommitJob { work: Work::Apply(remote), reply }).await.map_err(|_| KvError::ShuttingDown)?;
         rx.await.map_err(|_| KvError::ShuttingDown)??;
@@ -381,7 +382,12 @@ impl Node {
 
     /// Whether this region's copy is fresh enough for `level`; otherwise the
     /// region that has what the reader needs.
-    fn check_freshness(&self, placement: &Placement, level: ReadLevel, session: &[u8]) -> Result<(), KvError> {
+    fn check_freshness(
+        &self,
+        placement: &Placement,
+        level: ReadLevel,
+        session: &[u8],
+    ) -> Result<(), KvError> {
         match level {
             ReadLevel::Bounded { max_staleness_ms } => {
                 let stale = self.staleness_ms(&placement.home_region);
@@ -394,7 +400,11 @@ impl Node {
             }
             ReadLevel::Session => {
                 if let Some(missing) = self.session_gap(&decode_session(session)?) {
-                    let region = if placement.allows(&missing) { missing.clone() } else { placement.home_region.clone() };
+                    let region = if placement.allows(&missing) {
+                        missing.clone()
+                    } else {
+                        placement.home_region.clone()
+                    };
                     return Err(KvError::ReplicaStale {
                         region,
                         why: format!("this region has not yet applied the session's writes from `{missing}`"),
@@ -608,8 +618,10 @@ impl Node {
         let mut start: Vec<u8> = Vec::new();
         let mut seen = 0u64;
         loop {
-            let chunk =
-                self.engine.scan(Cf::Data, &start, None, FULL_SCAN_CHUNK).map_err(|e| KvError::Storage(e.to_string()))?;
+            let chunk = self
+                .engine
+                .scan(Cf::Data, &start, None, FULL_SCAN_CHUNK)
+                .map_err(|e| KvError::Storage(e.to_string()))?;
             let done = chunk.len() < FULL_SCAN_CHUNK;
             for (k, v) in chunk {
                 let Some((table, key)) = split_data_key(&k) else { continue };
@@ -664,7 +676,12 @@ impl Node {
         })?;
         Ok(acc
             .into_iter()
-            .map(|((table, zone), (rows, h))| ZoneDigest { table, zone, rows, digest: hex::encode(h.finalize()) })
+            .map(|((table, zone), (rows, h))| ZoneDigest {
+                table,
+                zone,
+                rows,
+                digest: hex::encode(h.finalize()),
+            })
             .collect())
     }
 }

@@ -53,7 +53,10 @@ pub struct OpenedFrame {
 /// tables, and residency of every row in it. `max_bytes` bounds the
 /// decompressed size.
 pub fn open(cfg: &Config, frame: &pb::ShipFrame, max_bytes: usize) -> Result<OpenedFrame, KvError> {
-    let corrupt = |why: String| KvError::Corrupt { what: format!("replication frame from {}", frame.source_region), why };
+    let corrupt = |why: String| KvError::Corrupt {
+        what: format!("replication frame from {}", frame.source_region),
+        why,
+    };
     if frame.through_seq < frame.first_seq.saturating_sub(1) {
         return Err(KvError::InvalidField { field: "through_seq", why: "below first_seq".into() });
     }
@@ -65,16 +68,21 @@ pub fn open(cfg: &Config, frame: &pb::ShipFrame, max_bytes: usize) -> Result<Ope
     }
     let crc = crc32fast::hash(&frame.entries);
     if crc != frame.crc32 {
-        return Err(corrupt(format!("checksum mismatch: frame says {:#010x}, bytes give {crc:#010x}", frame.crc32)));
+        return Err(corrupt(format!(
+            "checksum mismatch: frame says {:#010x}, bytes give {crc:#010x}",
+            frame.crc32
+        )));
     }
     if frame.entries.len() < 4 {
         return Err(corrupt("compressed entries shorter than their size prefix".into()));
     }
-    let declared = u32::from_le_bytes([frame.entries[0], frame.entries[1], frame.entries[2], frame.entries[3]]) as usize;
+    let declared =
+        u32::from_le_bytes([frame.entries[0], frame.entries[1], frame.entries[2], frame.entries[3]]) as usize;
     if declared > max_bytes {
         return Err(corrupt(format!("frame declares {declared} bytes; the limit is {max_bytes}")));
     }
-    let raw = lz4_flex::block::decompress_size_prepended(&frame.entries).map_err(|e| corrupt(e.to_string()))?;
+    let raw =
+        lz4_flex::block::decompress_size_prepended(&frame.entries).map_err(|e| corrupt(e.to_string()))?;
     let batch = spb::LogBatch::decode(raw.as_slice()).map_err(|e| corrupt(e.to_string()))?;
     if batch.entries.len() != frame.entry_count as usize {
         return Err(corrupt(format!("{} entries, frame says {}", batch.entries.len(), frame.entry_count)));
@@ -91,7 +99,8 @@ pub fn open(cfg: &Config, frame: &pb::ShipFrame, max_bytes: usize) -> Result<Ope
         let row = e.row.ok_or_else(|| corrupt(format!("entry {} has no row", e.seq)))?;
         let row = Row::from_proto(row).map_err(corrupt)?;
         if !zone_allows(cfg, &row.zone, &cfg.region) {
-            metrics::counter!("geokv_residency_refused_total", "source" => frame.source_region.clone()).increment(1);
+            metrics::counter!("geokv_residency_refused_total", "source" => frame.source_region.clone())
+                .increment(1);
             return Err(KvError::ResidencyViolation {
                 zone: row.zone.clone(),
                 allowed: cfg.zone_regions(&row.zone),
@@ -102,4 +111,72 @@ pub fn open(cfg: &Config, frame: &pb::ShipFrame, max_bytes: usize) -> Result<Ope
         entries.push((e.table, e.key, row));
     }
     Ok(OpenedFrame { entries, max_hlc })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::causality::PnCounter;
+    use crate::kv::row::RowValue;
+
+    fn cfg(region: &str) -> Config {
+        Config::from_toml(&format!(
+            r#"
+            region = "{region}"
+            regions = [{{ name = "us-east-1" }}, {{ name = "eu-west-1" }}, {{ name = "eu-central-1" }}]
+            zones = [{{ name = "eu", regions = ["eu-west-1", "eu-central-1"] }}]
+            "#
+        ))
+        .unwrap()
+        .finish()
+        .unwrap()
+    }
+
+    fn entry(seq: u64, zone: &str) -> spb::LogEntry {
+        let mut c = PnCounter::default();
+        c.add("eu-west-1/n1", 3);
+        let row = Row {
+            home_region: "eu-west-1".into(),
+            zone: zone.into(),
+            epoch: 1,
+            hlc: 10,
+            value: RowValue::Counter(c),
+        };
+        spb::LogEntry {
+            seq,
+            table: "default".into(),
+            key: b"k".to_vec(),
+            row: Some(row.to_proto()),
+            hlc: 10,
+            origin: "eu-west-1/n1".into(),
+        }
+    }
+
+    #[test]
+    fn source_filter_follows_zones() {
+        let c = cfg("eu-west-1");
+        assert!(zone_allows(&c, "eu", "eu-central-1"));
+        assert!(!zone_allows(&c, "eu", "us-east-1"));
+        assert!(zone_allows(&c, "", "us-east-1"), "rows of no zone may go anywhere");
+    }
+
+    #[test]
+    fn receiver_refuses_rows_outside_its_zone_even_if_sent() {
+        let frame = build("eu-west-1", "n1", 1, 1, vec![entry(1, "eu")], 1, 10).unwrap();
+        let err = open(&cfg("us-east-1"), &frame, 1 << 20).unwrap_err();
+        assert_eq!(err.reason(), "RESIDENCY_VIOLATION");
+        let ok = open(&cfg("eu-central-1"), &frame, 1 << 20).unwrap();
+        assert_eq!(ok.entries.len(), 1);
+    }
+
+    #[test]
+    fn damaged_or_oversized_frames_are_refused() {
+        let mut frame = build("eu-west-1", "n1", 1, 2, vec![entry(1, ""), entry(2, "")], 2, 10).unwrap();
+        assert_eq!(open(&cfg("us-east-1"), &frame, 16).unwrap_err().reason(), "DATA_CORRUPTION");
+        let last = frame.entries.len() - 1;
+        frame.entries[last] ^= 0x10;
+        assert_eq!(open(&cfg("us-east-1"), &frame, 1 << 20).unwrap_err().reason(), "DATA_CORRUPTION");
+        let outside = build("eu-west-1", "n1", 5, 6, vec![entry(1, "")], 6, 10).unwrap();
+        assert_eq!(open(&cfg("us-east-1"), &outside, 1 << 20).unwrap_err().reason(), "DATA_CORRUPTION");
+    }
 }

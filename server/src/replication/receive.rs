@@ -31,7 +31,10 @@ type AckStream = Pin<Box<dyn Stream<Item = Result<pb::ShipAck, Status>> + Send>>
 impl pb::replication_server::Replication for ReplicationService {
     type ShipStream = AckStream;
 
-    async fn ship(&self, request: Request<Streaming<pb::ShipFrame>>) -> Result<Response<Self::ShipStream>, Status> {
+    async fn ship(
+        &self,
+        request: Request<Streaming<pb::ShipFrame>>,
+    ) -> Result<Response<Self::ShipStream>, Status> {
         let mut frames = request.into_inner();
         let node = self.node.clone();
         let replicator = self.replicator.clone();
@@ -43,7 +46,9 @@ impl pb::replication_server::Replication for ReplicationService {
                     Ok(f) => f,
                     Err(_) => return,
                 };
-                if frame.source_region == cfg.region || cfg.regions.iter().all(|r| r.name != frame.source_region) {
+                if frame.source_region == cfg.region
+                    || cfg.regions.iter().all(|r| r.name != frame.source_region)
+                {
                     let _ = tx
                         .send(Err(crate::error::KvError::UnknownRegion {
                             region: frame.source_region.clone(),
@@ -66,7 +71,10 @@ impl pb::replication_server::Replication for ReplicationService {
                     if let Err(e) = node.hlc().observe(crate::causality::HlcTimestamp(opened.max_hlc)) {
                         metrics::counter!("geokv_clock_offset_rejected_total", "source" => frame.source_region.clone())
                             .increment(1);
-                        let err = crate::error::KvError::ClockOffset { ahead_ms: e.ahead_ms, max_ms: e.max_offset_ms };
+                        let err = crate::error::KvError::ClockOffset {
+                            ahead_ms: e.ahead_ms,
+                            max_ms: e.max_offset_ms,
+                        };
                         let _ = tx.send(Err(err.to_status())).await;
                         return;
                     }
@@ -79,7 +87,10 @@ impl pb::replication_server::Replication for ReplicationService {
                     through_seq: frame.through_seq,
                     entries: opened.entries,
                 };
-                let applied = if remote.entries.is_empty() && frame.through_seq <= node.inbound().get(&frame.source_region).map(|i| i.applied_through).unwrap_or(0) {
+                let applied = if remote.entries.is_empty()
+                    && frame.through_seq
+                        <= node.inbound().get(&frame.source_region).map(|i| i.applied_through).unwrap_or(0)
+                {
                     Ok(())
                 } else {
                     node.apply_remote(remote).await

@@ -160,7 +160,8 @@ impl Shipper {
     /// (bounded) and resume from the last acknowledged position.
     pub async fn run(self, cancel: CancellationToken) {
         let stored = self.node.engine().get(Cf::Meta, &cursor_key(&self.state.destination)).ok().flatten();
-        let start = stored.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map(u64::from_be_bytes).unwrap_or(0);
+        let start =
+            stored.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map(u64::from_be_bytes).unwrap_or(0);
         self.state.acked_seq.store(start, Ordering::Release);
         let mut backoff = Duration::from_millis(self.cfg.reconnect_ms);
         while !cancel.is_cancelled() {
@@ -200,7 +201,8 @@ impl Shipper {
     }
 
     async fn stream_once(&self, cancel: &CancellationToken) -> Result<(), KvError> {
-        let unreachable = |why: String| KvError::RegionUnreachable { region: self.state.destination.clone(), why };
+        let unreachable =
+            |why: String| KvError::RegionUnreachable { region: self.state.destination.clone(), why };
         let url = if self.addr.contains("://") { self.addr.clone() } else { format!("http://{}", self.addr) };
         let endpoint = tonic::transport::Endpoint::from_shared(url)
             .map_err(|e| unreachable(e.to_string()))?
@@ -296,16 +298,17 @@ impl Shipper {
         let mut through = after;
         let mut first = after + 1;
         for (i, (k, v)) in rows.into_iter().enumerate() {
-            let seq = <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes).map_err(|_| KvError::Corrupt {
-                what: "replication log key".into(),
-                why: format!("{} bytes", k.len()),
+            let seq = <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes).map_err(|_| {
+                KvError::Corrupt { what: "replication log key".into(), why: format!("{} bytes", k.len()) }
             })?;
             if i == 0 && seq > after + 1 {
                 // Entries were trimmed by retention before this link sent them.
                 first = seq;
             }
-            let entry: spb::LogEntry = codec::open_message(&v)
-                .map_err(|e| KvError::Corrupt { what: format!("replication log entry {seq}"), why: e.to_string() })?;
+            let entry: spb::LogEntry = codec::open_message(&v).map_err(|e| KvError::Corrupt {
+                what: format!("replication log entry {seq}"),
+                why: e.to_string(),
+            })?;
             let zone = entry.row.as_ref().map(|r| r.zone.as_str()).unwrap_or("");
             through = seq;
             if super::frame::zone_allows(cfg, zone, &self.state.destination) {
