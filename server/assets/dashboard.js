@@ -28,6 +28,8 @@
   const CONFLICT_SERIES_MAX = 8;
   /** The data document version this page understands. */
   const DATA_VERSION = 1;
+  /** Narrowest time axis drawn, in seconds. */
+  const X_WINDOW_MIN_S = 60;
   const CHART_HEIGHT_PX = 240;
   const SMALL_CHART_HEIGHT_PX = 160;
   const PALETTE = [
@@ -189,7 +191,15 @@
           width: this.width(),
           height: this.height,
           scales: {
-            x: { time: true },
+            // At least X_WINDOW_MIN_S wide, so the first seconds after the
+            // page opens do not stretch across the whole chart.
+            x: {
+              time: true,
+              range: (u, min, max) => {
+                const hi = max == null ? Date.now() / 1000 : max;
+                return [min == null ? hi - X_WINDOW_MIN_S : Math.min(min, hi - X_WINDOW_MIN_S), hi];
+              },
+            },
             // From zero, so a small lag does not look like a large one.
             y: { range: (u, min, max) => [0, max != null && max > 0 ? max * 1.15 : 1] },
           },
@@ -328,9 +338,11 @@
         el("td", { class: "num" }, fmtCount(l.lag_entries)),
         el("td", { class: "num" }, fmtBytes(l.lag_bytes)),
         el("td", { class: "num" }, fmtBytes(l.shipped_bytes)),
+        el("td", { class: "num" }, fmtCount(l.acked_seq) + " / " + fmtCount(l.head_seq)),
+        el("td", { class: "num" }, fmtCount(l.skipped_by_residency)),
       );
     });
-    fillBody(document.getElementById("links"), rows, "no outgoing links (replication off or a single region)", 6);
+    fillBody(document.getElementById("links"), rows, "no outgoing links (replication off or a single region)", 8);
     const errors = data.links.filter((l) => l.last_error).map((l) => pairName(l) + ": " + l.last_error);
     document.getElementById("link-errors").textContent = errors.join("\n");
   }

@@ -287,3 +287,47 @@ async fn lww_table_keeps_the_last_write() {
     assert_eq!(siblings.len(), 1);
     assert_eq!(siblings[0].value, b"two");
 }
+
+#[tokio::test]
+async fn replicated_frames_merge_once_and_keep_local_writes() {
+    use crate::causality::PnCounter;
+    let node = node();
+    let mut remote = PnCounter::default();
+    remote.add("us-east-1/n1", 5);
+    let row = Row {
+        home_region: "us-east-1".into(),
+        zone: String::new(),
+        epoch: 1,
+        hlc: 1,
+        value: RowValue::Counter(remote),
+    };
+    let frame = |first, through| RemoteApply {
+        source_region: "us-east-1".into(),
+        first_seq: first,
+        through_seq: through,
+        entries: vec![("default".into(), b"c".to_vec(), row.clone())],
+    };
+    node.apply_remote(frame(1, 1)).await.unwrap();
+    node.apply_remote(frame(1, 1)).await.unwrap();
+    assert_eq!(node.inbound()["us-east-1"].applied_through, 1);
+    let eventual_add = WriteRequest {
+        ops: vec![WriteOp {
+            row: RowRef { locality: Locality::HomeRegion("us-east-1".into()), ..row_ref_c() },
+            op: RowOp::CounterAdd { delta: 2 },
+        }],
+        level: Some(Level::Eventual),
+        idempotency: None,
+    };
+    let out = node.write(eventual_add).await.unwrap();
+    assert_eq!(out[0].counter_value, Some(7), "the remote 5 counted once, plus the local 2");
+    // A later frame carrying the same remote state changes nothing.
+    node.apply_remote(frame(2, 2)).await.unwrap();
+    match node.read(&row_ref_c(), ReadLevel::Local, &[]).unwrap().row.unwrap().value {
+        RowValue::Counter(c) => assert_eq!(c.value(), 7),
+        other => panic!("not a counter: {other:?}"),
+    }
+}
+
+fn row_ref_c() -> RowRef {
+    RowRef { table: "default".into(), key: b"c".to_vec(), locality: Locality::Unset }
+}
