@@ -280,14 +280,13 @@ impl FaultsPatch {
     /// is selected with a `to_upstream.` or `to_client.` prefix. Booleans
     /// accept `true`/`false`/`1`/`0`/`on`/`off`.
     pub fn set_option(&mut self, option: &str) -> Result<(), SpecError> {
-        let (key, value) = option
-            .split_once('=')
-            .ok_or_else(|| SpecError::new(option, "expected key=value"))?;
+        let (key, value) =
+            option.split_once('=').ok_or_else(|| SpecError::new(option, "expected key=value"))?;
         let (key, value) = (key.trim(), value.trim());
         let number = || {
-            value.parse::<u64>().map_err(|_| {
-                SpecError::new(option, format!("{key} takes a whole number, got {value:?}"))
-            })
+            value
+                .parse::<u64>()
+                .map_err(|_| SpecError::new(option, format!("{key} takes a whole number, got {value:?}")))
         };
         let boolean = || match value {
             "true" | "1" | "on" | "yes" => Ok(true),

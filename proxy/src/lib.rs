@@ -50,7 +50,9 @@ pub mod stats;
 pub use client::{ControlClient, ControlError};
 pub use control::{ControlServer, ResetReply};
 pub use error::Error;
-pub use faults::{Direction, DirectionFaults, DirectionPatch, FaultsError, FaultsPatch, LinkFaults, SpecError};
+pub use faults::{
+    Direction, DirectionFaults, DirectionPatch, FaultsError, FaultsPatch, LinkFaults, SpecError,
+};
 pub use link::{Proxy, ProxyHandle, ProxyOptions};
 pub use set::{validate_link_name, LinkStatus, ProxySet, LINKS_MAX, LINK_NAME_BYTES_MAX};
 pub use spec::LinkSpec;

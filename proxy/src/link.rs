@@ -79,13 +79,19 @@ impl ProxyOptions {
             )));
         }
         if u32::try_from(self.queue_bytes_max).is_err() {
-            return Err(Error::Options(format!("queue_bytes_max = {}: must fit in 32 bits", self.queue_bytes_max)));
+            return Err(Error::Options(format!(
+                "queue_bytes_max = {}: must fit in 32 bits",
+                self.queue_bytes_max
+            )));
         }
         if self.queue_chunks_max == 0 {
             return Err(Error::Options("queue_chunks_max = 0: must be at least 1".into()));
         }
         if self.connections_max == 0 || self.connections_max > Semaphore::MAX_PERMITS {
-            return Err(Error::Options(format!("connections_max = {}: must be at least 1", self.connections_max)));
+            return Err(Error::Options(format!(
+                "connections_max = {}: must be at least 1",
+                self.connections_max
+            )));
         }
         if self.upstream_connect_timeout_ms == 0 {
             return Err(Error::Options("upstream_connect_timeout_ms = 0: must be at least 1".into()));
@@ -164,7 +170,8 @@ impl Proxy {
         faults: LinkFaults,
         options: ProxyOptions,
     ) -> Result<ProxyHandle, Error> {
-        let listener = TcpListener::bind(listen).await.map_err(|source| Error::Bind { addr: listen, source })?;
+        let listener =
+            TcpListener::bind(listen).await.map_err(|source| Error::Bind { addr: listen, source })?;
         Self::start_on(listener, upstream, faults, options)
     }
 

@@ -58,7 +58,8 @@ async fn runs_links_from_specs_and_obeys_ctl() {
         assert!(!link.faults.partition);
         assert_eq!((link.faults.to_client.latency_ms, link.faults.to_client.jitter_ms), (70, 2));
 
-        let out = ctl(&control, &["set", "us-east-1->eu-west-1", "to_upstream.latency_ms=5", "stall=true"]).await;
+        let out =
+            ctl(&control, &["set", "us-east-1->eu-west-1", "to_upstream.latency_ms=5", "stall=true"]).await;
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let link = api.link("us-east-1->eu-west-1").await.unwrap();
         assert!(link.faults.stall);
@@ -76,7 +77,8 @@ async fn runs_links_from_specs_and_obeys_ctl() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("unknown option"));
 
         child.start_kill().unwrap();
-        let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("proxy did not exit");
+        let _ =
+            tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("proxy did not exit");
     })
     .await;
 }

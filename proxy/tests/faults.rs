@@ -11,9 +11,7 @@ use std::io::ErrorKind;
 use std::time::{Duration, Instant};
 
 use common::*;
-use geokv_proxy::{
-    ControlClient, DirectionFaults, FaultsPatch, LinkFaults, Proxy, ProxyOptions, ProxySet,
-};
+use geokv_proxy::{ControlClient, DirectionFaults, FaultsPatch, LinkFaults, Proxy, ProxyOptions, ProxySet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Scheduling slack allowed on top of a configured delay.
@@ -88,39 +86,44 @@ async fn delayed_chunks_are_pipelined_not_serialized() {
         let faults = LinkFaults { to_upstream: DirectionFaults::latency(50), ..Default::default() };
         let link = Proxy::start(any_port(), echo.addr, faults).await.unwrap();
         let mut c = connect(link.local_addr()).await;
-        let count = 40usize;
+        // Chunks as large as the proxy's reads, so the kernel cannot merge
+        // them into one read and hide a per-read sleep: serialized, chunk i
+        // would take about 50 ms x (i + 1), 2.4 s for the last.
+        let (count, chunk_bytes) = (48usize, 16 * 1024);
         let start = Instant::now();
         let (mut r, mut w) = c.split();
-        // Chunk i is sent at sent[i]; its last byte arrives back at got[i].
+        // Chunk i is sent at sent[i]; its last byte comes back at got[i].
         let send = async {
             let mut sent = Vec::with_capacity(count);
-            for i in 0..count as u32 {
+            for i in 0..count {
                 sent.push(start.elapsed());
-                w.write_all(&i.to_be_bytes()).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                w.write_all(&vec![i as u8; chunk_bytes]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
             sent
         };
         let receive = async {
             let mut got = Vec::with_capacity(count);
-            let mut bytes = Vec::new();
-            let mut buf = [0u8; 1024];
-            // At most one read per byte, so this loop is bounded by 4 * count.
-            while bytes.len() < count * 4 {
-                let n = tokio::time::timeout(Duration::from_secs(10), r.read(&mut buf)).await.unwrap().unwrap();
+            let mut bytes = Vec::with_capacity(count * chunk_bytes);
+            let mut buf = vec![0u8; 64 * 1024];
+            // Each read is at least one byte, so this loop is bounded by the
+            // byte count (and each read by its timeout).
+            while bytes.len() < count * chunk_bytes {
+                let n =
+                    tokio::time::timeout(Duration::from_secs(10), r.read(&mut buf)).await.unwrap().unwrap();
                 assert!(n > 0, "closed early");
                 bytes.extend_from_slice(&buf[..n]);
-                got.resize(bytes.len() / 4, start.elapsed());
+                got.resize(bytes.len() / chunk_bytes, start.elapsed());
             }
             (got, bytes)
         };
         let (sent, (got, bytes)) = tokio::join!(send, receive);
-        assert_numbered_in_order(&bytes, count as u32);
+        for (i, chunk) in bytes.chunks(chunk_bytes).enumerate() {
+            assert!(chunk.iter().all(|&b| b == i as u8), "chunk {i} changed or out of order");
+        }
         for i in 0..count {
             let delay = got[i].saturating_sub(sent[i]);
             assert!(delay >= Duration::from_millis(50), "chunk {i} took {delay:?} < 50 ms");
-            // Serialized delivery would make chunk i wait ~45 ms x i (1.8 s
-            // for the last one).
             assert!(delay < Duration::from_millis(50) + SLACK, "chunk {i} took {delay:?}");
         }
         link.shutdown().await;
@@ -284,7 +287,10 @@ async fn reset_closes_connections_and_refuse_rejects_new_ones() {
         link.reset(Some(true));
         assert_eq!(closed_within(&mut fresh, Duration::from_secs(5)).await, Some(ErrorKind::ConnectionReset));
         let mut refused = connect(link.local_addr()).await;
-        assert_eq!(closed_within(&mut refused, Duration::from_secs(5)).await, Some(ErrorKind::ConnectionReset));
+        assert_eq!(
+            closed_within(&mut refused, Duration::from_secs(5)).await,
+            Some(ErrorKind::ConnectionReset)
+        );
         assert_eq!(link.stats().connections_refused, 1);
 
         link.heal();
@@ -320,6 +326,23 @@ async fn bandwidth_cap_limits_rate() {
         // 100 kB at 100 kB/s: about 1 s. Unlimited, loopback takes a few ms.
         assert!(elapsed >= Duration::from_millis(800), "{total} bytes at {rate} B/s took only {elapsed:?}");
         assert!(elapsed < Duration::from_millis(1000) + 4 * SLACK, "{elapsed:?}");
+        link.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unreachable_upstream_resets_the_client() {
+    bounded(async {
+        // A port that was just free: nothing listens there.
+        let dead = tokio::net::TcpListener::bind(any_port()).await.unwrap();
+        let dead_addr = dead.local_addr().unwrap();
+        drop(dead);
+        let link = Proxy::start(any_port(), dead_addr, LinkFaults::default()).await.unwrap();
+        let mut c = connect(link.local_addr()).await;
+        c.write_all(b"anyone?").await.unwrap();
+        assert_eq!(closed_within(&mut c, Duration::from_secs(10)).await, Some(ErrorKind::ConnectionReset));
+        assert_eq!(link.stats().connections_reset, 1);
         link.shutdown().await;
     })
     .await;
@@ -364,10 +387,8 @@ async fn long_lived_framed_connection_survives_latency_changes() {
                     (0..(call as usize * 3001) % 70_000).map(|i| (i as u32 ^ call) as u8).collect();
                 let start = Instant::now();
                 write_frame(&mut c, &payload).await.unwrap();
-                let answer = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut c))
-                    .await
-                    .unwrap()
-                    .unwrap();
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(10), read_frame(&mut c)).await.unwrap().unwrap();
                 let rtt = start.elapsed();
                 let mut expected = payload.clone();
                 expected.reverse();
