@@ -7,7 +7,6 @@
 
 use prost::Message;
 
-
 /// The format version written today. Readers accept every version in
 /// [`READABLE_VERSIONS`].
 pub const FORMAT_VERSION: u8 = 1;
