@@ -310,6 +310,24 @@ pub struct Client {
     session: Arc<Mutex<Vec<u8>>>,
 }
 
+/// Merges two session tokens (per region, the higher log position). A token
+/// that does not decode is replaced by the other, so a bad token cannot wedge
+/// a session; the server rejects malformed tokens it is sent.
+pub fn merge_session_tokens(a: &[u8], b: &[u8]) -> Vec<u8> {
+    use geokv_proto::envelope::{open_message, seal_message};
+    use geokv_proto::storage::SessionToken;
+    let Ok(mut left) = open_message::<SessionToken>(a) else { return b.to_vec() };
+    let Ok(right) = open_message::<SessionToken>(b) else { return a.to_vec() };
+    for e in right.seen {
+        match left.seen.iter_mut().find(|x| x.actor == e.actor) {
+            Some(x) => x.counter = x.counter.max(e.counter),
+            None => left.seen.push(e),
+        }
+    }
+    left.seen.sort_by(|x, y| x.actor.cmp(&y.actor));
+    seal_message(&left)
+}
+
 fn normalize(endpoint: &str) -> String {
     if endpoint.contains("://") {
         endpoint.to_string()
@@ -346,15 +364,22 @@ impl Client {
         self.session.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// Replaces the session token (e.g. with one handed over from another client).
     pub fn set_session_token(&self, token: Vec<u8>) {
         if let Ok(mut s) = self.session.lock() {
             *s = token;
         }
     }
 
+    /// Folds a token from a response into the one this client holds, taking
+    /// the highest position per region, so a write in one region does not
+    /// forget what the session saw in another.
     fn remember(&self, token: &[u8]) {
-        if !token.is_empty() {
-            self.set_session_token(token.to_vec());
+        if token.is_empty() {
+            return;
+        }
+        if let Ok(mut held) = self.session.lock() {
+            *held = merge_session_tokens(&held, token);
         }
     }
 
@@ -697,5 +722,29 @@ impl Client {
             })
             .await?;
         Ok(resp.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use geokv_proto::envelope::{open_message, seal_message};
+    use geokv_proto::storage::{SessionToken, VvEntry};
+
+    fn token(entries: &[(&str, u64)]) -> Vec<u8> {
+        seal_message(&SessionToken {
+            seen: entries.iter().map(|(r, c)| VvEntry { actor: r.to_string(), counter: *c }).collect(),
+        })
+    }
+
+    #[test]
+    fn session_tokens_merge_per_region_maximum() {
+        let merged =
+            merge_session_tokens(&token(&[("us-east-1", 7), ("eu-west-1", 2)]), &token(&[("eu-west-1", 5)]));
+        let t: SessionToken = open_message(&merged).unwrap();
+        let got: Vec<_> = t.seen.iter().map(|e| (e.actor.as_str(), e.counter)).collect();
+        assert_eq!(got, [("eu-west-1", 5), ("us-east-1", 7)]);
+        assert_eq!(merge_session_tokens(b"junk", &token(&[("a", 1)])), token(&[("a", 1)]));
+        assert_eq!(merge_session_tokens(&[], &token(&[("a", 1)])), token(&[("a", 1)]));
     }
 }
