@@ -76,6 +76,11 @@
     return (ms / 1000).toFixed(1) + " s ago";
   }
 
+  /** Seconds since the epoch as local HH:MM:SS. */
+  function fmtClock(s) {
+    return new Date(s * 1000).toLocaleTimeString("en-GB", { hour12: false });
+  }
+
   function fmtDuration(ms) {
     const s = Math.floor(ms / 1000);
     if (s < 60) return s + "s";
@@ -213,7 +218,12 @@
               value: (u, v) => (v == null ? "\u2013" : format(v)),
             })),
           ],
-          axes: [{}, { size: 70, values: (u, ticks) => ticks.map((t) => format(t)) }],
+          axes: [
+            // One line of local wall-clock time per tick, spaced so labels
+            // never overlap, even in the narrow conflict chart.
+            { space: 80, values: (u, ticks) => ticks.map(fmtClock) },
+            { size: 70, values: (u, ticks) => ticks.map((t) => format(t)) },
+          ],
           cursor: { drag: { x: false, y: false } },
         },
         data,

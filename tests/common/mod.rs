@@ -8,6 +8,8 @@
 //! - [`CliOutput`] and [`run_bounded`]: the `geokv` command line run with a
 //!   deadline, its status and both outputs captured.
 //! - [`Deadline`]: the time bound every polling loop here carries.
+//! - [`cluster`]: a whole `geokv dev` multi-region cluster behind the fault
+//!   proxy, with `kill -9` and restart of one region's node.
 //!
 //! Every test binary compiles this module but uses a part of it.
 #![allow(dead_code)]
@@ -18,6 +20,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+pub mod cluster;
 
 /// The `geokv` binary cargo built for this test run.
 pub const GEOKV_BIN: &str = env!("CARGO_BIN_EXE_geokv");

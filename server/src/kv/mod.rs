@@ -376,8 +376,27 @@ impl Node {
         Ok(ReadInfo {
             served_by_region: self.cfg.region.clone(),
             staleness_ms_max: self.staleness_ms(&placement.home_region),
-            session_token: self.session_token(session, self.log_seq())?,
+            session_token: self.read_session_token(session)?,
         })
+    }
+
+    /// The token after a read here: the reader may have seen everything this
+    /// region wrote and everything it applied from other regions, so a later
+    /// SESSION read elsewhere must have applied at least as much (monotonic
+    /// reads across regions).
+    fn read_session_token(&self, previous: &[u8]) -> Result<Vec<u8>, KvError> {
+        let mut token = decode_session(previous)?;
+        let mut raise = |region: &str, seq: u64| match token.seen.iter_mut().find(|e| e.actor == region) {
+            Some(e) => e.counter = e.counter.max(seq),
+            None if seq > 0 => token.seen.push(pb::VvEntry { actor: region.to_string(), counter: seq }),
+            None => {}
+        };
+        raise(&self.cfg.region, self.log_seq());
+        for (source, inbound) in self.inbound() {
+            raise(&source, inbound.applied_through);
+        }
+        token.seen.sort_by(|a, b| a.actor.cmp(&b.actor));
+        Ok(codec::seal_message(&token))
     }
 
     /// Whether this region's copy is fresh enough for `level`; otherwise the

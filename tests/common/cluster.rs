@@ -1,0 +1,518 @@
+//! A whole `geokv dev` cluster for multi-region tests: four regions, one
+//! `geokv node` process each, every inter-region link behind the fault
+//! proxy with emulated WAN latency.
+//!
+//! [`DevCluster`] runs `geokv dev` as a child process on a block of free
+//! loopback ports and a temp data directory, waits (bounded) until every
+//! region answers and every replication link is up, and offers what a
+//! chaos test needs: endpoints per region, the proxy's control API, and
+//! `kill -9` / restart of one region's node. Dropping it stops everything
+//! it started, even when the test failed; on failure it prints the tail of
+//! every log first.
+//!
+//! The nodes are children of the `geokv dev` process, so a node is found
+//! through `/proc` by its exact command line (`geokv node --config
+//! <data-dir>/<region>/node.toml`, a path unique to this cluster). A node
+//! restarted by the harness is the harness's own child, started from the
+//! same `node.toml` (same data directory, ports and peers).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+use geokv_client::Client;
+use geokv_proxy::ControlClient;
+
+use super::{http_get, run_bounded, CliOutput, Deadline, CLI_TIMEOUT, GEOKV_BIN};
+
+/// The regions `geokv dev` runs by default, in its port order: region `i`
+/// listens for gRPC on `base + 10 i` and for admin HTTP on `base + 10 i + 1`.
+pub const REGIONS: [&str; 4] = ["us-east-1", "eu-west-1", "eu-central-1", "ap-southeast-1"];
+
+/// Longest wait for `geokv dev` to report its cluster started. Four cold
+/// RocksDB opens take a second or two; the margin is for a loaded host.
+pub const DEV_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait, once the nodes answer, for every region to hear from every
+/// other (replication links connected and heartbeating).
+pub const LINKS_UP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a restarted node to answer `/health`.
+pub const NODE_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for `geokv dev` to exit after SIGTERM (it stops its nodes
+/// with SIGTERM and gives each 10 s before SIGKILL).
+pub const DEV_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a killed process to be gone.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between polls of a process or a port.
+const POLL_INTERVAL: Duration = Duration::from_millis(25);
+/// Start attempts on fresh port blocks, when another process took a port of
+/// the block between the probe and the bind.
+const START_ATTEMPTS_MAX: u32 = 3;
+
+/// Port blocks are taken from [PORT_FIRST, PORT_LAST), below Linux's
+/// ephemeral range (32768 and up) so the proxies' and clients' own port-0
+/// binds never land in a block. Each block spans 100 ports: four regions use
+/// base .. base+31 and the proxy control API base+99.
+const PORT_FIRST: u16 = 20_000;
+const PORT_LAST: u16 = 32_000;
+const PORT_BLOCK: u16 = 100;
+/// Blocks tried per start before giving up.
+const PORT_PROBES_MAX: u32 = 120;
+
+/// Next block to probe, shared by the tests of one binary so parallel tests
+/// never pick the same block. Seeded from the process id so two test
+/// binaries running at once start far apart.
+static NEXT_BLOCK: AtomicU16 = AtomicU16::new(u16::MAX);
+
+/// Ports a cluster at `base` binds.
+fn block_ports(base: u16) -> Vec<u16> {
+    let mut ports: Vec<u16> =
+        (0..REGIONS.len() as u16).flat_map(|i| [base + 10 * i, base + 10 * i + 1]).collect();
+    ports.push(base + 99);
+    ports
+}
+
+/// A block of ports nobody listens on right now.
+fn free_block() -> u16 {
+    let blocks = (PORT_LAST - PORT_FIRST) / PORT_BLOCK;
+    let _ = NEXT_BLOCK.compare_exchange(
+        u16::MAX,
+        (std::process::id() % u32::from(blocks)) as u16,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
+    for _ in 0..PORT_PROBES_MAX {
+        let block = NEXT_BLOCK.fetch_add(1, Ordering::AcqRel) % blocks;
+        let base = PORT_FIRST + block * PORT_BLOCK;
+        let free = block_ports(base).into_iter().all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if free {
+            return base;
+        }
+    }
+    panic!("no free block of {PORT_BLOCK} loopback ports in {PORT_FIRST}..{PORT_LAST} after {PORT_PROBES_MAX} probes");
+}
+
+/// One-way latency `geokv dev` gives the link between `a` and `b` at
+/// `scale`, in ms: half the measured round trip (the table in
+/// client/cli/src/dev.rs), rounded as dev rounds it.
+pub fn one_way_ms(a: &str, b: &str, scale: f64) -> u64 {
+    let rtt = match (a.min(b), a.max(b)) {
+        ("eu-west-1", "us-east-1") => 80.0,
+        ("eu-central-1", "us-east-1") => 90.0,
+        ("ap-southeast-1", "us-east-1") => 217.0,
+        ("eu-central-1", "eu-west-1") => 25.0,
+        ("ap-southeast-1", "eu-west-1") => 238.0,
+        ("ap-southeast-1", "eu-central-1") => 160.0,
+        _ => 100.0,
+    };
+    (rtt / 2.0 * scale).round() as u64
+}
+
+/// Sends `signal` to `pid`; false when no such process exists.
+fn signal(pid: u32, signal: libc::c_int) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: kill(2) touches no memory. Every pid passed here is a process
+    // this harness started, or one found by a command line naming this
+    // cluster's own temp directory.
+    unsafe { libc::kill(pid, signal) == 0 }
+}
+
+/// Whether `pid` is gone or a zombie (dead, waiting for its parent).
+fn dead(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => {
+            stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])).unwrap_or(true)
+        }
+        Err(_) => true,
+    }
+}
+
+/// Live processes whose command line is `geokv node --config <config>`.
+fn node_pids(config: &Path) -> Vec<u32> {
+    let wanted = config.as_os_str().as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut pids = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_node = args.get(1) == Some(&b"node".as_slice())
+            && args.windows(2).any(|w| w[0] == b"--config" && w[1] == wanted);
+        if is_node && !dead(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Kills `pid` with SIGKILL and waits (bounded) until it is dead.
+fn kill_pid(pid: u32) {
+    signal(pid, libc::SIGKILL);
+    let deadline = Deadline::after(KILL_TIMEOUT);
+    while !dead(pid) {
+        assert!(!deadline.passed(), "process {pid} still alive {KILL_TIMEOUT:?} after SIGKILL");
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// The last `lines` lines of a file, or a note that it cannot be read.
+fn tail(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+/// A running `geokv dev` cluster.
+pub struct DevCluster {
+    /// Owns every file of the cluster; removed on drop.
+    dir: tempfile::TempDir,
+    /// `--data-dir` of `geokv dev`: one folder per region with its
+    /// `node.toml`, `node.log` and store.
+    data_dir: PathBuf,
+    base_port: u16,
+    pub latency_scale: f64,
+    /// The `geokv dev` process (None once stopped).
+    dev: Option<Child>,
+    /// Nodes this harness restarted itself, by region.
+    restarted: BTreeMap<String, Child>,
+    /// Restarts so far, numbering their log files.
+    restarts: u32,
+}
+
+impl DevCluster {
+    /// Starts `geokv dev` with `--latency-scale scale` and waits until every
+    /// region answers and hears from every other region.
+    pub async fn start(latency_scale: f64) -> Self {
+        let mut last_failure = String::new();
+        for attempt in 1..=START_ATTEMPTS_MAX {
+            let mut cluster = Self::spawn(latency_scale);
+            match cluster.wait_started().await {
+                Ok(()) => {
+                    cluster.wait_links_up().await;
+                    return cluster;
+                }
+                Err(why) => {
+                    eprintln!("dev cluster start attempt {attempt} failed, retrying on other ports: {why}");
+                    last_failure = why;
+                    // Dropping stops whatever did start.
+                }
+            }
+        }
+        panic!("geokv dev did not start in {START_ATTEMPTS_MAX} attempts; last failure: {last_failure}");
+    }
+
+    fn spawn(latency_scale: f64) -> Self {
+        let dir = tempfile::Builder::new().prefix("geokv-dev-it-").tempdir().expect("create a temp dir");
+        let data_dir = dir.path().join("data");
+        let base_port = free_block();
+        let log = File::create(dir.path().join("dev.log")).expect("create dev.log");
+        let err = log.try_clone().expect("clone the dev.log handle");
+        let dev = Command::new(GEOKV_BIN)
+            .arg("dev")
+            .arg("--base-port")
+            .arg(base_port.to_string())
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--fresh")
+            .arg("--latency-scale")
+            .arg(latency_scale.to_string())
+            .env("RUST_LOG", "info")
+            .env_remove("GEOKV_CONFIG")
+            .env_remove("GEOKV_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn `geokv dev`");
+        Self {
+            dir,
+            data_dir,
+            base_port,
+            latency_scale,
+            dev: Some(dev),
+            restarted: BTreeMap::new(),
+            restarts: 0,
+        }
+    }
+
+    /// Waits until `geokv dev` says the cluster runs (it prints its last
+    /// line once every node accepts connections) and the proxy control API
+    /// answers with a link per ordered pair of regions.
+    async fn wait_started(&mut self) -> Result<(), String> {
+        let deadline = Deadline::after(DEV_START_TIMEOUT);
+        loop {
+            let dev = self.dev.as_mut().expect("dev process");
+            if let Some(status) = dev.try_wait().expect("poll geokv dev") {
+                self.dev = None;
+                return Err(format!("geokv dev exited with {status}:\n{}", self.dev_log()));
+            }
+            if self.dev_log().contains("Ctrl-C stops the cluster.") {
+                break;
+            }
+            if deadline.passed() {
+                return Err(format!(
+                    "geokv dev not started within {DEV_START_TIMEOUT:?}:\n{}",
+                    self.dev_log()
+                ));
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        // dev starts without the control API when its port is taken.
+        let links = self.control().links().await.map_err(|e| format!("proxy control API: {e}"))?;
+        let expected = REGIONS.len() * (REGIONS.len() - 1);
+        if links.len() != expected {
+            return Err(format!("proxy control API lists {} links, expected {expected}", links.len()));
+        }
+        Ok(())
+    }
+
+    /// Waits until every region reports every other region healthy, which
+    /// needs its replication links to be connected both ways.
+    pub async fn wait_links_up(&self) {
+        let deadline = Deadline::after(LINKS_UP_TIMEOUT);
+        let mut last: String;
+        'regions: for region in REGIONS {
+            loop {
+                match self.try_client(region).await {
+                    Ok(client) => match client.cluster_status().await {
+                        Ok(view) => {
+                            let down: Vec<String> = view
+                                .regions
+                                .iter()
+                                .filter(|r| r.health != "self" && r.health != "healthy")
+                                .map(|r| format!("{} is {}", r.name, r.health))
+                                .collect();
+                            if down.is_empty() && view.regions.len() == REGIONS.len() {
+                                continue 'regions;
+                            }
+                            last = format!("{region} sees: {}", down.join(", "));
+                        }
+                        Err(e) => last = format!("{region}: cluster status: {e}"),
+                    },
+                    Err(e) => last = format!("{region}: connect: {e}"),
+                }
+                if deadline.passed() {
+                    panic!("replication links not all up within {LINKS_UP_TIMEOUT:?}: {last}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    fn region_index(region: &str) -> u16 {
+        REGIONS.iter().position(|r| *r == region).unwrap_or_else(|| panic!("unknown region {region}")) as u16
+    }
+
+    pub fn grpc_addr(&self, region: &str) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.base_port + 10 * Self::region_index(region)))
+    }
+
+    pub fn admin_addr(&self, region: &str) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.base_port + 10 * Self::region_index(region) + 1))
+    }
+
+    /// `http://127.0.0.1:PORT` of a region's gRPC API.
+    pub fn endpoint(&self, region: &str) -> String {
+        format!("http://{}", self.grpc_addr(region))
+    }
+
+    /// Address of the fault proxy's HTTP control API.
+    pub fn control_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.base_port + 99))
+    }
+
+    pub fn control(&self) -> ControlClient {
+        ControlClient::new(self.control_addr())
+    }
+
+    /// Names of the proxy links to and from `region` (`A->B`).
+    pub fn links_touching(region: &str) -> Vec<String> {
+        REGIONS
+            .iter()
+            .filter(|r| **r != region)
+            .flat_map(|other| [format!("{region}->{other}"), format!("{other}->{region}")])
+            .collect()
+    }
+
+    /// Black-holes every link to and from `region`, both directions.
+    pub async fn isolate(&self, region: &str) {
+        let control = self.control();
+        for link in Self::links_touching(region) {
+            control.partition(&link).await.unwrap_or_else(|e| panic!("partition {link}: {e}"));
+        }
+    }
+
+    /// Heals every link to and from `region` (latency is kept).
+    pub async fn heal(&self, region: &str) {
+        let control = self.control();
+        for link in Self::links_touching(region) {
+            control.heal(&link).await.unwrap_or_else(|e| panic!("heal {link}: {e}"));
+        }
+    }
+
+    pub async fn try_client(&self, region: &str) -> Result<Client, geokv_client::Error> {
+        Client::connect(self.endpoint(region)).await
+    }
+
+    /// A client connected to `region`'s node.
+    pub async fn client(&self, region: &str) -> Client {
+        self.try_client(region).await.unwrap_or_else(|e| panic!("connect to {region}: {e}"))
+    }
+
+    /// A client of `region` with `config` adjusted by `adjust`.
+    pub async fn client_with(
+        &self,
+        region: &str,
+        adjust: impl FnOnce(&mut geokv_client::ClientConfig),
+    ) -> Client {
+        let mut cfg = geokv_client::ClientConfig::new(self.endpoint(region));
+        adjust(&mut cfg);
+        Client::with_config(cfg).await.unwrap_or_else(|e| panic!("connect to {region}: {e}"))
+    }
+
+    /// Runs `geokv ARGS --endpoint <us-east-1>` (bounded), off the async
+    /// runtime's worker threads.
+    pub async fn cli(&self, args: &[&str]) -> CliOutput {
+        let mut cmd = Command::new(GEOKV_BIN);
+        cmd.args(args)
+            .arg("--endpoint")
+            .arg(self.grpc_addr(REGIONS[0]).to_string())
+            .env_remove("GEOKV_ENDPOINT");
+        tokio::task::spawn_blocking(move || run_bounded(cmd, CLI_TIMEOUT)).await.expect("CLI runner thread")
+    }
+
+    pub fn node_config(&self, region: &str) -> PathBuf {
+        self.data_dir.join(region).join("node.toml")
+    }
+
+    fn dev_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dev.log")).unwrap_or_default()
+    }
+
+    /// Pid of `region`'s running node, if one runs.
+    pub fn node_pid(&self, region: &str) -> Option<u32> {
+        if let Some(child) = self.restarted.get(region) {
+            return (!dead(child.id())).then(|| child.id());
+        }
+        let pids = node_pids(&self.node_config(region));
+        assert!(pids.len() <= 1, "more than one node of {region} runs: {pids:?}");
+        pids.first().copied()
+    }
+
+    /// Kills `region`'s node with SIGKILL, as a crash would, and waits until
+    /// it is dead. The other regions and the proxies keep running.
+    pub fn kill_9(&mut self, region: &str) {
+        if let Some(mut child) = self.restarted.remove(region) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        }
+        let pid = self.node_pid(region).unwrap_or_else(|| panic!("no running node of {region} to kill"));
+        kill_pid(pid);
+    }
+
+    /// Starts `region`'s node again from its `node.toml` (same store, ports
+    /// and peers) and waits until it answers `/health`.
+    pub async fn restart(&mut self, region: &str) {
+        assert!(self.node_pid(region).is_none(), "restart of {region}, whose node still runs");
+        self.restarts += 1;
+        let log_path = self.dir.path().join(format!("restart-{}-{region}.log", self.restarts));
+        let log = File::create(&log_path).expect("create a restart log");
+        let child = Command::new(GEOKV_BIN)
+            .arg("node")
+            .arg("--config")
+            .arg(self.node_config(region))
+            .env("RUST_LOG", "info")
+            .env_remove("GEOKV_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn `geokv node`");
+        self.restarted.insert(region.to_string(), child);
+        let admin = self.admin_addr(region);
+        let deadline = Deadline::after(NODE_READY_TIMEOUT);
+        loop {
+            let child = self.restarted.get_mut(region).expect("restarted node");
+            if let Some(status) = child.try_wait().expect("poll the restarted node") {
+                self.restarted.remove(region);
+                panic!("restarted node of {region} exited with {status}:\n{}", tail(&log_path, 40));
+            }
+            let health =
+                tokio::task::spawn_blocking(move || http_get(admin, "/health")).await.expect("health probe");
+            if health.is_ok_and(|body| body.contains("\"serving\"")) {
+                return;
+            }
+            assert!(!deadline.passed(), "restarted node of {region} not ready in {NODE_READY_TIMEOUT:?}");
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    fn print_logs(&self) {
+        eprintln!(
+            "---- geokv dev (ports {}..) ----\n{}",
+            self.base_port,
+            tail(&self.dir.path().join("dev.log"), 30)
+        );
+        for region in REGIONS {
+            eprintln!(
+                "---- node log of {region} ----\n{}",
+                tail(&self.data_dir.join(region).join("node.log"), 40)
+            );
+        }
+        for n in 1..=self.restarts {
+            for region in REGIONS {
+                let path = self.dir.path().join(format!("restart-{n}-{region}.log"));
+                if path.exists() {
+                    eprintln!("---- restart {n} of {region} ----\n{}", tail(&path, 40));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_logs();
+        }
+        for (_, mut child) in std::mem::take(&mut self.restarted) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(mut dev) = self.dev.take() {
+            signal(dev.id(), libc::SIGTERM);
+            let started = Instant::now();
+            loop {
+                match dev.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if started.elapsed() > DEV_STOP_TIMEOUT => {
+                        eprintln!(
+                            "geokv dev did not stop within {DEV_STOP_TIMEOUT:?} of SIGTERM; killing it"
+                        );
+                        let _ = dev.kill();
+                        let _ = dev.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(POLL_INTERVAL),
+                }
+            }
+        }
+        // A dev process that was killed leaves its nodes running: stop any
+        // node of this cluster that is still alive.
+        for region in REGIONS {
+            for pid in node_pids(&self.node_config(region)) {
+                kill_pid(pid);
+            }
+        }
+    }
+}
