@@ -184,7 +184,15 @@ impl DevCluster {
             }
         }
         let control_port = args.proxy_control_port.unwrap_or(args.base_port.saturating_add(99));
-        let control = proxies.serve_control(loopback(control_port)).await.ok();
+        let control = match proxies.serve_control(loopback(control_port)).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!(
+                    "warning: the fault proxy's control API is not available on port {control_port}: {e}"
+                );
+                None
+            }
+        };
         let mut nodes = Vec::new();
         for r in &args.regions {
             let dir = args.data_dir.join(r);
