@@ -105,13 +105,8 @@ impl Replicator {
             metrics::gauge!("geokv_replication_lag_bytes", &labels).set(s.lag_bytes as f64);
             metrics::gauge!("geokv_replication_paused", &labels).set(if s.paused { 1.0 } else { 0.0 });
         }
-        let limit = Duration::from_millis(
-            cfg.replication.heartbeat_ms * u64::from(cfg.replication.unhealthy_after_misses),
-        )
-        .max(Duration::from_millis(500));
         for region in &cfg.regions {
-            let healthy =
-                region.name == cfg.region || self.last_contact(&region.name).is_some_and(|d| d <= limit);
+            let healthy = self.is_healthy(&region.name);
             metrics::gauge!("geokv_region_healthy", "region" => region.name.clone()).set(if healthy {
                 1.0
             } else {
