@@ -1,0 +1,383 @@
+//! One scenario end to end: start the cluster, run the workload and the
+//! nemesis, heal, wait for convergence, read the final state, stop the
+//! cluster, check, and write the run folder.
+//!
+//! A harness failure (the cluster does not start, the run folder cannot be
+//! written) is an `Err`; an outcome of the system under test is a verdict.
+//! The two are never confused: a run whose checks could not decide is
+//! `Unknown`, which fails, and is not reported as a harness error.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::checker::{
+    self, digest_key, Audit, FinalState, Outcome, RegionFinal, Verdict, FINAL_CLIENT_PREFIX,
+};
+use crate::cluster::{quick_client, zones, Cluster, ClusterSpec, EU_ZONE, REGIONS};
+use crate::history::{self, Kind, NemesisStatus, Recorder, Value, F};
+use crate::nemesis::{self, NemesisKind};
+use crate::report;
+use crate::workload::{self, ClientSpec, Shared, WorkloadKind};
+
+/// Everything a run depends on; stored as `options.json` in the run folder
+/// so `--reproduce` can run it again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunOptions {
+    pub workload: WorkloadKind,
+    pub nemesis: NemesisKind,
+    /// Length of the workload, in seconds.
+    pub time_s: u64,
+    pub seed: u64,
+    /// Operations at most (all clients together).
+    pub ops: u64,
+    pub clients_per_region: usize,
+    /// Multiplies the emulated WAN latencies.
+    pub latency_scale: f64,
+    /// `storage.sync` of the nodes.
+    pub sync: bool,
+    /// A put-back bug to switch on in the nodes (`GEOKV_BUG`, bugs builds only).
+    pub bug: Option<String>,
+    pub geokv_bin: PathBuf,
+    /// The run folder.
+    pub out: PathBuf,
+}
+
+/// Longest wait, after the heal, for every region's digests to agree.
+pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Slack after the workload's deadline for clients to finish their last
+/// operation (each is bounded by `workload::OP_TIMEOUT`).
+const CLIENT_DRAIN: Duration = Duration::from_secs(30);
+
+/// What a run produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub name: String,
+    pub dir: PathBuf,
+    pub seed: u64,
+    pub workload: WorkloadKind,
+    pub nemesis: NemesisKind,
+    pub outcome: Outcome,
+    pub verdicts: Vec<Verdict>,
+    /// Operations by outcome: ok, fail, unknown.
+    pub ops: BTreeMap<String, u64>,
+    /// Nemesis steps by status.
+    pub nemesis_steps: BTreeMap<String, u64>,
+    /// What the workload could not exercise yet, and why.
+    pub notes: Vec<String>,
+    pub elapsed_s: f64,
+}
+
+/// Notes on what each workload cannot exercise before issue 4.
+pub fn notes(kind: WorkloadKind, regions: &[String]) -> Vec<String> {
+    match kind {
+        WorkloadKind::Register => vec![format!(
+            "register: STRONG does not exist yet (issue 4), so every client sends to the home region's node ({}) at LOCAL, which is linearizable without failover; CAS is not exercised",
+            regions[0]
+        )],
+        WorkloadKind::Counter => {
+            vec!["counter: increments at EVENTUAL only; QUORUM answers LEVEL_UNAVAILABLE until issue 4".into()]
+        }
+        WorkloadKind::Set | WorkloadKind::Residency => Vec::new(),
+    }
+}
+
+/// Runs one scenario and writes its folder.
+pub async fn run(opts: &RunOptions) -> anyhow::Result<RunSummary> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    std::fs::write(opts.out.join("seed"), format!("{}\n", opts.seed))?;
+    std::fs::write(opts.out.join("command"), format!("{}\n", command_line()))?;
+    std::fs::write(opts.out.join("options.json"), serde_json::to_string_pretty(opts)?)?;
+    let regions: Vec<String> = REGIONS.iter().map(|r| r.to_string()).collect();
+    let spec = ClusterSpec {
+        geokv_bin: opts.geokv_bin.clone(),
+        dir: opts.out.join("cluster"),
+        regions: regions.clone(),
+        latency_scale: opts.latency_scale,
+        sync: opts.sync,
+        env: opts.bug.iter().map(|b| ("GEOKV_BUG".to_string(), b.clone())).collect(),
+    };
+    tracing::info!(dir = %opts.out.display(), "starting the cluster");
+    let mut cluster = Cluster::start(spec).await.context("starting the cluster")?;
+    let t0 = Instant::now();
+    let recorder = Recorder::new(t0);
+    let duration = Duration::from_secs(opts.time_s);
+    let steps = nemesis::schedule(opts.nemesis, opts.seed, &regions, duration);
+    std::fs::write(opts.out.join("schedule.json"), serde_json::to_string_pretty(&steps)?)?;
+
+    // Clients: `clients_per_region` standing in every region.
+    let mut clients = Vec::new();
+    for (ri, region) in regions.iter().enumerate() {
+        for i in 0..opts.clients_per_region {
+            let target = if opts.workload == WorkloadKind::Register { &regions[0] } else { region };
+            clients.push(ClientSpec {
+                name: format!("{region}/{i}"),
+                home: region.clone(),
+                region: target.clone(),
+                endpoint: cluster.endpoint(target),
+                seed: opts.seed.wrapping_mul(1_000_003).wrapping_add((ri * 100 + i) as u64),
+            });
+        }
+    }
+    let total_ms = duration.as_millis() as u64;
+    let think = Duration::from_millis((clients.len() as u64 * total_ms / opts.ops.max(1)).max(1));
+    let deadline = t0 + duration;
+    let shared = Shared {
+        kind: opts.workload,
+        recorder: recorder.clone(),
+        invoked: Arc::new(AtomicU64::new(0)),
+        ops_max: opts.ops,
+        deadline,
+        think,
+        next_value: Arc::new(AtomicU64::new(0)),
+        eu: zones(&regions).get(EU_ZONE).cloned().unwrap_or_default(),
+    };
+    let handles: Vec<_> =
+        clients.into_iter().map(|c| tokio::spawn(workload::client_loop(c, shared.clone()))).collect();
+    if opts.nemesis == NemesisKind::Failover {
+        recorder.nemesis("failover", vec![], NemesisStatus::Skipped, nemesis::FAILOVER_SKIPPED);
+    }
+    nemesis::run(&mut cluster, &steps, &recorder, t0, deadline).await;
+    let drain =
+        tokio::time::timeout(deadline.saturating_duration_since(Instant::now()) + CLIENT_DRAIN, async {
+            for h in handles {
+                let _ = h.await;
+            }
+        })
+        .await;
+    if drain.is_err() {
+        tracing::warn!("clients did not finish within the drain time");
+    }
+    let abandoned = recorder.close_open("HARNESS_ABANDONED");
+    if abandoned > 0 {
+        tracing::warn!(abandoned, "operations still open at the end: recorded as unknown");
+    }
+
+    // Heal everything and let the regions converge.
+    let healed_at = Instant::now();
+    match cluster.heal_all().await {
+        Ok(did) => recorder.nemesis("heal-all", vec![], NemesisStatus::Installed, did.join("; ")),
+        Err(e) => recorder.nemesis("heal-all", vec![], NemesisStatus::Indeterminate, format!("{e:#}")),
+    }
+    let mut fin = wait_converged(&cluster, &regions, healed_at).await;
+    final_reads(&cluster, opts.workload, &recorder, &regions).await;
+    let audits = read_audits(&cluster, &regions).await;
+    for (r, a) in audits {
+        if let Some(rf) = fin.regions.get_mut(&r) {
+            match a {
+                Ok(a) => rf.audit = Some(a),
+                Err(e) => rf.error = Some(e),
+            }
+        }
+    }
+    cluster.stop().await;
+    drop(cluster);
+
+    let records = recorder.records();
+    history::write_jsonl(&opts.out.join("history.jsonl"), &records)?;
+    std::fs::write(opts.out.join("final.json"), serde_json::to_string_pretty(&fin)?)?;
+    let verdicts = check(opts, &records, &fin);
+    let outcome = checker::overall(&verdicts);
+    let mut ops = BTreeMap::new();
+    let mut nemesis_steps = BTreeMap::new();
+    for r in &records {
+        match r {
+            history::Record::Op(o)
+                if o.kind != Kind::Invoke && !o.client.starts_with(FINAL_CLIENT_PREFIX) =>
+            {
+                *ops.entry(format!("{:?}", o.kind).to_lowercase()).or_insert(0) += 1
+            }
+            history::Record::Nemesis(n) => {
+                *nemesis_steps.entry(format!("{:?}", n.status).to_lowercase()).or_insert(0) += 1
+            }
+            _ => {}
+        }
+    }
+    let summary = RunSummary {
+        name: opts.out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+        dir: opts.out.clone(),
+        seed: opts.seed,
+        workload: opts.workload,
+        nemesis: opts.nemesis,
+        outcome,
+        verdicts,
+        ops,
+        nemesis_steps,
+        notes: notes(opts.workload, &regions),
+        elapsed_s: started.elapsed().as_secs_f64(),
+    };
+    std::fs::write(opts.out.join("verdicts.json"), serde_json::to_string_pretty(&summary)?)?;
+    report::write(&opts.out, &summary, &records).context("writing the report")?;
+    Ok(summary)
+}
+
+/// The checkers of a workload, on a recorded history and final state.
+pub fn check(opts: &RunOptions, records: &[history::Record], fin: &FinalState) -> Vec<Verdict> {
+    let ops = match history::operations(records) {
+        Ok(ops) => ops,
+        Err(e) => return vec![Verdict::new("history", Outcome::Unknown, format!("history unusable: {e}"))],
+    };
+    let mut v = match opts.workload {
+        WorkloadKind::Register => {
+            vec![checker::linearizable::check(&ops, checker::linearizable::SearchBounds::default())]
+        }
+        WorkloadKind::Counter => vec![checker::counter::check(&ops)],
+        WorkloadKind::Set => vec![checker::set::check(&ops)],
+        WorkloadKind::Residency => vec![
+            checker::residency::check(&ops, fin, EU_ZONE),
+            checker::residency::check_lost_writes(&ops, fin, EU_ZONE),
+        ],
+    };
+    v.push(checker::convergence::check(fin));
+    if opts.nemesis == NemesisKind::Failover {
+        v.push(checker::epoch::check(&[]));
+    }
+    v
+}
+
+async fn read_digests(cluster: &Cluster, regions: &[String]) -> BTreeMap<String, RegionFinal> {
+    let mut out = BTreeMap::new();
+    for r in regions {
+        let rf = match quick_client(&cluster.endpoint(r)).await {
+            Ok(c) => match c.digest().await {
+                Ok(d) => RegionFinal {
+                    digests: Some(
+                        d.digests
+                            .into_iter()
+                            .map(|z| (digest_key(&z.table, &z.zone), (z.rows, z.digest)))
+                            .collect(),
+                    ),
+                    ..Default::default()
+                },
+                Err(e) => RegionFinal { error: Some(format!("digest: {e}")), ..Default::default() },
+            },
+            Err(e) => RegionFinal { error: Some(format!("connect: {e}")), ..Default::default() },
+        };
+        out.insert(r.clone(), rf);
+    }
+    out
+}
+
+/// Polls every region's digests until they agree or the bound passes.
+async fn wait_converged(cluster: &Cluster, regions: &[String], healed_at: Instant) -> FinalState {
+    let mut fin = FinalState { zones: zones(regions), ..Default::default() };
+    loop {
+        fin.regions = read_digests(cluster, regions).await;
+        if checker::convergence::check(&fin).outcome == Outcome::Pass {
+            fin.converged_after_ms = Some(healed_at.elapsed().as_millis() as u64);
+            return fin;
+        }
+        if healed_at.elapsed() > CONVERGE_TIMEOUT {
+            return fin;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn read_audits(cluster: &Cluster, regions: &[String]) -> Vec<(String, Result<Audit, String>)> {
+    let mut out = Vec::new();
+    for r in regions {
+        let audit = match quick_client(&cluster.endpoint(r)).await {
+            Ok(c) => c.residency_audit().await.map_err(|e| format!("audit: {e}")).map(|a| Audit {
+                rows_checked: a.rows_checked,
+                violations: a
+                    .violations
+                    .iter()
+                    .map(|v| {
+                        format!(
+                            "{}/{} (zone {}) stored in {}",
+                            v.table,
+                            String::from_utf8_lossy(&v.key),
+                            v.zone,
+                            v.stored_in_region
+                        )
+                    })
+                    .collect(),
+            }),
+            Err(e) => Err(format!("connect: {e}")),
+        };
+        out.push((r.clone(), audit));
+    }
+    out
+}
+
+/// Reads, after the heal, what every checker needs, recorded in the
+/// history as clients `final-<region>`.
+async fn final_reads(cluster: &Cluster, kind: WorkloadKind, recorder: &Recorder, regions: &[String]) {
+    let records = recorder.records();
+    let ops = history::operations(&records).unwrap_or_default();
+    let mut plans: Vec<(String, workload::Planned)> = Vec::new();
+    let read =
+        |f: F, key: &str| workload::Planned { f, key: key.to_string(), value: Value::None, level: "LOCAL" };
+    match kind {
+        WorkloadKind::Register => {
+            for k in 0..workload::REGISTER_KEYS {
+                plans.push((regions[0].clone(), read(F::Read, &format!("r{k}"))));
+            }
+        }
+        WorkloadKind::Counter => {
+            for r in regions {
+                for k in 0..workload::COUNTER_KEYS {
+                    plans.push((r.clone(), read(F::CounterRead, &format!("c{k}"))));
+                }
+            }
+        }
+        WorkloadKind::Set => {
+            for r in regions {
+                for k in 0..workload::SET_KEYS {
+                    plans.push((r.clone(), read(F::SetRead, &format!("s{k}"))));
+                }
+            }
+        }
+        WorkloadKind::Residency => {
+            let keys: std::collections::BTreeSet<&str> = ops
+                .iter()
+                .filter(|o| o.f == F::Write && matches!(o.outcome, Kind::Ok | Kind::Unknown))
+                .map(|o| o.key.as_str())
+                .collect();
+            let eu = zones(regions).get(EU_ZONE).cloned().unwrap_or_default();
+            for r in &eu {
+                for k in &keys {
+                    plans.push((r.clone(), read(F::Read, k)));
+                }
+            }
+        }
+    }
+    let mut clients = BTreeMap::new();
+    for (region, p) in plans {
+        let name = format!("{FINAL_CLIENT_PREFIX}{region}");
+        let Some(inv) = recorder.invoke(&name, &region, p.level, p.f, &p.key, Value::None) else { return };
+        if !clients.contains_key(&region) {
+            if let Ok(c) =
+                geokv_client::Client::with_config(workload::client_config(&cluster.endpoint(&region))).await
+            {
+                clients.insert(region.clone(), c);
+            }
+        }
+        let (k, v, e) = match clients.get(&region) {
+            Some(c) => workload::perform(kind, c, &p).await,
+            None => (Kind::Fail, Value::None, Some("UNREACHABLE".into())),
+        };
+        recorder.complete(inv, k, v, e);
+    }
+}
+
+/// The command line of this process, for the run folder.
+pub fn command_line() -> String {
+    std::env::args().map(|a| if a.contains(' ') { format!("'{a}'") } else { a }).collect::<Vec<_>>().join(" ")
+}
+
+/// `$CARGO_TARGET_DIR/debug/geokv`, or `target/debug/geokv` beside the
+/// workspace, when `--geokv-bin` is not given.
+pub fn default_geokv_bin() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target"));
+    target.join("debug").join("geokv")
+}

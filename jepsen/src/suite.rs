@@ -1,0 +1,144 @@
+//! The suite: every scenario, each a [`run`](crate::run::run) with its own
+//! seed and folder, and a summary of all of them.
+//!
+//! The full suite runs at least ten scenarios of at least 1,000 operations
+//! each; a scenario below its operation floor fails the suite, so a harness
+//! that quietly did little cannot pass. The smoke runs a few short ones
+//! (for CI).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::checker::Outcome;
+use crate::nemesis::NemesisKind;
+use crate::run::{RunOptions, RunSummary};
+use crate::workload::WorkloadKind;
+
+/// One scenario of the suite.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    pub workload: WorkloadKind,
+    pub nemesis: NemesisKind,
+}
+
+const fn s(workload: WorkloadKind, nemesis: NemesisKind) -> Scenario {
+    Scenario { workload, nemesis }
+}
+
+/// The full suite. The register runs against the home region's node (see
+/// `run::notes`), so it meets the faults that reach that node: kill,
+/// pause, skew; network faults change nothing for it until STRONG exists.
+pub const FULL: &[Scenario] = &[
+    s(WorkloadKind::Register, NemesisKind::None),
+    s(WorkloadKind::Register, NemesisKind::Kill),
+    s(WorkloadKind::Register, NemesisKind::Pause),
+    s(WorkloadKind::Register, NemesisKind::Skew),
+    s(WorkloadKind::Counter, NemesisKind::Partition),
+    s(WorkloadKind::Counter, NemesisKind::Kill),
+    s(WorkloadKind::Counter, NemesisKind::Stall),
+    s(WorkloadKind::Set, NemesisKind::Halves),
+    s(WorkloadKind::Set, NemesisKind::Bridge),
+    s(WorkloadKind::Set, NemesisKind::Skew),
+    s(WorkloadKind::Residency, NemesisKind::Partition),
+    s(WorkloadKind::Residency, NemesisKind::Latency),
+    s(WorkloadKind::Residency, NemesisKind::Kill),
+    s(WorkloadKind::Counter, NemesisKind::Pause),
+];
+
+/// The CI smoke: a few short scenarios touching every checker.
+pub const SMOKE: &[Scenario] = &[
+    s(WorkloadKind::Register, NemesisKind::Kill),
+    s(WorkloadKind::Counter, NemesisKind::Partition),
+    s(WorkloadKind::Residency, NemesisKind::Halves),
+];
+
+/// Sizes of a suite's runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizing {
+    pub time_s: u64,
+    pub ops: u64,
+    /// A scenario with fewer completed operations fails the suite.
+    pub ops_floor: u64,
+}
+
+pub const FULL_SIZING: Sizing = Sizing { time_s: 45, ops: 1_300, ops_floor: 1_000 };
+pub const SMOKE_SIZING: Sizing = Sizing { time_s: 25, ops: 500, ops_floor: 200 };
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SuiteSummary {
+    pub runs: Vec<RunSummary>,
+    /// Problems of the suite itself (a harness error, too few operations).
+    pub problems: Vec<String>,
+    pub passed: bool,
+}
+
+/// Runs `scenarios` one after another under `out`; seeds are `seed + i`.
+pub async fn run(
+    scenarios: &[Scenario],
+    sizing: Sizing,
+    seed: u64,
+    out: &Path,
+    base: &RunOptions,
+) -> anyhow::Result<SuiteSummary> {
+    std::fs::create_dir_all(out)?;
+    let mut runs = Vec::new();
+    let mut problems = Vec::new();
+    for (i, sc) in scenarios.iter().enumerate() {
+        let seed = seed.wrapping_add(i as u64);
+        let dir: PathBuf = out.join(format!("{:02}-{}-{}", i + 1, sc.workload.name(), sc.nemesis.name()));
+        let opts = RunOptions {
+            workload: sc.workload,
+            nemesis: sc.nemesis,
+            time_s: sizing.time_s,
+            seed,
+            ops: sizing.ops,
+            out: dir.clone(),
+            ..base.clone()
+        };
+        eprintln!(
+            "== scenario {}/{}: {} under {} (seed {seed})",
+            i + 1,
+            scenarios.len(),
+            sc.workload.name(),
+            sc.nemesis.name()
+        );
+        match crate::run::run(&opts).await {
+            Ok(summary) => {
+                let done: u64 = summary.ops.values().sum();
+                eprintln!(
+                    "   {} ({done} operations {:?}, nemesis {:?}) -> {}",
+                    summary.outcome_name(),
+                    summary.ops,
+                    summary.nemesis_steps,
+                    dir.display()
+                );
+                if done < sizing.ops_floor {
+                    problems.push(format!(
+                        "{}: {done} operations, below the floor of {}",
+                        summary.name, sizing.ops_floor
+                    ));
+                }
+                runs.push(summary);
+            }
+            Err(e) => {
+                eprintln!("   harness error: {e:#}");
+                problems.push(format!("{}: harness error: {e:#}", dir.display()));
+            }
+        }
+    }
+    let passed = problems.is_empty() && runs.iter().all(|r| r.outcome == Outcome::Pass);
+    let summary = SuiteSummary { runs, problems, passed };
+    std::fs::write(out.join("suite.json"), serde_json::to_string_pretty(&summary)?)?;
+    Ok(summary)
+}
+
+impl RunSummary {
+    pub fn outcome_name(&self) -> &'static str {
+        match self.outcome {
+            Outcome::Pass => "PASS",
+            Outcome::Fail => "FAIL",
+            Outcome::Unknown => "UNKNOWN (fails)",
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! Workloads: clients in several regions doing operations and recording
+//! each one's invocation and completion.
+//!
+//! - **register**: reads and writes of unique values on a few keys of an
+//!   LWW table homed in the first region. Until STRONG exists (issue 4)
+//!   every client, wherever it stands, sends to the home region's node at
+//!   LOCAL, which makes the register linearizable without failover; CAS
+//!   waits for issue 4.
+//! - **counter**: increments at EVENTUAL in every region, reads at LOCAL.
+//!   (QUORUM increments wait for issue 4.)
+//! - **set**: adds and removes (no context) at EVENTUAL, reads at LOCAL.
+//! - **residency**: EU-resident rows (`eu_users`, zone eu) written and read
+//!   from every region; outside the zone every operation must be refused.
+//!
+//! Outcomes: `ok`; `fail` only when the server said the operation was
+//! refused before it could apply (invalid, residency, level unavailable,
+//! ...); `unknown` for everything else after the request was sent
+//! (deadline, transport error, unavailable, internal).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use geokv_client::{Client, ClientConfig, Consistency, ReadConsistency, Row, WriteOptions};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::{EU_LOCALITIES, TABLE_COUNTERS, TABLE_EU_USERS, TABLE_REGISTERS, TABLE_SETS};
+use crate::history::{Kind, Recorder, Value, F};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkloadKind {
+    Register,
+    Counter,
+    Set,
+    Residency,
+}
+
+impl WorkloadKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkloadKind::Register => "register",
+            WorkloadKind::Counter => "counter",
+            WorkloadKind::Set => "set",
+            WorkloadKind::Residency => "residency",
+        }
+    }
+}
+
+/// Register keys.
+pub const REGISTER_KEYS: u64 = 3;
+/// Counter keys.
+pub const COUNTER_KEYS: u64 = 2;
+/// Set keys, and the elements each draws from.
+pub const SET_KEYS: u64 = 2;
+pub const SET_ELEMENTS: i64 = 24;
+/// Bound on one operation, retries included; past it the outcome is unknown.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// One logical client: where it stands and which node it sends to.
+#[derive(Debug, Clone)]
+pub struct ClientSpec {
+    pub name: String,
+    /// The region the client stands in.
+    pub home: String,
+    /// The region whose node it sends to.
+    pub region: String,
+    pub endpoint: String,
+    pub seed: u64,
+}
+
+/// Settings shared by every client of a run.
+#[derive(Clone)]
+pub struct Shared {
+    pub kind: WorkloadKind,
+    pub recorder: Recorder,
+    /// Operations invoked by all clients so far, and the bound.
+    pub invoked: Arc<AtomicU64>,
+    pub ops_max: u64,
+    pub deadline: Instant,
+    /// Mean pause between one client's operations.
+    pub think: Duration,
+    /// Unique values for register writes and residency rows.
+    pub next_value: Arc<AtomicU64>,
+    /// Regions of the EU zone.
+    pub eu: Vec<String>,
+}
+
+/// The client config of a workload client: short attempts, a few retries
+/// (with the same idempotency key, so a retried write applies once).
+pub fn client_config(endpoint: &str) -> ClientConfig {
+    let mut cfg = ClientConfig::new(endpoint);
+    cfg.timeout = Duration::from_millis(2_000);
+    cfg.connect_timeout = Duration::from_millis(1_000);
+    cfg.retries_max = 2;
+    cfg.retry_backoff = Duration::from_millis(100);
+    cfg
+}
+
+/// Whether an error means the operation cannot have taken effect.
+pub fn definite_failure(e: &geokv_client::Error) -> bool {
+    use tonic::Code;
+    match e.reason.as_deref() {
+        Some("LEVEL_UNAVAILABLE") | Some("CLIENT_ERROR") => return true,
+        _ => {}
+    }
+    matches!(
+        e.code,
+        Code::InvalidArgument
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::AlreadyExists
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::OutOfRange
+            | Code::Unimplemented
+    )
+}
+
+/// The row of register `key`.
+pub fn register_row(key: &str) -> Row {
+    Row::new(TABLE_REGISTERS, key.as_bytes().to_vec())
+}
+
+pub fn counter_row(key: &str) -> Row {
+    Row::new(TABLE_COUNTERS, key.as_bytes().to_vec())
+}
+
+pub fn set_row(key: &str) -> Row {
+    Row::new(TABLE_SETS, key.as_bytes().to_vec())
+}
+
+/// Residency rows carry their locality in the key: `u-<COUNTRY>-<n>`.
+pub fn eu_row(key: &str) -> Row {
+    let country = key.split('-').nth(1).unwrap_or("FR").to_string();
+    Row::new(TABLE_EU_USERS, key.as_bytes().to_vec()).locality(country)
+}
+
+/// Decodes a register value written by the harness (decimal text).
+pub fn decode(v: &[u8]) -> Option<i64> {
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// One operation, ready to run.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub f: F,
+    pub key: String,
+    pub value: Value,
+    pub level: &'static str,
+}
+
+/// Picks the next operation of a client.
+pub fn plan(kind: WorkloadKind, rng: &mut impl Rng, shared: &Shared, written: &[String]) -> Planned {
+    match kind {
+        WorkloadKind::Register => {
+            let key = format!("r{}", rng.random_range(0..REGISTER_KEYS));
+            if rng.random_bool(0.5) {
+                Planned { f: F::Read, key, value: Value::None, level: "LOCAL" }
+            } else {
+                let v = shared.next_value.fetch_add(1, Ordering::Relaxed) as i64 + 1;
+                Planned { f: F::Write, key, value: Value::Int(v), level: "LOCAL" }
+            }
+        }
+        WorkloadKind::Counter => {
+            let key = format!("c{}", rng.random_range(0..COUNTER_KEYS));
+            if rng.random_bool(0.8) {
+                Planned { f: F::Incr, key, value: Value::Int(rng.random_range(1..=5)), level: "EVENTUAL" }
+            } else {
+                Planned { f: F::CounterRead, key, value: Value::None, level: "LOCAL" }
+            }
+        }
+        WorkloadKind::Set => {
+            let key = format!("s{}", rng.random_range(0..SET_KEYS));
+            let e = Value::Int(rng.random_range(0..SET_ELEMENTS));
+            match rng.random_range(0..10) {
+                0..=4 => Planned { f: F::SetAdd, key, value: e, level: "EVENTUAL" },
+                5..=7 => Planned { f: F::SetRemove, key, value: e, level: "EVENTUAL" },
+                _ => Planned { f: F::SetRead, key, value: Value::None, level: "LOCAL" },
+            }
+        }
+        WorkloadKind::Residency => {
+            if rng.random_bool(0.5) {
+                let (country, _) = EU_LOCALITIES[rng.random_range(0..EU_LOCALITIES.len())];
+                let n = shared.next_value.fetch_add(1, Ordering::Relaxed) as i64 + 1;
+                Planned {
+                    f: F::Write,
+                    key: format!("u-{country}-{n}"),
+                    value: Value::Int(n),
+                    level: "EVENTUAL",
+                }
+            } else {
+                // Reads of this client's rows, or (outside the zone, where
+                // nothing is ever written) of any row id.
+                let key = if written.is_empty() {
+                    let (country, _) = EU_LOCALITIES[rng.random_range(0..EU_LOCALITIES.len())];
+                    let n = shared.next_value.load(Ordering::Relaxed).max(1);
+                    format!("u-{country}-{}", rng.random_range(1..=n))
+                } else {
+                    written[rng.random_range(0..written.len())].clone()
+                };
+                Planned { f: F::Read, key, value: Value::None, level: "LOCAL" }
+            }
+        }
+    }
+}
+
+/// Runs one operation against `client`; returns the completion.
+pub async fn perform(kind: WorkloadKind, client: &Client, p: &Planned) -> (Kind, Value, Option<String>) {
+    let eventual = WriteOptions::default().consistency(Consistency::Eventual);
+    let local = WriteOptions::default().consistency(Consistency::Local);
+    let fut = async {
+        match (kind, p.f) {
+            (WorkloadKind::Register, F::Read) | (WorkloadKind::Residency, F::Read) => {
+                let row = if kind == WorkloadKind::Register { register_row(&p.key) } else { eu_row(&p.key) };
+                client.get(&row, ReadConsistency::Local).await.map(|g| {
+                    let vals: Vec<i64> = g.values().iter().filter_map(|v| decode(v)).collect();
+                    match vals.as_slice() {
+                        [] => Value::None,
+                        [one] => Value::Int(*one),
+                        _ => Value::List(vals),
+                    }
+                })
+            }
+            (WorkloadKind::Register, F::Write) => {
+                let v = p.value.as_int().unwrap_or_default();
+                client
+                    .put(&register_row(&p.key), v.to_string().into_bytes(), local)
+                    .await
+                    .map(|_| Value::None)
+            }
+            (WorkloadKind::Residency, F::Write) => {
+                let v = p.value.as_int().unwrap_or_default();
+                client.put(&eu_row(&p.key), v.to_string().into_bytes(), eventual).await.map(|_| Value::None)
+            }
+            (_, F::Incr) => client
+                .counter_add(&counter_row(&p.key), p.value.as_int().unwrap_or(0), eventual)
+                .await
+                .map(|_| Value::None),
+            (_, F::CounterRead) => client
+                .counter_get(&counter_row(&p.key), ReadConsistency::Local)
+                .await
+                .map(|v| v.map(Value::Int).unwrap_or(Value::None)),
+            (_, F::SetAdd) => {
+                let e = p.value.as_int().unwrap_or(0).to_string().into_bytes();
+                client.set_add(&set_row(&p.key), vec![e], eventual).await.map(|_| Value::None)
+            }
+            (_, F::SetRemove) => {
+                let e = p.value.as_int().unwrap_or(0).to_string().into_bytes();
+                client.set_remove(&set_row(&p.key), vec![e], eventual).await.map(|_| Value::None)
+            }
+            (_, F::SetRead) => client.set_members(&set_row(&p.key), ReadConsistency::Local).await.map(|s| {
+                let mut m: Vec<i64> = s.members.iter().filter_map(|v| decode(v)).collect();
+                m.sort_unstable();
+                Value::List(m)
+            }),
+            (k, f) => Err(geokv_client::Error {
+                code: tonic::Code::Internal,
+                reason: Some("HARNESS".into()),
+                message: format!("workload {k:?} has no {f:?}"),
+                metadata: Default::default(),
+            }),
+        }
+    };
+    match tokio::time::timeout(OP_TIMEOUT, fut).await {
+        Err(_) => (Kind::Unknown, Value::None, Some("HARNESS_TIMEOUT".into())),
+        Ok(Ok(v)) => (Kind::Ok, v, None),
+        Ok(Err(e)) if definite_failure(&e) => (Kind::Fail, Value::None, Some(e.reason_or_code())),
+        Ok(Err(e)) => (Kind::Unknown, Value::None, Some(e.reason_or_code())),
+    }
+}
+
+/// One client's loop: bounded by the run's operation count and deadline.
+pub async fn client_loop(spec: ClientSpec, shared: Shared) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
+    let mut client: Option<Client> = None;
+    let mut written: Vec<String> = Vec::new();
+    // Stagger the start so clients do not move in lock step.
+    let think_ms = u64::try_from(shared.think.as_millis()).unwrap_or(1_000).max(1);
+    tokio::time::sleep(Duration::from_millis(rng.random_range(0..think_ms))).await;
+    loop {
+        if Instant::now() >= shared.deadline {
+            return;
+        }
+        if shared.invoked.fetch_add(1, Ordering::AcqRel) >= shared.ops_max {
+            return;
+        }
+        let p = plan(shared.kind, &mut rng, &shared, &written);
+        let Some(inv) =
+            shared.recorder.invoke(&spec.name, &spec.region, p.level, p.f, &p.key, p.value.clone())
+        else {
+            return;
+        };
+        if client.is_none() {
+            client = Client::with_config(client_config(&spec.endpoint)).await.ok();
+        }
+        let (kind, value, error) = match &client {
+            // Not connected: nothing was sent.
+            None => (Kind::Fail, Value::None, Some("UNREACHABLE".to_string())),
+            Some(c) => perform(shared.kind, c, &p).await,
+        };
+        if shared.kind == WorkloadKind::Residency && p.f == F::Write && kind != Kind::Fail {
+            written.push(p.key.clone());
+        }
+        let write = if crate::history::is_read(p.f) { value } else { p.value.clone() };
+        shared.recorder.complete(inv, kind, write, error);
+        // Exponentially distributed think time around the mean, capped.
+        let u: f64 = rng.random_range(0.0001..1.0);
+        let pause = (-(u.ln()) * think_ms as f64).min(think_ms as f64 * 5.0) as u64;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+}
