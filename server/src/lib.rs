@@ -17,6 +17,8 @@
 
 pub mod admin;
 pub mod api;
+#[cfg(feature = "bugs")]
+pub mod bugs;
 pub mod causality;
 pub mod codec;
 pub mod config;

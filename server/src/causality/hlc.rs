@@ -30,11 +30,23 @@ impl PhysicalClock for SystemClock {
     fn now_ms(&self) -> u64 {
         // A clock set before 1970 reads as 0; the HLC then runs on its
         // logical counter until the wall clock is fixed.
-        SystemTime::now()
+        let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0)
+            .unwrap_or(0);
+        now.saturating_add_signed(clock_skew_ms())
     }
+}
+
+/// A deliberate offset of this process's wall clock, in ms, from the
+/// `GEOKV_CLOCK_SKEW_MS` environment variable (read once; 0 when unset or
+/// not a number). The chaos harness uses it to skew one node's clock, as a
+/// misconfigured NTP would; nothing else should set it.
+fn clock_skew_ms() -> i64 {
+    static SKEW_MS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *SKEW_MS.get_or_init(|| {
+        std::env::var("GEOKV_CLOCK_SKEW_MS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    })
 }
 
 /// A clock that moves only when told to, for deterministic tests. Clones

@@ -242,6 +242,8 @@ impl Committer {
             }
             return;
         }
+        #[cfg(feature = "bugs")]
+        crate::bugs::ack_before_fsync(&mut replies);
         match self.engine.write(batch, self.settings.sync) {
             Ok(()) => {
                 self.state.log_seq.store(next_seq - 1, Ordering::Release);
