@@ -20,7 +20,7 @@ pub enum Bug {
 }
 
 /// Time between the early replies and the write, in ms.
-pub const ACK_BEFORE_FSYNC_DELAY_MS: u64 = 40;
+pub const ACK_BEFORE_FSYNC_DELAY_MS: u64 = 100;
 
 /// The bug switched on by `GEOKV_BUG`, read once.
 fn switched_on() -> Option<Bug> {

@@ -1,0 +1,64 @@
+//! The harness proves it can fail: with a known bug put back into geokv
+//! (a `geokv` built with the test-only `geokv-server/bugs` feature, switched
+//! on by `GEOKV_BUG`), the checker made for that bug fails the run; the
+//! same scenario on the same seed passes with the bug off.
+//!
+//! Needs `geokv-bugs` beside the normal binary; see `common::BUGS_BUILD`.
+
+mod common;
+
+use geokv_jepsen::checker::Outcome;
+use geokv_jepsen::nemesis::NemesisKind;
+use geokv_jepsen::run::{run, RunSummary};
+use geokv_jepsen::workload::WorkloadKind;
+
+fn verdict(s: &RunSummary, checker: &str) -> Outcome {
+    s.verdicts
+        .iter()
+        .find(|v| v.checker == checker)
+        .unwrap_or_else(|| panic!("no {checker} verdict in {:?}", s.verdicts))
+        .outcome
+}
+
+/// Residency filter off: EU rows are shipped to (and accepted by) every
+/// region, and the residency audit finds them there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn residency_filter_off_is_caught_by_the_residency_audit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts =
+        common::options(WorkloadKind::Residency, NemesisKind::None, 8, 200, 11, dir.path().join("bug"));
+    opts.geokv_bin = common::bugs_bin();
+    opts.bug = Some("residency-filter-off".into());
+    let with_bug = run(&opts).await.expect("run with the bug");
+    assert_eq!(verdict(&with_bug, "residency"), Outcome::Fail, "{:?}", with_bug.verdicts);
+    let detail = &with_bug.verdicts.iter().find(|v| v.checker == "residency").unwrap().detail;
+    assert!(detail.contains("audit of us-east-1") || detail.contains("audit of ap-southeast-1"), "{detail}");
+    assert_eq!(with_bug.outcome, Outcome::Fail);
+
+    // The same scenario and seed without the bug (same bugs build) passes.
+    opts.bug = None;
+    opts.out = dir.path().join("control");
+    let control = run(&opts).await.expect("control run");
+    assert_eq!(control.outcome, Outcome::Pass, "{:?}", control.verdicts);
+}
+
+/// Acknowledge before fsync: the committer replies, then writes later; a
+/// kill -9 in between loses increments that were acknowledged, and the
+/// counter checker finds the final value below the acknowledged sum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_before_fsync_is_caught_by_the_counter_checker() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts =
+        common::options(WorkloadKind::Counter, NemesisKind::Kill, 20, 3_000, 12, dir.path().join("bug"));
+    opts.geokv_bin = common::bugs_bin();
+    opts.bug = Some("ack-before-fsync".into());
+    opts.clients_per_region = 3;
+    let with_bug = run(&opts).await.expect("run with the bug");
+    assert!(
+        with_bug.nemesis_steps.get("installed").copied().unwrap_or(0) >= 2,
+        "the kill nemesis ran: {:?}",
+        with_bug.nemesis_steps
+    );
+    assert_eq!(verdict(&with_bug, "counter"), Outcome::Fail, "{:?}", with_bug.verdicts);
+    assert_eq!(with_bug.outcome, Outcome::Fail);
+}
