@@ -22,6 +22,7 @@ pub mod bugs;
 pub mod causality;
 pub mod codec;
 pub mod config;
+pub mod consensus;
 pub mod error;
 pub mod kv;
 pub mod replication;
