@@ -118,7 +118,7 @@ const SKEW_MS_MAX: i64 = 400;
 
 /// The faults of a run of `duration` with `kind` on `regions`, from `seed`.
 pub fn schedule(kind: NemesisKind, seed: u64, regions: &[String], duration: Duration) -> Vec<Step> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x6e65_6d65_7369_73);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x006e_656d_6573_6973);
     let total_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
     let mut steps = Vec::new();
     if kind == NemesisKind::None || regions.len() < 2 {

@@ -539,12 +539,21 @@ impl Config {
         }
         let c = &self.consensus;
         if c.heartbeat_ms == 0 || c.heartbeat_ms * 3 > c.election_timeout_min_ms {
-            return Err(bad("consensus.heartbeat_ms", "must be at least 1 and at most a third of election_timeout_min_ms"));
+            return Err(bad(
+                "consensus.heartbeat_ms",
+                "must be at least 1 and at most a third of election_timeout_min_ms",
+            ));
         }
         if c.election_timeout_max_ms <= c.election_timeout_min_ms {
-            return Err(bad("consensus.election_timeout_max_ms", "must be greater than election_timeout_min_ms"));
+            return Err(bad(
+                "consensus.election_timeout_max_ms",
+                "must be greater than election_timeout_min_ms",
+            ));
         }
-        if c.lease_ms <= 2 * self.clock.max_offset_ms || c.renew_every_ms == 0 || c.renew_every_ms * 2 > c.lease_ms {
+        if c.lease_ms <= 2 * self.clock.max_offset_ms
+            || c.renew_every_ms == 0
+            || c.renew_every_ms * 2 > c.lease_ms
+        {
             return Err(bad(
                 "consensus.lease_ms",
                 "must exceed twice clock.max_offset_ms and twice renew_every_ms (renew_every_ms at least 1)",
@@ -553,7 +562,10 @@ impl Config {
         for (home, order) in &c.failover_order {
             for r in std::iter::once(home).chain(order) {
                 if !self.regions.iter().any(|x| &x.name == r) {
-                    return Err(bad(format!("consensus.failover_order.{home}"), format!("unknown region `{r}`")));
+                    return Err(bad(
+                        format!("consensus.failover_order.{home}"),
+                        format!("unknown region `{r}`"),
+                    ));
                 }
             }
         }

@@ -74,7 +74,10 @@ mod tests {
     use super::*;
     use crate::checker::RegionFinal;
 
-    fn fin(entries: &[(&str, &[(&str, u64, &str)])]) -> FinalState {
+    /// (table/zone, rows, digest) of one region.
+    type Digests<'a> = &'a [(&'a str, u64, &'a str)];
+
+    fn fin(entries: &[(&str, Digests)]) -> FinalState {
         let mut f = FinalState::default();
         f.zones.insert("eu".into(), vec!["eu-west-1".into(), "eu-central-1".into()]);
         for (region, ds) in entries {

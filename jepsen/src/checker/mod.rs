@@ -122,7 +122,7 @@ mod tests {
         let unknown = Verdict::new("b", Outcome::Unknown, "");
         let fail = Verdict::new("c", Outcome::Fail, "");
         assert_eq!(overall(&[]), Outcome::Unknown);
-        assert_eq!(overall(&[pass.clone()]), Outcome::Pass);
+        assert_eq!(overall(std::slice::from_ref(&pass)), Outcome::Pass);
         assert_eq!(overall(&[pass.clone(), unknown.clone()]), Outcome::Unknown);
         assert_eq!(overall(&[unknown, fail, pass]), Outcome::Fail);
     }

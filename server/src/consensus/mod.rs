@@ -24,8 +24,8 @@ pub mod store;
 pub mod strong;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::io::Cursor;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use geokv_proto::consensus as pb;
@@ -285,7 +285,12 @@ impl Consensus {
         )];
         for (home, zone) in strong_homes(&cfg) {
             let key = control::home_key(&home, &zone);
-            wanted.push((strong_group(&key), strong_members(&cfg, &zone), Some(home), Arc::new(StrongMachine)));
+            wanted.push((
+                strong_group(&key),
+                strong_members(&cfg, &zone),
+                Some(home),
+                Arc::new(StrongMachine),
+            ));
         }
         let mut groups = BTreeMap::new();
         let mut members = BTreeMap::new();
@@ -309,7 +314,8 @@ impl Consensus {
                     tracing::debug!(group = %name, error = %e, "initialize");
                 }
             }
-            groups.insert(name.clone(), Arc::new(Group { name, raft, sm, members: voters, preferred_region }));
+            groups
+                .insert(name.clone(), Arc::new(Group { name, raft, sm, members: voters, preferred_region }));
         }
         Ok(Arc::new(Self { me, cfg, peers, groups, members, control: control_tx }))
     }
@@ -438,7 +444,8 @@ impl Consensus {
             return Err(Self::unavailable(group, format!("leader {target} has no address")));
         };
         let command = serde_json::to_vec(cmd).map_err(|e| Self::unavailable(group, e))?;
-        let mut req = tonic::Request::new(pb::ProposeRequest { group: group.to_string(), command, hops: hops + 1 });
+        let mut req =
+            tonic::Request::new(pb::ProposeRequest { group: group.to_string(), command, hops: hops + 1 });
         req.set_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10)));
         let reply = client.propose(req).await.map_err(|s| Self::status_error(group, s))?.into_inner();
         let parsed: Reply = serde_json::from_slice(&reply.reply).map_err(|e| Self::unavailable(group, e))?;
@@ -451,7 +458,13 @@ impl Consensus {
 
     /// A linearizable read of a STRONG row: the leader confirms it still
     /// leads (read index) and waits until it applied that far.
-    pub async fn read(&self, group: &str, table: &str, key: &[u8], hops: u32) -> Result<Option<StrongValue>, KvError> {
+    pub async fn read(
+        &self,
+        group: &str,
+        table: &str,
+        key: &[u8],
+        hops: u32,
+    ) -> Result<Option<StrongValue>, KvError> {
         let k = strong::row_key(table, key);
         let deadline = Instant::now() + PROPOSE_TIMEOUT;
         if let Some(g) = self.groups.get(group) {
@@ -464,9 +477,11 @@ impl Consensus {
                     Err(_elapsed) => break,
                     Ok(Ok(_)) => {
                         let v = g.sm.get(&k).map_err(KvError::Storage)?;
-                        return v.map(|b| strong::decode_value(&b)).transpose().map_err(|why| KvError::Corrupt {
-                            what: format!("STRONG row {table}/{}", String::from_utf8_lossy(key)),
-                            why,
+                        return v.map(|b| strong::decode_value(&b)).transpose().map_err(|why| {
+                            KvError::Corrupt {
+                                what: format!("STRONG row {table}/{}", String::from_utf8_lossy(key)),
+                                why,
+                            }
                         });
                     }
                     Ok(Err(e)) => {
@@ -508,20 +523,31 @@ impl Consensus {
         let Some(mut client) = self.peers.client(target) else {
             return Err(Self::unavailable(group, format!("leader {target} has no address")));
         };
-        let mut req = tonic::Request::new(pb::ReadRequest { group: group.to_string(), key: k.to_vec(), hops: hops + 1 });
+        let mut req = tonic::Request::new(pb::ReadRequest {
+            group: group.to_string(),
+            key: k.to_vec(),
+            hops: hops + 1,
+        });
         req.set_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10)));
         let reply = client.read(req).await.map_err(|s| Self::status_error(group, s))?.into_inner();
         if !reply.found {
             return Ok(None);
         }
-        strong::decode_value(&reply.value).map(Some).map_err(|why| KvError::Corrupt { what: "STRONG row".into(), why })
+        strong::decode_value(&reply.value)
+            .map(Some)
+            .map_err(|why| KvError::Corrupt { what: "STRONG row".into(), why })
     }
 
     /// A local, possibly stale read of a STRONG row (LOCAL/BOUNDED reads).
     pub fn read_local(&self, group: &str, table: &str, key: &[u8]) -> Result<Option<StrongValue>, KvError> {
         let Some(g) = self.groups.get(group) else {
             return Err(KvError::ReplicaStale {
-                region: self.members.get(group).and_then(|m| m.first()).map(|m| m.region.clone()).unwrap_or_default(),
+                region: self
+                    .members
+                    .get(group)
+                    .and_then(|m| m.first())
+                    .map(|m| m.region.clone())
+                    .unwrap_or_default(),
                 why: "this node holds no replica of the STRONG group".into(),
             });
         };
