@@ -233,6 +233,16 @@ pub const FAILOVER_SKIPPED: &str =
 /// Outcome of one step: status and what happened.
 type StepResult = (NemesisStatus, String);
 
+/// What a step's attempt means: done, skipped (failover, until issue 4),
+/// or attempted with an unknown effect.
+fn step_result(f: &Fault, result: anyhow::Result<String>) -> StepResult {
+    match (f, result) {
+        (_, Ok(detail)) => (NemesisStatus::Installed, detail),
+        (Fault::Failover { .. }, Err(e)) => (NemesisStatus::Skipped, e.to_string()),
+        (_, Err(e)) => (NemesisStatus::Indeterminate, format!("{e:#}")),
+    }
+}
+
 async fn install(cluster: &mut Cluster, f: &Fault) -> StepResult {
     let result: anyhow::Result<String> = async {
         match f {
@@ -282,11 +292,7 @@ async fn install(cluster: &mut Cluster, f: &Fault) -> StepResult {
         }
     }
     .await;
-    match (f, result) {
-        (_, Ok(detail)) => (NemesisStatus::Installed, detail),
-        (Fault::Failover { .. }, Err(e)) => (NemesisStatus::Skipped, e.to_string()),
-        (_, Err(e)) => (NemesisStatus::Indeterminate, format!("{e:#}")),
-    }
+    step_result(f, result)
 }
 
 async fn lift(cluster: &mut Cluster, f: &Fault) -> StepResult {
@@ -330,11 +336,7 @@ async fn lift(cluster: &mut Cluster, f: &Fault) -> StepResult {
         }
     }
     .await;
-    match (f, result) {
-        (_, Ok(detail)) => (NemesisStatus::Installed, detail),
-        (Fault::Failover { .. }, Err(e)) => (NemesisStatus::Skipped, e.to_string()),
-        (_, Err(e)) => (NemesisStatus::Indeterminate, format!("{e:#}")),
-    }
+    step_result(f, result)
 }
 
 /// Runs `steps` against `cluster`, from `start`, recording every step.
