@@ -100,10 +100,18 @@ pub struct Cluster {
     pub base_latency_ms: BTreeMap<String, u64>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A loopback port, held by the returned listener until the caller lets it
+/// go (just before the node that will bind it starts), so the proxies'
+/// own port-0 binds cannot take it meanwhile.
+fn reserve_port() -> anyhow::Result<(TcpListener, SocketAddr)> {
     let l = TcpListener::bind("127.0.0.1:0").context("binding a probe port")?;
-    Ok(l.local_addr()?.port())
+    let addr = l.local_addr()?;
+    Ok((l, addr))
 }
+
+/// Start attempts, each on fresh ports, when a port was taken between its
+/// reservation and the node's bind.
+const START_ATTEMPTS_MAX: u32 = 3;
 
 /// Sends `sig` to the process group led by `pid`.
 fn signal_group(pid: u32, sig: libc::c_int) -> bool {
@@ -120,11 +128,33 @@ impl Cluster {
         if spec.regions.len() < 2 {
             bail!("a cluster needs at least two regions");
         }
+        let mut last = None;
+        for attempt in 1..=START_ATTEMPTS_MAX {
+            if spec.dir.exists() {
+                std::fs::remove_dir_all(&spec.dir).with_context(|| format!("clearing {}", spec.dir.display()))?;
+            }
+            match Self::start_once(spec.clone()).await {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::warn!(attempt, error = %format!("{e:#}"), "cluster start failed; retrying on fresh ports");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no start attempt")))
+    }
+
+    async fn start_once(spec: ClusterSpec) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&spec.dir).with_context(|| format!("creating {}", spec.dir.display()))?;
         let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
         let mut addrs = BTreeMap::new();
+        let mut reserved = Vec::new();
         for r in &spec.regions {
-            addrs.insert(r.clone(), (loopback(free_port()?), loopback(free_port()?)));
+            let (grpc_l, grpc) = reserve_port()?;
+            let (admin_l, admin) = reserve_port()?;
+            reserved.push(grpc_l);
+            reserved.push(admin_l);
+            addrs.insert(r.clone(), (grpc, admin));
         }
         let proxies = ProxySet::new();
         let mut via = BTreeMap::new();
@@ -169,6 +199,7 @@ impl Cluster {
             );
         }
         let mut cluster = Cluster { spec, nodes, proxies, base_latency_ms };
+        drop(reserved);
         let regions = cluster.spec.regions.clone();
         for r in &regions {
             cluster.spawn(r, 0)?;
