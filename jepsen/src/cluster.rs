@@ -131,7 +131,8 @@ impl Cluster {
         let mut last = None;
         for attempt in 1..=START_ATTEMPTS_MAX {
             if spec.dir.exists() {
-                std::fs::remove_dir_all(&spec.dir).with_context(|| format!("clearing {}", spec.dir.display()))?;
+                std::fs::remove_dir_all(&spec.dir)
+                    .with_context(|| format!("clearing {}", spec.dir.display()))?;
             }
             match Self::start_once(spec.clone()).await {
                 Ok(c) => return Ok(c),
