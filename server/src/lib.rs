@@ -22,6 +22,7 @@ pub mod codec;
 pub mod config;
 pub mod consensus;
 pub mod error;
+pub mod failover;
 pub mod kv;
 pub mod replication;
 pub mod residency;

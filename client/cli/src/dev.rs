@@ -139,6 +139,12 @@ fn config_text(
             "\n[[tables]]\nname = \"eu_users\"\nzone = \"eu\"\ndefault_consistency = \"eventual\"\n",
         );
     }
+    // Linearizable registers, led from the first region, replicated to all.
+    out.push_str(&format!(
+        "\n[[tables]]\nname = \"registers\"\nlocality = \"by_table\"\nhome_region = \"{}\"\n\
+         default_consistency = \"strong\"\n",
+        args.regions[0]
+    ));
     out
 }
 

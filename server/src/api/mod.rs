@@ -6,6 +6,7 @@
 //! - [`KvService`]: the `geokv.v1.KV` service.
 //! - [`AdminService`]: the `geokv.v1.Admin` service.
 
+pub mod control;
 pub mod convert;
 
 use std::collections::BTreeMap;
@@ -18,13 +19,22 @@ use pb::kv_client::KvClient;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::config::Level;
+use crate::consensus::control::home_key;
+use crate::consensus::quorum::Quorum;
+use crate::consensus::strong::{StrongCommand, StrongReply, StrongValue};
+use crate::consensus::{strong_group, Command, Consensus, Reply as ConsensusReply};
 use crate::error::KvError;
 use crate::kv::row::RowValue;
-use crate::kv::{parse_session, register_view, Node, RowOp, WriteOp, WriteRequest};
+use crate::kv::{parse_session, register_view, Node, ReadInfo, ReadResult, RowOp, RowRef, WriteOp, WriteRequest};
+use crate::residency::{Placement, ReadLevel};
 
 /// Metadata set on a request one node forwards to another, so it is never
 /// forwarded twice.
 pub const FORWARDED_HEADER: &str = "geokv-forwarded-by";
+/// Metadata carrying a client's idempotency key on calls whose message has
+/// no field for it (compare-and-set).
+pub const IDEMPOTENCY_HEADER: &str = "geokv-idempotency-key";
 /// How long a SESSION read waits for replication before it is forwarded.
 const SESSION_WAIT: Duration = Duration::from_millis(300);
 const SESSION_POLL: Duration = Duration::from_millis(5);
@@ -66,6 +76,16 @@ impl Peers {
 pub struct KvService {
     node: Arc<Node>,
     peers: Peers,
+    /// STRONG groups and QUORUM replicas (absent in single-process tests).
+    consensus: Option<(Arc<Consensus>, Arc<Quorum>)>,
+}
+
+/// How a request on a row is carried out, from its table and level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Normal,
+    Quorum,
+    Strong,
 }
 
 fn forwarded<T>(r: &Request<T>) -> bool {
@@ -73,8 +93,122 @@ fn forwarded<T>(r: &Request<T>) -> bool {
 }
 
 impl KvService {
-    pub fn new(node: Arc<Node>, peers: Peers) -> Self {
-        Self { node, peers }
+    pub fn new(node: Arc<Node>, peers: Peers, consensus: Option<Arc<Consensus>>) -> Self {
+        let consensus = consensus.map(|c| (c.clone(), Arc::new(Quorum::new(c, node.clone()))));
+        Self { node, peers, consensus }
+    }
+
+    /// The path of a write at `level` (None = the table's default) to `table`.
+    /// Every write to a STRONG table goes through its consensus group; a
+    /// STRONG level on another table is refused.
+    fn write_path(&self, table: &str, level: Option<Level>) -> Result<Path, KvError> {
+        let t = self.node.config().table(table).ok_or_else(|| KvError::UnknownTable { table: table.into() })?;
+        let strong_table = t.default_consistency == Level::Strong;
+        match level.unwrap_or(t.default_consistency) {
+            _ if strong_table && self.consensus.is_some() => Ok(Path::Strong),
+            Level::Strong if self.consensus.is_some() => Err(KvError::InvalidField {
+                field: "consistency",
+                why: format!(
+                    "table `{table}` is not a STRONG table; STRONG rows live in tables with \
+                     default_consistency = \"strong\""
+                ),
+            }),
+            Level::Quorum if self.consensus.is_some() => Ok(Path::Quorum),
+            _ => Ok(Path::Normal),
+        }
+    }
+
+    /// The path of a read at `level` from `table`.
+    fn read_path(&self, table: &str, level: ReadLevel) -> Result<Path, KvError> {
+        let t = self.node.config().table(table).ok_or_else(|| KvError::UnknownTable { table: table.into() })?;
+        Ok(match (&self.consensus, t.default_consistency == Level::Strong, level) {
+            (Some(_), true, _) => Path::Strong,
+            (Some(_), false, ReadLevel::Quorum) => Path::Quorum,
+            _ => Path::Normal,
+        })
+    }
+
+    /// Reads a row at any level but STRONG-table ones.
+    async fn read_row(&self, row: &RowRef, level: ReadLevel, token: &[u8]) -> Result<ReadResult, KvError> {
+        match (self.read_path(&row.table, level)?, &self.consensus) {
+            (Path::Quorum, Some((_, quorum))) => {
+                let stored = quorum.read(row).await?;
+                Ok(ReadResult {
+                    row: stored,
+                    info: ReadInfo {
+                        served_by_region: self.node.config().region.clone(),
+                        staleness_ms_max: 0,
+                        session_token: self.node.session_token(token, 0).unwrap_or_default(),
+                    },
+                })
+            }
+            (Path::Strong, _) => Err(KvError::WrongType {
+                key: crate::kv::row::display_key(&row.table, &row.key),
+                expected: "counter or set",
+                actual: "STRONG register",
+            }),
+            _ => self.read_waiting(row, level, token).await,
+        }
+    }
+
+    /// The STRONG group of a row, after the residency check of its region.
+    fn strong_target(&self, row: &RowRef) -> Result<(Arc<Consensus>, String, Placement), KvError> {
+        let Some((consensus, _)) = &self.consensus else {
+            return Err(KvError::LevelUnavailable { level: "STRONG".into() });
+        };
+        let cfg = self.node.config();
+        let table = cfg.table(&row.table).ok_or_else(|| KvError::UnknownTable { table: row.table.clone() })?;
+        let placement = crate::residency::resolve(cfg, table, &row.locality)?;
+        crate::residency::admit_write(&cfg.region, &placement, Level::Eventual)?;
+        let group = strong_group(&home_key(&placement.home_region, &placement.zone));
+        Ok((consensus.clone(), group, placement))
+    }
+
+    /// Commits a STRONG write and builds its acknowledgement.
+    async fn strong_write(
+        &self,
+        row: &RowRef,
+        op: StrongCommand,
+        request_id: Option<String>,
+    ) -> Result<(StrongReply, pb::WriteAck), KvError> {
+        let (consensus, group, placement) = self.strong_target(row)?;
+        let reply = consensus.propose(&group, Command::Strong { request_id, op }, 0).await?;
+        let (reply, index) = match reply {
+            (ConsensusReply::Strong(StrongReply::Failed { why }), _) => {
+                return Err(KvError::Corrupt { what: format!("STRONG row in {group}"), why })
+            }
+            (ConsensusReply::Strong(r), i) => (r, i),
+            (other, _) => return Err(KvError::Storage(format!("unexpected consensus reply {other:?}"))),
+        };
+        let epoch = self
+            .node
+            .leases()
+            .map(|l| l.current_epoch(&home_key(&placement.home_region, &placement.zone)))
+            .unwrap_or(crate::kv::commit::INITIAL_EPOCH);
+        let ack = pb::WriteAck {
+            context: Vec::new(),
+            hlc: self.node.hlc().now().0,
+            home_region: placement.home_region,
+            epoch,
+            accepted_by_region: self.node.config().region.clone(),
+            session_token: Vec::new(),
+            replayed: false,
+            version: match &reply {
+                StrongReply::Written { version } => *version,
+                _ => index,
+            },
+        };
+        Ok((reply, ack))
+    }
+
+    /// A STRONG read: linearizable at STRONG, else this region's replica
+    /// when it has one.
+    async fn strong_read(&self, row: &RowRef, level: ReadLevel) -> Result<Option<StrongValue>, KvError> {
+        let (consensus, group, _) = self.strong_target(row)?;
+        if level != ReadLevel::Strong && consensus.group(&group).is_some() {
+            return consensus.read_local(&group, &row.table, &row.key);
+        }
+        consensus.read(&group, &row.table, &row.key, 0).await
     }
 
     /// Sends the request to a node of `region`, marked as forwarded.
@@ -142,6 +276,16 @@ impl KvService {
         let result = async {
             let op = op?;
             let level = convert::write_level(level, "consistency")?;
+            match (self.write_path(&op.row.table, level)?, &self.consensus) {
+                (Path::Quorum, Some((_, quorum))) => return quorum.write(op, idempotency?).await,
+                (Path::Strong, _) => {
+                    return Err(KvError::InvalidField {
+                        field: "consistency",
+                        why: format!("table `{}` is STRONG and holds registers: use put, delete or compare-and-set", op.row.table),
+                    })
+                }
+                _ => {}
+            }
             let req = WriteRequest { ops: vec![op], level, idempotency: idempotency? };
             let mut outcomes = self.node.write(req).await?;
             outcomes.pop().ok_or(KvError::Storage("committer returned no outcome".into()))
@@ -149,6 +293,37 @@ impl KvService {
         .await;
         Self::count(method, &result);
         result
+    }
+
+    /// Runs a put (`value: Some`) or delete on a STRONG table; None when
+    /// the row is not in one.
+    async fn strong_put_or_delete(
+        &self,
+        row: &Option<pb::RowRef>,
+        value: Option<Vec<u8>>,
+        level: i32,
+        idempotency_key: &str,
+    ) -> Result<Option<pb::WriteAck>, Status> {
+        let method = if value.is_some() { "put" } else { "delete" };
+        let result = async {
+            let row = convert::row_ref(row.clone())?;
+            let level = convert::write_level(level, "consistency")?;
+            if self.write_path(&row.table, level)? != Path::Strong {
+                return Ok(None);
+            }
+            let op = match value {
+                Some(value) => StrongCommand::Put { table: row.table.clone(), key: row.key.clone(), value },
+                None => StrongCommand::Delete { table: row.table.clone(), key: row.key.clone() },
+            };
+            let id = (!idempotency_key.is_empty()).then(|| idempotency_key.to_string());
+            let (_, ack) = self.strong_write(&row, op, id).await?;
+            Ok(Some(ack))
+        }
+        .await;
+        if let Ok(Some(_)) | Err(_) = &result {
+            Self::count(method, &result);
+        }
+        result.map_err(Status::from)
     }
 
     fn token(&self, log_seq: u64) -> Vec<u8> {
@@ -166,7 +341,24 @@ impl pb::kv_server::Kv for KvService {
             let row = convert::row_ref(req.row)?;
             let level = convert::read_level(req.consistency, req.max_staleness_ms)?;
             parse_session(&req.session_token)?;
-            let read = self.read_waiting(&row, level, &req.session_token).await?;
+            if self.read_path(&row.table, level)? == Path::Strong {
+                let value = self.strong_read(&row, level).await?;
+                return Ok(pb::GetResponse {
+                    found: value.is_some(),
+                    siblings: value
+                        .map(|v| {
+                            vec![pb::Sibling { value: v.value, hlc: v.version, origin: "strong".into() }]
+                        })
+                        .unwrap_or_default(),
+                    context: Vec::new(),
+                    info: Some(pb::ReadInfo {
+                        served_by_region: self.node.config().region.clone(),
+                        staleness_ms_max: 0,
+                        session_token: req.session_token.clone(),
+                    }),
+                });
+            }
+            let read = self.read_row(&row, level, &req.session_token).await?;
             let (found, siblings, context) = match &read.row {
                 None => (false, Vec::new(), Vec::new()),
                 Some(r) => {
@@ -203,6 +395,9 @@ impl pb::kv_server::Kv for KvService {
         let mut req = request.into_inner();
         let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
+        if let Some(ack) = self.strong_put_or_delete(&req.row, Some(req.value.clone()), req.consistency, &key).await? {
+            return Ok(Response::new(pb::PutResponse { ack: Some(ack) }));
+        }
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
         let o = match self.write_one("put", convert::put_op(req), level, idem).await {
@@ -222,6 +417,9 @@ impl pb::kv_server::Kv for KvService {
         let mut req = request.into_inner();
         let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
+        if let Some(ack) = self.strong_put_or_delete(&req.row, None, req.consistency, &key).await? {
+            return Ok(Response::new(pb::DeleteResponse { ack: Some(ack) }));
+        }
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
         let o = match self.write_one("delete", convert::delete_op(req), level, idem).await {
@@ -338,7 +536,7 @@ impl pb::kv_server::Kv for KvService {
             let row = convert::row_ref(req.row)?;
             let level = convert::read_level(req.consistency, req.max_staleness_ms)?;
             parse_session(&req.session_token)?;
-            let read = self.read_waiting(&row, level, &req.session_token).await?;
+            let read = self.read_row(&row, level, &req.session_token).await?;
             let value = match &read.row {
                 None => None,
                 Some(r) => match &r.value {
@@ -413,6 +611,59 @@ impl pb::kv_server::Kv for KvService {
         }))
     }
 
+    async fn compare_and_set(
+        &self,
+        request: Request<pb::CompareAndSetRequest>,
+    ) -> Result<Response<pb::CompareAndSetResponse>, Status> {
+        let idempotency_key = request
+            .metadata()
+            .get(IDEMPOTENCY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let req = request.into_inner();
+        let result = async {
+            let row = convert::row_ref(req.row)?;
+            self.node.config().table(&row.table).ok_or_else(|| KvError::UnknownTable { table: row.table.clone() })?;
+            if self.write_path(&row.table, None)? != Path::Strong {
+                return Err(KvError::InvalidField {
+                    field: "row.table",
+                    why: format!("compare-and-set needs a STRONG table; `{}` is not one", row.table),
+                });
+            }
+            if let Some(v) = &req.value {
+                if v.len() > self.node.config().limits.value_bytes_max {
+                    return Err(KvError::ValueTooLarge { len: v.len(), max: self.node.config().limits.value_bytes_max });
+                }
+            }
+            let op = StrongCommand::Cas {
+                table: row.table.clone(),
+                key: row.key.clone(),
+                expected: req.expected,
+                value: req.value,
+            };
+            let (reply, ack) = self.strong_write(&row, op, idempotency_key).await?;
+            Ok(match reply {
+                StrongReply::CasFailed { current } => pb::CompareAndSetResponse {
+                    succeeded: false,
+                    found: current.is_some(),
+                    current_version: current.as_ref().map_or(0, |c| c.version),
+                    current: current.map(|c| c.value).unwrap_or_default(),
+                    ack: Some(ack),
+                },
+                _ => pb::CompareAndSetResponse {
+                    succeeded: true,
+                    found: false,
+                    current: Vec::new(),
+                    current_version: 0,
+                    ack: Some(ack),
+                },
+            })
+        }
+        .await;
+        Self::count("compare_and_set", &result);
+        Ok(Response::new(result?))
+    }
+
     async fn set_members(
         &self,
         request: Request<pb::SetMembersRequest>,
@@ -424,7 +675,7 @@ impl pb::kv_server::Kv for KvService {
             let row = convert::row_ref(req.row)?;
             let level = convert::read_level(req.consistency, req.max_staleness_ms)?;
             parse_session(&req.session_token)?;
-            let read = self.read_waiting(&row, level, &req.session_token).await?;
+            let read = self.read_row(&row, level, &req.session_token).await?;
             let (found, members, context) = match &read.row {
                 None => (false, Vec::new(), Vec::new()),
                 Some(r) => match &r.value {

@@ -70,6 +70,9 @@ pub enum Work {
     /// (the source ships to every region itself). The source's position is
     /// stored in the same batch, so a frame is applied exactly once.
     Apply(RemoteApply),
+    /// Row states to merge without a stream position (QUORUM replicas and
+    /// read repair): idempotent like every merge.
+    Merge(Vec<(String, Vec<u8>, Row)>),
 }
 
 /// A replication frame to merge.
@@ -85,6 +88,7 @@ impl CommitJob {
         match &self.work {
             Work::Client { writes, .. } => writes.iter().map(|w| w.key.len() + w.op.payload_bytes()).sum(),
             Work::Apply(a) => a.entries.iter().map(|(_, k, _)| k.len() + 64).sum(),
+            Work::Merge(e) => e.iter().map(|(_, k, _)| k.len() + 64).sum(),
         }
     }
 
@@ -92,6 +96,7 @@ impl CommitJob {
         match &self.work {
             Work::Client { writes, .. } => writes.len(),
             Work::Apply(a) => a.entries.len().max(1),
+            Work::Merge(e) => e.len().max(1),
         }
     }
 }
@@ -120,6 +125,10 @@ pub struct CommitSettings {
 
 /// Shared facts the committer publishes for readers.
 pub struct CommitState {
+    /// Home leases, once the control plane is running (absent in
+    /// single-process simulations: then every home is served at the
+    /// initial epoch without fencing).
+    pub leases: std::sync::OnceLock<Arc<dyn super::LeaseGuard>>,
     /// Highest replication-log sequence number durably written.
     pub log_seq: AtomicU64,
     /// Conflicts per table (siblings created, LWW overwrites).
@@ -133,6 +142,7 @@ pub struct CommitState {
 impl Default for CommitState {
     fn default() -> Self {
         Self {
+            leases: std::sync::OnceLock::new(),
             log_seq: AtomicU64::new(0),
             conflicts: Default::default(),
             inbound: Default::default(),
@@ -229,6 +239,7 @@ impl Committer {
                     &mut conflicts,
                 ),
                 Work::Apply(remote) => self.apply_remote(remote, &mut overlay, &mut batch, &mut conflicts),
+                Work::Merge(entries) => self.apply_merge(entries, &mut overlay, &mut batch, &mut conflicts),
             };
             if result.is_ok() {
                 write_count += job.writes();
@@ -307,25 +318,35 @@ impl Committer {
                 return Ok(outcomes);
             }
         }
+        // Leases are checked again here, where the writes get their HLC
+        // stamps: a write admitted just before its home's lease lapsed (or
+        // before the process was paused) is refused, never stamped late.
+        let mut epochs = Vec::with_capacity(writes.len());
+        for w in writes {
+            epochs.push(match (&w.lease_home, self.state.leases.get()) {
+                (Some(home), Some(guard)) => guard.check_local(home)?,
+                _ => w.epoch,
+            });
+        }
         let mut staged: HashMap<Vec<u8>, Row> = HashMap::new();
         let mut job_batch = WriteBatch::new();
         let mut outcomes = Vec::with_capacity(writes.len());
         let mut seq = *next_seq;
         let mut job_conflicts = Vec::new();
-        for w in writes {
+        for (w, epoch) in writes.iter().zip(epochs) {
             let dk = data_key(&w.table, &w.key);
             let current = match staged.get(&dk).or_else(|| overlay.rows.get(&dk)) {
                 Some(r) => Some(r.clone()),
                 None => self.load_row(&dk, &w.table, &w.key)?,
             };
             let hlc = self.hlc.now().0;
-            let applied = self.apply_op(w, current, hlc)?;
+            let applied = self.apply_op(w, current, hlc, epoch)?;
             let Some((row, mut outcome, conflicted)) = applied else {
                 outcomes.push(WriteOutcome {
                     context: Vec::new(),
                     hlc,
                     home_region: w.placement.home_region.clone(),
-                    epoch: INITIAL_EPOCH,
+                    epoch,
                     accepted_by_region: self.settings.region.clone(),
                     log_seq: 0,
                     counter_value: None,
@@ -344,6 +365,7 @@ impl Committer {
                 row: Some(row.to_proto()),
                 hlc,
                 origin: self.settings.actor.clone(),
+                accepted_epoch: if w.lease_home.is_some() { epoch } else { 0 },
             };
             job_batch.put(Cf::Data, dk.clone(), row.seal());
             job_batch.put(Cf::ReplLog, seq.to_be_bytes().to_vec(), codec::seal_message(&entry));
@@ -396,11 +418,43 @@ impl Committer {
             metrics::counter!("geokv_replication_gaps_total", "source" => remote.source_region.clone())
                 .increment(1);
         }
-        let mut staged: HashMap<Vec<u8>, Row> = HashMap::new();
         let mut job_batch = WriteBatch::new();
         let mut job_conflicts = Vec::new();
+        let staged = self.merge_entries(
+            &remote.entries,
+            &remote.source_region,
+            overlay,
+            &mut job_batch,
+            &mut job_conflicts,
+        )?;
+        job_batch.put(
+            Cf::Meta,
+            inbound_key(&remote.source_region),
+            remote.through_seq.to_be_bytes().to_vec(),
+        );
+        metrics::counter!("geokv_replication_applied_entries_total", "source" => remote.source_region.clone())
+            .increment(remote.entries.len() as u64);
+        overlay.inbound.insert(remote.source_region.clone(), remote.through_seq);
+        overlay.rows.extend(staged);
+        batch.extend(job_batch);
+        conflicts.extend(job_conflicts);
+        Ok(Vec::new())
+    }
+
+    /// Merges row states into the stored rows (staged in `job_batch`),
+    /// returning the merged rows. No log entry is written: the origin of a
+    /// state ships it to every region itself.
+    fn merge_entries(
+        &self,
+        entries: &[(String, Vec<u8>, Row)],
+        source: &str,
+        overlay: &Overlay,
+        job_batch: &mut WriteBatch,
+        job_conflicts: &mut Vec<String>,
+    ) -> Result<HashMap<Vec<u8>, Row>, KvError> {
+        let mut staged: HashMap<Vec<u8>, Row> = HashMap::new();
         let now = self.hlc.now();
-        for (table, key, incoming) in &remote.entries {
+        for (table, key, incoming) in entries {
             let dk = data_key(table, key);
             let current = match staged.get(&dk).or_else(|| overlay.rows.get(&dk)) {
                 Some(r) => Some(r.clone()),
@@ -417,19 +471,25 @@ impl Committer {
             };
             let delay_s =
                 now.physical_ms().saturating_sub(HlcTimestamp(incoming.hlc).physical_ms()) as f64 / 1000.0;
-            metrics::histogram!("geokv_replication_apply_delay_seconds", "source" => remote.source_region.clone())
+            metrics::histogram!("geokv_replication_apply_delay_seconds", "source" => source.to_string())
                 .record(delay_s);
             job_batch.put(Cf::Data, dk.clone(), merged.seal());
             staged.insert(dk, merged);
         }
-        job_batch.put(
-            Cf::Meta,
-            inbound_key(&remote.source_region),
-            remote.through_seq.to_be_bytes().to_vec(),
-        );
-        metrics::counter!("geokv_replication_applied_entries_total", "source" => remote.source_region.clone())
-            .increment(remote.entries.len() as u64);
-        overlay.inbound.insert(remote.source_region.clone(), remote.through_seq);
+        Ok(staged)
+    }
+
+    /// Merges row states sent synchronously (QUORUM writes, read repair).
+    fn apply_merge(
+        &mut self,
+        entries: &[(String, Vec<u8>, Row)],
+        overlay: &mut Overlay,
+        batch: &mut WriteBatch,
+        conflicts: &mut Vec<String>,
+    ) -> Result<Vec<WriteOutcome>, KvError> {
+        let mut job_batch = WriteBatch::new();
+        let mut job_conflicts = Vec::new();
+        let staged = self.merge_entries(entries, "quorum", overlay, &mut job_batch, &mut job_conflicts)?;
         overlay.rows.extend(staged);
         batch.extend(job_batch);
         conflicts.extend(job_conflicts);
@@ -456,6 +516,7 @@ impl Committer {
         w: &AdmittedWrite,
         current: Option<Row>,
         hlc: u64,
+        epoch: u64,
     ) -> Result<Option<(Row, WriteOutcome, bool)>, KvError> {
         let actor = self.settings.actor.as_str();
         let shown = || display_key(&w.table, &w.key);
@@ -479,7 +540,7 @@ impl Committer {
         let mut row = current.unwrap_or_else(|| Row {
             home_region: w.placement.home_region.clone(),
             zone: w.placement.zone.clone(),
-            epoch: INITIAL_EPOCH,
+            epoch,
             hlc,
             value: match (&w.op, w.conflict) {
                 (RowOp::CounterAdd { .. }, _) => RowValue::Counter(PnCounter::default()),
@@ -489,6 +550,7 @@ impl Committer {
             },
         });
         row.hlc = row.hlc.max(hlc);
+        row.epoch = row.epoch.max(epoch);
         let mut conflicted = false;
         let mut counter_value = None;
         let mut members = None;
@@ -548,7 +610,7 @@ impl Committer {
             context: encode_context(&context),
             hlc,
             home_region: row.home_region.clone(),
-            epoch: row.epoch,
+            epoch,
             accepted_by_region: self.settings.region.clone(),
             log_seq: 0,
             counter_value,

@@ -96,6 +96,53 @@ pub struct AdmittedWrite {
     pub placement: Placement,
     pub conflict: ConflictPolicy,
     pub op: RowOp,
+    /// The home whose lease a LOCAL write needs (checked again at commit).
+    pub lease_home: Option<String>,
+    /// The epoch of the home the write is accepted under.
+    pub epoch: u64,
+}
+
+/// What a replicated entry's epoch means for a receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryFence {
+    /// Accepted under the home's current epoch (or without a lease).
+    Current,
+    /// Accepted under an older epoch while that epoch's lease was valid: a
+    /// write the old home had not shipped before a failover. Merged, and
+    /// reported as a failover conflict.
+    LateButValid { current: u64 },
+    /// Stamped after its epoch ended: the sender was fenced. Refused.
+    Fenced { current: u64 },
+}
+
+/// Failover conflicts kept in memory per node.
+pub const FAILOVER_CONFLICTS_MAX: usize = 10_000;
+
+/// A write accepted by an old home under its then-valid epoch and received
+/// after the home moved on (DESIGN.md section 8: merged, never dropped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverConflict {
+    pub table: String,
+    pub key: Vec<u8>,
+    pub home: String,
+    pub epoch: u64,
+    pub current_epoch: u64,
+    pub hlc: u64,
+    pub source: String,
+}
+
+/// Home leases as the write path needs them (implemented by the failover
+/// module over the control plane's state).
+pub trait LeaseGuard: Send + Sync + 'static {
+    /// The epoch this region serves `home` under, or why it cannot accept
+    /// a LOCAL write for it now: `NotHome` naming the holder region,
+    /// `HomeUnavailable` while no region holds it, `Fenced` when this
+    /// region's lease lapsed or was superseded.
+    fn check_local(&self, home: &str) -> Result<u64, KvError>;
+    /// The current epoch of `home` (0 when it has no lease yet).
+    fn current_epoch(&self, home: &str) -> u64;
+    /// How a receiver treats an entry accepted under `epoch` at `hlc_ms`.
+    fn fence_entry(&self, home: &str, epoch: u64, hlc_ms: u64) -> EntryFence;
 }
 
 /// One live value of a register row.
@@ -151,6 +198,7 @@ pub struct Node {
     commit_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     state: Arc<CommitState>,
     started: Instant,
+    failover_conflicts: Mutex<std::collections::VecDeque<FailoverConflict>>,
 }
 
 impl Node {
@@ -192,6 +240,7 @@ impl Node {
             commit_thread: Mutex::new(Some(thread)),
             state,
             started: Instant::now(),
+            failover_conflicts: Mutex::new(Default::default()),
         }))
     }
 
@@ -341,13 +390,31 @@ impl Node {
             }
             let placement = residency::resolve(&self.cfg, table, &w.row.locality)?;
             let level = req.level.unwrap_or(table.default_consistency);
-            residency::admit_write(&self.cfg.region, &placement, level)?;
+            let home = crate::consensus::control::home_key(&placement.home_region, &placement.zone);
+            let (lease_home, epoch) = match (self.state.leases.get(), level) {
+                (Some(guard), Level::Local) => {
+                    // The zone check of admission still applies; the lease
+                    // decides which region is the home now.
+                    residency::admit_write(&self.cfg.region, &placement, Level::Eventual)?;
+                    (Some(home.clone()), self.wait_for_lease(guard.as_ref(), &home).await?)
+                }
+                (Some(guard), _) => {
+                    residency::admit_write(&self.cfg.region, &placement, level)?;
+                    (None, guard.current_epoch(&home).max(commit::INITIAL_EPOCH))
+                }
+                (None, _) => {
+                    residency::admit_write(&self.cfg.region, &placement, level)?;
+                    (None, commit::INITIAL_EPOCH)
+                }
+            };
             admitted.push(AdmittedWrite {
                 table: table.name.clone(),
                 key: w.row.key,
                 placement,
                 conflict: table.conflict,
                 op: w.op,
+                lease_home,
+                epoch,
             });
         }
         let tx =
@@ -358,6 +425,126 @@ impl Node {
             .map_err(|_| KvError::ShuttingDown)?;
         let outcomes = rx.await.map_err(|_| KvError::ShuttingDown)??;
         Ok(outcomes)
+    }
+
+    /// Drops replicated entries whose epoch ended before they were stamped
+    /// (their sender was fenced), and records entries accepted under an
+    /// older, then-valid epoch as failover conflicts: merged, never lost.
+    pub fn fence_entries(
+        &self,
+        source: &str,
+        entries: Vec<(String, Vec<u8>, Row)>,
+        accepted: &[(u64, u64)],
+    ) -> Vec<(String, Vec<u8>, Row)> {
+        let Some(guard) = self.state.leases.get() else { return entries };
+        let mut kept = Vec::with_capacity(entries.len());
+        for ((table, key, row), (epoch, hlc)) in entries.into_iter().zip(accepted.iter().copied()) {
+            if epoch == 0 {
+                kept.push((table, key, row));
+                continue;
+            }
+            let home = crate::consensus::control::home_key(&row.home_region, &row.zone);
+            let hlc_ms = crate::causality::HlcTimestamp(hlc).physical_ms();
+            match guard.fence_entry(&home, epoch, hlc_ms) {
+                EntryFence::Current => kept.push((table, key, row)),
+                EntryFence::LateButValid { current } => {
+                    metrics::counter!("geokv_failover_conflicts_total", "home" => home.clone()).increment(1);
+                    let mut list = self.failover_conflicts.lock().unwrap_or_else(|p| p.into_inner());
+                    if list.len() >= FAILOVER_CONFLICTS_MAX {
+                        list.pop_front();
+                    }
+                    list.push_back(FailoverConflict {
+                        table: table.clone(),
+                        key: key.clone(),
+                        home,
+                        epoch,
+                        current_epoch: current,
+                        hlc,
+                        source: source.to_string(),
+                    });
+                    kept.push((table, key, row));
+                }
+                EntryFence::Fenced { current } => {
+                    metrics::counter!("geokv_fenced_total", "kind" => "replication").increment(1);
+                    tracing::warn!(
+                        source, home = %home, epoch, current, key = %display_key(&table, &key),
+                        "refusing a replicated write stamped after its epoch ended (FENCED)"
+                    );
+                }
+            }
+        }
+        kept
+    }
+
+    /// Writes an old home accepted before a failover and shipped after it,
+    /// as received here (newest last, bounded).
+    pub fn failover_conflicts(&self) -> Vec<FailoverConflict> {
+        self.failover_conflicts.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+    }
+
+    /// Merges row states durably (QUORUM replicas, read repair).
+    pub async fn merge_rows(&self, entries: Vec<(String, Vec<u8>, Row)>) -> Result<(), KvError> {
+        for (table, _, row) in &entries {
+            self.table(table)?;
+            if !self.cfg.zone_regions(&row.zone).contains(&self.cfg.region) {
+                return Err(KvError::ResidencyViolation {
+                    zone: row.zone.clone(),
+                    allowed: self.cfg.zone_regions(&row.zone),
+                    region: self.cfg.region.clone(),
+                });
+            }
+        }
+        let tx =
+            self.commit_tx.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(KvError::ShuttingDown)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(CommitJob { work: Work::Merge(entries), reply }).await.map_err(|_| KvError::ShuttingDown)?;
+        rx.await.map_err(|_| KvError::ShuttingDown)?.map(|_| ())
+    }
+
+    /// The stored state of one row, if any.
+    pub fn stored_row(&self, table: &str, key: &[u8]) -> Result<Option<Row>, KvError> {
+        self.table(table)?;
+        match self.engine.get(Cf::Data, &data_key(table, key)).map_err(|e| KvError::Storage(e.to_string()))? {
+            None => Ok(None),
+            Some(bytes) => Row::open(&bytes, || display_key(table, key)).map(Some),
+        }
+    }
+
+    /// Returns once every write queued before the call is committed.
+    pub async fn barrier(&self) -> Result<(), KvError> {
+        let tx =
+            self.commit_tx.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(KvError::ShuttingDown)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(CommitJob { work: Work::Client { writes: Vec::new(), idempotency: None }, reply })
+            .await
+            .map_err(|_| KvError::ShuttingDown)?;
+        rx.await.map_err(|_| KvError::ShuttingDown)?.map(|_| ())
+    }
+
+    /// Installs the home leases; LOCAL writes need a valid lease from then on.
+    pub fn set_leases(&self, guard: Arc<dyn LeaseGuard>) {
+        let _ = self.state.leases.set(guard);
+    }
+
+    /// The home leases, when the control plane runs.
+    pub fn leases(&self) -> Option<&Arc<dyn LeaseGuard>> {
+        self.state.leases.get()
+    }
+
+    /// The epoch this region serves `home` under, waiting (bounded by
+    /// `consensus.lease_wait_ms`) while no region holds the home, as during
+    /// startup or a failover.
+    async fn wait_for_lease(&self, guard: &dyn LeaseGuard, home: &str) -> Result<u64, KvError> {
+        let started = Instant::now();
+        let wait = Duration::from_millis(self.cfg.consensus.lease_wait_ms);
+        loop {
+            match guard.check_local(home) {
+                Err(KvError::HomeUnavailable { .. }) if started.elapsed() < wait => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// The session token after observing `log_seq` in this region, merged

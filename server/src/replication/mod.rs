@@ -84,6 +84,17 @@ impl Replicator {
         self.links.get(destination).cloned()
     }
 
+    /// Highest log position of this node that `region` acknowledged, when
+    /// this node ships to it.
+    pub fn acked_through(&self, region: &str) -> Option<u64> {
+        self.links.get(region).map(|l| l.snapshot(&self.node).acked_seq)
+    }
+
+    /// Whether this node ships its log to `region` at all.
+    pub fn ships_to(&self, region: &str) -> bool {
+        self.links.contains_key(region)
+    }
+
     /// Records contact with `region` (an inbound frame).
     pub fn heard_from(&self, region: &str) {
         self.contact.lock().unwrap_or_else(|p| p.into_inner()).insert(region.to_string(), Instant::now());

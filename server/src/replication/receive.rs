@@ -81,11 +81,12 @@ impl pb::replication_server::Replication for ReplicationService {
                 }
                 metrics::counter!("geokv_replication_received_bytes_total", "source" => frame.source_region.clone())
                     .increment(frame.entries.len() as u64);
+                let entries = node.fence_entries(&frame.source_region, opened.entries, &opened.accepted);
                 let remote = RemoteApply {
                     source_region: frame.source_region.clone(),
                     first_seq: frame.first_seq,
                     through_seq: frame.through_seq,
-                    entries: opened.entries,
+                    entries,
                 };
                 let applied = if remote.entries.is_empty()
                     && frame.through_seq
