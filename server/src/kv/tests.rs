@@ -8,6 +8,7 @@ use crate::causality::SystemClock;
 use crate::config::Config;
 use crate::storage::memory::MemoryEngine;
 use crate::storage::rocks::{RocksEngine, RocksOptions};
+use commit::ApplyMode;
 
 fn config(extra: &str) -> Arc<Config> {
     let text = format!(
@@ -302,14 +303,15 @@ async fn replicated_frames_merge_once_and_keep_local_writes() {
         value: RowValue::Counter(remote),
     };
     let frame = |first, through| RemoteApply {
-        source_region: "us-east-1".into(),
+        source: "us-east-1/n1".into(),
         first_seq: first,
         through_seq: through,
         entries: vec![("default".into(), b"c".to_vec(), row.clone())],
+        mode: ApplyMode::Log,
     };
     node.apply_remote(frame(1, 1)).await.unwrap();
     node.apply_remote(frame(1, 1)).await.unwrap();
-    assert_eq!(node.inbound()["us-east-1"].applied_through, 1);
+    assert_eq!(node.inbound()["us-east-1/n1"].applied_through, 1);
     let eventual_add = WriteRequest {
         ops: vec![WriteOp {
             row: RowRef { locality: Locality::HomeRegion("us-east-1".into()), ..row_ref_c() },
@@ -324,6 +326,40 @@ async fn replicated_frames_merge_once_and_keep_local_writes() {
     node.apply_remote(frame(2, 2)).await.unwrap();
     match node.read(&row_ref_c(), ReadLevel::Local, &[]).unwrap().row.unwrap().value {
         RowValue::Counter(c) => assert_eq!(c.value(), 7),
+        other => panic!("not a counter: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn repaired_rows_merge_without_moving_the_position_until_done() {
+    use crate::causality::PnCounter;
+    let node = node();
+    let mut remote = PnCounter::default();
+    remote.add("us-east-1/n1", 4);
+    let row = Row {
+        home_region: "us-east-1".into(),
+        zone: String::new(),
+        epoch: 1,
+        hlc: 1,
+        value: RowValue::Counter(remote),
+    };
+    let apply = |mode, through, entries: Vec<(String, Vec<u8>, Row)>| RemoteApply {
+        source: "us-east-1/n1".into(),
+        first_seq: 0,
+        through_seq: through,
+        entries,
+        mode,
+    };
+    let rows = vec![("default".to_string(), b"c".to_vec(), row.clone())];
+    node.apply_remote(apply(ApplyMode::RepairRows, 0, rows.clone())).await.unwrap();
+    node.apply_remote(apply(ApplyMode::RepairRows, 0, rows)).await.unwrap();
+    assert!(node.inbound().get("us-east-1/n1").is_none(), "repair rows leave the position alone");
+    node.apply_remote(apply(ApplyMode::RepairDone, 40, Vec::new())).await.unwrap();
+    assert_eq!(node.inbound()["us-east-1/n1"].applied_through, 40);
+    node.apply_remote(apply(ApplyMode::RepairDone, 10, Vec::new())).await.unwrap();
+    assert_eq!(node.inbound()["us-east-1/n1"].applied_through, 40, "never moves down");
+    match node.read(&row_ref_c(), ReadLevel::Local, &[]).unwrap().row.unwrap().value {
+        RowValue::Counter(c) => assert_eq!(c.value(), 4, "the repaired state merged once"),
         other => panic!("not a counter: {other:?}"),
     }
 }
