@@ -159,6 +159,14 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Where a row lives: home region, partition, and the node owning it in
+    /// every region it may be stored in.
+    Locate {
+        #[command(flatten)]
+        row: RowArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -167,6 +175,9 @@ enum RegionAction {
     List,
     /// Health plus replication lag leaving each region.
     Status,
+    /// Partitions and the node owning each, per region (only the region
+    /// given by --region, if any).
+    Partitions,
 }
 
 #[derive(Subcommand)]
@@ -535,6 +546,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Dev(args) => dev::run(args).await.map_err(Failure::Other),
+        Command::Region { action: RegionAction::Partitions, conn } => {
+            let entry = connect(&conn).await?;
+            let map = entry.partition_map().await?;
+            cluster::print_partitions(&map, conn.region.as_deref(), conn.json);
+            Ok(())
+        }
+        Command::Locate { row, conn } => {
+            let entry = connect(&conn).await?;
+            let at = entry.locate(&row.row()).await?;
+            cluster::print_location(&at, conn.json);
+            Ok(())
+        }
         Command::Region { action, conn } => {
             let entry = connect(&conn).await?;
             let regions = cluster::connect_all(&entry, &client_config(&conn)).await?;
