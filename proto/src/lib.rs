@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - [`v1`]: the public gRPC API (package `geokv.v1`): the KV and Admin services.
+//! - [`consensus`]: the internal Raft transport between nodes
+//!   (package `geokv.consensus.v1`).
 //! - [`storage`]: internal records (rows, log entries, contexts), package
 //!   `geokv.storage.v1`; the server wraps each in a versioned, checksummed envelope.
 //! - [`envelope`]: the versioned, checksummed wrapper of every stored record
@@ -13,6 +15,11 @@ pub mod envelope;
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("geokv.v1");
+}
+
+#[allow(clippy::all, missing_docs)]
+pub mod consensus {
+    tonic::include_proto!("geokv.consensus.v1");
 }
 
 #[allow(clippy::all, missing_docs)]

@@ -56,6 +56,7 @@ pub struct Config {
     /// partitions onto its own nodes (see `topology`). Changing it moves
     /// keys between nodes, so every node of a cluster must agree.
     pub partitions: u32,
+    pub consensus: ConsensusConfig,
 }
 
 /// Most partitions a cluster may configure.
@@ -130,6 +131,56 @@ impl Default for ReplicationConfig {
             backpressure_hard_entries: 400_000,
             backpressure_delay_ms_max: 100,
             repair_batch_rows_max: 256,
+        }
+    }
+}
+
+/// The control plane (home leases, epochs, failover) and the STRONG groups.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsensusConfig {
+    /// Raft heartbeat interval, in milliseconds; keep it under a third of
+    /// the election timeout and above the slowest round trip.
+    pub heartbeat_ms: u64,
+    /// A follower starts an election after this long without a leader, in
+    /// milliseconds (randomised up to `election_timeout_max_ms`).
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// How long a home lease lasts after a renewal, in milliseconds. A home
+    /// region stops accepting LOCAL writes `clock.max_offset_ms` before it
+    /// ends; another region may take over `clock.max_offset_ms` after it.
+    pub lease_ms: u64,
+    /// How often the holder renews its leases, in milliseconds.
+    pub renew_every_ms: u64,
+    /// Cluster setting applied at bootstrap: never move a lapsed home
+    /// automatically (manual-only failover). `geokv region auto-failover`
+    /// changes it at run time.
+    pub manual_only: bool,
+    /// After an automatic failover, hand the home back to its own region
+    /// once that region has been healthy this long, in milliseconds
+    /// (0 = never fail back automatically).
+    pub failback_after_ms: u64,
+    /// Failover order per home region: the regions that take over its
+    /// homes, first healthy one wins (always filtered by the row's zone).
+    /// Regions not listed fall back to the cluster's region order.
+    pub failover_order: BTreeMap<String, Vec<String>>,
+    /// How long a LOCAL write waits for its home to get a lease (at
+    /// startup, or during a failover) before failing, in milliseconds.
+    pub lease_wait_ms: u64,
+}
+
+impl Default for ConsensusConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 250,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 1800,
+            lease_ms: 2500,
+            renew_every_ms: 400,
+            manual_only: false,
+            failback_after_ms: 10_000,
+            failover_order: BTreeMap::new(),
+            lease_wait_ms: 4000,
         }
     }
 }
@@ -339,6 +390,7 @@ impl Default for Config {
             clock: ClockConfig::default(),
             replication: ReplicationConfig::default(),
             partitions: 64,
+            consensus: ConsensusConfig::default(),
         }
     }
 }
@@ -536,6 +588,38 @@ impl Config {
         if self.partitions == 0 || self.partitions > PARTITIONS_MAX {
             return Err(bad("partitions", format!("must be 1..={PARTITIONS_MAX}")));
         }
+        let c = &self.consensus;
+        if c.heartbeat_ms == 0 || c.heartbeat_ms * 3 > c.election_timeout_min_ms {
+            return Err(bad(
+                "consensus.heartbeat_ms",
+                "must be at least 1 and at most a third of election_timeout_min_ms",
+            ));
+        }
+        if c.election_timeout_max_ms <= c.election_timeout_min_ms {
+            return Err(bad(
+                "consensus.election_timeout_max_ms",
+                "must be greater than election_timeout_min_ms",
+            ));
+        }
+        if c.lease_ms <= 2 * self.clock.max_offset_ms
+            || c.renew_every_ms == 0
+            || c.renew_every_ms * 2 > c.lease_ms
+        {
+            return Err(bad(
+                "consensus.lease_ms",
+                "must exceed twice clock.max_offset_ms and twice renew_every_ms (renew_every_ms at least 1)",
+            ));
+        }
+        for (home, order) in &c.failover_order {
+            for r in std::iter::once(home).chain(order) {
+                if !self.regions.iter().any(|x| &x.name == r) {
+                    return Err(bad(
+                        format!("consensus.failover_order.{home}"),
+                        format!("unknown region `{r}`"),
+                    ));
+                }
+            }
+        }
         for (i, region) in self.regions.iter().enumerate() {
             let mut ids = BTreeSet::new();
             for (j, node) in region.nodes.iter().enumerate() {
@@ -592,6 +676,25 @@ impl Config {
             Some(z) => z.regions.clone(),
             None => self.region_names(),
         }
+    }
+
+    /// The regions that take over `home`'s rows of `zone`, in order: the
+    /// configured failover order, then the cluster's region order, each
+    /// filtered to the zone; `home` itself comes first.
+    pub fn failover_order(&self, home: &str, zone: &str) -> Vec<String> {
+        let allowed = self.zone_regions(zone);
+        let mut out = vec![home.to_string()];
+        let configured = self.consensus.failover_order.get(home).cloned().unwrap_or_default();
+        let start = self.regions.iter().position(|r| r.name == home).unwrap_or(0);
+        let mut rotated: Vec<String> = self.region_names();
+        let len = rotated.len();
+        rotated.rotate_left(start.min(len));
+        for r in configured.into_iter().chain(rotated) {
+            if allowed.contains(&r) && !out.contains(&r) {
+                out.push(r);
+            }
+        }
+        out
     }
 
     /// The node's actor id, stamped on the writes it accepts.

@@ -75,6 +75,12 @@ pub enum KvError {
         bound_entries: u64,
         retry_after_ms: u64,
     },
+    #[error("home `{home}`: {why} (this region holds epoch {epoch}, the current epoch is {current})")]
+    Fenced { home: String, epoch: u64, current: u64, why: String },
+    #[error("home `{home}` has no region serving it right now: {why}")]
+    HomeUnavailable { home: String, why: String },
+    #[error("consensus group `{group}` cannot commit: {why}")]
+    QuorumUnavailable { group: String, why: String },
 }
 
 impl KvError {
@@ -107,6 +113,9 @@ impl KvError {
             KvError::RegionUnreachable { .. } => "REGION_UNREACHABLE",
             KvError::CounterOverflow => "COUNTER_OVERFLOW",
             KvError::ReplicationBackpressure { .. } => "REPLICATION_BACKPRESSURE",
+            KvError::Fenced { .. } => "FENCED",
+            KvError::HomeUnavailable { .. } => "HOME_UNAVAILABLE",
+            KvError::QuorumUnavailable { .. } => "QUORUM_UNAVAILABLE",
         }
     }
 
@@ -128,14 +137,17 @@ impl KvError {
             KvError::LevelUnavailable { .. }
             | KvError::ShuttingDown
             | KvError::ReplicaStale { .. }
-            | KvError::RegionUnreachable { .. } => Code::Unavailable,
+            | KvError::RegionUnreachable { .. }
+            | KvError::HomeUnavailable { .. }
+            | KvError::QuorumUnavailable { .. } => Code::Unavailable,
             KvError::NotHome { .. }
             | KvError::ResidencyViolation { .. }
             | KvError::HomeMismatch { .. }
             | KvError::WrongType { .. }
             | KvError::IdempotencyKeyReused { .. }
             | KvError::ClockOffset { .. }
-            | KvError::CounterOverflow => Code::FailedPrecondition,
+            | KvError::CounterOverflow
+            | KvError::Fenced { .. } => Code::FailedPrecondition,
             KvError::Corrupt { .. } => Code::DataLoss,
             KvError::ReplicationBackpressure { .. } => Code::ResourceExhausted,
             KvError::Storage(_) => Code::Internal,
@@ -164,6 +176,17 @@ impl KvError {
             }
             KvError::ReplicaStale { region, .. } | KvError::RegionUnreachable { region, .. } => {
                 m.insert("region".into(), region.clone());
+            }
+            KvError::Fenced { home, epoch, current, .. } => {
+                m.insert("home".into(), home.clone());
+                m.insert("epoch".into(), epoch.to_string());
+                m.insert("current_epoch".into(), current.to_string());
+            }
+            KvError::HomeUnavailable { home, .. } => {
+                m.insert("home".into(), home.clone());
+            }
+            KvError::QuorumUnavailable { group, .. } => {
+                m.insert("group".into(), group.clone());
             }
             KvError::NotHome { home, here } => {
                 m.insert("home_region".into(), home.clone());

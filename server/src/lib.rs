@@ -21,6 +21,7 @@ pub mod api;
 pub mod causality;
 pub mod codec;
 pub mod config;
+pub mod consensus;
 pub mod error;
 pub mod kv;
 pub mod replication;

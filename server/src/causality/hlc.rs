@@ -217,6 +217,11 @@ impl Hlc {
         self.max_offset_ms
     }
 
+    /// The node's wall clock in milliseconds (the clock leases are judged by).
+    pub fn wall_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
     /// The wall clock as a stamp with a zero logical part.
     fn physical_now(&self) -> HlcTimestamp {
         HlcTimestamp::from_parts(self.clock.now_ms(), 0)

@@ -23,10 +23,13 @@ pub enum Cf {
     ReplLog,
     /// Node metadata: counters, idempotency records, cursors.
     Meta,
+    /// Consensus: Raft logs, votes and state machines of every group,
+    /// keyed `g/<group>/...`.
+    Raft,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 3] = [Cf::Data, Cf::ReplLog, Cf::Meta];
+    pub const ALL: [Cf; 4] = [Cf::Data, Cf::ReplLog, Cf::Meta, Cf::Raft];
 
     /// The column family's name on disk.
     pub fn name(self) -> &'static str {
@@ -34,6 +37,7 @@ impl Cf {
             Cf::Data => "data",
             Cf::ReplLog => "repl_log",
             Cf::Meta => "meta",
+            Cf::Raft => "raft",
         }
     }
 }

@@ -1,0 +1,540 @@
+//! Consensus: the control plane and the STRONG groups, on openraft.
+//!
+//! # Layout
+//! - [`store`]: a group's Raft log and state machine on the node's engine
+//!   (column family `raft`), shared by every group.
+//! - [`network`]: Raft messages over gRPC, addressed by the local config.
+//! - [`service`]: the `geokv.consensus.v1.Consensus` gRPC service.
+//! - [`control`]: the control plane's state machine: home leases, epochs,
+//!   failover state (pure, unit-tested).
+//! - [`strong`]: the STRONG groups' state machine: linearizable registers.
+//! - this file: [`Consensus`], which starts the groups this node belongs to
+//!   and proposes commands, forwarding them to a group's leader.
+//!
+//! Membership is static and derived from the config: the control plane has
+//! one voter per region (the region's first node); the STRONG group of a
+//! home has one voter per replica region of the home's zone, so residency
+//! holds in consensus membership too. Nodes that are not voters of a group
+//! forward to one that is.
+
+pub mod control;
+pub mod network;
+pub mod service;
+pub mod store;
+pub mod strong;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::io::Cursor;
+use std::time::{Duration, Instant};
+
+use geokv_proto::consensus as pb;
+use openraft::BasicNode;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::config::{Config, Level, LocalityMode};
+use crate::error::KvError;
+use crate::storage::Engine;
+use control::{ControlCommand, ControlReply, ControlState};
+use network::{NetworkFactory, Peers};
+use store::{LogStore, Machine, MachineView, StateMachine};
+use strong::{StrongCommand, StrongMachine, StrongReply, StrongValue};
+
+/// Raft node id: derived from the node's actor id (`region/node`).
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// openraft's types for every geokv group.
+    pub TypeConfig:
+        D = Command,
+        R = Reply,
+        NodeId = NodeId,
+        Node = BasicNode,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// A command of any group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Control(ControlCommand),
+    Strong(StrongCommand),
+}
+
+/// The reply to a committed command.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    #[default]
+    None,
+    Control(ControlReply),
+    Strong(StrongReply),
+    Rejected {
+        why: String,
+    },
+}
+
+/// Name of the control plane's group.
+pub const CONTROL_GROUP: &str = "control";
+/// State-machine key of the control state.
+const CONTROL_KEY: &[u8] = b"state";
+/// A proposal gives up after this long.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Forwarding hops allowed for one proposal.
+const HOPS_MAX: u32 = 3;
+
+/// The STRONG group of a home (see [`control::home_key`]).
+pub fn strong_group(home: &str) -> String {
+    format!("strong/{home}")
+}
+
+/// The Raft node id of an actor.
+pub fn raft_id(actor: &str) -> NodeId {
+    let digest = Sha256::digest(actor.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&digest[..8]);
+    // Zero is avoided so an id is never mistaken for "none" in status output.
+    u64::from_be_bytes(b).max(1)
+}
+
+/// A voter of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: NodeId,
+    pub actor: String,
+    pub region: String,
+}
+
+/// The voter of each region: its first configured node (this node for its
+/// own region when the region lists no nodes).
+pub fn region_voters(cfg: &Config) -> Vec<Member> {
+    let mut out = Vec::new();
+    for r in &cfg.regions {
+        let actor = match r.nodes.first() {
+            Some(n) => format!("{}/{}", r.name, n.id),
+            None if r.name == cfg.region => cfg.actor(),
+            None => continue,
+        };
+        out.push(Member { id: raft_id(&actor), actor, region: r.name.clone() });
+    }
+    out
+}
+
+/// The zone a row homed in `home` gets in table `t` (as residency resolves it).
+fn zone_for(cfg: &Config, t: &crate::config::TableConfig, home: &str) -> String {
+    match &t.zone {
+        Some(z) => z.clone(),
+        None => cfg.zone_of(home).map(|z| z.name.clone()).unwrap_or_default(),
+    }
+}
+
+/// Every (home region, zone) that rows of STRONG tables can have.
+pub fn strong_homes(cfg: &Config) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for t in cfg.tables.iter().filter(|t| t.default_consistency == Level::Strong) {
+        let mut homes: Vec<String> = Vec::new();
+        match t.locality {
+            LocalityMode::ByTable => homes.extend(t.home_region.clone()),
+            LocalityMode::Global | LocalityMode::ByRow => homes.extend(cfg.region_names()),
+        }
+        for h in homes {
+            let zone = zone_for(cfg, t, &h);
+            if cfg.zone_regions(&zone).contains(&h) {
+                out.insert((h, zone));
+            }
+        }
+    }
+    out
+}
+
+/// Every home (region, zone) that needs a lease: each region with its own
+/// zone, and with every table zone that contains it.
+pub fn lease_homes(cfg: &Config) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for r in cfg.region_names() {
+        out.insert((r.clone(), cfg.zone_of(&r).map(|z| z.name.clone()).unwrap_or_default()));
+        for t in &cfg.tables {
+            let zone = zone_for(cfg, t, &r);
+            if cfg.zone_regions(&zone).contains(&r) {
+                out.insert((r.clone(), zone));
+            }
+        }
+    }
+    out
+}
+
+/// Voters of the STRONG group of (home, zone): the voter of each replica region.
+pub fn strong_members(cfg: &Config, zone: &str) -> Vec<Member> {
+    let allowed = cfg.zone_regions(zone);
+    region_voters(cfg).into_iter().filter(|m| allowed.contains(&m.region)).collect()
+}
+
+/// One Raft group this node is a voter of.
+pub struct Group {
+    pub name: String,
+    pub raft: Raft,
+    pub sm: StateMachine,
+    pub members: Vec<Member>,
+    /// The region whose member should lead (STRONG groups).
+    pub preferred_region: Option<String>,
+}
+
+/// Publishes the control state after every apply.
+struct ControlMachine {
+    tx: watch::Sender<ControlState>,
+}
+
+impl ControlMachine {
+    fn load(view: &MachineView<'_>) -> Result<ControlState, String> {
+        match view.get(CONTROL_KEY)? {
+            Some(b) => serde_json::from_slice(&b).map_err(|e| format!("control state does not decode: {e}")),
+            None => Ok(ControlState::default()),
+        }
+    }
+}
+
+impl Machine for ControlMachine {
+    fn apply(&self, _index: u64, command: &Command, view: &mut MachineView<'_>) -> Reply {
+        let Command::Control(cmd) = command else {
+            return Reply::Rejected { why: format!("the control plane cannot apply {command:?}") };
+        };
+        let mut state = match Self::load(view) {
+            Ok(s) => s,
+            Err(why) => return Reply::Rejected { why },
+        };
+        let reply = state.apply(cmd);
+        match serde_json::to_vec(&state) {
+            Ok(b) => view.put(CONTROL_KEY, b),
+            Err(e) => return Reply::Rejected { why: e.to_string() },
+        }
+        Reply::Control(reply)
+    }
+
+    fn applied(&self, get: &dyn Fn(&[u8]) -> Option<Vec<u8>>) {
+        if let Some(b) = get(CONTROL_KEY) {
+            match serde_json::from_slice::<ControlState>(&b) {
+                Ok(state) => {
+                    self.tx.send_if_modified(|cur| {
+                        if *cur != state {
+                            *cur = state;
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                }
+                Err(e) => tracing::error!(error = %e, "stored control state does not decode"),
+            }
+        }
+    }
+}
+
+/// The node's consensus groups.
+pub struct Consensus {
+    pub me: NodeId,
+    cfg: Arc<Config>,
+    peers: Arc<Peers>,
+    groups: BTreeMap<String, Arc<Group>>,
+    /// Voters of every group this node knows of (also those it is not in).
+    members: BTreeMap<String, Vec<Member>>,
+    control: watch::Sender<ControlState>,
+}
+
+fn raft_config(cfg: &Config, name: &str, preferred: bool) -> anyhow::Result<openraft::Config> {
+    let c = &cfg.consensus;
+    // A preferred leader (the home region of a STRONG group) times out first,
+    // so it wins elections whenever it is up to date.
+    let (min, max) = if preferred {
+        (c.election_timeout_min_ms * 2 / 3, c.election_timeout_min_ms)
+    } else {
+        (c.election_timeout_min_ms, c.election_timeout_max_ms)
+    };
+    let rc = openraft::Config {
+        cluster_name: name.to_string(),
+        heartbeat_interval: c.heartbeat_ms,
+        election_timeout_min: min.max(c.heartbeat_ms * 3),
+        election_timeout_max: max.max(c.heartbeat_ms * 3 + 1),
+        install_snapshot_timeout: 5000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
+        max_in_snapshot_log_to_keep: 1000,
+        ..Default::default()
+    };
+    Ok(rc.validate()?)
+}
+
+impl Consensus {
+    /// Starts every group this node is a voter of and bootstraps them.
+    pub async fn start(cfg: Arc<Config>, engine: Arc<dyn Engine>) -> anyhow::Result<Arc<Self>> {
+        let me = raft_id(&cfg.actor());
+        let mut addrs = BTreeMap::new();
+        for r in &cfg.regions {
+            for n in &r.nodes {
+                addrs.insert(raft_id(&format!("{}/{}", r.name, n.id)), n.addr.clone());
+            }
+        }
+        addrs.insert(me, cfg.listen.to_string());
+        let peers = Arc::new(Peers::new(addrs));
+        let (control_tx, _) = watch::channel(ControlState::default());
+
+        let mut wanted: Vec<(String, Vec<Member>, Option<String>, Arc<dyn Machine>)> = vec![(
+            CONTROL_GROUP.to_string(),
+            region_voters(&cfg),
+            None,
+            Arc::new(ControlMachine { tx: control_tx.clone() }),
+        )];
+        for (home, zone) in strong_homes(&cfg) {
+            let key = control::home_key(&home, &zone);
+            wanted.push((strong_group(&key), strong_members(&cfg, &zone), Some(home), Arc::new(StrongMachine)));
+        }
+        let mut groups = BTreeMap::new();
+        let mut members = BTreeMap::new();
+        for (name, voters, preferred_region, machine) in wanted {
+            members.insert(name.clone(), voters.clone());
+            if !voters.iter().any(|m| m.id == me) {
+                continue;
+            }
+            let preferred = preferred_region.as_deref() == Some(cfg.region.as_str());
+            let rc = Arc::new(raft_config(&cfg, &name, preferred)?);
+            let log = LogStore::open(engine.clone(), &name).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            let sm = StateMachine::new(engine.clone(), &name, machine);
+            let net = NetworkFactory { peers: peers.clone(), group: name.clone() };
+            let raft = Raft::new(me, rc, net, log, sm.clone()).await?;
+            if !raft.is_initialized().await? {
+                let nodes: BTreeMap<NodeId, BasicNode> =
+                    voters.iter().map(|m| (m.id, BasicNode { addr: m.actor.clone() })).collect();
+                // Every voter bootstraps with the same membership; openraft
+                // accepts that, and only one initial log can win.
+                if let Err(e) = raft.initialize(nodes).await {
+                    tracing::debug!(group = %name, error = %e, "initialize");
+                }
+            }
+            groups.insert(name.clone(), Arc::new(Group { name, raft, sm, members: voters, preferred_region }));
+        }
+        Ok(Arc::new(Self { me, cfg, peers, groups, members, control: control_tx }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The control state as last applied (or fetched) here.
+    pub fn control_state(&self) -> ControlState {
+        self.control.borrow().clone()
+    }
+
+    pub fn subscribe_control(&self) -> watch::Receiver<ControlState> {
+        self.control.subscribe()
+    }
+
+    /// Replaces the control state with one fetched from a voter (nodes that
+    /// are not control-plane voters).
+    pub fn observe_control(&self, state: ControlState) {
+        self.control.send_if_modified(|cur| {
+            if *cur != state {
+                *cur = state;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub fn group(&self, name: &str) -> Option<&Arc<Group>> {
+        self.groups.get(name)
+    }
+
+    pub fn groups(&self) -> impl Iterator<Item = &Arc<Group>> {
+        self.groups.values()
+    }
+
+    pub fn members(&self, group: &str) -> Option<&Vec<Member>> {
+        self.members.get(group)
+    }
+
+    /// Whether this node votes in the control plane.
+    pub fn is_control_voter(&self) -> bool {
+        self.groups.contains_key(CONTROL_GROUP)
+    }
+
+    /// Whether this node currently leads `group`.
+    pub fn is_leader(&self, group: &str) -> bool {
+        self.groups.get(group).is_some_and(|g| g.raft.metrics().borrow().current_leader == Some(self.me))
+    }
+
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
+    }
+
+    fn unavailable(group: &str, why: impl ToString) -> KvError {
+        KvError::QuorumUnavailable { group: group.to_string(), why: why.to_string() }
+    }
+
+    /// Commits `cmd` in `group` and returns its reply and log index,
+    /// forwarding to the leader when this node is not it.
+    pub async fn propose(&self, group: &str, cmd: Command, hops: u32) -> Result<(Reply, u64), KvError> {
+        let deadline = Instant::now() + PROPOSE_TIMEOUT;
+        let Some(g) = self.groups.get(group) else {
+            return self.forward_to_members(group, &cmd, hops, deadline).await;
+        };
+        // Bounded: one attempt per 50 ms until the deadline.
+        for _ in 0..(PROPOSE_TIMEOUT.as_millis() / 50) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(left, g.raft.client_write(cmd.clone())).await {
+                Err(_) => break,
+                Ok(Ok(resp)) => return Ok((resp.data, resp.log_id.index)),
+                Ok(Err(e)) => match e.forward_to_leader() {
+                    Some(f) => match f.leader_id {
+                        Some(leader) if leader != self.me => {
+                            return self.forward(leader, group, &cmd, hops, deadline).await;
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                    },
+                    None => return Err(Self::unavailable(group, e)),
+                },
+            }
+        }
+        Err(Self::unavailable(group, "no leader elected before the deadline"))
+    }
+
+    async fn forward_to_members(
+        &self,
+        group: &str,
+        cmd: &Command,
+        hops: u32,
+        deadline: Instant,
+    ) -> Result<(Reply, u64), KvError> {
+        let Some(members) = self.members.get(group) else {
+            return Err(Self::unavailable(group, "unknown group"));
+        };
+        // Same region first, then the others in config order.
+        let mut order: Vec<&Member> = members.iter().filter(|m| m.region == self.cfg.region).collect();
+        order.extend(members.iter().filter(|m| m.region != self.cfg.region));
+        let mut last = Self::unavailable(group, "no member reachable");
+        for m in order {
+            match self.forward(m.id, group, cmd, hops, deadline).await {
+                Ok(r) => return Ok(r),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn forward(
+        &self,
+        target: NodeId,
+        group: &str,
+        cmd: &Command,
+        hops: u32,
+        deadline: Instant,
+    ) -> Result<(Reply, u64), KvError> {
+        if hops >= HOPS_MAX {
+            return Err(Self::unavailable(group, "too many forwarding hops"));
+        }
+        let Some(mut client) = self.peers.client(target) else {
+            return Err(Self::unavailable(group, format!("leader {target} has no address")));
+        };
+        let command = serde_json::to_vec(cmd).map_err(|e| Self::unavailable(group, e))?;
+        let mut req = tonic::Request::new(pb::ProposeRequest { group: group.to_string(), command, hops: hops + 1 });
+        req.set_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10)));
+        let reply = client.propose(req).await.map_err(|s| Self::status_error(group, s))?.into_inner();
+        let parsed: Reply = serde_json::from_slice(&reply.reply).map_err(|e| Self::unavailable(group, e))?;
+        Ok((parsed, reply.index))
+    }
+
+    fn status_error(group: &str, s: tonic::Status) -> KvError {
+        Self::unavailable(group, format!("{}: {}", s.code(), s.message()))
+    }
+
+    /// A linearizable read of a STRONG row: the leader confirms it still
+    /// leads (read index) and waits until it applied that far.
+    pub async fn read(&self, group: &str, table: &str, key: &[u8], hops: u32) -> Result<Option<StrongValue>, KvError> {
+        let k = strong::row_key(table, key);
+        let deadline = Instant::now() + PROPOSE_TIMEOUT;
+        if let Some(g) = self.groups.get(group) {
+            for _ in 0..(PROPOSE_TIMEOUT.as_millis() / 50) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match tokio::time::timeout(left, g.raft.ensure_linearizable()).await {
+                    Err(_elapsed) => break,
+                    Ok(Ok(_)) => {
+                        let v = g.sm.get(&k).map_err(KvError::Storage)?;
+                        return v.map(|b| strong::decode_value(&b)).transpose().map_err(|why| KvError::Corrupt {
+                            what: format!("STRONG row {table}/{}", String::from_utf8_lossy(key)),
+                            why,
+                        });
+                    }
+                    Ok(Err(e)) => {
+                        if let Some(leader) = e.forward_to_leader().and_then(|f| f.leader_id) {
+                            if leader != self.me {
+                                return self.forward_read(leader, group, &k, hops, deadline).await;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            return Err(Self::unavailable(group, "no leader confirmed before the deadline"));
+        }
+        let members = self.members.get(group).cloned().unwrap_or_default();
+        let mut last = Self::unavailable(group, "no member reachable");
+        let mut order: Vec<&Member> = members.iter().filter(|m| m.region == self.cfg.region).collect();
+        order.extend(members.iter().filter(|m| m.region != self.cfg.region));
+        for m in order {
+            match self.forward_read(m.id, group, &k, hops, deadline).await {
+                Ok(v) => return Ok(v),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn forward_read(
+        &self,
+        target: NodeId,
+        group: &str,
+        k: &[u8],
+        hops: u32,
+        deadline: Instant,
+    ) -> Result<Option<StrongValue>, KvError> {
+        if hops >= HOPS_MAX {
+            return Err(Self::unavailable(group, "too many forwarding hops"));
+        }
+        let Some(mut client) = self.peers.client(target) else {
+            return Err(Self::unavailable(group, format!("leader {target} has no address")));
+        };
+        let mut req = tonic::Request::new(pb::ReadRequest { group: group.to_string(), key: k.to_vec(), hops: hops + 1 });
+        req.set_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10)));
+        let reply = client.read(req).await.map_err(|s| Self::status_error(group, s))?.into_inner();
+        if !reply.found {
+            return Ok(None);
+        }
+        strong::decode_value(&reply.value).map(Some).map_err(|why| KvError::Corrupt { what: "STRONG row".into(), why })
+    }
+
+    /// A local, possibly stale read of a STRONG row (LOCAL/BOUNDED reads).
+    pub fn read_local(&self, group: &str, table: &str, key: &[u8]) -> Result<Option<StrongValue>, KvError> {
+        let Some(g) = self.groups.get(group) else {
+            return Err(KvError::ReplicaStale {
+                region: self.members.get(group).and_then(|m| m.first()).map(|m| m.region.clone()).unwrap_or_default(),
+                why: "this node holds no replica of the STRONG group".into(),
+            });
+        };
+        let v = g.sm.get(&strong::row_key(table, key)).map_err(KvError::Storage)?;
+        v.map(|b| strong::decode_value(&b))
+            .transpose()
+            .map_err(|why| KvError::Corrupt { what: "STRONG row".into(), why })
+    }
+
+    /// Stops every group.
+    pub async fn shutdown(&self) {
+        for g in self.groups.values() {
+            let _ = g.raft.shutdown().await;
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Raft messages over gRPC (`geokv.consensus.v1.Consensus/Raft`).
+//!
+//! Each message carries its group's name, so one connection per peer node
+//! serves every group. Peer addresses come from the local config, not from
+//! the membership stored in the log: in an emulated WAN each node reaches
+//! another through its own proxy link, so the address depends on the caller.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use geokv_proto::consensus as pb;
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::BasicNode;
+use pb::consensus_client::ConsensusClient;
+use serde::{de::DeserializeOwned, Serialize};
+use tonic::transport::Channel;
+
+use super::{NodeId, TypeConfig};
+
+/// gRPC clients of the other nodes, by Raft node id, connected lazily.
+pub struct Peers {
+    addrs: BTreeMap<NodeId, String>,
+    clients: Mutex<BTreeMap<NodeId, ConsensusClient<Channel>>>,
+}
+
+impl Peers {
+    pub fn new(addrs: BTreeMap<NodeId, String>) -> Self {
+        Self { addrs, clients: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// A client of node `id`, or None when the node is not configured.
+    pub fn client(&self, id: NodeId) -> Option<ConsensusClient<Channel>> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&id) {
+            return Some(c.clone());
+        }
+        let addr = self.addrs.get(&id)?;
+        let url = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
+        let ep = tonic::transport::Endpoint::from_shared(url).ok()?;
+        let ep = ep
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true);
+        let client = ConsensusClient::new(ep.connect_lazy())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        clients.insert(id, client.clone());
+        Some(client)
+    }
+}
+
+/// Creates a connection per (group, target).
+#[derive(Clone)]
+pub struct NetworkFactory {
+    pub peers: Arc<Peers>,
+    pub group: String,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Self::Network {
+        Connection { peers: self.peers.clone(), group: self.group.clone(), target }
+    }
+}
+
+/// Sends one group's messages to one node.
+pub struct Connection {
+    peers: Arc<Peers>,
+    group: String,
+    target: NodeId,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TransportError(String);
+
+impl Connection {
+    async fn call<Req, Resp, E>(
+        &self,
+        kind: pb::RaftKind,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let Some(mut client) = self.peers.client(self.target) else {
+            return Err(RPCError::Unreachable(Unreachable::new(&TransportError(format!(
+                "node {} has no configured address",
+                self.target
+            )))));
+        };
+        let payload = serde_json::to_vec(req)
+            .map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e.to_string()))))?;
+        let mut request =
+            tonic::Request::new(pb::RaftRequest { group: self.group.clone(), kind: kind as i32, payload });
+        request.set_timeout(option.hard_ttl());
+        let reply = match client.raft(request).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                let e = TransportError(format!("{}: {}", status.code(), status.message()));
+                return Err(match status.code() {
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                        RPCError::Unreachable(Unreachable::new(&e))
+                    }
+                    _ => RPCError::Network(NetworkError::new(&e)),
+                });
+            }
+        };
+        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&reply.payload)
+            .map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e.to_string()))))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Connection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(pb::RaftKind::AppendEntries, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call(pb::RaftKind::InstallSnapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(pb::RaftKind::Vote, &rpc, &option).await
+    }
+
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+    }
+}

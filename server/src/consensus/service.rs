@@ -1,0 +1,89 @@
+//! The `geokv.consensus.v1.Consensus` service: Raft messages in, leader-only
+//! requests (proposals, linearizable reads) served or forwarded.
+
+use std::sync::Arc;
+
+use geokv_proto::consensus as pb;
+use serde::{de::DeserializeOwned, Serialize};
+use tonic::{Request, Response, Status};
+
+use super::{Command, Consensus, Raft};
+
+/// Serves consensus RPCs for every group of this node.
+#[derive(Clone)]
+pub struct ConsensusService {
+    consensus: Arc<Consensus>,
+}
+
+impl ConsensusService {
+    pub fn new(consensus: Arc<Consensus>) -> Self {
+        Self { consensus }
+    }
+
+    fn raft(&self, group: &str) -> Result<&Raft, Status> {
+        self.consensus
+            .group(group)
+            .map(|g| &g.raft)
+            .ok_or_else(|| Status::not_found(format!("this node is not a member of group `{group}`")))
+    }
+}
+
+fn parse<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, Status> {
+    serde_json::from_slice(bytes).map_err(|e| Status::invalid_argument(format!("{what} does not parse: {e}")))
+}
+
+fn reply<T: Serialize>(value: &T) -> Result<Response<pb::RaftReply>, Status> {
+    serde_json::to_vec(value)
+        .map(|payload| Response::new(pb::RaftReply { payload }))
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl pb::consensus_server::Consensus for ConsensusService {
+    async fn raft(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let req = request.into_inner();
+        let raft = self.raft(&req.group)?;
+        match pb::RaftKind::try_from(req.kind) {
+            Ok(pb::RaftKind::AppendEntries) => {
+                reply(&raft.append_entries(parse(&req.payload, "append-entries request")?).await)
+            }
+            Ok(pb::RaftKind::Vote) => reply(&raft.vote(parse(&req.payload, "vote request")?).await),
+            Ok(pb::RaftKind::InstallSnapshot) => {
+                reply(&raft.install_snapshot(parse(&req.payload, "install-snapshot request")?).await)
+            }
+            _ => Err(Status::invalid_argument(format!("unknown raft message kind {}", req.kind))),
+        }
+    }
+
+    async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
+        let req = request.into_inner();
+        let cmd: Command = parse(&req.command, "command")?;
+        let (reply, index) = self.consensus.propose(&req.group, cmd, req.hops).await.map_err(Status::from)?;
+        let reply = serde_json::to_vec(&reply).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::ProposeReply { reply, index }))
+    }
+
+    async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
+        let req = request.into_inner();
+        // The key is a state-machine key `r/<table>\0<key>`.
+        let rest = req.key.strip_prefix(b"r/").ok_or_else(|| Status::invalid_argument("key is not a row key"))?;
+        let split = rest.iter().position(|b| *b == 0).ok_or_else(|| Status::invalid_argument("key has no table"))?;
+        let table = String::from_utf8_lossy(&rest[..split]).into_owned();
+        let value = self.consensus.read(&req.group, &table, &rest[split + 1..], req.hops).await.map_err(Status::from)?;
+        Ok(Response::new(match value {
+            Some(v) => pb::ReadReply {
+                found: true,
+                value: serde_json::to_vec(&v).map_err(|e| Status::internal(e.to_string()))?,
+            },
+            None => pb::ReadReply { found: false, value: Vec::new() },
+        }))
+    }
+
+    async fn control_state(
+        &self,
+        _request: Request<pb::ControlStateRequest>,
+    ) -> Result<Response<pb::ControlStateReply>, Status> {
+        let state = serde_json::to_vec(&self.consensus.control_state()).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::ControlStateReply { state }))
+    }
+}
