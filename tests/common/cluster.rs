@@ -363,6 +363,12 @@ impl DevCluster {
         SocketAddr::from(([127, 0, 0, 1], self.base_port + 10 * Self::region_index(region) + 2 * j))
     }
 
+    /// Admin HTTP address of node `j` (from 0) of `region`.
+    pub fn node_admin_addr(&self, region: &str, j: u16) -> SocketAddr {
+        let grpc = self.node_grpc_addr(region, j);
+        SocketAddr::from(([127, 0, 0, 1], grpc.port() + 1))
+    }
+
     /// A client of node `j` of `region`.
     pub async fn node_client(&self, region: &str, j: u16) -> Client {
         let endpoint = format!("http://{}", self.node_grpc_addr(region, j));
