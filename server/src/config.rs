@@ -743,6 +743,21 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let c = Config::from_toml(include_str!("../../deploy/node.example.toml")).unwrap().finish().unwrap();
+        assert_eq!(c.partitions, 64);
+    }
+
+    #[test]
+    fn backpressure_bounds_are_checked_against_retention() {
+        let text = "[storage]\nlog_retention_entries = 10\n[replication]\nbackpressure_soft_entries = 5\nbackpressure_hard_entries = 20";
+        let err = Config::from_toml(text).unwrap().finish().unwrap_err();
+        assert_eq!(err.field, "replication.backpressure_hard_entries");
+        let err = Config::from_toml("partitions = 0").unwrap().finish().unwrap_err();
+        assert_eq!(err.field, "partitions");
+    }
+
+    #[test]
     fn region_in_two_zones_is_refused() {
         let text = r#"
             region = "a"

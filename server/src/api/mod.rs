@@ -735,6 +735,30 @@ impl AdminService {
         Ok(links.iter().map(|l| self.link(l.snapshot(&self.node))).collect())
     }
 
+    /// Pauses or resumes this node's links to a region and, unless the
+    /// request is node-only, those of every other node of this region.
+    async fn control_region(
+        &self,
+        req: pb::ReplicationControlRequest,
+        paused: bool,
+    ) -> Result<Response<pb::ReplicationControlResponse>, Status> {
+        let mut links = self.control(&req.destination, paused)?;
+        if !req.node_only {
+            let fan = pb::ReplicationControlRequest { node_only: true, ..req };
+            let others = self
+                .on_region_peers(fan, |mut c, r| async move {
+                    if paused {
+                        c.pause_replication(r).await
+                    } else {
+                        c.resume_replication(r).await
+                    }
+                })
+                .await?;
+            links.extend(others.into_iter().filter_map(|o| o.link));
+        }
+        Ok(Response::new(pb::ReplicationControlResponse { link: links.into_iter().next() }))
+    }
+
     /// Runs `call` on every other node of this region (node-only requests),
     /// failing if any node cannot answer: a partial answer would pass for a
     /// whole one.
@@ -862,34 +886,14 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ReplicationControlRequest>,
     ) -> Result<Response<pb::ReplicationControlResponse>, Status> {
-        let req = request.into_inner();
-        let mut links = self.control(&req.destination, true)?;
-        if !req.node_only {
-            let fan = pb::ReplicationControlRequest { node_only: true, ..req };
-            for other in
-                self.on_region_peers(fan, |mut c, r| async move { c.pause_replication(r).await }).await?
-            {
-                links.extend(other.link);
-            }
-        }
-        Ok(Response::new(pb::ReplicationControlResponse { link: links.into_iter().next() }))
+        self.control_region(request.into_inner(), true).await
     }
 
     async fn resume_replication(
         &self,
         request: Request<pb::ReplicationControlRequest>,
     ) -> Result<Response<pb::ReplicationControlResponse>, Status> {
-        let req = request.into_inner();
-        let mut links = self.control(&req.destination, false)?;
-        if !req.node_only {
-            let fan = pb::ReplicationControlRequest { node_only: true, ..req };
-            for other in
-                self.on_region_peers(fan, |mut c, r| async move { c.resume_replication(r).await }).await?
-            {
-                links.extend(other.link);
-            }
-        }
-        Ok(Response::new(pb::ReplicationControlResponse { link: links.into_iter().next() }))
+        self.control_region(request.into_inner(), false).await
     }
 
     async fn residency_audit(
