@@ -686,12 +686,11 @@ impl Client {
             .await
     }
 
-    /// Replication links leaving the connected node's region.
+    /// Replication links leaving the connected node's region (every node of it).
     pub async fn replication_status(&self) -> Result<pb::ReplicationStatusResponse, Error> {
-        self.admin_call(
-            pb::ReplicationStatusRequest {},
-            |mut a, r| async move { a.replication_status(r).await },
-        )
+        self.admin_call(pb::ReplicationStatusRequest { node_only: false }, |mut a, r| async move {
+            a.replication_status(r).await
+        })
         .await
     }
 
@@ -701,7 +700,7 @@ impl Client {
         destination: &str,
         paused: bool,
     ) -> Result<pb::ReplicationControlResponse, Error> {
-        let msg = pb::ReplicationControlRequest { destination: destination.to_string() };
+        let msg = pb::ReplicationControlRequest { destination: destination.to_string(), node_only: false };
         if paused {
             self.admin_call(msg, |mut a, r| async move { a.pause_replication(r).await }).await
         } else {
@@ -709,15 +708,37 @@ impl Client {
         }
     }
 
-    /// Rows the connected node stores outside their residency zone.
+    /// Rows the connected node's region (every node of it) stores outside
+    /// their residency zone.
     pub async fn residency_audit(&self) -> Result<pb::ResidencyAuditResponse, Error> {
-        self.admin_call(pb::ResidencyAuditRequest {}, |mut a, r| async move { a.residency_audit(r).await })
+        self.admin_call(pb::ResidencyAuditRequest { node_only: false }, |mut a, r| async move {
+            a.residency_audit(r).await
+        })
+        .await
+    }
+
+    /// Digests of the connected node's region (every node of it) per (table, zone).
+    pub async fn digest(&self) -> Result<pb::DigestResponse, Error> {
+        self.admin_call(pb::DigestRequest { node_only: false }, |mut a, r| async move { a.digest(r).await })
             .await
     }
 
-    /// Digests of the connected node's rows per (table, zone).
-    pub async fn digest(&self) -> Result<pb::DigestResponse, Error> {
-        self.admin_call(pb::DigestRequest {}, |mut a, r| async move { a.digest(r).await }).await
+    /// Digests of the connected node alone, per (table, zone, partition).
+    pub async fn node_digest(&self) -> Result<pb::DigestResponse, Error> {
+        self.admin_call(pb::DigestRequest { node_only: true }, |mut a, r| async move { a.digest(r).await })
+            .await
+    }
+
+    /// Partitions and their owning node in every region.
+    pub async fn partition_map(&self) -> Result<pb::PartitionMapResponse, Error> {
+        self.admin_call(pb::PartitionMapRequest {}, |mut a, r| async move { a.partition_map(r).await }).await
+    }
+
+    /// Where a row lives: home region, partition, and the owning node in
+    /// every region it may be stored in.
+    pub async fn locate(&self, row: &Row) -> Result<pb::LocateResponse, Error> {
+        let msg = pb::LocateRequest { row: Some(row.to_proto()) };
+        self.admin_call(msg, |mut a, r| async move { a.locate(r).await }).await
     }
 
     /// Linearizable compare-and-set on a row of a STRONG table: writes

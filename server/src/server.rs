@@ -77,9 +77,10 @@ pub async fn serve(
 
     let limit = message_bytes_max(&cfg);
     let replicator = Replicator::start(&cfg, node.clone());
-    let kv = KvServer::new(KvService::new(node.clone(), Peers::from_config(&cfg), Some(consensus.clone())))
+    let peers = Peers::from_topology(node.topology());
+    let kv = KvServer::new(KvService::new(node.clone(), peers.clone(), Some(consensus.clone())))
         .max_decoding_message_size(limit);
-    let admin_svc = AdminServer::new(AdminService::new(node.clone(), replicator.clone()));
+    let admin_svc = AdminServer::new(AdminService::new(node.clone(), replicator.clone(), peers));
     let replication_svc = ReplicationServer::new(ReplicationService::new(node.clone(), replicator.clone()))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);

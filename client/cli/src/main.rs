@@ -179,6 +179,14 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Where a row lives: home region, partition, and the node owning it in
+    /// every region it may be stored in.
+    Locate {
+        #[command(flatten)]
+        row: RowArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -210,6 +218,9 @@ enum RegionAction {
     /// Writes an old home accepted before an unplanned failover and shipped
     /// after it (merged, listed here), as the entry node received them.
     Conflicts,
+    /// Partitions and the node owning each, per region (only the region
+    /// given by --region, if any).
+    Partitions,
 }
 
 #[derive(Subcommand)]
@@ -611,6 +622,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Dev(args) => dev::run(args).await.map_err(Failure::Other),
+        Command::Region { action: RegionAction::Partitions, conn } => {
+            let entry = connect(&conn).await?;
+            let map = entry.partition_map().await?;
+            cluster::print_partitions(&map, conn.region.as_deref(), conn.json);
+            Ok(())
+        }
+        Command::Locate { row, conn } => {
+            let entry = connect(&conn).await?;
+            let at = entry.locate(&row.row()).await?;
+            cluster::print_location(&at, conn.json);
+            Ok(())
+        }
         Command::Region { action, conn } => {
             let entry = connect(&conn).await?;
             match action {
@@ -635,7 +658,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     control::print_conflicts(&entry.failover_conflicts().await?, conn.json);
                     return Ok(());
                 }
-                RegionAction::List | RegionAction::Status => {}
+                RegionAction::List | RegionAction::Status | RegionAction::Partitions => {}
             }
             let regions = cluster::connect_all(&entry, &client_config(&conn)).await?;
             cluster::print_regions(&regions.view, conn.json);

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use geokv_proto::v1 as pb;
+use pb::admin_client::AdminClient;
 use pb::kv_client::KvClient;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -28,9 +29,12 @@ use crate::error::KvError;
 use crate::kv::row::RowValue;
 use crate::kv::{parse_session, register_view, Node, ReadInfo, ReadResult, RowOp, RowRef, WriteOp, WriteRequest};
 use crate::residency::{Placement, ReadLevel};
+use crate::topology::{actor_region, NodeRef, Topology};
 
-/// Metadata set on a request one node forwards to another, so it is never
-/// forwarded twice.
+/// Metadata a node adds (its actor id, "region/node") to a request it
+/// forwards. A request is forwarded at most once inside a region and at
+/// most once across regions, so it never loops: entry node -> owner in the
+/// entry region -> owner in the row's region.
 pub const FORWARDED_HEADER: &str = "geokv-forwarded-by";
 /// Metadata carrying a client's idempotency key on calls whose message has
 /// no field for it (compare-and-set).
@@ -41,17 +45,16 @@ const SESSION_POLL: Duration = Duration::from_millis(5);
 /// Deadline of a forwarded request.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// KV clients of one node per other region, connected lazily.
+/// Channels to every other node of the cluster (by actor id), connected lazily.
 #[derive(Clone, Default)]
 pub struct Peers {
-    kv: BTreeMap<String, KvClient<Channel>>,
+    channels: BTreeMap<String, Channel>,
 }
 
 impl Peers {
-    pub fn from_config(cfg: &crate::config::Config) -> Self {
-        let mut kv = BTreeMap::new();
-        for region in cfg.peer_regions() {
-            let Some(node) = region.nodes.first() else { continue };
+    pub fn from_topology(topology: &Topology) -> Self {
+        let mut channels = BTreeMap::new();
+        for node in topology.regions.iter().flat_map(|r| r.nodes.iter()).filter(|n| !n.is_self) {
             let url =
                 if node.addr.contains("://") { node.addr.clone() } else { format!("http://{}", node.addr) };
             match tonic::transport::Endpoint::from_shared(url) {
@@ -62,14 +65,78 @@ impl Peers {
                         .http2_keep_alive_interval(Duration::from_secs(1))
                         .keep_alive_timeout(Duration::from_secs(3))
                         .keep_alive_while_idle(true);
-                    kv.insert(region.name.clone(), KvClient::new(ep.connect_lazy()));
+                    channels.insert(node.actor(), ep.connect_lazy());
                 }
-                Err(e) => tracing::warn!(region = %region.name, error = %e, "bad peer address"),
+                Err(e) => tracing::warn!(node = %node.actor(), error = %e, "bad peer address"),
             }
         }
-        Self { kv }
+        Self { channels }
+    }
+
+    fn channel(&self, node: &NodeRef) -> Result<Channel, KvError> {
+        self.channels.get(&node.actor()).cloned().ok_or_else(|| KvError::RegionUnreachable {
+            region: node.region.clone(),
+            why: format!("no connection to node `{}`", node.actor()),
+        })
+    }
+
+    fn admin(&self, node: &NodeRef) -> Result<AdminClient<Channel>, KvError> {
+        Ok(AdminClient::new(self.channel(node)?).max_decoding_message_size(64 << 20))
     }
 }
+
+/// Where a request has been forwarded from already.
+#[derive(Debug, Clone, Default)]
+struct Hops {
+    /// Actor ids of the nodes that forwarded it, in order.
+    via: Vec<String>,
+    /// A node of this region forwarded it: it reached its owner here.
+    in_region: bool,
+    /// A node of another region forwarded it: it reached its region.
+    cross_region: bool,
+}
+
+impl Hops {
+    fn of<T>(request: &Request<T>, here: &str) -> Self {
+        let mut hops = Hops::default();
+        for v in request.metadata().get_all(FORWARDED_HEADER) {
+            let Ok(v) = v.to_str() else { continue };
+            if actor_region(v) == here {
+                hops.in_region = true;
+            } else {
+                hops.cross_region = true;
+            }
+            hops.via.push(v.to_string());
+        }
+        hops
+    }
+}
+
+/// Requests that name one row.
+trait HasRow {
+    fn row_ref(&self) -> Option<&pb::RowRef>;
+}
+
+macro_rules! has_row {
+    ($($t:ty),*) => {$(
+        impl HasRow for $t {
+            fn row_ref(&self) -> Option<&pb::RowRef> {
+                self.row.as_ref()
+            }
+        }
+    )*};
+}
+
+has_row!(
+    pb::GetRequest,
+    pb::PutRequest,
+    pb::DeleteRequest,
+    pb::CounterAddRequest,
+    pb::CounterGetRequest,
+    pb::SetAddRequest,
+    pb::SetRemoveRequest,
+    pb::SetMembersRequest
+);
 
 /// The `geokv.v1.KV` service over one node.
 #[derive(Clone)]
@@ -86,10 +153,6 @@ enum Path {
     Normal,
     Quorum,
     Strong,
-}
-
-fn forwarded<T>(r: &Request<T>) -> bool {
-    r.metadata().contains_key(FORWARDED_HEADER)
 }
 
 impl KvService {
@@ -211,10 +274,26 @@ impl KvService {
         consensus.read(&group, &row.table, &row.key, 0).await
     }
 
-    /// Sends the request to a node of `region`, marked as forwarded.
-    async fn forward<Req, Resp, F, Fut>(
+    fn hops<T>(&self, request: &Request<T>) -> Hops {
+        Hops::of(request, &self.node.config().region)
+    }
+
+    /// The owner of the request's row in this region, when it is another
+    /// node and the request was not already forwarded inside this region.
+    fn owner_here(&self, req: &impl HasRow, hops: &Hops) -> Option<NodeRef> {
+        if hops.in_region {
+            return None;
+        }
+        let row = req.row_ref().filter(|r| !r.table.is_empty() && !r.key.is_empty())?;
+        let owner = self.node.topology().owner_of(&self.node.config().region, &row.table, &row.key)?;
+        (!owner.is_self).then(|| owner.clone())
+    }
+
+    /// Sends the request to `target`, adding this node to its hops.
+    async fn forward_to<Req, Resp, F, Fut>(
         &self,
-        region: &str,
+        target: &NodeRef,
+        hops: &Hops,
         req: Req,
         call: F,
     ) -> Result<Response<Resp>, Status>
@@ -222,20 +301,44 @@ impl KvService {
         F: FnOnce(KvClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
-        let Some(client) = self.peers.kv.get(region).cloned() else {
+        let client = KvClient::new(self.peers.channel(target)?)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let mut request = Request::new(req);
+        request.set_timeout(FORWARD_TIMEOUT);
+        for v in hops.via.iter().cloned().chain([self.node.actor()]) {
+            if let Ok(v) = v.parse() {
+                request.metadata_mut().append(FORWARDED_HEADER, v);
+            }
+        }
+        let scope = if target.region == self.node.config().region { "in_region" } else { "cross_region" };
+        metrics::counter!("geokv_forwarded_total", "to" => target.region.clone(), "scope" => scope)
+            .increment(1);
+        call(client, request).await
+    }
+
+    /// Sends the request to the owner of its row in `region`.
+    async fn forward_region<Req: HasRow, Resp, F, Fut>(
+        &self,
+        region: &str,
+        hops: &Hops,
+        req: Req,
+        call: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        F: FnOnce(KvClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let topology = self.node.topology();
+        let owner = req.row_ref().and_then(|r| topology.owner_of(region, &r.table, &r.key)).cloned();
+        let Some(owner) = owner else {
             return Err(KvError::RegionUnreachable {
                 region: region.into(),
                 why: "no node configured".into(),
             }
             .into());
         };
-        let mut request = Request::new(req);
-        request.set_timeout(FORWARD_TIMEOUT);
-        if let Ok(v) = self.node.config().region.parse() {
-            request.metadata_mut().insert(FORWARDED_HEADER, v);
-        }
-        metrics::counter!("geokv_forwarded_total", "to" => region.to_string()).increment(1);
-        call(client, request).await
+        self.forward_to(&owner, hops, req, call).await
     }
 
     /// Reads a row, giving SESSION reads a bounded wait for replication.
@@ -326,6 +429,38 @@ impl KvService {
         result.map_err(Status::from)
     }
 
+    /// The node of this region owning every row of a batch, when it is not
+    /// this one. A batch commits atomically on one node, so its rows must
+    /// share an owner.
+    fn batch_owner(&self, req: &pb::BatchRequest) -> Result<Option<NodeRef>, KvError> {
+        let topology = self.node.topology();
+        let region = &self.node.config().region;
+        let mut owner: Option<&NodeRef> = None;
+        for op in &req.ops {
+            let row = match &op.op {
+                Some(pb::batch_op::Op::Put(p)) => p.row.as_ref(),
+                Some(pb::batch_op::Op::Delete(d)) => d.row.as_ref(),
+                None => None,
+            };
+            let Some(row) = row else { continue };
+            let Some(o) = topology.owner_of(region, &row.table, &row.key) else { continue };
+            match owner {
+                Some(prev) if prev.id != o.id => {
+                    return Err(KvError::InvalidField {
+                        field: "ops",
+                        why: format!(
+                            "the rows of one batch must be owned by one node of the region; `{}` and `{}` own some (see `geokv locate`)",
+                            prev.actor(),
+                            o.actor()
+                        ),
+                    })
+                }
+                _ => owner = Some(o),
+            }
+        }
+        Ok(owner.filter(|o| !o.is_self).cloned())
+    }
+
     fn token(&self, log_seq: u64) -> Vec<u8> {
         self.node.session_token(&[], log_seq).unwrap_or_default()
     }
@@ -334,8 +469,11 @@ impl KvService {
 #[tonic::async_trait]
 impl pb::kv_server::Kv for KvService {
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
-        let was_forwarded = forwarded(&request);
+        let hops = self.hops(&request);
         let req = request.into_inner();
+        if let Some(owner) = self.owner_here(&req, &hops) {
+            return self.forward_to(&owner, &hops, req, |mut c, r| async move { c.get(r).await }).await;
+        }
         let copy = req.clone();
         let result = async {
             let row = convert::row_ref(req.row)?;
@@ -383,16 +521,19 @@ impl pb::kv_server::Kv for KvService {
         .await;
         Self::count("get", &result);
         match result {
-            Err(KvError::ReplicaStale { region, .. }) if !was_forwarded => {
-                self.forward(&region, copy, |mut c, r| async move { c.get(r).await }).await
+            Err(KvError::ReplicaStale { region, .. }) if !hops.cross_region => {
+                self.forward_region(&region, &hops, copy, |mut c, r| async move { c.get(r).await }).await
             }
             other => Ok(Response::new(other?)),
         }
     }
 
     async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
-        let was_forwarded = forwarded(&request);
+        let hops = self.hops(&request);
         let mut req = request.into_inner();
+        if let Some(owner) = self.owner_here(&req, &hops) {
+            return self.forward_to(&owner, &hops, req, |mut c, r| async move { c.put(r).await }).await;
+        }
         let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
         if let Some(ack) = self.strong_put_or_delete(&req.row, Some(req.value.clone()), req.consistency, &key).await? {
@@ -401,8 +542,10 @@ impl pb::kv_server::Kv for KvService {
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
         let o = match self.write_one("put", convert::put_op(req), level, idem).await {
-            Err(KvError::NotHome { home, .. }) if !was_forwarded => {
-                return self.forward(&home, copy, |mut c, r| async move { c.put(r).await }).await;
+            Err(KvError::NotHome { home, .. }) if !hops.cross_region => {
+                return self
+                    .forward_region(&home, &hops, copy, |mut c, r| async move { c.put(r).await })
+                    .await;
             }
             other => other?,
         };
@@ -413,8 +556,11 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let was_forwarded = forwarded(&request);
+        let hops = self.hops(&request);
         let mut req = request.into_inner();
+        if let Some(owner) = self.owner_here(&req, &hops) {
+            return self.forward_to(&owner, &hops, req, |mut c, r| async move { c.delete(r).await }).await;
+        }
         let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
         if let Some(ack) = self.strong_put_or_delete(&req.row, None, req.consistency, &key).await? {
@@ -423,8 +569,10 @@ impl pb::kv_server::Kv for KvService {
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
         let o = match self.write_one("delete", convert::delete_op(req), level, idem).await {
-            Err(KvError::NotHome { home, .. }) if !was_forwarded => {
-                return self.forward(&home, copy, |mut c, r| async move { c.delete(r).await }).await;
+            Err(KvError::NotHome { home, .. }) if !hops.cross_region => {
+                return self
+                    .forward_region(&home, &hops, copy, |mut c, r| async move { c.delete(r).await })
+                    .await;
             }
             other => other?,
         };
@@ -432,7 +580,13 @@ impl pb::kv_server::Kv for KvService {
     }
 
     async fn batch(&self, request: Request<pb::BatchRequest>) -> Result<Response<pb::BatchResponse>, Status> {
+        let hops = self.hops(&request);
         let mut req = request.into_inner();
+        if !hops.in_region {
+            if let Some(owner) = self.batch_owner(&req)? {
+                return self.forward_to(&owner, &hops, req, |mut c, r| async move { c.batch(r).await }).await;
+            }
+        }
         let key = std::mem::take(&mut req.idempotency_key);
         let result = async {
             let idempotency = convert::idempotency(key, &req)?;
@@ -468,54 +622,49 @@ impl pb::kv_server::Kv for KvService {
     }
 
     async fn scan(&self, request: Request<pb::ScanRequest>) -> Result<Response<pb::ScanResponse>, Status> {
+        let hops = self.hops(&request);
         let req = request.into_inner();
         let limit = if req.limit == 0 { 100 } else { req.limit as usize };
         let result = self.node.scan(&req.table, &req.prefix, &req.start_after, limit, req.include_deleted);
         Self::count("scan", &result);
-        let page = result?;
-        let rows = page
-            .rows
-            .into_iter()
-            .map(|r| {
-                let (siblings, context) = register_view(&r.row);
-                let (counter_value, set_members) = match &r.row.value {
-                    RowValue::Counter(c) => (c.value(), Vec::new()),
-                    RowValue::Set(s) => (0, s.members().into_iter().map(<[u8]>::to_vec).collect()),
-                    _ => (0, Vec::new()),
-                };
-                pb::ScanRow {
-                    key: r.key,
-                    home_region: r.row.home_region.clone(),
-                    kind: r.row.value.kind().to_string(),
-                    siblings: convert::siblings(siblings),
-                    context,
-                    counter_value,
-                    set_members,
-                }
-            })
-            .collect();
-        Ok(Response::new(pb::ScanResponse {
-            rows,
-            more: page.next_start_after.is_some(),
-            next_start_after: page.next_start_after.unwrap_or_default(),
-            info: Some(convert::read_info(page.info)),
-        }))
+        let local = scan_response(result?);
+        let peers: Vec<NodeRef> = self.node.topology().region_peers().into_iter().cloned().collect();
+        if hops.in_region || peers.is_empty() {
+            return Ok(Response::new(local));
+        }
+        // Rows of this region are spread over its nodes: ask each for the
+        // same page and merge in key order.
+        let mut pages = vec![local];
+        for peer in &peers {
+            let page =
+                self.forward_to(peer, &hops, req.clone(), |mut c, r| async move { c.scan(r).await }).await?;
+            pages.push(page.into_inner());
+        }
+        let limit = limit.clamp(1, self.node.config().limits.scan_rows_max);
+        Ok(Response::new(merge_scan_pages(pages, limit)))
     }
 
     async fn counter_add(
         &self,
         request: Request<pb::CounterAddRequest>,
     ) -> Result<Response<pb::CounterAddResponse>, Status> {
-        let was_forwarded = forwarded(&request);
+        let hops = self.hops(&request);
         let mut req = request.into_inner();
+        if let Some(owner) = self.owner_here(&req, &hops) {
+            return self
+                .forward_to(&owner, &hops, req, |mut c, r| async move { c.counter_add(r).await })
+                .await;
+        }
         let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
         let idem = convert::idempotency(key, &req);
         let op = convert::row_ref(req.row.take())
             .map(|row| WriteOp { row, op: RowOp::CounterAdd { delta: req.delta } });
         let o = match self.write_one("counter_add", op, req.consistency, idem).await {
-            Err(KvError::NotHome { home, .. }) if !was_forwarded => {
-                return self.forward(&home, copy, |mut c, r| async move { c.counter_add(r).await }).await;
+            Err(KvError::NotHome { home, .. }) if !hops.cross_region => {
+                return self
+                    .forward_region(&home, &hops, copy, |mut c, r| async move { c.counter_add(r).await })
+                    .await;
             }
             other => other?,
         };
@@ -529,8 +678,13 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::CounterGetRequest>,
     ) -> Result<Response<pb::CounterGetResponse>, Status> {
-        let was_forwarded = forwarded(&request);
+        let hops = self.hops(&request);
         let req = request.into_inner();
+        if let Some(owner) = self.owner_here(&req, &hops) {
+            return self
+                .forward_to(&owner, &hops, req, |mut c, r| async move { c.counter_get(r).await })
+                .await;
+        }
         let copy = req.clone();
         let result = async {
             let row = convert::row_ref(req.row)?;
@@ -559,8 +713,9 @@ impl pb::kv_server::Kv for KvService {
         .await;
         Self::count("counter_get", &result);
         match result {
-            Err(KvError::ReplicaStale { region, .. }) if !was_forwarded => {
-                self.forward(&region, copy, |mut c, r| async move { c.counter_get(r).await }).await
+            Err(KvError::ReplicaStale { region, .. }) if !hops.cross_region => {
+                self.forward_region(&region, &hops, copy, |mut c, r| async move { c.counter_get(r).await })
+                    .await
             }
             other => Ok(Response::new(other?)),
         }
@@ -570,16 +725,21 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::SetAddRequest>,
     ) -> Result<Response<pb::SetWriteResponse>, Status> {
-        let was_forwarded = forwarded(&request);
+        let hops = self.hops(&request);
         let mut req = request.into_inner();
+        if let Some(owner) = self.owner_here(&req, &hops) {
+            return self.forward_to(&owner, &hops, req, |mut c, r| async move { c.set_add(r).await }).await;
+        }
         let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
         let idem = convert::idempotency(key, &req);
         let members = std::mem::take(&mut req.members);
         let op = convert::row_ref(req.row.take()).map(|row| WriteOp { row, op: RowOp::SetAdd { members } });
         let o = match self.write_one("set_add", op, req.consistency, idem).await {
-            Err(KvError::NotHome { home, .. }) if !was_forwarded => {
-                return self.forward(&home, copy, |mut c, r| async move { c.set_add(r).await }).await;
+            Err(KvError::NotHome { home, .. }) if !hops.cross_region => {
+                return self
+                    .forward_region(&home, &hops, copy, |mut c, r| async move { c.set_add(r).await })
+                    .await;
             }
             other => other?,
         };
@@ -593,15 +753,22 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::SetRemoveRequest>,
     ) -> Result<Response<pb::SetWriteResponse>, Status> {
-        let was_forwarded = forwarded(&request);
+        let hops = self.hops(&request);
         let mut req = request.into_inner();
+        if let Some(owner) = self.owner_here(&req, &hops) {
+            return self
+                .forward_to(&owner, &hops, req, |mut c, r| async move { c.set_remove(r).await })
+                .await;
+        }
         let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
         let o = match self.write_one("set_remove", convert::set_remove_op(req), level, idem).await {
-            Err(KvError::NotHome { home, .. }) if !was_forwarded => {
-                return self.forward(&home, copy, |mut c, r| async move { c.set_remove(r).await }).await;
+            Err(KvError::NotHome { home, .. }) if !hops.cross_region => {
+                return self
+                    .forward_region(&home, &hops, copy, |mut c, r| async move { c.set_remove(r).await })
+                    .await;
             }
             other => other?,
         };
@@ -668,8 +835,13 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::SetMembersRequest>,
     ) -> Result<Response<pb::SetMembersResponse>, Status> {
-        let was_forwarded = forwarded(&request);
+        let hops = self.hops(&request);
         let req = request.into_inner();
+        if let Some(owner) = self.owner_here(&req, &hops) {
+            return self
+                .forward_to(&owner, &hops, req, |mut c, r| async move { c.set_members(r).await })
+                .await;
+        }
         let copy = req.clone();
         let result = async {
             let row = convert::row_ref(req.row)?;
@@ -697,12 +869,66 @@ impl pb::kv_server::Kv for KvService {
         .await;
         Self::count("set_members", &result);
         match result {
-            Err(KvError::ReplicaStale { region, .. }) if !was_forwarded => {
-                self.forward(&region, copy, |mut c, r| async move { c.set_members(r).await }).await
+            Err(KvError::ReplicaStale { region, .. }) if !hops.cross_region => {
+                self.forward_region(&region, &hops, copy, |mut c, r| async move { c.set_members(r).await })
+                    .await
             }
             other => Ok(Response::new(other?)),
         }
     }
+}
+
+fn scan_response(page: crate::kv::ScanPage) -> pb::ScanResponse {
+    let rows = page
+        .rows
+        .into_iter()
+        .map(|r| {
+            let (siblings, context) = register_view(&r.row);
+            let (counter_value, set_members) = match &r.row.value {
+                RowValue::Counter(c) => (c.value(), Vec::new()),
+                RowValue::Set(s) => (0, s.members().into_iter().map(<[u8]>::to_vec).collect()),
+                _ => (0, Vec::new()),
+            };
+            pb::ScanRow {
+                key: r.key,
+                home_region: r.row.home_region.clone(),
+                kind: r.row.value.kind().to_string(),
+                siblings: convert::siblings(siblings),
+                context,
+                counter_value,
+                set_members,
+            }
+        })
+        .collect();
+    pb::ScanResponse {
+        rows,
+        more: page.next_start_after.is_some(),
+        next_start_after: page.next_start_after.unwrap_or_default(),
+        info: Some(convert::read_info(page.info)),
+    }
+}
+
+/// Merges the pages of one scan from every node of a region: each node
+/// returned its first `limit` rows after the same start, so the first
+/// `limit` rows of the union, in key order, are the region's first `limit`.
+fn merge_scan_pages(pages: Vec<pb::ScanResponse>, limit: usize) -> pb::ScanResponse {
+    let mut more = false;
+    let mut info = None;
+    let mut rows = Vec::new();
+    for page in pages {
+        more |= page.more;
+        info = info.or(page.info);
+        rows.extend(page.rows);
+    }
+    rows.sort_by(|a, b| a.key.cmp(&b.key));
+    rows.dedup_by(|a, b| a.key == b.key);
+    if rows.len() > limit {
+        rows.truncate(limit);
+        more = true;
+    }
+    let next_start_after =
+        if more { rows.last().map(|r| r.key.clone()).unwrap_or_default() } else { Vec::new() };
+    pb::ScanResponse { rows, more, next_start_after, info }
 }
 
 /// The `geokv.v1.Admin` service over one node.
@@ -710,14 +936,17 @@ impl pb::kv_server::Kv for KvService {
 pub struct AdminService {
     node: Arc<Node>,
     replicator: Arc<crate::replication::Replicator>,
+    /// For region-wide answers (status, audit, digest) from every node.
+    peers: Peers,
 }
 
 impl AdminService {
-    pub fn new(node: Arc<Node>, replicator: Arc<crate::replication::Replicator>) -> Self {
-        Self { node, replicator }
+    pub fn new(node: Arc<Node>, replicator: Arc<crate::replication::Replicator>, peers: Peers) -> Self {
+        Self { node, replicator, peers }
     }
 
     fn link(&self, s: crate::replication::ship::LinkSnapshot) -> pb::ReplicationLink {
+        let backlog_entries = s.head_seq.saturating_sub(s.acked_seq);
         pb::ReplicationLink {
             source: s.source,
             destination: s.destination,
@@ -731,22 +960,82 @@ impl AdminService {
             skipped_by_residency: s.skipped_by_residency,
             shipped_bytes: s.shipped_bytes,
             last_error: s.last_error,
+            destination_node: s.destination_node,
+            source_node: s.source_node,
+            repair_state: s.repair_state,
+            repairs_started: s.repairs_started,
+            repairs_finished: s.repairs_finished,
+            rows_repaired: s.rows_repaired,
+            repair_bytes: s.repair_bytes,
+            backlog_entries,
         }
     }
 
-    fn control(&self, destination: &str, paused: bool) -> Result<pb::ReplicationControlResponse, Status> {
-        let Some(link) = self.replicator.link(destination) else {
+    fn control(&self, destination: &str, paused: bool) -> Result<Vec<pb::ReplicationLink>, KvError> {
+        let links = self.replicator.links_to(destination);
+        if links.is_empty() && self.node.config().regions.iter().all(|r| r.name != destination) {
             return Err(KvError::UnknownRegion {
                 region: destination.to_string(),
                 known: self.replicator.links().iter().map(|l| l.destination.clone()).collect(),
-            }
-            .into());
-        };
-        link.set_paused(paused);
+            });
+        }
+        for link in &links {
+            link.set_paused(paused);
+        }
         tracing::info!(destination, paused, "replication control");
-        Ok(pb::ReplicationControlResponse { link: Some(self.link(link.snapshot(&self.node))) })
+        Ok(links.iter().map(|l| self.link(l.snapshot(&self.node))).collect())
+    }
+
+    /// Pauses or resumes this node's links to a region and, unless the
+    /// request is node-only, those of every other node of this region.
+    async fn control_region(
+        &self,
+        req: pb::ReplicationControlRequest,
+        paused: bool,
+    ) -> Result<Response<pb::ReplicationControlResponse>, Status> {
+        let mut links = self.control(&req.destination, paused)?;
+        if !req.node_only {
+            let fan = pb::ReplicationControlRequest { node_only: true, ..req };
+            let others = self
+                .on_region_peers(fan, |mut c, r| async move {
+                    if paused {
+                        c.pause_replication(r).await
+                    } else {
+                        c.resume_replication(r).await
+                    }
+                })
+                .await?;
+            links.extend(others.into_iter().filter_map(|o| o.link));
+        }
+        Ok(Response::new(pb::ReplicationControlResponse { link: links.into_iter().next() }))
+    }
+
+    /// Runs `call` on every other node of this region (node-only requests),
+    /// failing if any node cannot answer: a partial answer would pass for a
+    /// whole one.
+    async fn on_region_peers<Req, Resp, F, Fut>(&self, req: Req, call: F) -> Result<Vec<Resp>, Status>
+    where
+        Req: Clone,
+        F: Fn(AdminClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let mut out = Vec::new();
+        for peer in self.node.topology().region_peers() {
+            let client = self.peers.admin(peer)?;
+            let mut request = Request::new(req.clone());
+            request.set_timeout(ADMIN_FANOUT_TIMEOUT);
+            let resp = call(client, request).await.map_err(|s| {
+                Status::new(s.code(), format!("node {} of this region: {}", peer.actor(), s.message()))
+            })?;
+            out.push(resp.into_inner());
+        }
+        Ok(out)
     }
 }
+
+/// Deadline of one node's part of a region-wide admin request (a full
+/// scan of its store for audits and digests).
+const ADMIN_FANOUT_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
@@ -798,11 +1087,8 @@ impl pb::admin_server::Admin for AdminService {
             .iter()
             .map(|r| {
                 let is_self = r.name == cfg.region;
-                let mut client_addrs: Vec<String> =
-                    r.nodes.iter().map(|n| n.client_addr.clone().unwrap_or_else(|| n.addr.clone())).collect();
-                if is_self && client_addrs.is_empty() {
-                    client_addrs.push(cfg.listen.to_string());
-                }
+                let client_addrs: Vec<String> =
+                    self.node.topology().nodes(&r.name).iter().map(|n| n.client_addr.clone()).collect();
                 let health = if is_self {
                     "self"
                 } else if self.replicator.is_healthy(&r.name) {
@@ -831,9 +1117,19 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn replication_status(
         &self,
-        _request: Request<pb::ReplicationStatusRequest>,
+        request: Request<pb::ReplicationStatusRequest>,
     ) -> Result<Response<pb::ReplicationStatusResponse>, Status> {
-        let links = self.replicator.links().into_iter().map(|l| self.link(l.snapshot(&self.node))).collect();
+        let node_only = request.into_inner().node_only;
+        let mut links: Vec<pb::ReplicationLink> =
+            self.replicator.links().into_iter().map(|l| self.link(l.snapshot(&self.node))).collect();
+        if !node_only {
+            let req = pb::ReplicationStatusRequest { node_only: true };
+            for other in
+                self.on_region_peers(req, |mut c, r| async move { c.replication_status(r).await }).await?
+            {
+                links.extend(other.links);
+            }
+        }
         Ok(Response::new(pb::ReplicationStatusResponse { links }))
     }
 
@@ -841,25 +1137,27 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ReplicationControlRequest>,
     ) -> Result<Response<pb::ReplicationControlResponse>, Status> {
-        Ok(Response::new(self.control(&request.into_inner().destination, true)?))
+        self.control_region(request.into_inner(), true).await
     }
 
     async fn resume_replication(
         &self,
         request: Request<pb::ReplicationControlRequest>,
     ) -> Result<Response<pb::ReplicationControlResponse>, Status> {
-        Ok(Response::new(self.control(&request.into_inner().destination, false)?))
+        self.control_region(request.into_inner(), false).await
     }
 
     async fn residency_audit(
         &self,
-        _request: Request<pb::ResidencyAuditRequest>,
+        request: Request<pb::ResidencyAuditRequest>,
     ) -> Result<Response<pb::ResidencyAuditResponse>, Status> {
+        let node_only = request.into_inner().node_only;
         let node = self.node.clone();
         let (checked, findings) = tokio::task::spawn_blocking(move || node.residency_audit())
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
         let region = self.node.config().region.clone();
+        let node_id = self.node.config().node_id.clone();
         let violations = findings
             .into_iter()
             .map(|f| pb::ResidencyViolationRow {
@@ -868,25 +1166,139 @@ impl pb::admin_server::Admin for AdminService {
                 zone: f.zone,
                 allowed_regions: f.allowed_regions,
                 stored_in_region: region.clone(),
+                stored_on_node: node_id.clone(),
             })
             .collect();
-        Ok(Response::new(pb::ResidencyAuditResponse { region, rows_checked: checked, violations }))
+        let mut out = pb::ResidencyAuditResponse { region, rows_checked: checked, violations, nodes: 1 };
+        if !node_only {
+            let req = pb::ResidencyAuditRequest { node_only: true };
+            for other in
+                self.on_region_peers(req, |mut c, r| async move { c.residency_audit(r).await }).await?
+            {
+                out.rows_checked += other.rows_checked;
+                out.violations.extend(other.violations);
+                out.nodes += other.nodes;
+            }
+        }
+        Ok(Response::new(out))
     }
 
     async fn digest(
         &self,
-        _request: Request<pb::DigestRequest>,
+        request: Request<pb::DigestRequest>,
     ) -> Result<Response<pb::DigestResponse>, Status> {
+        let node_only = request.into_inner().node_only;
         let node = self.node.clone();
-        let digests = tokio::task::spawn_blocking(move || node.digest())
+        let mine = tokio::task::spawn_blocking(move || node.digest())
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
+        let region = self.node.config().region.clone();
+        let mut parts: Vec<pb::PartitionDigest> = mine
+            .into_iter()
+            .map(|d| pb::PartitionDigest {
+                table: d.table,
+                zone: d.zone,
+                partition: d.partition,
+                rows: d.rows,
+                digest: d.digest,
+            })
+            .collect();
+        if node_only {
+            return Ok(Response::new(pb::DigestResponse {
+                region,
+                digests: Vec::new(),
+                partitions: parts,
+                nodes: 1,
+            }));
+        }
+        let mut nodes = 1;
+        let req = pb::DigestRequest { node_only: true };
+        for other in self.on_region_peers(req, |mut c, r| async move { c.digest(r).await }).await? {
+            parts.extend(other.partitions);
+            nodes += other.nodes;
+        }
+        let combined = crate::kv::combine_digests(
+            parts
+                .into_iter()
+                .map(|p| crate::kv::PartitionDigest {
+                    table: p.table,
+                    zone: p.zone,
+                    partition: p.partition,
+                    rows: p.rows,
+                    digest: p.digest,
+                })
+                .collect(),
+        );
         Ok(Response::new(pb::DigestResponse {
-            region: self.node.config().region.clone(),
-            digests: digests
+            region,
+            digests: combined
                 .into_iter()
                 .map(|d| pb::ZoneDigest { table: d.table, zone: d.zone, rows: d.rows, digest: d.digest })
                 .collect(),
+            partitions: Vec::new(),
+            nodes,
+        }))
+    }
+
+    async fn partition_map(
+        &self,
+        _request: Request<pb::PartitionMapRequest>,
+    ) -> Result<Response<pb::PartitionMapResponse>, Status> {
+        let t = self.node.topology();
+        let regions = t
+            .regions
+            .iter()
+            .map(|r| pb::RegionPartitions {
+                region: r.name.clone(),
+                node_ids: r.nodes.iter().map(|n| n.id.clone()).collect(),
+                owners: (0..t.partitions)
+                    .filter_map(|p| {
+                        t.owner(&r.name, p)
+                            .map(|n| pb::PartitionOwner { partition: p, node_id: n.id.clone() })
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::PartitionMapResponse {
+            partitions: t.partitions,
+            regions,
+            answered_by_node: self.node.actor(),
+        }))
+    }
+
+    async fn locate(
+        &self,
+        request: Request<pb::LocateRequest>,
+    ) -> Result<Response<pb::LocateResponse>, Status> {
+        let row = convert::row_ref(request.into_inner().row)?;
+        let cfg = self.node.config();
+        let table =
+            cfg.table(&row.table).ok_or_else(|| KvError::UnknownTable { table: row.table.clone() })?;
+        let placement = crate::residency::resolve(cfg, table, &row.locality)?;
+        let t = self.node.topology();
+        let partition = t.partition_of(&row.table, &row.key);
+        let replicas = placement
+            .replica_regions
+            .iter()
+            .map(|region| {
+                let owner = t.owner(region, partition);
+                pb::LocateReplica {
+                    region: region.clone(),
+                    node_id: owner.map(|n| n.id.clone()).unwrap_or_default(),
+                    client_addr: owner.map(|n| n.client_addr.clone()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::LocateResponse {
+            table: row.table.clone(),
+            partition,
+            home_node_id: t
+                .owner(&placement.home_region, partition)
+                .map(|n| n.id.clone())
+                .unwrap_or_default(),
+            home_region: placement.home_region,
+            zone: placement.zone,
+            replicas,
         }))
     }
 }

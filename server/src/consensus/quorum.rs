@@ -16,7 +16,7 @@ use std::time::Duration;
 use geokv_proto::consensus as pb;
 use tokio::task::JoinSet;
 
-use super::{region_voters, Consensus, Member};
+use super::{raft_id, Consensus, Member};
 use crate::error::KvError;
 use crate::kv::commit::{merge_row, WriteOutcome};
 use crate::kv::row::Row;
@@ -42,12 +42,16 @@ impl Quorum {
         Self { consensus, node }
     }
 
-    /// The voter node of every replica region other than this one.
-    fn others(&self, placement: &Placement) -> Vec<Member> {
+    /// The node owning the row in every replica region other than this one.
+    fn others(&self, placement: &Placement, table: &str, key: &[u8]) -> Vec<Member> {
         let here = &self.node.config().region;
-        region_voters(self.node.config())
-            .into_iter()
-            .filter(|m| &m.region != here && placement.allows(&m.region))
+        let topology = self.node.topology();
+        placement
+            .replica_regions
+            .iter()
+            .filter(|r| *r != here)
+            .filter_map(|r| topology.owner_of(r, table, key))
+            .map(|o| Member { id: raft_id(&o.actor()), actor: o.actor(), region: o.region.clone() })
             .collect()
     }
 
@@ -98,7 +102,7 @@ impl Quorum {
             // A delete of a row that never existed wrote nothing anywhere.
             return Ok(outcome);
         };
-        let others = self.others(&placement);
+        let others = self.others(&placement, &table, &key);
         let acks = 1 + self.push(&others, &table, &key, &row).await;
         metrics::counter!("geokv_quorum_writes_total", "outcome" => if acks >= need { "ok" } else { "short" })
             .increment(1);
@@ -118,7 +122,7 @@ impl Quorum {
         let placement = self.placement(row)?;
         let need = placement.replica_regions.len() / 2 + 1;
         let local = self.node.stored_row(&row.table, &row.key)?;
-        let others = self.others(&placement);
+        let others = self.others(&placement, &row.table, &row.key);
         let mut set = JoinSet::new();
         for m in &others {
             let Some(mut client) = self.consensus.peers().client(m.id) else { continue };

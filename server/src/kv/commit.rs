@@ -70,17 +70,30 @@ pub enum Work {
     /// (the source ships to every region itself). The source's position is
     /// stored in the same batch, so a frame is applied exactly once.
     Apply(RemoteApply),
-    /// Row states to merge without a stream position (QUORUM replicas and
-    /// read repair): idempotent like every merge.
-    Merge(Vec<(String, Vec<u8>, Row)>),
 }
 
 /// A replication frame to merge.
 pub struct RemoteApply {
-    pub source_region: String,
+    /// The source node's actor id ("region/node"): positions are kept per
+    /// source node, since every node ships its own log.
+    pub source: String,
     pub first_seq: u64,
     pub through_seq: u64,
     pub entries: Vec<(String, Vec<u8>, Row)>,
+    pub mode: ApplyMode,
+}
+
+/// How a [`RemoteApply`] relates to the source's log position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyMode {
+    /// Shipped log entries `first_seq..=through_seq`: applied once, and the
+    /// position stored with them.
+    Log,
+    /// Rows sent by anti-entropy: merged (idempotent), position untouched.
+    RepairRows,
+    /// Anti-entropy finished: every row the source had at `through_seq` was
+    /// sent, so the position moves up to it (never down).
+    RepairDone,
 }
 
 impl CommitJob {
@@ -88,7 +101,6 @@ impl CommitJob {
         match &self.work {
             Work::Client { writes, .. } => writes.iter().map(|w| w.key.len() + w.op.payload_bytes()).sum(),
             Work::Apply(a) => a.entries.iter().map(|(_, k, _)| k.len() + 64).sum(),
-            Work::Merge(e) => e.iter().map(|(_, k, _)| k.len() + 64).sum(),
         }
     }
 
@@ -96,12 +108,11 @@ impl CommitJob {
         match &self.work {
             Work::Client { writes, .. } => writes.len(),
             Work::Apply(a) => a.entries.len().max(1),
-            Work::Merge(e) => e.len().max(1),
         }
     }
 }
 
-/// Where an inbound replication stream stands, per source region.
+/// Where an inbound replication stream stands, per source node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Inbound {
     /// Every entry of the source through this position is applied here.
@@ -133,7 +144,7 @@ pub struct CommitState {
     pub log_seq: AtomicU64,
     /// Conflicts per table (siblings created, LWW overwrites).
     pub conflicts: std::sync::Mutex<HashMap<String, u64>>,
-    /// Inbound replication positions per source region.
+    /// Inbound replication positions per source node (actor id).
     pub inbound: std::sync::Mutex<HashMap<String, Inbound>>,
     /// Announces each new durable log position (to shippers).
     pub log_watch: tokio::sync::watch::Sender<u64>,
@@ -151,7 +162,7 @@ impl Default for CommitState {
     }
 }
 
-/// Meta key of the position applied from `source`.
+/// Meta key of the position applied from `source` (an actor, "region/node").
 pub fn inbound_key(source: &str) -> Vec<u8> {
     let mut k = b"recv/".to_vec();
     k.extend_from_slice(source.as_bytes());
@@ -239,7 +250,6 @@ impl Committer {
                     &mut conflicts,
                 ),
                 Work::Apply(remote) => self.apply_remote(remote, &mut overlay, &mut batch, &mut conflicts),
-                Work::Merge(entries) => self.apply_merge(entries, &mut overlay, &mut batch, &mut conflicts),
             };
             if result.is_ok() {
                 write_count += job.writes();
@@ -403,58 +413,41 @@ impl Committer {
         batch: &mut WriteBatch,
         conflicts: &mut Vec<String>,
     ) -> Result<Vec<WriteOutcome>, KvError> {
-        let applied = match overlay.inbound.get(&remote.source_region) {
+        let applied = match overlay.inbound.get(&remote.source) {
             Some(seq) => *seq,
-            None => self.inbound_position(&remote.source_region)?,
+            None => self.inbound_position(&remote.source)?,
         };
-        if remote.through_seq <= applied {
-            metrics::counter!("geokv_replication_duplicate_frames_total", "source" => remote.source_region.clone())
-                .increment(1);
-            return Ok(Vec::new());
+        let source_region = crate::topology::actor_region(&remote.source).to_string();
+        match remote.mode {
+            ApplyMode::Log if remote.through_seq <= applied => {
+                metrics::counter!("geokv_replication_duplicate_frames_total", "source" => source_region)
+                    .increment(1);
+                return Ok(Vec::new());
+            }
+            ApplyMode::Log if remote.first_seq > applied + 1 => {
+                tracing::warn!(source = %remote.source, applied, first = remote.first_seq,
+                    "replication gap: entries were trimmed at the source before this node got them");
+                metrics::counter!("geokv_replication_gaps_total", "source" => source_region.clone())
+                    .increment(1);
+            }
+            ApplyMode::RepairDone => {
+                if remote.through_seq > applied {
+                    batch.put(
+                        Cf::Meta,
+                        inbound_key(&remote.source),
+                        remote.through_seq.to_be_bytes().to_vec(),
+                    );
+                    overlay.inbound.insert(remote.source.clone(), remote.through_seq);
+                }
+                return Ok(Vec::new());
+            }
+            _ => {}
         }
-        if remote.first_seq > applied + 1 {
-            tracing::warn!(source = %remote.source_region, applied, first = remote.first_seq,
-                "replication gap: entries were trimmed at the source before this region got them");
-            metrics::counter!("geokv_replication_gaps_total", "source" => remote.source_region.clone())
-                .increment(1);
-        }
+        let mut staged: HashMap<Vec<u8>, Row> = HashMap::new();
         let mut job_batch = WriteBatch::new();
         let mut job_conflicts = Vec::new();
-        let staged = self.merge_entries(
-            &remote.entries,
-            &remote.source_region,
-            overlay,
-            &mut job_batch,
-            &mut job_conflicts,
-        )?;
-        job_batch.put(
-            Cf::Meta,
-            inbound_key(&remote.source_region),
-            remote.through_seq.to_be_bytes().to_vec(),
-        );
-        metrics::counter!("geokv_replication_applied_entries_total", "source" => remote.source_region.clone())
-            .increment(remote.entries.len() as u64);
-        overlay.inbound.insert(remote.source_region.clone(), remote.through_seq);
-        overlay.rows.extend(staged);
-        batch.extend(job_batch);
-        conflicts.extend(job_conflicts);
-        Ok(Vec::new())
-    }
-
-    /// Merges row states into the stored rows (staged in `job_batch`),
-    /// returning the merged rows. No log entry is written: the origin of a
-    /// state ships it to every region itself.
-    fn merge_entries(
-        &self,
-        entries: &[(String, Vec<u8>, Row)],
-        source: &str,
-        overlay: &Overlay,
-        job_batch: &mut WriteBatch,
-        job_conflicts: &mut Vec<String>,
-    ) -> Result<HashMap<Vec<u8>, Row>, KvError> {
-        let mut staged: HashMap<Vec<u8>, Row> = HashMap::new();
         let now = self.hlc.now();
-        for (table, key, incoming) in entries {
+        for (table, key, incoming) in &remote.entries {
             let dk = data_key(table, key);
             let current = match staged.get(&dk).or_else(|| overlay.rows.get(&dk)) {
                 Some(r) => Some(r.clone()),
@@ -471,25 +464,19 @@ impl Committer {
             };
             let delay_s =
                 now.physical_ms().saturating_sub(HlcTimestamp(incoming.hlc).physical_ms()) as f64 / 1000.0;
-            metrics::histogram!("geokv_replication_apply_delay_seconds", "source" => source.to_string())
-                .record(delay_s);
+            if remote.mode == ApplyMode::Log {
+                metrics::histogram!("geokv_replication_apply_delay_seconds", "source" => source_region.clone())
+                    .record(delay_s);
+            }
             job_batch.put(Cf::Data, dk.clone(), merged.seal());
             staged.insert(dk, merged);
         }
-        Ok(staged)
-    }
-
-    /// Merges row states sent synchronously (QUORUM writes, read repair).
-    fn apply_merge(
-        &mut self,
-        entries: &[(String, Vec<u8>, Row)],
-        overlay: &mut Overlay,
-        batch: &mut WriteBatch,
-        conflicts: &mut Vec<String>,
-    ) -> Result<Vec<WriteOutcome>, KvError> {
-        let mut job_batch = WriteBatch::new();
-        let mut job_conflicts = Vec::new();
-        let staged = self.merge_entries(entries, "quorum", overlay, &mut job_batch, &mut job_conflicts)?;
+        if remote.mode == ApplyMode::Log {
+            job_batch.put(Cf::Meta, inbound_key(&remote.source), remote.through_seq.to_be_bytes().to_vec());
+            overlay.inbound.insert(remote.source.clone(), remote.through_seq);
+        }
+        metrics::counter!("geokv_replication_applied_entries_total", "source" => source_region)
+            .increment(remote.entries.len() as u64);
         overlay.rows.extend(staged);
         batch.extend(job_batch);
         conflicts.extend(job_conflicts);

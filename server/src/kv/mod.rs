@@ -26,6 +26,7 @@ use crate::config::{Config, ConflictPolicy, Level};
 use crate::error::KvError;
 use crate::residency::{self, Locality, Placement, ReadLevel};
 use crate::storage::{prefix_end, Cf, Engine};
+use crate::topology::{actor_region, Topology};
 use commit::{CommitJob, CommitSettings, CommitState, Idempotency, Inbound, RemoteApply, Work, WriteOutcome};
 use row::{data_key, display_key, split_data_key, Row, RowValue};
 
@@ -184,6 +185,22 @@ pub struct ScanPage {
     pub info: ReadInfo,
 }
 
+/// Decides whether a client write may go ahead now. Replication implements
+/// it (back-pressure); the node asks it after admission, before commit.
+pub trait WriteGate: Send + Sync {
+    fn check(&self) -> GateDecision;
+}
+
+/// What a [`WriteGate`] tells a writer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GateDecision {
+    Admit,
+    /// Wait this long, then commit.
+    Delay(Duration),
+    /// Fail fast with this (retryable) error.
+    Reject(KvError),
+}
+
 /// Scan pages stop after reading this many stored rows, so a table full of
 /// deleted rows cannot make one request unbounded.
 const SCAN_EXAMINED_MAX: usize = 10_000;
@@ -191,6 +208,8 @@ const SCAN_EXAMINED_MAX: usize = 10_000;
 /// A node's key-value service: owns the engine, the clock and the committer.
 pub struct Node {
     cfg: Arc<Config>,
+    /// Who owns which partition, in every region (from `cfg`).
+    topology: Arc<Topology>,
     engine: Arc<dyn Engine>,
     hlc: Arc<Hlc>,
     /// Queue to the committer; taken on shutdown so the committer drains and exits.
@@ -199,6 +218,8 @@ pub struct Node {
     state: Arc<CommitState>,
     started: Instant,
     failover_conflicts: Mutex<std::collections::VecDeque<FailoverConflict>>,
+    /// Back-pressure on client writes, set once replication starts.
+    gate: std::sync::OnceLock<Arc<dyn WriteGate>>,
 }
 
 impl Node {
@@ -232,8 +253,11 @@ impl Node {
         };
         let (tx, rx) = mpsc::channel(cfg.storage.commit_queue_max);
         let thread = commit::spawn(engine.clone(), hlc.clone(), settings, state.clone(), rx)?;
+        let topology = Arc::new(Topology::from_config(&cfg));
+        topology.check().map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Arc::new(Self {
             cfg,
+            topology,
             engine,
             hlc,
             commit_tx: Mutex::new(Some(tx)),
@@ -241,11 +265,26 @@ impl Node {
             state,
             started: Instant::now(),
             failover_conflicts: Mutex::new(Default::default()),
+            gate: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Installs the write gate (once; later calls are ignored).
+    pub fn set_write_gate(&self, gate: Arc<dyn WriteGate>) {
+        let _ = self.gate.set(gate);
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    pub fn topology(&self) -> &Arc<Topology> {
+        &self.topology
+    }
+
+    /// This node's actor id ("region/node").
+    pub fn actor(&self) -> String {
+        self.cfg.actor()
     }
 
     pub fn engine(&self) -> &Arc<dyn Engine> {
@@ -274,13 +313,13 @@ impl Node {
         self.state.log_watch.subscribe()
     }
 
-    /// Inbound replication positions per source region.
+    /// Inbound replication positions per source node (actor "region/node").
     pub fn inbound(&self) -> HashMap<String, Inbound> {
         self.state.inbound.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Records that `source` said, at `hlc`, that this region had all of its
-    /// log through `through`.
+    /// Records that `source` (an actor) said, at `hlc`, that this node had
+    /// all of its log through `through`.
     pub fn note_fresh(&self, source: &str, through: u64, hlc: u64) {
         let mut inbound = self.state.inbound.lock().unwrap_or_else(|p| p.into_inner());
         let e = inbound.entry(source.to_string()).or_default();
@@ -299,12 +338,9 @@ impl Node {
         Ok(())
     }
 
-    /// How stale this region's copy of rows homed in `home` may be, in ms.
-    pub fn staleness_ms(&self, home: &str) -> u64 {
-        if home == self.cfg.region {
-            return 0;
-        }
-        let fresh = self.inbound().get(home).map(|i| i.fresh_as_of_hlc).unwrap_or(0);
+    /// How stale this node's copy of what `source` (an actor) wrote may be, in ms.
+    pub fn source_staleness_ms(&self, source: &str) -> u64 {
+        let fresh = self.inbound().get(source).map(|i| i.fresh_as_of_hlc).unwrap_or(0);
         if fresh == 0 {
             return u64::MAX;
         }
@@ -312,12 +348,27 @@ impl Node {
         now.saturating_sub(crate::causality::HlcTimestamp(fresh).physical_ms())
     }
 
-    /// Checks a SESSION token against what this region has applied: the
-    /// first region whose writes the client saw but this region lacks.
+    /// How stale this node's copy of rows of `partition` homed in `home` may
+    /// be, in ms: the freshness of the home's owner of that partition, the
+    /// one node there that writes them.
+    pub fn staleness_ms(&self, home: &str, partition: u32) -> u64 {
+        if home == self.cfg.region {
+            return 0;
+        }
+        match self.topology.owner(home, partition) {
+            Some(owner) => self.source_staleness_ms(&owner.actor()),
+            None => u64::MAX,
+        }
+    }
+
+    /// Checks a SESSION token against what this node has applied: the first
+    /// node whose writes the client saw but this node lacks. Nodes of this
+    /// node's own region are skipped: they own other partitions, and rows of
+    /// this node's partitions are written here only.
     fn session_gap(&self, token: &pb::SessionToken) -> Option<String> {
         let inbound = self.inbound();
         token.seen.iter().find_map(|e| {
-            if e.actor == self.cfg.region {
+            if actor_region(&e.actor) == self.cfg.region {
                 return None;
             }
             let applied = inbound.get(&e.actor).map(|i| i.applied_through).unwrap_or(0);
@@ -417,6 +468,20 @@ impl Node {
                 epoch,
             });
         }
+        if let Some(gate) = self.gate.get() {
+            match gate.check() {
+                GateDecision::Admit => {}
+                GateDecision::Delay(d) => {
+                    metrics::counter!("geokv_backpressure_throttled_total").increment(1);
+                    metrics::histogram!("geokv_backpressure_delay_seconds").record(d.as_secs_f64());
+                    tokio::time::sleep(d).await;
+                }
+                GateDecision::Reject(e) => {
+                    metrics::counter!("geokv_backpressure_rejected_total").increment(1);
+                    return Err(e);
+                }
+            }
+        }
         let tx =
             self.commit_tx.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(KvError::ShuttingDown)?;
         let (reply, rx) = oneshot::channel();
@@ -497,7 +562,14 @@ impl Node {
         let tx =
             self.commit_tx.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(KvError::ShuttingDown)?;
         let (reply, rx) = oneshot::channel();
-        tx.send(CommitJob { work: Work::Merge(entries), reply }).await.map_err(|_| KvError::ShuttingDown)?;
+        let remote = RemoteApply {
+            source: "quorum".into(),
+            first_seq: 0,
+            through_seq: 0,
+            entries,
+            mode: commit::ApplyMode::RepairRows,
+        };
+        tx.send(CommitJob { work: Work::Apply(remote), reply }).await.map_err(|_| KvError::ShuttingDown)?;
         rx.await.map_err(|_| KvError::ShuttingDown)?.map(|_| ())
     }
 
@@ -547,11 +619,12 @@ impl Node {
         }
     }
 
-    /// The session token after observing `log_seq` in this region, merged
+    /// The session token after observing `log_seq` on this node, merged
     /// with the token the client sent.
     pub fn session_token(&self, previous: &[u8], log_seq: u64) -> Result<Vec<u8>, KvError> {
         let mut token = decode_session(previous)?;
-        let here = self.cfg.region.as_str();
+        let here = self.cfg.actor();
+        let here = here.as_str();
         match token.seen.iter_mut().find(|e| e.actor == here) {
             Some(e) => e.counter = e.counter.max(log_seq),
             None => token.seen.push(pb::VvEntry { actor: here.to_string(), counter: log_seq }),
@@ -559,10 +632,10 @@ impl Node {
         Ok(codec::seal_message(&token))
     }
 
-    fn read_info(&self, placement: &Placement, session: &[u8]) -> Result<ReadInfo, KvError> {
+    fn read_info(&self, placement: &Placement, partition: u32, session: &[u8]) -> Result<ReadInfo, KvError> {
         Ok(ReadInfo {
             served_by_region: self.cfg.region.clone(),
-            staleness_ms_max: self.staleness_ms(&placement.home_region),
+            staleness_ms_max: self.staleness_ms(&placement.home_region, partition),
             session_token: self.read_session_token(session)?,
         })
     }
@@ -578,7 +651,7 @@ impl Node {
             None if seq > 0 => token.seen.push(pb::VvEntry { actor: region.to_string(), counter: seq }),
             None => {}
         };
-        raise(&self.cfg.region, self.log_seq());
+        raise(&self.cfg.actor(), self.log_seq());
         for (source, inbound) in self.inbound() {
             raise(&source, inbound.applied_through);
         }
@@ -591,12 +664,13 @@ impl Node {
     fn check_freshness(
         &self,
         placement: &Placement,
+        partition: u32,
         level: ReadLevel,
         session: &[u8],
     ) -> Result<(), KvError> {
         match level {
             ReadLevel::Bounded { max_staleness_ms } => {
-                let stale = self.staleness_ms(&placement.home_region);
+                let stale = self.staleness_ms(&placement.home_region, partition);
                 if stale > max_staleness_ms {
                     return Err(KvError::ReplicaStale {
                         region: placement.home_region.clone(),
@@ -606,8 +680,9 @@ impl Node {
             }
             ReadLevel::Session => {
                 if let Some(missing) = self.session_gap(&decode_session(session)?) {
-                    let region = if placement.allows(&missing) {
-                        missing.clone()
+                    let missing_region = actor_region(&missing);
+                    let region = if placement.allows(missing_region) {
+                        missing_region.to_string()
                     } else {
                         placement.home_region.clone()
                     };
@@ -632,9 +707,10 @@ impl Node {
             Err(KvError::MissingLocality { .. }) => None,
             Err(e) => return Err(e),
         };
+        let partition = self.topology.partition_of(&table.name, &row.key);
         if let Some(p) = &resolved {
             residency::admit_read(&self.cfg.region, p, level)?;
-            self.check_freshness(p, level, session)?;
+            self.check_freshness(p, partition, level, session)?;
         }
         let dk = data_key(&table.name, &row.key);
         let stored = self.engine.get(Cf::Data, &dk).map_err(|e| KvError::Storage(e.to_string()))?;
@@ -647,13 +723,13 @@ impl Node {
             (None, Some(r)) => {
                 let p = self.stored_placement(r);
                 residency::admit_read(&self.cfg.region, &p, level)?;
-                self.check_freshness(&p, level, session)?;
+                self.check_freshness(&p, partition, level, session)?;
                 p
             }
             (None, None) => return Err(KvError::MissingLocality { table: table.name.clone() }),
         };
         metrics::counter!("geokv_reads_total", "table" => table.name.clone()).increment(1);
-        Ok(ReadResult { row: stored, info: self.read_info(&placement, session)? })
+        Ok(ReadResult { row: stored, info: self.read_info(&placement, partition, session)? })
     }
 
     /// Placement of a row as recorded when it was written.
@@ -736,7 +812,7 @@ impl Node {
             zone: String::new(),
             replica_regions: vec![self.cfg.region.clone()],
         };
-        Ok(ScanPage { rows, next_start_after, info: self.read_info(&placement, &[])? })
+        Ok(ScanPage { rows, next_start_after, info: self.read_info(&placement, 0, &[])? })
     }
 }
 
@@ -815,12 +891,60 @@ pub struct ZoneDigest {
     pub digest: String,
 }
 
+/// Digest of the rows of one (table, zone, partition) on one node, in key order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionDigest {
+    pub table: String,
+    pub zone: String,
+    pub partition: u32,
+    pub rows: u64,
+    pub digest: String,
+}
+
+/// Combines partition digests (of every node of a region) into one digest
+/// per (table, zone): a hash over the partition digests in partition
+/// order. A key's partition is the same in every region, so two regions
+/// holding the same rows give equal digests whatever their node counts.
+pub fn combine_digests(parts: Vec<PartitionDigest>) -> Vec<ZoneDigest> {
+    use sha2::Digest as _;
+    let mut by_zone: std::collections::BTreeMap<
+        (String, String),
+        std::collections::BTreeMap<u32, (u64, String)>,
+    > = Default::default();
+    for p in parts {
+        by_zone.entry((p.table, p.zone)).or_default().insert(p.partition, (p.rows, p.digest));
+    }
+    by_zone
+        .into_iter()
+        .map(|((table, zone), parts)| {
+            let mut h = sha2::Sha256::new();
+            let mut rows = 0;
+            for (partition, (n, digest)) in parts {
+                rows += n;
+                h.update(partition.to_be_bytes());
+                h.update(n.to_be_bytes());
+                h.update(digest.as_bytes());
+            }
+            ZoneDigest { table, zone, rows, digest: hex::encode(h.finalize()) }
+        })
+        .collect()
+}
+
+/// A row's contents in a canonical encoding: two regions holding the same
+/// merged state give the same bytes. Where the row was last written from
+/// (its HLC stamp) is not part of its contents.
+pub fn canonical_row_bytes(row: &Row) -> Vec<u8> {
+    let mut canonical = row.to_proto();
+    canonical.hlc = 0;
+    prost::Message::encode_to_vec(&canonical)
+}
+
 /// Rows read per storage scan by audits and digests.
 const FULL_SCAN_CHUNK: usize = 1024;
 
 impl Node {
     /// Visits every stored row in key order, a chunk at a time.
-    fn for_each_row(&self, mut visit: impl FnMut(&str, &[u8], Row)) -> Result<u64, KvError> {
+    pub fn for_each_row(&self, mut visit: impl FnMut(&str, &[u8], Row)) -> Result<u64, KvError> {
         let mut start: Vec<u8> = Vec::new();
         let mut seen = 0u64;
         loop {
@@ -863,18 +987,17 @@ impl Node {
         Ok((checked, findings))
     }
 
-    /// Digests of every (table, zone), so regions can be compared: two
-    /// regions that converged give equal digests for the zones they share.
-    pub fn digest(&self) -> Result<Vec<ZoneDigest>, KvError> {
+    /// Digests of every (table, zone, partition) this node stores, so
+    /// regions can be compared (see [`combine_digests`]).
+    pub fn digest(&self) -> Result<Vec<PartitionDigest>, KvError> {
         use sha2::Digest as _;
-        let mut acc: std::collections::BTreeMap<(String, String), (u64, sha2::Sha256)> = Default::default();
+        type Acc = std::collections::BTreeMap<(String, String, u32), (u64, sha2::Sha256)>;
+        let mut acc: Acc = Default::default();
         self.for_each_row(|table, key, row| {
-            let (count, hasher) = acc.entry((table.to_string(), row.zone.clone())).or_default();
+            let partition = self.topology.partition_of(table, key);
+            let (count, hasher) = acc.entry((table.to_string(), row.zone.clone(), partition)).or_default();
             *count += 1;
-            let mut canonical = row.to_proto();
-            // Where a row was last written from is not part of its contents.
-            canonical.hlc = 0;
-            let bytes = prost::Message::encode_to_vec(&canonical);
+            let bytes = canonical_row_bytes(&row);
             hasher.update((key.len() as u64).to_be_bytes());
             hasher.update(key);
             hasher.update((bytes.len() as u64).to_be_bytes());
@@ -882,9 +1005,10 @@ impl Node {
         })?;
         Ok(acc
             .into_iter()
-            .map(|((table, zone), (rows, h))| ZoneDigest {
+            .map(|((table, zone, partition), (rows, h))| PartitionDigest {
                 table,
                 zone,
+                partition,
                 rows,
                 digest: hex::encode(h.finalize()),
             })
