@@ -81,26 +81,6 @@ async fn wait_for_value(
     None
 }
 
-/// Polls `geokv digest --json` until every (table, zone) digest matches
-/// across the regions allowed to hold it; returns the last report.
-async fn wait_converged(cluster: &DevCluster, limit: Duration) -> serde_json::Value {
-    let deadline = Deadline::after(limit);
-    let mut last: String;
-    loop {
-        let out = cluster.cli(&["digest", "--json"]).await;
-        match serde_json::from_str::<serde_json::Value>(out.stdout.trim()) {
-            Ok(report) if report["converged"] == true => {
-                assert!(out.status.success(), "digest says converged but exits with {}", out.status);
-                return report;
-            }
-            Ok(report) => last = report.to_string(),
-            Err(_) => last = format!("{} / {}", out.stdout, out.stderr),
-        }
-        assert!(!deadline.passed(), "regions did not converge within {limit:?}; last digest report: {last}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
 async fn join_bounded<T>(task: tokio::task::JoinHandle<T>) -> T {
     tokio::time::timeout(TASK_TIMEOUT, task)
         .await
@@ -204,7 +184,7 @@ async fn eu_row_stays_in_eu() {
     assert_eq!(audit["violations"], serde_json::json!([]), "{audit}");
     assert!(audit["rows_checked"].as_u64().unwrap_or(0) >= 4, "the audit read the stores: {audit}");
 
-    let report = wait_converged(&cluster, ARRIVAL_LIMIT * 5).await;
+    let report = cluster.wait_converged(ARRIVAL_LIMIT * 5).await;
     let zones = report["zones"].as_array().expect("digest zones");
     let holders = |table: &str| -> BTreeMap<String, u64> {
         zones
@@ -515,7 +495,7 @@ async fn partition_then_heal_converges() {
     history.put_acked.entry("partition:marker".into()).or_default().insert("written-while-isolated".into());
 
     let stopped = Instant::now();
-    wait_converged(&cluster, CONVERGE_LIMIT).await;
+    cluster.wait_converged(CONVERGE_LIMIT).await;
     eprintln!("digests converged {:?} after the writers stopped", stopped.elapsed());
     check_history(&cluster, &history).await;
     let audit = cluster.cli(&["residency", "audit"]).await;
@@ -640,7 +620,7 @@ async fn kill_9_during_replication_resumes_without_gap_or_double_apply() {
         let took = wait_counter(&cluster, region, &row, want).await;
         eprintln!("{region} counts exactly {want} ({took:?} after the adds stopped)");
     }
-    wait_converged(&cluster, CONVERGE_LIMIT).await;
+    cluster.wait_converged(CONVERGE_LIMIT).await;
     // Still exact once everything settled: nothing applied late or twice.
     for region in REGIONS {
         let got = cluster.client(region).await.counter_get(&row, ReadConsistency::Local).await.expect("read");

@@ -31,6 +31,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use geokv_proto::v1 as pb;
 use pb::admin_client::AdminClient;
+use pb::control_client::ControlClient;
 use pb::kv_client::KvClient;
 use tonic::transport::{Channel, Endpoint};
 
@@ -255,6 +256,18 @@ pub struct WriteAck {
     pub accepted_by_region: String,
     /// True when the server replayed the reply of an earlier attempt.
     pub replayed: bool,
+    /// STRONG writes: the version the write produced (0 otherwise).
+    pub version: u64,
+}
+
+/// The outcome of a compare-and-set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CasResult {
+    /// True when the expectation held and the write happened.
+    pub succeeded: bool,
+    /// When it did not: the current value and version (None = absent).
+    pub current: Option<(Vec<u8>, u64)>,
+    pub ack: WriteAck,
 }
 
 /// A set's members and the context to remove exactly what was seen.
@@ -304,6 +317,7 @@ impl ClientConfig {
 pub struct Client {
     kv: KvClient<Channel>,
     admin: AdminClient<Channel>,
+    control: ControlClient<Channel>,
     cfg: ClientConfig,
     /// Session token from the last acknowledged write or read, sent with
     /// SESSION reads.
@@ -353,7 +367,8 @@ impl Client {
         let channel = endpoint.connect().await.map_err(|e| Error::transport(&url, e))?;
         Ok(Self {
             kv: KvClient::new(channel.clone()).max_decoding_message_size(64 << 20),
-            admin: AdminClient::new(channel),
+            admin: AdminClient::new(channel.clone()),
+            control: ControlClient::new(channel),
             cfg,
             session: Arc::new(Mutex::new(Vec::new())),
         })
@@ -429,6 +444,7 @@ impl Client {
             epoch: a.epoch,
             accepted_by_region: a.accepted_by_region,
             replayed: a.replayed,
+            version: a.version,
         }
     }
 
@@ -670,12 +686,11 @@ impl Client {
             .await
     }
 
-    /// Replication links leaving the connected node's region.
+    /// Replication links leaving the connected node's region (every node of it).
     pub async fn replication_status(&self) -> Result<pb::ReplicationStatusResponse, Error> {
-        self.admin_call(
-            pb::ReplicationStatusRequest {},
-            |mut a, r| async move { a.replication_status(r).await },
-        )
+        self.admin_call(pb::ReplicationStatusRequest { node_only: false }, |mut a, r| async move {
+            a.replication_status(r).await
+        })
         .await
     }
 
@@ -685,7 +700,7 @@ impl Client {
         destination: &str,
         paused: bool,
     ) -> Result<pb::ReplicationControlResponse, Error> {
-        let msg = pb::ReplicationControlRequest { destination: destination.to_string() };
+        let msg = pb::ReplicationControlRequest { destination: destination.to_string(), node_only: false };
         if paused {
             self.admin_call(msg, |mut a, r| async move { a.pause_replication(r).await }).await
         } else {
@@ -693,15 +708,107 @@ impl Client {
         }
     }
 
-    /// Rows the connected node stores outside their residency zone.
+    /// Rows the connected node's region (every node of it) stores outside
+    /// their residency zone.
     pub async fn residency_audit(&self) -> Result<pb::ResidencyAuditResponse, Error> {
-        self.admin_call(pb::ResidencyAuditRequest {}, |mut a, r| async move { a.residency_audit(r).await })
+        self.admin_call(pb::ResidencyAuditRequest { node_only: false }, |mut a, r| async move {
+            a.residency_audit(r).await
+        })
+        .await
+    }
+
+    /// Digests of the connected node's region (every node of it) per (table, zone).
+    pub async fn digest(&self) -> Result<pb::DigestResponse, Error> {
+        self.admin_call(pb::DigestRequest { node_only: false }, |mut a, r| async move { a.digest(r).await })
             .await
     }
 
-    /// Digests of the connected node's rows per (table, zone).
-    pub async fn digest(&self) -> Result<pb::DigestResponse, Error> {
-        self.admin_call(pb::DigestRequest {}, |mut a, r| async move { a.digest(r).await }).await
+    /// Digests of the connected node alone, per (table, zone, partition).
+    pub async fn node_digest(&self) -> Result<pb::DigestResponse, Error> {
+        self.admin_call(pb::DigestRequest { node_only: true }, |mut a, r| async move { a.digest(r).await })
+            .await
+    }
+
+    /// Partitions and their owning node in every region.
+    pub async fn partition_map(&self) -> Result<pb::PartitionMapResponse, Error> {
+        self.admin_call(pb::PartitionMapRequest {}, |mut a, r| async move { a.partition_map(r).await }).await
+    }
+
+    /// Where a row lives: home region, partition, and the owning node in
+    /// every region it may be stored in.
+    pub async fn locate(&self, row: &Row) -> Result<pb::LocateResponse, Error> {
+        let msg = pb::LocateRequest { row: Some(row.to_proto()) };
+        self.admin_call(msg, |mut a, r| async move { a.locate(r).await }).await
+    }
+
+    /// Linearizable compare-and-set on a row of a STRONG table: writes
+    /// `value` (None deletes) only if the row holds `expected` (None =
+    /// absent). A retry with the same idempotency key returns the first
+    /// outcome instead of applying twice.
+    pub async fn compare_and_set(
+        &self,
+        row: &Row,
+        expected: Option<Vec<u8>>,
+        value: Option<Vec<u8>>,
+        idempotency_key: Option<String>,
+    ) -> Result<CasResult, Error> {
+        let msg = pb::CompareAndSetRequest { row: Some(row.to_proto()), expected, value };
+        let key = idempotency_key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let resp = self
+            .attempt(|t| {
+                let mut kv = self.kv.clone();
+                let mut req = Self::request(msg.clone(), t);
+                if let Ok(v) = key.parse() {
+                    req.metadata_mut().insert("geokv-idempotency-key", v);
+                }
+                async move { kv.compare_and_set(req).await }
+            })
+            .await?
+            .into_inner();
+        Ok(CasResult {
+            succeeded: resp.succeeded,
+            current: resp.found.then_some((resp.current, resp.current_version)),
+            ack: self.ack(resp.ack),
+        })
+    }
+
+    /// Home leases, epochs, consensus groups and recent failovers.
+    pub async fn region_status(&self) -> Result<pb::RegionStatusResponse, Error> {
+        self.control_call(pb::RegionStatusRequest {}, |mut c, r| async move { c.region_status(r).await }).await
+    }
+
+    /// Planned handover of every home `from` holds to `to`, with no loss.
+    pub async fn failover(&self, from: &str, to: &str) -> Result<pb::FailoverResponse, Error> {
+        let msg = pb::FailoverRequest { from: from.into(), to: to.into() };
+        self.control_call(msg, |mut c, r| async move { c.failover(r).await }).await
+    }
+
+    /// Returns every home of `region` that another region holds.
+    pub async fn failback(&self, region: &str) -> Result<pb::FailoverResponse, Error> {
+        let msg = pb::FailbackRequest { region: region.into() };
+        self.control_call(msg, |mut c, r| async move { c.failback(r).await }).await
+    }
+
+    /// Switches automatic failover on or off (manual-only operation).
+    pub async fn set_auto_failover(&self, enabled: bool) -> Result<pb::SetAutoFailoverResponse, Error> {
+        let msg = pb::SetAutoFailoverRequest { enabled };
+        self.control_call(msg, |mut c, r| async move { c.set_auto_failover(r).await }).await
+    }
+
+    /// Writes old homes accepted before a failover and shipped after it.
+    pub async fn failover_conflicts(&self) -> Result<pb::FailoverConflictsResponse, Error> {
+        self.control_call(pb::FailoverConflictsRequest {}, |mut c, r| async move { c.failover_conflicts(r).await })
+            .await
+    }
+
+    async fn control_call<Req, Resp, F, Fut>(&self, msg: Req, call: F) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        F: Fn(ControlClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let resp = self.attempt(|t| call(self.control.clone(), Self::request(msg.clone(), t))).await?;
+        Ok(resp.into_inner())
     }
 
     async fn admin_call<Req, Resp, F, Fut>(&self, msg: Req, call: F) -> Result<Resp, Error>

@@ -265,7 +265,9 @@
   const charts = {};
 
   function pairName(link) {
-    return link.source + ARROW + link.destination;
+    // Several nodes per region: one link per destination node.
+    const node = link.destination_node ? "/" + link.destination_node : "";
+    return link.source + ARROW + link.destination + node;
   }
 
   function record(data) {

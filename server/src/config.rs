@@ -51,15 +51,25 @@ pub struct Config {
     pub storage: StorageConfig,
     pub clock: ClockConfig,
     pub replication: ReplicationConfig,
+    /// Hash partitions of every table's keys, cluster-wide: a key's
+    /// partition is the same in every region, and each region maps
+    /// partitions onto its own nodes (see `topology`). Changing it moves
+    /// keys between nodes, so every node of a cluster must agree.
+    pub partitions: u32,
     pub consensus: ConsensusConfig,
 }
+
+/// Most partitions a cluster may configure.
+pub const PARTITIONS_MAX: u32 = 4096;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RegionConfig {
     pub name: String,
     /// The region's nodes, as this node reaches them (through the WAN or a
-    /// fault proxy). Empty for this node's own region when it runs alone.
+    /// fault proxy). This node's own region lists its other nodes; this node
+    /// may appear in it or not (it is always a member). Empty for this
+    /// node's own region when it runs alone.
     #[serde(default)]
     pub nodes: Vec<PeerConfig>,
 }
@@ -94,6 +104,17 @@ pub struct ReplicationConfig {
     pub reconnect_ms: u64,
     /// A region is unhealthy after this many heartbeats without contact.
     pub unhealthy_after_misses: u32,
+    /// Unshipped log entries towards a healthy, unpaused destination node
+    /// beyond which writers are slowed down.
+    pub backpressure_soft_entries: u64,
+    /// Unshipped entries beyond which writes fail fast with
+    /// `REPLICATION_BACKPRESSURE`; at most `storage.log_retention_entries`.
+    pub backpressure_hard_entries: u64,
+    /// Longest delay given to one write between the soft and the hard bound,
+    /// in milliseconds (it grows linearly from 0 at the soft bound).
+    pub backpressure_delay_ms_max: u64,
+    /// Rows sent per frame by Merkle-tree anti-entropy.
+    pub repair_batch_rows_max: usize,
 }
 
 impl Default for ReplicationConfig {
@@ -106,6 +127,10 @@ impl Default for ReplicationConfig {
             heartbeat_ms: 100,
             reconnect_ms: 100,
             unhealthy_after_misses: 3,
+            backpressure_soft_entries: 100_000,
+            backpressure_hard_entries: 400_000,
+            backpressure_delay_ms_max: 100,
+            repair_batch_rows_max: 256,
         }
     }
 }
@@ -364,6 +389,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             clock: ClockConfig::default(),
             replication: ReplicationConfig::default(),
+            partitions: 64,
             consensus: ConsensusConfig::default(),
         }
     }
@@ -398,6 +424,7 @@ impl Config {
             });
         }
         self.validate()?;
+        crate::topology::Topology::from_config(&self).check().map_err(|e| bad(e.field, e.why))?;
         Ok(self)
     }
 
@@ -537,6 +564,30 @@ impl Config {
         if r.unhealthy_after_misses == 0 {
             return Err(bad("replication.unhealthy_after_misses", "must be at least 1"));
         }
+        if r.backpressure_soft_entries == 0 || r.backpressure_soft_entries >= r.backpressure_hard_entries {
+            return Err(bad(
+                "replication.backpressure_soft_entries",
+                "must be at least 1 and below replication.backpressure_hard_entries",
+            ));
+        }
+        if r.backpressure_hard_entries > s.log_retention_entries {
+            return Err(bad(
+                "replication.backpressure_hard_entries",
+                format!(
+                    "{} is above storage.log_retention_entries ({}): entries would be trimmed first",
+                    r.backpressure_hard_entries, s.log_retention_entries
+                ),
+            ));
+        }
+        if r.backpressure_delay_ms_max > 10_000 {
+            return Err(bad("replication.backpressure_delay_ms_max", "must be at most 10000"));
+        }
+        if r.repair_batch_rows_max == 0 || r.repair_batch_rows_max > 100_000 {
+            return Err(bad("replication.repair_batch_rows_max", "must be 1..=100000"));
+        }
+        if self.partitions == 0 || self.partitions > PARTITIONS_MAX {
+            return Err(bad("partitions", format!("must be 1..={PARTITIONS_MAX}")));
+        }
         let c = &self.consensus;
         if c.heartbeat_ms == 0 || c.heartbeat_ms * 3 > c.election_timeout_min_ms {
             return Err(bad(
@@ -570,7 +621,14 @@ impl Config {
             }
         }
         for (i, region) in self.regions.iter().enumerate() {
+            let mut ids = BTreeSet::new();
             for (j, node) in region.nodes.iter().enumerate() {
+                if !ids.insert(node.id.as_str()) {
+                    return Err(bad(
+                        format!("regions[{i}].nodes[{j}].id"),
+                        format!("node `{}` listed twice in region `{}`", node.id, region.name),
+                    ));
+                }
                 if !valid_name(&node.id, 64) {
                     return Err(bad(
                         format!("regions[{i}].nodes[{j}].id"),
@@ -607,6 +665,7 @@ impl Config {
     }
 
     /// Regions other than this node's that have a reachable node configured.
+    /// Their nodes are listed in `nodes`; see `topology` for who owns what.
     pub fn peer_regions(&self) -> Vec<&RegionConfig> {
         self.regions.iter().filter(|r| r.name != self.region && !r.nodes.is_empty()).collect()
     }
@@ -681,6 +740,21 @@ mod tests {
             let err = Config::from_toml(text).and_then(Config::finish).unwrap_err();
             assert_eq!(err.field, field, "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let c = Config::from_toml(include_str!("../../deploy/node.example.toml")).unwrap().finish().unwrap();
+        assert_eq!(c.partitions, 64);
+    }
+
+    #[test]
+    fn backpressure_bounds_are_checked_against_retention() {
+        let text = "[storage]\nlog_retention_entries = 10\n[replication]\nbackpressure_soft_entries = 5\nbackpressure_hard_entries = 20";
+        let err = Config::from_toml(text).unwrap().finish().unwrap_err();
+        assert_eq!(err.field, "replication.backpressure_hard_entries");
+        let err = Config::from_toml("partitions = 0").unwrap().finish().unwrap_err();
+        assert_eq!(err.field, "partitions");
     }
 
     #[test]

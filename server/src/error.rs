@@ -66,6 +66,15 @@ pub enum KvError {
     ShuttingDown,
     #[error("counter overflow")]
     CounterOverflow,
+    #[error(
+        "replication to `{destination}` is {backlog_entries} entries behind (bound {bound_entries}); retry after {retry_after_ms} ms"
+    )]
+    ReplicationBackpressure {
+        destination: String,
+        backlog_entries: u64,
+        bound_entries: u64,
+        retry_after_ms: u64,
+    },
     #[error("home `{home}`: {why} (this region holds epoch {epoch}, the current epoch is {current})")]
     Fenced { home: String, epoch: u64, current: u64, why: String },
     #[error("home `{home}` has no region serving it right now: {why}")]
@@ -103,6 +112,7 @@ impl KvError {
             KvError::ReplicaStale { .. } => "REPLICA_STALE",
             KvError::RegionUnreachable { .. } => "REGION_UNREACHABLE",
             KvError::CounterOverflow => "COUNTER_OVERFLOW",
+            KvError::ReplicationBackpressure { .. } => "REPLICATION_BACKPRESSURE",
             KvError::Fenced { .. } => "FENCED",
             KvError::HomeUnavailable { .. } => "HOME_UNAVAILABLE",
             KvError::QuorumUnavailable { .. } => "QUORUM_UNAVAILABLE",
@@ -139,6 +149,7 @@ impl KvError {
             | KvError::CounterOverflow
             | KvError::Fenced { .. } => Code::FailedPrecondition,
             KvError::Corrupt { .. } => Code::DataLoss,
+            KvError::ReplicationBackpressure { .. } => Code::ResourceExhausted,
             KvError::Storage(_) => Code::Internal,
         }
     }
@@ -180,6 +191,17 @@ impl KvError {
             KvError::NotHome { home, here } => {
                 m.insert("home_region".into(), home.clone());
                 m.insert("region".into(), here.clone());
+            }
+            KvError::ReplicationBackpressure {
+                destination,
+                backlog_entries,
+                bound_entries,
+                retry_after_ms,
+            } => {
+                m.insert("destination".into(), destination.clone());
+                m.insert("backlog_entries".into(), backlog_entries.to_string());
+                m.insert("bound_entries".into(), bound_entries.to_string());
+                m.insert("retry_after_ms".into(), retry_after_ms.to_string());
             }
             KvError::KeyTooLarge { len, max } | KvError::ValueTooLarge { len, max } => {
                 m.insert("len".into(), len.to_string());

@@ -6,6 +6,7 @@
 //! - [`codec`]: the versioned, checksummed envelope of every stored record.
 //! - [`causality`]: hybrid logical clock, version vectors, CRDTs.
 //! - [`residency`]: placement of rows (home region, zone) and admission.
+//! - [`topology`]: partitions and the nodes that own them in each region.
 //! - [`kv`]: the key-value domain: admission, group commit, reads.
 //! - [`replication`]: cross-region shipping and receiving of the log.
 //! - [`api`]: gRPC handlers (proto <-> domain only).
@@ -24,8 +25,10 @@ pub mod codec;
 pub mod config;
 pub mod consensus;
 pub mod error;
+pub mod failover;
 pub mod kv;
 pub mod replication;
 pub mod residency;
 pub mod server;
 pub mod storage;
+pub mod topology;

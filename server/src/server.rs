@@ -9,9 +9,15 @@ use geokv_proto::v1::{admin_server::AdminServer, kv_server::KvServer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::api::control::ControlService;
 use crate::api::{AdminService, KvService, Peers};
+use geokv_proto::v1::control_server::ControlServer;
 use crate::causality::{Hlc, SystemClock};
 use crate::config::{Config, EngineKind};
+use crate::consensus::service::ConsensusService;
+use crate::consensus::Consensus;
+use crate::failover::{Failover, Leases};
+use geokv_proto::consensus::consensus_server::ConsensusServer;
 use crate::kv::Node;
 use crate::replication::{receive::ReplicationService, Replicator};
 use crate::storage::memory::MemoryEngine;
@@ -50,8 +56,10 @@ pub async fn serve(
     let cfg = Arc::new(cfg);
     let engine = open_engine(&cfg)?;
     let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), cfg.clock.max_offset_ms));
-    let node = Node::start(cfg.clone(), engine, hlc).context("starting the committer")?;
+    let node = Node::start(cfg.clone(), engine.clone(), hlc.clone()).context("starting the committer")?;
     crate::admin::prometheus();
+    let consensus = Consensus::start(cfg.clone(), engine).await.context("starting the consensus groups")?;
+    node.set_leases(Arc::new(Leases::new(&cfg, &consensus, hlc)));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<KvServer<KvService>>().await;
@@ -69,12 +77,18 @@ pub async fn serve(
 
     let limit = message_bytes_max(&cfg);
     let replicator = Replicator::start(&cfg, node.clone());
-    let kv = KvServer::new(KvService::new(node.clone(), Peers::from_config(&cfg)))
+    let peers = Peers::from_topology(node.topology());
+    let kv = KvServer::new(KvService::new(node.clone(), peers.clone(), Some(consensus.clone())))
         .max_decoding_message_size(limit);
-    let admin_svc = AdminServer::new(AdminService::new(node.clone(), replicator.clone()));
+    let admin_svc = AdminServer::new(AdminService::new(node.clone(), replicator.clone(), peers));
     let replication_svc = ReplicationServer::new(ReplicationService::new(node.clone(), replicator.clone()))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
+    let consensus_svc = ConsensusServer::new(ConsensusService::new(consensus.clone(), node.clone()))
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let control_svc = ControlServer::new(ControlService::new(consensus.clone(), node.clone(), replicator.clone()));
+    let failover = Failover::start(cfg.clone(), consensus.clone(), node.clone(), replicator.clone());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut grpc_stop = stop_rx.clone();
@@ -94,6 +108,8 @@ pub async fn serve(
             .add_service(kv)
             .add_service(admin_svc)
             .add_service(replication_svc)
+            .add_service(consensus_svc)
+            .add_service(control_svc)
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
                 let _ = grpc_stop.wait_for(|s| *s).await;
             }),
@@ -109,10 +125,12 @@ pub async fn serve(
     shutdown.await;
     tracing::info!("shutting down: draining requests and the commit queue");
     health_reporter.set_not_serving::<KvServer<KvService>>().await;
+    failover.stop();
     replicator.shutdown().await;
     let _ = stop_tx.send(true);
     let grpc_result = grpc_task.await;
     let _ = http_task.await;
+    consensus.shutdown().await;
     node.shutdown();
     tracing::info!("node stopped");
     grpc_result.context("gRPC server task")?.context("gRPC server")?;

@@ -1,6 +1,6 @@
-//! A whole `geokv dev` cluster for multi-region tests: four regions, one
-//! `geokv node` process each, every inter-region link behind the fault
-//! proxy with emulated WAN latency.
+//! A whole `geokv dev` cluster for multi-region tests: four regions, one or
+//! more `geokv node` processes each ([`Options::nodes_per_region`]), every
+//! inter-region link behind the fault proxy with emulated WAN latency.
 //!
 //! [`DevCluster`] runs `geokv dev` as a child process on a block of free
 //! loopback ports and a temp data directory, waits (bounded) until every
@@ -67,16 +67,35 @@ const PORT_PROBES_MAX: u32 = 120;
 /// binaries running at once start far apart.
 static NEXT_BLOCK: AtomicU16 = AtomicU16::new(u16::MAX);
 
-/// Ports a cluster at `base` binds.
-fn block_ports(base: u16) -> Vec<u16> {
-    let mut ports: Vec<u16> =
-        (0..REGIONS.len() as u16).flat_map(|i| [base + 10 * i, base + 10 * i + 1]).collect();
+/// Ports a cluster at `base` with `nodes` nodes per region binds.
+fn block_ports(base: u16, nodes: u16) -> Vec<u16> {
+    let mut ports: Vec<u16> = (0..REGIONS.len() as u16)
+        .flat_map(|i| (0..nodes).flat_map(move |j| [base + 10 * i + 2 * j, base + 10 * i + 2 * j + 1]))
+        .collect();
     ports.push(base + 99);
     ports
 }
 
+/// How to start a cluster.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub latency_scale: f64,
+    /// `geokv dev --nodes-per-region` (1 to 5).
+    pub nodes_per_region: u16,
+    /// `geokv dev --partitions`.
+    pub partitions: u32,
+    /// TOML sections appended to every node's config (`--extra-config`).
+    pub extra_config: String,
+}
+
+impl Options {
+    pub fn scale(latency_scale: f64) -> Self {
+        Self { latency_scale, nodes_per_region: 1, partitions: 64, extra_config: String::new() }
+    }
+}
+
 /// A block of ports nobody listens on right now.
-fn free_block() -> u16 {
+fn free_block(nodes: u16) -> u16 {
     let blocks = (PORT_LAST - PORT_FIRST) / PORT_BLOCK;
     let _ = NEXT_BLOCK.compare_exchange(
         u16::MAX,
@@ -87,7 +106,7 @@ fn free_block() -> u16 {
     for _ in 0..PORT_PROBES_MAX {
         let block = NEXT_BLOCK.fetch_add(1, Ordering::AcqRel) % blocks;
         let base = PORT_FIRST + block * PORT_BLOCK;
-        let free = block_ports(base).into_iter().all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok());
+        let free = block_ports(base, nodes).into_iter().all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok());
         if free {
             return base;
         }
@@ -180,6 +199,7 @@ pub struct DevCluster {
     data_dir: PathBuf,
     base_port: u16,
     pub latency_scale: f64,
+    pub nodes_per_region: u16,
     /// The `geokv dev` process (None once stopped).
     dev: Option<Child>,
     /// Nodes this harness restarted itself, by region.
@@ -192,9 +212,15 @@ impl DevCluster {
     /// Starts `geokv dev` with `--latency-scale scale` and waits until every
     /// region answers and hears from every other region.
     pub async fn start(latency_scale: f64) -> Self {
+        Self::start_with(Options::scale(latency_scale)).await
+    }
+
+    /// Starts `geokv dev` as `options` say and waits until every region
+    /// answers and hears from every other region.
+    pub async fn start_with(options: Options) -> Self {
         let mut last_failure = String::new();
         for attempt in 1..=START_ATTEMPTS_MAX {
-            let mut cluster = Self::spawn(latency_scale);
+            let mut cluster = Self::spawn(&options);
             match cluster.wait_started().await {
                 Ok(()) => {
                     cluster.wait_links_up().await;
@@ -210,14 +236,23 @@ impl DevCluster {
         panic!("geokv dev did not start in {START_ATTEMPTS_MAX} attempts; last failure: {last_failure}");
     }
 
-    fn spawn(latency_scale: f64) -> Self {
+    fn spawn(options: &Options) -> Self {
+        let latency_scale = options.latency_scale;
         let dir = tempfile::Builder::new().prefix("geokv-dev-it-").tempdir().expect("create a temp dir");
         let data_dir = dir.path().join("data");
-        let base_port = free_block();
+        let base_port = free_block(options.nodes_per_region);
+        let extra = dir.path().join("extra.toml");
+        std::fs::write(&extra, &options.extra_config).expect("write extra.toml");
         let log = File::create(dir.path().join("dev.log")).expect("create dev.log");
         let err = log.try_clone().expect("clone the dev.log handle");
         let dev = Command::new(GEOKV_BIN)
             .arg("dev")
+            .arg("--nodes-per-region")
+            .arg(options.nodes_per_region.to_string())
+            .arg("--partitions")
+            .arg(options.partitions.to_string())
+            .arg("--extra-config")
+            .arg(&extra)
             .arg("--base-port")
             .arg(base_port.to_string())
             .arg("--data-dir")
@@ -238,6 +273,7 @@ impl DevCluster {
             data_dir,
             base_port,
             latency_scale,
+            nodes_per_region: options.nodes_per_region,
             dev: Some(dev),
             restarted: BTreeMap::new(),
             restarts: 0,
@@ -268,7 +304,8 @@ impl DevCluster {
         }
         // dev starts without the control API when its port is taken.
         let links = self.control().links().await.map_err(|e| format!("proxy control API: {e}"))?;
-        let expected = REGIONS.len() * (REGIONS.len() - 1);
+        let nodes = REGIONS.len() * usize::from(self.nodes_per_region);
+        let expected = nodes * (nodes - usize::from(self.nodes_per_region));
         if links.len() != expected {
             return Err(format!("proxy control API lists {} links, expected {expected}", links.len()));
         }
@@ -313,11 +350,34 @@ impl DevCluster {
     }
 
     pub fn grpc_addr(&self, region: &str) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.base_port + 10 * Self::region_index(region)))
+        self.node_grpc_addr(region, 0)
     }
 
     pub fn admin_addr(&self, region: &str) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.base_port + 10 * Self::region_index(region) + 1))
+    }
+
+    /// gRPC address of node `j` (from 0; its id is `n{j+1}`) of `region`.
+    pub fn node_grpc_addr(&self, region: &str, j: u16) -> SocketAddr {
+        assert!(j < self.nodes_per_region, "{region} has {} nodes", self.nodes_per_region);
+        SocketAddr::from(([127, 0, 0, 1], self.base_port + 10 * Self::region_index(region) + 2 * j))
+    }
+
+    /// Admin HTTP address of node `j` (from 0) of `region`.
+    pub fn node_admin_addr(&self, region: &str, j: u16) -> SocketAddr {
+        let grpc = self.node_grpc_addr(region, j);
+        SocketAddr::from(([127, 0, 0, 1], grpc.port() + 1))
+    }
+
+    /// A client of node `j` of `region`.
+    pub async fn node_client(&self, region: &str, j: u16) -> Client {
+        let endpoint = format!("http://{}", self.node_grpc_addr(region, j));
+        Client::connect(endpoint).await.unwrap_or_else(|e| panic!("connect to {region} node {j}: {e}"))
+    }
+
+    /// `(region, node id)` of every node, in port order.
+    pub fn nodes(&self) -> Vec<(&'static str, String)> {
+        REGIONS.iter().flat_map(|r| (1..=self.nodes_per_region).map(move |j| (*r, format!("n{j}")))).collect()
     }
 
     /// `http://127.0.0.1:PORT` of a region's gRPC API.
@@ -334,19 +394,31 @@ impl DevCluster {
         ControlClient::new(self.control_addr())
     }
 
-    /// Names of the proxy links to and from `region` (`A->B`).
-    pub fn links_touching(region: &str) -> Vec<String> {
-        REGIONS
-            .iter()
-            .filter(|r| **r != region)
-            .flat_map(|other| [format!("{region}->{other}"), format!("{other}->{region}")])
-            .collect()
+    /// Names of the proxy links to and from `region`: `A->B` with one node
+    /// per region, `A.n1->B.n2` with several (as `geokv dev` names them).
+    pub fn links_touching(&self, region: &str) -> Vec<String> {
+        let nodes = self.nodes();
+        let name = |a: &(&str, String), b: &(&str, String)| {
+            if self.nodes_per_region == 1 {
+                format!("{}->{}", a.0, b.0)
+            } else {
+                format!("{}.{}->{}.{}", a.0, a.1, b.0, b.1)
+            }
+        };
+        let mut out = Vec::new();
+        for a in nodes.iter().filter(|n| n.0 == region) {
+            for b in nodes.iter().filter(|n| n.0 != region) {
+                out.push(name(a, b));
+                out.push(name(b, a));
+            }
+        }
+        out
     }
 
     /// Black-holes every link to and from `region`, both directions.
     pub async fn isolate(&self, region: &str) {
         let control = self.control();
-        for link in Self::links_touching(region) {
+        for link in self.links_touching(region) {
             control.partition(&link).await.unwrap_or_else(|e| panic!("partition {link}: {e}"));
         }
     }
@@ -354,7 +426,7 @@ impl DevCluster {
     /// Heals every link to and from `region` (latency is kept).
     pub async fn heal(&self, region: &str) {
         let control = self.control();
-        for link in Self::links_touching(region) {
+        for link in self.links_touching(region) {
             control.heal(&link).await.unwrap_or_else(|e| panic!("heal {link}: {e}"));
         }
     }
@@ -390,8 +462,49 @@ impl DevCluster {
         tokio::task::spawn_blocking(move || run_bounded(cmd, CLI_TIMEOUT)).await.expect("CLI runner thread")
     }
 
+    /// Polls `geokv digest --json` until every (table, zone) digest matches
+    /// across the regions allowed to hold it; returns the last report.
+    pub async fn wait_converged(&self, limit: Duration) -> serde_json::Value {
+        let deadline = Deadline::after(limit);
+        let mut last: String;
+        loop {
+            let out = self.cli(&["digest", "--json"]).await;
+            match serde_json::from_str::<serde_json::Value>(out.stdout.trim()) {
+                Ok(report) if report["converged"] == true => {
+                    assert!(out.status.success(), "digest says converged but exits with {}", out.status);
+                    return report;
+                }
+                Ok(report) => last = report.to_string(),
+                Err(_) => last = format!("{} / {}", out.stdout, out.stderr),
+            }
+            assert!(
+                !deadline.passed(),
+                "regions did not converge within {limit:?}; last digest report: {last}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Runs `geokv ARGS --json` and parses its output (asserting success).
+    pub async fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(&all).await.ok();
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("geokv {all:?} printed no JSON ({e}): {out}"))
+    }
+
     pub fn node_config(&self, region: &str) -> PathBuf {
-        self.data_dir.join(region).join("node.toml")
+        self.node_dir(region, "n1").join("node.toml")
+    }
+
+    /// Folder of one node: `<data>/<region>` with one node per region,
+    /// `<data>/<region>/<id>` with several.
+    fn node_dir(&self, region: &str, id: &str) -> PathBuf {
+        if self.nodes_per_region == 1 {
+            self.data_dir.join(region)
+        } else {
+            self.data_dir.join(region).join(id)
+        }
     }
 
     fn dev_log(&self) -> String {
@@ -463,10 +576,10 @@ impl DevCluster {
             self.base_port,
             tail(&self.dir.path().join("dev.log"), 30)
         );
-        for region in REGIONS {
+        for (region, id) in self.nodes() {
             eprintln!(
-                "---- node log of {region} ----\n{}",
-                tail(&self.data_dir.join(region).join("node.log"), 40)
+                "---- node log of {region}/{id} ----\n{}",
+                tail(&self.node_dir(region, &id).join("node.log"), 40)
             );
         }
         for n in 1..=self.restarts {
@@ -509,8 +622,8 @@ impl Drop for DevCluster {
         }
         // A dev process that was killed leaves its nodes running: stop any
         // node of this cluster that is still alive.
-        for region in REGIONS {
-            for pid in node_pids(&self.node_config(region)) {
+        for (region, id) in self.nodes() {
+            for pid in node_pids(&self.node_dir(region, &id).join("node.toml")) {
                 kill_pid(pid);
             }
         }

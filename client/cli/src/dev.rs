@@ -1,10 +1,12 @@
 //! `geokv dev`: a whole multi-region cluster on this machine, with every
 //! inter-region link behind the fault proxy so WAN latency is real.
 //!
-//! Each region's node is a separate `geokv node` process with its own data
-//! directory and config. Node A reaches node B through a proxy link named
-//! `A->B`, whose one-way latency comes from measured round trips between
-//! the cloud regions (scaled by `--latency-scale`).
+//! Each node is a separate `geokv node` process with its own data
+//! directory and config. With one node per region, node A reaches node B
+//! through a proxy link named `A->B`; with several, node `n1` of A reaches
+//! node `n2` of B through `A.n1->B.n2`. Each link's one-way latency comes
+//! from measured round trips between the cloud regions (scaled by
+//! `--latency-scale`). Nodes of one region reach each other directly.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -24,13 +26,21 @@ pub struct DevArgs {
     /// Regions to run, comma separated.
     #[arg(long, default_value = DEFAULT_REGIONS, value_delimiter = ',')]
     pub regions: Vec<String>,
-    /// Nodes per region (1 today; more arrive with partitioning inside a region).
+    /// Nodes per region (1 to 5): keys are hash-partitioned across them.
     #[arg(long, default_value_t = 1)]
     pub nodes_per_region: u32,
+    /// Hash partitions of every table, cluster-wide.
+    #[arg(long, default_value_t = 64)]
+    pub partitions: u32,
+    /// TOML appended to every node's configuration (sections only, e.g.
+    /// `[storage]` or `[replication]`), for tests and experiments.
+    #[arg(long)]
+    pub extra_config: Option<PathBuf>,
     /// Multiplies every emulated inter-region latency (0 = no added latency).
     #[arg(long, default_value_t = 1.0)]
     pub latency_scale: f64,
-    /// First port: region i gets gRPC base+10*i and admin HTTP base+10*i+1.
+    /// First port: node j (from 0) of region i gets gRPC base+10*i+2*j and
+    /// admin HTTP base+10*i+2*j+1.
     #[arg(long, default_value_t = 7700)]
     pub base_port: u16,
     /// Where the nodes keep their data and logs.
@@ -83,9 +93,13 @@ fn localities(regions: &[String]) -> BTreeMap<&'static str, String> {
         .collect()
 }
 
-/// One region's node as `geokv dev` runs it.
+/// Most nodes per region (ten ports per region, two per node).
+pub const NODES_PER_REGION_MAX: u32 = 5;
+
+/// One node as `geokv dev` runs it.
 pub struct DevNode {
     pub region: String,
+    pub id: String,
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
     pub dir: PathBuf,
@@ -99,25 +113,39 @@ pub struct DevCluster {
     pub control: Option<geokv_proxy::ControlServer>,
 }
 
+/// How one node reaches another, as written in its `[[regions]]` list.
+struct PeerAddr {
+    id: String,
+    /// Through the proxy for other regions, direct inside the region.
+    via: SocketAddr,
+    client: SocketAddr,
+}
+
 fn config_text(
     args: &DevArgs,
-    region: &str,
+    node: (&str, &str),
     node_dir: &Path,
     grpc: SocketAddr,
     admin: SocketAddr,
-    peer_addrs: &BTreeMap<String, (SocketAddr, SocketAddr)>,
+    peers: &BTreeMap<String, Vec<PeerAddr>>,
+    extra: &str,
 ) -> String {
+    let (region, id) = node;
     let mut out = String::new();
     out.push_str("# Written by `geokv dev`; regenerated at every start.\n");
-    out.push_str(&format!("node_id = \"n1\"\nregion = \"{region}\"\n"));
+    out.push_str(&format!("node_id = \"{id}\"\nregion = \"{region}\"\npartitions = {}\n", args.partitions));
     out.push_str(&format!("data_dir = {:?}\n", node_dir.join("data").display().to_string()));
     out.push_str(&format!("listen = \"{grpc}\"\nadmin_listen = \"{admin}\"\n\n"));
     for r in &args.regions {
         out.push_str(&format!("[[regions]]\nname = \"{r}\"\n"));
-        if let Some((via, client)) = peer_addrs.get(r) {
-            out.push_str(&format!(
-                "nodes = [{{ id = \"n1\", addr = \"{via}\", client_addr = \"{client}\" }}]\n"
-            ));
+        if let Some(nodes) = peers.get(r).filter(|n| !n.is_empty()) {
+            let list: Vec<String> = nodes
+                .iter()
+                .map(|p| {
+                    format!("{{ id = \"{}\", addr = \"{}\", client_addr = \"{}\" }}", p.id, p.via, p.client)
+                })
+                .collect();
+            out.push_str(&format!("nodes = [{}]\n", list.join(", ")));
         }
         out.push('\n');
     }
@@ -139,7 +167,27 @@ fn config_text(
             "\n[[tables]]\nname = \"eu_users\"\nzone = \"eu\"\ndefault_consistency = \"eventual\"\n",
         );
     }
+    // Linearizable registers, led from the first region, replicated to all.
+    out.push_str(&format!(
+        "\n[[tables]]\nname = \"registers\"\nlocality = \"by_table\"\nhome_region = \"{}\"\n\
+         default_consistency = \"strong\"\n",
+        args.regions[0]
+    ));
+    if !extra.is_empty() {
+        out.push_str("\n# From --extra-config.\n");
+        out.push_str(extra);
+        out.push('\n');
+    }
     out
+}
+
+/// Name of the proxy link from one node to another.
+pub fn link_name(nodes_per_region: u32, from: (&str, &str), to: (&str, &str)) -> String {
+    if nodes_per_region == 1 {
+        format!("{}->{}", from.0, to.0)
+    } else {
+        format!("{}.{}->{}.{}", from.0, from.1, to.0, to.1)
+    }
 }
 
 impl DevCluster {
@@ -148,39 +196,49 @@ impl DevCluster {
         if args.regions.is_empty() {
             bail!("--regions needs at least one region");
         }
-        if args.nodes_per_region != 1 {
-            bail!(
-                "--nodes-per-region {} is not supported yet: one node per region for now",
-                args.nodes_per_region
-            );
+        if args.nodes_per_region == 0 || args.nodes_per_region > NODES_PER_REGION_MAX {
+            bail!("--nodes-per-region must be 1..={NODES_PER_REGION_MAX}");
+        }
+        if args.partitions < args.nodes_per_region || args.partitions > 4096 {
+            bail!("--partitions must be at least --nodes-per-region and at most 4096");
         }
         if !(0.0..=100.0).contains(&args.latency_scale) {
             bail!("--latency-scale must be between 0 and 100");
         }
+        let extra = match &args.extra_config {
+            Some(path) => {
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+            }
+            None => String::new(),
+        };
         if args.fresh && args.data_dir.exists() {
             std::fs::remove_dir_all(&args.data_dir)
                 .with_context(|| format!("removing {}", args.data_dir.display()))?;
         }
         let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-        let mut addrs = BTreeMap::new();
+        // (region, node id) -> (gRPC, admin), in start order.
+        let mut addrs: Vec<((String, String), (SocketAddr, SocketAddr))> = Vec::new();
         for (i, r) in args.regions.iter().enumerate() {
-            let base = args.base_port.checked_add((i as u16) * 10).context("ports beyond 65535")?;
-            addrs.insert(r.clone(), (loopback(base), loopback(base + 1)));
+            for j in 0..args.nodes_per_region {
+                let offset = u16::try_from(i * 10 + 2 * j as usize).context("too many regions")?;
+                let base = args.base_port.checked_add(offset).context("ports beyond 65535")?;
+                addrs.push(((r.clone(), format!("n{}", j + 1)), (loopback(base), loopback(base + 1))));
+            }
         }
         let proxies = ProxySet::new();
-        let mut via: BTreeMap<(String, String), SocketAddr> = BTreeMap::new();
-        for a in &args.regions {
-            for b in &args.regions {
-                if a == b {
+        let mut via: BTreeMap<(&(String, String), &(String, String)), SocketAddr> = BTreeMap::new();
+        for (a, _) in &addrs {
+            for (b, (b_grpc, _)) in &addrs {
+                if a.0 == b.0 {
                     continue;
                 }
-                let one_way = (round_trip_ms(a, b) / 2.0 * args.latency_scale).round() as u64;
-                let name = format!("{a}->{b}");
+                let one_way = (round_trip_ms(&a.0, &b.0) / 2.0 * args.latency_scale).round() as u64;
+                let name = link_name(args.nodes_per_region, (&a.0, &a.1), (&b.0, &b.1));
                 let handle = proxies
-                    .add(&name, loopback(0), addrs[b].0, LinkFaults::symmetric_latency(one_way))
+                    .add(&name, loopback(0), *b_grpc, LinkFaults::symmetric_latency(one_way))
                     .await
                     .with_context(|| format!("starting proxy link {name}"))?;
-                via.insert((a.clone(), b.clone()), handle.local_addr());
+                via.insert((a, b), handle.local_addr());
             }
         }
         let control_port = args.proxy_control_port.unwrap_or(args.base_port.saturating_add(99));
@@ -194,18 +252,28 @@ impl DevCluster {
             }
         };
         let mut nodes = Vec::new();
-        for r in &args.regions {
-            let dir = args.data_dir.join(r);
+        for (me, (grpc, admin)) in &addrs {
+            let (r, id) = me;
+            let dir = if args.nodes_per_region == 1 {
+                args.data_dir.join(r)
+            } else {
+                args.data_dir.join(r).join(id)
+            };
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let peers: BTreeMap<String, (SocketAddr, SocketAddr)> = args
-                .regions
-                .iter()
-                .filter(|p| *p != r)
-                .map(|p| (p.clone(), (via[&(r.clone(), p.clone())], addrs[p].0)))
-                .collect();
-            let (grpc, admin) = addrs[r];
+            let mut peers: BTreeMap<String, Vec<PeerAddr>> = BTreeMap::new();
+            for (other, (other_grpc, _)) in &addrs {
+                if other == me {
+                    continue;
+                }
+                let path = if other.0 == *r { *other_grpc } else { via[&(me, other)] };
+                peers.entry(other.0.clone()).or_default().push(PeerAddr {
+                    id: other.1.clone(),
+                    via: path,
+                    client: *other_grpc,
+                });
+            }
             let config = dir.join("node.toml");
-            std::fs::write(&config, config_text(args, r, &dir, grpc, admin, &peers))
+            std::fs::write(&config, config_text(args, (r, id), &dir, *grpc, *admin, &peers, &extra))
                 .with_context(|| format!("writing {}", config.display()))?;
             let log = std::fs::File::create(dir.join("node.log"))?;
             let child = Command::new(geokv_bin)
@@ -218,7 +286,7 @@ impl DevCluster {
                 .kill_on_drop(true)
                 .spawn()
                 .with_context(|| format!("starting {}", geokv_bin.display()))?;
-            nodes.push(DevNode { region: r.clone(), grpc, admin, dir, child });
+            nodes.push(DevNode { region: r.clone(), id: id.clone(), grpc: *grpc, admin: *admin, dir, child });
         }
         let cluster = DevCluster { nodes, proxies, control };
         cluster.wait_ready(Duration::from_secs(30)).await?;
@@ -236,8 +304,9 @@ impl DevCluster {
                 }
                 if started.elapsed() > limit {
                     bail!(
-                        "node of {} did not start within {:?}; see {}",
+                        "node {}/{} did not start within {:?}; see {}",
                         n.region,
+                        n.id,
                         limit,
                         n.dir.join("node.log").display()
                     );
@@ -272,10 +341,16 @@ impl DevCluster {
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let bin = std::env::current_exe().context("locating the geokv binary")?;
     let cluster = DevCluster::start(&args, &bin).await?;
-    println!("geokv dev: {} regions (latency scale {})", cluster.nodes.len(), args.latency_scale);
-    println!("{:<16} {:<22} {:<30}", "region", "gRPC endpoint", "admin / dashboard");
+    println!(
+        "geokv dev: {} regions, {} node(s) each, {} partitions (latency scale {})",
+        args.regions.len(),
+        args.nodes_per_region,
+        args.partitions,
+        args.latency_scale
+    );
+    println!("{:<16} {:<5} {:<22} {:<30}", "region", "node", "gRPC endpoint", "admin / dashboard");
     for n in &cluster.nodes {
-        println!("{:<16} {:<22} http://{}/dashboard", n.region, n.grpc, n.admin);
+        println!("{:<16} {:<5} {:<22} http://{}/dashboard", n.region, n.id, n.grpc, n.admin);
     }
     if let Some(c) = &cluster.control {
         println!("fault proxy control: http://{}/links", c.local_addr());

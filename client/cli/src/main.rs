@@ -8,6 +8,7 @@
 //! - `status`: what a node says about itself.
 
 mod cluster;
+mod control;
 mod dev;
 
 use std::path::PathBuf;
@@ -126,6 +127,25 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Compare-and-set on a row of a STRONG table: write VALUE only if the
+    /// row holds --expect (or is absent with --expect-absent).
+    Cas {
+        #[command(flatten)]
+        row: RowArgs,
+        /// The new value (omit with --delete).
+        value: Option<String>,
+        /// The value the row must hold.
+        #[arg(long, conflicts_with = "expect_absent")]
+        expect: Option<String>,
+        /// The row must not exist.
+        #[arg(long)]
+        expect_absent: bool,
+        /// Delete the row instead of writing a value.
+        #[arg(long, conflicts_with = "value")]
+        delete: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Show what a node says about itself.
     Status {
         #[command(flatten)]
@@ -159,14 +179,48 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Where a row lives: home region, partition, and the node owning it in
+    /// every region it may be stored in.
+    Locate {
+        #[command(flatten)]
+        row: RowArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
 }
 
 #[derive(Subcommand)]
 enum RegionAction {
     /// Regions, zones, health and endpoints.
     List,
-    /// Health plus replication lag leaving each region.
+    /// Health, replication lag, home leases (holder, epoch, lease) and
+    /// consensus groups (leader, term).
     Status,
+    /// Planned handover of every home FROM holds to TO: drain, ship the
+    /// tail, transfer (no loss).
+    Failover {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+    },
+    /// Return every home of REGION that another region holds.
+    Failback {
+        /// The home region to return homes to.
+        #[arg(long)]
+        region: String,
+    },
+    /// Switch automatic failover on or off (off = manual-only operation).
+    AutoFailover {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
+    /// Writes an old home accepted before an unplanned failover and shipped
+    /// after it (merged, listed here), as the entry node received them.
+    Conflicts,
+    /// Partitions and the node owning each, per region (only the region
+    /// given by --region, if any).
+    Partitions,
 }
 
 #[derive(Subcommand)]
@@ -286,6 +340,8 @@ enum Failure {
     Server(geokv_client::Error),
     Usage(String),
     Other(anyhow::Error),
+    /// Already reported on stdout (a compare-and-set whose expectation failed): exit 1.
+    Silent,
 }
 
 impl From<geokv_client::Error> for Failure {
@@ -387,6 +443,7 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+        Err(Failure::Silent) => ExitCode::FAILURE,
     }
 }
 
@@ -534,9 +591,75 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::Cas { row, value, expect, expect_absent, delete, conn } => {
+            if expect.is_none() && !expect_absent {
+                return Err(Failure::Usage("give --expect VALUE or --expect-absent".into()));
+            }
+            if value.is_none() && !delete {
+                return Err(Failure::Usage("give a VALUE or --delete".into()));
+            }
+            let client = connect(&conn).await?;
+            let r = client
+                .compare_and_set(&row.row(), expect.map(String::into_bytes), value.map(String::into_bytes), None)
+                .await?;
+            if conn.json {
+                println!(
+                    "{}",
+                    json!({"succeeded": r.succeeded, "version": r.ack.version,
+                        "current": r.current.as_ref().map(|(v, ver)| json!({"value": text(v), "version": ver}))})
+                );
+            } else if r.succeeded {
+                println!("OK (version {})", r.ack.version);
+            } else {
+                match &r.current {
+                    Some((v, ver)) => println!("NOT SET: current value {} (version {ver})", text(v)),
+                    None => println!("NOT SET: the row does not exist"),
+                }
+            }
+            if !r.succeeded {
+                return Err(Failure::Silent);
+            }
+            Ok(())
+        }
         Command::Dev(args) => dev::run(args).await.map_err(Failure::Other),
+        Command::Region { action: RegionAction::Partitions, conn } => {
+            let entry = connect(&conn).await?;
+            let map = entry.partition_map().await?;
+            cluster::print_partitions(&map, conn.region.as_deref(), conn.json);
+            Ok(())
+        }
+        Command::Locate { row, conn } => {
+            let entry = connect(&conn).await?;
+            let at = entry.locate(&row.row()).await?;
+            cluster::print_location(&at, conn.json);
+            Ok(())
+        }
         Command::Region { action, conn } => {
             let entry = connect(&conn).await?;
+            match action {
+                RegionAction::Failover { from, to } => {
+                    control::print_handover(&entry.failover(&from, &to).await?, conn.json);
+                    return Ok(());
+                }
+                RegionAction::Failback { region } => {
+                    control::print_handover(&entry.failback(&region).await?, conn.json);
+                    return Ok(());
+                }
+                RegionAction::AutoFailover { state } => {
+                    let r = entry.set_auto_failover(state == "on").await?;
+                    if conn.json {
+                        println!("{}", json!({"manual_only": r.manual_only}));
+                    } else {
+                        println!("automatic failover {}", if r.manual_only { "off (manual only)" } else { "on" });
+                    }
+                    return Ok(());
+                }
+                RegionAction::Conflicts => {
+                    control::print_conflicts(&entry.failover_conflicts().await?, conn.json);
+                    return Ok(());
+                }
+                RegionAction::List | RegionAction::Status | RegionAction::Partitions => {}
+            }
             let regions = cluster::connect_all(&entry, &client_config(&conn)).await?;
             cluster::print_regions(&regions.view, conn.json);
             if matches!(action, RegionAction::Status) {
@@ -545,6 +668,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     println!();
                 }
                 cluster::print_links(&links, &errors, conn.json);
+                if !conn.json {
+                    println!();
+                }
+                control::print_status(&entry.region_status().await?, conn.json);
             }
             Ok(())
         }

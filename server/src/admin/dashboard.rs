@@ -152,7 +152,7 @@ async fn data(State(s): State<AdminState>) -> Response {
     let links: Vec<LinkSnapshot> = s.replicator.links().iter().map(|l| l.snapshot(&s.node)).collect();
     let inbound = s.node.inbound();
     let staleness: HashMap<String, u64> =
-        inbound.keys().map(|src| (src.clone(), s.node.staleness_ms(src))).collect();
+        inbound.keys().map(|src| (src.clone(), s.node.source_staleness_ms(src))).collect();
     let snapshot = DashboardData::build(Inputs {
         node_id: &cfg.node_id,
         region: &cfg.region,
@@ -189,7 +189,7 @@ pub struct Inputs<'a> {
     pub regions: Vec<RegionInput>,
     pub links: Vec<LinkSnapshot>,
     pub inbound: HashMap<String, Inbound>,
-    /// `Node::staleness_ms` per inbound source (`u64::MAX` = never fresh).
+    /// `Node::source_staleness_ms` per inbound source (`u64::MAX` = never fresh).
     pub staleness_ms: HashMap<String, u64>,
     pub conflicts: HashMap<String, u64>,
 }
@@ -233,6 +233,8 @@ pub struct RegionView {
 pub struct LinkView {
     pub source: String,
     pub destination: String,
+    /// The node of `destination` the link ships to.
+    pub destination_node: String,
     pub paused: bool,
     pub connected: bool,
     /// Age of the oldest entry the destination has not acknowledged.
@@ -299,6 +301,7 @@ impl DashboardData {
             .map(|l| LinkView {
                 source: l.source,
                 destination: l.destination,
+                destination_node: l.destination_node,
                 paused: l.paused,
                 connected: l.connected,
                 lag_seconds: if l.lag_seconds.is_finite() { l.lag_seconds.max(0.0) } else { 0.0 },
@@ -311,7 +314,13 @@ impl DashboardData {
                 last_error: l.last_error.chars().take(LAST_ERROR_CHARS_MAX).collect(),
             })
             .collect();
-        links.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
+        links.sort_by(|a, b| {
+            (&a.source, &a.destination, &a.destination_node).cmp(&(
+                &b.source,
+                &b.destination,
+                &b.destination_node,
+            ))
+        });
         let mut inbound: Vec<InboundView> = inbound
             .into_iter()
             .map(|(source, i)| {
@@ -355,7 +364,9 @@ mod tests {
     fn link(destination: &str, lag_seconds: f64, last_error: &str) -> LinkSnapshot {
         LinkSnapshot {
             source: "us-east-1".into(),
+            source_node: "n1".into(),
             destination: destination.into(),
+            destination_node: "n1".into(),
             paused: destination == "ap-southeast-1",
             connected: true,
             acked_seq: 7,
@@ -366,6 +377,11 @@ mod tests {
             skipped_by_residency: 0,
             shipped_bytes: 4096,
             last_error: last_error.into(),
+            repair_state: "idle".into(),
+            repairs_started: 0,
+            repairs_finished: 0,
+            rows_repaired: 0,
+            repair_bytes: 0,
         }
     }
 

@@ -103,6 +103,7 @@ pub fn ack(o: &WriteOutcome, session_token: Vec<u8>) -> pb::WriteAck {
         accepted_by_region: o.accepted_by_region.clone(),
         session_token,
         replayed: o.replayed,
+        version: 0,
     }
 }
 

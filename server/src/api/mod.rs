@@ -6,6 +6,7 @@
 //! - [`KvService`]: the `geokv.v1.KV` service.
 //! - [`AdminService`]: the `geokv.v1.Admin` service.
 
+pub mod control;
 pub mod convert;
 
 use std::collections::BTreeMap;
@@ -14,34 +15,46 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use geokv_proto::v1 as pb;
+use pb::admin_client::AdminClient;
 use pb::kv_client::KvClient;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::config::Level;
+use crate::consensus::control::home_key;
+use crate::consensus::quorum::Quorum;
+use crate::consensus::strong::{StrongCommand, StrongReply, StrongValue};
+use crate::consensus::{strong_group, Command, Consensus, Reply as ConsensusReply};
 use crate::error::KvError;
 use crate::kv::row::RowValue;
-use crate::kv::{parse_session, register_view, Node, RowOp, WriteOp, WriteRequest};
+use crate::kv::{parse_session, register_view, Node, ReadInfo, ReadResult, RowOp, RowRef, WriteOp, WriteRequest};
+use crate::residency::{Placement, ReadLevel};
+use crate::topology::{actor_region, NodeRef, Topology};
 
-/// Metadata set on a request one node forwards to another, so it is never
-/// forwarded twice.
+/// Metadata a node adds (its actor id, "region/node") to a request it
+/// forwards. A request is forwarded at most once inside a region and at
+/// most once across regions, so it never loops: entry node -> owner in the
+/// entry region -> owner in the row's region.
 pub const FORWARDED_HEADER: &str = "geokv-forwarded-by";
+/// Metadata carrying a client's idempotency key on calls whose message has
+/// no field for it (compare-and-set).
+pub const IDEMPOTENCY_HEADER: &str = "geokv-idempotency-key";
 /// How long a SESSION read waits for replication before it is forwarded.
 const SESSION_WAIT: Duration = Duration::from_millis(300);
 const SESSION_POLL: Duration = Duration::from_millis(5);
 /// Deadline of a forwarded request.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// KV clients of one node per other region, connected lazily.
+/// Channels to every other node of the cluster (by actor id), connected lazily.
 #[derive(Clone, Default)]
 pub struct Peers {
-    kv: BTreeMap<String, KvClient<Channel>>,
+    channels: BTreeMap<String, Channel>,
 }
 
 impl Peers {
-    pub fn from_config(cfg: &crate::config::Config) -> Self {
-        let mut kv = BTreeMap::new();
-        for region in cfg.peer_regions() {
-            let Some(node) = region.nodes.first() else { continue };
+    pub fn from_topology(topology: &Topology) -> Self {
+        let mut channels = BTreeMap::new();
+        for node in topology.regions.iter().flat_map(|r| r.nodes.iter()).filter(|n| !n.is_self) {
             let url =
                 if node.addr.contains("://") { node.addr.clone() } else { format!("http://{}", node.addr) };
             match tonic::transport::Endpoint::from_shared(url) {
@@ -52,35 +65,235 @@ impl Peers {
                         .http2_keep_alive_interval(Duration::from_secs(1))
                         .keep_alive_timeout(Duration::from_secs(3))
                         .keep_alive_while_idle(true);
-                    kv.insert(region.name.clone(), KvClient::new(ep.connect_lazy()));
+                    channels.insert(node.actor(), ep.connect_lazy());
                 }
-                Err(e) => tracing::warn!(region = %region.name, error = %e, "bad peer address"),
+                Err(e) => tracing::warn!(node = %node.actor(), error = %e, "bad peer address"),
             }
         }
-        Self { kv }
+        Self { channels }
+    }
+
+    fn channel(&self, node: &NodeRef) -> Result<Channel, KvError> {
+        self.channels.get(&node.actor()).cloned().ok_or_else(|| KvError::RegionUnreachable {
+            region: node.region.clone(),
+            why: format!("no connection to node `{}`", node.actor()),
+        })
+    }
+
+    fn admin(&self, node: &NodeRef) -> Result<AdminClient<Channel>, KvError> {
+        Ok(AdminClient::new(self.channel(node)?).max_decoding_message_size(64 << 20))
     }
 }
+
+/// Where a request has been forwarded from already.
+#[derive(Debug, Clone, Default)]
+struct Hops {
+    /// Actor ids of the nodes that forwarded it, in order.
+    via: Vec<String>,
+    /// A node of this region forwarded it: it reached its owner here.
+    in_region: bool,
+    /// A node of another region forwarded it: it reached its region.
+    cross_region: bool,
+}
+
+impl Hops {
+    fn of<T>(request: &Request<T>, here: &str) -> Self {
+        let mut hops = Hops::default();
+        for v in request.metadata().get_all(FORWARDED_HEADER) {
+            let Ok(v) = v.to_str() else { continue };
+            if actor_region(v) == here {
+                hops.in_region = true;
+            } else {
+                hops.cross_region = true;
+            }
+            hops.via.push(v.to_string());
+        }
+        hops
+    }
+}
+
+/// Requests that name one row.
+trait HasRow {
+    fn row_ref(&self) -> Option<&pb::RowRef>;
+}
+
+macro_rules! has_row {
+    ($($t:ty),*) => {$(
+        impl HasRow for $t {
+            fn row_ref(&self) -> Option<&pb::RowRef> {
+                self.row.as_ref()
+            }
+        }
+    )*};
+}
+
+has_row!(
+    pb::GetRequest,
+    pb::PutRequest,
+    pb::DeleteRequest,
+    pb::CounterAddRequest,
+    pb::CounterGetRequest,
+    pb::SetAddRequest,
+    pb::SetRemoveRequest,
+    pb::SetMembersRequest
+);
 
 /// The `geokv.v1.KV` service over one node.
 #[derive(Clone)]
 pub struct KvService {
     node: Arc<Node>,
     peers: Peers,
+    /// STRONG groups and QUORUM replicas (absent in single-process tests).
+    consensus: Option<(Arc<Consensus>, Arc<Quorum>)>,
 }
 
-fn forwarded<T>(r: &Request<T>) -> bool {
-    r.metadata().contains_key(FORWARDED_HEADER)
+/// How a request on a row is carried out, from its table and level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Normal,
+    Quorum,
+    Strong,
 }
 
 impl KvService {
-    pub fn new(node: Arc<Node>, peers: Peers) -> Self {
-        Self { node, peers }
+    pub fn new(node: Arc<Node>, peers: Peers, consensus: Option<Arc<Consensus>>) -> Self {
+        let consensus = consensus.map(|c| (c.clone(), Arc::new(Quorum::new(c, node.clone()))));
+        Self { node, peers, consensus }
     }
 
-    /// Sends the request to a node of `region`, marked as forwarded.
-    async fn forward<Req, Resp, F, Fut>(
+    /// The path of a write at `level` (None = the table's default) to `table`.
+    /// Every write to a STRONG table goes through its consensus group; a
+    /// STRONG level on another table is refused.
+    fn write_path(&self, table: &str, level: Option<Level>) -> Result<Path, KvError> {
+        let t = self.node.config().table(table).ok_or_else(|| KvError::UnknownTable { table: table.into() })?;
+        let strong_table = t.default_consistency == Level::Strong;
+        match level.unwrap_or(t.default_consistency) {
+            _ if strong_table && self.consensus.is_some() => Ok(Path::Strong),
+            Level::Strong if self.consensus.is_some() => Err(KvError::InvalidField {
+                field: "consistency",
+                why: format!(
+                    "table `{table}` is not a STRONG table; STRONG rows live in tables with \
+                     default_consistency = \"strong\""
+                ),
+            }),
+            Level::Quorum if self.consensus.is_some() => Ok(Path::Quorum),
+            _ => Ok(Path::Normal),
+        }
+    }
+
+    /// The path of a read at `level` from `table`.
+    fn read_path(&self, table: &str, level: ReadLevel) -> Result<Path, KvError> {
+        let t = self.node.config().table(table).ok_or_else(|| KvError::UnknownTable { table: table.into() })?;
+        Ok(match (&self.consensus, t.default_consistency == Level::Strong, level) {
+            (Some(_), true, _) => Path::Strong,
+            (Some(_), false, ReadLevel::Quorum) => Path::Quorum,
+            _ => Path::Normal,
+        })
+    }
+
+    /// Reads a row at any level but STRONG-table ones.
+    async fn read_row(&self, row: &RowRef, level: ReadLevel, token: &[u8]) -> Result<ReadResult, KvError> {
+        match (self.read_path(&row.table, level)?, &self.consensus) {
+            (Path::Quorum, Some((_, quorum))) => {
+                let stored = quorum.read(row).await?;
+                Ok(ReadResult {
+                    row: stored,
+                    info: ReadInfo {
+                        served_by_region: self.node.config().region.clone(),
+                        staleness_ms_max: 0,
+                        session_token: self.node.session_token(token, 0).unwrap_or_default(),
+                    },
+                })
+            }
+            (Path::Strong, _) => Err(KvError::WrongType {
+                key: crate::kv::row::display_key(&row.table, &row.key),
+                expected: "counter or set",
+                actual: "STRONG register",
+            }),
+            _ => self.read_waiting(row, level, token).await,
+        }
+    }
+
+    /// The STRONG group of a row, after the residency check of its region.
+    fn strong_target(&self, row: &RowRef) -> Result<(Arc<Consensus>, String, Placement), KvError> {
+        let Some((consensus, _)) = &self.consensus else {
+            return Err(KvError::LevelUnavailable { level: "STRONG".into() });
+        };
+        let cfg = self.node.config();
+        let table = cfg.table(&row.table).ok_or_else(|| KvError::UnknownTable { table: row.table.clone() })?;
+        let placement = crate::residency::resolve(cfg, table, &row.locality)?;
+        crate::residency::admit_write(&cfg.region, &placement, Level::Eventual)?;
+        let group = strong_group(&home_key(&placement.home_region, &placement.zone));
+        Ok((consensus.clone(), group, placement))
+    }
+
+    /// Commits a STRONG write and builds its acknowledgement.
+    async fn strong_write(
         &self,
-        region: &str,
+        row: &RowRef,
+        op: StrongCommand,
+        request_id: Option<String>,
+    ) -> Result<(StrongReply, pb::WriteAck), KvError> {
+        let (consensus, group, placement) = self.strong_target(row)?;
+        let reply = consensus.propose(&group, Command::Strong { request_id, op }, 0).await?;
+        let (reply, index) = match reply {
+            (ConsensusReply::Strong(StrongReply::Failed { why }), _) => {
+                return Err(KvError::Corrupt { what: format!("STRONG row in {group}"), why })
+            }
+            (ConsensusReply::Strong(r), i) => (r, i),
+            (other, _) => return Err(KvError::Storage(format!("unexpected consensus reply {other:?}"))),
+        };
+        let epoch = self
+            .node
+            .leases()
+            .map(|l| l.current_epoch(&home_key(&placement.home_region, &placement.zone)))
+            .unwrap_or(crate::kv::commit::INITIAL_EPOCH);
+        let ack = pb::WriteAck {
+            context: Vec::new(),
+            hlc: self.node.hlc().now().0,
+            home_region: placement.home_region,
+            epoch,
+            accepted_by_region: self.node.config().region.clone(),
+            session_token: Vec::new(),
+            replayed: false,
+            version: match &reply {
+                StrongReply::Written { version } => *version,
+                _ => index,
+            },
+        };
+        Ok((reply, ack))
+    }
+
+    /// A STRONG read: linearizable at STRONG, else this region's replica
+    /// when it has one.
+    async fn strong_read(&self, row: &RowRef, level: ReadLevel) -> Result<Option<StrongValue>, KvError> {
+        let (consensus, group, _) = self.strong_target(row)?;
+        if level != ReadLevel::Strong && consensus.group(&group).is_some() {
+            return consensus.read_local(&group, &row.table, &row.key);
+        }
+        consensus.read(&group, &row.table, &row.key, 0).await
+    }
+
+    fn hops<T>(&self, request: &Request<T>) -> Hops {
+        Hops::of(request, &self.node.config().region)
+    }
+
+    /// The owner of the request's row in this region, when it is another
+    /// node and the request was not already forwarded inside this region.
+    fn owner_here(&self, req: &impl HasRow, hops: &Hops) -> Option<NodeRef> {
+        if hops.in_region {
+            return None;
+        }
+        let row = req.row_ref().filter(|r| !r.table.is_empty() && !r.key.is_empty())?;
+        let owner = self.node.topology().owner_of(&self.node.config().region, &row.table, &row.key)?;
+        (!owner.is_self).then(|| owner.clone())
+    }
+
+    /// Sends the request to `target`, adding this node to its hops.
+    async fn forward_to<Req, Resp, F, Fut>(
+        &self,
+        target: &NodeRef,
+        hops: &Hops,
         req: Req,
         call: F,
     ) -> Result<Response<Resp>, Status>
@@ -88,20 +301,44 @@ impl KvService {
         F: FnOnce(KvClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
-        let Some(client) = self.peers.kv.get(region).cloned() else {
+        let client = KvClient::new(self.peers.channel(target)?)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let mut request = Request::new(req);
+        request.set_timeout(FORWARD_TIMEOUT);
+        for v in hops.via.iter().cloned().chain([self.node.actor()]) {
+            if let Ok(v) = v.parse() {
+                request.metadata_mut().append(FORWARDED_HEADER, v);
+            }
+        }
+        let scope = if target.region == self.node.config().region { "in_region" } else { "cross_region" };
+        metrics::counter!("geokv_forwarded_total", "to" => target.region.clone(), "scope" => scope)
+            .increment(1);
+        call(client, request).await
+    }
+
+    /// Sends the request to the owner of its row in `region`.
+    async fn forward_region<Req: HasRow, Resp, F, Fut>(
+        &self,
+        region: &str,
+        hops: &Hops,
+        req: Req,
+        call: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        F: FnOnce(KvClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let topology = self.node.topology();
+        let owner = req.row_ref().and_then(|r| topology.owner_of(region, &r.table, &r.key)).cloned();
+        let Some(owner) = owner else {
             return Err(KvError::RegionUnreachable {
                 region: region.into(),
                 why: "no node configured".into(),
             }
             .into());
         };
-        let mut request = Request::new(req);
-        request.set_timeout(FORWARD_TIMEOUT);
-        if let Ok(v) = self.node.config().region.parse() {
-            request.metadata_mut().insert(FORWARDED_HEADER, v);
-        }
-        metrics::counter!("geokv_forwarded_total", "to" => region.to_string()).increment(1);
-        call(client, request).await
+        self.forward_to(&owner, hops, req, call).await
     }
 
     /// Reads a row, giving SESSION reads a bounded wait for replication.
@@ -142,6 +379,16 @@ impl KvService {
         let result = async {
             let op = op?;
             let level = convert::write_level(level, "consistency")?;
+            match (self.write_path(&op.row.table, level)?, &self.consensus) {
+                (Path::Quorum, Some((_, quorum))) => return quorum.write(op, idempotency?).await,
+                (Path::Strong, _) => {
+                    return Err(KvError::InvalidField {
+                        field: "consistency",
+                        why: format!("table `{}` is STRONG and holds registers: use put, delete or compare-and-set", op.row.table),
+                    })
+                }
+                _ => {}
+            }
             let req = WriteRequest { ops: vec![op], level, idempotency: idempotency? };
             let mut outcomes = self.node.write(req).await?;
             outcomes.pop().ok_or(KvError::Storage("committer returned no outcome".into()))
@@ -149,6 +396,69 @@ impl KvService {
         .await;
         Self::count(method, &result);
         result
+    }
+
+    /// Runs a put (`value: Some`) or delete on a STRONG table; None when
+    /// the row is not in one.
+    async fn strong_put_or_delete(
+        &self,
+        row: &Option<pb::RowRef>,
+        value: Option<Vec<u8>>,
+        level: i32,
+        idempotency_key: &str,
+    ) -> Result<Option<pb::WriteAck>, Status> {
+        let method = if value.is_some() { "put" } else { "delete" };
+        let result = async {
+            let row = convert::row_ref(row.clone())?;
+            let level = convert::write_level(level, "consistency")?;
+            if self.write_path(&row.table, level)? != Path::Strong {
+                return Ok(None);
+            }
+            let op = match value {
+                Some(value) => StrongCommand::Put { table: row.table.clone(), key: row.key.clone(), value },
+                None => StrongCommand::Delete { table: row.table.clone(), key: row.key.clone() },
+            };
+            let id = (!idempotency_key.is_empty()).then(|| idempotency_key.to_string());
+            let (_, ack) = self.strong_write(&row, op, id).await?;
+            Ok(Some(ack))
+        }
+        .await;
+        if let Ok(Some(_)) | Err(_) = &result {
+            Self::count(method, &result);
+        }
+        result.map_err(Status::from)
+    }
+
+    /// The node of this region owning every row of a batch, when it is not
+    /// this one. A batch commits atomically on one node, so its rows must
+    /// share an owner.
+    fn batch_owner(&self, req: &pb::BatchRequest) -> Result<Option<NodeRef>, KvError> {
+        let topology = self.node.topology();
+        let region = &self.node.config().region;
+        let mut owner: Option<&NodeRef> = None;
+        for op in &req.ops {
+            let row = match &op.op {
+                Some(pb::batch_op::Op::Put(p)) => p.row.as_ref(),
+                Some(pb::batch_op::Op::Delete(d)) => d.row.as_ref(),
+                None => None,
+            };
+            let Some(row) = row else { continue };
+            let Some(o) = topology.owner_of(region, &row.table, &row.key) else { continue };
+            match owner {
+                Some(prev) if prev.id != o.id => {
+                    return Err(KvError::InvalidField {
+                        field: "ops",
+                        why: format!(
+                            "the rows of one batch must be owned by one node of the region; `{}` and `{}` own some (see `geokv locate`)",
+                            prev.actor(),
+                            o.actor()
+                        ),
+                    })
+                }
+                _ => owner = Some(o),
+            }
+        }
+        Ok(owner.filter(|o| !o.is_self).cloned())
     }
 
     fn token(&self, log_seq: u64) -> Vec<u8> {
@@ -159,14 +469,34 @@ impl KvService {
 #[tonic::async_trait]
 impl pb::kv_server::Kv for KvService {
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
-        let was_forwarded = forwarded(&request);
+        let hops = self.hops(&request);
         let req = request.into_inner();
+        if let Some(owner) = self.owner_here(&req, &hops) {
+            return self.forward_to(&owner, &hops, req, |mut c, r| async move { c.get(r).await }).await;
+        }
         let copy = req.clone();
         let result = async {
             let row = convert::row_ref(req.row)?;
             let level = convert::read_level(req.consistency, req.max_staleness_ms)?;
             parse_session(&req.session_token)?;
-            let read = self.read_waiting(&row, level, &req.session_token).await?;
+            if self.read_path(&row.table, level)? == Path::Strong {
+                let value = self.strong_read(&row, level).await?;
+                return Ok(pb::GetResponse {
+                    found: value.is_some(),
+                    siblings: value
+                        .map(|v| {
+                            vec![pb::Sibling { value: v.value, hlc: v.version, origin: "strong".into() }]
+                        })
+                        .unwrap_or_default(),
+                    context: Vec::new(),
+                    info: Some(pb::ReadInfo {
+                        served_by_region: self.node.config().region.clone(),
+                        staleness_ms_max: 0,
+                        session_token: req.session_token.clone(),
+                    }),
+                });
+            }
+            let read = self.read_row(&row, level, &req.session_token).await?;
             let (found, siblings, context) = match &read.row {
                 None => (false, Vec::new(), Vec::new()),
                 Some(r) => {
@@ -191,23 +521,31 @@ impl pb::kv_server::Kv for KvService {
         .await;
         Self::count("get", &result);
         match result {
-            Err(KvError::ReplicaStale { region, .. }) if !was_forwarded => {
-                self.forward(&region, copy, |mut c, r| async move { c.get(r).await }).await
+            Err(KvError::ReplicaStale { region, .. }) if !hops.cross_region => {
+                self.forward_region(&region, &hops, copy, |mut c, r| async move { c.get(r).await }).await
             }
             other => Ok(Response::new(other?)),
         }
     }
 
     async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
-        let was_forwarded = forwarded(&request);
+        let hops = self.hops(&request);
         let mut req = request.into_inner();
+        if let Some(owner) = self.owner_here(&req, &hops) {
+            return self.forward_to(&owner, &hops, req, |mut c, r| async move { c.put(r).await }).await;
+        }
         let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
+        if let Some(ack) = self.strong_put_or_delete(&req.row, Some(req.value.clone()), req.consistency, &key).await? {
+            return Ok(Response::new(pb::PutResponse { ack: Some(ack) }));
+        }
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
         let o = match self.write_one("put", convert::put_op(req), level, idem).await {
-            Err(KvError::NotHome { home, .. }) if !was_forwarded => {
-                return self.forward(&home, copy, |mut c, r| async move { c.put(r).await }).await;
+            Err(KvError::NotHome { home, .. }) if !hops.cross_region => {
+                return self
+                    .forward_region(&home, &hops, copy, |mut c, r| async move { c.put(r).await })
+                    .await;
             }
             other => other?,
         };
@@ -218,15 +556,23 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let was_forwarded = forwarded(&request);
+        let hops = self.hops(&request);
         let mut req = request.into_inner();
+        if let Some(owner) = self.owner_here(&req, &hops) {
+            return self.forward_to(&owner, &hops, req, |mut c, r| async move { c.delete(r).await }).await;
+        }
         let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
+        if let Some(ack) = self.strong_put_or_delete(&req.row, None, req.consistency, &key).await? {
+            return Ok(Response::new(pb::DeleteResponse { ack: Some(ack) }));
+        }
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
         let o = match self.write_one("delete", convert::delete_op(req), level, idem).await {
-            Err(KvError::NotHome { home, .. }) if !was_forwarded => {
-                return self.forward(&home, copy, |mut c, r| async move { c.delete(r).await }).await;
+            Err(KvError::NotHome { home, .. }) if !hops.cross_region => {
+                return self
+                    .forward_region(&home, &hops, copy, |mut c, r| async move { c.delete(r).await })
+                    .await;
             }
             other => other?,
         };
@@ -234,7 +580,13 @@ impl pb::kv_server::Kv for KvService {
     }
 
     async fn batch(&self, request: Request<pb::BatchRequest>) -> Result<Response<pb::BatchResponse>, Status> {
+        let hops = self.hops(&request);
         let mut req = request.into_inner();
+        if !hops.in_region {
+            if let Some(owner) = self.batch_owner(&req)? {
+                return self.forward_to(&owner, &hops, req, |mut c, r| async move { c.batch(r).await }).await;
+            }
+        }
         let key = std::mem::take(&mut req.idempotency_key);
         let result = async {
             let idempotency = convert::idempotency(key, &req)?;
@@ -270,54 +622,49 @@ impl pb::kv_server::Kv for KvService {
     }
 
     async fn scan(&self, request: Request<pb::ScanRequest>) -> Result<Response<pb::ScanResponse>, Status> {
+        let hops = self.hops(&request);
         let req = request.into_inner();
         let limit = if req.limit == 0 { 100 } else { req.limit as usize };
         let result = self.node.scan(&req.table, &req.prefix, &req.start_after, limit, req.include_deleted);
         Self::count("scan", &result);
-        let page = result?;
-        let rows = page
-            .rows
-            .into_iter()
-            .map(|r| {
-                let (siblings, context) = register_view(&r.row);
-                let (counter_value, set_members) = match &r.row.value {
-                    RowValue::Counter(c) => (c.value(), Vec::new()),
-                    RowValue::Set(s) => (0, s.members().into_iter().map(<[u8]>::to_vec).collect()),
-                    _ => (0, Vec::new()),
-                };
-                pb::ScanRow {
-                    key: r.key,
-                    home_region: r.row.home_region.clone(),
-                    kind: r.row.value.kind().to_string(),
-                    siblings: convert::siblings(siblings),
-                    context,
-                    counter_value,
-                    set_members,
-                }
-            })
-            .collect();
-        Ok(Response::new(pb::ScanResponse {
-            rows,
-            more: page.next_start_after.is_some(),
-            next_start_after: page.next_start_after.unwrap_or_default(),
-            info: Some(convert::read_info(page.info)),
-        }))
+        let local = scan_response(result?);
+        let peers: Vec<NodeRef> = self.node.topology().region_peers().into_iter().cloned().collect();
+        if hops.in_region || peers.is_empty() {
+            return Ok(Response::new(local));
+        }
+        // Rows of this region are spread over its nodes: ask each for the
+        // same page and merge in key order.
+        let mut pages = vec![local];
+        for peer in &peers {
+            let page =
+                self.forward_to(peer, &hops, req.clone(), |mut c, r| async move { c.scan(r).await }).await?;
+            pages.push(page.into_inner());
+        }
+        let limit = limit.clamp(1, self.node.config().limits.scan_rows_max);
+        Ok(Response::new(merge_scan_pages(pages, limit)))
     }
 
     async fn counter_add(
         &self,
         request: Request<pb::CounterAddRequest>,
     ) -> Result<Response<pb::CounterAddResponse>, Status> {
-        let was_forwarded = forwarded(&request);
+        let hops = self.hops(&request);
         let mut req = request.into_inner();
+        if let Some(owner) = self.owner_here(&req, &hops) {
+            return self
+                .forward_to(&owner, &hops, req, |mut c, r| async move { c.counter_add(r).await })
+                .await;
+        }
         let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
         let idem = convert::idempotency(key, &req);
         let op = convert::row_ref(req.row.take())
             .map(|row| WriteOp { row, op: RowOp::CounterAdd { delta: req.delta } });
         let o = match self.write_one("counter_add", op, req.consistency, idem).await {
-            Err(KvError::NotHome { home, .. }) if !was_forwarded => {
-                return self.forward(&home, copy, |mut c, r| async move { c.counter_add(r).await }).await;
+            Err(KvError::NotHome { home, .. }) if !hops.cross_region => {
+                return self
+                    .forward_region(&home, &hops, copy, |mut c, r| async move { c.counter_add(r).await })
+                    .await;
             }
             other => other?,
         };
@@ -331,14 +678,19 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::CounterGetRequest>,
     ) -> Result<Response<pb::CounterGetResponse>, Status> {
-        let was_forwarded = forwarded(&request);
+        let hops = self.hops(&request);
         let req = request.into_inner();
+        if let Some(owner) = self.owner_here(&req, &hops) {
+            return self
+                .forward_to(&owner, &hops, req, |mut c, r| async move { c.counter_get(r).await })
+                .await;
+        }
         let copy = req.clone();
         let result = async {
             let row = convert::row_ref(req.row)?;
             let level = convert::read_level(req.consistency, req.max_staleness_ms)?;
             parse_session(&req.session_token)?;
-            let read = self.read_waiting(&row, level, &req.session_token).await?;
+            let read = self.read_row(&row, level, &req.session_token).await?;
             let value = match &read.row {
                 None => None,
                 Some(r) => match &r.value {
@@ -361,8 +713,9 @@ impl pb::kv_server::Kv for KvService {
         .await;
         Self::count("counter_get", &result);
         match result {
-            Err(KvError::ReplicaStale { region, .. }) if !was_forwarded => {
-                self.forward(&region, copy, |mut c, r| async move { c.counter_get(r).await }).await
+            Err(KvError::ReplicaStale { region, .. }) if !hops.cross_region => {
+                self.forward_region(&region, &hops, copy, |mut c, r| async move { c.counter_get(r).await })
+                    .await
             }
             other => Ok(Response::new(other?)),
         }
@@ -372,16 +725,21 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::SetAddRequest>,
     ) -> Result<Response<pb::SetWriteResponse>, Status> {
-        let was_forwarded = forwarded(&request);
+        let hops = self.hops(&request);
         let mut req = request.into_inner();
+        if let Some(owner) = self.owner_here(&req, &hops) {
+            return self.forward_to(&owner, &hops, req, |mut c, r| async move { c.set_add(r).await }).await;
+        }
         let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
         let idem = convert::idempotency(key, &req);
         let members = std::mem::take(&mut req.members);
         let op = convert::row_ref(req.row.take()).map(|row| WriteOp { row, op: RowOp::SetAdd { members } });
         let o = match self.write_one("set_add", op, req.consistency, idem).await {
-            Err(KvError::NotHome { home, .. }) if !was_forwarded => {
-                return self.forward(&home, copy, |mut c, r| async move { c.set_add(r).await }).await;
+            Err(KvError::NotHome { home, .. }) if !hops.cross_region => {
+                return self
+                    .forward_region(&home, &hops, copy, |mut c, r| async move { c.set_add(r).await })
+                    .await;
             }
             other => other?,
         };
@@ -395,15 +753,22 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::SetRemoveRequest>,
     ) -> Result<Response<pb::SetWriteResponse>, Status> {
-        let was_forwarded = forwarded(&request);
+        let hops = self.hops(&request);
         let mut req = request.into_inner();
+        if let Some(owner) = self.owner_here(&req, &hops) {
+            return self
+                .forward_to(&owner, &hops, req, |mut c, r| async move { c.set_remove(r).await })
+                .await;
+        }
         let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
         let o = match self.write_one("set_remove", convert::set_remove_op(req), level, idem).await {
-            Err(KvError::NotHome { home, .. }) if !was_forwarded => {
-                return self.forward(&home, copy, |mut c, r| async move { c.set_remove(r).await }).await;
+            Err(KvError::NotHome { home, .. }) if !hops.cross_region => {
+                return self
+                    .forward_region(&home, &hops, copy, |mut c, r| async move { c.set_remove(r).await })
+                    .await;
             }
             other => other?,
         };
@@ -413,18 +778,76 @@ impl pb::kv_server::Kv for KvService {
         }))
     }
 
+    async fn compare_and_set(
+        &self,
+        request: Request<pb::CompareAndSetRequest>,
+    ) -> Result<Response<pb::CompareAndSetResponse>, Status> {
+        let idempotency_key = request
+            .metadata()
+            .get(IDEMPOTENCY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let req = request.into_inner();
+        let result = async {
+            let row = convert::row_ref(req.row)?;
+            self.node.config().table(&row.table).ok_or_else(|| KvError::UnknownTable { table: row.table.clone() })?;
+            if self.write_path(&row.table, None)? != Path::Strong {
+                return Err(KvError::InvalidField {
+                    field: "row.table",
+                    why: format!("compare-and-set needs a STRONG table; `{}` is not one", row.table),
+                });
+            }
+            if let Some(v) = &req.value {
+                if v.len() > self.node.config().limits.value_bytes_max {
+                    return Err(KvError::ValueTooLarge { len: v.len(), max: self.node.config().limits.value_bytes_max });
+                }
+            }
+            let op = StrongCommand::Cas {
+                table: row.table.clone(),
+                key: row.key.clone(),
+                expected: req.expected,
+                value: req.value,
+            };
+            let (reply, ack) = self.strong_write(&row, op, idempotency_key).await?;
+            Ok(match reply {
+                StrongReply::CasFailed { current } => pb::CompareAndSetResponse {
+                    succeeded: false,
+                    found: current.is_some(),
+                    current_version: current.as_ref().map_or(0, |c| c.version),
+                    current: current.map(|c| c.value).unwrap_or_default(),
+                    ack: Some(ack),
+                },
+                _ => pb::CompareAndSetResponse {
+                    succeeded: true,
+                    found: false,
+                    current: Vec::new(),
+                    current_version: 0,
+                    ack: Some(ack),
+                },
+            })
+        }
+        .await;
+        Self::count("compare_and_set", &result);
+        Ok(Response::new(result?))
+    }
+
     async fn set_members(
         &self,
         request: Request<pb::SetMembersRequest>,
     ) -> Result<Response<pb::SetMembersResponse>, Status> {
-        let was_forwarded = forwarded(&request);
+        let hops = self.hops(&request);
         let req = request.into_inner();
+        if let Some(owner) = self.owner_here(&req, &hops) {
+            return self
+                .forward_to(&owner, &hops, req, |mut c, r| async move { c.set_members(r).await })
+                .await;
+        }
         let copy = req.clone();
         let result = async {
             let row = convert::row_ref(req.row)?;
             let level = convert::read_level(req.consistency, req.max_staleness_ms)?;
             parse_session(&req.session_token)?;
-            let read = self.read_waiting(&row, level, &req.session_token).await?;
+            let read = self.read_row(&row, level, &req.session_token).await?;
             let (found, members, context) = match &read.row {
                 None => (false, Vec::new(), Vec::new()),
                 Some(r) => match &r.value {
@@ -446,12 +869,66 @@ impl pb::kv_server::Kv for KvService {
         .await;
         Self::count("set_members", &result);
         match result {
-            Err(KvError::ReplicaStale { region, .. }) if !was_forwarded => {
-                self.forward(&region, copy, |mut c, r| async move { c.set_members(r).await }).await
+            Err(KvError::ReplicaStale { region, .. }) if !hops.cross_region => {
+                self.forward_region(&region, &hops, copy, |mut c, r| async move { c.set_members(r).await })
+                    .await
             }
             other => Ok(Response::new(other?)),
         }
     }
+}
+
+fn scan_response(page: crate::kv::ScanPage) -> pb::ScanResponse {
+    let rows = page
+        .rows
+        .into_iter()
+        .map(|r| {
+            let (siblings, context) = register_view(&r.row);
+            let (counter_value, set_members) = match &r.row.value {
+                RowValue::Counter(c) => (c.value(), Vec::new()),
+                RowValue::Set(s) => (0, s.members().into_iter().map(<[u8]>::to_vec).collect()),
+                _ => (0, Vec::new()),
+            };
+            pb::ScanRow {
+                key: r.key,
+                home_region: r.row.home_region.clone(),
+                kind: r.row.value.kind().to_string(),
+                siblings: convert::siblings(siblings),
+                context,
+                counter_value,
+                set_members,
+            }
+        })
+        .collect();
+    pb::ScanResponse {
+        rows,
+        more: page.next_start_after.is_some(),
+        next_start_after: page.next_start_after.unwrap_or_default(),
+        info: Some(convert::read_info(page.info)),
+    }
+}
+
+/// Merges the pages of one scan from every node of a region: each node
+/// returned its first `limit` rows after the same start, so the first
+/// `limit` rows of the union, in key order, are the region's first `limit`.
+fn merge_scan_pages(pages: Vec<pb::ScanResponse>, limit: usize) -> pb::ScanResponse {
+    let mut more = false;
+    let mut info = None;
+    let mut rows = Vec::new();
+    for page in pages {
+        more |= page.more;
+        info = info.or(page.info);
+        rows.extend(page.rows);
+    }
+    rows.sort_by(|a, b| a.key.cmp(&b.key));
+    rows.dedup_by(|a, b| a.key == b.key);
+    if rows.len() > limit {
+        rows.truncate(limit);
+        more = true;
+    }
+    let next_start_after =
+        if more { rows.last().map(|r| r.key.clone()).unwrap_or_default() } else { Vec::new() };
+    pb::ScanResponse { rows, more, next_start_after, info }
 }
 
 /// The `geokv.v1.Admin` service over one node.
@@ -459,14 +936,17 @@ impl pb::kv_server::Kv for KvService {
 pub struct AdminService {
     node: Arc<Node>,
     replicator: Arc<crate::replication::Replicator>,
+    /// For region-wide answers (status, audit, digest) from every node.
+    peers: Peers,
 }
 
 impl AdminService {
-    pub fn new(node: Arc<Node>, replicator: Arc<crate::replication::Replicator>) -> Self {
-        Self { node, replicator }
+    pub fn new(node: Arc<Node>, replicator: Arc<crate::replication::Replicator>, peers: Peers) -> Self {
+        Self { node, replicator, peers }
     }
 
     fn link(&self, s: crate::replication::ship::LinkSnapshot) -> pb::ReplicationLink {
+        let backlog_entries = s.head_seq.saturating_sub(s.acked_seq);
         pb::ReplicationLink {
             source: s.source,
             destination: s.destination,
@@ -480,22 +960,82 @@ impl AdminService {
             skipped_by_residency: s.skipped_by_residency,
             shipped_bytes: s.shipped_bytes,
             last_error: s.last_error,
+            destination_node: s.destination_node,
+            source_node: s.source_node,
+            repair_state: s.repair_state,
+            repairs_started: s.repairs_started,
+            repairs_finished: s.repairs_finished,
+            rows_repaired: s.rows_repaired,
+            repair_bytes: s.repair_bytes,
+            backlog_entries,
         }
     }
 
-    fn control(&self, destination: &str, paused: bool) -> Result<pb::ReplicationControlResponse, Status> {
-        let Some(link) = self.replicator.link(destination) else {
+    fn control(&self, destination: &str, paused: bool) -> Result<Vec<pb::ReplicationLink>, KvError> {
+        let links = self.replicator.links_to(destination);
+        if links.is_empty() && self.node.config().regions.iter().all(|r| r.name != destination) {
             return Err(KvError::UnknownRegion {
                 region: destination.to_string(),
                 known: self.replicator.links().iter().map(|l| l.destination.clone()).collect(),
-            }
-            .into());
-        };
-        link.set_paused(paused);
+            });
+        }
+        for link in &links {
+            link.set_paused(paused);
+        }
         tracing::info!(destination, paused, "replication control");
-        Ok(pb::ReplicationControlResponse { link: Some(self.link(link.snapshot(&self.node))) })
+        Ok(links.iter().map(|l| self.link(l.snapshot(&self.node))).collect())
+    }
+
+    /// Pauses or resumes this node's links to a region and, unless the
+    /// request is node-only, those of every other node of this region.
+    async fn control_region(
+        &self,
+        req: pb::ReplicationControlRequest,
+        paused: bool,
+    ) -> Result<Response<pb::ReplicationControlResponse>, Status> {
+        let mut links = self.control(&req.destination, paused)?;
+        if !req.node_only {
+            let fan = pb::ReplicationControlRequest { node_only: true, ..req };
+            let others = self
+                .on_region_peers(fan, |mut c, r| async move {
+                    if paused {
+                        c.pause_replication(r).await
+                    } else {
+                        c.resume_replication(r).await
+                    }
+                })
+                .await?;
+            links.extend(others.into_iter().filter_map(|o| o.link));
+        }
+        Ok(Response::new(pb::ReplicationControlResponse { link: links.into_iter().next() }))
+    }
+
+    /// Runs `call` on every other node of this region (node-only requests),
+    /// failing if any node cannot answer: a partial answer would pass for a
+    /// whole one.
+    async fn on_region_peers<Req, Resp, F, Fut>(&self, req: Req, call: F) -> Result<Vec<Resp>, Status>
+    where
+        Req: Clone,
+        F: Fn(AdminClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let mut out = Vec::new();
+        for peer in self.node.topology().region_peers() {
+            let client = self.peers.admin(peer)?;
+            let mut request = Request::new(req.clone());
+            request.set_timeout(ADMIN_FANOUT_TIMEOUT);
+            let resp = call(client, request).await.map_err(|s| {
+                Status::new(s.code(), format!("node {} of this region: {}", peer.actor(), s.message()))
+            })?;
+            out.push(resp.into_inner());
+        }
+        Ok(out)
     }
 }
+
+/// Deadline of one node's part of a region-wide admin request (a full
+/// scan of its store for audits and digests).
+const ADMIN_FANOUT_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
@@ -547,11 +1087,8 @@ impl pb::admin_server::Admin for AdminService {
             .iter()
             .map(|r| {
                 let is_self = r.name == cfg.region;
-                let mut client_addrs: Vec<String> =
-                    r.nodes.iter().map(|n| n.client_addr.clone().unwrap_or_else(|| n.addr.clone())).collect();
-                if is_self && client_addrs.is_empty() {
-                    client_addrs.push(cfg.listen.to_string());
-                }
+                let client_addrs: Vec<String> =
+                    self.node.topology().nodes(&r.name).iter().map(|n| n.client_addr.clone()).collect();
                 let health = if is_self {
                     "self"
                 } else if self.replicator.is_healthy(&r.name) {
@@ -580,9 +1117,19 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn replication_status(
         &self,
-        _request: Request<pb::ReplicationStatusRequest>,
+        request: Request<pb::ReplicationStatusRequest>,
     ) -> Result<Response<pb::ReplicationStatusResponse>, Status> {
-        let links = self.replicator.links().into_iter().map(|l| self.link(l.snapshot(&self.node))).collect();
+        let node_only = request.into_inner().node_only;
+        let mut links: Vec<pb::ReplicationLink> =
+            self.replicator.links().into_iter().map(|l| self.link(l.snapshot(&self.node))).collect();
+        if !node_only {
+            let req = pb::ReplicationStatusRequest { node_only: true };
+            for other in
+                self.on_region_peers(req, |mut c, r| async move { c.replication_status(r).await }).await?
+            {
+                links.extend(other.links);
+            }
+        }
         Ok(Response::new(pb::ReplicationStatusResponse { links }))
     }
 
@@ -590,25 +1137,27 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ReplicationControlRequest>,
     ) -> Result<Response<pb::ReplicationControlResponse>, Status> {
-        Ok(Response::new(self.control(&request.into_inner().destination, true)?))
+        self.control_region(request.into_inner(), true).await
     }
 
     async fn resume_replication(
         &self,
         request: Request<pb::ReplicationControlRequest>,
     ) -> Result<Response<pb::ReplicationControlResponse>, Status> {
-        Ok(Response::new(self.control(&request.into_inner().destination, false)?))
+        self.control_region(request.into_inner(), false).await
     }
 
     async fn residency_audit(
         &self,
-        _request: Request<pb::ResidencyAuditRequest>,
+        request: Request<pb::ResidencyAuditRequest>,
     ) -> Result<Response<pb::ResidencyAuditResponse>, Status> {
+        let node_only = request.into_inner().node_only;
         let node = self.node.clone();
         let (checked, findings) = tokio::task::spawn_blocking(move || node.residency_audit())
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
         let region = self.node.config().region.clone();
+        let node_id = self.node.config().node_id.clone();
         let violations = findings
             .into_iter()
             .map(|f| pb::ResidencyViolationRow {
@@ -617,25 +1166,139 @@ impl pb::admin_server::Admin for AdminService {
                 zone: f.zone,
                 allowed_regions: f.allowed_regions,
                 stored_in_region: region.clone(),
+                stored_on_node: node_id.clone(),
             })
             .collect();
-        Ok(Response::new(pb::ResidencyAuditResponse { region, rows_checked: checked, violations }))
+        let mut out = pb::ResidencyAuditResponse { region, rows_checked: checked, violations, nodes: 1 };
+        if !node_only {
+            let req = pb::ResidencyAuditRequest { node_only: true };
+            for other in
+                self.on_region_peers(req, |mut c, r| async move { c.residency_audit(r).await }).await?
+            {
+                out.rows_checked += other.rows_checked;
+                out.violations.extend(other.violations);
+                out.nodes += other.nodes;
+            }
+        }
+        Ok(Response::new(out))
     }
 
     async fn digest(
         &self,
-        _request: Request<pb::DigestRequest>,
+        request: Request<pb::DigestRequest>,
     ) -> Result<Response<pb::DigestResponse>, Status> {
+        let node_only = request.into_inner().node_only;
         let node = self.node.clone();
-        let digests = tokio::task::spawn_blocking(move || node.digest())
+        let mine = tokio::task::spawn_blocking(move || node.digest())
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
+        let region = self.node.config().region.clone();
+        let mut parts: Vec<pb::PartitionDigest> = mine
+            .into_iter()
+            .map(|d| pb::PartitionDigest {
+                table: d.table,
+                zone: d.zone,
+                partition: d.partition,
+                rows: d.rows,
+                digest: d.digest,
+            })
+            .collect();
+        if node_only {
+            return Ok(Response::new(pb::DigestResponse {
+                region,
+                digests: Vec::new(),
+                partitions: parts,
+                nodes: 1,
+            }));
+        }
+        let mut nodes = 1;
+        let req = pb::DigestRequest { node_only: true };
+        for other in self.on_region_peers(req, |mut c, r| async move { c.digest(r).await }).await? {
+            parts.extend(other.partitions);
+            nodes += other.nodes;
+        }
+        let combined = crate::kv::combine_digests(
+            parts
+                .into_iter()
+                .map(|p| crate::kv::PartitionDigest {
+                    table: p.table,
+                    zone: p.zone,
+                    partition: p.partition,
+                    rows: p.rows,
+                    digest: p.digest,
+                })
+                .collect(),
+        );
         Ok(Response::new(pb::DigestResponse {
-            region: self.node.config().region.clone(),
-            digests: digests
+            region,
+            digests: combined
                 .into_iter()
                 .map(|d| pb::ZoneDigest { table: d.table, zone: d.zone, rows: d.rows, digest: d.digest })
                 .collect(),
+            partitions: Vec::new(),
+            nodes,
+        }))
+    }
+
+    async fn partition_map(
+        &self,
+        _request: Request<pb::PartitionMapRequest>,
+    ) -> Result<Response<pb::PartitionMapResponse>, Status> {
+        let t = self.node.topology();
+        let regions = t
+            .regions
+            .iter()
+            .map(|r| pb::RegionPartitions {
+                region: r.name.clone(),
+                node_ids: r.nodes.iter().map(|n| n.id.clone()).collect(),
+                owners: (0..t.partitions)
+                    .filter_map(|p| {
+                        t.owner(&r.name, p)
+                            .map(|n| pb::PartitionOwner { partition: p, node_id: n.id.clone() })
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::PartitionMapResponse {
+            partitions: t.partitions,
+            regions,
+            answered_by_node: self.node.actor(),
+        }))
+    }
+
+    async fn locate(
+        &self,
+        request: Request<pb::LocateRequest>,
+    ) -> Result<Response<pb::LocateResponse>, Status> {
+        let row = convert::row_ref(request.into_inner().row)?;
+        let cfg = self.node.config();
+        let table =
+            cfg.table(&row.table).ok_or_else(|| KvError::UnknownTable { table: row.table.clone() })?;
+        let placement = crate::residency::resolve(cfg, table, &row.locality)?;
+        let t = self.node.topology();
+        let partition = t.partition_of(&row.table, &row.key);
+        let replicas = placement
+            .replica_regions
+            .iter()
+            .map(|region| {
+                let owner = t.owner(region, partition);
+                pb::LocateReplica {
+                    region: region.clone(),
+                    node_id: owner.map(|n| n.id.clone()).unwrap_or_default(),
+                    client_addr: owner.map(|n| n.client_addr.clone()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::LocateResponse {
+            table: row.table.clone(),
+            partition,
+            home_node_id: t
+                .owner(&placement.home_region, partition)
+                .map(|n| n.id.clone())
+                .unwrap_or_default(),
+            home_region: placement.home_region,
+            zone: placement.zone,
+            replicas,
         }))
     }
 }

@@ -8,6 +8,8 @@
 //! - [`control`]: the control plane's state machine: home leases, epochs,
 //!   failover state (pure, unit-tested).
 //! - [`strong`]: the STRONG groups' state machine: linearizable registers.
+//! - [`quorum`]: QUORUM writes and reads over the replica regions (merges,
+//!   not consensus; it shares this module's transport).
 //! - this file: [`Consensus`], which starts the groups this node belongs to
 //!   and proposes commands, forwarding them to a group's leader.
 //!
@@ -19,6 +21,7 @@
 
 pub mod control;
 pub mod network;
+pub mod quorum;
 pub mod service;
 pub mod store;
 pub mod strong;
@@ -60,7 +63,9 @@ pub type Raft = openraft::Raft<TypeConfig>;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     Control(ControlCommand),
-    Strong(StrongCommand),
+    /// A STRONG write; `request_id` (the client's idempotency key) makes a
+    /// retried command return the first outcome instead of applying twice.
+    Strong { request_id: Option<String>, op: StrongCommand },
 }
 
 /// The reply to a committed command.

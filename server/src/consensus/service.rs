@@ -8,16 +8,19 @@ use serde::{de::DeserializeOwned, Serialize};
 use tonic::{Request, Response, Status};
 
 use super::{Command, Consensus, Raft};
+use crate::kv::row::Row;
+use crate::kv::Node;
 
 /// Serves consensus RPCs for every group of this node.
 #[derive(Clone)]
 pub struct ConsensusService {
     consensus: Arc<Consensus>,
+    node: Arc<Node>,
 }
 
 impl ConsensusService {
-    pub fn new(consensus: Arc<Consensus>) -> Self {
-        Self { consensus }
+    pub fn new(consensus: Arc<Consensus>, node: Arc<Node>) -> Self {
+        Self { consensus, node }
     }
 
     fn raft(&self, group: &str) -> Result<&Raft, Status> {
@@ -85,6 +88,29 @@ impl pb::consensus_server::Consensus for ConsensusService {
                 value: serde_json::to_vec(&v).map_err(|e| Status::internal(e.to_string()))?,
             },
             None => pb::ReadReply { found: false, value: Vec::new() },
+        }))
+    }
+
+    async fn replica_write(
+        &self,
+        request: Request<pb::ReplicaWriteRequest>,
+    ) -> Result<Response<pb::ReplicaWriteReply>, Status> {
+        let req = request.into_inner();
+        let row = Row::open(&req.row, || format!("{}/{}", req.table, String::from_utf8_lossy(&req.key)))
+            .map_err(Status::from)?;
+        self.node.merge_rows(vec![(req.table, req.key, row)]).await.map_err(Status::from)?;
+        Ok(Response::new(pb::ReplicaWriteReply {}))
+    }
+
+    async fn replica_read(
+        &self,
+        request: Request<pb::ReplicaReadRequest>,
+    ) -> Result<Response<pb::ReplicaReadReply>, Status> {
+        let req = request.into_inner();
+        let row = self.node.stored_row(&req.table, &req.key).map_err(Status::from)?;
+        Ok(Response::new(match row {
+            Some(r) => pb::ReplicaReadReply { found: true, row: r.seal() },
+            None => pb::ReplicaReadReply { found: false, row: Vec::new() },
         }))
     }
 

@@ -112,8 +112,24 @@ impl StrongMachine {
 impl Machine for StrongMachine {
     fn apply(&self, index: u64, command: &Command, view: &mut MachineView<'_>) -> Reply {
         match command {
-            Command::Strong(cmd) => {
-                Reply::Strong(Self::run(index, cmd, view).unwrap_or_else(|why| StrongReply::Failed { why }))
+            Command::Strong { request_id, op } => {
+                let idem_key = request_id.as_ref().map(|id| {
+                    let mut k = b"i/".to_vec();
+                    k.extend_from_slice(id.as_bytes());
+                    k
+                });
+                if let Some(k) = &idem_key {
+                    if let Ok(Some(stored)) = view.get(k) {
+                        if let Ok(reply) = serde_json::from_slice::<StrongReply>(&stored) {
+                            return Reply::Strong(reply);
+                        }
+                    }
+                }
+                let reply = Self::run(index, op, view).unwrap_or_else(|why| StrongReply::Failed { why });
+                if let (Some(k), Ok(bytes)) = (idem_key, serde_json::to_vec(&reply)) {
+                    view.put(&k, bytes);
+                }
+                Reply::Strong(reply)
             }
             other => Reply::Rejected { why: format!("a STRONG group cannot apply {other:?}") },
         }

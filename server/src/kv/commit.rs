@@ -74,10 +74,26 @@ pub enum Work {
 
 /// A replication frame to merge.
 pub struct RemoteApply {
-    pub source_region: String,
+    /// The source node's actor id ("region/node"): positions are kept per
+    /// source node, since every node ships its own log.
+    pub source: String,
     pub first_seq: u64,
     pub through_seq: u64,
     pub entries: Vec<(String, Vec<u8>, Row)>,
+    pub mode: ApplyMode,
+}
+
+/// How a [`RemoteApply`] relates to the source's log position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyMode {
+    /// Shipped log entries `first_seq..=through_seq`: applied once, and the
+    /// position stored with them.
+    Log,
+    /// Rows sent by anti-entropy: merged (idempotent), position untouched.
+    RepairRows,
+    /// Anti-entropy finished: every row the source had at `through_seq` was
+    /// sent, so the position moves up to it (never down).
+    RepairDone,
 }
 
 impl CommitJob {
@@ -96,7 +112,7 @@ impl CommitJob {
     }
 }
 
-/// Where an inbound replication stream stands, per source region.
+/// Where an inbound replication stream stands, per source node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Inbound {
     /// Every entry of the source through this position is applied here.
@@ -120,11 +136,15 @@ pub struct CommitSettings {
 
 /// Shared facts the committer publishes for readers.
 pub struct CommitState {
+    /// Home leases, once the control plane is running (absent in
+    /// single-process simulations: then every home is served at the
+    /// initial epoch without fencing).
+    pub leases: std::sync::OnceLock<Arc<dyn super::LeaseGuard>>,
     /// Highest replication-log sequence number durably written.
     pub log_seq: AtomicU64,
     /// Conflicts per table (siblings created, LWW overwrites).
     pub conflicts: std::sync::Mutex<HashMap<String, u64>>,
-    /// Inbound replication positions per source region.
+    /// Inbound replication positions per source node (actor id).
     pub inbound: std::sync::Mutex<HashMap<String, Inbound>>,
     /// Announces each new durable log position (to shippers).
     pub log_watch: tokio::sync::watch::Sender<u64>,
@@ -133,6 +153,7 @@ pub struct CommitState {
 impl Default for CommitState {
     fn default() -> Self {
         Self {
+            leases: std::sync::OnceLock::new(),
             log_seq: AtomicU64::new(0),
             conflicts: Default::default(),
             inbound: Default::default(),
@@ -141,7 +162,7 @@ impl Default for CommitState {
     }
 }
 
-/// Meta key of the position applied from `source`.
+/// Meta key of the position applied from `source` (an actor, "region/node").
 pub fn inbound_key(source: &str) -> Vec<u8> {
     let mut k = b"recv/".to_vec();
     k.extend_from_slice(source.as_bytes());
@@ -309,25 +330,35 @@ impl Committer {
                 return Ok(outcomes);
             }
         }
+        // Leases are checked again here, where the writes get their HLC
+        // stamps: a write admitted just before its home's lease lapsed (or
+        // before the process was paused) is refused, never stamped late.
+        let mut epochs = Vec::with_capacity(writes.len());
+        for w in writes {
+            epochs.push(match (&w.lease_home, self.state.leases.get()) {
+                (Some(home), Some(guard)) => guard.check_local(home)?,
+                _ => w.epoch,
+            });
+        }
         let mut staged: HashMap<Vec<u8>, Row> = HashMap::new();
         let mut job_batch = WriteBatch::new();
         let mut outcomes = Vec::with_capacity(writes.len());
         let mut seq = *next_seq;
         let mut job_conflicts = Vec::new();
-        for w in writes {
+        for (w, epoch) in writes.iter().zip(epochs) {
             let dk = data_key(&w.table, &w.key);
             let current = match staged.get(&dk).or_else(|| overlay.rows.get(&dk)) {
                 Some(r) => Some(r.clone()),
                 None => self.load_row(&dk, &w.table, &w.key)?,
             };
             let hlc = self.hlc.now().0;
-            let applied = self.apply_op(w, current, hlc)?;
+            let applied = self.apply_op(w, current, hlc, epoch)?;
             let Some((row, mut outcome, conflicted)) = applied else {
                 outcomes.push(WriteOutcome {
                     context: Vec::new(),
                     hlc,
                     home_region: w.placement.home_region.clone(),
-                    epoch: INITIAL_EPOCH,
+                    epoch,
                     accepted_by_region: self.settings.region.clone(),
                     log_seq: 0,
                     counter_value: None,
@@ -346,6 +377,7 @@ impl Committer {
                 row: Some(row.to_proto()),
                 hlc,
                 origin: self.settings.actor.clone(),
+                accepted_epoch: if w.lease_home.is_some() { epoch } else { 0 },
             };
             job_batch.put(Cf::Data, dk.clone(), row.seal());
             job_batch.put(Cf::ReplLog, seq.to_be_bytes().to_vec(), codec::seal_message(&entry));
@@ -383,20 +415,35 @@ impl Committer {
         batch: &mut WriteBatch,
         conflicts: &mut Vec<String>,
     ) -> Result<Vec<WriteOutcome>, KvError> {
-        let applied = match overlay.inbound.get(&remote.source_region) {
+        let applied = match overlay.inbound.get(&remote.source) {
             Some(seq) => *seq,
-            None => self.inbound_position(&remote.source_region)?,
+            None => self.inbound_position(&remote.source)?,
         };
-        if remote.through_seq <= applied {
-            metrics::counter!("geokv_replication_duplicate_frames_total", "source" => remote.source_region.clone())
-                .increment(1);
-            return Ok(Vec::new());
-        }
-        if remote.first_seq > applied + 1 {
-            tracing::warn!(source = %remote.source_region, applied, first = remote.first_seq,
-                "replication gap: entries were trimmed at the source before this region got them");
-            metrics::counter!("geokv_replication_gaps_total", "source" => remote.source_region.clone())
-                .increment(1);
+        let source_region = crate::topology::actor_region(&remote.source).to_string();
+        match remote.mode {
+            ApplyMode::Log if remote.through_seq <= applied => {
+                metrics::counter!("geokv_replication_duplicate_frames_total", "source" => source_region)
+                    .increment(1);
+                return Ok(Vec::new());
+            }
+            ApplyMode::Log if remote.first_seq > applied + 1 => {
+                tracing::warn!(source = %remote.source, applied, first = remote.first_seq,
+                    "replication gap: entries were trimmed at the source before this node got them");
+                metrics::counter!("geokv_replication_gaps_total", "source" => source_region.clone())
+                    .increment(1);
+            }
+            ApplyMode::RepairDone => {
+                if remote.through_seq > applied {
+                    batch.put(
+                        Cf::Meta,
+                        inbound_key(&remote.source),
+                        remote.through_seq.to_be_bytes().to_vec(),
+                    );
+                    overlay.inbound.insert(remote.source.clone(), remote.through_seq);
+                }
+                return Ok(Vec::new());
+            }
+            _ => {}
         }
         let mut staged: HashMap<Vec<u8>, Row> = HashMap::new();
         let mut job_batch = WriteBatch::new();
@@ -419,19 +466,19 @@ impl Committer {
             };
             let delay_s =
                 now.physical_ms().saturating_sub(HlcTimestamp(incoming.hlc).physical_ms()) as f64 / 1000.0;
-            metrics::histogram!("geokv_replication_apply_delay_seconds", "source" => remote.source_region.clone())
-                .record(delay_s);
+            if remote.mode == ApplyMode::Log {
+                metrics::histogram!("geokv_replication_apply_delay_seconds", "source" => source_region.clone())
+                    .record(delay_s);
+            }
             job_batch.put(Cf::Data, dk.clone(), merged.seal());
             staged.insert(dk, merged);
         }
-        job_batch.put(
-            Cf::Meta,
-            inbound_key(&remote.source_region),
-            remote.through_seq.to_be_bytes().to_vec(),
-        );
-        metrics::counter!("geokv_replication_applied_entries_total", "source" => remote.source_region.clone())
+        if remote.mode == ApplyMode::Log {
+            job_batch.put(Cf::Meta, inbound_key(&remote.source), remote.through_seq.to_be_bytes().to_vec());
+            overlay.inbound.insert(remote.source.clone(), remote.through_seq);
+        }
+        metrics::counter!("geokv_replication_applied_entries_total", "source" => source_region)
             .increment(remote.entries.len() as u64);
-        overlay.inbound.insert(remote.source_region.clone(), remote.through_seq);
         overlay.rows.extend(staged);
         batch.extend(job_batch);
         conflicts.extend(job_conflicts);
@@ -458,6 +505,7 @@ impl Committer {
         w: &AdmittedWrite,
         current: Option<Row>,
         hlc: u64,
+        epoch: u64,
     ) -> Result<Option<(Row, WriteOutcome, bool)>, KvError> {
         let actor = self.settings.actor.as_str();
         let shown = || display_key(&w.table, &w.key);
@@ -481,7 +529,7 @@ impl Committer {
         let mut row = current.unwrap_or_else(|| Row {
             home_region: w.placement.home_region.clone(),
             zone: w.placement.zone.clone(),
-            epoch: INITIAL_EPOCH,
+            epoch,
             hlc,
             value: match (&w.op, w.conflict) {
                 (RowOp::CounterAdd { .. }, _) => RowValue::Counter(PnCounter::default()),
@@ -491,6 +539,7 @@ impl Committer {
             },
         });
         row.hlc = row.hlc.max(hlc);
+        row.epoch = row.epoch.max(epoch);
         let mut conflicted = false;
         let mut counter_value = None;
         let mut members = None;
@@ -550,7 +599,7 @@ impl Committer {
             context: encode_context(&context),
             hlc,
             home_region: row.home_region.clone(),
-            epoch: row.epoch,
+            epoch,
             accepted_by_region: self.settings.region.clone(),
             log_seq: 0,
             counter_value,

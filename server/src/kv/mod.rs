@@ -26,6 +26,7 @@ use crate::config::{Config, ConflictPolicy, Level};
 use crate::error::KvError;
 use crate::residency::{self, Locality, Placement, ReadLevel};
 use crate::storage::{prefix_end, Cf, Engine};
+use crate::topology::{actor_region, Topology};
 use commit::{CommitJob, CommitSettings, CommitState, Idempotency, Inbound, RemoteApply, Work, WriteOutcome};
 use row::{data_key, display_key, split_data_key, Row, RowValue};
 
@@ -96,6 +97,53 @@ pub struct AdmittedWrite {
     pub placement: Placement,
     pub conflict: ConflictPolicy,
     pub op: RowOp,
+    /// The home whose lease a LOCAL write needs (checked again at commit).
+    pub lease_home: Option<String>,
+    /// The epoch of the home the write is accepted under.
+    pub epoch: u64,
+}
+
+/// What a replicated entry's epoch means for a receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryFence {
+    /// Accepted under the home's current epoch (or without a lease).
+    Current,
+    /// Accepted under an older epoch while that epoch's lease was valid: a
+    /// write the old home had not shipped before a failover. Merged, and
+    /// reported as a failover conflict.
+    LateButValid { current: u64 },
+    /// Stamped after its epoch ended: the sender was fenced. Refused.
+    Fenced { current: u64 },
+}
+
+/// Failover conflicts kept in memory per node.
+pub const FAILOVER_CONFLICTS_MAX: usize = 10_000;
+
+/// A write accepted by an old home under its then-valid epoch and received
+/// after the home moved on (DESIGN.md section 8: merged, never dropped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverConflict {
+    pub table: String,
+    pub key: Vec<u8>,
+    pub home: String,
+    pub epoch: u64,
+    pub current_epoch: u64,
+    pub hlc: u64,
+    pub source: String,
+}
+
+/// Home leases as the write path needs them (implemented by the failover
+/// module over the control plane's state).
+pub trait LeaseGuard: Send + Sync + 'static {
+    /// The epoch this region serves `home` under, or why it cannot accept
+    /// a LOCAL write for it now: `NotHome` naming the holder region,
+    /// `HomeUnavailable` while no region holds it, `Fenced` when this
+    /// region's lease lapsed or was superseded.
+    fn check_local(&self, home: &str) -> Result<u64, KvError>;
+    /// The current epoch of `home` (0 when it has no lease yet).
+    fn current_epoch(&self, home: &str) -> u64;
+    /// How a receiver treats an entry accepted under `epoch` at `hlc_ms`.
+    fn fence_entry(&self, home: &str, epoch: u64, hlc_ms: u64) -> EntryFence;
 }
 
 /// One live value of a register row.
@@ -137,6 +185,22 @@ pub struct ScanPage {
     pub info: ReadInfo,
 }
 
+/// Decides whether a client write may go ahead now. Replication implements
+/// it (back-pressure); the node asks it after admission, before commit.
+pub trait WriteGate: Send + Sync {
+    fn check(&self) -> GateDecision;
+}
+
+/// What a [`WriteGate`] tells a writer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GateDecision {
+    Admit,
+    /// Wait this long, then commit.
+    Delay(Duration),
+    /// Fail fast with this (retryable) error.
+    Reject(KvError),
+}
+
 /// Scan pages stop after reading this many stored rows, so a table full of
 /// deleted rows cannot make one request unbounded.
 const SCAN_EXAMINED_MAX: usize = 10_000;
@@ -144,6 +208,8 @@ const SCAN_EXAMINED_MAX: usize = 10_000;
 /// A node's key-value service: owns the engine, the clock and the committer.
 pub struct Node {
     cfg: Arc<Config>,
+    /// Who owns which partition, in every region (from `cfg`).
+    topology: Arc<Topology>,
     engine: Arc<dyn Engine>,
     hlc: Arc<Hlc>,
     /// Queue to the committer; taken on shutdown so the committer drains and exits.
@@ -151,6 +217,9 @@ pub struct Node {
     commit_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     state: Arc<CommitState>,
     started: Instant,
+    failover_conflicts: Mutex<std::collections::VecDeque<FailoverConflict>>,
+    /// Back-pressure on client writes, set once replication starts.
+    gate: std::sync::OnceLock<Arc<dyn WriteGate>>,
 }
 
 impl Node {
@@ -184,19 +253,38 @@ impl Node {
         };
         let (tx, rx) = mpsc::channel(cfg.storage.commit_queue_max);
         let thread = commit::spawn(engine.clone(), hlc.clone(), settings, state.clone(), rx)?;
+        let topology = Arc::new(Topology::from_config(&cfg));
+        topology.check().map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Arc::new(Self {
             cfg,
+            topology,
             engine,
             hlc,
             commit_tx: Mutex::new(Some(tx)),
             commit_thread: Mutex::new(Some(thread)),
             state,
             started: Instant::now(),
+            failover_conflicts: Mutex::new(Default::default()),
+            gate: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Installs the write gate (once; later calls are ignored).
+    pub fn set_write_gate(&self, gate: Arc<dyn WriteGate>) {
+        let _ = self.gate.set(gate);
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    pub fn topology(&self) -> &Arc<Topology> {
+        &self.topology
+    }
+
+    /// This node's actor id ("region/node").
+    pub fn actor(&self) -> String {
+        self.cfg.actor()
     }
 
     pub fn engine(&self) -> &Arc<dyn Engine> {
@@ -225,13 +313,13 @@ impl Node {
         self.state.log_watch.subscribe()
     }
 
-    /// Inbound replication positions per source region.
+    /// Inbound replication positions per source node (actor "region/node").
     pub fn inbound(&self) -> HashMap<String, Inbound> {
         self.state.inbound.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Records that `source` said, at `hlc`, that this region had all of its
-    /// log through `through`.
+    /// Records that `source` (an actor) said, at `hlc`, that this node had
+    /// all of its log through `through`.
     pub fn note_fresh(&self, source: &str, through: u64, hlc: u64) {
         let mut inbound = self.state.inbound.lock().unwrap_or_else(|p| p.into_inner());
         let e = inbound.entry(source.to_string()).or_default();
@@ -250,12 +338,9 @@ impl Node {
         Ok(())
     }
 
-    /// How stale this region's copy of rows homed in `home` may be, in ms.
-    pub fn staleness_ms(&self, home: &str) -> u64 {
-        if home == self.cfg.region {
-            return 0;
-        }
-        let fresh = self.inbound().get(home).map(|i| i.fresh_as_of_hlc).unwrap_or(0);
+    /// How stale this node's copy of what `source` (an actor) wrote may be, in ms.
+    pub fn source_staleness_ms(&self, source: &str) -> u64 {
+        let fresh = self.inbound().get(source).map(|i| i.fresh_as_of_hlc).unwrap_or(0);
         if fresh == 0 {
             return u64::MAX;
         }
@@ -263,12 +348,27 @@ impl Node {
         now.saturating_sub(crate::causality::HlcTimestamp(fresh).physical_ms())
     }
 
-    /// Checks a SESSION token against what this region has applied: the
-    /// first region whose writes the client saw but this region lacks.
+    /// How stale this node's copy of rows of `partition` homed in `home` may
+    /// be, in ms: the freshness of the home's owner of that partition, the
+    /// one node there that writes them.
+    pub fn staleness_ms(&self, home: &str, partition: u32) -> u64 {
+        if home == self.cfg.region {
+            return 0;
+        }
+        match self.topology.owner(home, partition) {
+            Some(owner) => self.source_staleness_ms(&owner.actor()),
+            None => u64::MAX,
+        }
+    }
+
+    /// Checks a SESSION token against what this node has applied: the first
+    /// node whose writes the client saw but this node lacks. Nodes of this
+    /// node's own region are skipped: they own other partitions, and rows of
+    /// this node's partitions are written here only.
     fn session_gap(&self, token: &pb::SessionToken) -> Option<String> {
         let inbound = self.inbound();
         token.seen.iter().find_map(|e| {
-            if e.actor == self.cfg.region {
+            if actor_region(&e.actor) == self.cfg.region {
                 return None;
             }
             let applied = inbound.get(&e.actor).map(|i| i.applied_through).unwrap_or(0);
@@ -341,14 +441,46 @@ impl Node {
             }
             let placement = residency::resolve(&self.cfg, table, &w.row.locality)?;
             let level = req.level.unwrap_or(table.default_consistency);
-            residency::admit_write(&self.cfg.region, &placement, level)?;
+            let home = crate::consensus::control::home_key(&placement.home_region, &placement.zone);
+            let (lease_home, epoch) = match (self.state.leases.get(), level) {
+                (Some(guard), Level::Local) => {
+                    // The zone check of admission still applies; the lease
+                    // decides which region is the home now.
+                    residency::admit_write(&self.cfg.region, &placement, Level::Eventual)?;
+                    (Some(home.clone()), self.wait_for_lease(guard.as_ref(), &home).await?)
+                }
+                (Some(guard), _) => {
+                    residency::admit_write(&self.cfg.region, &placement, level)?;
+                    (None, guard.current_epoch(&home).max(commit::INITIAL_EPOCH))
+                }
+                (None, _) => {
+                    residency::admit_write(&self.cfg.region, &placement, level)?;
+                    (None, commit::INITIAL_EPOCH)
+                }
+            };
             admitted.push(AdmittedWrite {
                 table: table.name.clone(),
                 key: w.row.key,
                 placement,
                 conflict: table.conflict,
                 op: w.op,
+                lease_home,
+                epoch,
             });
+        }
+        if let Some(gate) = self.gate.get() {
+            match gate.check() {
+                GateDecision::Admit => {}
+                GateDecision::Delay(d) => {
+                    metrics::counter!("geokv_backpressure_throttled_total").increment(1);
+                    metrics::histogram!("geokv_backpressure_delay_seconds").record(d.as_secs_f64());
+                    tokio::time::sleep(d).await;
+                }
+                GateDecision::Reject(e) => {
+                    metrics::counter!("geokv_backpressure_rejected_total").increment(1);
+                    return Err(e);
+                }
+            }
         }
         let tx =
             self.commit_tx.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(KvError::ShuttingDown)?;
@@ -360,11 +492,139 @@ impl Node {
         Ok(outcomes)
     }
 
-    /// The session token after observing `log_seq` in this region, merged
+    /// Drops replicated entries whose epoch ended before they were stamped
+    /// (their sender was fenced), and records entries accepted under an
+    /// older, then-valid epoch as failover conflicts: merged, never lost.
+    pub fn fence_entries(
+        &self,
+        source: &str,
+        entries: Vec<(String, Vec<u8>, Row)>,
+        accepted: &[(u64, u64)],
+    ) -> Vec<(String, Vec<u8>, Row)> {
+        let Some(guard) = self.state.leases.get() else { return entries };
+        let mut kept = Vec::with_capacity(entries.len());
+        for ((table, key, row), (epoch, hlc)) in entries.into_iter().zip(accepted.iter().copied()) {
+            if epoch == 0 {
+                kept.push((table, key, row));
+                continue;
+            }
+            let home = crate::consensus::control::home_key(&row.home_region, &row.zone);
+            let hlc_ms = crate::causality::HlcTimestamp(hlc).physical_ms();
+            match guard.fence_entry(&home, epoch, hlc_ms) {
+                EntryFence::Current => kept.push((table, key, row)),
+                EntryFence::LateButValid { current } => {
+                    metrics::counter!("geokv_failover_conflicts_total", "home" => home.clone()).increment(1);
+                    let mut list = self.failover_conflicts.lock().unwrap_or_else(|p| p.into_inner());
+                    if list.len() >= FAILOVER_CONFLICTS_MAX {
+                        list.pop_front();
+                    }
+                    list.push_back(FailoverConflict {
+                        table: table.clone(),
+                        key: key.clone(),
+                        home,
+                        epoch,
+                        current_epoch: current,
+                        hlc,
+                        source: source.to_string(),
+                    });
+                    kept.push((table, key, row));
+                }
+                EntryFence::Fenced { current } => {
+                    metrics::counter!("geokv_fenced_total", "kind" => "replication").increment(1);
+                    tracing::warn!(
+                        source, home = %home, epoch, current, key = %display_key(&table, &key),
+                        "refusing a replicated write stamped after its epoch ended (FENCED)"
+                    );
+                }
+            }
+        }
+        kept
+    }
+
+    /// Writes an old home accepted before a failover and shipped after it,
+    /// as received here (newest last, bounded).
+    pub fn failover_conflicts(&self) -> Vec<FailoverConflict> {
+        self.failover_conflicts.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+    }
+
+    /// Merges row states durably (QUORUM replicas, read repair).
+    pub async fn merge_rows(&self, entries: Vec<(String, Vec<u8>, Row)>) -> Result<(), KvError> {
+        for (table, _, row) in &entries {
+            self.table(table)?;
+            if !self.cfg.zone_regions(&row.zone).contains(&self.cfg.region) {
+                return Err(KvError::ResidencyViolation {
+                    zone: row.zone.clone(),
+                    allowed: self.cfg.zone_regions(&row.zone),
+                    region: self.cfg.region.clone(),
+                });
+            }
+        }
+        let tx =
+            self.commit_tx.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(KvError::ShuttingDown)?;
+        let (reply, rx) = oneshot::channel();
+        let remote = RemoteApply {
+            source: "quorum".into(),
+            first_seq: 0,
+            through_seq: 0,
+            entries,
+            mode: commit::ApplyMode::RepairRows,
+        };
+        tx.send(CommitJob { work: Work::Apply(remote), reply }).await.map_err(|_| KvError::ShuttingDown)?;
+        rx.await.map_err(|_| KvError::ShuttingDown)?.map(|_| ())
+    }
+
+    /// The stored state of one row, if any.
+    pub fn stored_row(&self, table: &str, key: &[u8]) -> Result<Option<Row>, KvError> {
+        self.table(table)?;
+        match self.engine.get(Cf::Data, &data_key(table, key)).map_err(|e| KvError::Storage(e.to_string()))? {
+            None => Ok(None),
+            Some(bytes) => Row::open(&bytes, || display_key(table, key)).map(Some),
+        }
+    }
+
+    /// Returns once every write queued before the call is committed.
+    pub async fn barrier(&self) -> Result<(), KvError> {
+        let tx =
+            self.commit_tx.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(KvError::ShuttingDown)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(CommitJob { work: Work::Client { writes: Vec::new(), idempotency: None }, reply })
+            .await
+            .map_err(|_| KvError::ShuttingDown)?;
+        rx.await.map_err(|_| KvError::ShuttingDown)?.map(|_| ())
+    }
+
+    /// Installs the home leases; LOCAL writes need a valid lease from then on.
+    pub fn set_leases(&self, guard: Arc<dyn LeaseGuard>) {
+        let _ = self.state.leases.set(guard);
+    }
+
+    /// The home leases, when the control plane runs.
+    pub fn leases(&self) -> Option<&Arc<dyn LeaseGuard>> {
+        self.state.leases.get()
+    }
+
+    /// The epoch this region serves `home` under, waiting (bounded by
+    /// `consensus.lease_wait_ms`) while no region holds the home, as during
+    /// startup or a failover.
+    async fn wait_for_lease(&self, guard: &dyn LeaseGuard, home: &str) -> Result<u64, KvError> {
+        let started = Instant::now();
+        let wait = Duration::from_millis(self.cfg.consensus.lease_wait_ms);
+        loop {
+            match guard.check_local(home) {
+                Err(KvError::HomeUnavailable { .. }) if started.elapsed() < wait => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The session token after observing `log_seq` on this node, merged
     /// with the token the client sent.
     pub fn session_token(&self, previous: &[u8], log_seq: u64) -> Result<Vec<u8>, KvError> {
         let mut token = decode_session(previous)?;
-        let here = self.cfg.region.as_str();
+        let here = self.cfg.actor();
+        let here = here.as_str();
         match token.seen.iter_mut().find(|e| e.actor == here) {
             Some(e) => e.counter = e.counter.max(log_seq),
             None => token.seen.push(pb::VvEntry { actor: here.to_string(), counter: log_seq }),
@@ -372,10 +632,10 @@ impl Node {
         Ok(codec::seal_message(&token))
     }
 
-    fn read_info(&self, placement: &Placement, session: &[u8]) -> Result<ReadInfo, KvError> {
+    fn read_info(&self, placement: &Placement, partition: u32, session: &[u8]) -> Result<ReadInfo, KvError> {
         Ok(ReadInfo {
             served_by_region: self.cfg.region.clone(),
-            staleness_ms_max: self.staleness_ms(&placement.home_region),
+            staleness_ms_max: self.staleness_ms(&placement.home_region, partition),
             session_token: self.read_session_token(session)?,
         })
     }
@@ -391,7 +651,7 @@ impl Node {
             None if seq > 0 => token.seen.push(pb::VvEntry { actor: region.to_string(), counter: seq }),
             None => {}
         };
-        raise(&self.cfg.region, self.log_seq());
+        raise(&self.cfg.actor(), self.log_seq());
         for (source, inbound) in self.inbound() {
             raise(&source, inbound.applied_through);
         }
@@ -404,12 +664,13 @@ impl Node {
     fn check_freshness(
         &self,
         placement: &Placement,
+        partition: u32,
         level: ReadLevel,
         session: &[u8],
     ) -> Result<(), KvError> {
         match level {
             ReadLevel::Bounded { max_staleness_ms } => {
-                let stale = self.staleness_ms(&placement.home_region);
+                let stale = self.staleness_ms(&placement.home_region, partition);
                 if stale > max_staleness_ms {
                     return Err(KvError::ReplicaStale {
                         region: placement.home_region.clone(),
@@ -419,8 +680,9 @@ impl Node {
             }
             ReadLevel::Session => {
                 if let Some(missing) = self.session_gap(&decode_session(session)?) {
-                    let region = if placement.allows(&missing) {
-                        missing.clone()
+                    let missing_region = actor_region(&missing);
+                    let region = if placement.allows(missing_region) {
+                        missing_region.to_string()
                     } else {
                         placement.home_region.clone()
                     };
@@ -445,9 +707,10 @@ impl Node {
             Err(KvError::MissingLocality { .. }) => None,
             Err(e) => return Err(e),
         };
+        let partition = self.topology.partition_of(&table.name, &row.key);
         if let Some(p) = &resolved {
             residency::admit_read(&self.cfg.region, p, level)?;
-            self.check_freshness(p, level, session)?;
+            self.check_freshness(p, partition, level, session)?;
         }
         let dk = data_key(&table.name, &row.key);
         let stored = self.engine.get(Cf::Data, &dk).map_err(|e| KvError::Storage(e.to_string()))?;
@@ -460,13 +723,13 @@ impl Node {
             (None, Some(r)) => {
                 let p = self.stored_placement(r);
                 residency::admit_read(&self.cfg.region, &p, level)?;
-                self.check_freshness(&p, level, session)?;
+                self.check_freshness(&p, partition, level, session)?;
                 p
             }
             (None, None) => return Err(KvError::MissingLocality { table: table.name.clone() }),
         };
         metrics::counter!("geokv_reads_total", "table" => table.name.clone()).increment(1);
-        Ok(ReadResult { row: stored, info: self.read_info(&placement, session)? })
+        Ok(ReadResult { row: stored, info: self.read_info(&placement, partition, session)? })
     }
 
     /// Placement of a row as recorded when it was written.
@@ -549,7 +812,7 @@ impl Node {
             zone: String::new(),
             replica_regions: vec![self.cfg.region.clone()],
         };
-        Ok(ScanPage { rows, next_start_after, info: self.read_info(&placement, &[])? })
+        Ok(ScanPage { rows, next_start_after, info: self.read_info(&placement, 0, &[])? })
     }
 }
 
@@ -628,12 +891,60 @@ pub struct ZoneDigest {
     pub digest: String,
 }
 
+/// Digest of the rows of one (table, zone, partition) on one node, in key order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionDigest {
+    pub table: String,
+    pub zone: String,
+    pub partition: u32,
+    pub rows: u64,
+    pub digest: String,
+}
+
+/// Combines partition digests (of every node of a region) into one digest
+/// per (table, zone): a hash over the partition digests in partition
+/// order. A key's partition is the same in every region, so two regions
+/// holding the same rows give equal digests whatever their node counts.
+pub fn combine_digests(parts: Vec<PartitionDigest>) -> Vec<ZoneDigest> {
+    use sha2::Digest as _;
+    let mut by_zone: std::collections::BTreeMap<
+        (String, String),
+        std::collections::BTreeMap<u32, (u64, String)>,
+    > = Default::default();
+    for p in parts {
+        by_zone.entry((p.table, p.zone)).or_default().insert(p.partition, (p.rows, p.digest));
+    }
+    by_zone
+        .into_iter()
+        .map(|((table, zone), parts)| {
+            let mut h = sha2::Sha256::new();
+            let mut rows = 0;
+            for (partition, (n, digest)) in parts {
+                rows += n;
+                h.update(partition.to_be_bytes());
+                h.update(n.to_be_bytes());
+                h.update(digest.as_bytes());
+            }
+            ZoneDigest { table, zone, rows, digest: hex::encode(h.finalize()) }
+        })
+        .collect()
+}
+
+/// A row's contents in a canonical encoding: two regions holding the same
+/// merged state give the same bytes. Where the row was last written from
+/// (its HLC stamp) is not part of its contents.
+pub fn canonical_row_bytes(row: &Row) -> Vec<u8> {
+    let mut canonical = row.to_proto();
+    canonical.hlc = 0;
+    prost::Message::encode_to_vec(&canonical)
+}
+
 /// Rows read per storage scan by audits and digests.
 const FULL_SCAN_CHUNK: usize = 1024;
 
 impl Node {
     /// Visits every stored row in key order, a chunk at a time.
-    fn for_each_row(&self, mut visit: impl FnMut(&str, &[u8], Row)) -> Result<u64, KvError> {
+    pub fn for_each_row(&self, mut visit: impl FnMut(&str, &[u8], Row)) -> Result<u64, KvError> {
         let mut start: Vec<u8> = Vec::new();
         let mut seen = 0u64;
         loop {
@@ -676,18 +987,17 @@ impl Node {
         Ok((checked, findings))
     }
 
-    /// Digests of every (table, zone), so regions can be compared: two
-    /// regions that converged give equal digests for the zones they share.
-    pub fn digest(&self) -> Result<Vec<ZoneDigest>, KvError> {
+    /// Digests of every (table, zone, partition) this node stores, so
+    /// regions can be compared (see [`combine_digests`]).
+    pub fn digest(&self) -> Result<Vec<PartitionDigest>, KvError> {
         use sha2::Digest as _;
-        let mut acc: std::collections::BTreeMap<(String, String), (u64, sha2::Sha256)> = Default::default();
+        type Acc = std::collections::BTreeMap<(String, String, u32), (u64, sha2::Sha256)>;
+        let mut acc: Acc = Default::default();
         self.for_each_row(|table, key, row| {
-            let (count, hasher) = acc.entry((table.to_string(), row.zone.clone())).or_default();
+            let partition = self.topology.partition_of(table, key);
+            let (count, hasher) = acc.entry((table.to_string(), row.zone.clone(), partition)).or_default();
             *count += 1;
-            let mut canonical = row.to_proto();
-            // Where a row was last written from is not part of its contents.
-            canonical.hlc = 0;
-            let bytes = prost::Message::encode_to_vec(&canonical);
+            let bytes = canonical_row_bytes(&row);
             hasher.update((key.len() as u64).to_be_bytes());
             hasher.update(key);
             hasher.update((bytes.len() as u64).to_be_bytes());
@@ -695,9 +1005,10 @@ impl Node {
         })?;
         Ok(acc
             .into_iter()
-            .map(|((table, zone), (rows, h))| ZoneDigest {
+            .map(|((table, zone, partition), (rows, h))| PartitionDigest {
                 table,
                 zone,
+                partition,
                 rows,
                 digest: hex::encode(h.finalize()),
             })

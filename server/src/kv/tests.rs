@@ -8,6 +8,7 @@ use crate::causality::SystemClock;
 use crate::config::Config;
 use crate::storage::memory::MemoryEngine;
 use crate::storage::rocks::{RocksEngine, RocksOptions};
+use commit::ApplyMode;
 
 fn config(extra: &str) -> Arc<Config> {
     let text = format!(
@@ -290,26 +291,18 @@ async fn lww_table_keeps_the_last_write() {
 
 #[tokio::test]
 async fn replicated_frames_merge_once_and_keep_local_writes() {
-    use crate::causality::PnCounter;
     let node = node();
-    let mut remote = PnCounter::default();
-    remote.add("us-east-1/n1", 5);
-    let row = Row {
-        home_region: "us-east-1".into(),
-        zone: String::new(),
-        epoch: 1,
-        hlc: 1,
-        value: RowValue::Counter(remote),
-    };
+    let row = remote_counter(5);
     let frame = |first, through| RemoteApply {
-        source_region: "us-east-1".into(),
+        source: "us-east-1/n1".into(),
         first_seq: first,
         through_seq: through,
         entries: vec![("default".into(), b"c".to_vec(), row.clone())],
+        mode: ApplyMode::Log,
     };
     node.apply_remote(frame(1, 1)).await.unwrap();
     node.apply_remote(frame(1, 1)).await.unwrap();
-    assert_eq!(node.inbound()["us-east-1"].applied_through, 1);
+    assert_eq!(node.inbound()["us-east-1/n1"].applied_through, 1);
     let eventual_add = WriteRequest {
         ops: vec![WriteOp {
             row: RowRef { locality: Locality::HomeRegion("us-east-1".into()), ..row_ref_c() },
@@ -325,6 +318,44 @@ async fn replicated_frames_merge_once_and_keep_local_writes() {
     match node.read(&row_ref_c(), ReadLevel::Local, &[]).unwrap().row.unwrap().value {
         RowValue::Counter(c) => assert_eq!(c.value(), 7),
         other => panic!("not a counter: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn repaired_rows_merge_without_moving_the_position_until_done() {
+    let node = node();
+    let row = remote_counter(4);
+    let apply = |mode, through, entries: Vec<(String, Vec<u8>, Row)>| RemoteApply {
+        source: "us-east-1/n1".into(),
+        first_seq: 0,
+        through_seq: through,
+        entries,
+        mode,
+    };
+    let rows = vec![("default".to_string(), b"c".to_vec(), row.clone())];
+    node.apply_remote(apply(ApplyMode::RepairRows, 0, rows.clone())).await.unwrap();
+    node.apply_remote(apply(ApplyMode::RepairRows, 0, rows)).await.unwrap();
+    assert!(!node.inbound().contains_key("us-east-1/n1"), "repair rows leave the position alone");
+    node.apply_remote(apply(ApplyMode::RepairDone, 40, Vec::new())).await.unwrap();
+    assert_eq!(node.inbound()["us-east-1/n1"].applied_through, 40);
+    node.apply_remote(apply(ApplyMode::RepairDone, 10, Vec::new())).await.unwrap();
+    assert_eq!(node.inbound()["us-east-1/n1"].applied_through, 40, "never moves down");
+    match node.read(&row_ref_c(), ReadLevel::Local, &[]).unwrap().row.unwrap().value {
+        RowValue::Counter(c) => assert_eq!(c.value(), 4, "the repaired state merged once"),
+        other => panic!("not a counter: {other:?}"),
+    }
+}
+
+/// A counter row homed in us-east-1 holding `n` added by us-east-1/n1.
+fn remote_counter(n: i64) -> Row {
+    let mut remote = crate::causality::PnCounter::default();
+    remote.add("us-east-1/n1", n);
+    Row {
+        home_region: "us-east-1".into(),
+        zone: String::new(),
+        epoch: 1,
+        hlc: 1,
+        value: RowValue::Counter(remote),
     }
 }
 

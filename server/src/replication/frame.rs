@@ -50,6 +50,8 @@ pub fn build(
 #[derive(Debug)]
 pub struct OpenedFrame {
     pub entries: Vec<(String, Vec<u8>, Row)>,
+    /// Per entry: the epoch it was accepted under (0 = no lease) and its HLC stamp.
+    pub accepted: Vec<(u64, u64)>,
     pub max_hlc: u64,
 }
 
@@ -68,7 +70,7 @@ pub fn open(cfg: &Config, frame: &pb::ShipFrame, max_bytes: usize) -> Result<Ope
         if frame.entry_count != 0 {
             return Err(corrupt("entry count without entries".into()));
         }
-        return Ok(OpenedFrame { entries: Vec::new(), max_hlc: 0 });
+        return Ok(OpenedFrame { entries: Vec::new(), accepted: Vec::new(), max_hlc: 0 });
     }
     let crc = crc32fast::hash(&frame.entries);
     if crc != frame.crc32 {
@@ -92,6 +94,7 @@ pub fn open(cfg: &Config, frame: &pb::ShipFrame, max_bytes: usize) -> Result<Ope
         return Err(corrupt(format!("{} entries, frame says {}", batch.entries.len(), frame.entry_count)));
     }
     let mut entries = Vec::with_capacity(batch.entries.len());
+    let mut accepted = Vec::with_capacity(batch.entries.len());
     let mut max_hlc = 0;
     for e in batch.entries {
         if e.seq < frame.first_seq || e.seq > frame.through_seq {
@@ -112,9 +115,10 @@ pub fn open(cfg: &Config, frame: &pb::ShipFrame, max_bytes: usize) -> Result<Ope
             });
         }
         max_hlc = max_hlc.max(row.hlc);
+        accepted.push((e.accepted_epoch, e.hlc));
         entries.push((e.table, e.key, row));
     }
-    Ok(OpenedFrame { entries, max_hlc })
+    Ok(OpenedFrame { entries, accepted, max_hlc })
 }
 
 #[cfg(test)]
@@ -153,6 +157,7 @@ mod tests {
             row: Some(row.to_proto()),
             hlc: 10,
             origin: "eu-west-1/n1".into(),
+            accepted_epoch: 0,
         }
     }
 

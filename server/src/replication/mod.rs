@@ -3,19 +3,27 @@
 //! # Layout
 //! - [`frame`]: building and opening frames: residency filtering at the
 //!   source, lz4 compression, CRC32, and the checks a receiver makes.
-//! - [`ship`]: one shipper task per destination region, tailing the durable
+//! - [`ship`]: one shipper task per destination node, tailing the durable
 //!   replication log and streaming frames with bounded pipelining.
 //! - [`receive`]: the `Replication` gRPC service that checks, merges and
-//!   acknowledges frames.
-//! - [`Replicator`]: owns the shippers and answers status, pause and resume.
+//!   acknowledges frames, and answers repair sessions.
+//! - [`merkle`]: Merkle trees over rows (pure).
+//! - [`repair`]: anti-entropy for a destination behind log retention.
+//! - [`backpressure`]: when writers are slowed or refused (pure).
+//! - [`Replicator`]: owns the shippers, answers status, pause and resume,
+//!   and is the node's write gate.
 //!
-//! The source ships each entry directly to every region its residency zone
-//! allows; receivers never re-ship. Every step is idempotent: entries carry
-//! full CRDT states, and a receiver stores its position per source in the
+//! Every node ships its own log. The source ships each entry directly to
+//! the owner of its partition in every region its residency zone allows;
+//! receivers never re-ship. Every step is idempotent: entries carry full
+//! CRDT states, and a receiver stores its position per source node in the
 //! same batch as the merged rows.
 
+pub mod backpressure;
 pub mod frame;
+pub mod merkle;
 pub mod receive;
+pub mod repair;
 pub mod ship;
 
 use std::collections::BTreeMap;
@@ -28,10 +36,11 @@ use crate::config::Config;
 use crate::kv::Node;
 use ship::{LinkState, Shipper};
 
-/// Owns one shipper per destination region.
+/// Owns one shipper per destination node.
 pub struct Replicator {
     node: Arc<Node>,
-    links: BTreeMap<String, Arc<LinkState>>,
+    /// Per (destination region, destination node).
+    links: BTreeMap<(String, String), Arc<LinkState>>,
     /// Last time each region was heard from (acks or frames).
     contact: Arc<std::sync::Mutex<BTreeMap<String, Instant>>>,
     cancel: CancellationToken,
@@ -39,28 +48,32 @@ pub struct Replicator {
 }
 
 impl Replicator {
-    /// Starts a shipper to each other region that has a configured node.
+    /// Starts a shipper to each node of every other region, and installs
+    /// itself as the node's write gate (back-pressure).
     pub fn start(cfg: &Config, node: Arc<Node>) -> Arc<Self> {
         let cancel = CancellationToken::new();
         let contact = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
         let mut links = BTreeMap::new();
         let mut tasks = Vec::new();
         if cfg.replication.enabled {
+            let topology = node.topology().clone();
             for region in cfg.peer_regions() {
-                let Some(peer) = region.nodes.first() else { continue };
-                let state = Arc::new(LinkState::new(&cfg.region, &region.name));
-                let shipper = Shipper::new(
-                    node.clone(),
-                    state.clone(),
-                    peer.addr.clone(),
-                    cfg.replication.clone(),
-                    contact.clone(),
-                );
-                tasks.push(tokio::spawn(shipper.run(cancel.child_token())));
-                links.insert(region.name.clone(), state);
+                for peer in topology.nodes(&region.name) {
+                    let state = Arc::new(LinkState::new(&cfg.region, &cfg.node_id, &region.name, &peer.id));
+                    let shipper = Shipper::new(
+                        node.clone(),
+                        state.clone(),
+                        peer.addr.clone(),
+                        cfg.replication.clone(),
+                        contact.clone(),
+                    );
+                    tasks.push(tokio::spawn(shipper.run(cancel.child_token())));
+                    links.insert((region.name.clone(), peer.id.clone()), state);
+                }
             }
         }
         let me = Arc::new(Self { node, links, contact, cancel, tasks: std::sync::Mutex::new(tasks) });
+        me.node.set_write_gate(Arc::new(Gate(Arc::downgrade(&me))));
         let metrics_me = me.clone();
         let token = me.cancel.child_token();
         let task = tokio::spawn(async move {
@@ -80,8 +93,50 @@ impl Replicator {
         self.links.values().cloned().collect()
     }
 
-    pub fn link(&self, destination: &str) -> Option<Arc<LinkState>> {
-        self.links.get(destination).cloned()
+    /// The links to every node of `destination` (a region).
+    pub fn links_to(&self, destination: &str) -> Vec<Arc<LinkState>> {
+        self.links.iter().filter(|((r, _), _)| r == destination).map(|(_, l)| l.clone()).collect()
+    }
+
+    /// Each link's backlog as back-pressure sees it.
+    pub fn loads(&self) -> Vec<backpressure::LinkLoad> {
+        let head = self.node.log_seq();
+        self.links
+            .values()
+            .map(|l| backpressure::LinkLoad {
+                destination: crate::topology::actor(&l.destination, &l.destination_node),
+                backlog_entries: l.backlog(head),
+                healthy: l.connected.load(std::sync::atomic::Ordering::Acquire)
+                    && !l.paused.load(std::sync::atomic::Ordering::Acquire)
+                    && !l.repairing.load(std::sync::atomic::Ordering::Acquire)
+                    && self.is_healthy(&l.destination),
+            })
+            .collect()
+    }
+
+    fn bounds(&self) -> backpressure::Bounds {
+        let cfg = self.node.config();
+        backpressure::Bounds {
+            soft_entries: cfg.replication.backpressure_soft_entries,
+            hard_entries: cfg.replication.backpressure_hard_entries,
+            delay_max: Duration::from_millis(cfg.replication.backpressure_delay_ms_max),
+            retention_entries: cfg.storage.log_retention_entries,
+        }
+    }
+
+    /// Highest log position of this node that every node of `region`
+    /// acknowledged, when this node ships to it.
+    pub fn acked_through(&self, region: &str) -> Option<u64> {
+        self.links
+            .iter()
+            .filter(|((r, _), _)| r == region)
+            .map(|(_, l)| l.snapshot(&self.node).acked_seq)
+            .min()
+    }
+
+    /// Whether this node ships its log to `region` at all.
+    pub fn ships_to(&self, region: &str) -> bool {
+        self.links.keys().any(|(r, _)| r == region)
     }
 
     /// Records contact with `region` (an inbound frame).
@@ -99,7 +154,11 @@ impl Replicator {
         let cfg = self.node.config();
         for link in self.links.values() {
             let s = link.snapshot(&self.node);
-            let labels = [("source", s.source.clone()), ("destination", s.destination.clone())];
+            let labels = [
+                ("source", s.source.clone()),
+                ("destination", s.destination.clone()),
+                ("destination_node", s.destination_node.clone()),
+            ];
             metrics::gauge!("geokv_replication_lag_seconds", &labels).set(s.lag_seconds);
             metrics::gauge!("geokv_replication_lag_entries", &labels).set(s.lag_entries as f64);
             metrics::gauge!("geokv_replication_lag_bytes", &labels).set(s.lag_bytes as f64);
@@ -131,6 +190,30 @@ impl Replicator {
         let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for t in tasks {
             let _ = t.await;
+        }
+    }
+}
+
+/// The node's write gate: back-pressure from this replicator's links. Holds
+/// a weak reference, so the node and the replicator do not keep each other alive.
+struct Gate(std::sync::Weak<Replicator>);
+
+impl crate::kv::WriteGate for Gate {
+    fn check(&self) -> crate::kv::GateDecision {
+        use crate::kv::GateDecision;
+        let Some(r) = self.0.upgrade() else { return GateDecision::Admit };
+        let bounds = r.bounds();
+        match backpressure::decide(&bounds, &r.loads()) {
+            backpressure::Decision::Admit => GateDecision::Admit,
+            backpressure::Decision::Delay { delay, .. } => GateDecision::Delay(delay),
+            backpressure::Decision::Reject { destination, backlog_entries } => {
+                GateDecision::Reject(crate::error::KvError::ReplicationBackpressure {
+                    destination,
+                    backlog_entries,
+                    bound_entries: bounds.hard_entries,
+                    retry_after_ms: bounds.delay_max.as_millis().max(1) as u64,
+                })
+            }
         }
     }
 }

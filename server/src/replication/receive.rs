@@ -8,7 +8,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Replicator;
-use crate::kv::commit::RemoteApply;
+use crate::kv::commit::{ApplyMode, RemoteApply};
 use crate::kv::Node;
 
 /// Accepts frames from other regions, checks them again (residency,
@@ -26,10 +26,35 @@ impl ReplicationService {
 }
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<pb::ShipAck, Status>> + Send>>;
+type RepairAnswers = Pin<Box<dyn Stream<Item = Result<pb::RepairResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::replication_server::Replication for ReplicationService {
     type ShipStream = AckStream;
+    type RepairStream = RepairAnswers;
+
+    async fn repair(
+        &self,
+        request: Request<Streaming<pb::RepairRequest>>,
+    ) -> Result<Response<Self::RepairStream>, Status> {
+        let mut steps = request.into_inner();
+        let node = self.node.clone();
+        let out = async_stream(move |tx| async move {
+            let mut session = super::repair::Session::new(node);
+            while let Some(step) = steps.next().await {
+                let Ok(step) = step else { return };
+                let answer = match step.step {
+                    Some(step) => session.step(step).await,
+                    None => Err(crate::error::KvError::MissingField { field: "step" }),
+                };
+                let failed = answer.is_err();
+                if tx.send(answer.map_err(|e| e.to_status())).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
 
     async fn ship(
         &self,
@@ -58,6 +83,13 @@ impl pb::replication_server::Replication for ReplicationService {
                         .await;
                     return;
                 }
+                if frame.source_node.is_empty() {
+                    let _ = tx
+                        .send(Err(crate::error::KvError::MissingField { field: "source_node" }.to_status()))
+                        .await;
+                    return;
+                }
+                let source = crate::topology::actor(&frame.source_region, &frame.source_node);
                 replicator.heard_from(&frame.source_region);
                 let opened = match super::frame::open(&cfg, &frame, max_bytes) {
                     Ok(o) => o,
@@ -81,15 +113,17 @@ impl pb::replication_server::Replication for ReplicationService {
                 }
                 metrics::counter!("geokv_replication_received_bytes_total", "source" => frame.source_region.clone())
                     .increment(frame.entries.len() as u64);
+                let entries = node.fence_entries(&frame.source_region, opened.entries, &opened.accepted);
                 let remote = RemoteApply {
-                    source_region: frame.source_region.clone(),
+                    source: source.clone(),
                     first_seq: frame.first_seq,
                     through_seq: frame.through_seq,
-                    entries: opened.entries,
+                    entries,
+                    mode: ApplyMode::Log,
                 };
                 let applied = if remote.entries.is_empty()
                     && frame.through_seq
-                        <= node.inbound().get(&frame.source_region).map(|i| i.applied_through).unwrap_or(0)
+                        <= node.inbound().get(&source).map(|i| i.applied_through).unwrap_or(0)
                 {
                     Ok(())
                 } else {
@@ -100,7 +134,7 @@ impl pb::replication_server::Replication for ReplicationService {
                     return;
                 }
                 if frame.through_seq >= frame.source_head_seq {
-                    node.note_fresh(&frame.source_region, frame.through_seq, frame.sent_hlc);
+                    node.note_fresh(&source, frame.through_seq, frame.sent_hlc);
                 }
                 if tx.send(Ok(pb::ShipAck { applied_through_seq: frame.through_seq })).await.is_err() {
                     return;
@@ -112,9 +146,10 @@ impl pb::replication_server::Replication for ReplicationService {
 }
 
 /// Runs `body` with a bounded channel and returns the receiving end as a stream.
-fn async_stream<F, Fut>(body: F) -> impl Stream<Item = Result<pb::ShipAck, Status>> + Send
+fn async_stream<T, F, Fut>(body: F) -> impl Stream<Item = Result<T, Status>> + Send
 where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::ShipAck, Status>>) -> Fut,
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, Status>>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(64);

@@ -1,6 +1,9 @@
-//! One shipper per destination region: tails the durable replication log,
-//! leaves out entries the destination may not hold, and streams frames over
-//! one gRPC stream with at most `in_flight_frames_max` unacknowledged.
+//! One shipper per destination node: tails this node's durable replication
+//! log, leaves out entries the destination may not hold (residency) and
+//! entries of partitions another node of the destination region owns, and
+//! streams frames over one gRPC stream with at most `in_flight_frames_max`
+//! unacknowledged. A destination found behind log retention is repaired by
+//! Merkle-tree anti-entropy ([`super::repair`]) before shipping resumes.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,7 +25,11 @@ use crate::storage::Cf;
 /// The state of one link, shared with status and metrics.
 pub struct LinkState {
     pub source: String,
+    pub source_node: String,
     pub destination: String,
+    /// The node of `destination` this link ships to: the owner there of
+    /// every partition whose entries it carries.
+    pub destination_node: String,
     pub paused: AtomicBool,
     pub connected: AtomicBool,
     /// Highest position the destination acknowledged.
@@ -36,13 +43,23 @@ pub struct LinkState {
     pub last_error: Mutex<String>,
     /// Wakes the shipper on resume.
     pub resume: Notify,
+    /// A repair of this destination is running.
+    pub repairing: AtomicBool,
+    pub repairs_started: AtomicU64,
+    pub repairs_finished: AtomicU64,
+    pub rows_repaired: AtomicU64,
+    pub repair_bytes: AtomicU64,
+    /// Why the last repair failed ("" when it did not).
+    pub repair_error: Mutex<String>,
 }
 
 /// A point-in-time view of a link.
 #[derive(Debug, Clone)]
 pub struct LinkSnapshot {
     pub source: String,
+    pub source_node: String,
     pub destination: String,
+    pub destination_node: String,
     pub paused: bool,
     pub connected: bool,
     pub acked_seq: u64,
@@ -53,13 +70,21 @@ pub struct LinkSnapshot {
     pub skipped_by_residency: u64,
     pub shipped_bytes: u64,
     pub last_error: String,
+    /// "idle", "running" or "failed: <why>".
+    pub repair_state: String,
+    pub repairs_started: u64,
+    pub repairs_finished: u64,
+    pub rows_repaired: u64,
+    pub repair_bytes: u64,
 }
 
 impl LinkState {
-    pub fn new(source: &str, destination: &str) -> Self {
+    pub fn new(source: &str, source_node: &str, destination: &str, destination_node: &str) -> Self {
         Self {
             source: source.to_string(),
+            source_node: source_node.to_string(),
             destination: destination.to_string(),
+            destination_node: destination_node.to_string(),
             paused: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             acked_seq: AtomicU64::new(0),
@@ -69,7 +94,18 @@ impl LinkState {
             avg_entry_bytes: AtomicU64::new(256),
             last_error: Mutex::new(String::new()),
             resume: Notify::new(),
+            repairing: AtomicBool::new(false),
+            repairs_started: AtomicU64::new(0),
+            repairs_finished: AtomicU64::new(0),
+            rows_repaired: AtomicU64::new(0),
+            repair_bytes: AtomicU64::new(0),
+            repair_error: Mutex::new(String::new()),
         }
+    }
+
+    /// Unshipped entries: the log head minus the acknowledged position.
+    pub fn backlog(&self, head: u64) -> u64 {
+        head.saturating_sub(self.acked_seq.load(Ordering::Acquire))
     }
 
     pub fn set_paused(&self, paused: bool) {
@@ -101,9 +137,19 @@ impl LinkState {
                 None => 0.0,
             }
         };
+        let repair_error = self.repair_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let repair_state = if self.repairing.load(Ordering::Acquire) {
+            "running".to_string()
+        } else if !repair_error.is_empty() {
+            format!("failed: {repair_error}")
+        } else {
+            "idle".to_string()
+        };
         LinkSnapshot {
             source: self.source.clone(),
+            source_node: self.source_node.clone(),
             destination: self.destination.clone(),
+            destination_node: self.destination_node.clone(),
             paused: self.paused.load(Ordering::Acquire),
             connected: self.connected.load(Ordering::Acquire),
             acked_seq: acked,
@@ -114,6 +160,11 @@ impl LinkState {
             skipped_by_residency: self.skipped_by_residency.load(Ordering::Relaxed),
             shipped_bytes: self.shipped_bytes.load(Ordering::Relaxed),
             last_error: self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            repair_state,
+            repairs_started: self.repairs_started.load(Ordering::Relaxed),
+            repairs_finished: self.repairs_finished.load(Ordering::Relaxed),
+            rows_repaired: self.rows_repaired.load(Ordering::Relaxed),
+            repair_bytes: self.repair_bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -124,13 +175,14 @@ fn oldest_unacked_hlc(node: &Node, seq: u64) -> Option<u64> {
     Some(entry.hlc)
 }
 
-fn cursor_key(destination: &str) -> Vec<u8> {
+/// Meta key of the position acknowledged by one destination node.
+fn cursor_key(destination: &str, node: &str) -> Vec<u8> {
     let mut k = b"ship/".to_vec();
-    k.extend_from_slice(destination.as_bytes());
+    k.extend_from_slice(crate::topology::actor(destination, node).as_bytes());
     k
 }
 
-/// Ships this node's log to one destination region.
+/// Ships this node's log to one destination node.
 pub struct Shipper {
     node: Arc<Node>,
     state: Arc<LinkState>,
@@ -159,7 +211,8 @@ impl Shipper {
     /// Runs until cancelled: connect, stream, and on any failure back off
     /// (bounded) and resume from the last acknowledged position.
     pub async fn run(self, cancel: CancellationToken) {
-        let stored = self.node.engine().get(Cf::Meta, &cursor_key(&self.state.destination)).ok().flatten();
+        let key = cursor_key(&self.state.destination, &self.state.destination_node);
+        let stored = self.node.engine().get(Cf::Meta, &key).ok().flatten();
         let start =
             stored.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map(u64::from_be_bytes).unwrap_or(0);
         self.state.acked_seq.store(start, Ordering::Release);
@@ -192,7 +245,11 @@ impl Shipper {
     fn persist_cursor(&self) {
         let acked = self.state.acked_seq.load(Ordering::Acquire);
         let mut batch = crate::storage::WriteBatch::new();
-        batch.put(Cf::Meta, cursor_key(&self.state.destination), acked.to_be_bytes().to_vec());
+        batch.put(
+            Cf::Meta,
+            cursor_key(&self.state.destination, &self.state.destination_node),
+            acked.to_be_bytes().to_vec(),
+        );
         // Not synced: a lost cursor only means frames are sent again, and
         // the destination skips what it already applied.
         if let Err(e) = self.node.engine().write(batch, false) {
@@ -212,7 +269,7 @@ impl Shipper {
             .keep_alive_timeout(Duration::from_secs(3))
             .keep_alive_while_idle(true);
         let channel = endpoint.connect().await.map_err(|e| unreachable(e.to_string()))?;
-        let mut client = pb::replication_client::ReplicationClient::new(channel)
+        let mut client = pb::replication_client::ReplicationClient::new(channel.clone())
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel::<pb::ShipFrame>(self.cfg.in_flight_frames_max);
@@ -233,16 +290,28 @@ impl Shipper {
             let paused = self.state.paused.load(Ordering::Acquire);
             let head = self.node.log_seq();
             if !paused && read_pos < head && in_flight.len() < self.cfg.in_flight_frames_max {
-                let (frame, bytes) = self.next_frame(read_pos, head)?;
-                read_pos = frame.through_seq;
-                let wire = frame.entries.len() as u64;
-                in_flight.push_back(InFlight { through_seq: frame.through_seq, bytes });
-                self.state.in_flight_bytes.fetch_add(bytes, Ordering::Relaxed);
-                tx.send(frame).await.map_err(|_| unreachable("stream closed".into()))?;
-                self.state.shipped_bytes.fetch_add(wire, Ordering::Relaxed);
-                metrics::counter!("geokv_replication_shipped_bytes_total", "destination" => self.state.destination.clone())
+                if self.behind_retention(read_pos)? {
+                    if in_flight.is_empty() {
+                        let through = self.repair(channel.clone()).await?;
+                        read_pos = read_pos.max(through);
+                        self.state.acked_seq.fetch_max(through, Ordering::AcqRel);
+                        self.persist_cursor();
+                        last_persist = Instant::now();
+                        continue;
+                    }
+                    // Frames still in flight: wait for their acks, then repair.
+                } else {
+                    let (frame, bytes) = self.next_frame(read_pos, head)?;
+                    read_pos = frame.through_seq;
+                    let wire = frame.entries.len() as u64;
+                    in_flight.push_back(InFlight { through_seq: frame.through_seq, bytes });
+                    self.state.in_flight_bytes.fetch_add(bytes, Ordering::Relaxed);
+                    tx.send(frame).await.map_err(|_| unreachable("stream closed".into()))?;
+                    self.state.shipped_bytes.fetch_add(wire, Ordering::Relaxed);
+                    metrics::counter!("geokv_replication_shipped_bytes_total", "destination" => self.state.destination.clone())
                     .increment(wire);
-                continue;
+                    continue;
+                }
             }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -283,10 +352,61 @@ impl Shipper {
         }
     }
 
+    /// Whether entries after `after` were trimmed from the log before this
+    /// link sent them.
+    fn behind_retention(&self, after: u64) -> Result<bool, KvError> {
+        let start = (after + 1).to_be_bytes();
+        let first = self
+            .node
+            .engine()
+            .scan(Cf::ReplLog, &start, None, 1)
+            .map_err(|e| KvError::Storage(e.to_string()))?;
+        Ok(match first.first() {
+            Some((k, _)) => {
+                <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes).unwrap_or(0) > after + 1
+            }
+            // Nothing at or after `after + 1` although the head is beyond it.
+            None => true,
+        })
+    }
+
+    /// Runs Merkle-tree anti-entropy towards this link's destination node
+    /// and returns the log position it now has everything through.
+    async fn repair(&self, channel: tonic::transport::Channel) -> Result<u64, KvError> {
+        let labels = [("destination", self.state.destination.clone())];
+        self.state.repairing.store(true, Ordering::Release);
+        self.state.repairs_started.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("geokv_antientropy_repairs_started_total", &labels).increment(1);
+        tracing::info!(destination = %self.state.destination, node = %self.state.destination_node,
+            acked = self.state.acked_seq.load(Ordering::Acquire), "destination is behind log retention: repairing");
+        let result =
+            super::repair::run(&self.node, &self.state, channel, self.cfg.repair_batch_rows_max).await;
+        self.state.repairing.store(false, Ordering::Release);
+        let mut error = self.state.repair_error.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(o) => {
+                error.clear();
+                self.state.repairs_finished.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("geokv_antientropy_repairs_finished_total", &labels).increment(1);
+                tracing::info!(destination = %self.state.destination, node = %self.state.destination_node,
+                    through = o.through_seq, leaves = o.leaves_differing, rows = o.rows_sent, bytes = o.bytes_sent,
+                    "repair finished");
+                Ok(o.through_seq)
+            }
+            Err(e) => {
+                *error = e.to_string();
+                metrics::counter!("geokv_antientropy_repairs_failed_total", &labels).increment(1);
+                Err(e)
+            }
+        }
+    }
+
     /// Reads the next run of log entries after `after`, leaving out those
-    /// the destination may not hold; returns the frame and its raw bytes.
+    /// the destination may not hold and those of partitions another node of
+    /// the destination region owns; returns the frame and its raw bytes.
     fn next_frame(&self, after: u64, head: u64) -> Result<(pb::ShipFrame, u64), KvError> {
         let cfg = self.node.config();
+        let topology = self.node.topology();
         let start = (after + 1).to_be_bytes();
         let rows = self
             .node
@@ -311,7 +431,12 @@ impl Shipper {
             })?;
             let zone = entry.row.as_ref().map(|r| r.zone.as_str()).unwrap_or("");
             through = seq;
-            if super::frame::zone_allows(cfg, zone, &self.state.destination) {
+            let owned = topology
+                .owner_of(&self.state.destination, &entry.table, &entry.key)
+                .is_some_and(|n| n.id == self.state.destination_node);
+            if !owned {
+                // Another node of the destination region owns this partition.
+            } else if super::frame::zone_allows(cfg, zone, &self.state.destination) {
                 bytes += v.len() as u64;
                 entries.push(entry);
             } else {
