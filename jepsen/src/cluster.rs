@@ -29,6 +29,8 @@ pub const EU_LOCALITIES: [(&str, &str); 2] = [("FR", "eu-west-1"), ("DE", "eu-ce
 
 /// Tables every run's nodes are configured with.
 pub const TABLE_REGISTERS: &str = "registers";
+/// Rows in a consensus group (STRONG writes and reads, CAS).
+pub const TABLE_STRONG_REGISTERS: &str = "strong_registers";
 pub const TABLE_COUNTERS: &str = "counters";
 pub const TABLE_SETS: &str = "sets";
 pub const TABLE_EU_USERS: &str = "eu_users";
@@ -508,6 +510,9 @@ fn config_text(
     out.push_str(&format!("[[tables]]\nname = \"default\"\ndefault_home_region = \"{first}\"\n\n"));
     out.push_str(&format!(
         "[[tables]]\nname = \"{TABLE_REGISTERS}\"\nlocality = \"by_table\"\nhome_region = \"{first}\"\nconflict = \"lww\"\n\n"
+    ));
+    out.push_str(&format!(
+        "[[tables]]\nname = \"{TABLE_STRONG_REGISTERS}\"\ndefault_home_region = \"{first}\"\ndefault_consistency = \"strong\"\n\n"
     ));
     out.push_str(&format!(
         "[[tables]]\nname = \"{TABLE_COUNTERS}\"\ndefault_home_region = \"{first}\"\ndefault_consistency = \"eventual\"\n\n"

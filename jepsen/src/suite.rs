@@ -20,15 +20,24 @@ use crate::workload::WorkloadKind;
 pub struct Scenario {
     pub workload: WorkloadKind,
     pub nemesis: NemesisKind,
+    /// Clients per region; 0 keeps the run's default. STRONG operations
+    /// wait for a consensus round across regions, so that workload needs
+    /// more clients to reach its operation count in the same time.
+    pub clients_per_region: usize,
 }
 
 const fn s(workload: WorkloadKind, nemesis: NemesisKind) -> Scenario {
-    Scenario { workload, nemesis }
+    Scenario { workload, nemesis, clients_per_region: 0 }
 }
 
-/// The full suite. The register runs against the home region's node (see
-/// `run::notes`), so it meets the faults that reach that node: kill,
-/// pause, skew; network faults change nothing for it until STRONG exists.
+const fn strong(nemesis: NemesisKind) -> Scenario {
+    Scenario { workload: WorkloadKind::StrongRegister, nemesis, clients_per_region: 5 }
+}
+
+/// The full suite. The LOCAL register runs against the home region's node
+/// (see `run::notes`), so it meets the faults that reach that node: kill,
+/// pause, skew; the STRONG register (clients in every region, a consensus
+/// group across regions) meets partitions and kills.
 pub const FULL: &[Scenario] = &[
     s(WorkloadKind::Register, NemesisKind::None),
     s(WorkloadKind::Register, NemesisKind::Kill),
@@ -44,6 +53,8 @@ pub const FULL: &[Scenario] = &[
     s(WorkloadKind::Residency, NemesisKind::Latency),
     s(WorkloadKind::Residency, NemesisKind::Kill),
     s(WorkloadKind::Counter, NemesisKind::Pause),
+    strong(NemesisKind::Partition),
+    strong(NemesisKind::Kill),
 ];
 
 /// The CI smoke: a few short scenarios touching every checker.
@@ -94,6 +105,11 @@ pub async fn run(
             seed,
             ops: sizing.ops,
             out: dir.clone(),
+            clients_per_region: if sc.clients_per_region > 0 {
+                sc.clients_per_region
+            } else {
+                base.clients_per_region
+            },
             ..base.clone()
         };
         eprintln!(

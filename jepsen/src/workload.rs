@@ -25,13 +25,17 @@ use geokv_client::{Client, ClientConfig, Consistency, ReadConsistency, Row, Writ
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{EU_LOCALITIES, TABLE_COUNTERS, TABLE_EU_USERS, TABLE_REGISTERS, TABLE_SETS};
+use crate::cluster::{
+    EU_LOCALITIES, TABLE_COUNTERS, TABLE_EU_USERS, TABLE_REGISTERS, TABLE_SETS, TABLE_STRONG_REGISTERS,
+};
 use crate::history::{Kind, Recorder, Value, F};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum WorkloadKind {
     Register,
+    /// Register at STRONG (a consensus group per home), with CAS.
+    StrongRegister,
     Counter,
     Set,
     Residency,
@@ -41,6 +45,7 @@ impl WorkloadKind {
     pub fn name(self) -> &'static str {
         match self {
             WorkloadKind::Register => "register",
+            WorkloadKind::StrongRegister => "strong-register",
             WorkloadKind::Counter => "counter",
             WorkloadKind::Set => "set",
             WorkloadKind::Residency => "residency",
@@ -123,6 +128,10 @@ pub fn register_row(key: &str) -> Row {
     Row::new(TABLE_REGISTERS, key.as_bytes().to_vec())
 }
 
+pub fn strong_row(key: &str) -> Row {
+    Row::new(TABLE_STRONG_REGISTERS, key.as_bytes().to_vec())
+}
+
 pub fn counter_row(key: &str) -> Row {
     Row::new(TABLE_COUNTERS, key.as_bytes().to_vec())
 }
@@ -161,6 +170,23 @@ pub fn plan(kind: WorkloadKind, rng: &mut impl Rng, shared: &Shared, written: &[
             } else {
                 let v = shared.next_value.fetch_add(1, Ordering::Relaxed) as i64 + 1;
                 Planned { f: F::Write, key, value: Value::Int(v), level: "LOCAL" }
+            }
+        }
+        WorkloadKind::StrongRegister => {
+            let key = format!("r{}", rng.random_range(0..REGISTER_KEYS));
+            let written = shared.next_value.load(Ordering::Relaxed) as i64;
+            match rng.random_range(0..10) {
+                0..=3 => Planned { f: F::Read, key, value: Value::None, level: "STRONG" },
+                4..=7 => {
+                    let v = shared.next_value.fetch_add(1, Ordering::Relaxed) as i64 + 1;
+                    Planned { f: F::Write, key, value: Value::Int(v), level: "STRONG" }
+                }
+                _ => {
+                    // Expect one of the latest values, so some CASes succeed.
+                    let from = (written - rng.random_range(0..4)).max(1);
+                    let to = shared.next_value.fetch_add(1, Ordering::Relaxed) as i64 + 1;
+                    Planned { f: F::Cas, key, value: Value::Pair([from, to]), level: "STRONG" }
+                }
             }
         }
         WorkloadKind::Counter => {
@@ -221,6 +247,41 @@ pub async fn perform(kind: WorkloadKind, client: &Client, p: &Planned) -> (Kind,
                         [one] => Value::Int(*one),
                         _ => Value::List(vals),
                     }
+                })
+            }
+            (WorkloadKind::StrongRegister, F::Read) => {
+                client.get(&strong_row(&p.key), ReadConsistency::Strong).await.map(|g| {
+                    let vals: Vec<i64> = g.values().iter().filter_map(|v| decode(v)).collect();
+                    match vals.as_slice() {
+                        [] => Value::None,
+                        [one] => Value::Int(*one),
+                        _ => Value::List(vals),
+                    }
+                })
+            }
+            (WorkloadKind::StrongRegister, F::Write) => {
+                let v = p.value.as_int().unwrap_or_default();
+                let strong = WriteOptions::default().consistency(Consistency::Strong);
+                client.put(&strong_row(&p.key), v.to_string().into_bytes(), strong).await.map(|_| Value::None)
+            }
+            (WorkloadKind::StrongRegister, F::Cas) => {
+                let [from, to] = match p.value {
+                    Value::Pair(pair) => pair,
+                    _ => [0, 0],
+                };
+                let r = client
+                    .compare_and_set(
+                        &strong_row(&p.key),
+                        Some(from.to_string().into_bytes()),
+                        Some(to.to_string().into_bytes()),
+                        None,
+                    )
+                    .await;
+                // A CAS whose compare failed saw the current value: a read.
+                r.map(|c| match (c.succeeded, c.current) {
+                    (true, _) => Value::Pair([from, to]),
+                    (false, None) => Value::List(vec![]),
+                    (false, Some((v, _))) => Value::List(decode(&v).into_iter().collect()),
                 })
             }
             (WorkloadKind::Register, F::Write) => {
@@ -303,7 +364,12 @@ pub async fn client_loop(spec: ClientSpec, shared: Shared) {
         if shared.kind == WorkloadKind::Residency && p.f == F::Write && kind != Kind::Fail {
             written.push(p.key.clone());
         }
-        let write = if crate::history::is_read(p.f) { value } else { p.value.clone() };
+        // Reads and CASes complete with what they found; writes with their argument.
+        let write = if crate::history::is_read(p.f) || (p.f == F::Cas && kind == Kind::Ok) {
+            value
+        } else {
+            p.value.clone()
+        };
         shared.recorder.complete(inv, kind, write, error);
         // Exponentially distributed think time around the mean, capped.
         let u: f64 = rng.random_range(0.0001..1.0);

@@ -239,6 +239,12 @@ pub fn entries_by_key(ops: &[Op]) -> std::collections::BTreeMap<String, Vec<Entr
             (F::Read, Value::List(_)) => RegOp::Read(Some(i64::MIN)),
             (F::Write, Value::Int(v)) => RegOp::Write(*v),
             (F::Cas, Value::Pair([from, to])) => RegOp::Cas { from: *from, to: *to },
+            // A CAS whose compare failed, with the value it found instead.
+            (F::Cas, Value::List(found)) if o.outcome == Kind::Ok => match found.as_slice() {
+                [] => RegOp::Read(None),
+                [v] => RegOp::Read(Some(*v)),
+                _ => RegOp::Read(Some(i64::MIN)),
+            },
             _ => continue,
         };
         keys.entry(o.key.clone()).or_default().push(Entry {
@@ -248,7 +254,35 @@ pub fn entries_by_key(ops: &[Op]) -> std::collections::BTreeMap<String, Vec<Entr
             id: o.id,
         });
     }
+    for entries in keys.values_mut() {
+        drop_unobserved_unknowns(entries);
+    }
     keys
+}
+
+/// Removes unknown writes (and CASes) whose value no acknowledged operation
+/// observed. "Never took effect" is always allowed for an unknown
+/// operation, and a write nobody observed can be taken out of any
+/// linearization without changing what another operation saw (no read
+/// returned its value, no CAS expected it), so this keeps the verdict and
+/// spares the search the subsets of pending writes that a crash leaves.
+pub fn drop_unobserved_unknowns(entries: &mut Vec<Entry>) {
+    let observed: std::collections::HashSet<i64> = entries
+        .iter()
+        .filter(|e| e.complete_us.is_some())
+        .filter_map(|e| match e.op {
+            RegOp::Read(Some(v)) => Some(v),
+            RegOp::Cas { from, .. } => Some(from),
+            _ => None,
+        })
+        .collect();
+    entries.retain(|e| {
+        e.complete_us.is_some()
+            || match e.op {
+                RegOp::Write(v) | RegOp::Cas { to: v, .. } => observed.contains(&v),
+                RegOp::Read(_) => false,
+            }
+    });
 }
 
 /// Checks every register key; unknown if any key is undecided, failed if
@@ -410,6 +444,26 @@ mod tests {
         let last_read = h.iter().rposition(|e| matches!(e.op, RegOp::Read(Some(_)))).unwrap();
         h[last_read].op = RegOp::Read(Some(-1));
         assert!(matches!(decide(&h), KeyResult::Violation { .. }));
+    }
+
+    #[test]
+    fn unobserved_unknown_writes_are_dropped_and_observed_ones_kept() {
+        // 200 unknown writes after a crash, two of them observed later.
+        let mut h: Vec<Entry> = vec![ok(RegOp::Write(1), 0, 1)];
+        h.extend((2..202).map(|v| unknown(RegOp::Write(v), 10 + v as u64)));
+        h.push(ok(RegOp::Read(Some(7)), 1_000, 1_001));
+        h.push(ok(RegOp::Cas { from: 9, to: 500 }, 1_002, 1_003));
+        h.push(ok(RegOp::Read(Some(500)), 1_004, 1_005));
+        let mut kept = h.clone();
+        drop_unobserved_unknowns(&mut kept);
+        assert_eq!(kept.len(), 6, "{kept:?}");
+        // Write 9 must precede the CAS, write 7 the read of 7: 7 then 9.
+        assert_eq!(decide(&kept), KeyResult::Linearizable);
+        // A value nobody wrote is still a violation after the pruning.
+        kept.push(ok(RegOp::Read(Some(3)), 2_000, 2_001));
+        let mut again = kept.clone();
+        drop_unobserved_unknowns(&mut again);
+        assert!(matches!(decide(&again), KeyResult::Violation { .. }));
     }
 
     #[test]

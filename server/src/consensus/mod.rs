@@ -65,7 +65,10 @@ pub enum Command {
     Control(ControlCommand),
     /// A STRONG write; `request_id` (the client's idempotency key) makes a
     /// retried command return the first outcome instead of applying twice.
-    Strong { request_id: Option<String>, op: StrongCommand },
+    Strong {
+        request_id: Option<String>,
+        op: StrongCommand,
+    },
 }
 
 /// The reply to a committed command.

@@ -111,7 +111,9 @@ impl LeaseGuard for Leases {
             return EntryFence::Current;
         }
         match state.epoch_record(home, epoch).and_then(|r| r.ended_ms) {
-            Some(ended) if hlc_ms < ended.saturating_add(self.max_offset_ms) => EntryFence::LateButValid { current },
+            Some(ended) if hlc_ms < ended.saturating_add(self.max_offset_ms) => {
+                EntryFence::LateButValid { current }
+            }
             Some(_) => EntryFence::Fenced { current },
             // The record aged out of the bounded history: the write is far
             // older than any epoch kept, so it predates every later epoch's
@@ -226,7 +228,8 @@ impl Failover {
                         let started = Instant::now();
                         match self.propose(grant(l.epoch, target.clone(), GrantReason::Failover)).await {
                             Ok(ControlReply::Lease(new)) => {
-                                metrics::counter!("geokv_failovers_total", "home" => home.clone()).increment(1);
+                                metrics::counter!("geokv_failovers_total", "home" => home.clone())
+                                    .increment(1);
                                 metrics::histogram!("geokv_failover_commit_seconds")
                                     .record(started.elapsed().as_secs_f64());
                                 metrics::histogram!("geokv_failover_unavailable_seconds")
@@ -234,7 +237,9 @@ impl Failover {
                                 tracing::warn!(home = %home, from = %l.holder, to = %new.holder, epoch = new.epoch,
                                     "failover: lease lapsed, home moved");
                             }
-                            Ok(ControlReply::Rejected { why }) => tracing::debug!(home = %home, why, "failover refused"),
+                            Ok(ControlReply::Rejected { why }) => {
+                                tracing::debug!(home = %home, why, "failover refused")
+                            }
                             Ok(ControlReply::Done) => {}
                             Err(e) => tracing::debug!(home = %home, error = %e, "failover proposal failed"),
                         }
@@ -320,7 +325,8 @@ impl Failover {
         let tail = self.node.log_seq();
         let mut shipped = false;
         for _ in 0..(HANDOVER_TIMEOUT.as_millis() / 20) {
-            if self.replicator.acked_through(&to).is_some_and(|a| a >= tail) || !self.replicator.ships_to(&to) {
+            if self.replicator.acked_through(&to).is_some_and(|a| a >= tail) || !self.replicator.ships_to(&to)
+            {
                 shipped = true;
                 break;
             }
@@ -331,8 +337,9 @@ impl Failover {
         }
         if !shipped {
             tracing::warn!(home = %lease.home, to = %to, "handover timed out shipping the tail; resuming");
-            let _ =
-                self.propose(ControlCommand::Drain { home: lease.home.clone(), epoch: lease.epoch, to: None }).await;
+            let _ = self
+                .propose(ControlCommand::Drain { home: lease.home.clone(), epoch: lease.epoch, to: None })
+                .await;
             return;
         }
         let cmd = ControlCommand::Grant {
@@ -359,7 +366,8 @@ impl Failover {
         let voters = crate::consensus::region_voters(&self.cfg);
         let mut order: Vec<_> = voters.iter().filter(|m| m.region == self.cfg.region).collect();
         order.extend(voters.iter().filter(|m| m.region != self.cfg.region));
-        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.consensus.renew_every_ms.min(250)));
+        let mut tick =
+            tokio::time::interval(Duration::from_millis(self.cfg.consensus.renew_every_ms.min(250)));
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
