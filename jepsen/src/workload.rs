@@ -238,19 +238,13 @@ pub async fn perform(kind: WorkloadKind, client: &Client, p: &Planned) -> (Kind,
     let local = WriteOptions::default().consistency(Consistency::Local);
     let fut = async {
         match (kind, p.f) {
-            (WorkloadKind::Register, F::Read) | (WorkloadKind::Residency, F::Read) => {
-                let row = if kind == WorkloadKind::Register { register_row(&p.key) } else { eu_row(&p.key) };
-                client.get(&row, ReadConsistency::Local).await.map(|g| {
-                    let vals: Vec<i64> = g.values().iter().filter_map(|v| decode(v)).collect();
-                    match vals.as_slice() {
-                        [] => Value::None,
-                        [one] => Value::Int(*one),
-                        _ => Value::List(vals),
-                    }
-                })
-            }
-            (WorkloadKind::StrongRegister, F::Read) => {
-                client.get(&strong_row(&p.key), ReadConsistency::Strong).await.map(|g| {
+            (WorkloadKind::Register | WorkloadKind::Residency | WorkloadKind::StrongRegister, F::Read) => {
+                let (row, level) = match kind {
+                    WorkloadKind::Register => (register_row(&p.key), ReadConsistency::Local),
+                    WorkloadKind::StrongRegister => (strong_row(&p.key), ReadConsistency::Strong),
+                    _ => (eu_row(&p.key), ReadConsistency::Local),
+                };
+                client.get(&row, level).await.map(|g| {
                     let vals: Vec<i64> = g.values().iter().filter_map(|v| decode(v)).collect();
                     match vals.as_slice() {
                         [] => Value::None,
