@@ -317,8 +317,10 @@ async fn final_reads(cluster: &Cluster, kind: WorkloadKind, recorder: &Recorder,
         |f: F, key: &str| workload::Planned { f, key: key.to_string(), value: Value::None, level: "LOCAL" };
     match kind {
         WorkloadKind::Register | WorkloadKind::StrongRegister => {
+            let level = if kind == WorkloadKind::StrongRegister { "STRONG" } else { "LOCAL" };
             for k in 0..workload::REGISTER_KEYS {
-                plans.push((regions[0].clone(), read(F::Read, &format!("r{k}"))));
+                let p = workload::Planned { level, ..read(F::Read, &format!("r{k}")) };
+                plans.push((regions[0].clone(), p));
             }
         }
         WorkloadKind::Counter => {
