@@ -14,10 +14,11 @@
 //!   and proposes commands, forwarding them to a group's leader.
 //!
 //! Membership is static and derived from the config: the control plane has
-//! one voter per region (the region's first node); the STRONG group of a
-//! home has one voter per replica region of the home's zone, so residency
-//! holds in consensus membership too. Nodes that are not voters of a group
-//! forward to one that is.
+//! one voter in each of the first `consensus.voters_max` regions (the
+//! region's first node); the STRONG group of a home has one voter in the
+//! home region and the next regions of its failover order inside the zone,
+//! so residency holds in consensus membership too. Nodes that are not
+//! voters of a group forward to one that is.
 
 pub mod control;
 pub mod network;
@@ -169,10 +170,24 @@ pub fn lease_homes(cfg: &Config) -> BTreeSet<(String, String)> {
     out
 }
 
-/// Voters of the STRONG group of (home, zone): the voter of each replica region.
-pub fn strong_members(cfg: &Config, zone: &str) -> Vec<Member> {
-    let allowed = cfg.zone_regions(zone);
-    region_voters(cfg).into_iter().filter(|m| allowed.contains(&m.region)).collect()
+/// Voters of the control plane: the first `consensus.voters_max` regions
+/// in config order (list nearby regions first: every commit waits for the
+/// slowest member of a majority). Other regions observe the state.
+pub fn control_members(cfg: &Config) -> Vec<Member> {
+    region_voters(cfg).into_iter().take(cfg.consensus.voters_max).collect()
+}
+
+/// Voters of the STRONG group of (home, zone): the home region and the next
+/// regions of its failover order, all inside the zone, at most
+/// `consensus.voters_max`. Residency holds in membership: no voter is
+/// outside the zone.
+pub fn strong_members(cfg: &Config, home: &str, zone: &str) -> Vec<Member> {
+    let voters = region_voters(cfg);
+    cfg.failover_order(home, zone)
+        .into_iter()
+        .filter_map(|r| voters.iter().find(|m| m.region == r).cloned())
+        .take(cfg.consensus.voters_max)
+        .collect()
 }
 
 /// One Raft group this node is a voter of.
@@ -284,13 +299,13 @@ impl Consensus {
 
         let mut wanted: Vec<(String, Vec<Member>, Option<String>, Arc<dyn Machine>)> = vec![(
             CONTROL_GROUP.to_string(),
-            region_voters(&cfg),
+            control_members(&cfg),
             None,
             Arc::new(ControlMachine { tx: control_tx.clone() }),
         )];
         for (home, zone) in strong_homes(&cfg) {
             let key = control::home_key(&home, &zone);
-            wanted.push((strong_group(&key), strong_members(&cfg, &zone), Some(home), Arc::new(StrongMachine)));
+            wanted.push((strong_group(&key), strong_members(&cfg, &home, &zone), Some(home), Arc::new(StrongMachine)));
         }
         let mut groups = BTreeMap::new();
         let mut members = BTreeMap::new();
