@@ -75,6 +75,22 @@ impl LeaseGuard for Leases {
             return Err(KvError::HomeUnavailable { home: home.into(), why: "no region holds it yet".into() });
         };
         if lease.holder != self.region {
+            // A region that held the home under an older epoch is fenced,
+            // not merely elsewhere: it must never accept a write for it.
+            if let Some(old) = state
+                .history
+                .get(home)
+                .and_then(|h| h.iter().rev().find(|r| r.holder == self.region && r.epoch < lease.epoch))
+            {
+                metrics::counter!("geokv_fenced_total", "kind" => "write").increment(1);
+                return Err(KvError::Fenced {
+                    home: home.into(),
+                    epoch: old.epoch,
+                    current: lease.epoch,
+                    why: format!("superseded: {} serves it under epoch {}", lease.holder, lease.epoch),
+                    holder: Some(lease.holder.clone()),
+                });
+            }
             return Err(KvError::NotHome { home: lease.holder.clone(), here: self.region.clone() });
         }
         if lease.draining_to.is_some() {
@@ -97,6 +113,7 @@ impl LeaseGuard for Leases {
                 (now + self.max_offset_ms).saturating_sub(lease.expires_ms),
                 self.max_offset_ms
             ),
+            holder: None,
         })
     }
 
