@@ -139,8 +139,9 @@ impl Default for ReplicationConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsensusConfig {
-    /// Raft heartbeat interval, in milliseconds; keep it under a third of
-    /// the election timeout and above the slowest round trip.
+    /// Raft heartbeat interval, in milliseconds. It is also the deadline of
+    /// each AppendEntries, so it must exceed the slowest round trip between
+    /// voters (plus fsync time); keep it under a third of the election timeout.
     pub heartbeat_ms: u64,
     /// A follower starts an election after this long without a leader, in
     /// milliseconds (randomised up to `election_timeout_max_ms`).
@@ -167,20 +168,25 @@ pub struct ConsensusConfig {
     /// How long a LOCAL write waits for its home to get a lease (at
     /// startup, or during a failover) before failing, in milliseconds.
     pub lease_wait_ms: u64,
+    /// Voters per consensus group (odd): the control plane takes the first
+    /// regions in config order, a STRONG group its home and the next
+    /// regions of the failover order. 3 survives the loss of one region.
+    pub voters_max: usize,
 }
 
 impl Default for ConsensusConfig {
     fn default() -> Self {
         Self {
-            heartbeat_ms: 250,
-            election_timeout_min_ms: 1000,
-            election_timeout_max_ms: 1800,
-            lease_ms: 2500,
-            renew_every_ms: 400,
+            heartbeat_ms: 300,
+            election_timeout_min_ms: 900,
+            election_timeout_max_ms: 1400,
+            lease_ms: 3000,
+            renew_every_ms: 300,
             manual_only: false,
             failback_after_ms: 10_000,
             failover_order: BTreeMap::new(),
             lease_wait_ms: 4000,
+            voters_max: 3,
         }
     }
 }
@@ -609,6 +615,9 @@ impl Config {
                 "consensus.lease_ms",
                 "must exceed twice clock.max_offset_ms and twice renew_every_ms (renew_every_ms at least 1)",
             ));
+        }
+        if c.voters_max == 0 || c.voters_max % 2 == 0 || c.voters_max > 7 {
+            return Err(bad("consensus.voters_max", "must be odd, 1 to 7"));
         }
         for (home, order) in &c.failover_order {
             for r in std::iter::once(home).chain(order) {

@@ -76,7 +76,15 @@ pub enum KvError {
         retry_after_ms: u64,
     },
     #[error("home `{home}`: {why} (this region holds epoch {epoch}, the current epoch is {current})")]
-    Fenced { home: String, epoch: u64, current: u64, why: String },
+    Fenced {
+        home: String,
+        epoch: u64,
+        current: u64,
+        why: String,
+        /// The region serving the home now, when known (a request that was
+        /// not forwarded yet is sent there).
+        holder: Option<String>,
+    },
     #[error("home `{home}` has no region serving it right now: {why}")]
     HomeUnavailable { home: String, why: String },
     #[error("consensus group `{group}` cannot commit: {why}")]
@@ -177,8 +185,11 @@ impl KvError {
             KvError::ReplicaStale { region, .. } | KvError::RegionUnreachable { region, .. } => {
                 m.insert("region".into(), region.clone());
             }
-            KvError::Fenced { home, epoch, current, .. } => {
+            KvError::Fenced { home, epoch, current, holder, .. } => {
                 m.insert("home".into(), home.clone());
+                if let Some(h) = holder {
+                    m.insert("holder".into(), h.clone());
+                }
                 m.insert("epoch".into(), epoch.to_string());
                 m.insert("current_epoch".into(), current.to_string());
             }

@@ -119,7 +119,10 @@ async function main() {
     check(true, `page polled /dashboard/data at least ${POLLS_MIN} times`);
 
     const data = await page.evaluate(() => window.geokvDashboard.state.data);
-    const pairs = data.links.map((l) => l.source + ARROW + l.destination);
+    // One link per destination node: the legend names the node too.
+    const pairs = data.links.map(
+      (l) => l.source + ARROW + l.destination + (l.destination_node ? "/" + l.destination_node : ""),
+    );
     check(pairs.length === opts.regions - 1, `node reports ${opts.regions - 1} outgoing links`, pairs.join(", "));
 
     // The lag chart: a uPlot instance whose series are the link pairs.

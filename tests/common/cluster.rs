@@ -521,6 +521,18 @@ impl DevCluster {
         pids.first().copied()
     }
 
+    /// Stops `region`'s node with SIGSTOP (a process frozen like in a long
+    /// GC pause); [`DevCluster::unpause`] continues it.
+    pub fn pause(&self, region: &str) {
+        let pid = self.node_pid(region).unwrap_or_else(|| panic!("no running node of {region} to pause"));
+        signal(pid, libc::SIGSTOP);
+    }
+
+    pub fn unpause(&self, region: &str) {
+        let pid = self.node_pid(region).unwrap_or_else(|| panic!("no running node of {region} to continue"));
+        signal(pid, libc::SIGCONT);
+    }
+
     /// Kills `region`'s node with SIGKILL, as a crash would, and waits until
     /// it is dead. The other regions and the proxies keep running.
     pub fn kill_9(&mut self, region: &str) {

@@ -121,6 +121,33 @@ struct PeerAddr {
     client: SocketAddr,
 }
 
+/// Raft timing for the emulated WAN: openraft gives each AppendEntries the
+/// heartbeat interval as its deadline, so the interval must exceed the
+/// slowest round trip between regions (plus a margin for fsync and load).
+pub fn consensus_timing(args: &DevArgs) -> (u64, u64, u64) {
+    // The control plane's voters, and the registers table's STRONG group,
+    // are the first three regions.
+    let voters = &args.regions[..args.regions.len().min(3)];
+    let mut rtt_max: f64 = 0.0;
+    for a in voters {
+        for b in voters {
+            if a != b {
+                rtt_max = rtt_max.max(round_trip_ms(a, b) * args.latency_scale);
+            }
+        }
+    }
+    let heartbeat = ((rtt_max * 1.25) as u64 + 60).max(150);
+    let election_min = heartbeat * 3;
+    (heartbeat, election_min, election_min * 8 / 5)
+}
+
+fn consensus_section(args: &DevArgs) -> String {
+    let (heartbeat, min, max) = consensus_timing(args);
+    format!(
+        "\n[consensus]\nheartbeat_ms = {heartbeat}\nelection_timeout_min_ms = {min}\nelection_timeout_max_ms = {max}\n"
+    )
+}
+
 fn config_text(
     args: &DevArgs,
     node: (&str, &str),
@@ -167,6 +194,7 @@ fn config_text(
             "\n[[tables]]\nname = \"eu_users\"\nzone = \"eu\"\ndefault_consistency = \"eventual\"\n",
         );
     }
+    out.push_str(&consensus_section(args));
     // Linearizable registers, led from the first region, replicated to all.
     out.push_str(&format!(
         "\n[[tables]]\nname = \"registers\"\nlocality = \"by_table\"\nhome_region = \"{}\"\n\

@@ -552,7 +552,7 @@ impl pb::kv_server::Kv for KvService {
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
         let o = match self.write_one("put", convert::put_op(req), level, idem).await {
-            Err(KvError::NotHome { home, .. }) if !hops.cross_region => {
+            Err(KvError::NotHome { home, .. } | KvError::Fenced { holder: Some(home), .. }) if !hops.cross_region => {
                 return self
                     .forward_region(&home, &hops, copy, |mut c, r| async move { c.put(r).await })
                     .await;
@@ -579,7 +579,7 @@ impl pb::kv_server::Kv for KvService {
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
         let o = match self.write_one("delete", convert::delete_op(req), level, idem).await {
-            Err(KvError::NotHome { home, .. }) if !hops.cross_region => {
+            Err(KvError::NotHome { home, .. } | KvError::Fenced { holder: Some(home), .. }) if !hops.cross_region => {
                 return self
                     .forward_region(&home, &hops, copy, |mut c, r| async move { c.delete(r).await })
                     .await;
@@ -671,7 +671,7 @@ impl pb::kv_server::Kv for KvService {
         let op = convert::row_ref(req.row.take())
             .map(|row| WriteOp { row, op: RowOp::CounterAdd { delta: req.delta } });
         let o = match self.write_one("counter_add", op, req.consistency, idem).await {
-            Err(KvError::NotHome { home, .. }) if !hops.cross_region => {
+            Err(KvError::NotHome { home, .. } | KvError::Fenced { holder: Some(home), .. }) if !hops.cross_region => {
                 return self
                     .forward_region(&home, &hops, copy, |mut c, r| async move { c.counter_add(r).await })
                     .await;
@@ -746,7 +746,7 @@ impl pb::kv_server::Kv for KvService {
         let members = std::mem::take(&mut req.members);
         let op = convert::row_ref(req.row.take()).map(|row| WriteOp { row, op: RowOp::SetAdd { members } });
         let o = match self.write_one("set_add", op, req.consistency, idem).await {
-            Err(KvError::NotHome { home, .. }) if !hops.cross_region => {
+            Err(KvError::NotHome { home, .. } | KvError::Fenced { holder: Some(home), .. }) if !hops.cross_region => {
                 return self
                     .forward_region(&home, &hops, copy, |mut c, r| async move { c.set_add(r).await })
                     .await;
@@ -775,7 +775,7 @@ impl pb::kv_server::Kv for KvService {
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
         let o = match self.write_one("set_remove", convert::set_remove_op(req), level, idem).await {
-            Err(KvError::NotHome { home, .. }) if !hops.cross_region => {
+            Err(KvError::NotHome { home, .. } | KvError::Fenced { holder: Some(home), .. }) if !hops.cross_region => {
                 return self
                     .forward_region(&home, &hops, copy, |mut c, r| async move { c.set_remove(r).await })
                     .await;

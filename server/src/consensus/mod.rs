@@ -14,10 +14,11 @@
 //!   and proposes commands, forwarding them to a group's leader.
 //!
 //! Membership is static and derived from the config: the control plane has
-//! one voter per region (the region's first node); the STRONG group of a
-//! home has one voter per replica region of the home's zone, so residency
-//! holds in consensus membership too. Nodes that are not voters of a group
-//! forward to one that is.
+//! one voter in each of the first `consensus.voters_max` regions (the
+//! region's first node); the STRONG group of a home has one voter in the
+//! home region and the next regions of its failover order inside the zone,
+//! so residency holds in consensus membership too. Nodes that are not
+//! voters of a group forward to one that is.
 
 pub mod control;
 pub mod network;
@@ -27,8 +28,8 @@ pub mod store;
 pub mod strong;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Cursor;
 use std::sync::Arc;
+use std::io::Cursor;
 use std::time::{Duration, Instant};
 
 use geokv_proto::consensus as pb;
@@ -65,10 +66,7 @@ pub enum Command {
     Control(ControlCommand),
     /// A STRONG write; `request_id` (the client's idempotency key) makes a
     /// retried command return the first outcome instead of applying twice.
-    Strong {
-        request_id: Option<String>,
-        op: StrongCommand,
-    },
+    Strong { request_id: Option<String>, op: StrongCommand },
 }
 
 /// The reply to a committed command.
@@ -172,10 +170,24 @@ pub fn lease_homes(cfg: &Config) -> BTreeSet<(String, String)> {
     out
 }
 
-/// Voters of the STRONG group of (home, zone): the voter of each replica region.
-pub fn strong_members(cfg: &Config, zone: &str) -> Vec<Member> {
-    let allowed = cfg.zone_regions(zone);
-    region_voters(cfg).into_iter().filter(|m| allowed.contains(&m.region)).collect()
+/// Voters of the control plane: the first `consensus.voters_max` regions
+/// in config order (list nearby regions first: every commit waits for the
+/// slowest member of a majority). Other regions observe the state.
+pub fn control_members(cfg: &Config) -> Vec<Member> {
+    region_voters(cfg).into_iter().take(cfg.consensus.voters_max).collect()
+}
+
+/// Voters of the STRONG group of (home, zone): the home region and the next
+/// regions of its failover order, all inside the zone, at most
+/// `consensus.voters_max`. Residency holds in membership: no voter is
+/// outside the zone.
+pub fn strong_members(cfg: &Config, home: &str, zone: &str) -> Vec<Member> {
+    let voters = region_voters(cfg);
+    cfg.failover_order(home, zone)
+        .into_iter()
+        .filter_map(|r| voters.iter().find(|m| m.region == r).cloned())
+        .take(cfg.consensus.voters_max)
+        .collect()
 }
 
 /// One Raft group this node is a voter of.
@@ -287,18 +299,13 @@ impl Consensus {
 
         let mut wanted: Vec<(String, Vec<Member>, Option<String>, Arc<dyn Machine>)> = vec![(
             CONTROL_GROUP.to_string(),
-            region_voters(&cfg),
+            control_members(&cfg),
             None,
             Arc::new(ControlMachine { tx: control_tx.clone() }),
         )];
         for (home, zone) in strong_homes(&cfg) {
             let key = control::home_key(&home, &zone);
-            wanted.push((
-                strong_group(&key),
-                strong_members(&cfg, &zone),
-                Some(home),
-                Arc::new(StrongMachine),
-            ));
+            wanted.push((strong_group(&key), strong_members(&cfg, &home, &zone), Some(home), Arc::new(StrongMachine)));
         }
         let mut groups = BTreeMap::new();
         let mut members = BTreeMap::new();
@@ -322,8 +329,7 @@ impl Consensus {
                     tracing::debug!(group = %name, error = %e, "initialize");
                 }
             }
-            groups
-                .insert(name.clone(), Arc::new(Group { name, raft, sm, members: voters, preferred_region }));
+            groups.insert(name.clone(), Arc::new(Group { name, raft, sm, members: voters, preferred_region }));
         }
         Ok(Arc::new(Self { me, cfg, peers, groups, members, control: control_tx }))
     }
@@ -452,8 +458,7 @@ impl Consensus {
             return Err(Self::unavailable(group, format!("leader {target} has no address")));
         };
         let command = serde_json::to_vec(cmd).map_err(|e| Self::unavailable(group, e))?;
-        let mut req =
-            tonic::Request::new(pb::ProposeRequest { group: group.to_string(), command, hops: hops + 1 });
+        let mut req = tonic::Request::new(pb::ProposeRequest { group: group.to_string(), command, hops: hops + 1 });
         req.set_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10)));
         let reply = client.propose(req).await.map_err(|s| Self::status_error(group, s))?.into_inner();
         let parsed: Reply = serde_json::from_slice(&reply.reply).map_err(|e| Self::unavailable(group, e))?;
@@ -466,13 +471,7 @@ impl Consensus {
 
     /// A linearizable read of a STRONG row: the leader confirms it still
     /// leads (read index) and waits until it applied that far.
-    pub async fn read(
-        &self,
-        group: &str,
-        table: &str,
-        key: &[u8],
-        hops: u32,
-    ) -> Result<Option<StrongValue>, KvError> {
+    pub async fn read(&self, group: &str, table: &str, key: &[u8], hops: u32) -> Result<Option<StrongValue>, KvError> {
         let k = strong::row_key(table, key);
         let deadline = Instant::now() + PROPOSE_TIMEOUT;
         if let Some(g) = self.groups.get(group) {
@@ -485,11 +484,9 @@ impl Consensus {
                     Err(_elapsed) => break,
                     Ok(Ok(_)) => {
                         let v = g.sm.get(&k).map_err(KvError::Storage)?;
-                        return v.map(|b| strong::decode_value(&b)).transpose().map_err(|why| {
-                            KvError::Corrupt {
-                                what: format!("STRONG row {table}/{}", String::from_utf8_lossy(key)),
-                                why,
-                            }
+                        return v.map(|b| strong::decode_value(&b)).transpose().map_err(|why| KvError::Corrupt {
+                            what: format!("STRONG row {table}/{}", String::from_utf8_lossy(key)),
+                            why,
                         });
                     }
                     Ok(Err(e)) => {
@@ -531,31 +528,20 @@ impl Consensus {
         let Some(mut client) = self.peers.client(target) else {
             return Err(Self::unavailable(group, format!("leader {target} has no address")));
         };
-        let mut req = tonic::Request::new(pb::ReadRequest {
-            group: group.to_string(),
-            key: k.to_vec(),
-            hops: hops + 1,
-        });
+        let mut req = tonic::Request::new(pb::ReadRequest { group: group.to_string(), key: k.to_vec(), hops: hops + 1 });
         req.set_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10)));
         let reply = client.read(req).await.map_err(|s| Self::status_error(group, s))?.into_inner();
         if !reply.found {
             return Ok(None);
         }
-        strong::decode_value(&reply.value)
-            .map(Some)
-            .map_err(|why| KvError::Corrupt { what: "STRONG row".into(), why })
+        strong::decode_value(&reply.value).map(Some).map_err(|why| KvError::Corrupt { what: "STRONG row".into(), why })
     }
 
     /// A local, possibly stale read of a STRONG row (LOCAL/BOUNDED reads).
     pub fn read_local(&self, group: &str, table: &str, key: &[u8]) -> Result<Option<StrongValue>, KvError> {
         let Some(g) = self.groups.get(group) else {
             return Err(KvError::ReplicaStale {
-                region: self
-                    .members
-                    .get(group)
-                    .and_then(|m| m.first())
-                    .map(|m| m.region.clone())
-                    .unwrap_or_default(),
+                region: self.members.get(group).and_then(|m| m.first()).map(|m| m.region.clone()).unwrap_or_default(),
                 why: "this node holds no replica of the STRONG group".into(),
             });
         };

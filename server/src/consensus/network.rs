@@ -23,6 +23,9 @@ use tonic::transport::Channel;
 
 use super::{NodeId, TypeConfig};
 
+/// Shortest deadline of one Raft message.
+const RPC_TIMEOUT_MIN: Duration = Duration::from_secs(1);
+
 /// gRPC clients of the other nodes, by Raft node id, connected lazily.
 pub struct Peers {
     addrs: BTreeMap<NodeId, String>,
@@ -105,7 +108,10 @@ impl Connection {
             .map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e.to_string()))))?;
         let mut request =
             tonic::Request::new(pb::RaftRequest { group: self.group.clone(), kind: kind as i32, payload });
-        request.set_timeout(option.hard_ttl());
+        // openraft derives the deadline from the heartbeat interval, which
+        // can be shorter than a WAN round trip; a floor keeps far members
+        // reachable (a slow reply only delays that member's stream).
+        request.set_timeout(option.hard_ttl().max(RPC_TIMEOUT_MIN));
         let reply = match client.raft(request).await {
             Ok(r) => r.into_inner(),
             Err(status) => {

@@ -11,7 +11,7 @@
 //!     the first healthy region of its failover order inside its zone
 //!     (epoch + 1), and starts failback once the home region has been
 //!     healthy for `failback_after_ms`;
-//!   - *renewal and handover* (on each region's voter): renews the leases
+//!   - *renewal and handover* (on each region's first node): renews the leases
 //!     the region holds, and for a home that is draining, waits until the
 //!     tail of the log reached the new holder, then transfers it;
 //!   - *observer* (nodes that are not control-plane voters): copies the
@@ -75,6 +75,22 @@ impl LeaseGuard for Leases {
             return Err(KvError::HomeUnavailable { home: home.into(), why: "no region holds it yet".into() });
         };
         if lease.holder != self.region {
+            // A region that held the home under an older epoch is fenced,
+            // not merely elsewhere: it must never accept a write for it.
+            if let Some(old) = state
+                .history
+                .get(home)
+                .and_then(|h| h.iter().rev().find(|r| r.holder == self.region && r.epoch < lease.epoch))
+            {
+                metrics::counter!("geokv_fenced_total", "kind" => "write").increment(1);
+                return Err(KvError::Fenced {
+                    home: home.into(),
+                    epoch: old.epoch,
+                    current: lease.epoch,
+                    why: format!("superseded: {} serves it under epoch {}", lease.holder, lease.epoch),
+                    holder: Some(lease.holder.clone()),
+                });
+            }
             return Err(KvError::NotHome { home: lease.holder.clone(), here: self.region.clone() });
         }
         if lease.draining_to.is_some() {
@@ -97,6 +113,7 @@ impl LeaseGuard for Leases {
                 (now + self.max_offset_ms).saturating_sub(lease.expires_ms),
                 self.max_offset_ms
             ),
+            holder: None,
         })
     }
 
@@ -111,9 +128,7 @@ impl LeaseGuard for Leases {
             return EntryFence::Current;
         }
         match state.epoch_record(home, epoch).and_then(|r| r.ended_ms) {
-            Some(ended) if hlc_ms < ended.saturating_add(self.max_offset_ms) => {
-                EntryFence::LateButValid { current }
-            }
+            Some(ended) if hlc_ms < ended.saturating_add(self.max_offset_ms) => EntryFence::LateButValid { current },
             Some(_) => EntryFence::Fenced { current },
             // The record aged out of the bounded history: the write is far
             // older than any epoch kept, so it predates every later epoch's
@@ -141,11 +156,16 @@ impl Failover {
         replicator: Arc<Replicator>,
     ) -> Arc<Self> {
         let me = Arc::new(Self { cfg, consensus, node, replicator, cancel: CancellationToken::new() });
+        let region_voter = crate::consensus::region_voters(&me.cfg)
+            .iter()
+            .any(|m| m.region == me.cfg.region && m.id == me.consensus.me);
         if me.consensus.is_control_voter() {
             tokio::spawn(me.clone().leader_loop());
-            tokio::spawn(me.clone().holder_loop());
         } else {
             tokio::spawn(me.clone().observer_loop());
+        }
+        if region_voter {
+            tokio::spawn(me.clone().holder_loop());
         }
         me
     }
@@ -202,10 +222,13 @@ impl Failover {
                 let _ = self.propose(ControlCommand::SetManualOnly { manual_only: true }).await;
             }
             bootstrapped_setting = true;
+            // Decide every home first, then propose concurrently: one slow
+            // commit must not delay the failover of another home.
+            let now = self.now_ms();
+            let c = &self.cfg.consensus;
+            let offset = self.cfg.clock.max_offset_ms;
+            let mut proposals: Vec<(String, Option<HomeLease>, ControlCommand)> = Vec::new();
             for home in &homes {
-                let now = self.now_ms();
-                let c = &self.cfg.consensus;
-                let offset = self.cfg.clock.max_offset_ms;
                 let grant = |expected, holder: String, reason| ControlCommand::Grant {
                     home: home.clone(),
                     expected_epoch: expected,
@@ -215,37 +238,22 @@ impl Failover {
                     max_offset_ms: offset,
                     reason,
                 };
+                let (region, _) = split_home_key(home);
                 match state.leases.get(home) {
-                    None => {
-                        let (region, _) = split_home_key(home);
-                        let _ = self.propose(grant(0, region.to_string(), GrantReason::Initial)).await;
-                    }
+                    None => proposals.push((home.clone(), None, grant(0, region.to_string(), GrantReason::Initial))),
                     Some(l) if now > l.expires_ms.saturating_add(offset) => {
                         if state.manual_only {
                             continue;
                         }
-                        let Some(target) = self.failover_target(home) else { continue };
-                        let started = Instant::now();
-                        match self.propose(grant(l.epoch, target.clone(), GrantReason::Failover)).await {
-                            Ok(ControlReply::Lease(new)) => {
-                                metrics::counter!("geokv_failovers_total", "home" => home.clone())
-                                    .increment(1);
-                                metrics::histogram!("geokv_failover_commit_seconds")
-                                    .record(started.elapsed().as_secs_f64());
-                                metrics::histogram!("geokv_failover_unavailable_seconds")
-                                    .record(now.saturating_sub(l.expires_ms) as f64 / 1000.0);
-                                tracing::warn!(home = %home, from = %l.holder, to = %new.holder, epoch = new.epoch,
-                                    "failover: lease lapsed, home moved");
-                            }
-                            Ok(ControlReply::Rejected { why }) => {
-                                tracing::debug!(home = %home, why, "failover refused")
-                            }
-                            Ok(ControlReply::Done) => {}
-                            Err(e) => tracing::debug!(home = %home, error = %e, "failover proposal failed"),
+                        if let Some(target) = self.failover_target(home) {
+                            proposals.push((
+                                home.clone(),
+                                Some(l.clone()),
+                                grant(l.epoch, target, GrantReason::Failover),
+                            ));
                         }
                     }
                     Some(l) => {
-                        let (region, _) = split_home_key(home);
                         let failback_after = Duration::from_millis(c.failback_after_ms);
                         let ready = healthy_since.get(region).is_some_and(|t| t.elapsed() >= failback_after);
                         if l.holder != region
@@ -256,17 +264,42 @@ impl Failover {
                             && ready
                         {
                             tracing::info!(home = %home, from = %l.holder, "failback: home region healthy again");
-                            let _ = self
-                                .propose(ControlCommand::Drain {
-                                    home: home.clone(),
-                                    epoch: l.epoch,
-                                    to: Some(region.to_string()),
-                                })
-                                .await;
+                            let cmd = ControlCommand::Drain {
+                                home: home.clone(),
+                                epoch: l.epoch,
+                                to: Some(region.to_string()),
+                            };
+                            proposals.push((home.clone(), Some(l.clone()), cmd));
                         }
                     }
                 }
             }
+            let mut set = tokio::task::JoinSet::new();
+            for (home, old, cmd) in proposals {
+                let me = self.clone();
+                set.spawn(async move {
+                    let started = Instant::now();
+                    let is_failover = matches!(cmd, ControlCommand::Grant { reason: GrantReason::Failover, .. });
+                    match me.propose(cmd).await {
+                        Ok(ControlReply::Lease(new)) if is_failover => {
+                            let old = old.as_ref();
+                            metrics::counter!("geokv_failovers_total", "home" => home.clone()).increment(1);
+                            metrics::histogram!("geokv_failover_commit_seconds")
+                                .record(started.elapsed().as_secs_f64());
+                            if let Some(o) = old {
+                                metrics::histogram!("geokv_failover_unavailable_seconds")
+                                    .record(now.saturating_sub(o.expires_ms) as f64 / 1000.0);
+                            }
+                            tracing::warn!(home = %home, from = old.map(|o| o.holder.as_str()).unwrap_or("-"),
+                                to = %new.holder, epoch = new.epoch, "failover: lease lapsed, home moved");
+                        }
+                        Ok(ControlReply::Rejected { why }) => tracing::debug!(home = %home, why, "proposal refused"),
+                        Ok(_) => {}
+                        Err(e) => tracing::debug!(home = %home, error = %e, "proposal failed"),
+                    }
+                });
+            }
+            while set.join_next().await.is_some() {}
         }
     }
 
@@ -325,8 +358,7 @@ impl Failover {
         let tail = self.node.log_seq();
         let mut shipped = false;
         for _ in 0..(HANDOVER_TIMEOUT.as_millis() / 20) {
-            if self.replicator.acked_through(&to).is_some_and(|a| a >= tail) || !self.replicator.ships_to(&to)
-            {
+            if self.replicator.acked_through(&to).is_some_and(|a| a >= tail) || !self.replicator.ships_to(&to) {
                 shipped = true;
                 break;
             }
@@ -337,9 +369,8 @@ impl Failover {
         }
         if !shipped {
             tracing::warn!(home = %lease.home, to = %to, "handover timed out shipping the tail; resuming");
-            let _ = self
-                .propose(ControlCommand::Drain { home: lease.home.clone(), epoch: lease.epoch, to: None })
-                .await;
+            let _ =
+                self.propose(ControlCommand::Drain { home: lease.home.clone(), epoch: lease.epoch, to: None }).await;
             return;
         }
         let cmd = ControlCommand::Grant {
@@ -363,11 +394,10 @@ impl Failover {
 
     /// Copies the control state from a voter (nodes outside the control plane).
     async fn observer_loop(self: Arc<Self>) {
-        let voters = crate::consensus::region_voters(&self.cfg);
+        let voters = crate::consensus::control_members(&self.cfg);
         let mut order: Vec<_> = voters.iter().filter(|m| m.region == self.cfg.region).collect();
         order.extend(voters.iter().filter(|m| m.region != self.cfg.region));
-        let mut tick =
-            tokio::time::interval(Duration::from_millis(self.cfg.consensus.renew_every_ms.min(250)));
+        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.consensus.renew_every_ms.min(250)));
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
