@@ -600,12 +600,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             let client = connect(&conn).await?;
             let r = client
-                .compare_and_set(
-                    &row.row(),
-                    expect.map(String::into_bytes),
-                    value.map(String::into_bytes),
-                    None,
-                )
+                .compare_and_set(&row.row(), expect.map(String::into_bytes), value.map(String::into_bytes), None)
                 .await?;
             if conn.json {
                 println!(
@@ -655,10 +650,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     if conn.json {
                         println!("{}", json!({"manual_only": r.manual_only}));
                     } else {
-                        println!(
-                            "automatic failover {}",
-                            if r.manual_only { "off (manual only)" } else { "on" }
-                        );
+                        println!("automatic failover {}", if r.manual_only { "off (manual only)" } else { "on" });
                     }
                     return Ok(());
                 }

@@ -27,9 +27,7 @@ use crate::consensus::strong::{StrongCommand, StrongReply, StrongValue};
 use crate::consensus::{strong_group, Command, Consensus, Reply as ConsensusReply};
 use crate::error::KvError;
 use crate::kv::row::RowValue;
-use crate::kv::{
-    parse_session, register_view, Node, ReadInfo, ReadResult, RowOp, RowRef, WriteOp, WriteRequest,
-};
+use crate::kv::{parse_session, register_view, Node, ReadInfo, ReadResult, RowOp, RowRef, WriteOp, WriteRequest};
 use crate::residency::{Placement, ReadLevel};
 use crate::topology::{actor_region, NodeRef, Topology};
 
@@ -167,8 +165,7 @@ impl KvService {
     /// Every write to a STRONG table goes through its consensus group; a
     /// STRONG level on another table is refused.
     fn write_path(&self, table: &str, level: Option<Level>) -> Result<Path, KvError> {
-        let t =
-            self.node.config().table(table).ok_or_else(|| KvError::UnknownTable { table: table.into() })?;
+        let t = self.node.config().table(table).ok_or_else(|| KvError::UnknownTable { table: table.into() })?;
         let strong_table = t.default_consistency == Level::Strong;
         match level.unwrap_or(t.default_consistency) {
             _ if strong_table && self.consensus.is_some() => Ok(Path::Strong),
@@ -186,8 +183,7 @@ impl KvService {
 
     /// The path of a read at `level` from `table`.
     fn read_path(&self, table: &str, level: ReadLevel) -> Result<Path, KvError> {
-        let t =
-            self.node.config().table(table).ok_or_else(|| KvError::UnknownTable { table: table.into() })?;
+        let t = self.node.config().table(table).ok_or_else(|| KvError::UnknownTable { table: table.into() })?;
         Ok(match (&self.consensus, t.default_consistency == Level::Strong, level) {
             (Some(_), true, _) => Path::Strong,
             (Some(_), false, ReadLevel::Quorum) => Path::Quorum,
@@ -224,8 +220,7 @@ impl KvService {
             return Err(KvError::LevelUnavailable { level: "STRONG".into() });
         };
         let cfg = self.node.config();
-        let table =
-            cfg.table(&row.table).ok_or_else(|| KvError::UnknownTable { table: row.table.clone() })?;
+        let table = cfg.table(&row.table).ok_or_else(|| KvError::UnknownTable { table: row.table.clone() })?;
         let placement = crate::residency::resolve(cfg, table, &row.locality)?;
         crate::residency::admit_write(&cfg.region, &placement, Level::Eventual)?;
         let group = strong_group(&home_key(&placement.home_region, &placement.zone));
@@ -389,10 +384,7 @@ impl KvService {
                 (Path::Strong, _) => {
                     return Err(KvError::InvalidField {
                         field: "consistency",
-                        why: format!(
-                            "table `{}` is STRONG and holds registers: use put, delete or compare-and-set",
-                            op.row.table
-                        ),
+                        why: format!("table `{}` is STRONG and holds registers: use put, delete or compare-and-set", op.row.table),
                     })
                 }
                 _ => {}
@@ -544,9 +536,7 @@ impl pb::kv_server::Kv for KvService {
         }
         let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
-        if let Some(ack) =
-            self.strong_put_or_delete(&req.row, Some(req.value.clone()), req.consistency, &key).await?
-        {
+        if let Some(ack) = self.strong_put_or_delete(&req.row, Some(req.value.clone()), req.consistency, &key).await? {
             return Ok(Response::new(pb::PutResponse { ack: Some(ack) }));
         }
         let idem = convert::idempotency(key, &req);
@@ -792,15 +782,15 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::CompareAndSetRequest>,
     ) -> Result<Response<pb::CompareAndSetResponse>, Status> {
-        let idempotency_key =
-            request.metadata().get(IDEMPOTENCY_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let idempotency_key = request
+            .metadata()
+            .get(IDEMPOTENCY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let req = request.into_inner();
         let result = async {
             let row = convert::row_ref(req.row)?;
-            self.node
-                .config()
-                .table(&row.table)
-                .ok_or_else(|| KvError::UnknownTable { table: row.table.clone() })?;
+            self.node.config().table(&row.table).ok_or_else(|| KvError::UnknownTable { table: row.table.clone() })?;
             if self.write_path(&row.table, None)? != Path::Strong {
                 return Err(KvError::InvalidField {
                     field: "row.table",
@@ -809,10 +799,7 @@ impl pb::kv_server::Kv for KvService {
             }
             if let Some(v) = &req.value {
                 if v.len() > self.node.config().limits.value_bytes_max {
-                    return Err(KvError::ValueTooLarge {
-                        len: v.len(),
-                        max: self.node.config().limits.value_bytes_max,
-                    });
+                    return Err(KvError::ValueTooLarge { len: v.len(), max: self.node.config().limits.value_bytes_max });
                 }
             }
             let op = StrongCommand::Cas {
