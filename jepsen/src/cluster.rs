@@ -486,6 +486,10 @@ fn config_text(
     out.push_str(&format!("data_dir = {:?}\n", node_dir.join("data").display().to_string()));
     out.push_str(&format!("listen = \"{grpc}\"\nadmin_listen = \"{admin}\"\n\n"));
     out.push_str(&format!("[storage]\nsync = {}\n\n", spec.sync));
+    // No automatic failover: a killed or paused home keeps its homes, so a
+    // LOCAL register at the home stays linearizable; moving homes is the
+    // job of a nemesis (planned failover), not a side effect of kill -9.
+    out.push_str("[consensus]\nmanual_only = true\n\n");
     for r in &spec.regions {
         out.push_str(&format!("[[regions]]\nname = \"{r}\"\n"));
         if let Some((via, client)) = peers.get(r) {
