@@ -19,7 +19,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{DevCluster, Options};
@@ -228,12 +228,12 @@ async fn a_paused_home_is_fenced_after_failover() {
     let cluster = DevCluster::start(0.5).await;
     let writer = cluster.client(EU_WEST).await;
     // (key, epoch, region that accepted it) of every acknowledged write of home us-east-1.
-    let accepted: Arc<Mutex<Vec<(String, u64, String)>>> = Arc::default();
+    let mut accepted: Vec<(String, u64, String)> = Vec::new();
     for i in 0..20 {
         let key = format!("before{i}");
         let ack =
             writer.put(&default_row(&key), b"v".to_vec(), level(Consistency::Local)).await.expect("put");
-        accepted.lock().unwrap().push((key, ack.epoch, ack.accepted_by_region));
+        accepted.push((key, ack.epoch, ack.accepted_by_region));
     }
 
     cluster.pause(US);
@@ -244,7 +244,7 @@ async fn a_paused_home_is_fenced_after_failover() {
         let ack =
             writer.put(&default_row(&key), b"v".to_vec(), level(Consistency::Local)).await.expect("put");
         assert_eq!(ack.accepted_by_region, moved.holder, "the new holder accepts the home's writes");
-        accepted.lock().unwrap().push((key, ack.epoch, ack.accepted_by_region));
+        accepted.push((key, ack.epoch, ack.accepted_by_region));
     }
 
     cluster.unpause(US);
@@ -272,11 +272,11 @@ async fn a_paused_home_is_fenced_after_failover() {
         .await
         .expect("put");
     assert_eq!(ack.accepted_by_region, moved.holder);
-    accepted.lock().unwrap().push(("after-normal".into(), ack.epoch, ack.accepted_by_region));
+    accepted.push(("after-normal".into(), ack.epoch, ack.accepted_by_region));
 
     // One epoch, one accepting region.
     let mut by_epoch: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
-    for (_, epoch, region) in accepted.lock().unwrap().iter() {
+    for (_, epoch, region) in accepted.iter() {
         by_epoch.entry(*epoch).or_default().insert(region.clone());
     }
     for (epoch, regions) in &by_epoch {
@@ -286,7 +286,7 @@ async fn a_paused_home_is_fenced_after_failover() {
 
     // Nothing written is lost, and no refused write exists anywhere.
     cluster.wait_converged(CONVERGE_LIMIT).await;
-    for (key, _, _) in accepted.lock().unwrap().iter() {
+    for (key, _, _) in accepted.iter() {
         let got = us_client.get(&default_row(key), ReadConsistency::Local).await.expect("read");
         assert!(got.found, "acknowledged write {key} is lost");
     }

@@ -388,26 +388,27 @@ impl KvService {
         level: i32,
         idempotency: Result<Option<crate::kv::commit::Idempotency>, KvError>,
     ) -> Result<crate::kv::commit::WriteOutcome, KvError> {
-        let result =
-            async {
-                let op = op?;
-                let level = convert::write_level(level, "consistency")?;
-                match (self.write_path(&op.row, level)?, &self.consensus) {
-                    (Path::Quorum, Some((_, quorum))) => return quorum.write(op, idempotency?).await,
-                    (Path::Strong, _) => return Err(KvError::InvalidField {
+        let result = async {
+            let op = op?;
+            let level = convert::write_level(level, "consistency")?;
+            match (self.write_path(&op.row, level)?, &self.consensus) {
+                (Path::Quorum, Some((_, quorum))) => return quorum.write(op, idempotency?).await,
+                (Path::Strong, _) => {
+                    return Err(KvError::InvalidField {
                         field: "consistency",
                         why: format!(
                             "table `{}` is STRONG and holds registers: use put, delete or compare-and-set",
                             op.row.table
                         ),
-                    }),
-                    _ => {}
+                    })
                 }
-                let req = WriteRequest { ops: vec![op], level, idempotency: idempotency? };
-                let mut outcomes = self.node.write(req).await?;
-                outcomes.pop().ok_or(KvError::Storage("committer returned no outcome".into()))
+                _ => {}
             }
-            .await;
+            let req = WriteRequest { ops: vec![op], level, idempotency: idempotency? };
+            let mut outcomes = self.node.write(req).await?;
+            outcomes.pop().ok_or(KvError::Storage("committer returned no outcome".into()))
+        }
+        .await;
         Self::count(method, &result);
         result
     }

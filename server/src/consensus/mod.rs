@@ -302,7 +302,9 @@ impl Consensus {
         let peers = Arc::new(Peers::new(addrs));
         let (control_tx, _) = watch::channel(ControlState::default());
 
-        let mut wanted: Vec<(String, Vec<Member>, Option<String>, Arc<dyn Machine>)> = vec![(
+        // (group, voters, preferred leader region, state machine)
+        type Wanted = (String, Vec<Member>, Option<String>, Arc<dyn Machine>);
+        let mut wanted: Vec<Wanted> = vec![(
             CONTROL_GROUP.to_string(),
             control_members(&cfg),
             None,

@@ -12,6 +12,10 @@
 //! entries after it (the log is only purged behind a synced snapshot), so
 //! every apply must be deterministic, which [`Machine`] implementations are.
 
+// openraft's storage traits fix the error type (`StorageError`, ~224
+// bytes); the helpers here return it unboxed to match them.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -27,7 +31,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::{Command, NodeId, Reply, TypeConfig};
 use crate::codec;
-use crate::storage::{prefix_end, Cf, Engine, WriteBatch};
+use crate::storage::{prefix_end, Cf, Engine, KvPairs, WriteBatch};
 
 /// Log entries read per scan page while recovering the last log id.
 const SCAN_PAGE: usize = 4096;
@@ -313,7 +317,7 @@ impl StateMachine {
         self.machine.applied(&move |k| engine.get(Cf::Raft, &sm_key(&group, k)).ok().flatten());
     }
 
-    fn all_pairs(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError<NodeId>> {
+    fn all_pairs(&self) -> Result<KvPairs, StorageError<NodeId>> {
         let prefix = group_key(&self.group, b"sm/");
         let end = prefix_end(&prefix);
         let pairs = self.engine.scan(Cf::Raft, &prefix, end.as_deref(), usize::MAX).map_err(io_read)?;
