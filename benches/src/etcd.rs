@@ -74,11 +74,8 @@ pub async fn start_members(bin: &Path, specs: &[MemberSpec], extra_args: &[Strin
     let dir = tempfile::Builder::new().prefix("geokv-load-etcd-").tempdir().context("creating a temp dir")?;
     let client_urls: Vec<String> =
         specs.iter().map(|m| format!("http://127.0.0.1:{}", m.client_port)).collect();
-    let initial_cluster = specs
-        .iter()
-        .map(|m| format!("{}={}", m.name, m.advertise_peer_url))
-        .collect::<Vec<_>>()
-        .join(",");
+    let initial_cluster =
+        specs.iter().map(|m| format!("{}={}", m.name, m.advertise_peer_url)).collect::<Vec<_>>().join(",");
     let mut members = Vec::with_capacity(specs.len());
     for (m, client_url) in specs.iter().zip(&client_urls) {
         let mut cmd = Command::new(&bin);
@@ -165,7 +162,8 @@ impl EtcdCluster {
 /// The member id of the member serving `url`.
 async fn member_id(url: &str) -> Result<u64> {
     let mut m = MaintenanceClient::new(channel(url, Duration::from_secs(1)).await?);
-    let status = m.status(pb::StatusRequest {}).await.with_context(|| format!("status of {url}"))?.into_inner();
+    let status =
+        m.status(pb::StatusRequest {}).await.with_context(|| format!("status of {url}"))?.into_inner();
     status.header.map(|h| h.member_id).context("status without a header")
 }
 

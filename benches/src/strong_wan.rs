@@ -189,7 +189,10 @@ fn dev_ports(seed: u64) -> Result<(u16, u16)> {
 
 impl GeokvDev {
     async fn start(bin: &std::path::Path, scale: f64) -> Result<Self> {
-        let bin = process::require_binary(bin, "build it with `cargo build -p geokv --bin geokv` or pass --geokv-bin")?;
+        let bin = process::require_binary(
+            bin,
+            "build it with `cargo build -p geokv --bin geokv` or pass --geokv-bin",
+        )?;
         let dir = tempfile::Builder::new()
             .prefix("geokv-load-strongwan-")
             .tempdir()
@@ -220,7 +223,11 @@ impl GeokvDev {
                 async move {
                     let client = client(&endpoint, Duration::from_secs(2)).await?;
                     let status = client.region_status().await?;
-                    let group = status.groups.iter().find(|g| g.name == GROUP).context("no group strong/us-east-1")?;
+                    let group = status
+                        .groups
+                        .iter()
+                        .find(|g| g.name == GROUP)
+                        .context("no group strong/us-east-1")?;
                     if group.leader != LEADER {
                         bail!("{GROUP} is led by {:?}, waiting for {LEADER}", group.leader);
                     }
@@ -245,7 +252,11 @@ impl GeokvDev {
     async fn leader(&self) -> Result<String> {
         let status = client(&self.endpoint, Duration::from_secs(5)).await?.region_status().await?;
         let group = status.groups.iter().find(|g| g.name == GROUP).context("no group strong/us-east-1")?;
-        Ok(if group.leader.is_empty() { "-".to_string() } else { format!("{} (term {})", group.leader, group.term) })
+        Ok(if group.leader.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{} (term {})", group.leader, group.term)
+        })
     }
 }
 
@@ -277,7 +288,12 @@ impl EtcdWan {
             let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], peer_port));
             let listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
             let link = proxies
-                .add(&format!("etcd-peer-{region}"), listen, upstream, LinkFaults::symmetric_latency(delays_ms[i]))
+                .add(
+                    &format!("etcd-peer-{region}"),
+                    listen,
+                    upstream,
+                    LinkFaults::symmetric_latency(delays_ms[i]),
+                )
                 .await
                 .with_context(|| format!("starting the proxy in front of etcd member {region}"))?;
             specs.push(MemberSpec {
@@ -296,7 +312,10 @@ impl EtcdWan {
             .map(|(a, b)| table_rtt_ms(a, b) * scale)
             .fold(0.0, f64::max);
         let heartbeat = ((rtt_max * 1.25) as u64 + 60).max(150);
-        let timing = vec![format!("--heartbeat-interval={heartbeat}"), format!("--election-timeout={}", heartbeat * 10)];
+        let timing = vec![
+            format!("--heartbeat-interval={heartbeat}"),
+            format!("--election-timeout={}", heartbeat * 10),
+        ];
         eprintln!("etcd: heartbeat {heartbeat} ms, election timeout {} ms", heartbeat * 10);
         let start = etcd::start_members(bin, &specs, &timing).await;
         let mut cluster = match start {
@@ -332,7 +351,9 @@ pub async fn run(args: &StrongWanArgs, default_geokv_bin: PathBuf) -> Result<()>
     let exact = member_delays(|a, b| emulated_rtt_ms(a, b, scale) as f64);
     let delays: [u64; 3] = [exact[0].round() as u64, exact[1].round() as u64, exact[2].round() as u64];
     let mut setup = String::new();
-    setup.push_str(&format!("latency scale {scale}; round trips in ms (RTT table x scale | geokv dev emulates | etcd gets):\n"));
+    setup.push_str(&format!(
+        "latency scale {scale}; round trips in ms (RTT table x scale | geokv dev emulates | etcd gets):\n"
+    ));
     for (i, a) in REGIONS.iter().enumerate() {
         for b in &REGIONS[i + 1..] {
             let j = REGIONS.iter().position(|r| r == b).unwrap_or(0);
@@ -374,7 +395,9 @@ pub async fn run(args: &StrongWanArgs, default_geokv_bin: PathBuf) -> Result<()>
     };
     for &clients in &args.clients {
         eprintln!("geokv: {clients} clients, {} s warmup + {} s measured", args.warmup_s, args.duration_s);
-        let m = load::run(&running, &shape, clients).await.with_context(|| format!("geokv at {clients} clients"))?;
+        let m = load::run(&running, &shape, clients)
+            .await
+            .with_context(|| format!("geokv at {clients} clients"))?;
         dev.child.check_alive().context("geokv dev after a run")?;
         eprintln!(
             "geokv: {clients} clients: {:.1} ops/s, p50 {:.3} ms, p99 {:.3} ms, {} errors",
@@ -385,7 +408,10 @@ pub async fn run(args: &StrongWanArgs, default_geokv_bin: PathBuf) -> Result<()>
         );
         results.push(m);
     }
-    notes.push(format!("geokv {GROUP} leader after the runs: {}", dev.leader().await.unwrap_or_else(|e| format!("unknown ({e:#})"))));
+    notes.push(format!(
+        "geokv {GROUP} leader after the runs: {}",
+        dev.leader().await.unwrap_or_else(|e| format!("unknown ({e:#})"))
+    ));
     eprintln!("geokv: stopping geokv dev");
     drop(running);
     drop(dev);
@@ -398,7 +424,9 @@ pub async fn run(args: &StrongWanArgs, default_geokv_bin: PathBuf) -> Result<()>
     let outcome: Result<()> = async {
         for &clients in &args.clients {
             eprintln!("etcd: {clients} clients, {} s warmup + {} s measured", args.warmup_s, args.duration_s);
-            let m = load::run(&running, &shape, clients).await.with_context(|| format!("etcd at {clients} clients"))?;
+            let m = load::run(&running, &shape, clients)
+                .await
+                .with_context(|| format!("etcd at {clients} clients"))?;
             running.check_alive().context("etcd after a run")?;
             eprintln!(
                 "etcd: {clients} clients: {:.1} ops/s, p50 {:.3} ms, p99 {:.3} ms, {} errors",
