@@ -9,7 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("geokv_descriptor.bin"))
-        .compile_protos(&["v1/geokv.proto", "v1/storage.proto", "v1/consensus.proto", "v1/control.proto"], &["v1"])?;
+        .compile_protos(
+            &["v1/geokv.proto", "v1/storage.proto", "v1/consensus.proto", "v1/control.proto"],
+            &["v1"],
+        )?;
     println!("cargo:rerun-if-changed=v1");
     Ok(())
 }

@@ -209,20 +209,27 @@ async fn placement_errors_are_typed() {
         "UNKNOWN_LOCALITY",
     );
 
-    // QUORUM and STRONG on a row replicated to three regions need the other
-    // regions, which a single node cannot reach.
-    for level in [pb::WriteConsistency::WriteQuorum, pb::WriteConsistency::WriteStrong] {
-        let mut req = put(row("default", b"q"), b"v");
-        req.consistency = level as i32;
-        expect_error(kv.put(req).await, Code::Unavailable, "LEVEL_UNAVAILABLE");
-    }
+    // QUORUM on a row replicated to three regions needs a majority of them,
+    // which a single node cannot reach: the write is durable here (it will
+    // replicate) but not acknowledged, and the reason is retryable.
+    let mut req = put(row("default", b"q"), b"v");
+    req.consistency = pb::WriteConsistency::WriteQuorum as i32;
+    let info = expect_error(kv.put(req).await, Code::Unavailable, "QUORUM_UNAVAILABLE");
+    assert_eq!(info.metadata["group"], "quorum");
+    // STRONG needs a STRONG table: on any other table the level is invalid.
+    let mut req = put(row("default", b"s"), b"v");
+    req.consistency = pb::WriteConsistency::WriteStrong as i32;
+    let info = expect_error(kv.put(req).await, Code::InvalidArgument, "INVALID_ARGUMENT");
+    assert_eq!(info.metadata["field"], "consistency");
     let got = kv
-        .get(pb::GetRequest { row: row("default", b"q"), ..Default::default() })
+        .get(pb::GetRequest { row: row("default", b"s"), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
     assert!(!got.found, "a write refused for its level must not be stored");
-    let client = node.client().await;
+    let mut cfg = geokv_client::ClientConfig::new(node.endpoint());
+    cfg.retries_max = 1;
+    let client = geokv_client::Client::with_config(cfg).await.expect("connect");
     let err = client
         .put(
             &Row::new("default", "q"),
@@ -231,8 +238,8 @@ async fn placement_errors_are_typed() {
         )
         .await
         .unwrap_err();
-    assert_eq!(err.reason.as_deref(), Some("LEVEL_UNAVAILABLE"), "{err}");
-    assert!(!err.is_transient(), "retrying cannot help a level this deployment cannot serve");
+    assert_eq!(err.reason.as_deref(), Some("QUORUM_UNAVAILABLE"), "{err}");
+    assert!(err.is_transient(), "a majority may be reachable again later");
 
     // EU-resident rows are refused by a node in us-east-1 at every level,
     // naming the regions that may hold them.
@@ -294,8 +301,8 @@ fn cli_prints_the_reason_and_exits_non_zero() {
     node.cli(&["put", "k", &long_value]).assert_reason("VALUE_TOO_LARGE");
     node.cli(&["put", "k", "v", "--context", &garbage_context]).assert_reason("MALFORMED_CONTEXT");
     node.cli(&["put", "--table", "users", "k", "v"]).assert_reason("MISSING_LOCALITY");
-    node.cli(&["put", "k", "v", "--consistency", "quorum"]).assert_reason("LEVEL_UNAVAILABLE");
-    node.cli(&["incr", "c", "--consistency", "strong"]).assert_reason("LEVEL_UNAVAILABLE");
+    node.cli(&["put", "k", "v", "--consistency", "quorum"]).assert_reason("QUORUM_UNAVAILABLE");
+    node.cli(&["incr", "c", "--consistency", "strong"]).assert_reason("INVALID_ARGUMENT");
 
     let out = node.cli(&["put", "--table", "eu_users", "--locality", "DE", "hans", "v"]);
     out.assert_reason("RESIDENCY_VIOLATION");
@@ -313,8 +320,9 @@ fn cli_prints_the_reason_and_exits_non_zero() {
     run_bounded(cmd, common::CLI_TIMEOUT).assert_reason("UNREACHABLE");
 
     // After all that, the node still works.
-    node.cli(&["put", "k", "v"]).ok();
-    assert_eq!(node.cli(&["get", "k"]).ok(), "v");
+    // (`k` itself holds the QUORUM write above: durable here, not acknowledged.)
+    node.cli(&["put", "k2", "v"]).ok();
+    assert_eq!(node.cli(&["get", "k2"]).ok(), "v");
 }
 
 /// Runs `geokv node` on `config` and expects it to refuse to start.

@@ -19,7 +19,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::{DevCluster, Options};
@@ -141,7 +141,9 @@ async fn kill_9_of_the_home_loses_no_strong_or_quorum_write() {
     });
     let local_task = spawn_writer(stop.clone(), move |i| {
         let c = local.clone();
-        async move { c.put(&default_row(&format!("l{i}")), b"v".to_vec(), level(Consistency::Local)).await.is_ok() }
+        async move {
+            c.put(&default_row(&format!("l{i}")), b"v".to_vec(), level(Consistency::Local)).await.is_ok()
+        }
     });
     tokio::time::sleep(Duration::from_secs(3)).await;
     cluster.kill_9(US);
@@ -184,7 +186,8 @@ async fn kill_9_of_the_home_loses_no_strong_or_quorum_write() {
     // QUORUM: every acknowledged write is seen by a QUORUM read, with the
     // old home still down.
     for (i, _, _) in &quorum_log.acked {
-        let got = reader.get(&default_row(&format!("q{i}")), ReadConsistency::Quorum).await.expect("QUORUM read");
+        let got =
+            reader.get(&default_row(&format!("q{i}")), ReadConsistency::Quorum).await.expect("QUORUM read");
         assert!(got.found, "acknowledged QUORUM write q{i} is lost");
     }
 
@@ -225,11 +228,12 @@ async fn a_paused_home_is_fenced_after_failover() {
     let cluster = DevCluster::start(0.5).await;
     let writer = cluster.client(EU_WEST).await;
     // (key, epoch, region that accepted it) of every acknowledged write of home us-east-1.
-    let accepted: Arc<Mutex<Vec<(String, u64, String)>>> = Arc::default();
+    let mut accepted: Vec<(String, u64, String)> = Vec::new();
     for i in 0..20 {
         let key = format!("before{i}");
-        let ack = writer.put(&default_row(&key), b"v".to_vec(), level(Consistency::Local)).await.expect("put");
-        accepted.lock().unwrap().push((key, ack.epoch, ack.accepted_by_region));
+        let ack =
+            writer.put(&default_row(&key), b"v".to_vec(), level(Consistency::Local)).await.expect("put");
+        accepted.push((key, ack.epoch, ack.accepted_by_region));
     }
 
     cluster.pause(US);
@@ -237,9 +241,10 @@ async fn a_paused_home_is_fenced_after_failover() {
     assert!(moved.epoch >= 2, "{moved:?}");
     for i in 0..20 {
         let key = format!("during{i}");
-        let ack = writer.put(&default_row(&key), b"v".to_vec(), level(Consistency::Local)).await.expect("put");
+        let ack =
+            writer.put(&default_row(&key), b"v".to_vec(), level(Consistency::Local)).await.expect("put");
         assert_eq!(ack.accepted_by_region, moved.holder, "the new holder accepts the home's writes");
-        accepted.lock().unwrap().push((key, ack.epoch, ack.accepted_by_region));
+        accepted.push((key, ack.epoch, ack.accepted_by_region));
     }
 
     cluster.unpause(US);
@@ -262,13 +267,16 @@ async fn a_paused_home_is_fenced_after_failover() {
 
     // Writes after SIGCONT through the normal path go to the new holder.
     let us_client = cluster.client(US).await;
-    let ack = us_client.put(&default_row("after-normal"), b"v".to_vec(), level(Consistency::Local)).await.expect("put");
+    let ack = us_client
+        .put(&default_row("after-normal"), b"v".to_vec(), level(Consistency::Local))
+        .await
+        .expect("put");
     assert_eq!(ack.accepted_by_region, moved.holder);
-    accepted.lock().unwrap().push(("after-normal".into(), ack.epoch, ack.accepted_by_region));
+    accepted.push(("after-normal".into(), ack.epoch, ack.accepted_by_region));
 
     // One epoch, one accepting region.
     let mut by_epoch: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
-    for (_, epoch, region) in accepted.lock().unwrap().iter() {
+    for (_, epoch, region) in accepted.iter() {
         by_epoch.entry(*epoch).or_default().insert(region.clone());
     }
     for (epoch, regions) in &by_epoch {
@@ -278,7 +286,7 @@ async fn a_paused_home_is_fenced_after_failover() {
 
     // Nothing written is lost, and no refused write exists anywhere.
     cluster.wait_converged(CONVERGE_LIMIT).await;
-    for (key, _, _) in accepted.lock().unwrap().iter() {
+    for (key, _, _) in accepted.iter() {
         let got = us_client.get(&default_row(key), ReadConsistency::Local).await.expect("read");
         assert!(got.found, "acknowledged write {key} is lost");
     }
@@ -298,7 +306,9 @@ async fn planned_failover_and_failback_lose_nothing() {
         tasks.push(spawn_writer(stop.clone(), move |i| {
             let c = client.clone();
             async move {
-                c.put(&default_row(&format!("w{n}-{i}")), b"v".to_vec(), level(Consistency::Local)).await.is_ok()
+                c.put(&default_row(&format!("w{n}-{i}")), b"v".to_vec(), level(Consistency::Local))
+                    .await
+                    .is_ok()
             }
         }));
     }
@@ -339,7 +349,9 @@ async fn quorum_write_is_seen_by_a_quorum_read_with_a_region_partitioned() {
     let central = cluster.client(EU_CENTRAL).await;
     for i in 0..10 {
         let key = format!("quorum{i}");
-        us.put(&default_row(&key), format!("v{i}").into_bytes(), level(Consistency::Quorum)).await.expect("QUORUM put");
+        us.put(&default_row(&key), format!("v{i}").into_bytes(), level(Consistency::Quorum))
+            .await
+            .expect("QUORUM put");
         let got = central.get(&default_row(&key), ReadConsistency::Quorum).await.expect("QUORUM read");
         assert_eq!(got.siblings.iter().map(|s| text(&s.value)).collect::<Vec<_>>(), vec![format!("v{i}")]);
     }
@@ -357,7 +369,10 @@ async fn quorum_write_is_seen_by_a_quorum_read_with_a_region_partitioned() {
             c.timeout = Duration::from_secs(8);
         })
         .await;
-    let err = ap.put(&default_row("lonely"), b"v".to_vec(), level(Consistency::Quorum)).await.expect_err("no majority");
+    let err = ap
+        .put(&default_row("lonely"), b"v".to_vec(), level(Consistency::Quorum))
+        .await
+        .expect_err("no majority");
     assert_eq!(err.reason.as_deref(), Some("QUORUM_UNAVAILABLE"), "{err}");
     cluster.heal(AP).await;
 }

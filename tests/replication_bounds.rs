@@ -136,7 +136,9 @@ async fn region_behind_log_retention_is_repaired_by_anti_entropy() {
     let mut written: Vec<(Row, String, &[&str])> = Vec::new();
     let everywhere: &[&str] = &REGIONS;
     let eu: &[&str] = &[EU_WEST, EU_CENTRAL];
-    let plan: [(&str, &str, Option<&str>, u32, &[&str]); 5] = [
+    // (entry region, table, locality, rows, regions that may hold them)
+    type Step<'a> = (&'a str, &'a str, Option<&'a str>, u32, &'a [&'a str]);
+    let plan: [Step; 5] = [
         (US, "default", None, 200, everywhere),
         (AP, "default", None, 60, everywhere),
         (EU_CENTRAL, "default", None, 100, everywhere),

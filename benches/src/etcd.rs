@@ -33,39 +33,68 @@ pub const INSTALL_HINT: &str = "install etcd (Debian: `apt-get install etcd-serv
 pub struct EtcdCluster {
     /// Declared before `dir` so the processes stop before their data goes.
     members: Vec<Child>,
-    /// Client URL of the member that led when the cluster became ready.
+    /// Each member's name and client URL, in start order.
+    pub names: Vec<String>,
+    pub client_urls: Vec<String>,
+    /// Client URL of the member that led when the cluster became ready
+    /// (or that [`EtcdCluster::move_leader`] made the leader).
     pub leader_url: String,
     _dir: TempDir,
 }
 
+/// One member of a cluster to start.
+pub struct MemberSpec {
+    pub name: String,
+    pub client_port: u16,
+    /// The port the member listens on for its peers.
+    pub peer_port: u16,
+    /// The peer URL the other members are told to use: its own port, or a
+    /// proxy in front of it.
+    pub advertise_peer_url: String,
+}
+
 /// Starts `MEMBERS` etcd processes forming one new cluster.
 pub async fn start(bin: &Path) -> Result<EtcdCluster> {
+    let ports = process::free_ports(2 * MEMBERS)?;
+    let specs: Vec<MemberSpec> = (0..MEMBERS)
+        .map(|i| MemberSpec {
+            name: format!("n{i}"),
+            client_port: ports[i],
+            peer_port: ports[MEMBERS + i],
+            advertise_peer_url: format!("http://127.0.0.1:{}", ports[MEMBERS + i]),
+        })
+        .collect();
+    start_members(bin, &specs, &[]).await
+}
+
+/// Starts one etcd process per spec, forming one new cluster, with
+/// `extra_args` for every member (e.g. Raft timing).
+pub async fn start_members(bin: &Path, specs: &[MemberSpec], extra_args: &[String]) -> Result<EtcdCluster> {
     let bin = process::require_binary(bin, INSTALL_HINT)?;
     let dir = tempfile::Builder::new().prefix("geokv-load-etcd-").tempdir().context("creating a temp dir")?;
-    let ports = process::free_ports(2 * MEMBERS)?;
-    let client_urls: Vec<String> = (0..MEMBERS).map(|i| format!("http://127.0.0.1:{}", ports[i])).collect();
-    let peer_urls: Vec<String> =
-        (0..MEMBERS).map(|i| format!("http://127.0.0.1:{}", ports[MEMBERS + i])).collect();
+    let client_urls: Vec<String> =
+        specs.iter().map(|m| format!("http://127.0.0.1:{}", m.client_port)).collect();
     let initial_cluster =
-        peer_urls.iter().enumerate().map(|(i, url)| format!("n{i}={url}")).collect::<Vec<_>>().join(",");
-    let mut members = Vec::with_capacity(MEMBERS);
-    for i in 0..MEMBERS {
+        specs.iter().map(|m| format!("{}={}", m.name, m.advertise_peer_url)).collect::<Vec<_>>().join(",");
+    let mut members = Vec::with_capacity(specs.len());
+    for (m, client_url) in specs.iter().zip(&client_urls) {
         let mut cmd = Command::new(&bin);
-        cmd.arg(format!("--name=n{i}"))
-            .arg(format!("--data-dir={}", dir.path().join(format!("n{i}")).display()))
-            .arg(format!("--listen-client-urls={}", client_urls[i]))
-            .arg(format!("--advertise-client-urls={}", client_urls[i]))
-            .arg(format!("--listen-peer-urls={}", peer_urls[i]))
-            .arg(format!("--initial-advertise-peer-urls={}", peer_urls[i]))
+        cmd.arg(format!("--name={}", m.name))
+            .arg(format!("--data-dir={}", dir.path().join(&m.name).display()))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{}", m.peer_port))
+            .arg(format!("--initial-advertise-peer-urls={}", m.advertise_peer_url))
             .arg(format!("--initial-cluster={initial_cluster}"))
             .arg("--initial-cluster-state=new")
             .arg("--initial-cluster-token=geokv-load")
             .arg("--logger=zap")
-            .arg("--log-level=warn");
-        let log = dir.path().join(format!("n{i}.log"));
-        members.push(Child::spawn(format!("etcd member n{i}"), cmd, &log)?);
+            .arg("--log-level=warn")
+            .args(extra_args);
+        let log = dir.path().join(format!("{}.log", m.name));
+        members.push(Child::spawn(format!("etcd member {}", m.name), cmd, &log)?);
     }
-    let urls = client_urls;
+    let urls = client_urls.clone();
     let leader_url = process::wait_ready(
         "etcd cluster",
         READY_TIMEOUT,
@@ -74,14 +103,68 @@ pub async fn start(bin: &Path) -> Result<EtcdCluster> {
     )
     .await?;
     let pids: Vec<String> = members.iter().map(|m| m.pid().unwrap_or(0).to_string()).collect();
-    eprintln!("etcd: {MEMBERS} members (pids {}), leader {leader_url}", pids.join(", "));
-    Ok(EtcdCluster { members, leader_url, _dir: dir })
+    eprintln!("etcd: {} members (pids {}), leader {leader_url}", specs.len(), pids.join(", "));
+    let names = specs.iter().map(|m| m.name.clone()).collect();
+    Ok(EtcdCluster { members, names, client_urls, leader_url, _dir: dir })
 }
 
 impl EtcdCluster {
     pub fn check_alive(&mut self) -> Result<()> {
         self.members.iter_mut().try_for_each(Child::check_alive)
     }
+
+    /// The name of the member every member currently agrees leads.
+    pub async fn leader_name(&self) -> Result<String> {
+        let url = leader(self.client_urls.clone()).await?;
+        let at = self.client_urls.iter().position(|u| *u == url).context("leader URL not in the cluster")?;
+        Ok(self.names[at].clone())
+    }
+
+    /// Makes member `name` the leader (Maintenance.MoveLeader, sent to the
+    /// current leader) and waits until every member agrees, within `timeout`.
+    /// Clients connect to `leader_url` afterwards.
+    pub async fn move_leader(&mut self, name: &str, timeout: Duration) -> Result<()> {
+        let at = self.names.iter().position(|n| n == name).with_context(|| format!("no member {name}"))?;
+        let target_url = self.client_urls[at].clone();
+        let deadline = std::time::Instant::now() + timeout;
+        // Bounded by the deadline: each pass sleeps or returns.
+        loop {
+            let attempt = async {
+                let current = leader(self.client_urls.clone()).await?;
+                if current == target_url {
+                    return Ok(true);
+                }
+                let target_id = member_id(&target_url).await?;
+                let mut m = MaintenanceClient::new(channel(&current, Duration::from_secs(5)).await?);
+                m.move_leader(pb::MoveLeaderRequest { target_id })
+                    .await
+                    .with_context(|| format!("MoveLeader to {name} sent to {current}"))?;
+                anyhow::Ok(false)
+            };
+            let last = match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+                Ok(Ok(true)) => {
+                    self.leader_url = target_url;
+                    return Ok(());
+                }
+                Ok(Ok(false)) => "leadership moved; waiting until every member agrees".to_string(),
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(_) => "a MoveLeader attempt took longer than 10 s".to_string(),
+            };
+            self.check_alive()?;
+            if std::time::Instant::now() >= deadline {
+                bail!("etcd member {name} is not the leader after {timeout:?}: {last}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The member id of the member serving `url`.
+async fn member_id(url: &str) -> Result<u64> {
+    let mut m = MaintenanceClient::new(channel(url, Duration::from_secs(1)).await?);
+    let status =
+        m.status(pb::StatusRequest {}).await.with_context(|| format!("status of {url}"))?.into_inner();
+    status.header.map(|h| h.member_id).context("status without a header")
 }
 
 async fn channel(url: &str, timeout: Duration) -> Result<Channel> {

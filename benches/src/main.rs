@@ -12,6 +12,8 @@
 //! - [`process`]: child processes: free ports, readiness with a deadline,
 //!   stop on drop (SIGTERM, then SIGKILL), temp dirs removed after.
 //! - [`report`]: the table, the geokv/peer ratios, JSON.
+//! - [`strong_wan`]: the `strong-wan` subcommand: STRONG writes through
+//!   `geokv dev`'s emulated WAN beside etcd with the same peer latencies.
 
 mod etcd;
 mod geokv;
@@ -19,6 +21,7 @@ mod load;
 mod process;
 mod redis;
 mod report;
+mod strong_wan;
 mod target;
 
 use std::path::PathBuf;
@@ -26,7 +29,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use geokv_client::Consistency;
 
 use load::Shape;
@@ -50,9 +53,24 @@ enum TargetArg {
     All,
 }
 
+#[derive(Subcommand, Debug)]
+enum Mode {
+    /// STRONG writes through `geokv dev`'s emulated WAN, beside a 3-member
+    /// etcd whose peer links get the same round trips, in one run.
+    StrongWan(strong_wan::StrongWanArgs),
+}
+
 #[derive(Parser, Debug)]
-#[command(name = "geokv-load", version, about = "Closed-loop load against geokv, etcd and Redis")]
+#[command(
+    name = "geokv-load",
+    version,
+    about = "Closed-loop load against geokv, etcd and Redis",
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    /// A mode other than the default comparison.
+    #[command(subcommand)]
+    mode: Option<Mode>,
     /// What to measure.
     #[arg(long, value_enum, default_value = "geokv")]
     target: TargetArg,
@@ -192,7 +210,11 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Err(e) = args.validate() {
+    let checked = match &args.mode {
+        Some(Mode::StrongWan(a)) => a.validate(),
+        None => args.validate(),
+    };
+    if let Err(e) = checked {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }
@@ -207,7 +229,7 @@ fn main() -> ExitCode {
     // are spawned: their parent-death signal is tied to this thread.
     let outcome = runtime.block_on(async {
         tokio::select! {
-            r = run(&args) => r,
+            r = run_mode(&args) => r,
             s = shutdown_signal() => match s {
                 Ok(name) => Err(anyhow::anyhow!("interrupted by {name}; peers stopped")),
                 Err(e) => Err(e),
@@ -232,6 +254,19 @@ async fn shutdown_signal() -> Result<&'static str> {
     tokio::select! {
         _ = term.recv() => Ok("SIGTERM"),
         _ = int.recv() => Ok("SIGINT"),
+    }
+}
+
+async fn run_mode(args: &Args) -> Result<()> {
+    match &args.mode {
+        Some(Mode::StrongWan(a)) => {
+            let default_bin = match &a.geokv_bin {
+                Some(p) => p.clone(),
+                None => geokv::default_binary()?,
+            };
+            strong_wan::run(a, default_bin).await
+        }
+        None => run(args).await,
     }
 }
 

@@ -35,6 +35,8 @@ pub struct Child {
     child: Option<std::process::Child>,
     /// Where its stdout and stderr go; its tail is quoted when it fails.
     log_path: PathBuf,
+    /// Time between SIGTERM and SIGKILL when stopping.
+    stop_grace: Duration,
 }
 
 impl Child {
@@ -61,7 +63,14 @@ impl Child {
             });
         }
         let child = cmd.spawn().with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
-        Ok(Self { name, child: Some(child), log_path: log_path.to_path_buf() })
+        Ok(Self { name, child: Some(child), log_path: log_path.to_path_buf(), stop_grace: STOP_GRACE })
+    }
+
+    /// Gives the process `grace` between SIGTERM and SIGKILL when stopped
+    /// (a process that stops children of its own needs longer than a peer).
+    pub fn with_stop_grace(mut self, grace: Duration) -> Self {
+        self.stop_grace = grace;
+        self
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -102,7 +111,7 @@ impl Child {
                 libc::kill(pid, libc::SIGTERM);
             }
         }
-        let deadline = Instant::now() + STOP_GRACE;
+        let deadline = Instant::now() + self.stop_grace;
         while Instant::now() < deadline {
             match child.try_wait() {
                 Ok(Some(_)) => return,

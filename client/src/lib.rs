@@ -774,7 +774,8 @@ impl Client {
 
     /// Home leases, epochs, consensus groups and recent failovers.
     pub async fn region_status(&self) -> Result<pb::RegionStatusResponse, Error> {
-        self.control_call(pb::RegionStatusRequest {}, |mut c, r| async move { c.region_status(r).await }).await
+        self.control_call(pb::RegionStatusRequest {}, |mut c, r| async move { c.region_status(r).await })
+            .await
     }
 
     /// Planned handover of every home `from` holds to `to`, with no loss.
@@ -797,8 +798,11 @@ impl Client {
 
     /// Writes old homes accepted before a failover and shipped after it.
     pub async fn failover_conflicts(&self) -> Result<pb::FailoverConflictsResponse, Error> {
-        self.control_call(pb::FailoverConflictsRequest {}, |mut c, r| async move { c.failover_conflicts(r).await })
-            .await
+        self.control_call(
+            pb::FailoverConflictsRequest {},
+            |mut c, r| async move { c.failover_conflicts(r).await },
+        )
+        .await
     }
 
     async fn control_call<Req, Resp, F, Fut>(&self, msg: Req, call: F) -> Result<Resp, Error>

@@ -616,7 +616,7 @@ impl Config {
                 "must exceed twice clock.max_offset_ms and twice renew_every_ms (renew_every_ms at least 1)",
             ));
         }
-        if c.voters_max == 0 || c.voters_max % 2 == 0 || c.voters_max > 7 {
+        if c.voters_max == 0 || c.voters_max.is_multiple_of(2) || c.voters_max > 7 {
             return Err(bad("consensus.voters_max", "must be odd, 1 to 7"));
         }
         for (home, order) in &c.failover_order {

@@ -11,18 +11,18 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::control::ControlService;
 use crate::api::{AdminService, KvService, Peers};
-use geokv_proto::v1::control_server::ControlServer;
 use crate::causality::{Hlc, SystemClock};
 use crate::config::{Config, EngineKind};
 use crate::consensus::service::ConsensusService;
 use crate::consensus::Consensus;
 use crate::failover::{Failover, Leases};
-use geokv_proto::consensus::consensus_server::ConsensusServer;
 use crate::kv::Node;
 use crate::replication::{receive::ReplicationService, Replicator};
 use crate::storage::memory::MemoryEngine;
 use crate::storage::rocks::{RocksEngine, RocksOptions};
 use crate::storage::Engine;
+use geokv_proto::consensus::consensus_server::ConsensusServer;
+use geokv_proto::v1::control_server::ControlServer;
 use geokv_proto::v1::replication_server::ReplicationServer;
 
 /// Largest gRPC message accepted, in bytes: a batch at the value limit plus framing.
@@ -87,7 +87,8 @@ pub async fn serve(
     let consensus_svc = ConsensusServer::new(ConsensusService::new(consensus.clone(), node.clone()))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
-    let control_svc = ControlServer::new(ControlService::new(consensus.clone(), node.clone(), replicator.clone()));
+    let control_svc =
+        ControlServer::new(ControlService::new(consensus.clone(), node.clone(), replicator.clone()));
     let failover = Failover::start(cfg.clone(), consensus.clone(), node.clone(), replicator.clone());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

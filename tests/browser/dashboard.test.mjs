@@ -176,7 +176,8 @@ async function main() {
     if (opts.paused) {
       await page.waitForFunction(
         (pair) => {
-          const row = document.querySelector(`#links tr[data-link="${pair}"]`);
+          // The row names the destination node too ("region/node").
+          const row = document.querySelector(`#links tr[data-link^="${pair}"]`);
           const link = window.geokvDashboard.state.data.links.find((l) => l.source + "\u2192" + l.destination === pair);
           return row && row.dataset.state === "paused" && link && link.lag_entries > 0;
         },

@@ -62,10 +62,7 @@ pub fn print_status(s: &pb::RegionStatusResponse, as_json: bool) {
         );
         return;
     }
-    println!(
-        "homes (automatic failover {}):",
-        if s.manual_only { "OFF, manual only" } else { "on" }
-    );
+    println!("homes (automatic failover {}):", if s.manual_only { "OFF, manual only" } else { "on" });
     print_homes(&s.homes);
     println!();
     println!("{:<28} {:<24} {:>6} {:<16} members", "consensus group", "leader", "term", "preferred");

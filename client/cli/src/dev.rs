@@ -148,6 +148,9 @@ fn consensus_section(args: &DevArgs) -> String {
     )
 }
 
+/// (region, node id).
+type NodeName = (String, String);
+
 fn config_text(
     args: &DevArgs,
     node: (&str, &str),
@@ -254,7 +257,8 @@ impl DevCluster {
             }
         }
         let proxies = ProxySet::new();
-        let mut via: BTreeMap<(&(String, String), &(String, String)), SocketAddr> = BTreeMap::new();
+        // (from node, to node) -> the proxy address `from` dials to reach `to`.
+        let mut via: BTreeMap<(&NodeName, &NodeName), SocketAddr> = BTreeMap::new();
         for (a, _) in &addrs {
             for (b, (b_grpc, _)) in &addrs {
                 if a.0 == b.0 {

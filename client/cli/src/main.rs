@@ -600,7 +600,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             let client = connect(&conn).await?;
             let r = client
-                .compare_and_set(&row.row(), expect.map(String::into_bytes), value.map(String::into_bytes), None)
+                .compare_and_set(
+                    &row.row(),
+                    expect.map(String::into_bytes),
+                    value.map(String::into_bytes),
+                    None,
+                )
                 .await?;
             if conn.json {
                 println!(
@@ -650,7 +655,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     if conn.json {
                         println!("{}", json!({"manual_only": r.manual_only}));
                     } else {
-                        println!("automatic failover {}", if r.manual_only { "off (manual only)" } else { "on" });
+                        println!(
+                            "automatic failover {}",
+                            if r.manual_only { "off (manual only)" } else { "on" }
+                        );
                     }
                     return Ok(());
                 }
@@ -909,10 +917,14 @@ fn print_members(members: &[Vec<u8>], as_json: bool, ack: Option<&geokv_client::
 }
 
 async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    // openraft logs every failed message to an unreachable peer; those
+    // are errors only when RUST_LOG asks for openraft by name.
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let spec = if spec.contains("openraft") { spec } else { format!("{spec},openraft=off") };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_new(&spec)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=off")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

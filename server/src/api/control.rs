@@ -73,7 +73,8 @@ impl ControlService {
     /// Starts handovers of `homes` to `to` and waits until they completed.
     async fn hand_over(&self, homes: Vec<HomeLease>, to: &str) -> Result<pb::FailoverResponse, KvError> {
         for l in &homes {
-            let cmd = ControlCommand::Drain { home: l.home.clone(), epoch: l.epoch, to: Some(to.to_string()) };
+            let cmd =
+                ControlCommand::Drain { home: l.home.clone(), epoch: l.epoch, to: Some(to.to_string()) };
             if let ControlReply::Rejected { why } = self.propose(cmd).await? {
                 return Err(KvError::HomeUnavailable { home: l.home.clone(), why });
             }
@@ -118,7 +119,8 @@ impl pb::control_server::Control for ControlService {
         }
         for name in names {
             let members = self.consensus.members(&name).cloned().unwrap_or_default();
-            let actor_of = |id: u64| members.iter().find(|m| m.id == id).map(|m| m.actor.clone()).unwrap_or_default();
+            let actor_of =
+                |id: u64| members.iter().find(|m| m.id == id).map(|m| m.actor.clone()).unwrap_or_default();
             let mut info = pb::GroupInfo {
                 name: name.clone(),
                 members: members.iter().map(|m| m.actor.clone()).collect(),
@@ -154,11 +156,18 @@ impl pb::control_server::Control for ControlService {
                     reason: reason_name(e.reason).into(),
                 })
                 .collect(),
-            healthy_regions: cfg.region_names().into_iter().filter(|r| self.replicator.is_healthy(r)).collect(),
+            healthy_regions: cfg
+                .region_names()
+                .into_iter()
+                .filter(|r| self.replicator.is_healthy(r))
+                .collect(),
         }))
     }
 
-    async fn failover(&self, request: Request<pb::FailoverRequest>) -> Result<Response<pb::FailoverResponse>, Status> {
+    async fn failover(
+        &self,
+        request: Request<pb::FailoverRequest>,
+    ) -> Result<Response<pb::FailoverResponse>, Status> {
         let req = request.into_inner();
         let result = async {
             self.known_region("from", &req.from)?;
@@ -187,7 +196,10 @@ impl pb::control_server::Control for ControlService {
         Ok(Response::new(result?))
     }
 
-    async fn failback(&self, request: Request<pb::FailbackRequest>) -> Result<Response<pb::FailoverResponse>, Status> {
+    async fn failback(
+        &self,
+        request: Request<pb::FailbackRequest>,
+    ) -> Result<Response<pb::FailoverResponse>, Status> {
         let req = request.into_inner();
         let result = async {
             self.known_region("region", &req.region)?;

@@ -27,7 +27,9 @@ use crate::consensus::strong::{StrongCommand, StrongReply, StrongValue};
 use crate::consensus::{strong_group, Command, Consensus, Reply as ConsensusReply};
 use crate::error::KvError;
 use crate::kv::row::RowValue;
-use crate::kv::{parse_session, register_view, Node, ReadInfo, ReadResult, RowOp, RowRef, WriteOp, WriteRequest};
+use crate::kv::{
+    parse_session, register_view, Node, ReadInfo, ReadResult, RowOp, RowRef, WriteOp, WriteRequest,
+};
 use crate::residency::{Placement, ReadLevel};
 use crate::topology::{actor_region, NodeRef, Topology};
 
@@ -164,18 +166,26 @@ impl KvService {
     /// The path of a write at `level` (None = the table's default) to `table`.
     /// Every write to a STRONG table goes through its consensus group; a
     /// STRONG level on another table is refused.
-    fn write_path(&self, table: &str, level: Option<Level>) -> Result<Path, KvError> {
-        let t = self.node.config().table(table).ok_or_else(|| KvError::UnknownTable { table: table.into() })?;
+    fn write_path(&self, row: &RowRef, level: Option<Level>) -> Result<Path, KvError> {
+        let table = row.table.as_str();
+        let cfg = self.node.config();
+        let t = cfg.table(table).ok_or_else(|| KvError::UnknownTable { table: table.into() })?;
         let strong_table = t.default_consistency == Level::Strong;
         match level.unwrap_or(t.default_consistency) {
             _ if strong_table && self.consensus.is_some() => Ok(Path::Strong),
-            Level::Strong if self.consensus.is_some() => Err(KvError::InvalidField {
-                field: "consistency",
-                why: format!(
-                    "table `{table}` is not a STRONG table; STRONG rows live in tables with \
+            Level::Strong if self.consensus.is_some() => {
+                // Residency comes first: a row that may not pass through
+                // this region is refused as such, whatever the level.
+                let placement = crate::residency::resolve(cfg, t, &row.locality)?;
+                crate::residency::admit_write(&cfg.region, &placement, Level::Eventual)?;
+                Err(KvError::InvalidField {
+                    field: "consistency",
+                    why: format!(
+                        "table `{table}` is not a STRONG table; STRONG rows live in tables with \
                      default_consistency = \"strong\""
-                ),
-            }),
+                    ),
+                })
+            }
             Level::Quorum if self.consensus.is_some() => Ok(Path::Quorum),
             _ => Ok(Path::Normal),
         }
@@ -183,7 +193,8 @@ impl KvService {
 
     /// The path of a read at `level` from `table`.
     fn read_path(&self, table: &str, level: ReadLevel) -> Result<Path, KvError> {
-        let t = self.node.config().table(table).ok_or_else(|| KvError::UnknownTable { table: table.into() })?;
+        let t =
+            self.node.config().table(table).ok_or_else(|| KvError::UnknownTable { table: table.into() })?;
         Ok(match (&self.consensus, t.default_consistency == Level::Strong, level) {
             (Some(_), true, _) => Path::Strong,
             (Some(_), false, ReadLevel::Quorum) => Path::Quorum,
@@ -220,7 +231,8 @@ impl KvService {
             return Err(KvError::LevelUnavailable { level: "STRONG".into() });
         };
         let cfg = self.node.config();
-        let table = cfg.table(&row.table).ok_or_else(|| KvError::UnknownTable { table: row.table.clone() })?;
+        let table =
+            cfg.table(&row.table).ok_or_else(|| KvError::UnknownTable { table: row.table.clone() })?;
         let placement = crate::residency::resolve(cfg, table, &row.locality)?;
         crate::residency::admit_write(&cfg.region, &placement, Level::Eventual)?;
         let group = strong_group(&home_key(&placement.home_region, &placement.zone));
@@ -379,12 +391,15 @@ impl KvService {
         let result = async {
             let op = op?;
             let level = convert::write_level(level, "consistency")?;
-            match (self.write_path(&op.row.table, level)?, &self.consensus) {
+            match (self.write_path(&op.row, level)?, &self.consensus) {
                 (Path::Quorum, Some((_, quorum))) => return quorum.write(op, idempotency?).await,
                 (Path::Strong, _) => {
                     return Err(KvError::InvalidField {
                         field: "consistency",
-                        why: format!("table `{}` is STRONG and holds registers: use put, delete or compare-and-set", op.row.table),
+                        why: format!(
+                            "table `{}` is STRONG and holds registers: use put, delete or compare-and-set",
+                            op.row.table
+                        ),
                     })
                 }
                 _ => {}
@@ -411,7 +426,7 @@ impl KvService {
         let result = async {
             let row = convert::row_ref(row.clone())?;
             let level = convert::write_level(level, "consistency")?;
-            if self.write_path(&row.table, level)? != Path::Strong {
+            if self.write_path(&row, level)? != Path::Strong {
                 return Ok(None);
             }
             let op = match value {
@@ -536,13 +551,17 @@ impl pb::kv_server::Kv for KvService {
         }
         let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
-        if let Some(ack) = self.strong_put_or_delete(&req.row, Some(req.value.clone()), req.consistency, &key).await? {
+        if let Some(ack) =
+            self.strong_put_or_delete(&req.row, Some(req.value.clone()), req.consistency, &key).await?
+        {
             return Ok(Response::new(pb::PutResponse { ack: Some(ack) }));
         }
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
         let o = match self.write_one("put", convert::put_op(req), level, idem).await {
-            Err(KvError::NotHome { home, .. } | KvError::Fenced { holder: Some(home), .. }) if !hops.cross_region => {
+            Err(KvError::NotHome { home, .. } | KvError::Fenced { holder: Some(home), .. })
+                if !hops.cross_region =>
+            {
                 return self
                     .forward_region(&home, &hops, copy, |mut c, r| async move { c.put(r).await })
                     .await;
@@ -569,7 +588,9 @@ impl pb::kv_server::Kv for KvService {
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
         let o = match self.write_one("delete", convert::delete_op(req), level, idem).await {
-            Err(KvError::NotHome { home, .. } | KvError::Fenced { holder: Some(home), .. }) if !hops.cross_region => {
+            Err(KvError::NotHome { home, .. } | KvError::Fenced { holder: Some(home), .. })
+                if !hops.cross_region =>
+            {
                 return self
                     .forward_region(&home, &hops, copy, |mut c, r| async move { c.delete(r).await })
                     .await;
@@ -661,7 +682,9 @@ impl pb::kv_server::Kv for KvService {
         let op = convert::row_ref(req.row.take())
             .map(|row| WriteOp { row, op: RowOp::CounterAdd { delta: req.delta } });
         let o = match self.write_one("counter_add", op, req.consistency, idem).await {
-            Err(KvError::NotHome { home, .. } | KvError::Fenced { holder: Some(home), .. }) if !hops.cross_region => {
+            Err(KvError::NotHome { home, .. } | KvError::Fenced { holder: Some(home), .. })
+                if !hops.cross_region =>
+            {
                 return self
                     .forward_region(&home, &hops, copy, |mut c, r| async move { c.counter_add(r).await })
                     .await;
@@ -736,7 +759,9 @@ impl pb::kv_server::Kv for KvService {
         let members = std::mem::take(&mut req.members);
         let op = convert::row_ref(req.row.take()).map(|row| WriteOp { row, op: RowOp::SetAdd { members } });
         let o = match self.write_one("set_add", op, req.consistency, idem).await {
-            Err(KvError::NotHome { home, .. } | KvError::Fenced { holder: Some(home), .. }) if !hops.cross_region => {
+            Err(KvError::NotHome { home, .. } | KvError::Fenced { holder: Some(home), .. })
+                if !hops.cross_region =>
+            {
                 return self
                     .forward_region(&home, &hops, copy, |mut c, r| async move { c.set_add(r).await })
                     .await;
@@ -765,7 +790,9 @@ impl pb::kv_server::Kv for KvService {
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
         let o = match self.write_one("set_remove", convert::set_remove_op(req), level, idem).await {
-            Err(KvError::NotHome { home, .. } | KvError::Fenced { holder: Some(home), .. }) if !hops.cross_region => {
+            Err(KvError::NotHome { home, .. } | KvError::Fenced { holder: Some(home), .. })
+                if !hops.cross_region =>
+            {
                 return self
                     .forward_region(&home, &hops, copy, |mut c, r| async move { c.set_remove(r).await })
                     .await;
@@ -782,16 +809,16 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::CompareAndSetRequest>,
     ) -> Result<Response<pb::CompareAndSetResponse>, Status> {
-        let idempotency_key = request
-            .metadata()
-            .get(IDEMPOTENCY_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let idempotency_key =
+            request.metadata().get(IDEMPOTENCY_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
         let req = request.into_inner();
         let result = async {
             let row = convert::row_ref(req.row)?;
-            self.node.config().table(&row.table).ok_or_else(|| KvError::UnknownTable { table: row.table.clone() })?;
-            if self.write_path(&row.table, None)? != Path::Strong {
+            self.node
+                .config()
+                .table(&row.table)
+                .ok_or_else(|| KvError::UnknownTable { table: row.table.clone() })?;
+            if self.write_path(&row, None)? != Path::Strong {
                 return Err(KvError::InvalidField {
                     field: "row.table",
                     why: format!("compare-and-set needs a STRONG table; `{}` is not one", row.table),
@@ -799,7 +826,10 @@ impl pb::kv_server::Kv for KvService {
             }
             if let Some(v) = &req.value {
                 if v.len() > self.node.config().limits.value_bytes_max {
-                    return Err(KvError::ValueTooLarge { len: v.len(), max: self.node.config().limits.value_bytes_max });
+                    return Err(KvError::ValueTooLarge {
+                        len: v.len(),
+                        max: self.node.config().limits.value_bytes_max,
+                    });
                 }
             }
             let op = StrongCommand::Cas {

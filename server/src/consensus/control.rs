@@ -101,7 +101,13 @@ pub const EVENTS_MAX: usize = 32;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlCommand {
     /// The holder extends its lease to `now_ms + lease_ms`.
-    Renew { home: String, holder: String, epoch: u64, now_ms: u64, lease_ms: u64 },
+    Renew {
+        home: String,
+        holder: String,
+        epoch: u64,
+        now_ms: u64,
+        lease_ms: u64,
+    },
     /// Gives the home to `holder` with epoch `expected_epoch + 1`, if the
     /// current epoch is still `expected_epoch`. A failover grant is only
     /// valid once the old lease has lapsed by more than `max_offset_ms`; a
@@ -116,8 +122,14 @@ pub enum ControlCommand {
         reason: GrantReason,
     },
     /// Starts (`to: Some`) or cancels (`to: None`) a planned handover.
-    Drain { home: String, epoch: u64, to: Option<String> },
-    SetManualOnly { manual_only: bool },
+    Drain {
+        home: String,
+        epoch: u64,
+        to: Option<String>,
+    },
+    SetManualOnly {
+        manual_only: bool,
+    },
 }
 
 /// The outcome of a control command.
@@ -158,7 +170,15 @@ impl ControlState {
                 lease.expires_ms = lease.expires_ms.max(now_ms.saturating_add(*lease_ms));
                 ControlReply::Lease(lease.clone())
             }
-            ControlCommand::Grant { home, expected_epoch, holder, now_ms, lease_ms, max_offset_ms, reason } => {
+            ControlCommand::Grant {
+                home,
+                expected_epoch,
+                holder,
+                now_ms,
+                lease_ms,
+                max_offset_ms,
+                reason,
+            } => {
                 let current = self.leases.get(home);
                 let current_epoch = current.map_or(0, |l| l.epoch);
                 if current_epoch != *expected_epoch {
@@ -170,7 +190,9 @@ impl ControlState {
                 if let Some(old) = current {
                     match reason {
                         GrantReason::Initial => {
-                            return ControlReply::Rejected { why: format!("home {home} was already granted") };
+                            return ControlReply::Rejected {
+                                why: format!("home {home} was already granted"),
+                            };
                         }
                         GrantReason::Failover => {
                             let safe_after = old.expires_ms.saturating_add(*max_offset_ms);
@@ -289,11 +311,19 @@ mod tests {
         let mut s = ControlState::default();
         let l = lease(s.apply(&grant("a", 0, "a", 1000, GrantReason::Initial)));
         assert_eq!((l.epoch, l.expires_ms), (1, 4000));
-        let renew =
-            ControlCommand::Renew { home: "a".into(), holder: "a".into(), epoch: 1, now_ms: 2000, lease_ms: 3000 };
+        let renew = ControlCommand::Renew {
+            home: "a".into(),
+            holder: "a".into(),
+            epoch: 1,
+            now_ms: 2000,
+            lease_ms: 3000,
+        };
         assert_eq!(lease(s.apply(&renew)).expires_ms, 5000);
         // A second initial grant is refused.
-        assert!(matches!(s.apply(&grant("a", 1, "a", 2000, GrantReason::Initial)), ControlReply::Rejected { .. }));
+        assert!(matches!(
+            s.apply(&grant("a", 1, "a", 2000, GrantReason::Initial)),
+            ControlReply::Rejected { .. }
+        ));
     }
 
     #[test]
@@ -301,18 +331,29 @@ mod tests {
         let mut s = ControlState::default();
         lease(s.apply(&grant("a", 0, "a", 1000, GrantReason::Initial)));
         // Lease valid until 4000; with 500 ms offset no grant before 4500.
-        assert!(matches!(s.apply(&grant("a", 1, "b", 4500, GrantReason::Failover)), ControlReply::Rejected { .. }));
+        assert!(matches!(
+            s.apply(&grant("a", 1, "b", 4500, GrantReason::Failover)),
+            ControlReply::Rejected { .. }
+        ));
         let l = lease(s.apply(&grant("a", 1, "b", 4501, GrantReason::Failover)));
         assert_eq!((l.holder.as_str(), l.epoch), ("b", 2));
         assert_eq!(s.epoch_record("a", 1).and_then(|r| r.ended_ms), Some(4000));
         // The old holder can no longer renew, under either epoch.
         for epoch in [1, 2] {
-            let renew =
-                ControlCommand::Renew { home: "a".into(), holder: "a".into(), epoch, now_ms: 4600, lease_ms: 3000 };
+            let renew = ControlCommand::Renew {
+                home: "a".into(),
+                holder: "a".into(),
+                epoch,
+                now_ms: 4600,
+                lease_ms: 3000,
+            };
             assert!(matches!(s.apply(&renew), ControlReply::Rejected { .. }));
         }
         // A duplicate failover proposal for the same epoch is refused.
-        assert!(matches!(s.apply(&grant("a", 1, "c", 4700, GrantReason::Failover)), ControlReply::Rejected { .. }));
+        assert!(matches!(
+            s.apply(&grant("a", 1, "c", 4700, GrantReason::Failover)),
+            ControlReply::Rejected { .. }
+        ));
         assert_eq!(s.events.len(), 1);
     }
 
@@ -320,8 +361,13 @@ mod tests {
     fn lapsed_lease_is_not_revived_by_renew() {
         let mut s = ControlState::default();
         lease(s.apply(&grant("a", 0, "a", 1000, GrantReason::Initial)));
-        let renew =
-            ControlCommand::Renew { home: "a".into(), holder: "a".into(), epoch: 1, now_ms: 4000, lease_ms: 3000 };
+        let renew = ControlCommand::Renew {
+            home: "a".into(),
+            holder: "a".into(),
+            epoch: 1,
+            now_ms: 4000,
+            lease_ms: 3000,
+        };
         assert!(matches!(s.apply(&renew), ControlReply::Rejected { .. }));
     }
 
@@ -329,11 +375,19 @@ mod tests {
     fn planned_handover_needs_drain_and_blocks_renewal() {
         let mut s = ControlState::default();
         lease(s.apply(&grant("a", 0, "a", 1000, GrantReason::Initial)));
-        assert!(matches!(s.apply(&grant("a", 1, "b", 1500, GrantReason::Planned)), ControlReply::Rejected { .. }));
+        assert!(matches!(
+            s.apply(&grant("a", 1, "b", 1500, GrantReason::Planned)),
+            ControlReply::Rejected { .. }
+        ));
         let drain = ControlCommand::Drain { home: "a".into(), epoch: 1, to: Some("b".into()) };
         assert_eq!(lease(s.apply(&drain)).draining_to.as_deref(), Some("b"));
-        let renew =
-            ControlCommand::Renew { home: "a".into(), holder: "a".into(), epoch: 1, now_ms: 1600, lease_ms: 3000 };
+        let renew = ControlCommand::Renew {
+            home: "a".into(),
+            holder: "a".into(),
+            epoch: 1,
+            now_ms: 1600,
+            lease_ms: 3000,
+        };
         assert!(matches!(s.apply(&renew), ControlReply::Rejected { .. }));
         let l = lease(s.apply(&grant("a", 1, "b", 1700, GrantReason::Planned)));
         assert_eq!((l.holder.as_str(), l.epoch, l.draining_to.clone()), ("b", 2, None));

@@ -28,8 +28,8 @@ pub mod store;
 pub mod strong;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::io::Cursor;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use geokv_proto::consensus as pb;
@@ -66,7 +66,10 @@ pub enum Command {
     Control(ControlCommand),
     /// A STRONG write; `request_id` (the client's idempotency key) makes a
     /// retried command return the first outcome instead of applying twice.
-    Strong { request_id: Option<String>, op: StrongCommand },
+    Strong {
+        request_id: Option<String>,
+        op: StrongCommand,
+    },
 }
 
 /// The reply to a committed command.
@@ -112,16 +115,18 @@ pub struct Member {
     pub region: String,
 }
 
-/// The voter of each region: its first configured node (this node for its
-/// own region when the region lists no nodes).
+/// The voter of each region: the node with the smallest id (the same
+/// order that maps partitions to nodes). A node's config lists the other
+/// nodes of its own region, so this node is added to its own region's list.
 pub fn region_voters(cfg: &Config) -> Vec<Member> {
     let mut out = Vec::new();
     for r in &cfg.regions {
-        let actor = match r.nodes.first() {
-            Some(n) => format!("{}/{}", r.name, n.id),
-            None if r.name == cfg.region => cfg.actor(),
-            None => continue,
-        };
+        let mut ids: Vec<&str> = r.nodes.iter().map(|n| n.id.as_str()).collect();
+        if r.name == cfg.region {
+            ids.push(cfg.node_id.as_str());
+        }
+        let Some(id) = ids.into_iter().min() else { continue };
+        let actor = format!("{}/{}", r.name, id);
         out.push(Member { id: raft_id(&actor), actor, region: r.name.clone() });
     }
     out
@@ -297,7 +302,9 @@ impl Consensus {
         let peers = Arc::new(Peers::new(addrs));
         let (control_tx, _) = watch::channel(ControlState::default());
 
-        let mut wanted: Vec<(String, Vec<Member>, Option<String>, Arc<dyn Machine>)> = vec![(
+        // (group, voters, preferred leader region, state machine)
+        type Wanted = (String, Vec<Member>, Option<String>, Arc<dyn Machine>);
+        let mut wanted: Vec<Wanted> = vec![(
             CONTROL_GROUP.to_string(),
             control_members(&cfg),
             None,
@@ -305,7 +312,12 @@ impl Consensus {
         )];
         for (home, zone) in strong_homes(&cfg) {
             let key = control::home_key(&home, &zone);
-            wanted.push((strong_group(&key), strong_members(&cfg, &home, &zone), Some(home), Arc::new(StrongMachine)));
+            wanted.push((
+                strong_group(&key),
+                strong_members(&cfg, &home, &zone),
+                Some(home),
+                Arc::new(StrongMachine),
+            ));
         }
         let mut groups = BTreeMap::new();
         let mut members = BTreeMap::new();
@@ -329,7 +341,8 @@ impl Consensus {
                     tracing::debug!(group = %name, error = %e, "initialize");
                 }
             }
-            groups.insert(name.clone(), Arc::new(Group { name, raft, sm, members: voters, preferred_region }));
+            groups
+                .insert(name.clone(), Arc::new(Group { name, raft, sm, members: voters, preferred_region }));
         }
         Ok(Arc::new(Self { me, cfg, peers, groups, members, control: control_tx }))
     }
@@ -458,7 +471,8 @@ impl Consensus {
             return Err(Self::unavailable(group, format!("leader {target} has no address")));
         };
         let command = serde_json::to_vec(cmd).map_err(|e| Self::unavailable(group, e))?;
-        let mut req = tonic::Request::new(pb::ProposeRequest { group: group.to_string(), command, hops: hops + 1 });
+        let mut req =
+            tonic::Request::new(pb::ProposeRequest { group: group.to_string(), command, hops: hops + 1 });
         req.set_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10)));
         let reply = client.propose(req).await.map_err(|s| Self::status_error(group, s))?.into_inner();
         let parsed: Reply = serde_json::from_slice(&reply.reply).map_err(|e| Self::unavailable(group, e))?;
@@ -471,7 +485,13 @@ impl Consensus {
 
     /// A linearizable read of a STRONG row: the leader confirms it still
     /// leads (read index) and waits until it applied that far.
-    pub async fn read(&self, group: &str, table: &str, key: &[u8], hops: u32) -> Result<Option<StrongValue>, KvError> {
+    pub async fn read(
+        &self,
+        group: &str,
+        table: &str,
+        key: &[u8],
+        hops: u32,
+    ) -> Result<Option<StrongValue>, KvError> {
         let k = strong::row_key(table, key);
         let deadline = Instant::now() + PROPOSE_TIMEOUT;
         if let Some(g) = self.groups.get(group) {
@@ -484,9 +504,11 @@ impl Consensus {
                     Err(_elapsed) => break,
                     Ok(Ok(_)) => {
                         let v = g.sm.get(&k).map_err(KvError::Storage)?;
-                        return v.map(|b| strong::decode_value(&b)).transpose().map_err(|why| KvError::Corrupt {
-                            what: format!("STRONG row {table}/{}", String::from_utf8_lossy(key)),
-                            why,
+                        return v.map(|b| strong::decode_value(&b)).transpose().map_err(|why| {
+                            KvError::Corrupt {
+                                what: format!("STRONG row {table}/{}", String::from_utf8_lossy(key)),
+                                why,
+                            }
                         });
                     }
                     Ok(Err(e)) => {
@@ -528,20 +550,31 @@ impl Consensus {
         let Some(mut client) = self.peers.client(target) else {
             return Err(Self::unavailable(group, format!("leader {target} has no address")));
         };
-        let mut req = tonic::Request::new(pb::ReadRequest { group: group.to_string(), key: k.to_vec(), hops: hops + 1 });
+        let mut req = tonic::Request::new(pb::ReadRequest {
+            group: group.to_string(),
+            key: k.to_vec(),
+            hops: hops + 1,
+        });
         req.set_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10)));
         let reply = client.read(req).await.map_err(|s| Self::status_error(group, s))?.into_inner();
         if !reply.found {
             return Ok(None);
         }
-        strong::decode_value(&reply.value).map(Some).map_err(|why| KvError::Corrupt { what: "STRONG row".into(), why })
+        strong::decode_value(&reply.value)
+            .map(Some)
+            .map_err(|why| KvError::Corrupt { what: "STRONG row".into(), why })
     }
 
     /// A local, possibly stale read of a STRONG row (LOCAL/BOUNDED reads).
     pub fn read_local(&self, group: &str, table: &str, key: &[u8]) -> Result<Option<StrongValue>, KvError> {
         let Some(g) = self.groups.get(group) else {
             return Err(KvError::ReplicaStale {
-                region: self.members.get(group).and_then(|m| m.first()).map(|m| m.region.clone()).unwrap_or_default(),
+                region: self
+                    .members
+                    .get(group)
+                    .and_then(|m| m.first())
+                    .map(|m| m.region.clone())
+                    .unwrap_or_default(),
                 why: "this node holds no replica of the STRONG group".into(),
             });
         };

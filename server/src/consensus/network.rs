@@ -13,8 +13,8 @@ use geokv_proto::consensus as pb;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 use pb::consensus_client::ConsensusClient;
@@ -116,11 +116,14 @@ impl Connection {
             Ok(r) => r.into_inner(),
             Err(status) => {
                 let e = TransportError(format!("{}: {}", status.code(), status.message()));
+                // Everything but a refusal of the message itself means the
+                // peer cannot be reached now: openraft backs off on
+                // Unreachable, while it retries a NetworkError at once.
                 return Err(match status.code() {
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
-                        RPCError::Unreachable(Unreachable::new(&e))
+                    tonic::Code::InvalidArgument | tonic::Code::NotFound => {
+                        RPCError::Network(NetworkError::new(&e))
                     }
-                    _ => RPCError::Network(NetworkError::new(&e)),
+                    _ => RPCError::Unreachable(Unreachable::new(&e)),
                 });
             }
         };

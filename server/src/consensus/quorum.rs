@@ -17,11 +17,11 @@ use geokv_proto::consensus as pb;
 use tokio::task::JoinSet;
 
 use super::{raft_id, Consensus, Member};
+use crate::config::Level;
 use crate::error::KvError;
 use crate::kv::commit::{merge_row, WriteOutcome};
 use crate::kv::row::Row;
 use crate::kv::{Node, RowRef, WriteOp, WriteRequest};
-use crate::config::Level;
 use crate::residency::{self, Placement};
 
 /// Deadline of one replica call.
@@ -57,7 +57,8 @@ impl Quorum {
 
     fn placement(&self, row: &RowRef) -> Result<Placement, KvError> {
         let cfg = self.node.config();
-        let table = cfg.table(&row.table).ok_or_else(|| KvError::UnknownTable { table: row.table.clone() })?;
+        let table =
+            cfg.table(&row.table).ok_or_else(|| KvError::UnknownTable { table: row.table.clone() })?;
         let placement = residency::resolve(cfg, table, &row.locality)?;
         // Coordinating means holding the row here: it must be in the zone.
         residency::admit_write(&cfg.region, &placement, Level::Eventual)?;
@@ -69,7 +70,8 @@ impl Quorum {
         let mut set = JoinSet::new();
         for m in targets {
             let Some(mut client) = self.consensus.peers().client(m.id) else { continue };
-            let req = pb::ReplicaWriteRequest { table: table.to_string(), key: key.to_vec(), row: row.seal() };
+            let req =
+                pb::ReplicaWriteRequest { table: table.to_string(), key: key.to_vec(), row: row.seal() };
             set.spawn(async move {
                 let mut r = tonic::Request::new(req);
                 r.set_timeout(REPLICA_TIMEOUT);
@@ -86,14 +88,19 @@ impl Quorum {
     }
 
     /// A QUORUM write of one op: durable here, then in a majority.
-    pub async fn write(&self, op: WriteOp, req_idem: Option<crate::kv::commit::Idempotency>) -> Result<WriteOutcome, KvError> {
+    pub async fn write(
+        &self,
+        op: WriteOp,
+        req_idem: Option<crate::kv::commit::Idempotency>,
+    ) -> Result<WriteOutcome, KvError> {
         let placement = self.placement(&op.row)?;
         let (table, key) = (op.row.table.clone(), op.row.key.clone());
         let mut outcomes = self
             .node
             .write(WriteRequest { ops: vec![op], level: Some(Level::Eventual), idempotency: req_idem })
             .await?;
-        let outcome = outcomes.pop().ok_or_else(|| KvError::Storage("committer returned no outcome".into()))?;
+        let outcome =
+            outcomes.pop().ok_or_else(|| KvError::Storage("committer returned no outcome".into()))?;
         let need = placement.replica_regions.len() / 2 + 1;
         if need <= 1 {
             return Ok(outcome);
@@ -138,7 +145,8 @@ impl Quorum {
         while let Some(joined) = set.join_next().await {
             let Ok((member, Ok(reply))) = joined else { continue };
             let state = if reply.found {
-                match Row::open(&reply.row, || format!("{}/{}", row.table, String::from_utf8_lossy(&row.key))) {
+                match Row::open(&reply.row, || format!("{}/{}", row.table, String::from_utf8_lossy(&row.key)))
+                {
                     Ok(r) => Some(r),
                     Err(e) => {
                         tracing::warn!(region = %member.region, error = %e, "QUORUM read: bad replica state");
@@ -174,8 +182,11 @@ impl Quorum {
             }
         }
         if let Some(m) = &merged {
-            let stale: Vec<Member> =
-                answered.iter().filter(|(_, s)| s.as_ref() != Some(m)).map(|(member, _)| member.clone()).collect();
+            let stale: Vec<Member> = answered
+                .iter()
+                .filter(|(_, s)| s.as_ref() != Some(m))
+                .map(|(member, _)| member.clone())
+                .collect();
             if !stale.is_empty() {
                 metrics::counter!("geokv_read_repairs_total").increment(stale.len() as u64);
                 self.push(&stale, &row.table, &row.key, m).await;

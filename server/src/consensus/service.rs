@@ -58,7 +58,10 @@ impl pb::consensus_server::Consensus for ConsensusService {
         }
     }
 
-    async fn propose(&self, request: Request<pb::ProposeRequest>) -> Result<Response<pb::ProposeReply>, Status> {
+    async fn propose(
+        &self,
+        request: Request<pb::ProposeRequest>,
+    ) -> Result<Response<pb::ProposeReply>, Status> {
         let req = request.into_inner();
         let cmd: Command = parse(&req.command, "command")?;
         let (reply, index) = self.consensus.propose(&req.group, cmd, req.hops).await.map_err(Status::from)?;
@@ -69,10 +72,16 @@ impl pb::consensus_server::Consensus for ConsensusService {
     async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
         let req = request.into_inner();
         // The key is a state-machine key `r/<table>\0<key>`.
-        let rest = req.key.strip_prefix(b"r/").ok_or_else(|| Status::invalid_argument("key is not a row key"))?;
-        let split = rest.iter().position(|b| *b == 0).ok_or_else(|| Status::invalid_argument("key has no table"))?;
+        let rest =
+            req.key.strip_prefix(b"r/").ok_or_else(|| Status::invalid_argument("key is not a row key"))?;
+        let split =
+            rest.iter().position(|b| *b == 0).ok_or_else(|| Status::invalid_argument("key has no table"))?;
         let table = String::from_utf8_lossy(&rest[..split]).into_owned();
-        let value = self.consensus.read(&req.group, &table, &rest[split + 1..], req.hops).await.map_err(Status::from)?;
+        let value = self
+            .consensus
+            .read(&req.group, &table, &rest[split + 1..], req.hops)
+            .await
+            .map_err(Status::from)?;
         Ok(Response::new(match value {
             Some(v) => pb::ReadReply {
                 found: true,
@@ -109,7 +118,8 @@ impl pb::consensus_server::Consensus for ConsensusService {
         &self,
         _request: Request<pb::ControlStateRequest>,
     ) -> Result<Response<pb::ControlStateReply>, Status> {
-        let state = serde_json::to_vec(&self.consensus.control_state()).map_err(|e| Status::internal(e.to_string()))?;
+        let state = serde_json::to_vec(&self.consensus.control_state())
+            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ControlStateReply { state }))
     }
 }

@@ -12,6 +12,10 @@
 //! entries after it (the log is only purged behind a synced snapshot), so
 //! every apply must be deterministic, which [`Machine`] implementations are.
 
+// openraft's storage traits fix the error type (`StorageError`, ~224
+// bytes); the helpers here return it unboxed to match them.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -27,7 +31,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::{Command, NodeId, Reply, TypeConfig};
 use crate::codec;
-use crate::storage::{prefix_end, Cf, Engine, WriteBatch};
+use crate::storage::{prefix_end, Cf, Engine, KvPairs, WriteBatch};
 
 /// Log entries read per scan page while recovering the last log id.
 const SCAN_PAGE: usize = 4096;
@@ -110,7 +114,10 @@ impl LogStore {
     }
 }
 
-fn read_json<T: DeserializeOwned>(engine: &dyn Engine, key: &[u8]) -> Result<Option<T>, StorageError<NodeId>> {
+fn read_json<T: DeserializeOwned>(
+    engine: &dyn Engine,
+    key: &[u8],
+) -> Result<Option<T>, StorageError<NodeId>> {
     match engine.get(Cf::Raft, key).map_err(io_read)? {
         Some(bytes) => Ok(Some(decode(&bytes)?)),
         None => Ok(None),
@@ -173,7 +180,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.get_json::<Option<LogId<NodeId>>>(b"committed")?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<NodeId>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -190,7 +201,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(l);
             }
         }
-        callback.log_io_completed(result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+        callback
+            .log_io_completed(result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
         result.map_err(io_write)
     }
 
@@ -305,7 +317,7 @@ impl StateMachine {
         self.machine.applied(&move |k| engine.get(Cf::Raft, &sm_key(&group, k)).ok().flatten());
     }
 
-    fn all_pairs(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError<NodeId>> {
+    fn all_pairs(&self) -> Result<KvPairs, StorageError<NodeId>> {
         let prefix = group_key(&self.group, b"sm/");
         let end = prefix_end(&prefix);
         let pairs = self.engine.scan(Cf::Raft, &prefix, end.as_deref(), usize::MAX).map_err(io_read)?;
@@ -335,7 +347,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>), StorageError<NodeId>> {
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>), StorageError<NodeId>>
+    {
         let applied: Option<Option<LogId<NodeId>>> =
             read_json(self.engine.as_ref(), &group_key(&self.group, b"applied"))?;
         let applied = applied.flatten();
@@ -348,7 +361,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut view = MachineView { engine: self.engine.as_ref(), group: &self.group, pending: BTreeMap::new() };
+        let mut view =
+            MachineView { engine: self.engine.as_ref(), group: &self.group, pending: BTreeMap::new() };
         let mut replies = Vec::new();
         let mut batch = WriteBatch::new();
         let mut last = None;
@@ -356,7 +370,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last = Some(entry.log_id);
             match &entry.payload {
                 EntryPayload::Blank => replies.push(Reply::None),
-                EntryPayload::Normal(cmd) => replies.push(self.machine.apply(entry.log_id.index, cmd, &mut view)),
+                EntryPayload::Normal(cmd) => {
+                    replies.push(self.machine.apply(entry.log_id.index, cmd, &mut view))
+                }
                 EntryPayload::Membership(m) => {
                     let stored = StoredMembership::new(Some(entry.log_id), m.clone());
                     batch.put(Cf::Raft, group_key(&self.group, b"membership"), encode(&stored)?);
@@ -413,7 +429,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let stored: Option<StoredSnapshot> = read_json(self.engine.as_ref(), &group_key(&self.group, b"snapshot"))?;
+        let stored: Option<StoredSnapshot> =
+            read_json(self.engine.as_ref(), &group_key(&self.group, b"snapshot"))?;
         Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
     }
 }

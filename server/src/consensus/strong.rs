@@ -21,21 +21,39 @@ pub struct StrongValue {
 /// A linearizable write.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StrongCommand {
-    Put { table: String, key: Vec<u8>, value: Vec<u8> },
-    Delete { table: String, key: Vec<u8> },
+    Put {
+        table: String,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        table: String,
+        key: Vec<u8>,
+    },
     /// Writes `value` (None deletes) only if the current value is
     /// `expected` (None = absent).
-    Cas { table: String, key: Vec<u8>, expected: Option<Vec<u8>>, value: Option<Vec<u8>> },
+    Cas {
+        table: String,
+        key: Vec<u8>,
+        expected: Option<Vec<u8>>,
+        value: Option<Vec<u8>>,
+    },
 }
 
 /// The outcome of a STRONG write.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StrongReply {
-    Written { version: u64 },
+    Written {
+        version: u64,
+    },
     /// A CAS whose expectation did not hold; nothing was written.
-    CasFailed { current: Option<StrongValue> },
+    CasFailed {
+        current: Option<StrongValue>,
+    },
     /// The stored value could not be read (corruption); nothing was written.
-    Failed { why: String },
+    Failed {
+        why: String,
+    },
 }
 
 /// State-machine key of a row.
@@ -64,7 +82,8 @@ impl StrongMachine {
     ) -> Result<StrongReply, String> {
         match value {
             Some(value) => {
-                let v = serde_json::to_vec(&StrongValue { value, version: index }).map_err(|e| e.to_string())?;
+                let v =
+                    serde_json::to_vec(&StrongValue { value, version: index }).map_err(|e| e.to_string())?;
                 view.put(&k, v);
             }
             None => view.delete(&k),

@@ -128,7 +128,9 @@ impl LeaseGuard for Leases {
             return EntryFence::Current;
         }
         match state.epoch_record(home, epoch).and_then(|r| r.ended_ms) {
-            Some(ended) if hlc_ms < ended.saturating_add(self.max_offset_ms) => EntryFence::LateButValid { current },
+            Some(ended) if hlc_ms < ended.saturating_add(self.max_offset_ms) => {
+                EntryFence::LateButValid { current }
+            }
             Some(_) => EntryFence::Fenced { current },
             // The record aged out of the bounded history: the write is far
             // older than any epoch kept, so it predates every later epoch's
@@ -240,7 +242,11 @@ impl Failover {
                 };
                 let (region, _) = split_home_key(home);
                 match state.leases.get(home) {
-                    None => proposals.push((home.clone(), None, grant(0, region.to_string(), GrantReason::Initial))),
+                    None => proposals.push((
+                        home.clone(),
+                        None,
+                        grant(0, region.to_string(), GrantReason::Initial),
+                    )),
                     Some(l) if now > l.expires_ms.saturating_add(offset) => {
                         if state.manual_only {
                             continue;
@@ -279,7 +285,8 @@ impl Failover {
                 let me = self.clone();
                 set.spawn(async move {
                     let started = Instant::now();
-                    let is_failover = matches!(cmd, ControlCommand::Grant { reason: GrantReason::Failover, .. });
+                    let is_failover =
+                        matches!(cmd, ControlCommand::Grant { reason: GrantReason::Failover, .. });
                     match me.propose(cmd).await {
                         Ok(ControlReply::Lease(new)) if is_failover => {
                             let old = old.as_ref();
@@ -293,7 +300,9 @@ impl Failover {
                             tracing::warn!(home = %home, from = old.map(|o| o.holder.as_str()).unwrap_or("-"),
                                 to = %new.holder, epoch = new.epoch, "failover: lease lapsed, home moved");
                         }
-                        Ok(ControlReply::Rejected { why }) => tracing::debug!(home = %home, why, "proposal refused"),
+                        Ok(ControlReply::Rejected { why }) => {
+                            tracing::debug!(home = %home, why, "proposal refused")
+                        }
                         Ok(_) => {}
                         Err(e) => tracing::debug!(home = %home, error = %e, "proposal failed"),
                     }
@@ -358,7 +367,8 @@ impl Failover {
         let tail = self.node.log_seq();
         let mut shipped = false;
         for _ in 0..(HANDOVER_TIMEOUT.as_millis() / 20) {
-            if self.replicator.acked_through(&to).is_some_and(|a| a >= tail) || !self.replicator.ships_to(&to) {
+            if self.replicator.acked_through(&to).is_some_and(|a| a >= tail) || !self.replicator.ships_to(&to)
+            {
                 shipped = true;
                 break;
             }
@@ -369,8 +379,9 @@ impl Failover {
         }
         if !shipped {
             tracing::warn!(home = %lease.home, to = %to, "handover timed out shipping the tail; resuming");
-            let _ =
-                self.propose(ControlCommand::Drain { home: lease.home.clone(), epoch: lease.epoch, to: None }).await;
+            let _ = self
+                .propose(ControlCommand::Drain { home: lease.home.clone(), epoch: lease.epoch, to: None })
+                .await;
             return;
         }
         let cmd = ControlCommand::Grant {
@@ -397,7 +408,8 @@ impl Failover {
         let voters = crate::consensus::control_members(&self.cfg);
         let mut order: Vec<_> = voters.iter().filter(|m| m.region == self.cfg.region).collect();
         order.extend(voters.iter().filter(|m| m.region != self.cfg.region));
-        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.consensus.renew_every_ms.min(250)));
+        let mut tick =
+            tokio::time::interval(Duration::from_millis(self.cfg.consensus.renew_every_ms.min(250)));
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => return,

@@ -1,0 +1,564 @@
+//! `geokv-load strong-wan`: STRONG writes over the emulated WAN, beside a
+//! 3-member etcd whose peer links get the same round trips, in one run.
+//!
+//! - geokv: `geokv dev` (four regions, every inter-region link behind the
+//!   fault proxy) in a temp dir on free ports; once the STRONG group
+//!   `strong/us-east-1` (voters us-east-1, eu-west-1, eu-central-1) is led
+//!   by `us-east-1/n1`, closed-loop puts to the `registers` table (default
+//!   consistency strong) go to the us-east-1 node, as clients in us-east-1.
+//! - etcd: three members named for the same regions. etcd advertises one
+//!   peer URL per member, so each member's peer port sits behind a proxy
+//!   link that delays both directions by d_X, with d_A + d_B = RTT(A, B):
+//!   a message from A to B travels on A's stream to B (etcd's rafthttp
+//!   streams carry the dialled member's messages back to the dialler, i.e.
+//!   the `to_client` direction of the sender's proxy) and the answer on B's,
+//!   so one round trip pays d_A + d_B. The us-east-1 member is made the
+//!   leader (Maintenance.MoveLeader) and the clients connect to it directly.
+//!
+//! The round trips are `geokv dev`'s: the table in `client/cli/src/dev.rs`
+//! times `--latency-scale`, with each one-way delay rounded to a millisecond
+//! as `geokv dev` rounds it.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use geokv_client::{Client, ClientConfig, Consistency, Row, WriteOptions};
+use geokv_proxy::{LinkFaults, ProxySet};
+use tempfile::TempDir;
+
+use crate::etcd::{self, EtcdCluster, MemberSpec};
+use crate::geokv::GeokvSettings;
+use crate::load::{self, Measured, Shape};
+use crate::process::{self, Child};
+use crate::report;
+use crate::target::{Running, TargetKind};
+
+/// The STRONG group's voters, home first: the regions etcd's members are named for.
+pub const REGIONS: [&str; 3] = ["us-east-1", "eu-west-1", "eu-central-1"];
+/// The home of the `registers` table and the clients' region.
+const HOME: &str = REGIONS[0];
+/// The STRONG group of the `registers` table in `geokv dev`.
+const GROUP: &str = "strong/us-east-1";
+/// The node that must lead it.
+const LEADER: &str = "us-east-1/n1";
+/// Slack the acceptance target allows over the nearest-majority round trip.
+const P50_SLACK_MS: f64 = 5.0;
+/// Longest `geokv dev` may take until its STRONG group has the home leader.
+const GEOKV_READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest etcd may take to hand leadership to the us-east-1 member.
+const ETCD_LEADER_TIMEOUT: Duration = Duration::from_secs(60);
+/// `geokv dev` stops its four nodes one after the other, each within 10 s.
+const DEV_STOP_GRACE: Duration = Duration::from_secs(60);
+/// Attempts at finding free ports for `geokv dev`.
+const PORT_TRIES: usize = 50;
+
+#[derive(Args, Debug, Clone)]
+pub struct StrongWanArgs {
+    /// Concurrent clients; a comma list runs each in turn against both targets.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    pub clients: Vec<usize>,
+    /// Measured window per run, in seconds.
+    #[arg(long, default_value_t = 15)]
+    pub duration_s: u64,
+    /// Unrecorded load before each measured window, in seconds.
+    #[arg(long, default_value_t = 3)]
+    pub warmup_s: u64,
+    /// Multiplies every emulated round trip, as `geokv dev --latency-scale`.
+    #[arg(long, default_value_t = 1.0)]
+    pub latency_scale: f64,
+    #[arg(long, default_value_t = 100)]
+    pub value_bytes: usize,
+    /// Size of the key space; keys are drawn uniformly.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: u64,
+    /// Deadline of one operation, in milliseconds; a slower one is an error.
+    #[arg(long, default_value_t = 10_000)]
+    pub op_timeout_ms: u64,
+    /// Seed of the key choices (client i uses seed + i).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The `geokv` binary (default: next to this executable).
+    #[arg(long)]
+    pub geokv_bin: Option<PathBuf>,
+    #[arg(long, default_value = "/usr/bin/etcd")]
+    pub etcd_bin: PathBuf,
+}
+
+impl StrongWanArgs {
+    pub fn validate(&self) -> Result<()> {
+        if self.clients.is_empty() || self.clients.iter().any(|&c| c == 0 || c > 1024) {
+            bail!("--clients must list counts between 1 and 1024");
+        }
+        if self.duration_s == 0 || self.duration_s > 3600 || self.warmup_s > 3600 {
+            bail!("--duration-s must be 1..=3600 and --warmup-s at most 3600");
+        }
+        if !(0.0..=10.0).contains(&self.latency_scale) {
+            bail!("--latency-scale must be between 0 and 10");
+        }
+        if self.value_bytes == 0 || self.value_bytes > 1 << 20 {
+            bail!("--value-bytes must be 1..=1048576");
+        }
+        if self.keys == 0 || self.keys > 10_000_000 {
+            bail!("--keys must be 1..=10000000");
+        }
+        if self.op_timeout_ms == 0 || self.op_timeout_ms > 60_000 {
+            bail!("--op-timeout-ms must be 1..=60000");
+        }
+        Ok(())
+    }
+
+    fn shape(&self) -> Shape {
+        Shape {
+            put_ratio: 1.0,
+            value_bytes: self.value_bytes,
+            keys: self.keys,
+            warmup: Duration::from_secs(self.warmup_s),
+            duration: Duration::from_secs(self.duration_s),
+            op_timeout: Duration::from_millis(self.op_timeout_ms),
+            seed: self.seed,
+            connections: None,
+        }
+    }
+}
+
+/// Measured round trip between two regions in milliseconds: the table of
+/// `geokv dev` (`client/cli/src/dev.rs`, `round_trip_ms`), for the regions
+/// this mode uses.
+pub fn table_rtt_ms(a: &str, b: &str) -> f64 {
+    let table: &[(&str, &str, f64)] = &[
+        ("us-east-1", "eu-west-1", 80.0),
+        ("us-east-1", "eu-central-1", 90.0),
+        ("eu-west-1", "eu-central-1", 25.0),
+    ];
+    table
+        .iter()
+        .find(|(x, y, _)| (*x == a && *y == b) || (*x == b && *y == a))
+        .map(|(_, _, ms)| *ms)
+        .unwrap_or(100.0)
+}
+
+/// The round trip `geokv dev` emulates: both directions of a link delay by
+/// `round(rtt / 2 * scale)` whole milliseconds.
+pub fn emulated_rtt_ms(a: &str, b: &str, scale: f64) -> u64 {
+    2 * (table_rtt_ms(a, b) / 2.0 * scale).round() as u64
+}
+
+/// Per-member delay `d_X` with `d_A + d_B = RTT(A, B)` for the three regions,
+/// from round trips `rtt`: `d_A = (RTT(A,B) + RTT(A,C) - RTT(B,C)) / 2`.
+pub fn member_delays(rtt: impl Fn(&str, &str) -> f64) -> [f64; 3] {
+    let mut out = [0.0; 3];
+    for (i, a) in REGIONS.iter().enumerate() {
+        let b = REGIONS[(i + 1) % 3];
+        let c = REGIONS[(i + 2) % 3];
+        out[i] = ((rtt(a, b) + rtt(a, c) - rtt(b, c)) / 2.0).max(0.0);
+    }
+    out
+}
+
+/// Round trip to the nearest majority of the STRONG group from its home:
+/// the home plus its nearest other voter.
+pub fn nearest_majority_rtt_ms(scale: f64) -> u64 {
+    REGIONS[1..].iter().map(|r| emulated_rtt_ms(HOME, r, scale)).min().unwrap_or(0)
+}
+
+/// `geokv dev` running in a temp dir; stopped (and its nodes with it) when dropped.
+struct GeokvDev {
+    /// Declared before `dir` so the cluster stops before its data goes.
+    child: Child,
+    endpoint: String,
+    _dir: TempDir,
+}
+
+/// A base port whose eight node ports (4 regions x gRPC, admin) and the
+/// proxy control port were free a moment ago.
+fn dev_ports(seed: u64) -> Result<(u16, u16)> {
+    let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+    for i in 0..PORT_TRIES as u64 {
+        let base = 20_000 + ((seed.wrapping_mul(7919).wrapping_add(i * 1_009)) % 30_000) as u16;
+        let ports: Vec<u16> = (0..4u16).flat_map(|r| [base + 10 * r, base + 10 * r + 1]).collect();
+        let control = base + 99;
+        if ports.iter().all(|&p| free(p)) && free(control) {
+            return Ok((base, control));
+        }
+    }
+    bail!("no free port range for geokv dev after {PORT_TRIES} tries")
+}
+
+impl GeokvDev {
+    async fn start(bin: &std::path::Path, scale: f64) -> Result<Self> {
+        let bin = process::require_binary(
+            bin,
+            "build it with `cargo build -p geokv --bin geokv` or pass --geokv-bin",
+        )?;
+        let dir = tempfile::Builder::new()
+            .prefix("geokv-load-strongwan-")
+            .tempdir()
+            .context("creating a temp dir")?;
+        let (base, control) = dev_ports(u64::from(std::process::id()))?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("dev")
+            .arg("--fresh")
+            .arg("--data-dir")
+            .arg(dir.path().join("dev"))
+            .arg("--base-port")
+            .arg(base.to_string())
+            .arg("--proxy-control-port")
+            .arg(control.to_string())
+            .arg("--latency-scale")
+            .arg(scale.to_string());
+        let mut child =
+            Child::spawn("geokv dev", cmd, &dir.path().join("dev.log"))?.with_stop_grace(DEV_STOP_GRACE);
+        let endpoint = format!("127.0.0.1:{base}");
+        let probe_endpoint = endpoint.clone();
+        let started = Instant::now();
+        process::wait_ready(
+            "geokv dev's STRONG group led from us-east-1",
+            GEOKV_READY_TIMEOUT,
+            || child.check_alive(),
+            || {
+                let endpoint = probe_endpoint.clone();
+                async move {
+                    let client = client(&endpoint, Duration::from_secs(2)).await?;
+                    let status = client.region_status().await?;
+                    let group = status
+                        .groups
+                        .iter()
+                        .find(|g| g.name == GROUP)
+                        .context("no group strong/us-east-1")?;
+                    if group.leader != LEADER {
+                        bail!("{GROUP} is led by {:?}, waiting for {LEADER}", group.leader);
+                    }
+                    // One STRONG write end to end: the path is open.
+                    client
+                        .put(&Row::new("registers", "strong-wan/probe"), b"ok".to_vec(), strong())
+                        .await
+                        .context("probe STRONG put")?;
+                    Ok(())
+                }
+            },
+        )
+        .await?;
+        eprintln!(
+            "geokv: dev pid {} (base port {base}), {GROUP} led by {LEADER} after {:.1} s",
+            child.pid().unwrap_or(0),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(Self { child, endpoint, _dir: dir })
+    }
+
+    async fn leader(&self) -> Result<String> {
+        let status = client(&self.endpoint, Duration::from_secs(5)).await?.region_status().await?;
+        let group = status.groups.iter().find(|g| g.name == GROUP).context("no group strong/us-east-1")?;
+        Ok(if group.leader.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{} (term {})", group.leader, group.term)
+        })
+    }
+}
+
+async fn client(endpoint: &str, timeout: Duration) -> Result<Client> {
+    let mut cfg = ClientConfig::new(endpoint);
+    cfg.timeout = timeout;
+    cfg.retries_max = 0;
+    Ok(Client::with_config(cfg).await?)
+}
+
+fn strong() -> WriteOptions {
+    WriteOptions::default().consistency(Consistency::Strong)
+}
+
+/// etcd behind per-member proxies. Dropping it stops the members; the
+/// proxies are stopped by [`EtcdWan::stop`] (or with the process).
+struct EtcdWan {
+    cluster: EtcdCluster,
+    proxies: ProxySet,
+}
+
+impl EtcdWan {
+    async fn start(bin: &std::path::Path, delays_ms: &[u64; 3], scale: f64) -> Result<Self> {
+        let ports = process::free_ports(6)?;
+        let proxies = ProxySet::new();
+        let mut specs = Vec::new();
+        for (i, region) in REGIONS.iter().enumerate() {
+            let peer_port = ports[3 + i];
+            let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], peer_port));
+            let listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+            let link = proxies
+                .add(
+                    &format!("etcd-peer-{region}"),
+                    listen,
+                    upstream,
+                    LinkFaults::symmetric_latency(delays_ms[i]),
+                )
+                .await
+                .with_context(|| format!("starting the proxy in front of etcd member {region}"))?;
+            specs.push(MemberSpec {
+                name: region.to_string(),
+                client_port: ports[i],
+                peer_port,
+                advertise_peer_url: format!("http://{}", link.local_addr()),
+            });
+        }
+        // Raft timing as `geokv dev` derives it for the same voters (etcd
+        // wants the election timeout at least 5 heartbeats; 10 is its advice).
+        let rtt_max = REGIONS
+            .iter()
+            .flat_map(|a| REGIONS.iter().map(move |b| (a, b)))
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| table_rtt_ms(a, b) * scale)
+            .fold(0.0, f64::max);
+        let heartbeat = ((rtt_max * 1.25) as u64 + 60).max(150);
+        let timing = vec![
+            format!("--heartbeat-interval={heartbeat}"),
+            format!("--election-timeout={}", heartbeat * 10),
+        ];
+        eprintln!("etcd: heartbeat {heartbeat} ms, election timeout {} ms", heartbeat * 10);
+        let start = etcd::start_members(bin, &specs, &timing).await;
+        let mut cluster = match start {
+            Ok(c) => c,
+            Err(e) => {
+                proxies.shutdown().await;
+                return Err(e);
+            }
+        };
+        let started = Instant::now();
+        if let Err(e) = cluster.move_leader(HOME, ETCD_LEADER_TIMEOUT).await {
+            drop(cluster);
+            proxies.shutdown().await;
+            return Err(e);
+        }
+        eprintln!(
+            "etcd: leader is the {HOME} member ({}) after {:.1} s",
+            cluster.leader_url,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(Self { cluster, proxies })
+    }
+}
+
+/// Runs every client count against geokv, then etcd, and prints the report.
+pub async fn run(args: &StrongWanArgs, default_geokv_bin: PathBuf) -> Result<()> {
+    let shape = args.shape();
+    let scale = args.latency_scale;
+    let geokv_bin = args.geokv_bin.clone().unwrap_or(default_geokv_bin);
+
+    // The round trips, as geokv dev emulates them, and etcd's delays.
+    let table_delays = member_delays(|a, b| table_rtt_ms(a, b) * scale);
+    let exact = member_delays(|a, b| emulated_rtt_ms(a, b, scale) as f64);
+    let delays: [u64; 3] = [exact[0].round() as u64, exact[1].round() as u64, exact[2].round() as u64];
+    let mut setup = String::new();
+    setup.push_str(&format!(
+        "latency scale {scale}; round trips in ms (RTT table x scale | geokv dev emulates | etcd gets):\n"
+    ));
+    for (i, a) in REGIONS.iter().enumerate() {
+        for b in &REGIONS[i + 1..] {
+            let j = REGIONS.iter().position(|r| r == b).unwrap_or(0);
+            setup.push_str(&format!(
+                "  {a:<13} <-> {b:<13} {:>7.1} | {:>5} | {:>5}\n",
+                table_rtt_ms(a, b) * scale,
+                emulated_rtt_ms(a, b, scale),
+                delays[i] + delays[j]
+            ));
+        }
+    }
+    setup.push_str("etcd peer-proxy delay per member, each direction (d_A + d_B = RTT(A,B)):\n");
+    for (i, r) in REGIONS.iter().enumerate() {
+        setup.push_str(&format!(
+            "  {r:<13} d = {:>5} ms   (from the RTT table unrounded: {:.1} ms)\n",
+            delays[i], table_delays[i]
+        ));
+    }
+    eprint!("{setup}");
+
+    let mut results: Vec<Measured> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+
+    // geokv first, alone on the machine.
+    eprintln!("geokv: starting geokv dev (latency scale {scale})");
+    let dev = GeokvDev::start(&geokv_bin, scale).await.context("starting geokv dev")?;
+    let mut dev = dev;
+    let running = Running::Geokv {
+        node: None,
+        settings: GeokvSettings {
+            endpoint: dev.endpoint.clone(),
+            table: "registers".to_string(),
+            consistency: Consistency::Strong,
+            op_timeout: shape.op_timeout,
+            // STRONG rows are registers in the group's state machine: a put
+            // overwrites, no causal context involved.
+            contexts: None,
+        },
+    };
+    for &clients in &args.clients {
+        eprintln!("geokv: {clients} clients, {} s warmup + {} s measured", args.warmup_s, args.duration_s);
+        let m = load::run(&running, &shape, clients)
+            .await
+            .with_context(|| format!("geokv at {clients} clients"))?;
+        dev.child.check_alive().context("geokv dev after a run")?;
+        eprintln!(
+            "geokv: {clients} clients: {:.1} ops/s, p50 {:.3} ms, p99 {:.3} ms, {} errors",
+            m.ops_per_s(),
+            m.latency_ms(0.5),
+            m.latency_ms(0.99),
+            m.errors
+        );
+        results.push(m);
+    }
+    notes.push(format!(
+        "geokv {GROUP} leader after the runs: {}",
+        dev.leader().await.unwrap_or_else(|e| format!("unknown ({e:#})"))
+    ));
+    eprintln!("geokv: stopping geokv dev");
+    drop(running);
+    drop(dev);
+
+    // Then etcd, alone on the machine.
+    eprintln!("etcd: starting 3 members behind peer proxies");
+    let wan = EtcdWan::start(&args.etcd_bin, &delays, scale).await.context("starting etcd")?;
+    let EtcdWan { cluster, proxies } = wan;
+    let mut running = Running::Etcd { cluster, serializable: false, op_timeout: shape.op_timeout };
+    let outcome: Result<()> = async {
+        for &clients in &args.clients {
+            eprintln!("etcd: {clients} clients, {} s warmup + {} s measured", args.warmup_s, args.duration_s);
+            let m = load::run(&running, &shape, clients)
+                .await
+                .with_context(|| format!("etcd at {clients} clients"))?;
+            running.check_alive().context("etcd after a run")?;
+            eprintln!(
+                "etcd: {clients} clients: {:.1} ops/s, p50 {:.3} ms, p99 {:.3} ms, {} errors",
+                m.ops_per_s(),
+                m.latency_ms(0.5),
+                m.latency_ms(0.99),
+                m.errors
+            );
+            results.push(m);
+        }
+        if let Running::Etcd { cluster, .. } = &running {
+            let leader = cluster.leader_name().await.unwrap_or_else(|e| format!("unknown ({e:#})"));
+            notes.push(format!("etcd leader after the runs: {leader}"));
+        }
+        Ok(())
+    }
+    .await;
+    eprintln!("etcd: stopping");
+    drop(running);
+    proxies.shutdown().await;
+    outcome?;
+
+    print!("{}", render(args, &setup, &results, &notes));
+    Ok(())
+}
+
+/// The report: setup, table, ratios and the p50 check.
+fn render(args: &StrongWanArgs, setup: &str, results: &[Measured], notes: &[String]) -> String {
+    let scale = args.latency_scale;
+    let mut s = String::new();
+    s.push_str(&format!(
+        "strong-wan: closed loop, puts only, {} B values, {} keys, {} s window after {} s warmup, one connection per client\n",
+        args.value_bytes, args.keys, args.duration_s, args.warmup_s
+    ));
+    s.push_str(&format!(
+        "  geokv: `geokv dev` (4 regions), table registers (STRONG), group {GROUP} (voters {}), clients at {HOME}/n1\n",
+        REGIONS.join(", ")
+    ));
+    s.push_str(&format!(
+        "  etcd:  3 members ({}), peer links behind geokv-proxy, leader {HOME}, clients at the {HOME} member\n",
+        REGIONS.join(", ")
+    ));
+    s.push_str(setup);
+    for n in notes {
+        s.push_str(&format!("  {n}\n"));
+    }
+    s.push('\n');
+    s.push_str(&format!(
+        "{:<13} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}\n",
+        "target", "clients", "ops/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors"
+    ));
+    for m in results {
+        let name = match m.target {
+            TargetKind::Geokv => "geokv STRONG",
+            other => other.name(),
+        };
+        s.push_str(&format!(
+            "{:<13} {:>7} {:>9.1} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7}\n",
+            name,
+            m.clients,
+            m.ops_per_s(),
+            m.latency_ms(0.5),
+            m.latency_ms(0.9),
+            m.latency_ms(0.99),
+            m.latency_us.max() as f64 / 1000.0,
+            m.errors
+        ));
+    }
+    for m in results.iter().filter(|m| m.errors > 0 || m.ops == 0) {
+        let why = m.first_error.as_deref().unwrap_or("no operation completed in the window");
+        s.push_str(&format!("  {} at {} clients: {why}\n", m.target, m.clients));
+    }
+    let ratios = report::ratios(results);
+    if !ratios.is_empty() {
+        s.push_str(&format!("\n{:<20} {:>7} {:>9} {:>9} {:>9}\n", "ratio", "clients", "ops/s", "p50", "p99"));
+        for r in &ratios {
+            let f = |x: f64| if x.is_finite() { format!("{x:.2}x") } else { "n/a".to_string() };
+            s.push_str(&format!(
+                "{:<20} {:>7} {:>9} {:>9} {:>9}\n",
+                "geokv STRONG/etcd",
+                r.clients,
+                f(r.ops_per_s),
+                f(r.p50),
+                f(r.p99)
+            ));
+        }
+        s.push_str("(ops/s above 1x: geokv does more; p50/p99 below 1x: geokv is faster)\n");
+    }
+    let target = nearest_majority_rtt_ms(scale) as f64 + P50_SLACK_MS;
+    let lowest = results.iter().filter(|m| m.target == TargetKind::Geokv).min_by_key(|m| m.clients);
+    s.push('\n');
+    match lowest {
+        Some(m) if m.ops > 0 => {
+            let p50 = m.latency_ms(0.5);
+            s.push_str(&format!(
+                "check: STRONG p50 at {} client(s) <= nearest-majority RTT ({} ms = {}<->{} x {scale}) + {P50_SLACK_MS} ms = {target:.1} ms: {} (p50 {p50:.3} ms)\n",
+                m.clients,
+                nearest_majority_rtt_ms(scale),
+                HOME,
+                REGIONS[1],
+                if p50 <= target { "PASS" } else { "FAIL" },
+            ));
+        }
+        _ => s.push_str(&format!("check: STRONG p50 <= {target:.1} ms: FAIL (no STRONG write completed)\n")),
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_from_the_table_are_the_documented_halves() {
+        let d = member_delays(table_rtt_ms);
+        assert_eq!(d, [72.5, 7.5, 17.5]);
+    }
+
+    #[test]
+    fn delays_reproduce_geokv_dev_round_trips_at_scale_one() {
+        // geokv dev rounds each one-way delay: eu-west-1 <-> eu-central-1 is 2 x 13 ms.
+        assert_eq!(emulated_rtt_ms("eu-west-1", "eu-central-1", 1.0), 26);
+        let d = member_delays(|a, b| emulated_rtt_ms(a, b, 1.0) as f64);
+        assert_eq!(d, [72.0, 8.0, 18.0]);
+        for (i, a) in REGIONS.iter().enumerate() {
+            for (j, b) in REGIONS.iter().enumerate() {
+                if i != j {
+                    assert_eq!((d[i] + d[j]) as u64, emulated_rtt_ms(a, b, 1.0), "{a} <-> {b}");
+                }
+            }
+        }
+        assert_eq!(nearest_majority_rtt_ms(1.0), 80);
+        assert_eq!(nearest_majority_rtt_ms(0.0), 0);
+    }
+}
