@@ -186,6 +186,22 @@ impl Hlc {
         )
     }
 
+    /// A stamp larger than every stamp issued or observed and than `floor`,
+    /// however far ahead `floor` is: a write stamps past the row it
+    /// replaces, so a node whose wall clock went back (a restart with a
+    /// clock behind) never gives a newer write a smaller stamp than the
+    /// stored one.
+    pub fn now_after(&self, floor: HlcTimestamp) -> HlcTimestamp {
+        self.advance(|last, physical| {
+            let base = if floor > last { floor } else { last };
+            if physical.physical_ms() > base.physical_ms() {
+                physical
+            } else {
+                base.successor()
+            }
+        })
+    }
+
     /// Moves the clock past a stamp received from another node and returns
     /// a fresh stamp larger than both, to stamp the event of receiving it.
     ///
@@ -292,6 +308,18 @@ mod tests {
         let huge = HlcTimestamp::from_parts(u64::MAX, 0);
         assert_eq!(huge.physical_ms(), HlcTimestamp::PHYSICAL_MS_MAX);
         assert_eq!(ts.to_string(), "1700000000000.42");
+    }
+
+    #[test]
+    fn now_after_passes_a_floor_ahead_of_the_wall_clock() {
+        let (clock, hlc) = manual(1_000, 500);
+        let floor = HlcTimestamp::from_parts(5_000, 3);
+        let t = hlc.now_after(floor);
+        assert!(t > floor, "{t:?} after {floor:?}");
+        // The clock stays past the floor afterwards.
+        assert!(hlc.now() > t);
+        clock.set(9_000);
+        assert_eq!(hlc.now_after(floor).physical_ms(), 9_000);
     }
 
     #[test]

@@ -351,7 +351,12 @@ impl Committer {
                 Some(r) => Some(r.clone()),
                 None => self.load_row(&dk, &w.table, &w.key)?,
             };
-            let hlc = self.hlc.now().0;
+            // Stamp past the stored row: with a wall clock that went back
+            // (restart, skew), a newer write must still win over it.
+            let hlc = match &current {
+                Some(r) => self.hlc.now_after(HlcTimestamp(r.hlc)).0,
+                None => self.hlc.now().0,
+            };
             let applied = self.apply_op(w, current, hlc, epoch)?;
             let Some((row, mut outcome, conflicted)) = applied else {
                 outcomes.push(WriteOutcome {
