@@ -375,9 +375,16 @@ pub fn command_line() -> String {
     std::env::args().map(|a| if a.contains(' ') { format!("'{a}'") } else { a }).collect::<Vec<_>>().join(" ")
 }
 
-/// `$CARGO_TARGET_DIR/debug/geokv`, or `target/debug/geokv` beside the
-/// workspace, when `--geokv-bin` is not given.
+/// The `geokv` binary when `--geokv-bin` is not given: the one beside this
+/// executable (both are built into the same target directory), else
+/// `$CARGO_TARGET_DIR/debug/geokv`, else `target/debug/geokv` in the workspace.
 pub fn default_geokv_bin() -> PathBuf {
+    if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+        let beside = dir.join("geokv");
+        if beside.is_file() {
+            return beside;
+        }
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target"));

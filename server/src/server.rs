@@ -99,6 +99,16 @@ pub async fn serve(
     tracing::info!(node = %cfg.actor(), grpc = %grpc_addr, admin = %admin_addr, data_dir = %cfg.data_dir.display(),
         engine = node.engine().kind(), "node serving");
 
+    // The builder's tcp_nodelay covers only listeners it binds itself; the
+    // accepted sockets of this listener get it here, or small replies (Raft
+    // acknowledgements, forwarded writes) wait behind Nagle's algorithm.
+    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(grpc), |conn| {
+        conn.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY on an accepted connection");
+            }
+        })
+    });
     let grpc_task = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -111,7 +121,7 @@ pub async fn serve(
             .add_service(replication_svc)
             .add_service(consensus_svc)
             .add_service(control_svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+            .serve_with_incoming_shutdown(incoming, async move {
                 let _ = grpc_stop.wait_for(|s| *s).await;
             }),
     );

@@ -7,7 +7,10 @@
 //! - `snapshot`: the last built snapshot (meta and data).
 //!
 //! Log appends and votes are synced before openraft is told they are
-//! durable. State-machine writes are not synced: after a crash the applied
+//! durable. An append is written at once (readable for replication) and
+//! synced by the group's log syncer thread, which acknowledges appends in
+//! order and covers every append waiting with one sync: the leader's own
+//! sync then runs while its entries are already on the way to followers. State-machine writes are not synced: after a crash the applied
 //! position read back may be older, and openraft re-applies the committed
 //! entries after it (the log is only purged behind a synced snapshot), so
 //! every apply must be deterministic, which [`Machine`] implementations are.
@@ -78,6 +81,23 @@ pub struct LogStore {
     group: String,
     /// Last log id written (None when the log is empty), recovered on open.
     last: Arc<Mutex<Option<LogId<NodeId>>>>,
+    /// Appends written but not yet synced, to the syncer thread.
+    syncer: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+/// Syncs the engine for appends in the order they were written and
+/// reports each as flushed; one sync covers every append waiting. Ends
+/// when the last [`LogStore`] clone of the group is dropped.
+fn run_log_syncer(engine: Arc<dyn Engine>, rx: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiting = vec![first];
+        waiting.extend(rx.try_iter());
+        let result = engine.sync().map_err(|e| e.to_string());
+        metrics::histogram!("geokv_raft_log_sync_batch").record(waiting.len() as f64);
+        for callback in waiting {
+            callback.log_io_completed(result.clone().map_err(std::io::Error::other));
+        }
+    }
 }
 
 impl LogStore {
@@ -100,17 +120,23 @@ impl LogStore {
         if last.is_none() {
             last = read_json(engine.as_ref(), &group_key(group, b"purged"))?;
         }
-        Ok(Self { engine, group: group.to_string(), last: Arc::new(Mutex::new(last)) })
+        let (syncer, rx) = std::sync::mpsc::channel();
+        let sync_engine = engine.clone();
+        std::thread::Builder::new()
+            .name(format!("raft-sync-{group}"))
+            .spawn(move || run_log_syncer(sync_engine, rx))
+            .map_err(io_write)?;
+        Ok(Self { engine, group: group.to_string(), last: Arc::new(Mutex::new(last)), syncer })
     }
 
     fn get_json<T: DeserializeOwned>(&self, suffix: &[u8]) -> Result<Option<T>, StorageError<NodeId>> {
         read_json(self.engine.as_ref(), &group_key(&self.group, suffix))
     }
 
-    fn put_json<T: Serialize>(&self, suffix: &[u8], value: &T) -> Result<(), StorageError<NodeId>> {
+    fn put_json<T: Serialize>(&self, suffix: &[u8], value: &T, sync: bool) -> Result<(), StorageError<NodeId>> {
         let mut batch = WriteBatch::new();
         batch.put(Cf::Raft, group_key(&self.group, suffix), encode(value)?);
-        self.engine.write(batch, true).map_err(io_write)
+        self.engine.write(batch, sync).map_err(io_write)
     }
 }
 
@@ -165,7 +191,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.put_json(b"vote", vote)
+        self.put_json(b"vote", vote, true)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
@@ -173,7 +199,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError<NodeId>> {
-        self.put_json(b"committed", &committed)
+        // Not synced: it is on the path of every commit, and losing it only
+        // means re-applying entries after a crash (the engine keeps write
+        // order, so it is never ahead of the synced log).
+        self.put_json(b"committed", &committed, false)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
@@ -195,15 +224,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.put(Cf::Raft, log_key(&self.group, entry.log_id.index), encode(&entry)?);
             last = Some(entry.log_id);
         }
-        let result = self.engine.write(batch, true);
-        if result.is_ok() {
-            if let Some(l) = last {
-                *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(l);
-            }
+        // Written now (visible to the replication readers), reported
+        // flushed once the syncer synced it.
+        if let Err(e) = self.engine.write(batch, false) {
+            callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+            return Err(io_write(e));
         }
-        callback
-            .log_io_completed(result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
-        result.map_err(io_write)
+        if let Some(l) = last {
+            *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(l);
+        }
+        if let Err(std::sync::mpsc::SendError(callback)) = self.syncer.send(callback) {
+            // The syncer is gone (only while shutting down): sync here.
+            let result = self.engine.sync();
+            callback.log_io_completed(result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+            return result.map_err(io_write);
+        }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {

@@ -37,6 +37,11 @@ impl Engine for MemoryEngine {
         Ok(self.lock().get(&cf).and_then(|m| m.get(key).cloned()))
     }
 
+    fn sync(&self) -> Result<(), StorageError> {
+        // Nothing to put on disk: the memory engine is for simulation only.
+        Ok(())
+    }
+
     fn write(&self, batch: WriteBatch, _sync: bool) -> Result<(), StorageError> {
         let mut cfs = self.lock();
         for op in batch.ops {

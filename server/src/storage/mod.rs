@@ -118,6 +118,10 @@ pub trait Engine: Send + Sync + 'static {
     /// is on stable storage (survives power loss and `kill -9`).
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError>;
 
+    /// Puts every write made so far on stable storage (an unsynced write
+    /// followed by `sync` is as durable as a synced write).
+    fn sync(&self) -> Result<(), StorageError>;
+
     /// Pairs with `start <= key < end` (no end bound when `end` is None), in
     /// key order, at most `limit` of them.
     fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, StorageError>;

@@ -86,6 +86,12 @@ impl Engine for RocksEngine {
         self.db.write_opt(wb, &wo).map_err(|e| StorageError::Write { ops, reason: e.to_string() })
     }
 
+    fn sync(&self) -> Result<(), StorageError> {
+        // The write-ahead log holds every write in order; syncing it makes
+        // all of them durable.
+        self.db.flush_wal(true).map_err(|e| StorageError::Write { ops: 0, reason: format!("WAL sync: {e}") })
+    }
+
     fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, StorageError> {
         let handle = self.handle(cf)?;
         let mut out = Vec::new();
