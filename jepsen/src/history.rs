@@ -95,6 +95,34 @@ pub struct OpRecord {
     /// The error reason for `fail` and `unknown`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// For an acknowledged LOCAL write: who accepted it, under which epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack: Option<Ack>,
+}
+
+/// Where and under which home epoch a LOCAL write was accepted (from its
+/// acknowledgement).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The row's home region.
+    pub home: String,
+    pub epoch: u64,
+    /// The region that accepted (committed) the write.
+    pub by: String,
+}
+
+/// A home lease as one node's region status showed it (the control plane's
+/// state applied there), or as a failover call returned it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub time_us: u64,
+    /// The home's key (region and zone).
+    pub home: String,
+    pub home_region: String,
+    pub holder: String,
+    pub epoch: u64,
+    /// The region whose node answered, or `failover` for a call's reply.
+    pub observed_by: String,
 }
 
 /// What became of a nemesis step.
@@ -127,6 +155,7 @@ pub struct NemesisRecord {
 pub enum Record {
     Op(OpRecord),
     Nemesis(NemesisRecord),
+    Epoch(EpochRecord),
 }
 
 /// An operation with its invocation and completion joined.
@@ -147,6 +176,7 @@ pub struct Op {
     /// `Ok`, `Fail` or `Unknown`.
     pub outcome: Kind,
     pub error: Option<String>,
+    pub ack: Option<Ack>,
 }
 
 /// A problem that makes a history unusable for checking.
@@ -209,6 +239,7 @@ pub fn operations(records: &[Record]) -> Result<Vec<Op>, HistoryError> {
                         complete_us: r.time_us,
                         outcome: r.kind,
                         error: r.error.clone(),
+                        ack: r.ack.clone(),
                     },
                 );
             }
@@ -296,6 +327,7 @@ impl Recorder {
             key: key.to_string(),
             value,
             error: None,
+            ack: None,
         };
         inner.records.push(Record::Op(record.clone()));
         inner.open.insert(op, record.clone());
@@ -304,12 +336,18 @@ impl Recorder {
 
     /// Records the completion of `inv`.
     pub fn complete(&self, inv: Invocation, kind: Kind, value: Value, error: Option<String>) {
+        self.complete_acked(inv, kind, value, error, None)
+    }
+
+    /// Records the completion of `inv` with the write's acknowledgement.
+    pub fn complete_acked(&self, inv: Invocation, kind: Kind, value: Value, error: Option<String>, ack: Option<Ack>) {
         debug_assert!(kind != Kind::Invoke);
         let mut record = inv.record;
         record.time_us = self.now_us();
         record.kind = kind;
         record.value = value;
         record.error = error;
+        record.ack = ack;
         let mut inner = self.lock();
         inner.open.remove(&record.op);
         inner.records.push(Record::Op(record));
@@ -346,6 +384,19 @@ impl Recorder {
         };
         tracing::info!(action, targets = ?record.targets, status = ?status, detail = %record.detail, "nemesis");
         self.lock().records.push(Record::Nemesis(record));
+    }
+
+    /// Records a home lease as `observed_by` saw it now.
+    pub fn epoch(&self, home: &str, home_region: &str, holder: &str, epoch: u64, observed_by: &str) {
+        let record = EpochRecord {
+            time_us: self.now_us(),
+            home: home.to_string(),
+            home_region: home_region.to_string(),
+            holder: holder.to_string(),
+            epoch,
+            observed_by: observed_by.to_string(),
+        };
+        self.lock().records.push(Record::Epoch(record));
     }
 
     pub fn ops_invoked(&self) -> u64 {

@@ -42,7 +42,7 @@ pub enum NemesisKind {
     Pause,
     /// A node restarted with its clock offset, restarted without later.
     Skew,
-    /// Planned failover of a region's rows (needs issue 4's admin RPC).
+    /// Planned failover of the first region's homes to another region, failback after the window.
     Failover,
 }
 
@@ -91,8 +91,10 @@ pub enum Fault {
         region: String,
         skew_ms: i64,
     },
+    /// Planned handover of `from`'s homes to `to`; failback when lifted.
     Failover {
-        region: String,
+        from: String,
+        to: String,
     },
 }
 
@@ -184,7 +186,14 @@ fn pick(kind: NemesisKind, rng: &mut impl Rng, regions: &[String]) -> Fault {
             let mag = rng.random_range(100..=SKEW_MS_MAX);
             Fault::Skew { region: one(rng), skew_ms: if rng.random_bool(0.5) { mag } else { -mag } }
         }
-        NemesisKind::Failover => Fault::Failover { region: one(rng) },
+        // The first region is home of the register tables: hand it over.
+        NemesisKind::Failover => {
+            let others: Vec<&String> = regions.iter().skip(1).collect();
+            Fault::Failover {
+                from: regions[0].clone(),
+                to: others[rng.random_range(0..others.len())].clone(),
+            }
+        }
         NemesisKind::None => unreachable!("no faults are picked for nemesis none"),
     }
 }
@@ -209,7 +218,8 @@ fn targets(f: &Fault) -> Vec<String> {
         Fault::Latency { between, .. } => between.to_vec(),
         Fault::Stall { links } => links.clone(),
         Fault::Kill { regions } => regions.clone(),
-        Fault::Pause { region } | Fault::Skew { region, .. } | Fault::Failover { region } => {
+        Fault::Failover { from, to } => vec![from.clone(), to.clone()],
+        Fault::Pause { region } | Fault::Skew { region, .. } => {
             vec![region.clone()]
         }
     }
@@ -226,24 +236,46 @@ fn cut_links(a: &[String], b: &[String]) -> Vec<String> {
     links.into_iter().collect()
 }
 
-/// Why the failover nemesis is skipped today.
-pub const FAILOVER_SKIPPED: &str =
-    "planned failover needs the failover admin RPC of issue 4, which does not exist yet";
-
 /// Outcome of one step: status and what happened.
 type StepResult = (NemesisStatus, String);
 
-/// What a step's attempt means: done, skipped (failover, until issue 4),
-/// or attempted with an unknown effect.
-fn step_result(f: &Fault, result: anyhow::Result<String>) -> StepResult {
-    match (f, result) {
-        (_, Ok(detail)) => (NemesisStatus::Installed, detail),
-        (Fault::Failover { .. }, Err(e)) => (NemesisStatus::Skipped, e.to_string()),
-        (_, Err(e)) => (NemesisStatus::Indeterminate, format!("{e:#}")),
+/// What a step's attempt means: done, or attempted with an unknown effect.
+fn step_result(result: anyhow::Result<String>) -> StepResult {
+    match result {
+        Ok(detail) => (NemesisStatus::Installed, detail),
+        Err(e) => (NemesisStatus::Indeterminate, format!("{e:#}")),
     }
 }
 
-async fn install(cluster: &mut Cluster, f: &Fault) -> StepResult {
+/// A planned handover drains and ships the tail before the transfer, so
+/// its call may take seconds.
+const FAILOVER_CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Calls the failover (or, with `back`, the failback) RPC through `via`'s
+/// node and records the homes it returns as epoch observations.
+async fn hand_over(
+    cluster: &Cluster,
+    recorder: &Recorder,
+    via: &str,
+    from: &str,
+    to: &str,
+    back: bool,
+) -> anyhow::Result<String> {
+    let mut cfg = geokv_client::ClientConfig::new(cluster.endpoint(via));
+    cfg.timeout = FAILOVER_CALL_TIMEOUT;
+    cfg.connect_timeout = Duration::from_secs(1);
+    cfg.retries_max = 0;
+    let client = geokv_client::Client::with_config(cfg).await?;
+    let reply = if back { client.failback(from).await? } else { client.failover(from, to).await? };
+    let mut moved = Vec::new();
+    for h in &reply.homes {
+        recorder.epoch(&h.home, &h.home_region, &h.holder, h.epoch, "failover");
+        moved.push(format!("{} -> {} (epoch {})", h.home, h.holder, h.epoch));
+    }
+    Ok(format!("{}: {}", if back { "failback" } else { "failover" }, moved.join(", ")))
+}
+
+async fn install(cluster: &mut Cluster, recorder: &Recorder, f: &Fault) -> StepResult {
     let result: anyhow::Result<String> = async {
         match f {
             Fault::Cut { a, b, why } => {
@@ -288,14 +320,14 @@ async fn install(cluster: &mut Cluster, f: &Fault) -> StepResult {
                 cluster.restart(region, *skew_ms).await?;
                 Ok(format!("killed and restarted with its clock {skew_ms:+} ms off"))
             }
-            Fault::Failover { .. } => anyhow::bail!(FAILOVER_SKIPPED),
+            Fault::Failover { from, to } => hand_over(cluster, recorder, to, from, to, false).await,
         }
     }
     .await;
-    step_result(f, result)
+    step_result(result)
 }
 
-async fn lift(cluster: &mut Cluster, f: &Fault) -> StepResult {
+async fn lift(cluster: &mut Cluster, recorder: &Recorder, f: &Fault) -> StepResult {
     let result: anyhow::Result<String> = async {
         let restore = |cluster: &Cluster, links: &[String]| -> anyhow::Result<()> {
             for l in links {
@@ -332,11 +364,11 @@ async fn lift(cluster: &mut Cluster, f: &Fault) -> StepResult {
                 cluster.restart(region, 0).await?;
                 Ok("killed and restarted with its clock right".into())
             }
-            Fault::Failover { .. } => anyhow::bail!(FAILOVER_SKIPPED),
+            Fault::Failover { from, to } => hand_over(cluster, recorder, to, from, to, true).await,
         }
     }
     .await;
-    step_result(f, result)
+    step_result(result)
 }
 
 /// Runs `steps` against `cluster`, from `start`, recording every step.
@@ -358,9 +390,9 @@ pub async fn run(
             tokio::time::sleep_until(at.into()).await;
             let kind = fault_kind(&step.fault);
             let (status, detail) = if installing {
-                install(cluster, &step.fault).await
+                install(cluster, recorder, &step.fault).await
             } else {
-                lift(cluster, &step.fault).await
+                lift(cluster, recorder, &step.fault).await
             };
             let action = format!("{}-{kind}", if installing { "start" } else { "stop" });
             recorder.nemesis(&action, targets(&step.fault), status, detail);

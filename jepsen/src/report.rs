@@ -50,6 +50,7 @@ pub fn windows(records: &[Record]) -> Vec<Window> {
                 end = end.max(o.time_us as f64 / 1e6);
                 continue;
             }
+            Record::Epoch(_) => continue,
         };
         end = end.max(t);
         if let Some(kind) = rec.action.strip_prefix("start-") {
@@ -97,6 +98,7 @@ pub fn write(dir: &Path, summary: &RunSummary, records: &[Record]) -> anyhow::Re
                 }
             }
             Record::Nemesis(n) => nemesis.push(n),
+            Record::Epoch(_) => {}
         }
     }
     latency.sort_by(|a, b| a.0.total_cmp(&b.0));

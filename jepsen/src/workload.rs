@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::cluster::{
     EU_LOCALITIES, TABLE_COUNTERS, TABLE_EU_USERS, TABLE_REGISTERS, TABLE_SETS, TABLE_STRONG_REGISTERS,
 };
-use crate::history::{Kind, Recorder, Value, F};
+use crate::history::{Ack, Kind, Recorder, Value, F};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -233,9 +233,11 @@ pub fn plan(kind: WorkloadKind, rng: &mut impl Rng, shared: &Shared, written: &[
 }
 
 /// Runs one operation against `client`; returns the completion.
-pub async fn perform(kind: WorkloadKind, client: &Client, p: &Planned) -> (Kind, Value, Option<String>) {
+pub async fn perform(kind: WorkloadKind, client: &Client, p: &Planned) -> (Kind, Value, Option<String>, Option<Ack>) {
     let eventual = WriteOptions::default().consistency(Consistency::Eventual);
     let local = WriteOptions::default().consistency(Consistency::Local);
+    // A LOCAL write's acknowledgement: who accepted it under which epoch.
+    let mut ack: Option<Ack> = None;
     let fut = async {
         match (kind, p.f) {
             (WorkloadKind::Register | WorkloadKind::Residency | WorkloadKind::StrongRegister, F::Read) => {
@@ -280,10 +282,10 @@ pub async fn perform(kind: WorkloadKind, client: &Client, p: &Planned) -> (Kind,
             }
             (WorkloadKind::Register, F::Write) => {
                 let v = p.value.as_int().unwrap_or_default();
-                client
-                    .put(&register_row(&p.key), v.to_string().into_bytes(), local)
-                    .await
-                    .map(|_| Value::None)
+                client.put(&register_row(&p.key), v.to_string().into_bytes(), local).await.map(|a| {
+                    ack = Some(Ack { home: a.home_region, epoch: a.epoch, by: a.accepted_by_region });
+                    Value::None
+                })
             }
             (WorkloadKind::Residency, F::Write) => {
                 let v = p.value.as_int().unwrap_or_default();
@@ -318,11 +320,12 @@ pub async fn perform(kind: WorkloadKind, client: &Client, p: &Planned) -> (Kind,
             }),
         }
     };
-    match tokio::time::timeout(OP_TIMEOUT, fut).await {
-        Err(_) => (Kind::Unknown, Value::None, Some("HARNESS_TIMEOUT".into())),
-        Ok(Ok(v)) => (Kind::Ok, v, None),
-        Ok(Err(e)) if definite_failure(&e) => (Kind::Fail, Value::None, Some(e.reason_or_code())),
-        Ok(Err(e)) => (Kind::Unknown, Value::None, Some(e.reason_or_code())),
+    let done = tokio::time::timeout(OP_TIMEOUT, fut).await;
+    match done {
+        Err(_) => (Kind::Unknown, Value::None, Some("HARNESS_TIMEOUT".into()), None),
+        Ok(Ok(v)) => (Kind::Ok, v, None, ack),
+        Ok(Err(e)) if definite_failure(&e) => (Kind::Fail, Value::None, Some(e.reason_or_code()), None),
+        Ok(Err(e)) => (Kind::Unknown, Value::None, Some(e.reason_or_code()), None),
     }
 }
 
@@ -350,9 +353,9 @@ pub async fn client_loop(spec: ClientSpec, shared: Shared) {
         if client.is_none() {
             client = Client::with_config(client_config(&spec.endpoint)).await.ok();
         }
-        let (kind, value, error) = match &client {
+        let (kind, value, error, ack) = match &client {
             // Not connected: nothing was sent.
-            None => (Kind::Fail, Value::None, Some("UNREACHABLE".to_string())),
+            None => (Kind::Fail, Value::None, Some("UNREACHABLE".to_string()), None),
             Some(c) => perform(shared.kind, c, &p).await,
         };
         if shared.kind == WorkloadKind::Residency && p.f == F::Write && kind != Kind::Fail {
@@ -364,7 +367,7 @@ pub async fn client_loop(spec: ClientSpec, shared: Shared) {
         } else {
             p.value.clone()
         };
-        shared.recorder.complete(inv, kind, write, error);
+        shared.recorder.complete_acked(inv, kind, write, error, ack);
         // Exponentially distributed think time around the mean, capped.
         let u: f64 = rng.random_range(0.0001..1.0);
         let pause = (-(u.ln()) * think_ms as f64).min(think_ms as f64 * 5.0) as u64;

@@ -62,3 +62,31 @@ async fn ack_before_fsync_is_caught_by_the_counter_checker() {
     assert_eq!(verdict(&with_bug, "counter"), Outcome::Fail, "{:?}", with_bug.verdicts);
     assert_eq!(with_bug.outcome, Outcome::Fail);
 }
+
+/// Fencing off: after a planned failover moves the register's home away
+/// from us-east-1, us-east-1 keeps accepting LOCAL writes under its old
+/// epoch; the epoch checker finds writes accepted under a superseded epoch.
+/// The same scenario and seed without the bug passes that checker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_off_is_caught_by_the_epoch_checker() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts =
+        common::options(WorkloadKind::Register, NemesisKind::Failover, 20, 1_500, 13, dir.path().join("bug"));
+    opts.geokv_bin = common::bugs_bin();
+    opts.bug = Some("fencing-off".into());
+    let with_bug = run(&opts).await.expect("run with the bug");
+    assert!(
+        with_bug.nemesis_steps.get("installed").copied().unwrap_or(0) >= 2,
+        "a failover and its failback ran: {:?}",
+        with_bug.nemesis_steps
+    );
+    assert_eq!(verdict(&with_bug, "one-home-per-epoch"), Outcome::Fail, "{:?}", with_bug.verdicts);
+    let detail = &with_bug.verdicts.iter().find(|v| v.checker == "one-home-per-epoch").unwrap().detail;
+    assert!(detail.contains("accepted by us-east-1 under epoch"), "{detail}");
+
+    opts.bug = None;
+    opts.out = dir.path().join("control");
+    let control = run(&opts).await.expect("control run");
+    assert_eq!(verdict(&control, "one-home-per-epoch"), Outcome::Pass, "{:?}", control.verdicts);
+    assert_eq!(control.outcome, Outcome::Pass, "{:?}", control.verdicts);
+}

@@ -8,6 +8,10 @@
 //! - `ack-before-fsync`: the committer replies to a group before writing
 //!   it, then waits [`ACK_BEFORE_FSYNC_DELAY_MS`] (a slow disk's sync) before
 //!   the write, so a `kill -9` in that window loses acknowledged writes.
+//! - `fencing-off`: a region that held a home keeps accepting LOCAL writes
+//!   for it under its old epoch after another region took it over (or its
+//!   lease ran out), and receivers take entries of superseded epochs as
+//!   current (`failover::Leases`).
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -17,6 +21,7 @@ use std::time::Duration;
 pub enum Bug {
     ResidencyFilterOff,
     AckBeforeFsync,
+    FencingOff,
 }
 
 /// Time between the early replies and the write, in ms.
@@ -30,6 +35,7 @@ fn switched_on() -> Option<Bug> {
         let bug = match name.as_str() {
             "residency-filter-off" => Bug::ResidencyFilterOff,
             "ack-before-fsync" => Bug::AckBeforeFsync,
+            "fencing-off" => Bug::FencingOff,
             "" => return None,
             other => {
                 tracing::error!(bug = other, "unknown GEOKV_BUG; no bug switched on");
