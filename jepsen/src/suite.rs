@@ -36,8 +36,9 @@ const fn strong(nemesis: NemesisKind) -> Scenario {
 
 /// The full suite. The LOCAL register runs against the home region's node
 /// (see `run::notes`), so it meets the faults that reach that node: kill,
-/// pause, skew; the STRONG register (clients in every region, a consensus
-/// group across regions) meets partitions and kills.
+/// pause, skew, and planned failover of its home; the STRONG register
+/// (clients in every region, a consensus group across regions) meets
+/// partitions, kills and planned failover.
 pub const FULL: &[Scenario] = &[
     s(WorkloadKind::Register, NemesisKind::None),
     s(WorkloadKind::Register, NemesisKind::Kill),
@@ -53,8 +54,10 @@ pub const FULL: &[Scenario] = &[
     s(WorkloadKind::Residency, NemesisKind::Latency),
     s(WorkloadKind::Residency, NemesisKind::Kill),
     s(WorkloadKind::Counter, NemesisKind::Pause),
+    s(WorkloadKind::Register, NemesisKind::Failover),
     strong(NemesisKind::Partition),
     strong(NemesisKind::Kill),
+    strong(NemesisKind::Failover),
 ];
 
 /// The CI smoke: a few short scenarios touching every checker.
