@@ -61,6 +61,7 @@ pub async fn serve(
         clock: Arc::new(SystemClock),
         node: NodeOptions::default(),
         admin: Some(admin),
+        on_start: None,
     };
     serve_with(cfg, wiring, TcpListenerStream::new(grpc), shutdown).await
 }
@@ -79,6 +80,9 @@ pub struct Wiring {
     pub node: NodeOptions,
     /// The admin HTTP listener; None runs no admin HTTP (simulation).
     pub admin: Option<TcpListener>,
+    /// Called with the node once it is started, before it serves, so a
+    /// simulation can read its store and state directly.
+    pub on_start: Option<Box<dyn FnOnce(&Arc<Node>) + Send>>,
 }
 
 /// Runs a node on `incoming` gRPC connections until `shutdown` completes.
@@ -106,6 +110,9 @@ where
         .await
         .context("starting the consensus groups")?;
     node.set_leases(Arc::new(Leases::new(&cfg, &consensus, hlc)));
+    if let Some(on_start) = wiring.on_start {
+        on_start(&node);
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<KvServer<KvService>>().await;

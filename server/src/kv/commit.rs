@@ -689,6 +689,11 @@ impl Committer {
 /// Merges `incoming` into `row`; true when the merge is a conflict
 /// (siblings created, or an LWW value discarded).
 pub fn merge_row(row: &mut Row, incoming: &Row) -> bool {
+    #[cfg(feature = "bugs")]
+    if crate::bugs::active(crate::bugs::Bug::MergeOff) {
+        *row = incoming.clone();
+        return false;
+    }
     row.hlc = row.hlc.max(incoming.hlc);
     if incoming.epoch > row.epoch {
         row.epoch = incoming.epoch;

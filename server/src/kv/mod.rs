@@ -284,7 +284,9 @@ impl Node {
         };
         let (tx, rx) = mpsc::channel(cfg.storage.commit_queue_max);
         let thread = match options.commit {
-            CommitMode::Thread => Some(commit::spawn(engine.clone(), hlc.clone(), settings, state.clone(), rx)?),
+            CommitMode::Thread => {
+                Some(commit::spawn(engine.clone(), hlc.clone(), settings, state.clone(), rx)?)
+            }
             CommitMode::Task => {
                 // Ends by itself once the queue's senders are dropped (shutdown).
                 drop(commit::spawn_task(engine.clone(), hlc.clone(), settings, state.clone(), rx));
