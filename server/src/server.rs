@@ -82,8 +82,11 @@ pub struct Wiring {
     pub admin: Option<TcpListener>,
     /// Called with the node once it is started, before it serves, so a
     /// simulation can read its store and state directly.
-    pub on_start: Option<Box<dyn FnOnce(&Arc<Node>) + Send>>,
+    pub on_start: Option<OnStart>,
 }
+
+/// See [`Wiring::on_start`].
+pub type OnStart = Box<dyn FnOnce(&Arc<Node>) + Send>;
 
 /// Runs a node on `incoming` gRPC connections until `shutdown` completes.
 pub async fn serve_with<I, IO, IE>(
