@@ -63,6 +63,9 @@ struct Summary {
     acked: usize,
     /// Acknowledged LOCAL writes by epoch > 1 (accepted after a failover).
     acked_after_failover: usize,
+    /// Writes an old home accepted before a failover and shipped after it
+    /// (merged and reported, never dropped), as the receivers counted them.
+    failover_conflicts: usize,
     faults: usize,
     crashes: usize,
     converged_after_ms: u64,
@@ -177,6 +180,11 @@ fn run_seed(seed: u64) -> Result<Summary, String> {
         ops: history.len(),
         acked,
         acked_after_failover,
+        failover_conflicts: REGIONS
+            .iter()
+            .filter_map(|r| nodes.get(r))
+            .map(|n| n.failover_conflicts().len())
+            .sum(),
         faults: schedule.len(),
         crashes,
         converged_after_ms: converged_at.unwrap_or(0).saturating_sub(HEAL_MS),
@@ -268,13 +276,14 @@ fn seeds() {
     let started = Instant::now();
     let results = run_many(&seeds, run_seed);
     let mut failed = Vec::new();
-    let (mut ops, mut acked, mut after_failover, mut crashes) = (0, 0, 0, 0);
+    let (mut ops, mut acked, mut after_failover, mut conflicts, mut crashes) = (0, 0, 0, 0, 0);
     for (seed, result) in &results {
         match result {
             Ok(s) => {
                 ops += s.ops;
                 acked += s.acked;
                 after_failover += s.acked_after_failover;
+                conflicts += s.failover_conflicts;
                 crashes += s.crashes;
                 if env_u64("GEOKV_SIM_SEED").is_some() {
                     println!("seed {seed}: {s:?}");
@@ -288,7 +297,7 @@ fn seeds() {
     }
     println!(
         "simulation: {} seeds in {:.1} s: {ops} writes ({acked} acknowledged, {after_failover} LOCAL under a \
-         later epoch), {crashes} crashes; {} failed",
+         later epoch, {conflicts} failover conflicts merged), {crashes} crashes; {} failed",
         seeds.len(),
         started.elapsed().as_secs_f64(),
         failed.len()
