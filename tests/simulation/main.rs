@@ -210,7 +210,12 @@ fn fingerprint(history: &[workload::OpRecord], observed: &check::Observed) -> St
 /// The command that replays `seed` alone.
 fn replay_command(seed: u64) -> String {
     let features = if cfg!(feature = "bugs") { " --features bugs" } else { "" };
-    format!("GEOKV_SIM_SEED={seed} GEOKV_SIM_REPEAT=10 cargo test -p geokv-server{features} --test simulation -- --exact seeds --nocapture")
+    // A bug switched on for the whole process (`GEOKV_BUG`) is part of the run.
+    let bug = match std::env::var("GEOKV_BUG") {
+        Ok(b) if cfg!(feature = "bugs") && !b.is_empty() => format!("GEOKV_BUG={b} "),
+        _ => String::new(),
+    };
+    format!("{bug}GEOKV_SIM_SEED={seed} GEOKV_SIM_REPEAT=10 cargo test -p geokv-server{features} --test simulation -- --exact seeds --nocapture")
 }
 
 fn env_u64(name: &str) -> Option<u64> {
