@@ -340,7 +340,14 @@ impl Recorder {
     }
 
     /// Records the completion of `inv` with the write's acknowledgement.
-    pub fn complete_acked(&self, inv: Invocation, kind: Kind, value: Value, error: Option<String>, ack: Option<Ack>) {
+    pub fn complete_acked(
+        &self,
+        inv: Invocation,
+        kind: Kind,
+        value: Value,
+        error: Option<String>,
+        ack: Option<Ack>,
+    ) {
         debug_assert!(kind != Kind::Invoke);
         let mut record = inv.record;
         record.time_us = self.now_us();

@@ -233,7 +233,11 @@ pub fn plan(kind: WorkloadKind, rng: &mut impl Rng, shared: &Shared, written: &[
 }
 
 /// Runs one operation against `client`; returns the completion.
-pub async fn perform(kind: WorkloadKind, client: &Client, p: &Planned) -> (Kind, Value, Option<String>, Option<Ack>) {
+pub async fn perform(
+    kind: WorkloadKind,
+    client: &Client,
+    p: &Planned,
+) -> (Kind, Value, Option<String>, Option<Ack>) {
     let eventual = WriteOptions::default().consistency(Consistency::Eventual);
     let local = WriteOptions::default().consistency(Consistency::Local);
     // A LOCAL write's acknowledgement: who accepted it under which epoch.

@@ -22,14 +22,20 @@ async fn strong_register_stays_linearizable_across_a_failover_of_its_leader() {
     // the STRONG table and the leader its group prefers.
     let seed = (1..200u64)
         .find(|s| {
-            schedule(NemesisKind::Kill, *s, &regions, Duration::from_secs(TIME_S))
-                .iter()
-                .any(|st| matches!(&st.fault, Fault::Kill { regions } if regions.iter().any(|r| r == "us-east-1")))
+            schedule(NemesisKind::Kill, *s, &regions, Duration::from_secs(TIME_S)).iter().any(
+                |st| matches!(&st.fault, Fault::Kill { regions } if regions.iter().any(|r| r == "us-east-1")),
+            )
         })
         .expect("a seed that kills us-east-1");
     let dir = tempfile::tempdir().unwrap();
-    let mut opts =
-        common::options(WorkloadKind::StrongRegister, NemesisKind::Kill, TIME_S, 1_200, seed, dir.path().join("run"));
+    let mut opts = common::options(
+        WorkloadKind::StrongRegister,
+        NemesisKind::Kill,
+        TIME_S,
+        1_200,
+        seed,
+        dir.path().join("run"),
+    );
     opts.clients_per_region = 3;
     let summary = run(&opts).await.expect("run");
     let lin = summary.verdicts.iter().find(|v| v.checker == "linearizable").expect("a linearizable verdict");

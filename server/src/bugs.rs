@@ -12,7 +12,15 @@
 //!   for it under its old epoch after another region took it over (or its
 //!   lease ran out), and receivers take entries of superseded epochs as
 //!   current (`failover::Leases`).
+//! - `merge-off`: a replicated row replaces the stored one instead of
+//!   merging into it (`kv::commit::merge_row`), so concurrent writes and
+//!   other regions' counter increments are lost.
+//!
+//! The deterministic simulation (`tests/simulation`) runs many clusters in
+//! one process, each on its own thread, so it switches a bug on for one
+//! thread only with [`with_bug`]; that override wins over `GEOKV_BUG`.
 
+use std::cell::Cell;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -21,7 +29,44 @@ use std::time::Duration;
 pub enum Bug {
     ResidencyFilterOff,
     AckBeforeFsync,
+    MergeOff,
     FencingOff,
+}
+
+impl Bug {
+    /// The bug's name in `GEOKV_BUG`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bug::ResidencyFilterOff => "residency-filter-off",
+            Bug::AckBeforeFsync => "ack-before-fsync",
+            Bug::MergeOff => "merge-off",
+            Bug::FencingOff => "fencing-off",
+        }
+    }
+
+    /// The bug named `name`, if any.
+    pub fn from_name(name: &str) -> Option<Bug> {
+        [Bug::ResidencyFilterOff, Bug::AckBeforeFsync, Bug::MergeOff, Bug::FencingOff]
+            .into_iter()
+            .find(|b| b.name() == name)
+    }
+}
+
+thread_local! {
+    /// A bug switched on for this thread only (simulation), over `GEOKV_BUG`.
+    static THREAD_BUG: Cell<Option<Bug>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with `bug` switched on for the calling thread only.
+pub fn with_bug<R>(bug: Bug, f: impl FnOnce() -> R) -> R {
+    struct Reset(Option<Bug>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            THREAD_BUG.with(|b| b.set(self.0));
+        }
+    }
+    let _reset = Reset(THREAD_BUG.with(|b| b.replace(Some(bug))));
+    f()
 }
 
 /// Time between the early replies and the write, in ms.
@@ -32,15 +77,12 @@ fn switched_on() -> Option<Bug> {
     static ON: OnceLock<Option<Bug>> = OnceLock::new();
     *ON.get_or_init(|| {
         let name = std::env::var("GEOKV_BUG").ok()?;
-        let bug = match name.as_str() {
-            "residency-filter-off" => Bug::ResidencyFilterOff,
-            "ack-before-fsync" => Bug::AckBeforeFsync,
-            "fencing-off" => Bug::FencingOff,
-            "" => return None,
-            other => {
-                tracing::error!(bug = other, "unknown GEOKV_BUG; no bug switched on");
-                return None;
-            }
+        if name.is_empty() {
+            return None;
+        }
+        let Some(bug) = Bug::from_name(&name) else {
+            tracing::error!(bug = %name, "unknown GEOKV_BUG; no bug switched on");
+            return None;
         };
         tracing::warn!(?bug, "put-back bug switched on: this node is deliberately broken");
         Some(bug)
@@ -48,6 +90,9 @@ fn switched_on() -> Option<Bug> {
 }
 
 pub fn active(bug: Bug) -> bool {
+    if let Some(b) = THREAD_BUG.with(Cell::get) {
+        return b == bug;
+    }
     switched_on() == Some(bug)
 }
 

@@ -13,6 +13,7 @@
 //! - [`admin`]: admin HTTP (`/metrics`, `/health`).
 //! - [`server`]: running a node: listeners, shutdown, drain.
 //! - [`error`]: client-visible errors with stable reasons.
+//! - [`transport`]: the injectable dialer of outgoing gRPC channels.
 //!
 //! Dependencies point one way: `api -> kv -> (residency, causality) -> storage`.
 
@@ -32,3 +33,4 @@ pub mod residency;
 pub mod server;
 pub mod storage;
 pub mod topology;
+pub mod transport;

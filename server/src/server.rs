@@ -8,15 +8,16 @@ use anyhow::Context;
 use geokv_proto::v1::{admin_server::AdminServer, kv_server::KvServer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::Connected;
 
 use crate::api::control::ControlService;
 use crate::api::{AdminService, KvService, Peers};
-use crate::causality::{Hlc, SystemClock};
+use crate::causality::{Hlc, PhysicalClock, SystemClock};
 use crate::config::{Config, EngineKind};
 use crate::consensus::service::ConsensusService;
 use crate::consensus::Consensus;
 use crate::failover::{Failover, Leases};
-use crate::kv::Node;
+use crate::kv::{Node, NodeOptions};
 use crate::replication::{receive::ReplicationService, Replicator};
 use crate::storage::memory::MemoryEngine;
 use crate::storage::rocks::{RocksEngine, RocksOptions};
@@ -53,13 +54,78 @@ pub async fn serve(
     admin: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let cfg = Arc::new(cfg);
     let engine = open_engine(&cfg)?;
-    let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), cfg.clock.max_offset_ms));
-    let node = Node::start(cfg.clone(), engine.clone(), hlc.clone()).context("starting the committer")?;
-    crate::admin::prometheus();
-    let consensus = Consensus::start(cfg.clone(), engine).await.context("starting the consensus groups")?;
+    let wiring = Wiring {
+        grpc_addr: grpc.local_addr()?.to_string(),
+        engine,
+        clock: Arc::new(SystemClock),
+        node: NodeOptions::default(),
+        admin: Some(admin),
+        on_start: None,
+    };
+    // The builder's tcp_nodelay covers only listeners it binds itself; the
+    // accepted sockets of this listener get it here, or small replies (Raft
+    // acknowledgements, forwarded writes) wait behind Nagle's algorithm.
+    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(grpc), |conn| {
+        conn.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY on an accepted connection");
+            }
+        })
+    });
+    serve_with(cfg, wiring, incoming, shutdown).await
+}
+
+/// What a node runs on besides its config: injected so a deterministic
+/// simulation (`tests/simulation`) runs the real node over a simulated
+/// network, clock and store. [`serve`] wires the production ones.
+pub struct Wiring {
+    /// The gRPC listener's address, as logged.
+    pub grpc_addr: String,
+    /// The store (see [`open_engine`]).
+    pub engine: Arc<dyn Engine>,
+    /// Wall clock under the node's HLC.
+    pub clock: Arc<dyn PhysicalClock>,
+    /// Committer mode and the dialer of every outgoing gRPC channel.
+    pub node: NodeOptions,
+    /// The admin HTTP listener; None runs no admin HTTP (simulation).
+    pub admin: Option<TcpListener>,
+    /// Called with the node once it is started, before it serves, so a
+    /// simulation can read its store and state directly.
+    pub on_start: Option<OnStart>,
+}
+
+/// See [`Wiring::on_start`].
+pub type OnStart = Box<dyn FnOnce(&Arc<Node>) + Send>;
+
+/// Runs a node on `incoming` gRPC connections until `shutdown` completes.
+pub async fn serve_with<I, IO, IE>(
+    cfg: Config,
+    wiring: Wiring,
+    incoming: I,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()>
+where
+    I: tokio_stream::Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+{
+    let cfg = Arc::new(cfg);
+    let engine = wiring.engine;
+    let hlc = Arc::new(Hlc::new(wiring.clock, cfg.clock.max_offset_ms));
+    let dialer = wiring.node.dialer.clone();
+    let node = Node::start_with(cfg.clone(), engine.clone(), hlc.clone(), wiring.node)
+        .context("starting the committer")?;
+    if wiring.admin.is_some() {
+        crate::admin::prometheus();
+    }
+    let consensus = Consensus::start_with(cfg.clone(), engine, dialer.clone())
+        .await
+        .context("starting the consensus groups")?;
     node.set_leases(Arc::new(Leases::new(&cfg, &consensus, hlc)));
+    if let Some(on_start) = wiring.on_start {
+        on_start(&node);
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<KvServer<KvService>>().await;
@@ -77,7 +143,7 @@ pub async fn serve(
 
     let limit = message_bytes_max(&cfg);
     let replicator = Replicator::start(&cfg, node.clone());
-    let peers = Peers::from_topology(node.topology());
+    let peers = Peers::from_topology_with(node.topology(), &dialer);
     let kv = KvServer::new(KvService::new(node.clone(), peers.clone(), Some(consensus.clone())))
         .max_decoding_message_size(limit);
     let admin_svc = AdminServer::new(AdminService::new(node.clone(), replicator.clone(), peers));
@@ -94,21 +160,13 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut grpc_stop = stop_rx.clone();
     let mut http_stop = stop_rx;
-    let grpc_addr = grpc.local_addr()?;
-    let admin_addr = admin.local_addr()?;
-    tracing::info!(node = %cfg.actor(), grpc = %grpc_addr, admin = %admin_addr, data_dir = %cfg.data_dir.display(),
+    let admin_addr = match &wiring.admin {
+        Some(l) => l.local_addr()?.to_string(),
+        None => "-".to_string(),
+    };
+    tracing::info!(node = %cfg.actor(), grpc = %wiring.grpc_addr, admin = %admin_addr, data_dir = %cfg.data_dir.display(),
         engine = node.engine().kind(), "node serving");
 
-    // The builder's tcp_nodelay covers only listeners it binds itself; the
-    // accepted sockets of this listener get it here, or small replies (Raft
-    // acknowledgements, forwarded writes) wait behind Nagle's algorithm.
-    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(grpc), |conn| {
-        conn.inspect(|s| {
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY on an accepted connection");
-            }
-        })
-    });
     let grpc_task = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -125,13 +183,15 @@ pub async fn serve(
                 let _ = grpc_stop.wait_for(|s| *s).await;
             }),
     );
-    let http_task = tokio::spawn(
-        axum::serve(admin, crate::admin::router(node.clone(), replicator.clone()))
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .into_future(),
-    );
+    let http_task = wiring.admin.map(|admin| {
+        tokio::spawn(
+            axum::serve(admin, crate::admin::router(node.clone(), replicator.clone()))
+                .with_graceful_shutdown(async move {
+                    let _ = http_stop.wait_for(|s| *s).await;
+                })
+                .into_future(),
+        )
+    });
 
     shutdown.await;
     tracing::info!("shutting down: draining requests and the commit queue");
@@ -140,7 +200,9 @@ pub async fn serve(
     replicator.shutdown().await;
     let _ = stop_tx.send(true);
     let grpc_result = grpc_task.await;
-    let _ = http_task.await;
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
     consensus.shutdown().await;
     node.shutdown();
     tracing::info!("node stopped");

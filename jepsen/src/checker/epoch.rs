@@ -35,7 +35,11 @@ pub fn check(ops: &[Op], epochs: &[EpochRecord]) -> Verdict {
         ops.iter().filter(|o| o.outcome == Kind::Ok).filter_map(|o| o.ack.as_ref().map(|a| (o, a))).collect();
     let leases: Vec<&EpochRecord> = epochs.iter().filter(|e| !e.holder.is_empty()).collect();
     if acks.is_empty() && leases.is_empty() {
-        return Verdict::new(NAME, Outcome::Unknown, "no home lease observed and no LOCAL write acknowledged");
+        return Verdict::new(
+            NAME,
+            Outcome::Unknown,
+            "no home lease observed and no LOCAL write acknowledged",
+        );
     }
     let mut problems = Vec::new();
 

@@ -12,7 +12,7 @@ pub mod convert;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use geokv_proto::v1 as pb;
 use pb::admin_client::AdminClient;
@@ -55,6 +55,11 @@ pub struct Peers {
 
 impl Peers {
     pub fn from_topology(topology: &Topology) -> Self {
+        Self::from_topology_with(topology, &crate::transport::Dialer::tcp())
+    }
+
+    /// Channels opened through `dialer`.
+    pub fn from_topology_with(topology: &Topology, dialer: &crate::transport::Dialer) -> Self {
         let mut channels = BTreeMap::new();
         for node in topology.regions.iter().flat_map(|r| r.nodes.iter()).filter(|n| !n.is_self) {
             let url =
@@ -67,7 +72,7 @@ impl Peers {
                         .http2_keep_alive_interval(Duration::from_secs(1))
                         .keep_alive_timeout(Duration::from_secs(3))
                         .keep_alive_while_idle(true);
-                    channels.insert(node.actor(), ep.connect_lazy());
+                    channels.insert(node.actor(), dialer.connect_lazy(&ep));
                 }
                 Err(e) => tracing::warn!(node = %node.actor(), error = %e, "bad peer address"),
             }
@@ -360,7 +365,8 @@ impl KvService {
         level: crate::residency::ReadLevel,
         token: &[u8],
     ) -> Result<crate::kv::ReadResult, KvError> {
-        let started = Instant::now();
+        // The runtime's clock, so a simulation's time bounds the wait.
+        let started = tokio::time::Instant::now();
         loop {
             match self.node.read(row, level, token) {
                 Err(KvError::ReplicaStale { .. })

@@ -30,7 +30,11 @@ pub mod strong;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// The runtime's clock (the OS clock in production), so proposal
+// deadlines follow a simulation's time.
+use tokio::time::Instant;
 
 use geokv_proto::consensus as pb;
 use openraft::BasicNode;
@@ -291,6 +295,15 @@ fn raft_config(cfg: &Config, name: &str, preferred: bool) -> anyhow::Result<open
 impl Consensus {
     /// Starts every group this node is a voter of and bootstraps them.
     pub async fn start(cfg: Arc<Config>, engine: Arc<dyn Engine>) -> anyhow::Result<Arc<Self>> {
+        Self::start_with(cfg, engine, crate::transport::Dialer::tcp()).await
+    }
+
+    /// [`Consensus::start`] with peers reached through `dialer`.
+    pub async fn start_with(
+        cfg: Arc<Config>,
+        engine: Arc<dyn Engine>,
+        dialer: crate::transport::Dialer,
+    ) -> anyhow::Result<Arc<Self>> {
         let me = raft_id(&cfg.actor());
         let mut addrs = BTreeMap::new();
         for r in &cfg.regions {
@@ -299,7 +312,7 @@ impl Consensus {
             }
         }
         addrs.insert(me, cfg.listen.to_string());
-        let peers = Arc::new(Peers::new(addrs));
+        let peers = Arc::new(Peers::with_dialer(addrs, dialer));
         let (control_tx, _) = watch::channel(ControlState::default());
 
         // (group, voters, preferred leader region, state machine)

@@ -30,11 +30,18 @@ const RPC_TIMEOUT_MIN: Duration = Duration::from_secs(1);
 pub struct Peers {
     addrs: BTreeMap<NodeId, String>,
     clients: Mutex<BTreeMap<NodeId, ConsensusClient<Channel>>>,
+    /// How channels connect (real TCP outside simulations).
+    dialer: crate::transport::Dialer,
 }
 
 impl Peers {
     pub fn new(addrs: BTreeMap<NodeId, String>) -> Self {
-        Self { addrs, clients: Mutex::new(BTreeMap::new()) }
+        Self::with_dialer(addrs, crate::transport::Dialer::tcp())
+    }
+
+    /// Peers reached through `dialer`.
+    pub fn with_dialer(addrs: BTreeMap<NodeId, String>, dialer: crate::transport::Dialer) -> Self {
+        Self { addrs, clients: Mutex::new(BTreeMap::new()), dialer }
     }
 
     /// A client of node `id`, or None when the node is not configured.
@@ -52,7 +59,7 @@ impl Peers {
             .http2_keep_alive_interval(Duration::from_secs(1))
             .keep_alive_timeout(Duration::from_secs(2))
             .keep_alive_while_idle(true);
-        let client = ConsensusClient::new(ep.connect_lazy())
+        let client = ConsensusClient::new(self.dialer.connect_lazy(&ep))
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
         clients.insert(id, client.clone());

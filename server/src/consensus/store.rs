@@ -81,8 +81,10 @@ pub struct LogStore {
     group: String,
     /// Last log id written (None when the log is empty), recovered on open.
     last: Arc<Mutex<Option<LogId<NodeId>>>>,
-    /// Appends written but not yet synced, to the syncer thread.
-    syncer: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+    /// Appends written but not yet synced, to the syncer thread (None for
+    /// the memory engine, which has nothing to sync: appends complete
+    /// inline, and the simulation keeps to its own threads).
+    syncer: Option<std::sync::mpsc::Sender<LogFlushed<TypeConfig>>>,
 }
 
 /// Syncs the engine for appends in the order they were written and
@@ -120,12 +122,17 @@ impl LogStore {
         if last.is_none() {
             last = read_json(engine.as_ref(), &group_key(group, b"purged"))?;
         }
-        let (syncer, rx) = std::sync::mpsc::channel();
-        let sync_engine = engine.clone();
-        std::thread::Builder::new()
-            .name(format!("raft-sync-{group}"))
-            .spawn(move || run_log_syncer(sync_engine, rx))
-            .map_err(io_write)?;
+        let syncer = if engine.kind() == "memory" {
+            None
+        } else {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let sync_engine = engine.clone();
+            std::thread::Builder::new()
+                .name(format!("raft-sync-{group}"))
+                .spawn(move || run_log_syncer(sync_engine, rx))
+                .map_err(io_write)?;
+            Some(tx)
+        };
         Ok(Self { engine, group: group.to_string(), last: Arc::new(Mutex::new(last)), syncer })
     }
 
@@ -133,7 +140,12 @@ impl LogStore {
         read_json(self.engine.as_ref(), &group_key(&self.group, suffix))
     }
 
-    fn put_json<T: Serialize>(&self, suffix: &[u8], value: &T, sync: bool) -> Result<(), StorageError<NodeId>> {
+    fn put_json<T: Serialize>(
+        &self,
+        suffix: &[u8],
+        value: &T,
+        sync: bool,
+    ) -> Result<(), StorageError<NodeId>> {
         let mut batch = WriteBatch::new();
         batch.put(Cf::Raft, group_key(&self.group, suffix), encode(value)?);
         self.engine.write(batch, sync).map_err(io_write)
@@ -233,10 +245,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if let Some(l) = last {
             *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(l);
         }
-        if let Err(std::sync::mpsc::SendError(callback)) = self.syncer.send(callback) {
-            // The syncer is gone (only while shutting down): sync here.
+        let unsent = match &self.syncer {
+            Some(tx) => tx.send(callback).err().map(|std::sync::mpsc::SendError(c)| c),
+            None => Some(callback),
+        };
+        if let Some(callback) = unsent {
+            // No syncer (memory engine), or it is gone (only while shutting
+            // down): sync here.
             let result = self.engine.sync();
-            callback.log_io_completed(result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
+            callback.log_io_completed(
+                result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())),
+            );
             return result.map_err(io_write);
         }
         Ok(())

@@ -24,7 +24,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// The runtime's clock (the OS clock in production), so failback delays
+// follow a simulation's time.
+use tokio::time::Instant;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -116,8 +120,7 @@ impl LeaseGuard for Leases {
             });
         }
         let now = self.hlc.wall_ms();
-        if Self::valid_for_writes(lease, now, self.max_offset_ms) || fencing_off()
-        {
+        if Self::valid_for_writes(lease, now, self.max_offset_ms) || fencing_off() {
             return Ok(lease.epoch);
         }
         metrics::counter!("geokv_fenced_total", "kind" => "write").increment(1);

@@ -194,20 +194,29 @@ pub fn spawn(
     std::thread::Builder::new().name("geokv-commit".into()).spawn(move || {
         let mut committer = Committer { engine, hlc, settings, state, last_sweep: Instant::now() };
         while let Some(first) = rx.blocking_recv() {
-            let mut jobs = vec![first];
-            let mut bytes = jobs[0].bytes();
-            let mut writes = jobs[0].writes();
-            while writes < committer.settings.writes_max && bytes < committer.settings.bytes_max {
-                match rx.try_recv() {
-                    Ok(job) => {
-                        bytes += job.bytes();
-                        writes += job.writes();
-                        jobs.push(job);
-                    }
-                    Err(_) => break,
-                }
-            }
-            committer.commit_group(jobs);
+            committer.gather_and_commit(first, &mut rx);
+        }
+    })
+}
+
+/// Starts the committer as a task of the current tokio runtime instead of
+/// a thread: the same groups, commits and replies, but run inline on the
+/// runtime, so a single-threaded deterministic simulation (turmoil) owns
+/// every step. Only for engines whose writes do not block (the in-memory
+/// engine): a commit holds the runtime's thread while it runs. See
+/// docs/decisions/010-simulation.md. The task ends once every sender is
+/// dropped and the queue is drained.
+pub fn spawn_task(
+    engine: Arc<dyn Engine>,
+    hlc: Arc<Hlc>,
+    settings: CommitSettings,
+    state: Arc<CommitState>,
+    mut rx: mpsc::Receiver<CommitJob>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut committer = Committer { engine, hlc, settings, state, last_sweep: Instant::now() };
+        while let Some(first) = rx.recv().await {
+            committer.gather_and_commit(first, &mut rx);
         }
     })
 }
@@ -230,6 +239,25 @@ struct Overlay {
 }
 
 impl Committer {
+    /// Takes `first` and every job already queued behind it (up to the
+    /// group bounds) and commits them as one group.
+    fn gather_and_commit(&mut self, first: CommitJob, rx: &mut mpsc::Receiver<CommitJob>) {
+        let mut jobs = vec![first];
+        let mut bytes = jobs[0].bytes();
+        let mut writes = jobs[0].writes();
+        while writes < self.settings.writes_max && bytes < self.settings.bytes_max {
+            match rx.try_recv() {
+                Ok(job) => {
+                    bytes += job.bytes();
+                    writes += job.writes();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        self.commit_group(jobs);
+    }
+
     fn commit_group(&mut self, jobs: Vec<CommitJob>) {
         let started = Instant::now();
         let first_seq = self.state.log_seq.load(Ordering::Acquire) + 1;
@@ -661,6 +689,11 @@ impl Committer {
 /// Merges `incoming` into `row`; true when the merge is a conflict
 /// (siblings created, or an LWW value discarded).
 pub fn merge_row(row: &mut Row, incoming: &Row) -> bool {
+    #[cfg(feature = "bugs")]
+    if crate::bugs::active(crate::bugs::Bug::MergeOff) {
+        *row = incoming.clone();
+        return false;
+    }
     row.hlc = row.hlc.max(incoming.hlc);
     if incoming.epoch > row.epoch {
         row.epoch = incoming.epoch;

@@ -205,6 +205,25 @@ pub enum GateDecision {
 /// deleted rows cannot make one request unbounded.
 const SCAN_EXAMINED_MAX: usize = 10_000;
 
+/// How a node's committer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CommitMode {
+    /// A dedicated thread: a storage sync never holds an async worker.
+    #[default]
+    Thread,
+    /// A task of the runtime that starts the node, for deterministic
+    /// simulation with the in-memory engine (docs/decisions/010-simulation.md).
+    Task,
+}
+
+/// What a node is started with besides its config, engine and clock.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    pub commit: CommitMode,
+    /// How the node's gRPC clients (forwarding, replication) connect.
+    pub dialer: crate::transport::Dialer,
+}
+
 /// A node's key-value service: owns the engine, the clock and the committer.
 pub struct Node {
     cfg: Arc<Config>,
@@ -220,12 +239,24 @@ pub struct Node {
     failover_conflicts: Mutex<std::collections::VecDeque<FailoverConflict>>,
     /// Back-pressure on client writes, set once replication starts.
     gate: std::sync::OnceLock<Arc<dyn WriteGate>>,
+    /// How outgoing connections are opened (real TCP outside simulations).
+    dialer: crate::transport::Dialer,
 }
 
 impl Node {
     /// Starts the node's committer over `engine`. The highest log sequence
     /// number is recovered from the engine, so numbering continues after a restart.
     pub fn start(cfg: Arc<Config>, engine: Arc<dyn Engine>, hlc: Arc<Hlc>) -> anyhow::Result<Arc<Self>> {
+        Self::start_with(cfg, engine, hlc, NodeOptions::default())
+    }
+
+    /// [`Node::start`] with explicit options (committer mode, dialer).
+    pub fn start_with(
+        cfg: Arc<Config>,
+        engine: Arc<dyn Engine>,
+        hlc: Arc<Hlc>,
+        options: NodeOptions,
+    ) -> anyhow::Result<Arc<Self>> {
         let state = Arc::new(CommitState::default());
         if let Some((k, _)) = engine.last(Cf::ReplLog)? {
             let seq = <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes).map_err(|_| {
@@ -252,7 +283,16 @@ impl Node {
             idempotency_ttl: Duration::from_secs(cfg.storage.idempotency_ttl_s),
         };
         let (tx, rx) = mpsc::channel(cfg.storage.commit_queue_max);
-        let thread = commit::spawn(engine.clone(), hlc.clone(), settings, state.clone(), rx)?;
+        let thread = match options.commit {
+            CommitMode::Thread => {
+                Some(commit::spawn(engine.clone(), hlc.clone(), settings, state.clone(), rx)?)
+            }
+            CommitMode::Task => {
+                // Ends by itself once the queue's senders are dropped (shutdown).
+                drop(commit::spawn_task(engine.clone(), hlc.clone(), settings, state.clone(), rx));
+                None
+            }
+        };
         let topology = Arc::new(Topology::from_config(&cfg));
         topology.check().map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Arc::new(Self {
@@ -261,11 +301,12 @@ impl Node {
             engine,
             hlc,
             commit_tx: Mutex::new(Some(tx)),
-            commit_thread: Mutex::new(Some(thread)),
+            commit_thread: Mutex::new(thread),
             state,
             started: Instant::now(),
             failover_conflicts: Mutex::new(Default::default()),
             gate: std::sync::OnceLock::new(),
+            dialer: options.dialer,
         }))
     }
 
@@ -293,6 +334,11 @@ impl Node {
 
     pub fn hlc(&self) -> &Hlc {
         &self.hlc
+    }
+
+    /// How this node's gRPC clients connect to peers.
+    pub fn dialer(&self) -> &crate::transport::Dialer {
+        &self.dialer
     }
 
     pub fn uptime(&self) -> Duration {
@@ -607,7 +653,8 @@ impl Node {
     /// `consensus.lease_wait_ms`) while no region holds the home, as during
     /// startup or a failover.
     async fn wait_for_lease(&self, guard: &dyn LeaseGuard, home: &str) -> Result<u64, KvError> {
-        let started = Instant::now();
+        // The runtime's clock, so a simulation's time bounds the wait.
+        let started = tokio::time::Instant::now();
         let wait = Duration::from_millis(self.cfg.consensus.lease_wait_ms);
         loop {
             match guard.check_local(home) {

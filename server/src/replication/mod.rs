@@ -28,7 +28,11 @@ pub mod ship;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// The runtime's clock (the OS clock in production), so region health
+// follows a simulation's time.
+use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 

@@ -8,7 +8,11 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// The runtime's clock (the OS clock in production), so a simulation's
+// time drives contact and cursor persistence.
+use tokio::time::Instant;
 
 use geokv_proto::storage as spb;
 use geokv_proto::v1 as pb;
@@ -268,7 +272,7 @@ impl Shipper {
             .http2_keep_alive_interval(Duration::from_secs(1))
             .keep_alive_timeout(Duration::from_secs(3))
             .keep_alive_while_idle(true);
-        let channel = endpoint.connect().await.map_err(|e| unreachable(e.to_string()))?;
+        let channel = self.node.dialer().connect(&endpoint).await.map_err(|e| unreachable(e.to_string()))?;
         let mut client = pb::replication_client::ReplicationClient::new(channel.clone())
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
