@@ -161,6 +161,7 @@ pub(crate) mod test_support {
             complete_us,
             outcome,
             error: None,
+            ack: None,
         }
     }
 }
