@@ -145,6 +145,9 @@ where
     /// Appropriate number of entries to send.
     /// This is only used by AppendEntries RPC.
     entries_hint: ReplicationHint,
+
+    /// geokv patch: when log entries were last sent to the target.
+    entries_sent_at: Option<InstantOf<C>>,
 }
 
 impl<C, N, LS> ReplicationCore<C, N, LS>
@@ -198,6 +201,7 @@ where
             weak_tx_event: tx_event.downgrade(),
             next_action: None,
             entries_hint: Default::default(),
+            entries_sent_at: None,
         };
 
         let join_handle = C::AsyncRuntime::spawn(this.main().instrument(span));
@@ -435,6 +439,9 @@ where
         };
 
         let leader_time = C::now();
+        if !logs.is_empty() {
+            self.entries_sent_at = Some(leader_time);
+        }
 
         // Build the heartbeat frame to be sent to the follower.
         let payload = AppendEntriesRequest {
@@ -688,8 +695,15 @@ where
                 // See docs/decisions/011-openraft-commit-piggyback.md.
             }
             Replicate::Heartbeat => {
+                // geokv patch: no heartbeat while entries went out less than
+                // a heartbeat interval ago. Their append did a heartbeat's
+                // work, and a heartbeat in flight would hold the next
+                // entries back a whole round trip (one request in flight
+                // per follower). See docs/decisions/011-openraft-commit-piggyback.md.
+                let interval = Duration::from_millis(self.config.heartbeat_interval);
+                let recent = self.entries_sent_at.as_ref().is_some_and(|t| C::now() - t.clone() < interval);
                 // Never overwrite action with payload.
-                if self.next_action.is_none() {
+                if self.next_action.is_none() && !recent {
                     self.next_action = Some(Data::new_heartbeat());
                 }
             }
