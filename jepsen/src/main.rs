@@ -23,7 +23,7 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct Common {
-    /// The geokv binary (default $CARGO_TARGET_DIR/debug/geokv).
+    /// The geokv binary (default: the one beside geokv-jepsen, else $CARGO_TARGET_DIR/debug/geokv).
     #[arg(long, env = "GEOKV_BIN")]
     geokv_bin: Option<PathBuf>,
     /// Clients standing in each region.
@@ -36,7 +36,7 @@ struct Common {
     #[arg(long)]
     no_sync: bool,
     /// Switch on a put-back bug in the nodes (a `geokv` built with the
-    /// `geokv-server/bugs` feature): residency-filter-off, ack-before-fsync.
+    /// `geokv-server/bugs` feature): residency-filter-off, ack-before-fsync, fencing-off, merge-off.
     #[arg(long)]
     bug: Option<String>,
 }
