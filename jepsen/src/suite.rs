@@ -31,7 +31,7 @@ const fn s(workload: WorkloadKind, nemesis: NemesisKind) -> Scenario {
 }
 
 const fn strong(nemesis: NemesisKind) -> Scenario {
-    Scenario { workload: WorkloadKind::StrongRegister, nemesis, clients_per_region: 8 }
+    Scenario { workload: WorkloadKind::StrongRegister, nemesis, clients_per_region: 12 }
 }
 
 /// The full suite. The LOCAL register runs against the home region's node
