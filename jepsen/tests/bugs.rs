@@ -13,11 +13,18 @@ use geokv_jepsen::run::{run, RunSummary};
 use geokv_jepsen::workload::WorkloadKind;
 
 fn verdict(s: &RunSummary, checker: &str) -> Outcome {
+    find(s, checker).outcome
+}
+
+fn detail<'a>(s: &'a RunSummary, checker: &str) -> &'a str {
+    &find(s, checker).detail
+}
+
+fn find<'a>(s: &'a RunSummary, checker: &str) -> &'a geokv_jepsen::checker::Verdict {
     s.verdicts
         .iter()
         .find(|v| v.checker == checker)
         .unwrap_or_else(|| panic!("no {checker} verdict in {:?}", s.verdicts))
-        .outcome
 }
 
 /// Residency filter off: EU rows are shipped to (and accepted by) every
@@ -25,13 +32,18 @@ fn verdict(s: &RunSummary, checker: &str) -> Outcome {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn residency_filter_off_is_caught_by_the_residency_audit() {
     let dir = tempfile::tempdir().unwrap();
-    let mut opts =
-        common::options(WorkloadKind::Residency, NemesisKind::None, 8, 200, 11, dir.path().join("bug"));
-    opts.geokv_bin = common::bugs_bin();
-    opts.bug = Some("residency-filter-off".into());
+    let mut opts = common::bug_options(
+        WorkloadKind::Residency,
+        NemesisKind::None,
+        8,
+        200,
+        11,
+        dir.path().join("bug"),
+        "residency-filter-off",
+    );
     let with_bug = run(&opts).await.expect("run with the bug");
     assert_eq!(verdict(&with_bug, "residency"), Outcome::Fail, "{:?}", with_bug.verdicts);
-    let detail = &with_bug.verdicts.iter().find(|v| v.checker == "residency").unwrap().detail;
+    let detail = detail(&with_bug, "residency");
     assert!(detail.contains("audit of us-east-1") || detail.contains("audit of ap-southeast-1"), "{detail}");
     assert_eq!(with_bug.outcome, Outcome::Fail);
 
@@ -48,10 +60,15 @@ async fn residency_filter_off_is_caught_by_the_residency_audit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_before_fsync_is_caught_by_the_counter_checker() {
     let dir = tempfile::tempdir().unwrap();
-    let mut opts =
-        common::options(WorkloadKind::Counter, NemesisKind::Kill, 20, 3_000, 12, dir.path().join("bug"));
-    opts.geokv_bin = common::bugs_bin();
-    opts.bug = Some("ack-before-fsync".into());
+    let mut opts = common::bug_options(
+        WorkloadKind::Counter,
+        NemesisKind::Kill,
+        20,
+        3_000,
+        12,
+        dir.path().join("bug"),
+        "ack-before-fsync",
+    );
     opts.clients_per_region = 3;
     let with_bug = run(&opts).await.expect("run with the bug");
     assert!(
@@ -70,10 +87,15 @@ async fn ack_before_fsync_is_caught_by_the_counter_checker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fencing_off_is_caught_by_the_epoch_checker() {
     let dir = tempfile::tempdir().unwrap();
-    let mut opts =
-        common::options(WorkloadKind::Register, NemesisKind::Failover, 20, 1_500, 13, dir.path().join("bug"));
-    opts.geokv_bin = common::bugs_bin();
-    opts.bug = Some("fencing-off".into());
+    let mut opts = common::bug_options(
+        WorkloadKind::Register,
+        NemesisKind::Failover,
+        20,
+        1_500,
+        13,
+        dir.path().join("bug"),
+        "fencing-off",
+    );
     let with_bug = run(&opts).await.expect("run with the bug");
     assert!(
         with_bug.nemesis_steps.get("installed").copied().unwrap_or(0) >= 2,
@@ -81,7 +103,7 @@ async fn fencing_off_is_caught_by_the_epoch_checker() {
         with_bug.nemesis_steps
     );
     assert_eq!(verdict(&with_bug, "one-home-per-epoch"), Outcome::Fail, "{:?}", with_bug.verdicts);
-    let detail = &with_bug.verdicts.iter().find(|v| v.checker == "one-home-per-epoch").unwrap().detail;
+    let detail = detail(&with_bug, "one-home-per-epoch");
     assert!(detail.contains("accepted by us-east-1 under epoch"), "{detail}");
 
     opts.bug = None;

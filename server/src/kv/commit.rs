@@ -192,7 +192,7 @@ pub fn spawn(
     mut rx: mpsc::Receiver<CommitJob>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("geokv-commit".into()).spawn(move || {
-        let mut committer = Committer { engine, hlc, settings, state, last_sweep: Instant::now() };
+        let mut committer = Committer::new(engine, hlc, settings, state);
         while let Some(first) = rx.blocking_recv() {
             committer.gather_and_commit(first, &mut rx);
         }
@@ -214,7 +214,7 @@ pub fn spawn_task(
     mut rx: mpsc::Receiver<CommitJob>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut committer = Committer { engine, hlc, settings, state, last_sweep: Instant::now() };
+        let mut committer = Committer::new(engine, hlc, settings, state);
         while let Some(first) = rx.recv().await {
             committer.gather_and_commit(first, &mut rx);
         }
@@ -227,6 +227,17 @@ struct Committer {
     settings: CommitSettings,
     state: Arc<CommitState>,
     last_sweep: Instant,
+}
+
+impl Committer {
+    fn new(
+        engine: Arc<dyn Engine>,
+        hlc: Arc<Hlc>,
+        settings: CommitSettings,
+        state: Arc<CommitState>,
+    ) -> Self {
+        Self { engine, hlc, settings, state, last_sweep: Instant::now() }
+    }
 }
 
 /// Rows and idempotency records changed earlier in the same group, which the
