@@ -18,7 +18,8 @@
 //!   connection racing its pumps against control signals.
 //! - `pump`: one direction of one connection, a reader and a writer joined
 //!   by a delay queue bounded in bytes and chunks (back-pressure, pipelining,
-//!   pacing).
+//!   pacing); `timer`: delivery at the delay itself, not on the next
+//!   millisecond tick.
 //! - [`stats`]: [`LinkStats`] counters.
 //! - [`ProxySet`]: many named links; [`control`]: the HTTP JSON control API
 //!   for a set; [`ControlClient`]: its client.
@@ -46,6 +47,7 @@ mod pump;
 mod set;
 mod spec;
 pub mod stats;
+mod timer;
 
 pub use client::{ControlClient, ControlError};
 pub use control::{ControlServer, ResetReply};

@@ -6,7 +6,8 @@
 //!   delivery time (arrival + latency +/- jitter, never earlier than the chunk
 //!   before it, so order holds) and queues it; a partition drops it instead;
 //! - the *writer* takes chunks in order, sleeps until each one's delivery
-//!   time, waits while the link is stalled or partitioned, paces it through
+//!   time (to the microsecond, see `timer`), waits while the link is stalled
+//!   or partitioned, paces it through
 //!   the link's bandwidth cap, and writes it.
 //!
 //! Because the reader keeps reading while the writer sleeps, many chunks are
@@ -29,6 +30,7 @@ use tokio::time::{sleep_until, Instant};
 use crate::faults::{Direction, DirectionFaults};
 use crate::link::{ConnShared, LinkState, Shared};
 use crate::stats::{self, Counters};
+use crate::timer;
 
 /// Bytes read from a socket in one go, and so the largest chunk, in bytes.
 pub(crate) const CHUNK_BYTES_MAX: usize = 16 * 1024;
@@ -277,7 +279,7 @@ impl Pump<'_> {
         let counters = &self.link.counters;
         let pacer = self.link.pacer(self.direction);
         while let Some(chunk) = queue.recv().await {
-            sleep_until(chunk.deliver_at).await;
+            timer::sleep_until(chunk.deliver_at).await;
             if chunk.bytes.is_empty() {
                 until_flowing(&mut self.state).await;
                 socket2::SockRef::from(dst)
