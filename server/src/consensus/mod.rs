@@ -270,6 +270,10 @@ pub struct Consensus {
     control: watch::Sender<ControlState>,
 }
 
+/// Election timeouts a non-preferred voter of a new group waits for the
+/// preferred one to bootstrap it before bootstrapping it itself.
+const BOOTSTRAP_WAIT_TIMEOUTS: u64 = 4;
+
 fn raft_config(cfg: &Config, name: &str, preferred: bool) -> anyhow::Result<openraft::Config> {
     let c = &cfg.consensus;
     // A preferred leader (the home region of a STRONG group) times out first,
@@ -344,14 +348,32 @@ impl Consensus {
             let log = LogStore::open(engine.clone(), &name).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
             let sm = StateMachine::new(engine.clone(), &name, machine);
             let net = NetworkFactory { peers: peers.clone(), group: name.clone() };
+            let bootstrap_wait = Duration::from_millis(rc.election_timeout_max * BOOTSTRAP_WAIT_TIMEOUTS);
             let raft = Raft::new(me, rc, net, log, sm.clone()).await?;
             if !raft.is_initialized().await? {
                 let nodes: BTreeMap<NodeId, BasicNode> =
                     voters.iter().map(|m| (m.id, BasicNode { addr: m.actor.clone() })).collect();
                 // Every voter bootstraps with the same membership; openraft
-                // accepts that, and only one initial log can win.
-                if let Err(e) = raft.initialize(nodes).await {
-                    tracing::debug!(group = %name, error = %e, "initialize");
+                // accepts that, and only one initial log can win. Initializing
+                // starts an election at once, so a group with a preferred
+                // region lets that region go first: otherwise a voter nearer
+                // the others wins the first term, and the home only gets the
+                // leadership back after a leader change. The others still
+                // bootstrap, later, if the home never does.
+                if preferred_region.is_none() || preferred {
+                    if let Err(e) = raft.initialize(nodes).await {
+                        tracing::debug!(group = %name, error = %e, "initialize");
+                    }
+                } else {
+                    let (raft, name) = (raft.clone(), name.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(bootstrap_wait).await;
+                        if matches!(raft.is_initialized().await, Ok(false)) {
+                            if let Err(e) = raft.initialize(nodes).await {
+                                tracing::debug!(group = %name, error = %e, "initialize");
+                            }
+                        }
+                    });
                 }
             }
             groups
