@@ -14,6 +14,9 @@
 //!   converge to equal digests with every acknowledged write present.
 //! - with one region partitioned away, a QUORUM write in one region is seen
 //!   by a QUORUM read in another.
+//! - a new cluster's STRONG groups are led from their home regions from
+//!   the first term: the home bootstraps each group, so a voter nearer the
+//!   others cannot win the first election and keep the leadership.
 
 mod common;
 
@@ -375,4 +378,43 @@ async fn quorum_write_is_seen_by_a_quorum_read_with_a_region_partitioned() {
         .expect_err("no majority");
     assert_eq!(err.reason.as_deref(), Some("QUORUM_UNAVAILABLE"), "{err}");
     cluster.heal(AP).await;
+}
+
+/// The home's own node's view of every STRONG group the home prefers to
+/// lead, once each of them has a leader.
+async fn strong_groups_with_leaders(cluster: &DevCluster) -> Vec<pb::GroupInfo> {
+    let deadline = Deadline::after(FAILOVER_LIMIT);
+    let mut clients = Vec::new();
+    for region in [US, EU_WEST, EU_CENTRAL, AP] {
+        clients.push((region, cluster.client(region).await));
+    }
+    loop {
+        let mut groups = Vec::new();
+        for (region, client) in &clients {
+            if let Ok(status) = client.region_status().await {
+                groups.extend(
+                    status.groups.into_iter().filter(|g| g.preferred_region == *region && g.local_member),
+                );
+            }
+        }
+        if !groups.is_empty() && groups.iter().all(|g| !g.leader.is_empty()) {
+            return groups;
+        }
+        assert!(!deadline.passed(), "STRONG groups without a leader after {FAILOVER_LIMIT:?}: {groups:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_clusters_strong_groups_are_led_from_their_homes() {
+    // Full WAN distances: the us-east-1 group's other voters (eu-west-1 and
+    // eu-central-1) are 26 ms apart and 80-90 ms from the home, which is
+    // what let one of them win a first election held by every voter at once.
+    let cluster = DevCluster::start(1.0).await;
+    let groups = strong_groups_with_leaders(&cluster).await;
+    assert!(groups.iter().any(|g| g.preferred_region == US), "no STRONG group homed in {US}: {groups:?}");
+    for g in &groups {
+        let leader_region = g.leader.split('/').next().unwrap_or_default();
+        assert_eq!(leader_region, g.preferred_region, "{} is led from {}: {g:?}", g.name, g.leader);
+    }
 }

@@ -32,13 +32,8 @@ fn find<'a>(s: &'a RunSummary, checker: &str) -> &'a geokv_jepsen::checker::Verd
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn residency_filter_off_is_caught_by_the_residency_audit() {
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = common::bug_options(
-        WorkloadKind::Residency,
-        NemesisKind::None,
-        8,
-        200,
-        11,
-        dir.path().join("bug"),
+    let mut opts = common::with_bug(
+        common::options(WorkloadKind::Residency, NemesisKind::None, 8, 200, 11, dir.path().join("bug")),
         "residency-filter-off",
     );
     let with_bug = run(&opts).await.expect("run with the bug");
@@ -60,13 +55,8 @@ async fn residency_filter_off_is_caught_by_the_residency_audit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_before_fsync_is_caught_by_the_counter_checker() {
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = common::bug_options(
-        WorkloadKind::Counter,
-        NemesisKind::Kill,
-        20,
-        3_000,
-        12,
-        dir.path().join("bug"),
+    let mut opts = common::with_bug(
+        common::options(WorkloadKind::Counter, NemesisKind::Kill, 20, 3_000, 12, dir.path().join("bug")),
         "ack-before-fsync",
     );
     opts.clients_per_region = 3;
@@ -87,13 +77,8 @@ async fn ack_before_fsync_is_caught_by_the_counter_checker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fencing_off_is_caught_by_the_epoch_checker() {
     let dir = tempfile::tempdir().unwrap();
-    let mut opts = common::bug_options(
-        WorkloadKind::Register,
-        NemesisKind::Failover,
-        20,
-        1_500,
-        13,
-        dir.path().join("bug"),
+    let mut opts = common::with_bug(
+        common::options(WorkloadKind::Register, NemesisKind::Failover, 20, 1_500, 13, dir.path().join("bug")),
         "fencing-off",
     );
     let with_bug = run(&opts).await.expect("run with the bug");

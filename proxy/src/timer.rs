@@ -61,19 +61,26 @@ struct Timer {
 }
 
 impl Timer {
-    fn get() -> &'static Arc<Timer> {
-        static TIMER: OnceLock<Arc<Timer>> = OnceLock::new();
-        TIMER.get_or_init(|| {
-            let timer = Arc::new(Timer { waiters: Mutex::new(Waiters::default()), changed: Condvar::new() });
-            let t = timer.clone();
-            // Detached: it lives as long as the process and holds nothing
-            // but wake-ups.
-            std::thread::Builder::new()
-                .name("proxy-timer".into())
-                .spawn(move || t.run())
-                .expect("spawning the proxy's timer thread");
-            timer
-        })
+    /// The process's timer, started on first use; `None` if its thread
+    /// could not be spawned (waits then stay on tokio's timer).
+    fn get() -> Option<&'static Arc<Timer>> {
+        static TIMER: OnceLock<Option<Arc<Timer>>> = OnceLock::new();
+        TIMER
+            .get_or_init(|| {
+                let timer =
+                    Arc::new(Timer { waiters: Mutex::new(Waiters::default()), changed: Condvar::new() });
+                let t = timer.clone();
+                // Detached: it lives as long as the process and holds
+                // nothing but wake-ups.
+                match std::thread::Builder::new().name("proxy-timer".into()).spawn(move || t.run()) {
+                    Ok(_) => Some(timer),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no precise timer thread; delays may end up to 2 ms late");
+                        None
+                    }
+                }
+            })
+            .as_ref()
     }
 
     fn run(&self) {
@@ -127,9 +134,13 @@ pub(crate) async fn sleep_until(deadline: tokio::time::Instant) {
     }
     if Instant::now() < deadline {
         // The timer thread never drops a sender before its deadline, so
-        // an error can only mean the thread is gone: the deadline is then
-        // kept by tokio's timer, late but never early.
-        if Timer::get().register(deadline).await.is_err() {
+        // an error can only mean the thread is gone. Without the thread the
+        // deadline is kept by tokio's timer, late but never early.
+        let woken = match Timer::get() {
+            Some(timer) => timer.register(deadline).await.is_ok(),
+            None => false,
+        };
+        if !woken {
             tokio::time::sleep_until(deadline.into()).await;
         }
     }

@@ -52,17 +52,8 @@ pub fn options(
     }
 }
 
-/// Options for a run against the bugs build with `bug` switched on.
-pub fn bug_options(
-    workload: WorkloadKind,
-    nemesis: NemesisKind,
-    time_s: u64,
-    ops: u64,
-    seed: u64,
-    out: PathBuf,
-    bug: &str,
-) -> RunOptions {
-    let mut opts = options(workload, nemesis, time_s, ops, seed, out);
+/// `opts` switched to the bugs build with `bug` on.
+pub fn with_bug(mut opts: RunOptions, bug: &str) -> RunOptions {
     opts.geokv_bin = bugs_bin();
     opts.bug = Some(bug.to_string());
     opts
