@@ -56,14 +56,13 @@ default_consistency = "eventual"
 }
 
 async fn kv(node: &NodeProcess) -> KvClient<Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(node.endpoint())
-        .unwrap()
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .unwrap();
-    KvClient::new(channel)
+    let tls = geokv_net::tls::Tls::load(geokv_net::tls::TlsFiles::client(node.certs_dir(), "root")).unwrap();
+    let channels = geokv_net::channel::Channels::new(
+        geokv_net::channel::ChannelSettings::CLIENT,
+        geokv_net::channel::Dialer::tcp(),
+        Some(tls),
+    );
+    KvClient::new(channels.connect(&node.endpoint(), None).await.unwrap())
 }
 
 fn row(table: &str, key: &[u8]) -> Option<pb::RowRef> {
@@ -227,7 +226,7 @@ async fn placement_errors_are_typed() {
         .unwrap()
         .into_inner();
     assert!(!got.found, "a write refused for its level must not be stored");
-    let mut cfg = geokv_client::ClientConfig::new(node.endpoint());
+    let mut cfg = node.client_config();
     cfg.retries_max = 1;
     let client = geokv_client::Client::with_config(cfg).await.expect("connect");
     let err = client

@@ -208,12 +208,11 @@ async fn kill_9_of_the_home_loses_no_strong_or_quorum_write() {
     assert!(missing.is_empty(), "acknowledged LOCAL writes lost after the home returned: {missing:?}");
 }
 
-/// A put sent to `addr` as if another region's node had forwarded it, so
-/// the node must accept or refuse it itself.
-async fn forwarded_put(addr: std::net::SocketAddr, key: &str) -> Result<pb::WriteAck, tonic::Status> {
-    let mut kv = pb::kv_client::KvClient::connect(format!("http://{addr}"))
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+/// A put sent to `region`'s peer port as eu-west-1's node forwarding it
+/// for `root`, so the node must accept or refuse it itself.
+async fn forwarded_put(cluster: &DevCluster, region: &str, key: &str) -> Result<pb::WriteAck, tonic::Status> {
+    let channel = cluster.node_channel(cluster.node_peer_addr(region, 0), ("eu-west-1", "n1")).await;
+    let mut kv = pb::kv_client::KvClient::new(channel);
     let mut req = tonic::Request::new(pb::PutRequest {
         row: Some(pb::RowRef { table: "default".into(), key: key.as_bytes().to_vec(), locality: None }),
         value: b"from-the-paused-home".to_vec(),
@@ -223,6 +222,7 @@ async fn forwarded_put(addr: std::net::SocketAddr, key: &str) -> Result<pb::Writ
     });
     req.set_timeout(Duration::from_secs(3));
     req.metadata_mut().insert("geokv-forwarded-by", "eu-west-1/n1".parse().expect("ascii"));
+    req.metadata_mut().insert("geokv-principal", "root".parse().expect("ascii"));
     kv.put(req).await.map(|r| r.into_inner().ack.unwrap_or_default())
 }
 
@@ -251,12 +251,11 @@ async fn a_paused_home_is_fenced_after_failover() {
     }
 
     cluster.unpause(US);
-    let us = cluster.grpc_addr(US);
     // Right after it continues (stale state, lapsed lease) and after it
     // caught up with the control plane, the old home refuses every write.
     let mut refusals = 0;
     for i in 0..30 {
-        match forwarded_put(us, &format!("after{i}")).await {
+        match forwarded_put(&cluster, US, &format!("after{i}")).await {
             Ok(ack) => panic!("the fenced old home accepted a write: {ack:?}"),
             Err(status) => {
                 let err = geokv_client::Error::from(status);

@@ -42,7 +42,7 @@ fn python_client_uses_the_api_by_reflection_alone() {
     assert!(script.exists(), "missing {}", script.display());
 
     let mut cmd = Command::new("python3");
-    cmd.arg(&script).arg(node.grpc_addr.to_string());
+    cmd.arg(&script).arg(node.grpc_addr.to_string()).arg(node.certs_dir());
     let out = run_bounded(cmd, SCRIPT_TIMEOUT);
     assert!(
         out.status.success(),
@@ -56,6 +56,13 @@ fn python_client_uses_the_api_by_reflection_alone() {
     for service in ["geokv.v1.KV", "geokv.v1.Admin", "grpc.health.v1.Health"] {
         assert!(services.split_whitespace().any(|s| s == service), "{service} not listed: {services}");
     }
+    for internal in ["geokv.v1.Replication", "geokv.consensus.v1.Consensus"] {
+        assert!(
+            !services.split_whitespace().any(|s| s == internal),
+            "{internal} listed on the client port: {services}"
+        );
+    }
+    assert!(lines.contains(&"ok: no internal service listed"), "{}", out.stdout);
     assert!(lines.contains(&"ok: health SERVING"), "{}", out.stdout);
     assert!(lines.contains(&"ok: get grüße from python"), "{}", out.stdout);
     assert!(lines.contains(&"ok: unknown table NOT_FOUND UNKNOWN_TABLE"), "{}", out.stdout);

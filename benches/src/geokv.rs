@@ -21,6 +21,8 @@ pub struct GeokvNode {
     /// Declared before `dir` so the process stops before its data is removed.
     child: Child,
     pub endpoint: String,
+    /// The node's certificates (a CA, the node's, `root`'s); None in plaintext.
+    pub certs_dir: Option<PathBuf>,
     _dir: TempDir,
 }
 
@@ -31,13 +33,28 @@ pub fn default_binary() -> Result<PathBuf> {
     Ok(exe.with_file_name("geokv"))
 }
 
-/// Starts `geokv node` on free loopback ports in a fresh temp data dir.
-pub async fn start(bin: &Path, extra_args: &[String]) -> Result<GeokvNode> {
+/// Starts `geokv node` on free loopback ports in a fresh temp data dir,
+/// with mutual TLS (certificates made for the run) or in plaintext.
+pub async fn start(bin: &Path, extra_args: &[String], tls: bool) -> Result<GeokvNode> {
     let bin = process::require_binary(bin, "build it with `cargo build -p geokv` or pass --geokv-bin")?;
     let dir =
         tempfile::Builder::new().prefix("geokv-load-geokv-").tempdir().context("creating a temp dir")?;
-    let ports = process::free_ports(2)?;
+    let ports = process::free_ports(3)?;
     let endpoint = format!("127.0.0.1:{}", ports[0]);
+    let certs_dir = if tls {
+        let certs = dir.path().join("certs");
+        geokv_net::certs::ensure_dev_certs(
+            &certs,
+            "geokv-load",
+            &[("local-1", "n1")],
+            &["127.0.0.1"],
+            &["root"],
+        )
+        .context("making the node's certificates")?;
+        Some(certs)
+    } else {
+        None
+    };
     let mut cmd = Command::new(&bin);
     cmd.arg("node")
         .arg("--data-dir")
@@ -46,17 +63,25 @@ pub async fn start(bin: &Path, extra_args: &[String]) -> Result<GeokvNode> {
         .arg(&endpoint)
         .arg("--admin-listen")
         .arg(format!("127.0.0.1:{}", ports[1]))
+        .arg("--listen-peer")
+        .arg(format!("127.0.0.1:{}", ports[2]))
+        .env_remove("GEOKV_CERTS_DIR")
         .args(extra_args);
+    if let Some(c) = &certs_dir {
+        cmd.arg("--certs-dir").arg(c);
+    }
     let mut child = Child::spawn("geokv node", cmd, &dir.path().join("geokv.log"))?;
     let probe_endpoint = endpoint.clone();
+    let probe_certs = certs_dir.clone();
     process::wait_ready(
         "geokv node",
         READY_TIMEOUT,
         || child.check_alive(),
         || {
             let endpoint = probe_endpoint.clone();
+            let certs = probe_certs.clone();
             async move {
-                let client = Client::with_config(config(&endpoint, Duration::from_secs(1))).await?;
+                let client = Client::with_config(config(&endpoint, certs, Duration::from_secs(1))).await?;
                 client.node_status().await?;
                 Ok(())
             }
@@ -64,7 +89,7 @@ pub async fn start(bin: &Path, extra_args: &[String]) -> Result<GeokvNode> {
     )
     .await?;
     eprintln!("geokv: node pid {} on {endpoint}", child.pid().unwrap_or(0));
-    Ok(GeokvNode { child, endpoint, _dir: dir })
+    Ok(GeokvNode { child, endpoint, certs_dir, _dir: dir })
 }
 
 impl GeokvNode {
@@ -75,8 +100,9 @@ impl GeokvNode {
 
 /// Client settings for the load: no retries, so every failure is counted
 /// and every latency is one attempt's.
-fn config(endpoint: &str, timeout: Duration) -> ClientConfig {
+pub fn config(endpoint: &str, certs_dir: Option<PathBuf>, timeout: Duration) -> ClientConfig {
     let mut cfg = ClientConfig::new(endpoint);
+    cfg.certs_dir = certs_dir;
     cfg.timeout = timeout;
     cfg.retries_max = 0;
     cfg
@@ -118,6 +144,8 @@ impl ContextTable {
 #[derive(Clone)]
 pub struct GeokvSettings {
     pub endpoint: String,
+    /// Certificates to connect with (None: plaintext).
+    pub certs_dir: Option<PathBuf>,
     pub table: String,
     pub consistency: Consistency,
     pub op_timeout: Duration,
@@ -136,9 +164,10 @@ pub struct GeokvConn {
 
 impl GeokvConn {
     pub async fn connect(settings: &GeokvSettings) -> Result<Self> {
-        let client = Client::with_config(config(&settings.endpoint, settings.op_timeout))
-            .await
-            .with_context(|| format!("connecting to geokv at {}", settings.endpoint))?;
+        let client =
+            Client::with_config(config(&settings.endpoint, settings.certs_dir.clone(), settings.op_timeout))
+                .await
+                .with_context(|| format!("connecting to geokv at {}", settings.endpoint))?;
         let read = match settings.consistency {
             Consistency::Local | Consistency::Eventual => ReadConsistency::Local,
             Consistency::Quorum => ReadConsistency::Quorum,

@@ -51,6 +51,8 @@ enum TargetArg {
     Redis,
     /// geokv, then etcd, then Redis, then the ratios.
     All,
+    /// geokv with mutual TLS, then the same in plaintext: the price of TLS.
+    Tls,
 }
 
 #[derive(Subcommand, Debug)]
@@ -77,6 +79,10 @@ struct Args {
     /// A running geokv node to load (`host:port`).
     #[arg(long, conflicts_with = "start")]
     endpoint: Option<String>,
+    /// Certificates for --endpoint (ca.crt, client.root.crt/.key); without
+    /// it the node is reached in plaintext.
+    #[arg(long, env = "GEOKV_CERTS_DIR", requires = "endpoint")]
+    certs_dir: Option<std::path::PathBuf>,
     /// Start a geokv node in a temp dir for the run, and stop it after.
     #[arg(long)]
     start: bool,
@@ -159,7 +165,7 @@ impl Args {
         if self.op_timeout_ms == 0 || self.op_timeout_ms > 60_000 {
             bail!("--op-timeout-ms must be 1..=60000");
         }
-        let geokv = matches!(self.target, TargetArg::Geokv | TargetArg::All);
+        let geokv = matches!(self.target, TargetArg::Geokv | TargetArg::All | TargetArg::Tls);
         if geokv && self.endpoint.is_none() && !self.start {
             bail!("geokv needs --endpoint HOST:PORT (a running node) or --start (one started for the run)");
         }
@@ -172,6 +178,7 @@ impl Args {
             TargetArg::Etcd => vec![TargetKind::Etcd],
             TargetArg::Redis => vec![TargetKind::Redis],
             TargetArg::All => vec![TargetKind::Geokv, TargetKind::Etcd, TargetKind::Redis],
+            TargetArg::Tls => vec![TargetKind::Geokv, TargetKind::GeokvPlaintext],
         }
     }
 
@@ -195,6 +202,7 @@ impl Args {
         };
         Ok(TargetPlan {
             geokv_endpoint: self.endpoint.clone(),
+            geokv_certs_dir: self.certs_dir.clone(),
             geokv_bin,
             geokv_args: self.geokv_args.clone(),
             etcd_bin: self.etcd_bin.clone(),

@@ -20,7 +20,7 @@ pub struct Ratio {
 /// Ratios for every client count measured for both geokv and a peer.
 pub fn ratios(results: &[Measured]) -> Vec<Ratio> {
     let mut out = Vec::new();
-    for peer in [TargetKind::Etcd, TargetKind::Redis] {
+    for peer in [TargetKind::GeokvPlaintext, TargetKind::Etcd, TargetKind::Redis] {
         for g in results.iter().filter(|m| m.target == TargetKind::Geokv) {
             let Some(p) = results.iter().find(|m| m.target == peer && m.clients == g.clients) else {
                 continue;

@@ -169,6 +169,8 @@ struct GeokvDev {
     /// Declared before `dir` so the cluster stops before its data goes.
     child: Child,
     endpoint: String,
+    /// The cluster's certificates (`geokv dev` runs with TLS).
+    certs_dir: std::path::PathBuf,
     _dir: TempDir,
 }
 
@@ -212,7 +214,10 @@ impl GeokvDev {
         let mut child =
             Child::spawn("geokv dev", cmd, &dir.path().join("dev.log"))?.with_stop_grace(DEV_STOP_GRACE);
         let endpoint = format!("127.0.0.1:{base}");
+        // `geokv dev` makes the cluster's certificates under its data dir.
+        let certs_dir = dir.path().join("dev").join("certs");
         let probe_endpoint = endpoint.clone();
+        let probe_certs = certs_dir.clone();
         let started = Instant::now();
         process::wait_ready(
             "geokv dev's STRONG group led from us-east-1",
@@ -220,8 +225,9 @@ impl GeokvDev {
             || child.check_alive(),
             || {
                 let endpoint = probe_endpoint.clone();
+                let certs = probe_certs.clone();
                 async move {
-                    let client = client(&endpoint, Duration::from_secs(2)).await?;
+                    let client = client(&endpoint, &certs, Duration::from_secs(2)).await?;
                     let status = client.region_status().await?;
                     let group = status
                         .groups
@@ -246,11 +252,12 @@ impl GeokvDev {
             child.pid().unwrap_or(0),
             started.elapsed().as_secs_f64()
         );
-        Ok(Self { child, endpoint, _dir: dir })
+        Ok(Self { child, endpoint, certs_dir, _dir: dir })
     }
 
     async fn leader(&self) -> Result<String> {
-        let status = client(&self.endpoint, Duration::from_secs(5)).await?.region_status().await?;
+        let status =
+            client(&self.endpoint, &self.certs_dir, Duration::from_secs(5)).await?.region_status().await?;
         let group = status.groups.iter().find(|g| g.name == GROUP).context("no group strong/us-east-1")?;
         Ok(if group.leader.is_empty() {
             "-".to_string()
@@ -260,8 +267,8 @@ impl GeokvDev {
     }
 }
 
-async fn client(endpoint: &str, timeout: Duration) -> Result<Client> {
-    let mut cfg = ClientConfig::new(endpoint);
+async fn client(endpoint: &str, certs_dir: &std::path::Path, timeout: Duration) -> Result<Client> {
+    let mut cfg = ClientConfig::new(endpoint).with_certs_dir(certs_dir);
     cfg.timeout = timeout;
     cfg.retries_max = 0;
     Ok(Client::with_config(cfg).await?)
@@ -383,8 +390,10 @@ pub async fn run(args: &StrongWanArgs, default_geokv_bin: PathBuf) -> Result<()>
     let mut dev = dev;
     let running = Running::Geokv {
         node: None,
+        plaintext: false,
         settings: GeokvSettings {
             endpoint: dev.endpoint.clone(),
+            certs_dir: Some(dev.certs_dir.clone()),
             table: "registers".to_string(),
             consistency: Consistency::Strong,
             op_timeout: shape.op_timeout,
@@ -480,7 +489,7 @@ fn render(args: &StrongWanArgs, setup: &str, results: &[Measured], notes: &[Stri
     ));
     for m in results {
         let name = match m.target {
-            TargetKind::Geokv => "geokv STRONG",
+            TargetKind::Geokv | TargetKind::GeokvPlaintext => "geokv STRONG",
             other => other.name(),
         };
         s.push_str(&format!(

@@ -14,7 +14,10 @@ use crate::redis::{self, RedisConn, RedisServer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum TargetKind {
+    /// geokv as users run it: mutual TLS and authorization on.
     Geokv,
+    /// The same node in plaintext with no authentication, to price TLS.
+    GeokvPlaintext,
     Etcd,
     Redis,
 }
@@ -23,6 +26,7 @@ impl TargetKind {
     pub fn name(self) -> &'static str {
         match self {
             TargetKind::Geokv => "geokv",
+            TargetKind::GeokvPlaintext => "geokv-plaintext",
             TargetKind::Etcd => "etcd",
             TargetKind::Redis => "redis",
         }
@@ -32,7 +36,12 @@ impl TargetKind {
     /// report.
     pub fn semantics(self, consistency: Consistency) -> String {
         match self {
-            TargetKind::Geokv => format!("1 node, writes at {consistency:?}, WAL fsync (group commit)"),
+            TargetKind::Geokv => {
+                format!("1 node, writes at {consistency:?}, WAL fsync (group commit), mutual TLS")
+            }
+            TargetKind::GeokvPlaintext => {
+                format!("1 node, writes at {consistency:?}, WAL fsync (group commit), plaintext")
+            }
             TargetKind::Etcd => {
                 format!("{} members, raft quorum writes, WAL fsync on each member", etcd::MEMBERS)
             }
@@ -51,6 +60,8 @@ impl fmt::Display for TargetKind {
 pub struct TargetPlan {
     /// An already-running geokv node; None starts one.
     pub geokv_endpoint: Option<String>,
+    /// Certificates for `geokv_endpoint` (None: plaintext).
+    pub geokv_certs_dir: Option<std::path::PathBuf>,
     pub geokv_bin: std::path::PathBuf,
     pub geokv_args: Vec<String>,
     pub etcd_bin: std::path::PathBuf,
@@ -68,6 +79,8 @@ pub enum Running {
         /// None when the node was already running (`--endpoint`).
         node: Option<GeokvNode>,
         settings: GeokvSettings,
+        /// Started without TLS (`geokv-plaintext`).
+        plaintext: bool,
     },
     Etcd {
         cluster: EtcdCluster,
@@ -81,24 +94,27 @@ impl Running {
     /// Starts (or reaches) `kind` as `plan` says.
     pub async fn start(kind: TargetKind, plan: &TargetPlan) -> Result<Self> {
         Ok(match kind {
-            TargetKind::Geokv => {
-                let (node, endpoint) = match &plan.geokv_endpoint {
-                    Some(endpoint) => (None, endpoint.clone()),
+            TargetKind::Geokv | TargetKind::GeokvPlaintext => {
+                let tls = kind == TargetKind::Geokv;
+                let (node, endpoint, certs_dir) = match &plan.geokv_endpoint {
+                    Some(endpoint) => (None, endpoint.clone(), plan.geokv_certs_dir.clone()),
                     None => {
-                        let node = geokv::start(&plan.geokv_bin, &plan.geokv_args).await?;
+                        let node = geokv::start(&plan.geokv_bin, &plan.geokv_args, tls).await?;
                         let endpoint = node.endpoint.clone();
-                        (Some(node), endpoint)
+                        let certs = node.certs_dir.clone();
+                        (Some(node), endpoint, certs)
                     }
                 };
                 let contexts = (!plan.blind_puts).then(|| Arc::new(ContextTable::new(plan.keys)));
                 let settings = GeokvSettings {
                     endpoint,
+                    certs_dir,
                     table: plan.table.clone(),
                     consistency: plan.consistency,
                     op_timeout: plan.op_timeout,
                     contexts,
                 };
-                Running::Geokv { node, settings }
+                Running::Geokv { node, settings, plaintext: !tls }
             }
             TargetKind::Etcd => Running::Etcd {
                 cluster: etcd::start(&plan.etcd_bin).await?,
@@ -113,7 +129,8 @@ impl Running {
 
     pub fn kind(&self) -> TargetKind {
         match self {
-            Running::Geokv { .. } => TargetKind::Geokv,
+            Running::Geokv { plaintext: false, .. } => TargetKind::Geokv,
+            Running::Geokv { plaintext: true, .. } => TargetKind::GeokvPlaintext,
             Running::Etcd { .. } => TargetKind::Etcd,
             Running::Redis(_) => TargetKind::Redis,
         }

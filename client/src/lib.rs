@@ -29,11 +29,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
+use geokv_net::channel::{ChannelSettings, Channels, Dialer};
+use geokv_net::tls::{Tls, TlsFiles};
 use geokv_proto::v1 as pb;
 use pb::admin_client::AdminClient;
 use pb::control_client::ControlClient;
 use pb::kv_client::KvClient;
-use tonic::transport::{Channel, Endpoint};
+use std::path::PathBuf;
+use tonic::transport::Channel;
 
 pub use error::Error;
 pub use geokv_proto::v1 as proto;
@@ -298,17 +301,51 @@ pub struct ClientConfig {
     pub retries_max: u32,
     /// Delay before the first retry; doubled per retry.
     pub retry_backoff: Duration,
+    /// Directory with the cluster's `ca.crt` and this user's
+    /// `client.<user>.crt`/`.key` (`geokv cert create-client`). None:
+    /// plaintext, for nodes run with `--insecure` or on loopback without
+    /// certificates.
+    pub certs_dir: Option<PathBuf>,
+    /// The user whose client certificate is presented (default `root`).
+    pub user: String,
+    /// A bearer token sent instead of a client certificate (TLS still
+    /// verifies the node against `ca.crt`).
+    pub token: Option<String>,
 }
 
 impl ClientConfig {
+    /// Defaults, with TLS settings from the environment: `GEOKV_CERTS_DIR`,
+    /// `GEOKV_USER` and `GEOKV_TOKEN`.
     pub fn new(endpoint: impl Into<String>) -> Self {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         Self {
             endpoint: endpoint.into(),
             timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
             retries_max: 3,
             retry_backoff: Duration::from_millis(50),
+            certs_dir: env("GEOKV_CERTS_DIR").map(PathBuf::from),
+            user: env("GEOKV_USER").unwrap_or_else(|| "root".into()),
+            token: env("GEOKV_TOKEN"),
         }
+    }
+
+    /// The same, over TLS with the certificates in `dir`.
+    pub fn with_certs_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.certs_dir = Some(dir.into());
+        self
+    }
+
+    /// The channel maker these settings describe.
+    fn channels(&self) -> Result<Channels, Error> {
+        let settings = ChannelSettings { connect_timeout: self.connect_timeout, ..ChannelSettings::CLIENT };
+        let Some(dir) = &self.certs_dir else {
+            return Ok(Channels::plaintext(settings));
+        };
+        let files =
+            if self.token.is_some() { TlsFiles::ca_only(dir) } else { TlsFiles::client(dir, &self.user) };
+        let tls = Tls::load(files).map_err(|e| Error::local(format!("TLS: {e}")))?;
+        Ok(Channels::new(settings, Dialer::tcp(), Some(tls)))
     }
 }
 
@@ -319,6 +356,8 @@ pub struct Client {
     admin: AdminClient<Channel>,
     control: ControlClient<Channel>,
     cfg: ClientConfig,
+    /// `authorization` metadata when the client authenticates by token.
+    bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     /// Session token from the last acknowledged write or read, sent with
     /// SESSION reads.
     session: Arc<Mutex<Vec<u8>>>,
@@ -358,14 +397,20 @@ impl Client {
 
     pub async fn with_config(cfg: ClientConfig) -> Result<Self, Error> {
         let url = normalize(&cfg.endpoint);
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| Error::local(format!("bad endpoint `{url}`: {e}")))?
-            .connect_timeout(cfg.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
-        let channel = endpoint.connect().await.map_err(|e| Error::transport(&url, e))?;
+        let channel = cfg.channels()?.connect(&cfg.endpoint, None).await.map_err(|e| match e {
+            geokv_net::channel::ChannelError::Connect { source, .. } => Error::transport(&url, source),
+            other => Error::local(other.to_string()),
+        })?;
+        let bearer = match &cfg.token {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
+                    .map_err(|_| Error::local("the token must be printable ASCII".to_string()))?,
+            ),
+            None => None,
+        };
         Ok(Self {
+            bearer,
             kv: KvClient::new(channel.clone()).max_decoding_message_size(64 << 20),
             admin: AdminClient::new(channel.clone()),
             control: ControlClient::new(channel),
@@ -424,9 +469,12 @@ impl Client {
         }
     }
 
-    fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    fn request<T>(&self, msg: T, timeout: Duration) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.set_timeout(timeout);
+        if let Some(b) = &self.bearer {
+            r.metadata_mut().insert("authorization", b.clone());
+        }
         r
     }
 
@@ -468,7 +516,7 @@ impl Client {
             .attempt(|t| {
                 let mut kv = self.kv.clone();
                 let msg = msg.clone();
-                async move { kv.get(Self::request(msg, t)).await }
+                async move { kv.get(self.request(msg, t)).await }
             })
             .await?
             .into_inner();
@@ -498,7 +546,7 @@ impl Client {
             .attempt(|t| {
                 let mut kv = self.kv.clone();
                 let msg = msg.clone();
-                async move { kv.put(Self::request(msg, t)).await }
+                async move { kv.put(self.request(msg, t)).await }
             })
             .await?
             .into_inner();
@@ -517,7 +565,7 @@ impl Client {
             .attempt(|t| {
                 let mut kv = self.kv.clone();
                 let msg = msg.clone();
-                async move { kv.delete(Self::request(msg, t)).await }
+                async move { kv.delete(self.request(msg, t)).await }
             })
             .await?
             .into_inner();
@@ -540,7 +588,7 @@ impl Client {
             .attempt(|t| {
                 let mut kv = self.kv.clone();
                 let msg = msg.clone();
-                async move { kv.batch(Self::request(msg, t)).await }
+                async move { kv.batch(self.request(msg, t)).await }
             })
             .await?
             .into_inner();
@@ -566,7 +614,7 @@ impl Client {
             .attempt(|t| {
                 let mut kv = self.kv.clone();
                 let msg = msg.clone();
-                async move { kv.scan(Self::request(msg, t)).await }
+                async move { kv.scan(self.request(msg, t)).await }
             })
             .await?
             .into_inner();
@@ -590,7 +638,7 @@ impl Client {
             .attempt(|t| {
                 let mut kv = self.kv.clone();
                 let msg = msg.clone();
-                async move { kv.counter_add(Self::request(msg, t)).await }
+                async move { kv.counter_add(self.request(msg, t)).await }
             })
             .await?
             .into_inner();
@@ -606,7 +654,7 @@ impl Client {
             .attempt(|t| {
                 let mut kv = self.kv.clone();
                 let msg = msg.clone();
-                async move { kv.counter_get(Self::request(msg, t)).await }
+                async move { kv.counter_get(self.request(msg, t)).await }
             })
             .await?
             .into_inner();
@@ -631,7 +679,7 @@ impl Client {
             .attempt(|t| {
                 let mut kv = self.kv.clone();
                 let msg = msg.clone();
-                async move { kv.set_add(Self::request(msg, t)).await }
+                async move { kv.set_add(self.request(msg, t)).await }
             })
             .await?
             .into_inner();
@@ -657,7 +705,7 @@ impl Client {
             .attempt(|t| {
                 let mut kv = self.kv.clone();
                 let msg = msg.clone();
-                async move { kv.set_remove(Self::request(msg, t)).await }
+                async move { kv.set_remove(self.request(msg, t)).await }
             })
             .await?
             .into_inner();
@@ -672,7 +720,7 @@ impl Client {
             .attempt(|t| {
                 let mut kv = self.kv.clone();
                 let msg = msg.clone();
-                async move { kv.set_members(Self::request(msg, t)).await }
+                async move { kv.set_members(self.request(msg, t)).await }
             })
             .await?
             .into_inner();
@@ -717,6 +765,25 @@ impl Client {
         .await
     }
 
+    /// The access audit log of the connected node's region (every node of
+    /// it), oldest first; needs the `admin` grant.
+    pub async fn audit_log(
+        &self,
+        since_ms: u64,
+        principal: Option<&str>,
+        table: Option<&str>,
+        limit: u32,
+    ) -> Result<pb::AuditLogResponse, Error> {
+        let msg = pb::AuditLogRequest {
+            since_ms,
+            principal: principal.unwrap_or_default().to_string(),
+            table: table.unwrap_or_default().to_string(),
+            limit,
+            node_only: false,
+        };
+        self.admin_call(msg, |mut a, r| async move { a.audit_log(r).await }).await
+    }
+
     /// Digests of the connected node's region (every node of it) per (table, zone).
     pub async fn digest(&self) -> Result<pb::DigestResponse, Error> {
         self.admin_call(pb::DigestRequest { node_only: false }, |mut a, r| async move { a.digest(r).await })
@@ -757,7 +824,7 @@ impl Client {
         let resp = self
             .attempt(|t| {
                 let mut kv = self.kv.clone();
-                let mut req = Self::request(msg.clone(), t);
+                let mut req = self.request(msg.clone(), t);
                 if let Ok(v) = key.parse() {
                     req.metadata_mut().insert("geokv-idempotency-key", v);
                 }
@@ -811,7 +878,7 @@ impl Client {
         F: Fn(ControlClient<Channel>, tonic::Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
-        let resp = self.attempt(|t| call(self.control.clone(), Self::request(msg.clone(), t))).await?;
+        let resp = self.attempt(|t| call(self.control.clone(), self.request(msg.clone(), t))).await?;
         Ok(resp.into_inner())
     }
 
@@ -821,7 +888,7 @@ impl Client {
         F: Fn(AdminClient<Channel>, tonic::Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
-        let resp = self.attempt(|t| call(self.admin.clone(), Self::request(msg.clone(), t))).await?;
+        let resp = self.attempt(|t| call(self.admin.clone(), self.request(msg.clone(), t))).await?;
         Ok(resp.into_inner())
     }
 
@@ -829,7 +896,7 @@ impl Client {
         let resp = self
             .attempt(|t| {
                 let mut admin = self.admin.clone();
-                async move { admin.node_status(Self::request(pb::NodeStatusRequest {}, t)).await }
+                async move { admin.node_status(self.request(pb::NodeStatusRequest {}, t)).await }
             })
             .await?;
         Ok(resp.into_inner())

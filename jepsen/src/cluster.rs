@@ -102,6 +102,38 @@ pub struct Cluster {
     pub base_latency_ms: BTreeMap<String, u64>,
 }
 
+/// Cluster name in the certificates of the harness's clusters.
+pub const CERT_CLUSTER: &str = "geokv-jepsen";
+
+/// The certificates every cluster of this process runs with (one CA, a
+/// node certificate per region, `root`'s client certificate): clusters run
+/// secure, as users run them. One directory per process, made on first
+/// use and extended for new regions; node names are the same in every
+/// cluster, so clusters started side by side share it.
+pub fn certs_dir(regions: &[String]) -> anyhow::Result<PathBuf> {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let dir =
+        DIR.get_or_init(|| std::env::temp_dir().join(format!("geokv-jepsen-certs-{}", std::process::id())));
+    let _held = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let nodes: Vec<(&str, &str)> = regions.iter().map(|r| (r.as_str(), "n1")).collect();
+    geokv_net::certs::ensure_dev_certs(dir, CERT_CLUSTER, &nodes, &["127.0.0.1", "localhost"], &["root"])
+        .with_context(|| format!("making the cluster's certificates in {}", dir.display()))?;
+    Ok(dir.clone())
+}
+
+/// Client settings for `endpoint` of a harness cluster: TLS with `root`.
+pub fn client_config(endpoint: &str) -> ClientConfig {
+    let cfg = ClientConfig::new(endpoint);
+    match certs_dir(&[]) {
+        Ok(dir) => cfg.with_certs_dir(dir),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "no certificates; connecting in plaintext");
+            cfg
+        }
+    }
+}
+
 /// A loopback port, held by the returned listener until the caller lets it
 /// go (just before the node that will bind it starts), so the proxies'
 /// own port-0 binds cannot take it meanwhile.
@@ -155,10 +187,11 @@ impl Cluster {
         for r in &spec.regions {
             let (grpc_l, grpc) = reserve_port()?;
             let (admin_l, admin) = reserve_port()?;
-            reserved.push(grpc_l);
-            reserved.push(admin_l);
-            addrs.insert(r.clone(), (grpc, admin));
+            let (peer_l, peer) = reserve_port()?;
+            reserved.extend([grpc_l, admin_l, peer_l]);
+            addrs.insert(r.clone(), (grpc, admin, peer));
         }
+        let certs = certs_dir(&spec.regions)?;
         let proxies = ProxySet::new();
         let mut via = BTreeMap::new();
         let mut base_latency_ms = BTreeMap::new();
@@ -167,7 +200,7 @@ impl Cluster {
                 let one_way = (round_trip_ms(a, b) / 2.0 * spec.latency_scale).round() as u64;
                 let name = link_name(a, b);
                 let handle = proxies
-                    .add(&name, loopback(0), addrs[b].0, LinkFaults::symmetric_latency(one_way))
+                    .add(&name, loopback(0), addrs[b].2, LinkFaults::symmetric_latency(one_way))
                     .await
                     .with_context(|| format!("starting proxy link {name}"))?;
                 via.insert((a.clone(), b.clone()), handle.local_addr());
@@ -179,14 +212,15 @@ impl Cluster {
             let dir = spec.dir.join(r);
             std::fs::create_dir_all(&dir)?;
             let config = dir.join("node.toml");
-            let (grpc, admin) = addrs[r];
+            let (grpc, admin, peer) = addrs[r];
             let peers: BTreeMap<String, (SocketAddr, SocketAddr)> = spec
                 .regions
                 .iter()
                 .filter(|p| *p != r)
                 .map(|p| (p.clone(), (via[&(r.clone(), p.clone())], addrs[p].0)))
                 .collect();
-            std::fs::write(&config, config_text(&spec, r, &dir, grpc, admin, &peers))?;
+            let ports = Ports { grpc, admin, peer };
+            std::fs::write(&config, config_text(&spec, r, &dir, ports, &certs, &peers))?;
             nodes.insert(
                 r.clone(),
                 Node {
@@ -464,27 +498,36 @@ pub fn link_name(from: &str, to: &str) -> String {
 
 /// A client with short deadlines and no retries, for probes.
 pub async fn quick_client(endpoint: &str) -> Result<Client, geokv_client::Error> {
-    let mut cfg = ClientConfig::new(endpoint);
+    let mut cfg = client_config(endpoint);
     cfg.timeout = Duration::from_secs(2);
     cfg.connect_timeout = Duration::from_secs(1);
     cfg.retries_max = 0;
     Client::with_config(cfg).await
 }
 
+/// A node's client, admin and peer addresses.
+struct Ports {
+    grpc: SocketAddr,
+    admin: SocketAddr,
+    peer: SocketAddr,
+}
+
 fn config_text(
     spec: &ClusterSpec,
     region: &str,
     node_dir: &Path,
-    grpc: SocketAddr,
-    admin: SocketAddr,
+    ports: Ports,
+    certs: &Path,
     peers: &BTreeMap<String, (SocketAddr, SocketAddr)>,
 ) -> String {
     let first = &spec.regions[0];
+    let Ports { grpc, admin, peer } = ports;
     let mut out = String::new();
     out.push_str("# Written by geokv-jepsen for one run.\n");
     out.push_str(&format!("node_id = \"n1\"\nregion = \"{region}\"\n"));
     out.push_str(&format!("data_dir = {:?}\n", node_dir.join("data").display().to_string()));
-    out.push_str(&format!("listen = \"{grpc}\"\nadmin_listen = \"{admin}\"\n\n"));
+    out.push_str(&format!("listen = \"{grpc}\"\nlisten_peer = \"{peer}\"\nadmin_listen = \"{admin}\"\n\n"));
+    out.push_str(&format!("[security]\ncerts_dir = {:?}\n\n", certs.display().to_string()));
     out.push_str(&format!("[storage]\nsync = {}\n\n", spec.sync));
     // No automatic failover: a killed or paused home keeps its homes, so a
     // LOCAL register at the home stays linearizable; moving homes is the

@@ -261,7 +261,7 @@ async fn hand_over(
     to: &str,
     back: bool,
 ) -> anyhow::Result<String> {
-    let mut cfg = geokv_client::ClientConfig::new(cluster.endpoint(via));
+    let mut cfg = crate::cluster::client_config(&cluster.endpoint(via));
     cfg.timeout = FAILOVER_CALL_TIMEOUT;
     cfg.connect_timeout = Duration::from_secs(1);
     cfg.retries_max = 0;

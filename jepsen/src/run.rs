@@ -401,7 +401,7 @@ async fn observe_epochs(region: String, endpoint: String, recorder: Recorder, de
     while Instant::now() < deadline {
         tick.tick().await;
         if client.is_none() {
-            let mut cfg = geokv_client::ClientConfig::new(&endpoint);
+            let mut cfg = crate::cluster::client_config(&endpoint);
             cfg.timeout = EPOCH_POLL * 2;
             cfg.connect_timeout = EPOCH_POLL * 2;
             cfg.retries_max = 0;

@@ -95,7 +95,7 @@ pub struct Shared {
 /// The client config of a workload client: short attempts, a few retries
 /// (with the same idempotency key, so a retried write applies once).
 pub fn client_config(endpoint: &str) -> ClientConfig {
-    let mut cfg = ClientConfig::new(endpoint);
+    let mut cfg = crate::cluster::client_config(endpoint);
     cfg.timeout = Duration::from_millis(2_000);
     cfg.connect_timeout = Duration::from_millis(1_000);
     cfg.retries_max = 2;

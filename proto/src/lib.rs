@@ -8,9 +8,13 @@
 //!   `geokv.storage.v1`; the server wraps each in a versioned, checksummed envelope.
 //! - [`envelope`]: the versioned, checksummed wrapper of every stored record
 //!   and opaque token.
+//! - [`reasons`]: every stable error reason (`ErrorInfo.reason`) with its gRPC
+//!   code and whether a retry may succeed; the server, the client and
+//!   `docs/error-codes.md` all follow it.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, served by gRPC reflection.
 
 pub mod envelope;
+pub mod reasons;
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {

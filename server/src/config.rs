@@ -34,8 +34,13 @@ pub struct Config {
     pub region: String,
     /// Directory of the node's RocksDB store.
     pub data_dir: PathBuf,
-    /// gRPC address (KV, Admin, health, reflection).
+    /// Client gRPC address: KV, Admin, the user-facing Control calls,
+    /// health and reflection (public services only).
     pub listen: SocketAddr,
+    /// Peer gRPC address: replication, consensus, forwarded requests and
+    /// every other node-to-node call, and only those; other nodes reach it
+    /// through `regions[].nodes[].addr`.
+    pub listen_peer: SocketAddr,
     /// Admin HTTP address (`/metrics`, `/health`).
     pub admin_listen: SocketAddr,
     /// Every region of the cluster. Empty means just this node's region.
@@ -57,6 +62,88 @@ pub struct Config {
     /// keys between nodes, so every node of a cluster must agree.
     pub partitions: u32,
     pub consensus: ConsensusConfig,
+    pub security: SecurityConfig,
+}
+
+/// TLS, authentication, authorization and the access audit log
+/// (docs/security.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Serve both ports in plaintext with no authentication: every caller
+    /// acts as `root`. Refused for non-loopback addresses unless set.
+    pub insecure: bool,
+    /// Directory holding `ca.crt` and this node's `node.<region>.<node>.crt`
+    /// and `.key` (`geokv cert`). Unset: plaintext, allowed on loopback
+    /// addresses only.
+    pub certs_dir: Option<PathBuf>,
+    /// How often the certificate files are checked for changes, in
+    /// milliseconds (SIGHUP reloads at once).
+    pub reload_check_ms: u64,
+    /// Static bearer tokens, each stored as the SHA-256 (hex) of the token.
+    pub tokens: Vec<TokenConfig>,
+    /// Signed bearer tokens (JWT) checked against a public key.
+    pub jwt: Option<JwtConfig>,
+    /// Who may do what; deny by default (`root` holds every grant).
+    pub grants: Vec<crate::security::grants::GrantConfig>,
+    pub audit: AuditConfig,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            insecure: false,
+            certs_dir: None,
+            reload_check_ms: 1000,
+            tokens: Vec::new(),
+            jwt: None,
+            grants: Vec::new(),
+            audit: AuditConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The principal a request with this token acts as.
+    pub principal: String,
+    /// SHA-256 of the token, 64 hex digits; the token itself is never stored.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// PEM public key that signs the tokens.
+    pub public_key: PathBuf,
+    /// `RS256`, `ES256` or `EdDSA`.
+    pub algorithm: String,
+    /// Required `iss`, when set.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Required `aud`, when set.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Clock tolerance on `exp` and `nbf`, in seconds.
+    #[serde(default)]
+    pub leeway_s: u64,
+}
+
+/// Retention of the access audit log (kept in this region only).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Records older than this are removed, in seconds.
+    pub retention_age_s: u64,
+    /// Records beyond this many bytes are removed, oldest first.
+    pub retention_bytes_max: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { retention_age_s: 30 * 24 * 3600, retention_bytes_max: 256 << 20 }
+    }
 }
 
 /// Most partitions a cluster may configure.
@@ -387,6 +474,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./geokv-data"),
             listen: "127.0.0.1:7700".parse().expect("literal address"),
             admin_listen: "127.0.0.1:7701".parse().expect("literal address"),
+            listen_peer: "127.0.0.1:7702".parse().expect("literal address"),
             regions: Vec::new(),
             zones: Vec::new(),
             localities: BTreeMap::new(),
@@ -397,6 +485,7 @@ impl Default for Config {
             replication: ReplicationConfig::default(),
             partitions: 64,
             consensus: ConsensusConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -590,6 +679,35 @@ impl Config {
         }
         if r.repair_batch_rows_max == 0 || r.repair_batch_rows_max > 100_000 {
             return Err(bad("replication.repair_batch_rows_max", "must be 1..=100000"));
+        }
+        let sec = &self.security;
+        if sec.reload_check_ms == 0 || sec.reload_check_ms > 3_600_000 {
+            return Err(bad("security.reload_check_ms", "must be 1..=3600000"));
+        }
+        for (i, t) in sec.tokens.iter().enumerate() {
+            if t.sha256.len() != 64 || !t.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad(
+                    format!("security.tokens[{i}].sha256"),
+                    "must be 64 hex digits (the token's SHA-256)",
+                ));
+            }
+            if t.principal.is_empty() || t.principal.len() > 64 {
+                return Err(bad(format!("security.tokens[{i}].principal"), "must be 1-64 bytes"));
+            }
+        }
+        if let Some(j) = &sec.jwt {
+            if !matches!(j.algorithm.as_str(), "RS256" | "ES256" | "EdDSA") {
+                return Err(bad("security.jwt.algorithm", "must be RS256, ES256 or EdDSA"));
+            }
+        }
+        let table_names: Vec<&str> = self.tables.iter().map(|t| t.name.as_str()).collect();
+        crate::security::grants::validate(&sec.grants, &table_names)
+            .map_err(|(field, why)| bad(format!("security.{field}"), why))?;
+        if sec.audit.retention_age_s == 0 || sec.audit.retention_bytes_max < 1 << 20 {
+            return Err(bad(
+                "security.audit",
+                "retention_age_s must be at least 1 and retention_bytes_max at least 1 MiB",
+            ));
         }
         if self.partitions == 0 || self.partitions > PARTITIONS_MAX {
             return Err(bad("partitions", format!("must be 1..={PARTITIONS_MAX}")));

@@ -3,11 +3,13 @@
 //! Library code returns [`KvError`]; the gRPC layer turns it into a status
 //! whose code fits the failure and whose details carry a
 //! `google.rpc.ErrorInfo { reason, domain: "geokv.io", metadata }`. The
-//! reasons are part of the API: they never change meaning, and
-//! `docs/error-codes.md` lists them.
+//! reasons are part of the API: they never change meaning. Each reason and
+//! its code are an entry of [`geokv_proto::reasons`], which the client and
+//! `docs/error-codes.md` follow too.
 
 use std::collections::HashMap;
 
+use geokv_proto::reasons::{self, Reason};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -89,77 +91,65 @@ pub enum KvError {
     HomeUnavailable { home: String, why: String },
     #[error("consensus group `{group}` cannot commit: {why}")]
     QuorumUnavailable { group: String, why: String },
+    /// The request carried no credentials, or credentials that do not verify.
+    /// The message says which, never the credential itself.
+    #[error("not authenticated: {why}")]
+    Unauthenticated { why: String },
+    /// The principal is known but holds no grant for the request; the
+    /// metadata names both, so an operator can add the grant.
+    #[error("principal `{principal}` lacks the grant `{missing_grant}`: {why}")]
+    PermissionDenied { principal: String, missing_grant: String, why: String },
 }
 
 impl KvError {
-    /// The stable reason string carried in `ErrorInfo.reason`.
-    pub fn reason(&self) -> &'static str {
+    /// The entry of [`geokv_proto::reasons`] for this failure. Each variant
+    /// names its entry once here; the reason string and the gRPC code both
+    /// come from it, so the server cannot send a reason with a code that
+    /// `docs/error-codes.md` and the client do not expect.
+    pub fn reason_entry(&self) -> &'static Reason {
         match self {
-            KvError::MissingField { .. } => "MISSING_FIELD",
-            KvError::InvalidField { .. } => "INVALID_ARGUMENT",
-            KvError::UnknownTable { .. } => "UNKNOWN_TABLE",
-            KvError::UnknownRegion { .. } => "UNKNOWN_REGION",
-            KvError::UnknownLocality { .. } => "UNKNOWN_LOCALITY",
-            KvError::MissingLocality { .. } => "MISSING_LOCALITY",
-            KvError::KeyTooLarge { .. } => "KEY_TOO_LARGE",
-            KvError::ValueTooLarge { .. } => "VALUE_TOO_LARGE",
-            KvError::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
-            KvError::MalformedContext { .. } => "MALFORMED_CONTEXT",
-            KvError::MalformedSessionToken { .. } => "MALFORMED_SESSION_TOKEN",
-            KvError::UnknownConsistency { .. } => "UNKNOWN_CONSISTENCY",
-            KvError::LevelUnavailable { .. } => "LEVEL_UNAVAILABLE",
-            KvError::NotHome { .. } => "NOT_HOME",
-            KvError::ResidencyViolation { .. } => "RESIDENCY_VIOLATION",
-            KvError::HomeMismatch { .. } => "HOME_MISMATCH",
-            KvError::WrongType { .. } => "WRONG_TYPE",
-            KvError::IdempotencyKeyReused { .. } => "IDEMPOTENCY_KEY_REUSED",
-            KvError::Corrupt { .. } => "DATA_CORRUPTION",
-            KvError::Storage(_) => "STORAGE_FAILURE",
-            KvError::ClockOffset { .. } => "CLOCK_OFFSET",
-            KvError::ShuttingDown => "SHUTTING_DOWN",
-            KvError::ReplicaStale { .. } => "REPLICA_STALE",
-            KvError::RegionUnreachable { .. } => "REGION_UNREACHABLE",
-            KvError::CounterOverflow => "COUNTER_OVERFLOW",
-            KvError::ReplicationBackpressure { .. } => "REPLICATION_BACKPRESSURE",
-            KvError::Fenced { .. } => "FENCED",
-            KvError::HomeUnavailable { .. } => "HOME_UNAVAILABLE",
-            KvError::QuorumUnavailable { .. } => "QUORUM_UNAVAILABLE",
+            KvError::MissingField { .. } => &reasons::MISSING_FIELD,
+            KvError::InvalidField { .. } => &reasons::INVALID_ARGUMENT,
+            KvError::UnknownTable { .. } => &reasons::UNKNOWN_TABLE,
+            KvError::UnknownRegion { .. } => &reasons::UNKNOWN_REGION,
+            KvError::UnknownLocality { .. } => &reasons::UNKNOWN_LOCALITY,
+            KvError::MissingLocality { .. } => &reasons::MISSING_LOCALITY,
+            KvError::KeyTooLarge { .. } => &reasons::KEY_TOO_LARGE,
+            KvError::ValueTooLarge { .. } => &reasons::VALUE_TOO_LARGE,
+            KvError::BatchTooLarge { .. } => &reasons::BATCH_TOO_LARGE,
+            KvError::MalformedContext { .. } => &reasons::MALFORMED_CONTEXT,
+            KvError::MalformedSessionToken { .. } => &reasons::MALFORMED_SESSION_TOKEN,
+            KvError::UnknownConsistency { .. } => &reasons::UNKNOWN_CONSISTENCY,
+            KvError::LevelUnavailable { .. } => &reasons::LEVEL_UNAVAILABLE,
+            KvError::NotHome { .. } => &reasons::NOT_HOME,
+            KvError::ResidencyViolation { .. } => &reasons::RESIDENCY_VIOLATION,
+            KvError::HomeMismatch { .. } => &reasons::HOME_MISMATCH,
+            KvError::WrongType { .. } => &reasons::WRONG_TYPE,
+            KvError::IdempotencyKeyReused { .. } => &reasons::IDEMPOTENCY_KEY_REUSED,
+            KvError::Corrupt { .. } => &reasons::DATA_CORRUPTION,
+            KvError::Storage(_) => &reasons::STORAGE_FAILURE,
+            KvError::ClockOffset { .. } => &reasons::CLOCK_OFFSET,
+            KvError::ShuttingDown => &reasons::SHUTTING_DOWN,
+            KvError::ReplicaStale { .. } => &reasons::REPLICA_STALE,
+            KvError::RegionUnreachable { .. } => &reasons::REGION_UNREACHABLE,
+            KvError::CounterOverflow => &reasons::COUNTER_OVERFLOW,
+            KvError::ReplicationBackpressure { .. } => &reasons::REPLICATION_BACKPRESSURE,
+            KvError::Fenced { .. } => &reasons::FENCED,
+            KvError::HomeUnavailable { .. } => &reasons::HOME_UNAVAILABLE,
+            KvError::QuorumUnavailable { .. } => &reasons::QUORUM_UNAVAILABLE,
+            KvError::Unauthenticated { .. } => &reasons::UNAUTHENTICATED,
+            KvError::PermissionDenied { .. } => &reasons::PERMISSION_DENIED,
         }
     }
 
-    /// The gRPC code that fits the failure.
+    /// The stable reason string carried in `ErrorInfo.reason`.
+    pub fn reason(&self) -> &'static str {
+        self.reason_entry().name
+    }
+
+    /// The gRPC code that fits the failure: the table's code for its reason.
     pub fn code(&self) -> Code {
-        match self {
-            KvError::MissingField { .. }
-            | KvError::InvalidField { .. }
-            | KvError::UnknownRegion { .. }
-            | KvError::UnknownLocality { .. }
-            | KvError::MissingLocality { .. }
-            | KvError::KeyTooLarge { .. }
-            | KvError::ValueTooLarge { .. }
-            | KvError::BatchTooLarge { .. }
-            | KvError::MalformedContext { .. }
-            | KvError::MalformedSessionToken { .. }
-            | KvError::UnknownConsistency { .. } => Code::InvalidArgument,
-            KvError::UnknownTable { .. } => Code::NotFound,
-            KvError::LevelUnavailable { .. }
-            | KvError::ShuttingDown
-            | KvError::ReplicaStale { .. }
-            | KvError::RegionUnreachable { .. }
-            | KvError::HomeUnavailable { .. }
-            | KvError::QuorumUnavailable { .. } => Code::Unavailable,
-            KvError::NotHome { .. }
-            | KvError::ResidencyViolation { .. }
-            | KvError::HomeMismatch { .. }
-            | KvError::WrongType { .. }
-            | KvError::IdempotencyKeyReused { .. }
-            | KvError::ClockOffset { .. }
-            | KvError::CounterOverflow
-            | KvError::Fenced { .. } => Code::FailedPrecondition,
-            KvError::Corrupt { .. } => Code::DataLoss,
-            KvError::ReplicationBackpressure { .. } => Code::ResourceExhausted,
-            KvError::Storage(_) => Code::Internal,
-        }
+        self.reason_entry().code
     }
 
     /// Machine-readable facts that clients may act on (e.g. the allowed
@@ -198,6 +188,10 @@ impl KvError {
             }
             KvError::QuorumUnavailable { group, .. } => {
                 m.insert("group".into(), group.clone());
+            }
+            KvError::PermissionDenied { principal, missing_grant, .. } => {
+                m.insert("principal".into(), principal.clone());
+                m.insert("missing_grant".into(), missing_grant.clone());
             }
             KvError::NotHome { home, here } => {
                 m.insert("home_region".into(), home.clone());
@@ -256,5 +250,82 @@ mod tests {
         assert_eq!(info.reason, "RESIDENCY_VIOLATION");
         assert_eq!(info.domain, "geokv.io");
         assert_eq!(info.metadata["allowed_regions"], "eu-west-1,eu-central-1");
+    }
+
+    /// One failure of every variant.
+    fn one_of_each() -> Vec<KvError> {
+        let s = || String::from("x");
+        vec![
+            KvError::MissingField { field: "row" },
+            KvError::InvalidField { field: "row", why: s() },
+            KvError::UnknownTable { table: s() },
+            KvError::UnknownRegion { region: s(), known: vec![] },
+            KvError::UnknownLocality { table: s(), value: s() },
+            KvError::MissingLocality { table: s() },
+            KvError::KeyTooLarge { len: 2, max: 1 },
+            KvError::ValueTooLarge { len: 2, max: 1 },
+            KvError::BatchTooLarge { len: 2, max: 1 },
+            KvError::MalformedContext { why: s() },
+            KvError::MalformedSessionToken { why: s() },
+            KvError::UnknownConsistency { field: "consistency", value: 99 },
+            KvError::LevelUnavailable { level: s() },
+            KvError::NotHome { home: s(), here: s() },
+            KvError::ResidencyViolation { zone: s(), allowed: vec![], region: s() },
+            KvError::HomeMismatch { key: s(), existing: s(), requested: s() },
+            KvError::WrongType { key: s(), expected: "counter", actual: "register" },
+            KvError::IdempotencyKeyReused { key: s() },
+            KvError::Corrupt { what: s(), why: s() },
+            KvError::Storage(s()),
+            KvError::ClockOffset { ahead_ms: 2, max_ms: 1 },
+            KvError::ReplicaStale { region: s(), why: s() },
+            KvError::RegionUnreachable { region: s(), why: s() },
+            KvError::ShuttingDown,
+            KvError::CounterOverflow,
+            KvError::ReplicationBackpressure {
+                destination: s(),
+                backlog_entries: 2,
+                bound_entries: 1,
+                retry_after_ms: 10,
+            },
+            KvError::Fenced { home: s(), epoch: 1, current: 2, why: s(), holder: None },
+            KvError::HomeUnavailable { home: s(), why: s() },
+            KvError::QuorumUnavailable { group: s(), why: s() },
+            KvError::Unauthenticated { why: s() },
+            KvError::PermissionDenied { principal: s(), missing_grant: s(), why: s() },
+        ]
+    }
+
+    #[test]
+    fn the_server_sends_exactly_the_server_reasons_of_the_table() {
+        let sent: std::collections::BTreeSet<&str> = one_of_each().iter().map(KvError::reason).collect();
+        let table: std::collections::BTreeSet<&str> =
+            reasons::ALL.iter().filter(|r| r.origin == reasons::Origin::Server).map(|r| r.name).collect();
+        assert_eq!(sent, table, "every server reason of the table has a variant, and no variant invents one");
+        for e in one_of_each() {
+            let status = e.to_status();
+            assert_eq!(status.code(), e.reason_entry().code, "{e:?}");
+            assert_eq!(reasons::lookup(e.reason()), Some(e.reason_entry()));
+            assert_eq!(status.get_details_error_info().expect("error info").reason, e.reason());
+        }
+    }
+
+    #[test]
+    fn security_failures_name_the_principal_and_the_missing_grant() {
+        let status = KvError::Unauthenticated { why: "no credentials".into() }.to_status();
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert!(status.message().starts_with("UNAUTHENTICATED: "));
+
+        let e = KvError::PermissionDenied {
+            principal: "app".into(),
+            missing_grant: "write".into(),
+            why: "no role grants it".into(),
+        };
+        let status = e.to_status();
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert!(status.message().starts_with("PERMISSION_DENIED: "));
+        let info = status.get_details_error_info().expect("error info present");
+        assert_eq!(info.reason, "PERMISSION_DENIED");
+        assert_eq!(info.metadata["principal"], "app");
+        assert_eq!(info.metadata["missing_grant"], "write");
     }
 }

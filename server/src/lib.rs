@@ -13,6 +13,7 @@
 //! - [`admin`]: admin HTTP (`/metrics`, `/health`).
 //! - [`server`]: running a node: listeners, shutdown, drain.
 //! - [`error`]: client-visible errors with stable reasons.
+//! - [`security`]: grants (authorization) and the in-region access audit log.
 //! - [`transport`]: the injectable dialer of outgoing gRPC channels.
 //!
 //! Dependencies point one way: `api -> kv -> (residency, causality) -> storage`.
@@ -30,6 +31,7 @@ pub mod failover;
 pub mod kv;
 pub mod replication;
 pub mod residency;
+pub mod security;
 pub mod server;
 pub mod storage;
 pub mod topology;

@@ -5,10 +5,12 @@ use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 
 use anyhow::Context;
+use geokv_net::tls::{Tls, TlsFiles};
 use geokv_proto::v1::{admin_server::AdminServer, kv_server::KvServer};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::Connected;
+use tonic::Request;
 
 use crate::api::control::ControlService;
 use crate::api::{AdminService, KvService, Peers};
@@ -19,12 +21,17 @@ use crate::consensus::Consensus;
 use crate::failover::{Failover, Leases};
 use crate::kv::{Node, NodeOptions};
 use crate::replication::{receive::ReplicationService, Replicator};
+use crate::security::authn::Security;
 use crate::storage::memory::MemoryEngine;
 use crate::storage::rocks::{RocksEngine, RocksOptions};
 use crate::storage::Engine;
 use geokv_proto::consensus::consensus_server::ConsensusServer;
 use geokv_proto::v1::control_server::ControlServer;
 use geokv_proto::v1::replication_server::ReplicationServer;
+
+/// The services of the client port, the only ones reflection advertises.
+pub const PUBLIC_SERVICES: [&str; 4] =
+    ["geokv.v1.KV", "geokv.v1.Admin", "geokv.v1.Control", "grpc.health.v1.Health"];
 
 /// Largest gRPC message accepted, in bytes: a batch at the value limit plus framing.
 fn message_bytes_max(cfg: &Config) -> usize {
@@ -46,34 +53,61 @@ pub fn open_engine(cfg: &Config) -> anyhow::Result<Arc<dyn Engine>> {
     })
 }
 
-/// Runs a node on already-bound listeners until `shutdown` completes.
-/// Listeners are injected so tests can bind port 0.
+/// The node's TLS material, or None for plaintext: only with
+/// `security.insecure`, or without certificates on loopback addresses.
+pub fn node_tls(cfg: &Config, addrs: &[std::net::SocketAddr]) -> anyhow::Result<Option<Arc<Tls>>> {
+    if cfg.security.insecure {
+        tracing::warn!("running INSECURE (--insecure): plaintext, no authentication, every caller is root");
+        return Ok(None);
+    }
+    if let Some(dir) = &cfg.security.certs_dir {
+        let files = TlsFiles::node(dir, &cfg.region, &cfg.node_id);
+        let tls = Tls::load(files).with_context(|| {
+            format!(
+                "loading the node certificate from {} (make it with `geokv cert create-node --region {} --node-id {}`)",
+                dir.display(),
+                cfg.region,
+                cfg.node_id
+            )
+        })?;
+        return Ok(Some(tls));
+    }
+    if let Some(open) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+        anyhow::bail!(
+            "refusing to listen on {open} without certificates: set security.certs_dir (see `geokv cert`) \
+             or pass --insecure to serve plaintext with no authentication"
+        );
+    }
+    tracing::warn!(
+        "no certificates (security.certs_dir): serving plaintext with no authentication, on loopback addresses only"
+    );
+    Ok(None)
+}
+
+/// Runs a node on already-bound listeners (client port, peer port, admin
+/// HTTP) until `shutdown` completes. Listeners are injected so tests can
+/// bind port 0.
 pub async fn serve(
     cfg: Config,
     grpc: TcpListener,
+    peer: TcpListener,
     admin: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let tls = node_tls(&cfg, &[grpc.local_addr()?, peer.local_addr()?, admin.local_addr()?])?;
     let engine = open_engine(&cfg)?;
     let wiring = Wiring {
-        grpc_addr: grpc.local_addr()?.to_string(),
+        grpc_addr: format!("{} (peer {})", grpc.local_addr()?, peer.local_addr()?),
         engine,
         clock: Arc::new(SystemClock),
-        node: NodeOptions::default(),
+        node: NodeOptions { tls: tls.clone(), ..NodeOptions::default() },
         admin: Some(admin),
         on_start: None,
+        audit: true,
     };
-    // The builder's tcp_nodelay covers only listeners it binds itself; the
-    // accepted sockets of this listener get it here, or small replies (Raft
-    // acknowledgements, forwarded writes) wait behind Nagle's algorithm.
-    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(grpc), |conn| {
-        conn.inspect(|s| {
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY on an accepted connection");
-            }
-        })
-    });
-    serve_with(cfg, wiring, incoming, shutdown).await
+    let client = geokv_net::incoming::incoming(grpc, tls.clone(), "client");
+    let peer = geokv_net::incoming::incoming(peer, tls, "peer");
+    serve_with(cfg, wiring, client, Some(peer), shutdown).await
 }
 
 /// What a node runs on besides its config: injected so a deterministic
@@ -93,16 +127,21 @@ pub struct Wiring {
     /// Called with the node once it is started, before it serves, so a
     /// simulation can read its store and state directly.
     pub on_start: Option<OnStart>,
+    /// Keep the access audit log (real nodes; the simulation has none).
+    pub audit: bool,
 }
 
 /// See [`Wiring::on_start`].
 pub type OnStart = Box<dyn FnOnce(&Arc<Node>) + Send>;
 
-/// Runs a node on `incoming` gRPC connections until `shutdown` completes.
+/// Runs a node on `incoming` client-port connections and `peer_incoming`
+/// peer-port connections until `shutdown` completes. Without a peer port
+/// (the simulation, which runs plaintext) one port serves every service.
 pub async fn serve_with<I, IO, IE>(
     cfg: Config,
     wiring: Wiring,
     incoming: I,
+    peer_incoming: Option<I>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()>
 where
@@ -112,14 +151,41 @@ where
 {
     let cfg = Arc::new(cfg);
     let engine = wiring.engine;
-    let hlc = Arc::new(Hlc::new(wiring.clock, cfg.clock.max_offset_ms));
-    let dialer = wiring.node.dialer.clone();
+    let hlc = Arc::new(Hlc::new(wiring.clock.clone(), cfg.clock.max_offset_ms));
+    let tls = wiring.node.tls.clone();
+    if peer_incoming.is_none() && tls.is_some() {
+        anyhow::bail!("a node with TLS serves its peer services on a peer port of their own");
+    }
     let node = Node::start_with(cfg.clone(), engine.clone(), hlc.clone(), wiring.node)
         .context("starting the committer")?;
     if wiring.admin.is_some() {
         crate::admin::prometheus();
     }
-    let consensus = Consensus::start_with(cfg.clone(), engine, dialer.clone())
+    let mut security = match &tls {
+        Some(t) => Security::new(&cfg, Some(t.clone()), None)?,
+        None => Security::insecure(&cfg),
+    };
+    let mut audit_worker = None;
+    if wiring.audit {
+        let secret = crate::security::audit::load_or_create_secret(engine.as_ref())
+            .context("reading the audit log's key")?;
+        let retention = crate::security::audit::AuditRetention {
+            age_s: cfg.security.audit.retention_age_s,
+            bytes_max: cfg.security.audit.retention_bytes_max,
+        };
+        let audit = Arc::new(
+            crate::security::audit::AuditLog::new(engine.clone(), secret, retention)
+                .context("opening the audit log")?,
+        );
+        let cancel = tokio_util::sync::CancellationToken::new();
+        audit_worker = Some((audit.start_background(wiring.clock.clone(), cancel.clone()), cancel));
+        security.set_audit(audit);
+    }
+    let security = Arc::new(security);
+    node.set_security(security.clone());
+    let tls_watcher =
+        tls.as_ref().map(|t| t.spawn_watcher(std::time::Duration::from_millis(cfg.security.reload_check_ms)));
+    let consensus = Consensus::start_with(cfg.clone(), engine, node.channels().clone())
         .await
         .context("starting the consensus groups")?;
     node.set_leases(Arc::new(Leases::new(&cfg, &consensus, hlc)));
@@ -130,23 +196,29 @@ where
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<KvServer<KvService>>().await;
     health_reporter.set_serving::<AdminServer<AdminService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(geokv_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection on the client port advertises the public services only.
+    let public = |b: tonic_reflection::server::Builder<'static>| {
+        PUBLIC_SERVICES.iter().fold(
+            b.register_encoded_file_descriptor_set(geokv_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |b, name| b.with_service_name(*name),
+        )
+    };
+    let reflection = public(tonic_reflection::server::Builder::configure())
         .build_v1()
         .context("building the reflection service")?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(geokv_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_alpha = public(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
         .context("building the reflection service")?;
 
     let limit = message_bytes_max(&cfg);
     let replicator = Replicator::start(&cfg, node.clone());
-    let peers = Peers::from_topology_with(node.topology(), &dialer);
+    let peers = Peers::from_topology_with(node.topology(), node.channels());
     let kv = KvServer::new(KvService::new(node.clone(), peers.clone(), Some(consensus.clone())))
-        .max_decoding_message_size(limit);
-    let admin_svc = AdminServer::new(AdminService::new(node.clone(), replicator.clone(), peers));
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(64 << 20);
+    let admin_svc = AdminServer::new(AdminService::new(node.clone(), replicator.clone(), peers))
+        .max_encoding_message_size(64 << 20);
     let replication_svc = ReplicationServer::new(ReplicationService::new(node.clone(), replicator.clone()))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
@@ -155,10 +227,19 @@ where
         .max_encoding_message_size(64 << 20);
     let control_svc =
         ControlServer::new(ControlService::new(consensus.clone(), node.clone(), replicator.clone()));
+    let client_auth = {
+        let security = security.clone();
+        move |req: Request<()>| security.client_port(req)
+    };
+    let peer_auth = {
+        let security = security.clone();
+        move |req: Request<()>| security.peer_port(req)
+    };
     let failover = Failover::start(cfg.clone(), consensus.clone(), node.clone(), replicator.clone());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut grpc_stop = stop_rx.clone();
+    let peer_stop_rx = stop_rx.clone();
     let mut http_stop = stop_rx;
     let admin_addr = match &wiring.admin {
         Some(l) => l.local_addr()?.to_string(),
@@ -167,22 +248,46 @@ where
     tracing::info!(node = %cfg.actor(), grpc = %wiring.grpc_addr, admin = %admin_addr, data_dir = %cfg.data_dir.display(),
         engine = node.engine().kind(), "node serving");
 
-    let grpc_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(reflection_alpha)
-            .add_service(kv)
-            .add_service(admin_svc)
-            .add_service(replication_svc)
-            .add_service(consensus_svc)
-            .add_service(control_svc)
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = grpc_stop.wait_for(|s| *s).await;
-            }),
-    );
+    let grpc_stop = async move {
+        let _ = grpc_stop.wait_for(|s| *s).await;
+    };
+    let mut peer_stop = peer_stop_rx;
+    let peer_stop = async move {
+        let _ = peer_stop.wait_for(|s| *s).await;
+    };
+    let client_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(InterceptedService::new(reflection, client_auth.clone()))
+        .add_service(InterceptedService::new(reflection_alpha, client_auth.clone()))
+        .add_service(InterceptedService::new(kv.clone(), client_auth.clone()))
+        .add_service(InterceptedService::new(admin_svc.clone(), client_auth.clone()))
+        .add_service(InterceptedService::new(control_svc, client_auth));
+    let (grpc_task, peer_task) = match peer_incoming {
+        Some(peer_incoming) => {
+            let peer_server = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+                .add_service(InterceptedService::new(kv, peer_auth.clone()))
+                .add_service(InterceptedService::new(admin_svc, peer_auth.clone()))
+                .add_service(InterceptedService::new(replication_svc, peer_auth.clone()))
+                .add_service(InterceptedService::new(consensus_svc, peer_auth));
+            (
+                tokio::spawn(client_server.serve_with_incoming_shutdown(incoming, grpc_stop)),
+                Some(tokio::spawn(peer_server.serve_with_incoming_shutdown(peer_incoming, peer_stop))),
+            )
+        }
+        None => (
+            tokio::spawn(
+                client_server
+                    .add_service(InterceptedService::new(replication_svc, peer_auth.clone()))
+                    .add_service(InterceptedService::new(consensus_svc, peer_auth))
+                    .serve_with_incoming_shutdown(incoming, grpc_stop),
+            ),
+            None,
+        ),
+    };
     let http_task = wiring.admin.map(|admin| {
         tokio::spawn(
             axum::serve(admin, crate::admin::router(node.clone(), replicator.clone()))
@@ -200,13 +305,27 @@ where
     replicator.shutdown().await;
     let _ = stop_tx.send(true);
     let grpc_result = grpc_task.await;
+    let peer_result = match peer_task {
+        Some(t) => Some(t.await),
+        None => None,
+    };
     if let Some(t) = http_task {
         let _ = t.await;
+    }
+    if let Some(w) = tls_watcher {
+        w.abort();
+    }
+    if let Some((worker, cancel)) = audit_worker {
+        cancel.cancel();
+        let _ = worker.await;
     }
     consensus.shutdown().await;
     node.shutdown();
     tracing::info!("node stopped");
-    grpc_result.context("gRPC server task")?.context("gRPC server")?;
+    grpc_result.context("gRPC server task")?.context("gRPC server (client port)")?;
+    if let Some(r) = peer_result {
+        r.context("gRPC server task")?.context("gRPC server (peer port)")?;
+    }
     Ok(())
 }
 
@@ -215,10 +334,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let grpc = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding gRPC address {}", cfg.listen))?;
+    let peer = TcpListener::bind(cfg.listen_peer)
+        .await
+        .with_context(|| format!("binding peer gRPC address {}", cfg.listen_peer))?;
     let admin = TcpListener::bind(cfg.admin_listen)
         .await
         .with_context(|| format!("binding admin HTTP address {}", cfg.admin_listen))?;
-    serve(cfg, grpc, admin, shutdown).await
+    serve(cfg, grpc, peer, admin, shutdown).await
 }
 
 /// Completes on SIGTERM or Ctrl-C.

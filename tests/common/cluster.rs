@@ -70,7 +70,13 @@ static NEXT_BLOCK: AtomicU16 = AtomicU16::new(u16::MAX);
 /// Ports a cluster at `base` with `nodes` nodes per region binds.
 fn block_ports(base: u16, nodes: u16) -> Vec<u16> {
     let mut ports: Vec<u16> = (0..REGIONS.len() as u16)
-        .flat_map(|i| (0..nodes).flat_map(move |j| [base + 10 * i + 2 * j, base + 10 * i + 2 * j + 1]))
+        .flat_map(|i| {
+            (0..nodes).flat_map(move |j| {
+                let grpc = base + 10 * i + 2 * j;
+                // Client, admin and peer port (`geokv dev`: peer = client + 50).
+                [grpc, grpc + 1, grpc + 50]
+            })
+        })
         .collect();
     ports.push(base + 99);
     ports
@@ -263,6 +269,7 @@ impl DevCluster {
             .env("RUST_LOG", "info")
             .env_remove("GEOKV_CONFIG")
             .env_remove("GEOKV_ENDPOINT")
+            .env_remove("GEOKV_CERTS_DIR")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err))
@@ -363,6 +370,26 @@ impl DevCluster {
         SocketAddr::from(([127, 0, 0, 1], self.base_port + 10 * Self::region_index(region) + 2 * j))
     }
 
+    /// Peer-port address of node `j` (from 0) of `region` (`geokv dev`:
+    /// the client port plus 50).
+    pub fn node_peer_addr(&self, region: &str, j: u16) -> SocketAddr {
+        let grpc = self.node_grpc_addr(region, j);
+        SocketAddr::from(([127, 0, 0, 1], grpc.port() + 50))
+    }
+
+    /// A channel to `addr` presenting the certificate of node `as_node`
+    /// (region, node id): what another node of the cluster would open.
+    pub async fn node_channel(&self, addr: SocketAddr, as_node: (&str, &str)) -> tonic::transport::Channel {
+        let files = geokv_net::tls::TlsFiles::node(&self.certs_dir(), as_node.0, as_node.1);
+        let tls = geokv_net::tls::Tls::load(files).expect("load the node certificate");
+        let channels = geokv_net::channel::Channels::new(
+            geokv_net::channel::ChannelSettings::PEER,
+            geokv_net::channel::Dialer::tcp(),
+            Some(tls),
+        );
+        channels.connect(&addr.to_string(), None).await.unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
+    }
+
     /// Admin HTTP address of node `j` (from 0) of `region`.
     pub fn node_admin_addr(&self, region: &str, j: u16) -> SocketAddr {
         let grpc = self.node_grpc_addr(region, j);
@@ -372,12 +399,24 @@ impl DevCluster {
     /// A client of node `j` of `region`.
     pub async fn node_client(&self, region: &str, j: u16) -> Client {
         let endpoint = format!("http://{}", self.node_grpc_addr(region, j));
-        Client::connect(endpoint).await.unwrap_or_else(|e| panic!("connect to {region} node {j}: {e}"))
+        Client::with_config(self.client_config(&endpoint))
+            .await
+            .unwrap_or_else(|e| panic!("connect to {region} node {j}: {e}"))
     }
 
     /// `(region, node id)` of every node, in port order.
     pub fn nodes(&self) -> Vec<(&'static str, String)> {
         REGIONS.iter().flat_map(|r| (1..=self.nodes_per_region).map(move |j| (*r, format!("n{j}")))).collect()
+    }
+
+    /// The cluster's certificates (`geokv dev` makes them under its data dir).
+    pub fn certs_dir(&self) -> PathBuf {
+        self.data_dir.join("certs")
+    }
+
+    /// Client settings for `endpoint`: TLS with `root`'s certificate.
+    pub fn client_config(&self, endpoint: &str) -> geokv_client::ClientConfig {
+        geokv_client::ClientConfig::new(endpoint).with_certs_dir(self.certs_dir())
     }
 
     /// `http://127.0.0.1:PORT` of a region's gRPC API.
@@ -432,7 +471,7 @@ impl DevCluster {
     }
 
     pub async fn try_client(&self, region: &str) -> Result<Client, geokv_client::Error> {
-        Client::connect(self.endpoint(region)).await
+        Client::with_config(self.client_config(&self.endpoint(region))).await
     }
 
     /// A client connected to `region`'s node.
@@ -446,7 +485,7 @@ impl DevCluster {
         region: &str,
         adjust: impl FnOnce(&mut geokv_client::ClientConfig),
     ) -> Client {
-        let mut cfg = geokv_client::ClientConfig::new(self.endpoint(region));
+        let mut cfg = self.client_config(&self.endpoint(region));
         adjust(&mut cfg);
         Client::with_config(cfg).await.unwrap_or_else(|e| panic!("connect to {region}: {e}"))
     }
@@ -458,7 +497,8 @@ impl DevCluster {
         cmd.args(args)
             .arg("--endpoint")
             .arg(self.grpc_addr(REGIONS[0]).to_string())
-            .env_remove("GEOKV_ENDPOINT");
+            .env_remove("GEOKV_ENDPOINT")
+            .env("GEOKV_CERTS_DIR", self.certs_dir());
         tokio::task::spawn_blocking(move || run_bounded(cmd, CLI_TIMEOUT)).await.expect("CLI runner thread")
     }
 

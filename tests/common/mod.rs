@@ -151,7 +151,12 @@ pub struct NodeProcess {
     dir: tempfile::TempDir,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The peer port (replication, consensus, forwarding).
+    pub peer_addr: SocketAddr,
     config_path: Option<PathBuf>,
+    /// The node's certificates (CA, its node certificate, `root`'s client
+    /// certificate): tests run with TLS and authorization on, as users do.
+    certs_dir: PathBuf,
     /// None while the node is stopped.
     child: Option<Child>,
     /// Starts so far, numbering the log files.
@@ -177,17 +182,35 @@ impl NodeProcess {
             std::fs::write(&path, text).expect("write config.toml");
             path
         });
+        // The certificate names the node's region and id, which the config
+        // may set.
+        let cfg = match toml {
+            Some(text) => geokv_server::config::Config::from_toml(text).expect("the test's config parses"),
+            None => geokv_server::config::Config::default(),
+        };
+        let certs_dir = dir.path().join("certs");
+        geokv_net::certs::ensure_dev_certs(
+            &certs_dir,
+            "geokv-test",
+            &[(cfg.region.as_str(), cfg.node_id.as_str())],
+            &["127.0.0.1", "localhost"],
+            &["root"],
+        )
+        .expect("make the test node's certificates");
         let mut node = Self {
             dir,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            peer_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             config_path,
+            certs_dir,
             child: None,
             starts: 0,
         };
         for attempt in 1..=START_ATTEMPTS_MAX {
             node.grpc_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
             node.admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            node.peer_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
             node.spawn();
             match node.wait_ready() {
                 Ok(()) => return node,
@@ -202,6 +225,16 @@ impl NodeProcess {
 
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The CA, node and `root` client certificates of this node.
+    pub fn certs_dir(&self) -> &Path {
+        &self.certs_dir
+    }
+
+    /// Client settings for this node (TLS with `root`'s certificate).
+    pub fn client_config(&self) -> geokv_client::ClientConfig {
+        geokv_client::ClientConfig::new(self.endpoint()).with_certs_dir(self.certs_dir.clone())
     }
 
     /// `http://127.0.0.1:PORT` of the gRPC API.
@@ -238,7 +271,12 @@ impl NodeProcess {
             .arg(self.grpc_addr.to_string())
             .arg("--admin-listen")
             .arg(self.admin_addr.to_string())
+            .arg("--listen-peer")
+            .arg(self.peer_addr.to_string())
+            .arg("--certs-dir")
+            .arg(&self.certs_dir)
             .env("RUST_LOG", "info")
+            .env_remove("GEOKV_CERTS_DIR")
             .env_remove("GEOKV_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -316,13 +354,17 @@ impl NodeProcess {
     /// Runs `geokv ARGS --endpoint 127.0.0.1:PORT`.
     pub fn cli(&self, args: &[&str]) -> CliOutput {
         let mut cmd = Command::new(GEOKV_BIN);
-        cmd.args(args).arg("--endpoint").arg(self.grpc_addr.to_string()).env_remove("GEOKV_ENDPOINT");
+        cmd.args(args)
+            .arg("--endpoint")
+            .arg(self.grpc_addr.to_string())
+            .env_remove("GEOKV_ENDPOINT")
+            .env("GEOKV_CERTS_DIR", &self.certs_dir);
         run_bounded(cmd, CLI_TIMEOUT)
     }
 
     /// A Rust client connected to this node.
     pub async fn client(&self) -> geokv_client::Client {
-        geokv_client::Client::connect(self.endpoint())
+        geokv_client::Client::with_config(self.client_config())
             .await
             .unwrap_or_else(|e| panic!("connect to {}: {e}", self.endpoint()))
     }

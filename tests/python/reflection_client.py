@@ -5,7 +5,10 @@ Everything it needs comes from the node's server reflection: the list of
 services, then the descriptors of the request and response messages, from
 which it builds message classes at run time and calls KV.Put and KV.Get.
 
-Usage: reflection_client.py HOST:PORT
+Usage: reflection_client.py HOST:PORT [CERTS_DIR]
+With CERTS_DIR, the client speaks mutual TLS with the cluster's `ca.crt`
+and `root`'s client certificate (`client.root.crt`/`.key`), as geokv
+nodes require; without it, plaintext (a node run with --insecure).
 Needs: pip install grpcio grpcio-reflection protobuf
 Prints one `ok: ...` line per check and `PASS` at the end; exits 1 with a
 `FAIL: ...` line on the first failed check, 2 on a usage or import problem.
@@ -27,6 +30,8 @@ except ImportError as e:  # pragma: no cover - exercised when CI lacks the packa
     sys.exit(2)
 
 EXPECTED_SERVICES = {"geokv.v1.KV", "geokv.v1.Admin", "grpc.health.v1.Health"}
+# Node-to-node services: served on the peer port only, never listed here.
+INTERNAL_SERVICES = {"geokv.v1.Replication", "geokv.consensus.v1.Consensus"}
 # Bound on every call, in seconds: a hung node fails the check instead of the test run.
 CALL_TIMEOUT_S = 10
 
@@ -51,11 +56,26 @@ def unary(channel, pool, method_path):
 
 
 def main():
-    if len(sys.argv) != 2:
-        print(f"usage: {sys.argv[0]} HOST:PORT", file=sys.stderr)
+    if len(sys.argv) not in (2, 3):
+        print(f"usage: {sys.argv[0]} HOST:PORT [CERTS_DIR]", file=sys.stderr)
         sys.exit(2)
     target = sys.argv[1]
-    with grpc.insecure_channel(target) as channel:
+    if len(sys.argv) == 3:
+        certs = sys.argv[2]
+
+        def read(name):
+            with open(f"{certs}/{name}", "rb") as f:
+                return f.read()
+
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read("ca.crt"),
+            private_key=read("client.root.key"),
+            certificate_chain=read("client.root.crt"),
+        )
+        opened = grpc.secure_channel(target, credentials)
+    else:
+        opened = grpc.insecure_channel(target)
+    with opened as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=CALL_TIMEOUT_S)
         except grpc.FutureTimeoutError:
@@ -67,6 +87,10 @@ def main():
         if missing:
             fail(f"reflection lists {sorted(services)}, missing {sorted(missing)}")
         print(f"ok: services {' '.join(sorted(services))}", flush=True)
+        internal = INTERNAL_SERVICES & services
+        if internal:
+            fail(f"reflection on the client port lists internal services {sorted(internal)}")
+        print("ok: no internal service listed", flush=True)
 
         pool = descriptor_pool.DescriptorPool(reflection_db)
 

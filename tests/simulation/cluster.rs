@@ -72,6 +72,8 @@ pub fn config(region: &str) -> Config {
         region: region.into(),
         data_dir: std::path::PathBuf::from("/nonexistent/geokv-sim"),
         listen: format!("0.0.0.0:{}", crate::net::GRPC_PORT).parse().expect("literal address"),
+        // One port serves every service in the simulation.
+        listen_peer: format!("0.0.0.0:{}", crate::net::GRPC_PORT).parse().expect("literal address"),
         ..Config::default()
     };
     cfg.regions = REGIONS
@@ -149,11 +151,13 @@ pub fn host(
                 grpc_addr: format!("{region}:{}", crate::net::GRPC_PORT),
                 engine,
                 clock: Arc::new(SimClock { skew_ms }),
-                node: NodeOptions { commit: CommitMode::Task, dialer: crate::net::dialer() },
+                node: NodeOptions { commit: CommitMode::Task, dialer: crate::net::dialer(), tls: None },
                 admin: None,
                 on_start: Some(Box::new(move |node: &Arc<Node>| nodes.set(region, node))),
+                audit: false,
             };
-            serve_with(cfg, wiring, incoming, std::future::pending::<()>())
+            // One plaintext port serves every service in the simulation.
+            serve_with(cfg, wiring, incoming, None, std::future::pending::<()>())
                 .await
                 .map_err(|e| format!("node {region} stopped: {e:#}"))?;
             Ok(())

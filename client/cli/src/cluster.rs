@@ -45,22 +45,26 @@ pub fn print_regions(view: &pb::ClusterStatusResponse, as_json: bool) {
             .regions
             .iter()
             .map(|r| {
-                json!({"name": r.name, "zone": r.zone, "client_addrs": r.client_addrs, "health": r.health,
+                json!({"name": r.name, "zone": r.zone, "client_addrs": r.client_addrs, "peer_addrs": r.peer_addrs, "health": r.health,
                 "last_contact_ms": (r.last_contact_ms != u64::MAX).then_some(r.last_contact_ms)})
             })
             .collect();
         println!("{}", json!({"answered_by_region": view.answered_by_region, "regions": regions}));
         return;
     }
-    println!("{:<16} {:<6} {:<12} {:<14} endpoint", "region", "zone", "health", "last contact");
+    println!(
+        "{:<16} {:<6} {:<12} {:<14} {:<22} peer",
+        "region", "zone", "health", "last contact", "endpoint"
+    );
     for r in &view.regions {
         println!(
-            "{:<16} {:<6} {:<12} {:<14} {}",
+            "{:<16} {:<6} {:<12} {:<14} {:<22} {}",
             r.name,
             if r.zone.is_empty() { "-" } else { &r.zone },
             r.health,
             if r.health == "self" { "-".into() } else { ms(r.last_contact_ms) },
-            r.client_addrs.join(",")
+            r.client_addrs.join(","),
+            r.peer_addrs.join(",")
         );
     }
     println!("(as seen from {})", view.answered_by_region);

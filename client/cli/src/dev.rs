@@ -39,8 +39,8 @@ pub struct DevArgs {
     /// Multiplies every emulated inter-region latency (0 = no added latency).
     #[arg(long, default_value_t = 1.0)]
     pub latency_scale: f64,
-    /// First port: node j (from 0) of region i gets gRPC base+10*i+2*j and
-    /// admin HTTP base+10*i+2*j+1.
+    /// First port: node j (from 0) of region i gets gRPC base+10*i+2*j,
+    /// admin HTTP base+10*i+2*j+1 and its peer port base+50+10*i+2*j.
     #[arg(long, default_value_t = 7700)]
     pub base_port: u16,
     /// Where the nodes keep their data and logs.
@@ -52,7 +52,21 @@ pub struct DevArgs {
     /// Port of the fault proxy's control API (default base+99).
     #[arg(long)]
     pub proxy_control_port: Option<u16>,
+    /// Plaintext with no authentication. By default the cluster runs with
+    /// mutual TLS and authorization, with a CA and certificates made under
+    /// `<data-dir>/certs` (a `root` client certificate among them).
+    #[arg(long)]
+    pub insecure: bool,
 }
+
+/// Cluster name in the certificates `geokv dev` makes.
+pub const DEV_CLUSTER: &str = "geokv-dev";
+/// A node's peer port is its client port plus this: regions use base ..
+/// base+49 for client and admin ports, base+50 .. base+98 for peer ports,
+/// and base+99 is the fault proxy's control API.
+pub const PEER_PORT_OFFSET: u16 = 50;
+/// Most regions the port layout has room for.
+pub const REGIONS_MAX: usize = 5;
 
 /// Round-trip times between regions in milliseconds, as measured between the
 /// cloud regions of the same names; unknown pairs get 100 ms.
@@ -101,6 +115,8 @@ pub struct DevNode {
     pub region: String,
     pub id: String,
     pub grpc: SocketAddr,
+    /// Peer port (replication, consensus, forwarding).
+    pub peer: SocketAddr,
     pub admin: SocketAddr,
     pub dir: PathBuf,
     child: Child,
@@ -109,6 +125,8 @@ pub struct DevNode {
 /// A running dev cluster: the proxy links and the node processes.
 pub struct DevCluster {
     pub nodes: Vec<DevNode>,
+    /// The certificates of the cluster (None with --insecure).
+    pub certs_dir: Option<PathBuf>,
     pub proxies: ProxySet,
     pub control: Option<geokv_proxy::ControlServer>,
 }
@@ -151,21 +169,34 @@ fn consensus_section(args: &DevArgs) -> String {
 /// (region, node id).
 type NodeName = (String, String);
 
+/// A node's three addresses: client gRPC, peer gRPC, admin HTTP.
+#[derive(Debug, Clone, Copy)]
+struct NodePorts {
+    grpc: SocketAddr,
+    peer: SocketAddr,
+    admin: SocketAddr,
+}
+
 fn config_text(
     args: &DevArgs,
     node: (&str, &str),
     node_dir: &Path,
-    grpc: SocketAddr,
-    admin: SocketAddr,
+    ports: NodePorts,
+    certs_dir: Option<&Path>,
     peers: &BTreeMap<String, Vec<PeerAddr>>,
     extra: &str,
 ) -> String {
     let (region, id) = node;
+    let NodePorts { grpc, peer, admin } = ports;
     let mut out = String::new();
     out.push_str("# Written by `geokv dev`; regenerated at every start.\n");
     out.push_str(&format!("node_id = \"{id}\"\nregion = \"{region}\"\npartitions = {}\n", args.partitions));
     out.push_str(&format!("data_dir = {:?}\n", node_dir.join("data").display().to_string()));
-    out.push_str(&format!("listen = \"{grpc}\"\nadmin_listen = \"{admin}\"\n\n"));
+    out.push_str(&format!("listen = \"{grpc}\"\nlisten_peer = \"{peer}\"\nadmin_listen = \"{admin}\"\n\n"));
+    match certs_dir {
+        Some(dir) => out.push_str(&format!("[security]\ncerts_dir = {:?}\n\n", dir.display().to_string())),
+        None => out.push_str("[security]\ninsecure = true\n\n"),
+    }
     for r in &args.regions {
         out.push_str(&format!("[[regions]]\nname = \"{r}\"\n"));
         if let Some(nodes) = peers.get(r).filter(|n| !n.is_empty()) {
@@ -224,8 +255,8 @@ pub fn link_name(nodes_per_region: u32, from: (&str, &str), to: (&str, &str)) ->
 impl DevCluster {
     /// Starts the proxies and the nodes and waits until every node answers.
     pub async fn start(args: &DevArgs, geokv_bin: &Path) -> anyhow::Result<Self> {
-        if args.regions.is_empty() {
-            bail!("--regions needs at least one region");
+        if args.regions.is_empty() || args.regions.len() > REGIONS_MAX {
+            bail!("--regions needs 1 to {REGIONS_MAX} regions");
         }
         if args.nodes_per_region == 0 || args.nodes_per_region > NODES_PER_REGION_MAX {
             bail!("--nodes-per-region must be 1..={NODES_PER_REGION_MAX}");
@@ -247,27 +278,50 @@ impl DevCluster {
                 .with_context(|| format!("removing {}", args.data_dir.display()))?;
         }
         let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-        // (region, node id) -> (gRPC, admin), in start order.
-        let mut addrs: Vec<((String, String), (SocketAddr, SocketAddr))> = Vec::new();
+        // (region, node id) -> ports, in start order.
+        let mut addrs: Vec<((String, String), NodePorts)> = Vec::new();
         for (i, r) in args.regions.iter().enumerate() {
             for j in 0..args.nodes_per_region {
                 let offset = u16::try_from(i * 10 + 2 * j as usize).context("too many regions")?;
                 let base = args.base_port.checked_add(offset).context("ports beyond 65535")?;
-                addrs.push(((r.clone(), format!("n{}", j + 1)), (loopback(base), loopback(base + 1))));
+                let peer = base.checked_add(PEER_PORT_OFFSET).context("ports beyond 65535")?;
+                addrs.push((
+                    (r.clone(), format!("n{}", j + 1)),
+                    NodePorts { grpc: loopback(base), peer: loopback(peer), admin: loopback(base + 1) },
+                ));
             }
         }
+        let certs_dir = if args.insecure {
+            None
+        } else {
+            std::fs::create_dir_all(&args.data_dir)
+                .with_context(|| format!("creating {}", args.data_dir.display()))?;
+            let dir = std::fs::canonicalize(&args.data_dir)
+                .with_context(|| format!("resolving {}", args.data_dir.display()))?
+                .join("certs");
+            let names: Vec<(&str, &str)> = addrs.iter().map(|((r, n), _)| (r.as_str(), n.as_str())).collect();
+            geokv_net::certs::ensure_dev_certs(
+                &dir,
+                DEV_CLUSTER,
+                &names,
+                &["127.0.0.1", "localhost"],
+                &["root"],
+            )
+            .with_context(|| format!("making the cluster's certificates in {}", dir.display()))?;
+            Some(dir)
+        };
         let proxies = ProxySet::new();
         // (from node, to node) -> the proxy address `from` dials to reach `to`.
         let mut via: BTreeMap<(&NodeName, &NodeName), SocketAddr> = BTreeMap::new();
         for (a, _) in &addrs {
-            for (b, (b_grpc, _)) in &addrs {
+            for (b, b_ports) in &addrs {
                 if a.0 == b.0 {
                     continue;
                 }
                 let one_way = (round_trip_ms(&a.0, &b.0) / 2.0 * args.latency_scale).round() as u64;
                 let name = link_name(args.nodes_per_region, (&a.0, &a.1), (&b.0, &b.1));
                 let handle = proxies
-                    .add(&name, loopback(0), *b_grpc, LinkFaults::symmetric_latency(one_way))
+                    .add(&name, loopback(0), b_ports.peer, LinkFaults::symmetric_latency(one_way))
                     .await
                     .with_context(|| format!("starting proxy link {name}"))?;
                 via.insert((a, b), handle.local_addr());
@@ -284,7 +338,7 @@ impl DevCluster {
             }
         };
         let mut nodes = Vec::new();
-        for (me, (grpc, admin)) in &addrs {
+        for (me, ports) in &addrs {
             let (r, id) = me;
             let dir = if args.nodes_per_region == 1 {
                 args.data_dir.join(r)
@@ -293,20 +347,20 @@ impl DevCluster {
             };
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let mut peers: BTreeMap<String, Vec<PeerAddr>> = BTreeMap::new();
-            for (other, (other_grpc, _)) in &addrs {
+            for (other, other_ports) in &addrs {
                 if other == me {
                     continue;
                 }
-                let path = if other.0 == *r { *other_grpc } else { via[&(me, other)] };
+                let path = if other.0 == *r { other_ports.peer } else { via[&(me, other)] };
                 peers.entry(other.0.clone()).or_default().push(PeerAddr {
                     id: other.1.clone(),
                     via: path,
-                    client: *other_grpc,
+                    client: other_ports.grpc,
                 });
             }
             let config = dir.join("node.toml");
-            std::fs::write(&config, config_text(args, (r, id), &dir, *grpc, *admin, &peers, &extra))
-                .with_context(|| format!("writing {}", config.display()))?;
+            let text = config_text(args, (r, id), &dir, *ports, certs_dir.as_deref(), &peers, &extra);
+            std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
             let log = std::fs::File::create(dir.join("node.log"))?;
             let child = Command::new(geokv_bin)
                 .arg("node")
@@ -318,9 +372,17 @@ impl DevCluster {
                 .kill_on_drop(true)
                 .spawn()
                 .with_context(|| format!("starting {}", geokv_bin.display()))?;
-            nodes.push(DevNode { region: r.clone(), id: id.clone(), grpc: *grpc, admin: *admin, dir, child });
+            nodes.push(DevNode {
+                region: r.clone(),
+                id: id.clone(),
+                grpc: ports.grpc,
+                peer: ports.peer,
+                admin: ports.admin,
+                dir,
+                child,
+            });
         }
-        let cluster = DevCluster { nodes, proxies, control };
+        let cluster = DevCluster { nodes, certs_dir, proxies, control };
         cluster.wait_ready(Duration::from_secs(30)).await?;
         Ok(cluster)
     }
@@ -330,6 +392,7 @@ impl DevCluster {
         for n in &self.nodes {
             loop {
                 if tokio::net::TcpStream::connect(n.grpc).await.is_ok()
+                    && tokio::net::TcpStream::connect(n.peer).await.is_ok()
                     && tokio::net::TcpStream::connect(n.admin).await.is_ok()
                 {
                     break;
@@ -388,6 +451,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         println!("fault proxy control: http://{}/links", c.local_addr());
     }
     println!("logs and data: {}", args.data_dir.display());
+    match &cluster.certs_dir {
+        Some(dir) => println!(
+            "TLS on; certificates in {} (the geokv command finds them from this directory; elsewhere use --certs-dir or GEOKV_CERTS_DIR)",
+            dir.display()
+        ),
+        None => println!("INSECURE: plaintext, no authentication (--insecure)"),
+    }
     println!(
         "try: geokv put user:1 alice --region {} && geokv get user:1 --region {}",
         args.regions[0],

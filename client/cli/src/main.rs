@@ -7,6 +7,7 @@
 //!   stable reason and exit with status 1.
 //! - `status`: what a node says about itself.
 
+mod cert;
 mod cluster;
 mod control;
 mod dev;
@@ -187,6 +188,37 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Certificates: the cluster CA, node and client certificates.
+    Cert(cert::CertArgs),
+    /// The access audit log of one region (needs the `admin` grant).
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Accesses recorded by the region of --endpoint (or --region), oldest
+    /// first: who, what, which table, the row key's keyed hash, where the
+    /// request entered, and whether it was allowed. No values, no raw keys.
+    Log {
+        /// Only records newer than this: a duration ago (`10m`, `2h`, `30s`)
+        /// or Unix milliseconds.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this principal's records.
+        #[arg(long)]
+        principal: Option<String>,
+        /// Only this table's records.
+        #[arg(long)]
+        table: Option<String>,
+        /// Most records to print (at most 10000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -258,9 +290,18 @@ struct NodeArgs {
     config: Option<PathBuf>,
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// gRPC address.
+    /// Client gRPC address (KV, Admin, Control, health, reflection).
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// Peer gRPC address (replication, consensus, forwarding; nodes only).
+    #[arg(long)]
+    listen_peer: Option<std::net::SocketAddr>,
+    /// Directory with ca.crt and node.<region>.<node>.crt/.key (`geokv cert`).
+    #[arg(long, env = "GEOKV_CERTS_DIR")]
+    certs_dir: Option<PathBuf>,
+    /// Serve plaintext with no authentication (every caller is root).
+    #[arg(long)]
+    insecure: bool,
     /// Admin HTTP address (/metrics, /health).
     #[arg(long)]
     admin_listen: Option<std::net::SocketAddr>,
@@ -289,6 +330,19 @@ struct ConnArgs {
     /// Deadline per attempt, in milliseconds.
     #[arg(long, global = true, default_value_t = 5000)]
     timeout_ms: u64,
+    /// Certificates directory (ca.crt, client.<user>.crt/.key). Default:
+    /// `./geokv-dev/certs` or `./certs` when present (a `geokv dev` data dir).
+    #[arg(long, global = true, env = "GEOKV_CERTS_DIR")]
+    certs_dir: Option<PathBuf>,
+    /// The user whose client certificate is presented.
+    #[arg(long, global = true, env = "GEOKV_USER", default_value = "root")]
+    user: String,
+    /// Authenticate with this bearer token instead of a client certificate.
+    #[arg(long, global = true, env = "GEOKV_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Plaintext, no certificates (nodes run with --insecure).
+    #[arg(long, global = true)]
+    insecure: bool,
 }
 
 #[derive(Args, Clone)]
@@ -379,7 +433,21 @@ impl ReadArgs {
 fn client_config(conn: &ConnArgs) -> ClientConfig {
     let mut cfg = ClientConfig::new(conn.endpoint.clone());
     cfg.timeout = Duration::from_millis(conn.timeout_ms);
+    cfg.user = conn.user.clone();
+    cfg.token = conn.token.clone();
+    cfg.certs_dir = if conn.insecure { None } else { conn.certs_dir.clone().or_else(find_certs_dir) };
     cfg
+}
+
+/// The certificates of a `geokv dev` cluster or of `geokv cert`'s default
+/// directory, looked for in the working directory and its parents.
+fn find_certs_dir() -> Option<PathBuf> {
+    let cwd = std::env::current_dir().ok()?;
+    cwd.ancestors().take(16).find_map(|dir| {
+        [dir.join("geokv-dev").join("certs"), dir.join("certs")]
+            .into_iter()
+            .find(|c| c.join("ca.crt").is_file())
+    })
 }
 
 async fn connect(conn: &ConnArgs) -> Result<Client, Failure> {
@@ -450,6 +518,45 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Node(args) => run_node(args).await.map_err(Failure::Other),
+        Command::Cert(args) => cert::run(args).map_err(Failure::Other),
+        Command::Audit { action: AuditAction::Log { since, principal, table, limit }, conn } => {
+            let since_ms = match since.as_deref() {
+                None => 0,
+                Some(s) => parse_since(s).map_err(Failure::Usage)?,
+            };
+            let client = connect(&conn).await?;
+            let log = client.audit_log(since_ms, principal.as_deref(), table.as_deref(), limit).await?;
+            if conn.json {
+                for r in &log.records {
+                    println!(
+                        "{}",
+                        json!({"time_ms": r.time_ms, "principal": r.principal, "operation": r.operation,
+                            "table": r.table, "key_hash": r.key_hash, "entry_region": r.entry_region,
+                            "serving_region": r.serving_region, "allowed": r.allowed, "reason": r.reason,
+                            "node": r.node})
+                    );
+                }
+            } else {
+                println!("audit log of region {} ({} records)", log.region, log.records.len());
+                println!(
+                    "{:<13}  {:<12}  {:<22}  {:<10}  {:<32}  {:<14}  {:<7}",
+                    "time_ms", "principal", "operation", "table", "key_hash", "entry", "allowed"
+                );
+                for r in &log.records {
+                    println!(
+                        "{:<13}  {:<12}  {:<22}  {:<10}  {:<32}  {:<14}  {}",
+                        r.time_ms,
+                        r.principal,
+                        r.operation,
+                        r.table,
+                        r.key_hash,
+                        r.entry_region,
+                        if r.allowed { "yes".to_string() } else { format!("NO ({})", r.reason) }
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Put { row, value, write, conn } => {
             let client = connect(&conn).await?;
             let ack = client.put(&row.row(), value.into_bytes(), write.options()?).await?;
@@ -947,6 +1054,15 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     if let Some(l) = args.admin_listen {
         cfg.admin_listen = l;
     }
+    if let Some(l) = args.listen_peer {
+        cfg.listen_peer = l;
+    }
+    if let Some(d) = args.certs_dir {
+        cfg.security.certs_dir = Some(d);
+    }
+    if args.insecure {
+        cfg.security.insecure = true;
+    }
     if let Some(r) = args.region {
         cfg.region = r;
     }
@@ -958,12 +1074,40 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     }
     let cfg = cfg.finish().context("invalid configuration")?;
     eprintln!(
-        "geokv node {}/{}: gRPC {} | admin http://{}/metrics | data {}",
+        "geokv node {}/{}: gRPC {} | peer {} | admin http://{}/metrics | data {} | {}",
         cfg.region,
         cfg.node_id,
         cfg.listen,
+        cfg.listen_peer,
         cfg.admin_listen,
-        cfg.data_dir.display()
+        cfg.data_dir.display(),
+        match (&cfg.security.certs_dir, cfg.security.insecure) {
+            (_, true) => "INSECURE".to_string(),
+            (Some(d), false) => format!("TLS, certs {}", d.display()),
+            (None, false) => "plaintext (loopback only, no certificates)".to_string(),
+        }
     );
     geokv_server::server::run(cfg, geokv_server::server::shutdown_signal()).await
+}
+
+/// `--since`: a duration ago (`90s`, `10m`, `2h`, `1d`) or Unix milliseconds.
+fn parse_since(s: &str) -> Result<u64, String> {
+    let bad = || format!("--since `{s}`: give a duration ago (30s, 10m, 2h, 1d) or Unix milliseconds");
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
+    let (num, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(bad()),
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Ok(now_ms.saturating_sub(secs.saturating_mul(1000)))
 }

@@ -108,8 +108,10 @@ impl ControlService {
 impl pb::control_server::Control for ControlService {
     async fn region_status(
         &self,
-        _request: Request<pb::RegionStatusRequest>,
+        request: Request<pb::RegionStatusRequest>,
     ) -> Result<Response<pb::RegionStatusResponse>, Status> {
+        let (_caller, _access) =
+            crate::api::authorize_call(&self.node, &request, "control.region_status", None, &[], None)?;
         let state = self.consensus.control_state();
         let cfg = self.node.config();
         let mut groups = Vec::new();
@@ -168,6 +170,14 @@ impl pb::control_server::Control for ControlService {
         &self,
         request: Request<pb::FailoverRequest>,
     ) -> Result<Response<pb::FailoverResponse>, Status> {
+        let (_caller, _access) = crate::api::authorize_call(
+            &self.node,
+            &request,
+            "control.failover",
+            Some(crate::security::grants::Privilege::Admin),
+            &[],
+            None,
+        )?;
         let req = request.into_inner();
         let result = async {
             self.known_region("from", &req.from)?;
@@ -200,6 +210,14 @@ impl pb::control_server::Control for ControlService {
         &self,
         request: Request<pb::FailbackRequest>,
     ) -> Result<Response<pb::FailoverResponse>, Status> {
+        let (_caller, _access) = crate::api::authorize_call(
+            &self.node,
+            &request,
+            "control.failback",
+            Some(crate::security::grants::Privilege::Admin),
+            &[],
+            None,
+        )?;
         let req = request.into_inner();
         let result = async {
             self.known_region("region", &req.region)?;
@@ -230,6 +248,14 @@ impl pb::control_server::Control for ControlService {
         &self,
         request: Request<pb::SetAutoFailoverRequest>,
     ) -> Result<Response<pb::SetAutoFailoverResponse>, Status> {
+        let (_caller, _access) = crate::api::authorize_call(
+            &self.node,
+            &request,
+            "control.set_auto_failover",
+            Some(crate::security::grants::Privilege::Admin),
+            &[],
+            None,
+        )?;
         let enabled = request.into_inner().enabled;
         self.propose(ControlCommand::SetManualOnly { manual_only: !enabled }).await.map_err(Status::from)?;
         Ok(Response::new(pb::SetAutoFailoverResponse { manual_only: !enabled }))
@@ -237,8 +263,16 @@ impl pb::control_server::Control for ControlService {
 
     async fn failover_conflicts(
         &self,
-        _request: Request<pb::FailoverConflictsRequest>,
+        request: Request<pb::FailoverConflictsRequest>,
     ) -> Result<Response<pb::FailoverConflictsResponse>, Status> {
+        let (_caller, _access) = crate::api::authorize_call(
+            &self.node,
+            &request,
+            "control.failover_conflicts",
+            Some(crate::security::grants::Privilege::Admin),
+            &[],
+            None,
+        )?;
         let conflicts = self
             .node
             .failover_conflicts()

@@ -36,8 +36,11 @@ use crate::topology::{actor_region, NodeRef, Topology};
 /// Metadata a node adds (its actor id, "region/node") to a request it
 /// forwards. A request is forwarded at most once inside a region and at
 /// most once across regions, so it never loops: entry node -> owner in the
-/// entry region -> owner in the row's region.
-pub const FORWARDED_HEADER: &str = "geokv-forwarded-by";
+/// entry region -> owner in the row's region. Accepted only on the peer
+/// port, from the node named last (`security::authn`).
+pub use crate::security::authn::FORWARDED_HEADER;
+use crate::security::authn::{Access, Caller, PRINCIPAL_HEADER};
+use crate::security::grants::Privilege;
 /// Metadata carrying a client's idempotency key on calls whose message has
 /// no field for it (compare-and-set).
 pub const IDEMPOTENCY_HEADER: &str = "geokv-idempotency-key";
@@ -55,29 +58,25 @@ pub struct Peers {
 
 impl Peers {
     pub fn from_topology(topology: &Topology) -> Self {
-        Self::from_topology_with(topology, &crate::transport::Dialer::tcp())
+        let channels = crate::transport::Channels::plaintext(crate::transport::ChannelSettings::PEER);
+        Self::from_topology_with(topology, &channels)
     }
 
-    /// Channels opened through `dialer`.
-    pub fn from_topology_with(topology: &Topology, dialer: &crate::transport::Dialer) -> Self {
-        let mut channels = BTreeMap::new();
+    /// Channels to every peer's peer port, made by `channels`; each must
+    /// answer with the certificate of the node it is configured as.
+    pub fn from_topology_with(topology: &Topology, channels: &crate::transport::Channels) -> Self {
+        let mut out = BTreeMap::new();
         for node in topology.regions.iter().flat_map(|r| r.nodes.iter()).filter(|n| !n.is_self) {
-            let url =
-                if node.addr.contains("://") { node.addr.clone() } else { format!("http://{}", node.addr) };
-            match tonic::transport::Endpoint::from_shared(url) {
-                Ok(ep) => {
-                    let ep = ep
-                        .connect_timeout(Duration::from_secs(2))
-                        .tcp_nodelay(true)
-                        .http2_keep_alive_interval(Duration::from_secs(1))
-                        .keep_alive_timeout(Duration::from_secs(3))
-                        .keep_alive_while_idle(true);
-                    channels.insert(node.actor(), dialer.connect_lazy(&ep));
+            let expect =
+                crate::transport::Expect { region: node.region.clone(), node: Some(node.id.clone()) };
+            match channels.lazy(&node.addr, Some(expect)) {
+                Ok(channel) => {
+                    out.insert(node.actor(), channel);
                 }
                 Err(e) => tracing::warn!(node = %node.actor(), error = %e, "bad peer address"),
             }
         }
-        Self { channels }
+        Self { channels: out }
     }
 
     fn channel(&self, node: &NodeRef) -> Result<Channel, KvError> {
@@ -92,8 +91,10 @@ impl Peers {
     }
 }
 
-/// Where a request has been forwarded from already.
-#[derive(Debug, Clone, Default)]
+/// Where a request has been forwarded from already, who it acts for, and
+/// its audit record (written when the last clone is dropped, unless the
+/// request was forwarded: the node that serves it records it).
+#[derive(Clone)]
 struct Hops {
     /// Actor ids of the nodes that forwarded it, in order.
     via: Vec<String>,
@@ -101,11 +102,19 @@ struct Hops {
     in_region: bool,
     /// A node of another region forwarded it: it reached its region.
     cross_region: bool,
+    caller: Caller,
+    access: Option<Arc<Access>>,
 }
 
 impl Hops {
     fn of<T>(request: &Request<T>, here: &str) -> Self {
-        let mut hops = Hops::default();
+        let mut hops = Hops {
+            via: Vec::new(),
+            in_region: false,
+            cross_region: false,
+            caller: Caller::of(request),
+            access: None,
+        };
         for v in request.metadata().get_all(FORWARDED_HEADER) {
             let Ok(v) = v.to_str() else { continue };
             if actor_region(v) == here {
@@ -117,6 +126,114 @@ impl Hops {
         }
         hops
     }
+}
+
+/// What a KV request needs, for authorization and the audit log.
+trait Target {
+    /// Operation name in the audit log.
+    const OP: &'static str;
+    const PRIVILEGE: Privilege;
+    /// Tables it touches and the key of its row, if it names one row.
+    fn target(&self) -> (Vec<&str>, Option<&[u8]>);
+}
+
+macro_rules! target_row {
+    ($($t:ty => $op:literal, $p:ident);* $(;)?) => {$(
+        impl Target for $t {
+            const OP: &'static str = $op;
+            const PRIVILEGE: Privilege = Privilege::$p;
+            fn target(&self) -> (Vec<&str>, Option<&[u8]>) {
+                match &self.row {
+                    Some(r) => (vec![r.table.as_str()], Some(r.key.as_slice())),
+                    None => (Vec::new(), None),
+                }
+            }
+        }
+    )*};
+}
+
+target_row!(
+    pb::GetRequest => "kv.get", Read;
+    pb::PutRequest => "kv.put", Write;
+    pb::DeleteRequest => "kv.delete", Write;
+    pb::CounterAddRequest => "kv.counter_add", Write;
+    pb::CounterGetRequest => "kv.counter_get", Read;
+    pb::SetAddRequest => "kv.set_add", Write;
+    pb::SetRemoveRequest => "kv.set_remove", Write;
+    pb::SetMembersRequest => "kv.set_members", Read;
+    pb::CompareAndSetRequest => "kv.compare_and_set", Write;
+);
+
+impl Target for pb::BatchRequest {
+    const OP: &'static str = "kv.batch";
+    const PRIVILEGE: Privilege = Privilege::Write;
+    fn target(&self) -> (Vec<&str>, Option<&[u8]>) {
+        let mut tables: Vec<&str> = self
+            .ops
+            .iter()
+            .filter_map(|op| match &op.op {
+                Some(pb::batch_op::Op::Put(p)) => p.row.as_ref(),
+                Some(pb::batch_op::Op::Delete(d)) => d.row.as_ref(),
+                None => None,
+            })
+            .map(|r| r.table.as_str())
+            .collect();
+        tables.sort_unstable();
+        tables.dedup();
+        (tables, None)
+    }
+}
+
+impl Target for pb::ScanRequest {
+    const OP: &'static str = "kv.scan";
+    const PRIVILEGE: Privilege = Privilege::Read;
+    fn target(&self) -> (Vec<&str>, Option<&[u8]>) {
+        (vec![self.table.as_str()], None)
+    }
+}
+
+/// Authorizes a request's caller for `privilege` (None: any authenticated
+/// caller) and opens its audit record; a denial is audited and returned.
+pub(crate) fn authorize_call<T>(
+    node: &Node,
+    request: &Request<T>,
+    op: &'static str,
+    privilege: Option<Privilege>,
+    tables: &[&str],
+    key: Option<&[u8]>,
+) -> Result<(Caller, Access), Status> {
+    let caller = Caller::of(request);
+    let security = node.security();
+    let mut access = None;
+    if tables.is_empty() {
+        access = Some(security.authorize(&caller, op, privilege, None, key)?);
+    }
+    for table in tables {
+        // One record for the request: the first table's access is kept,
+        // the others only authorize.
+        let a = security.authorize(&caller, op, privilege, Some(table), key)?;
+        match &access {
+            None => access = Some(a),
+            Some(_) => a.forwarded(),
+        }
+    }
+    let access = access.ok_or_else(|| Status::internal("no access record"))?;
+    Ok((caller, access))
+}
+
+/// Adds the forwarding hops and the caller's principal to a request a
+/// node sends on behalf of its caller.
+fn on_behalf<T>(msg: T, via: &[String], me: String, caller: &Caller) -> Request<T> {
+    let mut request = Request::new(msg);
+    for v in via.iter().cloned().chain([me]) {
+        if let Ok(v) = v.parse() {
+            request.metadata_mut().append(FORWARDED_HEADER, v);
+        }
+    }
+    if let Ok(p) = caller.principal.parse() {
+        request.metadata_mut().insert(PRINCIPAL_HEADER, p);
+    }
+    request
 }
 
 /// Requests that name one row.
@@ -291,8 +408,13 @@ impl KvService {
         consensus.read(&group, &row.table, &row.key, 0).await
     }
 
-    fn hops<T>(&self, request: &Request<T>) -> Hops {
-        Hops::of(request, &self.node.config().region)
+    /// Authorizes a KV request and learns its hops.
+    fn enter<T: Target>(&self, request: &Request<T>) -> Result<Hops, Status> {
+        let (tables, key) = request.get_ref().target();
+        let (_, access) = authorize_call(&self.node, request, T::OP, Some(T::PRIVILEGE), &tables, key)?;
+        let mut hops = Hops::of(request, &self.node.config().region);
+        hops.access = Some(Arc::new(access));
+        Ok(hops)
     }
 
     /// The owner of the request's row in this region, when it is another
@@ -321,12 +443,10 @@ impl KvService {
         let client = KvClient::new(self.peers.channel(target)?)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
-        let mut request = Request::new(req);
+        let mut request = on_behalf(req, &hops.via, self.node.actor(), &hops.caller);
         request.set_timeout(FORWARD_TIMEOUT);
-        for v in hops.via.iter().cloned().chain([self.node.actor()]) {
-            if let Ok(v) = v.parse() {
-                request.metadata_mut().append(FORWARDED_HEADER, v);
-            }
+        if let Some(access) = &hops.access {
+            access.forwarded();
         }
         let scope = if target.region == self.node.config().region { "in_region" } else { "cross_region" };
         metrics::counter!("geokv_forwarded_total", "to" => target.region.clone(), "scope" => scope)
@@ -490,7 +610,7 @@ impl KvService {
 #[tonic::async_trait]
 impl pb::kv_server::Kv for KvService {
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
-        let hops = self.hops(&request);
+        let hops = self.enter(&request)?;
         let req = request.into_inner();
         if let Some(owner) = self.owner_here(&req, &hops) {
             return self.forward_to(&owner, &hops, req, |mut c, r| async move { c.get(r).await }).await;
@@ -550,7 +670,7 @@ impl pb::kv_server::Kv for KvService {
     }
 
     async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
-        let hops = self.hops(&request);
+        let hops = self.enter(&request)?;
         let mut req = request.into_inner();
         if let Some(owner) = self.owner_here(&req, &hops) {
             return self.forward_to(&owner, &hops, req, |mut c, r| async move { c.put(r).await }).await;
@@ -581,7 +701,7 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let hops = self.hops(&request);
+        let hops = self.enter(&request)?;
         let mut req = request.into_inner();
         if let Some(owner) = self.owner_here(&req, &hops) {
             return self.forward_to(&owner, &hops, req, |mut c, r| async move { c.delete(r).await }).await;
@@ -607,7 +727,7 @@ impl pb::kv_server::Kv for KvService {
     }
 
     async fn batch(&self, request: Request<pb::BatchRequest>) -> Result<Response<pb::BatchResponse>, Status> {
-        let hops = self.hops(&request);
+        let hops = self.enter(&request)?;
         let mut req = request.into_inner();
         if !hops.in_region {
             if let Some(owner) = self.batch_owner(&req)? {
@@ -649,7 +769,7 @@ impl pb::kv_server::Kv for KvService {
     }
 
     async fn scan(&self, request: Request<pb::ScanRequest>) -> Result<Response<pb::ScanResponse>, Status> {
-        let hops = self.hops(&request);
+        let hops = self.enter(&request)?;
         let req = request.into_inner();
         let limit = if req.limit == 0 { 100 } else { req.limit as usize };
         let result = self.node.scan(&req.table, &req.prefix, &req.start_after, limit, req.include_deleted);
@@ -675,7 +795,7 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::CounterAddRequest>,
     ) -> Result<Response<pb::CounterAddResponse>, Status> {
-        let hops = self.hops(&request);
+        let hops = self.enter(&request)?;
         let mut req = request.into_inner();
         if let Some(owner) = self.owner_here(&req, &hops) {
             return self
@@ -707,7 +827,7 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::CounterGetRequest>,
     ) -> Result<Response<pb::CounterGetResponse>, Status> {
-        let hops = self.hops(&request);
+        let hops = self.enter(&request)?;
         let req = request.into_inner();
         if let Some(owner) = self.owner_here(&req, &hops) {
             return self
@@ -754,7 +874,7 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::SetAddRequest>,
     ) -> Result<Response<pb::SetWriteResponse>, Status> {
-        let hops = self.hops(&request);
+        let hops = self.enter(&request)?;
         let mut req = request.into_inner();
         if let Some(owner) = self.owner_here(&req, &hops) {
             return self.forward_to(&owner, &hops, req, |mut c, r| async move { c.set_add(r).await }).await;
@@ -784,7 +904,7 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::SetRemoveRequest>,
     ) -> Result<Response<pb::SetWriteResponse>, Status> {
-        let hops = self.hops(&request);
+        let hops = self.enter(&request)?;
         let mut req = request.into_inner();
         if let Some(owner) = self.owner_here(&req, &hops) {
             return self
@@ -815,6 +935,7 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::CompareAndSetRequest>,
     ) -> Result<Response<pb::CompareAndSetResponse>, Status> {
+        let _hops = self.enter(&request)?;
         let idempotency_key =
             request.metadata().get(IDEMPOTENCY_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
         let req = request.into_inner();
@@ -871,7 +992,7 @@ impl pb::kv_server::Kv for KvService {
         &self,
         request: Request<pb::SetMembersRequest>,
     ) -> Result<Response<pb::SetMembersResponse>, Status> {
-        let hops = self.hops(&request);
+        let hops = self.enter(&request)?;
         let req = request.into_inner();
         if let Some(owner) = self.owner_here(&req, &hops) {
             return self
@@ -1026,6 +1147,7 @@ impl AdminService {
     /// request is node-only, those of every other node of this region.
     async fn control_region(
         &self,
+        caller: &Caller,
         req: pb::ReplicationControlRequest,
         paused: bool,
     ) -> Result<Response<pb::ReplicationControlResponse>, Status> {
@@ -1033,7 +1155,7 @@ impl AdminService {
         if !req.node_only {
             let fan = pb::ReplicationControlRequest { node_only: true, ..req };
             let others = self
-                .on_region_peers(fan, |mut c, r| async move {
+                .on_region_peers(caller, fan, |mut c, r| async move {
                     if paused {
                         c.pause_replication(r).await
                     } else {
@@ -1049,7 +1171,12 @@ impl AdminService {
     /// Runs `call` on every other node of this region (node-only requests),
     /// failing if any node cannot answer: a partial answer would pass for a
     /// whole one.
-    async fn on_region_peers<Req, Resp, F, Fut>(&self, req: Req, call: F) -> Result<Vec<Resp>, Status>
+    async fn on_region_peers<Req, Resp, F, Fut>(
+        &self,
+        caller: &Caller,
+        req: Req,
+        call: F,
+    ) -> Result<Vec<Resp>, Status>
     where
         Req: Clone,
         F: Fn(AdminClient<Channel>, Request<Req>) -> Fut,
@@ -1058,7 +1185,7 @@ impl AdminService {
         let mut out = Vec::new();
         for peer in self.node.topology().region_peers() {
             let client = self.peers.admin(peer)?;
-            let mut request = Request::new(req.clone());
+            let mut request = on_behalf(req.clone(), &[], self.node.actor(), caller);
             request.set_timeout(ADMIN_FANOUT_TIMEOUT);
             let resp = call(client, request).await.map_err(|s| {
                 Status::new(s.code(), format!("node {} of this region: {}", peer.actor(), s.message()))
@@ -1069,6 +1196,10 @@ impl AdminService {
     }
 }
 
+/// Audit records returned when a request names no limit, and at most.
+const AUDIT_READ_DEFAULT: usize = 1000;
+const AUDIT_READ_MAX: usize = 10_000;
+
 /// Deadline of one node's part of a region-wide admin request (a full
 /// scan of its store for audits and digests).
 const ADMIN_FANOUT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -1077,8 +1208,9 @@ const ADMIN_FANOUT_TIMEOUT: Duration = Duration::from_secs(120);
 impl pb::admin_server::Admin for AdminService {
     async fn node_status(
         &self,
-        _request: Request<pb::NodeStatusRequest>,
+        request: Request<pb::NodeStatusRequest>,
     ) -> Result<Response<pb::NodeStatusResponse>, Status> {
+        let (_caller, _access) = authorize_call(&self.node, &request, "admin.node_status", None, &[], None)?;
         let cfg = self.node.config();
         let conflicts = self.node.conflicts();
         let tables = cfg
@@ -1115,8 +1247,10 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn cluster_status(
         &self,
-        _request: Request<pb::ClusterStatusRequest>,
+        request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let (_caller, _access) =
+            authorize_call(&self.node, &request, "admin.cluster_status", None, &[], None)?;
         let cfg = self.node.config();
         let regions = cfg
             .regions
@@ -1136,6 +1270,7 @@ impl pb::admin_server::Admin for AdminService {
                     name: r.name.clone(),
                     zone: cfg.zone_of(&r.name).map(|z| z.name.clone()).unwrap_or_default(),
                     client_addrs,
+                    peer_addrs: self.node.topology().nodes(&r.name).iter().map(|n| n.addr.clone()).collect(),
                     health: health.into(),
                     last_contact_ms: if is_self {
                         0
@@ -1155,13 +1290,16 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ReplicationStatusRequest>,
     ) -> Result<Response<pb::ReplicationStatusResponse>, Status> {
+        let (caller, _access) =
+            authorize_call(&self.node, &request, "admin.replication_status", None, &[], None)?;
         let node_only = request.into_inner().node_only;
         let mut links: Vec<pb::ReplicationLink> =
             self.replicator.links().into_iter().map(|l| self.link(l.snapshot(&self.node))).collect();
         if !node_only {
             let req = pb::ReplicationStatusRequest { node_only: true };
-            for other in
-                self.on_region_peers(req, |mut c, r| async move { c.replication_status(r).await }).await?
+            for other in self
+                .on_region_peers(&caller, req, |mut c, r| async move { c.replication_status(r).await })
+                .await?
             {
                 links.extend(other.links);
             }
@@ -1173,20 +1311,38 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ReplicationControlRequest>,
     ) -> Result<Response<pb::ReplicationControlResponse>, Status> {
-        self.control_region(request.into_inner(), true).await
+        let (caller, _access) = authorize_call(
+            &self.node,
+            &request,
+            "admin.pause_replication",
+            Some(Privilege::Admin),
+            &[],
+            None,
+        )?;
+        self.control_region(&caller, request.into_inner(), true).await
     }
 
     async fn resume_replication(
         &self,
         request: Request<pb::ReplicationControlRequest>,
     ) -> Result<Response<pb::ReplicationControlResponse>, Status> {
-        self.control_region(request.into_inner(), false).await
+        let (caller, _access) = authorize_call(
+            &self.node,
+            &request,
+            "admin.resume_replication",
+            Some(Privilege::Admin),
+            &[],
+            None,
+        )?;
+        self.control_region(&caller, request.into_inner(), false).await
     }
 
     async fn residency_audit(
         &self,
         request: Request<pb::ResidencyAuditRequest>,
     ) -> Result<Response<pb::ResidencyAuditResponse>, Status> {
+        let (caller, _access) =
+            authorize_call(&self.node, &request, "admin.residency_audit", Some(Privilege::Admin), &[], None)?;
         let node_only = request.into_inner().node_only;
         let node = self.node.clone();
         let (checked, findings) = tokio::task::spawn_blocking(move || node.residency_audit())
@@ -1208,8 +1364,9 @@ impl pb::admin_server::Admin for AdminService {
         let mut out = pb::ResidencyAuditResponse { region, rows_checked: checked, violations, nodes: 1 };
         if !node_only {
             let req = pb::ResidencyAuditRequest { node_only: true };
-            for other in
-                self.on_region_peers(req, |mut c, r| async move { c.residency_audit(r).await }).await?
+            for other in self
+                .on_region_peers(&caller, req, |mut c, r| async move { c.residency_audit(r).await })
+                .await?
             {
                 out.rows_checked += other.rows_checked;
                 out.violations.extend(other.violations);
@@ -1223,6 +1380,8 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::DigestRequest>,
     ) -> Result<Response<pb::DigestResponse>, Status> {
+        let (caller, _access) =
+            authorize_call(&self.node, &request, "admin.digest", Some(Privilege::Admin), &[], None)?;
         let node_only = request.into_inner().node_only;
         let node = self.node.clone();
         let mine = tokio::task::spawn_blocking(move || node.digest())
@@ -1249,7 +1408,7 @@ impl pb::admin_server::Admin for AdminService {
         }
         let mut nodes = 1;
         let req = pb::DigestRequest { node_only: true };
-        for other in self.on_region_peers(req, |mut c, r| async move { c.digest(r).await }).await? {
+        for other in self.on_region_peers(&caller, req, |mut c, r| async move { c.digest(r).await }).await? {
             parts.extend(other.partitions);
             nodes += other.nodes;
         }
@@ -1278,8 +1437,10 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn partition_map(
         &self,
-        _request: Request<pb::PartitionMapRequest>,
+        request: Request<pb::PartitionMapRequest>,
     ) -> Result<Response<pb::PartitionMapResponse>, Status> {
+        let (_caller, _access) =
+            authorize_call(&self.node, &request, "admin.partition_map", None, &[], None)?;
         let t = self.node.topology();
         let regions = t
             .regions
@@ -1302,10 +1463,57 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn audit_log(
+        &self,
+        request: Request<pb::AuditLogRequest>,
+    ) -> Result<Response<pb::AuditLogResponse>, Status> {
+        let (caller, _access) =
+            authorize_call(&self.node, &request, "admin.audit_log", Some(Privilege::Admin), &[], None)?;
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => AUDIT_READ_DEFAULT,
+            n => (n as usize).min(AUDIT_READ_MAX),
+        };
+        let region = self.node.config().region.clone();
+        let mut records = Vec::new();
+        if let Some(audit) = self.node.security().audit() {
+            let principal = (!req.principal.is_empty()).then_some(req.principal.as_str());
+            let table = (!req.table.is_empty()).then_some(req.table.as_str());
+            let found = audit
+                .query(req.since_ms, principal, table, limit)
+                .map_err(|e| Status::from(KvError::Storage(e.to_string())))?;
+            let me = self.node.actor();
+            records.extend(found.into_iter().map(|r| pb::AuditEntry {
+                time_ms: r.time_ms,
+                principal: r.principal,
+                operation: r.operation,
+                table: r.table,
+                key_hash: r.key_hash,
+                entry_region: r.entry_region,
+                serving_region: r.serving_region,
+                allowed: r.allowed,
+                reason: r.reason,
+                node: me.clone(),
+            }));
+        }
+        if !req.node_only {
+            let fan = pb::AuditLogRequest { node_only: true, ..req };
+            for other in
+                self.on_region_peers(&caller, fan, |mut c, r| async move { c.audit_log(r).await }).await?
+            {
+                records.extend(other.records);
+            }
+            records.sort_by_key(|r| r.time_ms);
+            records.truncate(limit);
+        }
+        Ok(Response::new(pb::AuditLogResponse { region, records }))
+    }
+
     async fn locate(
         &self,
         request: Request<pb::LocateRequest>,
     ) -> Result<Response<pb::LocateResponse>, Status> {
+        let (_caller, _access) = authorize_call(&self.node, &request, "admin.locate", None, &[], None)?;
         let row = convert::row_ref(request.into_inner().row)?;
         let cfg = self.node.config();
         let table =

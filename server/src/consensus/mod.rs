@@ -299,14 +299,15 @@ fn raft_config(cfg: &Config, name: &str, preferred: bool) -> anyhow::Result<open
 impl Consensus {
     /// Starts every group this node is a voter of and bootstraps them.
     pub async fn start(cfg: Arc<Config>, engine: Arc<dyn Engine>) -> anyhow::Result<Arc<Self>> {
-        Self::start_with(cfg, engine, crate::transport::Dialer::tcp()).await
+        let channels = crate::transport::Channels::plaintext(crate::transport::ChannelSettings::PEER);
+        Self::start_with(cfg, engine, channels).await
     }
 
-    /// [`Consensus::start`] with peers reached through `dialer`.
+    /// [`Consensus::start`] with peers reached through `channels`.
     pub async fn start_with(
         cfg: Arc<Config>,
         engine: Arc<dyn Engine>,
-        dialer: crate::transport::Dialer,
+        channels: crate::transport::Channels,
     ) -> anyhow::Result<Arc<Self>> {
         let me = raft_id(&cfg.actor());
         let mut addrs = BTreeMap::new();
@@ -315,8 +316,8 @@ impl Consensus {
                 addrs.insert(raft_id(&format!("{}/{}", r.name, n.id)), n.addr.clone());
             }
         }
-        addrs.insert(me, cfg.listen.to_string());
-        let peers = Arc::new(Peers::with_dialer(addrs, dialer));
+        addrs.insert(me, cfg.listen_peer.to_string());
+        let peers = Arc::new(Peers::with_channels(addrs, channels));
         let (control_tx, _) = watch::channel(ControlState::default());
 
         // (group, voters, preferred leader region, state machine)

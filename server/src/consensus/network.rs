@@ -30,18 +30,21 @@ const RPC_TIMEOUT_MIN: Duration = Duration::from_secs(1);
 pub struct Peers {
     addrs: BTreeMap<NodeId, String>,
     clients: Mutex<BTreeMap<NodeId, ConsensusClient<Channel>>>,
-    /// How channels connect (real TCP outside simulations).
-    dialer: crate::transport::Dialer,
+    /// How channels connect (real TCP outside simulations, TLS when secure).
+    channels: crate::transport::Channels,
 }
 
 impl Peers {
     pub fn new(addrs: BTreeMap<NodeId, String>) -> Self {
-        Self::with_dialer(addrs, crate::transport::Dialer::tcp())
+        Self::with_channels(
+            addrs,
+            crate::transport::Channels::plaintext(crate::transport::ChannelSettings::PEER),
+        )
     }
 
-    /// Peers reached through `dialer`.
-    pub fn with_dialer(addrs: BTreeMap<NodeId, String>, dialer: crate::transport::Dialer) -> Self {
-        Self { addrs, clients: Mutex::new(BTreeMap::new()), dialer }
+    /// Peers reached through `channels`.
+    pub fn with_channels(addrs: BTreeMap<NodeId, String>, channels: crate::transport::Channels) -> Self {
+        Self { addrs, clients: Mutex::new(BTreeMap::new()), channels }
     }
 
     /// A client of node `id`, or None when the node is not configured.
@@ -51,15 +54,14 @@ impl Peers {
             return Some(c.clone());
         }
         let addr = self.addrs.get(&id)?;
-        let url = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
-        let ep = tonic::transport::Endpoint::from_shared(url).ok()?;
-        let ep = ep
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(2))
-            .keep_alive_while_idle(true);
-        let client = ConsensusClient::new(self.dialer.connect_lazy(&ep))
+        let channel = match self.channels.lazy(addr, None) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "bad consensus peer address");
+                return None;
+            }
+        };
+        let client = ConsensusClient::new(channel)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
         clients.insert(id, client.clone());

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use super::{Command, Consensus, Raft};
 use crate::kv::row::Row;
 use crate::kv::Node;
+use crate::security::authn::Caller;
 
 /// Serves consensus RPCs for every group of this node.
 #[derive(Clone)]
@@ -21,6 +22,28 @@ pub struct ConsensusService {
 impl ConsensusService {
     pub fn new(consensus: Arc<Consensus>, node: Arc<Node>) -> Self {
         Self { consensus, node }
+    }
+
+    /// A Raft message speaks for the member whose certificate sent it: the
+    /// leader or candidate in its vote must be that node's member id.
+    fn check_sender(&self, caller: &Caller, member: Option<super::NodeId>) -> Result<(), Status> {
+        let security = self.node.security();
+        if !security.is_secure() {
+            return Ok(());
+        }
+        let Some(node) = caller.node() else {
+            return security.check_claim(caller, "", None, "a Raft message");
+        };
+        if member != Some(super::raft_id(&node.actor())) {
+            geokv_net::incoming::count_refused("peer", "claim_mismatch");
+            return Err(crate::error::KvError::PermissionDenied {
+                principal: node.actor(),
+                missing_grant: "node".into(),
+                why: format!("a Raft message from `{}` claims another member ({member:?})", node.actor()),
+            }
+            .into());
+        }
+        Ok(())
     }
 
     fn raft(&self, group: &str) -> Result<&Raft, Status> {
@@ -44,15 +67,26 @@ fn reply<T: Serialize>(value: &T) -> Result<Response<pb::RaftReply>, Status> {
 #[tonic::async_trait]
 impl pb::consensus_server::Consensus for ConsensusService {
     async fn raft(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         let raft = self.raft(&req.group)?;
         match pb::RaftKind::try_from(req.kind) {
             Ok(pb::RaftKind::AppendEntries) => {
-                reply(&raft.append_entries(parse(&req.payload, "append-entries request")?).await)
+                let r: openraft::raft::AppendEntriesRequest<super::TypeConfig> =
+                    parse(&req.payload, "append-entries request")?;
+                self.check_sender(&caller, r.vote.leader_id().voted_for())?;
+                reply(&raft.append_entries(r).await)
             }
-            Ok(pb::RaftKind::Vote) => reply(&raft.vote(parse(&req.payload, "vote request")?).await),
+            Ok(pb::RaftKind::Vote) => {
+                let r: openraft::raft::VoteRequest<super::NodeId> = parse(&req.payload, "vote request")?;
+                self.check_sender(&caller, r.vote.leader_id().voted_for())?;
+                reply(&raft.vote(r).await)
+            }
             Ok(pb::RaftKind::InstallSnapshot) => {
-                reply(&raft.install_snapshot(parse(&req.payload, "install-snapshot request")?).await)
+                let r: openraft::raft::InstallSnapshotRequest<super::TypeConfig> =
+                    parse(&req.payload, "install-snapshot request")?;
+                self.check_sender(&caller, r.vote.leader_id().voted_for())?;
+                reply(&raft.install_snapshot(r).await)
             }
             _ => Err(Status::invalid_argument(format!("unknown raft message kind {}", req.kind))),
         }

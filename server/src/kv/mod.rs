@@ -222,6 +222,8 @@ pub struct NodeOptions {
     pub commit: CommitMode,
     /// How the node's gRPC clients (forwarding, replication) connect.
     pub dialer: crate::transport::Dialer,
+    /// The node's TLS identity and roots; None for plaintext.
+    pub tls: Option<Arc<geokv_net::tls::Tls>>,
 }
 
 /// A node's key-value service: owns the engine, the clock and the committer.
@@ -239,8 +241,11 @@ pub struct Node {
     failover_conflicts: Mutex<std::collections::VecDeque<FailoverConflict>>,
     /// Back-pressure on client writes, set once replication starts.
     gate: std::sync::OnceLock<Arc<dyn WriteGate>>,
-    /// How outgoing connections are opened (real TCP outside simulations).
-    dialer: crate::transport::Dialer,
+    /// Every outgoing channel to a peer's port (real TCP outside
+    /// simulations, TLS when the node has certificates).
+    channels: crate::transport::Channels,
+    /// Authentication, grants and the audit log (`set_security`).
+    security: std::sync::OnceLock<Arc<crate::security::authn::Security>>,
 }
 
 impl Node {
@@ -306,7 +311,12 @@ impl Node {
             started: Instant::now(),
             failover_conflicts: Mutex::new(Default::default()),
             gate: std::sync::OnceLock::new(),
-            dialer: options.dialer,
+            channels: crate::transport::Channels::new(
+                crate::transport::ChannelSettings::PEER,
+                options.dialer,
+                options.tls,
+            ),
+            security: std::sync::OnceLock::new(),
         }))
     }
 
@@ -337,8 +347,8 @@ impl Node {
     }
 
     /// How this node's gRPC clients connect to peers.
-    pub fn dialer(&self) -> &crate::transport::Dialer {
-        &self.dialer
+    pub fn channels(&self) -> &crate::transport::Channels {
+        &self.channels
     }
 
     pub fn uptime(&self) -> Duration {
@@ -596,7 +606,23 @@ impl Node {
     /// Merges row states durably (QUORUM replicas, read repair).
     pub async fn merge_rows(&self, entries: Vec<(String, Vec<u8>, Row)>) -> Result<(), KvError> {
         for (table, _, row) in &entries {
-            self.table(table)?;
+            let t = self.table(table)?;
+            // The zone a row declares must be the one this node's policy
+            // gives its home: a sender cannot widen a row's residency.
+            let placement = crate::residency::resolve(
+                &self.cfg,
+                t,
+                &crate::residency::Locality::HomeRegion(row.home_region.clone()),
+            )?;
+            if placement.zone != row.zone {
+                return Err(KvError::InvalidField {
+                    field: "row.zone",
+                    why: format!(
+                        "the row declares zone `{}` but table `{table}` places rows homed in `{}` in zone `{}`",
+                        row.zone, row.home_region, placement.zone
+                    ),
+                });
+            }
             if !self.cfg.zone_regions(&row.zone).contains(&self.cfg.region) {
                 return Err(KvError::ResidencyViolation {
                     zone: row.zone.clone(),
@@ -637,6 +663,17 @@ impl Node {
             .await
             .map_err(|_| KvError::ShuttingDown)?;
         rx.await.map_err(|_| KvError::ShuttingDown)?.map(|_| ())
+    }
+
+    /// Installs the node's security (once; later calls are ignored).
+    pub fn set_security(&self, security: Arc<crate::security::authn::Security>) {
+        let _ = self.security.set(security);
+    }
+
+    /// Who may do what, and the audit log; plaintext with everyone `root`
+    /// where none was installed (the simulation, in-process tests).
+    pub fn security(&self) -> &Arc<crate::security::authn::Security> {
+        self.security.get_or_init(|| Arc::new(crate::security::authn::Security::insecure(&self.cfg)))
     }
 
     /// Installs the home leases; LOCAL writes need a valid lease from then on.

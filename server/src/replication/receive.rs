@@ -37,12 +37,25 @@ impl pb::replication_server::Replication for ReplicationService {
         &self,
         request: Request<Streaming<pb::RepairRequest>>,
     ) -> Result<Response<Self::RepairStream>, Status> {
+        let caller = crate::security::authn::Caller::of(&request);
         let mut steps = request.into_inner();
         let node = self.node.clone();
         let out = async_stream(move |tx| async move {
-            let mut session = super::repair::Session::new(node);
+            let mut session = super::repair::Session::new(node.clone());
             while let Some(step) = steps.next().await {
                 let Ok(step) = step else { return };
+                // A repair speaks for the node whose certificate sent it.
+                if let Some(pb::repair_request::Step::Begin(begin)) = &step.step {
+                    if let Err(status) = node.security().check_claim(
+                        &caller,
+                        &begin.source_region,
+                        Some(&begin.source_node),
+                        "a repair",
+                    ) {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
                 let answer = match step.step {
                     Some(step) => session.step(step).await,
                     None => Err(crate::error::KvError::MissingField { field: "step" }),
@@ -60,6 +73,7 @@ impl pb::replication_server::Replication for ReplicationService {
         &self,
         request: Request<Streaming<pb::ShipFrame>>,
     ) -> Result<Response<Self::ShipStream>, Status> {
+        let caller = crate::security::authn::Caller::of(&request);
         let mut frames = request.into_inner();
         let node = self.node.clone();
         let replicator = self.replicator.clone();
@@ -87,6 +101,16 @@ impl pb::replication_server::Replication for ReplicationService {
                     let _ = tx
                         .send(Err(crate::error::KvError::MissingField { field: "source_node" }.to_status()))
                         .await;
+                    return;
+                }
+                // A frame speaks for the node whose certificate sent it.
+                if let Err(status) = node.security().check_claim(
+                    &caller,
+                    &frame.source_region,
+                    Some(&frame.source_node),
+                    "a replication frame",
+                ) {
+                    let _ = tx.send(Err(status)).await;
                     return;
                 }
                 let source = crate::topology::actor(&frame.source_region, &frame.source_node);

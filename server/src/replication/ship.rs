@@ -264,15 +264,16 @@ impl Shipper {
     async fn stream_once(&self, cancel: &CancellationToken) -> Result<(), KvError> {
         let unreachable =
             |why: String| KvError::RegionUnreachable { region: self.state.destination.clone(), why };
-        let url = if self.addr.contains("://") { self.addr.clone() } else { format!("http://{}", self.addr) };
-        let endpoint = tonic::transport::Endpoint::from_shared(url)
-            .map_err(|e| unreachable(e.to_string()))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(3))
-            .keep_alive_while_idle(true);
-        let channel = self.node.dialer().connect(&endpoint).await.map_err(|e| unreachable(e.to_string()))?;
+        let expect = crate::transport::Expect {
+            region: self.state.destination.clone(),
+            node: Some(self.state.destination_node.clone()),
+        };
+        let channel = self
+            .node
+            .channels()
+            .connect(&self.addr, Some(expect))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let mut client = pb::replication_client::ReplicationClient::new(channel.clone())
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);

@@ -26,10 +26,17 @@ pub enum Cf {
     /// Consensus: Raft logs, votes and state machines of every group,
     /// keyed `g/<group>/...`.
     Raft,
+    /// The access audit log (`security::audit`): big-endian time and
+    /// sequence -> sealed record. It stays in the region that wrote it:
+    /// replication ships only [`Cf::ReplLog`] entries, and digests and
+    /// repair read only [`Cf::Data`], so nothing here is ever replicated,
+    /// digested or repaired.
+    Audit,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 4] = [Cf::Data, Cf::ReplLog, Cf::Meta, Cf::Raft];
+    /// Every column family; the RocksDB engine opens (and creates) these.
+    pub const ALL: [Cf; 5] = [Cf::Data, Cf::ReplLog, Cf::Meta, Cf::Raft, Cf::Audit];
 
     /// The column family's name on disk.
     pub fn name(self) -> &'static str {
@@ -38,6 +45,7 @@ impl Cf {
             Cf::ReplLog => "repl_log",
             Cf::Meta => "meta",
             Cf::Raft => "raft",
+            Cf::Audit => "audit",
         }
     }
 }
@@ -173,6 +181,13 @@ pub(crate) mod conformance {
         batch.delete(Cf::Data, b"b".to_vec());
         engine.write(batch, false).unwrap();
         assert_eq!(engine.get(Cf::Data, b"b").unwrap(), None);
+    }
+
+    #[test]
+    fn every_cf_is_listed_once_with_its_own_name() {
+        let names: std::collections::BTreeSet<&str> = Cf::ALL.iter().map(|cf| cf.name()).collect();
+        assert_eq!(names.len(), Cf::ALL.len());
+        assert!(Cf::ALL.contains(&Cf::Audit));
     }
 
     #[test]

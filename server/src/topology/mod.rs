@@ -113,7 +113,7 @@ impl Topology {
                     nodes.push(NodeRef {
                         region: r.name.clone(),
                         id: cfg.node_id.clone(),
-                        addr: cfg.listen.to_string(),
+                        addr: cfg.listen_peer.to_string(),
                         client_addr: cfg.listen.to_string(),
                         is_self: true,
                     });
