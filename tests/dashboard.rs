@@ -52,8 +52,9 @@ const DEPS_HINT: &str = "run `scripts/deps` (it installs chromium and runs `npm 
 /// Ports `geokv dev --base-port BASE` binds: gRPC BASE+10i and admin
 /// BASE+10i+1 for region i, and the fault proxy's control API at BASE+99.
 fn ports_of_block(base: u16) -> Vec<u16> {
-    let mut ports: Vec<u16> =
-        (0..REGIONS.len() as u16).flat_map(|i| [base + 10 * i, base + 10 * i + 1]).collect();
+    let mut ports: Vec<u16> = (0..REGIONS.len() as u16)
+        .flat_map(|i| [base + 10 * i, base + 10 * i + 1, base + 10 * i + 50])
+        .collect();
     ports.push(base + 99);
     ports
 }
@@ -87,6 +88,11 @@ struct DevCluster {
 }
 
 impl DevCluster {
+    /// The certificates `geokv dev` made for the cluster.
+    fn certs_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("cluster").join("certs")
+    }
+
     fn start() -> Self {
         let dir = tempfile::Builder::new().prefix("geokv-dashboard-").tempdir().expect("create a temp dir");
         let base_port = free_port_block();
@@ -167,7 +173,11 @@ impl DevCluster {
     /// Runs `geokv ARGS --endpoint <region 0>` and asserts success.
     fn cli(&self, args: &[&str]) -> String {
         let mut cmd = Command::new(GEOKV_BIN);
-        cmd.args(args).arg("--endpoint").arg(self.grpc(0).to_string()).env_remove("GEOKV_ENDPOINT");
+        cmd.args(args)
+            .arg("--endpoint")
+            .arg(self.grpc(0).to_string())
+            .env_remove("GEOKV_ENDPOINT")
+            .env("GEOKV_CERTS_DIR", self.certs_dir());
         run_bounded(cmd, CLI_TIMEOUT).ok()
     }
 
@@ -214,7 +224,7 @@ struct BackgroundWriter {
 }
 
 impl BackgroundWriter {
-    fn start(endpoint: SocketAddr) -> Self {
+    fn start(endpoint: SocketAddr, certs_dir: std::path::PathBuf) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -224,7 +234,8 @@ impl BackgroundWriter {
                 cmd.args(["put", &format!("bg-{written}"), "watched"])
                     .arg("--endpoint")
                     .arg(endpoint.to_string())
-                    .env_remove("GEOKV_ENDPOINT");
+                    .env_remove("GEOKV_ENDPOINT")
+                    .env("GEOKV_CERTS_DIR", &certs_dir);
                 if run_bounded(cmd, CLI_TIMEOUT).status.success() {
                     written += 1;
                 }
@@ -314,7 +325,7 @@ fn dashboard_draws_lag_health_and_links_in_a_real_browser() {
     assert_eq!(link["paused"], true, "{link}");
     assert!(link["lag_entries"].as_u64() >= Some(5), "queued rows not counted as lag: {link}");
 
-    let mut writer = BackgroundWriter::start(cluster.grpc(0));
+    let mut writer = BackgroundWriter::start(cluster.grpc(0), cluster.certs_dir());
     let screenshot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     let _ = std::fs::remove_file(&screenshot);
     let url = format!("http://{}/dashboard", cluster.admin(0));

@@ -556,3 +556,148 @@ async fn certificates_rotate_under_load() {
         .await
         .expect("the new CA's certificate reads");
 }
+
+/// A node without certificates refuses a non-loopback address (before it
+/// binds anything); a node certificate for another region than the config
+/// claims stops the start, naming both: a node's region comes from its
+/// certificate.
+#[test]
+fn a_node_refuses_plaintext_off_loopback_and_a_region_its_certificate_denies() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = || common::free_port().to_string();
+    let node = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(common::GEOKV_BIN);
+        cmd.arg("node")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--listen-peer")
+            .arg(format!("127.0.0.1:{}", port()))
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{}", port()))
+            .args(extra)
+            .env_remove("GEOKV_CONFIG")
+            .env_remove("GEOKV_CERTS_DIR");
+        common::run_bounded(cmd, Duration::from_secs(30))
+    };
+    // 0.0.0.0 is only named, never bound: the check comes first.
+    let out = node(&["--listen", &format!("0.0.0.0:{}", port())]);
+    assert!(!out.status.success(), "a node without certificates served 0.0.0.0:\n{}", out.stderr);
+    assert!(out.stderr.contains("refusing to listen on 0.0.0.0"), "{}", out.stderr);
+    assert!(out.stderr.contains("--insecure"), "the refusal should name the way out:\n{}", out.stderr);
+
+    // A certificate of eu-west-1 under the name a us-east-1 node looks for.
+    let certs = dir.path().join("certs");
+    geokv_net::certs::ensure_dev_certs(&certs, "geokv-test", &[(EU_WEST, "n1")], &["127.0.0.1"], &[])
+        .expect("certificates");
+    for ext in ["crt", "key"] {
+        std::fs::copy(
+            certs.join(format!("node.{EU_WEST}.n1.{ext}")),
+            certs.join(format!("node.{US}.n1.{ext}")),
+        )
+        .expect("copy");
+    }
+    let listen = format!("127.0.0.1:{}", port());
+    let certs_arg = certs.display().to_string();
+    let out = node(&["--listen", &listen, "--region", US, "--certs-dir", &certs_arg]);
+    assert!(!out.status.success(), "a node ran as a region its certificate does not name:\n{}", out.stderr);
+    assert!(
+        out.stderr.contains("certificate is for `eu-west-1/n1`") && out.stderr.contains("region `us-east-1`"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// `security.admin_tls` serves /metrics over TLS with the node's
+/// certificate, and refuses plaintext there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_can_serve_tls() {
+    let node = NodeProcess::start_with_config("[security]\nadmin_tls = true\n");
+    let tls = Tls::load(TlsFiles::ca_only(node.certs_dir())).expect("the CA");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let attempt = async {
+            let stream = tokio::net::TcpStream::connect(node.admin_addr).await?;
+            let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("an IP name");
+            let mut tls_stream =
+                tokio_rustls::TlsConnector::from(tls.client_config()).connect(name, stream).await?;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            tls_stream.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
+            let mut out = String::new();
+            tls_stream.read_to_string(&mut out).await?;
+            Ok::<_, std::io::Error>(out)
+        };
+        match attempt.await {
+            Ok(body) if body.contains("serving") => break body,
+            _ if Instant::now() > deadline => panic!("no /health over TLS within 30 s:\n{}", node.log()),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(http_get(node.admin_addr, "/health").is_err(), "the TLS admin port answered plaintext");
+}
+
+/// The `geokv` build with put-back bugs (scripts/check makes it beside
+/// `geokv`); `GEOKV_BUGS_BIN` overrides.
+fn bugs_bin() -> std::path::PathBuf {
+    let bin = std::env::var_os("GEOKV_BUGS_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(common::GEOKV_BIN).with_file_name("geokv-bugs"));
+    assert!(
+        bin.exists(),
+        "{} is missing; build it with: cargo build -p geokv --features geokv-server/bugs && \
+         cp $CARGO_TARGET_DIR/debug/geokv $CARGO_TARGET_DIR/debug/geokv-bugs && cargo build -p geokv",
+        bin.display()
+    );
+    bin
+}
+
+/// A put on the peer port that says a node other than the caller forwarded
+/// it, for `principal`.
+async fn forged_forward(node: &NodeProcess, principal: &str) -> Result<(), tonic::Status> {
+    let tls = Tls::load(TlsFiles::node(node.certs_dir(), "local-1", "n1")).expect("the node's certificate");
+    let channel = Channels::new(ChannelSettings::PEER, Dialer::tcp(), Some(tls))
+        .connect(&node.peer_addr.to_string(), None)
+        .await
+        .expect("connect to the peer port");
+    let mut kv = pb::kv_client::KvClient::new(channel);
+    let mut req = tonic::Request::new(pb::PutRequest {
+        row: Some(pb::RowRef { table: "default".into(), key: b"forged".to_vec(), locality: None }),
+        value: b"x".to_vec(),
+        ..Default::default()
+    });
+    req.metadata_mut().insert("geokv-forwarded-by", "elsewhere-1/n9".parse().expect("ascii"));
+    req.metadata_mut().insert("geokv-principal", principal.parse().expect("ascii"));
+    kv.put(req).await.map(|_| ())
+}
+
+/// The checks above can fail: with a put-back bug switched on, what they
+/// refuse gets through. Fault first: each assertion here is the negation
+/// of one the normal build must pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_back_bugs_get_past_the_security_checks() {
+    // The normal build: a forwarded request whose last hop is not the
+    // caller is refused, and a principal without grants is denied.
+    let normal = NodeProcess::start();
+    let status = forged_forward(&normal, "root").await.expect_err("a forged last hop");
+    assert_eq!(reason(&status).as_deref(), Some("PERMISSION_DENIED"), "{status:?}");
+    geokv_net::certs::create_client(normal.certs_dir(), "stranger", None, false).expect("a certificate");
+    let mut cfg = normal.client_config();
+    cfg.user = "stranger".into();
+    let stranger = Client::with_config(cfg).await.expect("connect");
+    let err = stranger.put(&Row::new("default", "s"), b"x".to_vec(), local()).await.expect_err("no grant");
+    assert_eq!(err.reason.as_deref(), Some("PERMISSION_DENIED"), "{err}");
+
+    let bin = bugs_bin();
+    let claims_off = NodeProcess::start_binary(&bin, "", &[("GEOKV_BUG", "peer-claims-off")]);
+    forged_forward(&claims_off, "root").await.expect("with peer-claims-off the forged hop gets through");
+
+    let grants_off = NodeProcess::start_binary(&bin, "", &[("GEOKV_BUG", "grants-off")]);
+    geokv_net::certs::create_client(grants_off.certs_dir(), "stranger", None, false).expect("a certificate");
+    let mut cfg = grants_off.client_config();
+    cfg.user = "stranger".into();
+    let stranger = Client::with_config(cfg).await.expect("connect");
+    stranger
+        .put(&Row::new("default", "s"), b"x".to_vec(), local())
+        .await
+        .expect("with grants-off anyone writes");
+}

@@ -81,7 +81,7 @@ struct Args {
     endpoint: Option<String>,
     /// Certificates for --endpoint (ca.crt, client.root.crt/.key); without
     /// it the node is reached in plaintext.
-    #[arg(long, env = "GEOKV_CERTS_DIR", requires = "endpoint")]
+    #[arg(long, env = "GEOKV_CERTS_DIR")]
     certs_dir: Option<std::path::PathBuf>,
     /// Start a geokv node in a temp dir for the run, and stop it after.
     #[arg(long)]

@@ -381,6 +381,17 @@ pub fn merge_session_tokens(a: &[u8], b: &[u8]) -> Vec<u8> {
     seal_message(&left)
 }
 
+/// A TLS node closes a plaintext connection without a word: say what to do.
+fn with_tls_hint(cfg: &ClientConfig, mut err: Error) -> Error {
+    if cfg.certs_dir.is_none() {
+        err.message.push_str(
+            " (geokv nodes speak TLS unless run with --insecure: give the certificates with --certs-dir \
+             or GEOKV_CERTS_DIR)",
+        );
+    }
+    err
+}
+
 fn normalize(endpoint: &str) -> String {
     if endpoint.contains("://") {
         endpoint.to_string()
@@ -397,9 +408,12 @@ impl Client {
 
     pub async fn with_config(cfg: ClientConfig) -> Result<Self, Error> {
         let url = normalize(&cfg.endpoint);
-        let channel = cfg.channels()?.connect(&cfg.endpoint, None).await.map_err(|e| match e {
-            geokv_net::channel::ChannelError::Connect { source, .. } => Error::transport(&url, source),
-            other => Error::local(other.to_string()),
+        let channel = cfg.channels()?.connect(&cfg.endpoint, None).await.map_err(|e| {
+            let err = match e {
+                geokv_net::channel::ChannelError::Connect { source, .. } => Error::transport(&url, source),
+                other => Error::local(other.to_string()),
+            };
+            with_tls_hint(&cfg, err)
         })?;
         let bearer = match &cfg.token {
             Some(t) => Some(
@@ -456,7 +470,12 @@ impl Client {
             match call(self.cfg.timeout).await {
                 Ok(v) => return Ok(v),
                 Err(status) => {
-                    let err = Error::from(status);
+                    let transport =
+                        status.code() == tonic::Code::Unknown && status.message().contains("transport");
+                    let mut err = Error::from(status);
+                    if transport {
+                        err = with_tls_hint(&self.cfg, err);
+                    }
                     if attempt >= self.cfg.retries_max || !err.is_transient() {
                         return Err(err);
                     }

@@ -39,6 +39,10 @@ pub fn count_refused(port: &'static str, reason: &'static str) {
     metrics::counter!("geokv_security_refused_total", "port" => port, "reason" => reason).increment(1);
 }
 
+/// A connection's verdict on its certificate chain: the roots generation
+/// it was reached under, and the identity or the reason for refusal.
+type Verdict = Option<(u64, Result<CertIdentity, String>)>;
+
 /// What a request learns about the connection it came on (inserted into
 /// its extensions by tonic).
 #[derive(Clone, Debug)]
@@ -49,7 +53,7 @@ pub struct PeerConn {
     pub chain: Option<Arc<Vec<CertificateDer<'static>>>>,
     /// Verdict on `chain` under a roots generation, so a connection's chain
     /// is verified once per generation rather than once per request.
-    verdict: Arc<Mutex<Option<(u64, Result<CertIdentity, String>)>>>,
+    verdict: Arc<Mutex<Verdict>>,
 }
 
 impl PeerConn {

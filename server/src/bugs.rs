@@ -15,6 +15,10 @@
 //! - `merge-off`: a replicated row replaces the stored one instead of
 //!   merging into it (`kv::commit::merge_row`), so concurrent writes and
 //!   other regions' counter increments are lost.
+//! - `peer-claims-off`: the peer port believes what a message claims (a
+//!   frame's source, a Raft sender, a forwarded request's last hop) instead
+//!   of checking it against the caller's certificate (`security::authn`).
+//! - `grants-off`: every authenticated principal may do everything.
 //!
 //! The deterministic simulation (`tests/simulation`) runs many clusters in
 //! one process, each on its own thread, so it switches a bug on for one
@@ -31,6 +35,8 @@ pub enum Bug {
     AckBeforeFsync,
     MergeOff,
     FencingOff,
+    PeerClaimsOff,
+    GrantsOff,
 }
 
 impl Bug {
@@ -41,14 +47,23 @@ impl Bug {
             Bug::AckBeforeFsync => "ack-before-fsync",
             Bug::MergeOff => "merge-off",
             Bug::FencingOff => "fencing-off",
+            Bug::PeerClaimsOff => "peer-claims-off",
+            Bug::GrantsOff => "grants-off",
         }
     }
 
     /// The bug named `name`, if any.
     pub fn from_name(name: &str) -> Option<Bug> {
-        [Bug::ResidencyFilterOff, Bug::AckBeforeFsync, Bug::MergeOff, Bug::FencingOff]
-            .into_iter()
-            .find(|b| b.name() == name)
+        [
+            Bug::ResidencyFilterOff,
+            Bug::AckBeforeFsync,
+            Bug::MergeOff,
+            Bug::FencingOff,
+            Bug::PeerClaimsOff,
+            Bug::GrantsOff,
+        ]
+        .into_iter()
+        .find(|b| b.name() == name)
     }
 }
 

@@ -80,13 +80,18 @@ pub struct SecurityConfig {
     /// How often the certificate files are checked for changes, in
     /// milliseconds (SIGHUP reloads at once).
     pub reload_check_ms: u64,
+    /// Serve the admin HTTP port (`/metrics`, `/health`, the dashboard)
+    /// over TLS with the node's certificate; it stays read-only and needs
+    /// no client certificate.
+    pub admin_tls: bool,
     /// Static bearer tokens, each stored as the SHA-256 (hex) of the token.
     pub tokens: Vec<TokenConfig>,
     /// Signed bearer tokens (JWT) checked against a public key.
     pub jwt: Option<JwtConfig>,
     /// Who may do what; deny by default (`root` holds every grant).
     pub grants: Vec<crate::security::grants::GrantConfig>,
-    pub audit: AuditConfig,
+    /// Retention of the access audit log (kept in this region only).
+    pub audit: crate::security::audit::AuditRetention,
 }
 
 impl Default for SecurityConfig {
@@ -95,10 +100,11 @@ impl Default for SecurityConfig {
             insecure: false,
             certs_dir: None,
             reload_check_ms: 1000,
+            admin_tls: false,
             tokens: Vec::new(),
             jwt: None,
             grants: Vec::new(),
-            audit: AuditConfig::default(),
+            audit: crate::security::audit::AuditRetention::default(),
         }
     }
 }
@@ -128,22 +134,6 @@ pub struct JwtConfig {
     /// Clock tolerance on `exp` and `nbf`, in seconds.
     #[serde(default)]
     pub leeway_s: u64,
-}
-
-/// Retention of the access audit log (kept in this region only).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuditConfig {
-    /// Records older than this are removed, in seconds.
-    pub retention_age_s: u64,
-    /// Records beyond this many bytes are removed, oldest first.
-    pub retention_bytes_max: u64,
-}
-
-impl Default for AuditConfig {
-    fn default() -> Self {
-        Self { retention_age_s: 30 * 24 * 3600, retention_bytes_max: 256 << 20 }
-    }
 }
 
 /// Most partitions a cluster may configure.
@@ -703,10 +693,11 @@ impl Config {
         let table_names: Vec<&str> = self.tables.iter().map(|t| t.name.as_str()).collect();
         crate::security::grants::validate(&sec.grants, &table_names)
             .map_err(|(field, why)| bad(format!("security.{field}"), why))?;
-        if sec.audit.retention_age_s == 0 || sec.audit.retention_bytes_max < 1 << 20 {
+        // Both bounds stay on: a log without one would grow without limit.
+        if sec.audit.age_s == 0 || sec.audit.bytes_max < 1 << 20 {
             return Err(bad(
                 "security.audit",
-                "retention_age_s must be at least 1 and retention_bytes_max at least 1 MiB",
+                "age_s must be at least 1 and bytes_max at least 1 MiB (1048576)",
             ));
         }
         if self.partitions == 0 || self.partitions > PARTITIONS_MAX {

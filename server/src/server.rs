@@ -95,6 +95,18 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let tls = node_tls(&cfg, &[grpc.local_addr()?, peer.local_addr()?, admin.local_addr()?])?;
+    serve_secured(cfg, tls, grpc, peer, admin, shutdown).await
+}
+
+/// [`serve`] with the TLS material already decided (see [`node_tls`]).
+async fn serve_secured(
+    cfg: Config,
+    tls: Option<Arc<Tls>>,
+    grpc: TcpListener,
+    peer: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let engine = open_engine(&cfg)?;
     let wiring = Wiring {
         grpc_addr: format!("{} (peer {})", grpc.local_addr()?, peer.local_addr()?),
@@ -169,10 +181,7 @@ where
     if wiring.audit {
         let secret = crate::security::audit::load_or_create_secret(engine.as_ref())
             .context("reading the audit log's key")?;
-        let retention = crate::security::audit::AuditRetention {
-            age_s: cfg.security.audit.retention_age_s,
-            bytes_max: cfg.security.audit.retention_bytes_max,
-        };
+        let retention = cfg.security.audit;
         let audit = Arc::new(
             crate::security::audit::AuditLog::new(engine.clone(), secret, retention)
                 .context("opening the audit log")?,
@@ -289,13 +298,17 @@ where
         ),
     };
     let http_task = wiring.admin.map(|admin| {
-        tokio::spawn(
-            axum::serve(admin, crate::admin::router(node.clone(), replicator.clone()))
-                .with_graceful_shutdown(async move {
-                    let _ = http_stop.wait_for(|s| *s).await;
-                })
-                .into_future(),
-        )
+        let router = crate::admin::router(node.clone(), replicator.clone());
+        let stop = async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        };
+        match tls.as_ref().filter(|_| cfg.security.admin_tls) {
+            Some(tls) => {
+                let listener = AdminTls::new(admin, tls.clone());
+                tokio::spawn(axum::serve(listener, router).with_graceful_shutdown(stop).into_future())
+            }
+            None => tokio::spawn(axum::serve(admin, router).with_graceful_shutdown(stop).into_future()),
+        }
     });
 
     shutdown.await;
@@ -331,6 +344,9 @@ where
 
 /// Binds the configured addresses and runs until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    // Decided before binding: a node that may not serve plaintext on an
+    // address never opens it.
+    let tls = node_tls(&cfg, &[cfg.listen, cfg.listen_peer, cfg.admin_listen])?;
     let grpc = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding gRPC address {}", cfg.listen))?;
@@ -340,7 +356,45 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let admin = TcpListener::bind(cfg.admin_listen)
         .await
         .with_context(|| format!("binding admin HTTP address {}", cfg.admin_listen))?;
-    serve(cfg, grpc, peer, admin, shutdown).await
+    serve_secured(cfg, tls, grpc, peer, admin, shutdown).await
+}
+
+/// The admin HTTP listener over TLS (`security.admin_tls`): the same
+/// handshake task per connection as the gRPC ports; a client certificate
+/// is not required (the admin port is read-only).
+struct AdminTls {
+    conns: tokio_stream::wrappers::ReceiverStream<std::io::Result<geokv_net::incoming::PortConn>>,
+    addr: std::net::SocketAddr,
+}
+
+impl AdminTls {
+    fn new(listener: TcpListener, tls: Arc<Tls>) -> Self {
+        let addr = listener.local_addr().unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        Self { conns: geokv_net::incoming::incoming(listener, Some(tls), "admin"), addr }
+    }
+}
+
+impl axum::serve::Listener for AdminTls {
+    type Io = geokv_net::incoming::PortConn;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match tokio_stream::StreamExt::next(&mut self.conns).await {
+                Some(Ok(conn)) => {
+                    let remote = conn.connect_info().remote.unwrap_or(self.addr);
+                    return (conn, remote);
+                }
+                Some(Err(e)) => tracing::debug!(error = %e, "admin connection failed"),
+                // The accept loop ended (only at shutdown): wait for it.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
+    }
 }
 
 /// Completes on SIGTERM or Ctrl-C.

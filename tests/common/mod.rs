@@ -157,6 +157,11 @@ pub struct NodeProcess {
     /// The node's certificates (CA, its node certificate, `root`'s client
     /// certificate): tests run with TLS and authorization on, as users do.
     certs_dir: PathBuf,
+    /// The admin port speaks TLS (`security.admin_tls`).
+    admin_tls: bool,
+    /// The `geokv` binary and extra environment the node runs with.
+    bin: PathBuf,
+    env: Vec<(String, String)>,
     /// None while the node is stopped.
     child: Option<Child>,
     /// Starts so far, numbering the log files.
@@ -175,7 +180,21 @@ impl NodeProcess {
         Self::start_inner(Some(toml))
     }
 
+    /// Starts `bin` (a `geokv` build, e.g. one with put-back bugs) with
+    /// `toml` and extra environment.
+    pub fn start_binary(bin: &Path, toml: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_full(
+            Some(toml),
+            bin.to_path_buf(),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        )
+    }
+
     fn start_inner(toml: Option<&str>) -> Self {
+        Self::start_full(toml, PathBuf::from(GEOKV_BIN), Vec::new())
+    }
+
+    fn start_full(toml: Option<&str>, bin: PathBuf, env: Vec<(String, String)>) -> Self {
         let dir = tempfile::Builder::new().prefix("geokv-it-").tempdir().expect("create a temp dir");
         let config_path = toml.map(|text| {
             let path = dir.path().join("config.toml");
@@ -203,6 +222,9 @@ impl NodeProcess {
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             peer_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             config_path,
+            admin_tls: cfg.security.admin_tls,
+            bin,
+            env,
             certs_dir,
             child: None,
             starts: 0,
@@ -260,7 +282,8 @@ impl NodeProcess {
         assert!(self.child.is_none(), "spawn while a node process is running");
         self.starts += 1;
         let log = File::create(self.log_path(self.starts)).expect("create the node log");
-        let mut cmd = Command::new(GEOKV_BIN);
+        let mut cmd = Command::new(&self.bin);
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd.arg("node");
         if let Some(path) = &self.config_path {
             cmd.arg("--config").arg(path);
@@ -293,7 +316,12 @@ impl NodeProcess {
                 self.child = None;
                 return Err(format!("node exited with {status} before it was ready:\n{}", self.log()));
             }
-            if let Ok(body) = http_get(self.admin_addr, "/health") {
+            if self.admin_tls {
+                // /health is behind TLS: the gRPC port accepting will do.
+                if TcpStream::connect(self.grpc_addr).is_ok() && TcpStream::connect(self.admin_addr).is_ok() {
+                    return Ok(());
+                }
+            } else if let Ok(body) = http_get(self.admin_addr, "/health") {
                 if body.contains("\"serving\"") {
                     return Ok(());
                 }

@@ -75,8 +75,9 @@ pub const SECRET_BYTES: usize = 32;
 /// Bytes of HMAC-SHA256 kept in a key hash (hex doubles it).
 const KEY_HASH_BYTES: usize = 16;
 
-/// How long and how much of the log a node keeps. Zero switches a bound
-/// off.
+/// How long and how much of the log a node keeps (`[security.audit]`).
+/// Zero switches a bound off here; a node's config refuses that, so a real
+/// log always has both bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuditRetention {
