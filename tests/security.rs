@@ -179,6 +179,19 @@ privileges = ["read", "write"]
     assert_eq!(err.reason.as_deref(), Some("PERMISSION_DENIED"), "{err}");
     assert_eq!(err.metadata.get("principal").map(String::as_str), Some("stranger"), "{err}");
 
+    // The refused attempts are in the audit log too, with their operation
+    // (not the plaintext one: it never became a request).
+    tokio::time::sleep(Duration::from_millis(300)).await; // flushed every 50 ms
+    let log = root.audit_log(0, Some("(unauthenticated)"), None, 1000).await.expect("the audit log");
+    let refused_gets = log
+        .records
+        .iter()
+        .filter(|r| {
+            r.operation == "kv.get" && r.table == "default" && !r.allowed && r.reason == "UNAUTHENTICATED"
+        })
+        .count();
+    assert_eq!(refused_gets, 4, "other CA, no credentials, expired and unknown token: {:?}", log.records);
+
     // Tokens never widen the peer port: it wants a node certificate.
     let mut peer = kv_with(TlsFiles::client(node.certs_dir(), "root"), &node.peer_addr.to_string())
         .await

@@ -240,6 +240,10 @@ where
         let security = security.clone();
         move |req: Request<()>| security.client_port(req)
     };
+    let client_audited = {
+        let security = security.clone();
+        move |req: Request<()>| security.client_port_audited(req)
+    };
     let peer_auth = {
         let security = security.clone();
         move |req: Request<()>| security.peer_port(req)
@@ -269,10 +273,10 @@ where
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(InterceptedService::new(reflection, client_auth.clone()))
-        .add_service(InterceptedService::new(reflection_alpha, client_auth.clone()))
-        .add_service(InterceptedService::new(kv.clone(), client_auth.clone()))
-        .add_service(InterceptedService::new(admin_svc.clone(), client_auth.clone()))
-        .add_service(InterceptedService::new(control_svc, client_auth));
+        .add_service(InterceptedService::new(reflection_alpha, client_auth))
+        .add_service(InterceptedService::new(kv.clone(), client_audited.clone()))
+        .add_service(InterceptedService::new(admin_svc.clone(), client_audited.clone()))
+        .add_service(InterceptedService::new(control_svc, client_audited));
     let (grpc_task, peer_task) = match peer_incoming {
         Some(peer_incoming) => {
             let peer_server = tonic::transport::Server::builder()

@@ -30,6 +30,8 @@ pub const PRINCIPAL_HEADER: &str = "geokv-principal";
 pub const FORWARDED_HEADER: &str = "geokv-forwarded-by";
 /// The superuser (holds every grant).
 pub const ROOT: &str = "root";
+/// How the audit log names a caller refused before it was identified.
+pub const UNAUTHENTICATED_PRINCIPAL: &str = "(unauthenticated)";
 
 /// How a caller proved who it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +46,10 @@ pub enum Proof {
     Node(NodeIdentity),
     /// Forwarded by a node (authenticated by its certificate) for this principal.
     Forwarded { by: NodeIdentity },
+    /// Refused at the door of the client port; the handler returns this
+    /// error after recording the attempt in the audit log with its
+    /// operation (`Security::client_port_audited`).
+    Refused(KvError),
 }
 
 /// The authenticated caller of one request (in its extensions).
@@ -56,11 +62,12 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// The caller of a request, or `root` where no interceptor ran (the
-    /// simulation, and in-process tests).
+    /// The caller of a request as its port's interceptor found it. Where
+    /// no interceptor ran (a service wired without one) the caller is
+    /// nobody, and [`Security::authorize`] refuses it: fail closed.
     pub fn of<T>(request: &Request<T>) -> Caller {
         request.extensions().get::<Caller>().cloned().unwrap_or(Caller {
-            principal: ROOT.into(),
+            principal: String::new(),
             proof: Proof::Insecure,
             entry_region: String::new(),
         })
@@ -216,49 +223,68 @@ impl Security {
         request.extensions().get::<PeerConn>()?.identity(tls)
     }
 
-    /// The client port's interceptor: a client certificate or a bearer
-    /// token, never a forwarding header.
-    pub fn client_port(&self, mut request: Request<()>) -> Result<Request<()>, Status> {
+    /// Who calls on the client port: a client certificate or a bearer
+    /// token, never a forwarding header. A refusal is counted here.
+    fn judge_client<T>(&self, request: &Request<T>) -> Result<Caller, KvError> {
         const PORT: &str = "client";
+        let refused = |reason: &'static str, err: KvError| {
+            count_refused(PORT, reason);
+            tracing::debug!(port = PORT, reason, error = %err, "request refused");
+            err
+        };
         if self.tls.is_none() {
-            request.extensions_mut().insert(Caller {
+            return Ok(Caller {
                 principal: ROOT.into(),
                 proof: Proof::Insecure,
                 entry_region: self.region.clone(),
             });
-            return Ok(request);
         }
         let md = request.metadata();
         if md.get(FORWARDED_HEADER).is_some() || md.get(PRINCIPAL_HEADER).is_some() {
-            return Err(refuse(
-                PORT,
+            return Err(refused(
                 "forwarding_header_on_client_port",
                 denied("-", "node", "forwarding headers are accepted only from nodes on the peer port"),
             ));
         }
-        let caller = match self.conn_identity(&request) {
+        match self.conn_identity(request) {
             Some(Ok(id)) => {
                 let principal = match &id.node {
                     Some(n) => format!("node:{}", n.actor()),
                     None => id.common_name.clone(),
                 };
-                Caller { principal, proof: Proof::Certificate, entry_region: self.region.clone() }
+                Ok(Caller { principal, proof: Proof::Certificate, entry_region: self.region.clone() })
             }
-            Some(Err(why)) => return Err(refuse(PORT, "bad_certificate", unauthenticated(why))),
-            None => match bearer(&request) {
+            Some(Err(why)) => Err(refused("bad_certificate", unauthenticated(why))),
+            None => match bearer(request) {
                 Some(token) => {
-                    let principal = self.check_token(token).map_err(|(reason, e)| refuse(PORT, reason, e))?;
-                    Caller { principal, proof: Proof::Token, entry_region: self.region.clone() }
+                    let principal = self.check_token(token).map_err(|(reason, e)| refused(reason, e))?;
+                    Ok(Caller { principal, proof: Proof::Token, entry_region: self.region.clone() })
                 }
-                None => {
-                    return Err(refuse(
-                        PORT,
-                        "no_credentials",
-                        unauthenticated("no client certificate and no bearer token"),
-                    ))
-                }
+                None => Err(refused(
+                    "no_credentials",
+                    unauthenticated("no client certificate and no bearer token"),
+                )),
             },
-        };
+        }
+    }
+
+    /// The client port's interceptor for services that record no audit
+    /// entries of their own (reflection): a refusal ends the call here.
+    pub fn client_port(&self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let caller = self.judge_client(&request)?;
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+
+    /// The client port's interceptor for KV, Admin and Control: a refusal
+    /// is passed on to the handler, which records the attempt (with its
+    /// operation and table) in the audit log before answering with it.
+    pub fn client_port_audited(&self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let caller = self.judge_client(&request).unwrap_or_else(|err| Caller {
+            principal: UNAUTHENTICATED_PRINCIPAL.into(),
+            proof: Proof::Refused(err),
+            entry_region: self.region.clone(),
+        });
         request.extensions_mut().insert(caller);
         Ok(request)
     }
@@ -452,6 +478,18 @@ impl Security {
             },
             done: AtomicBool::new(false),
         };
+        if caller.principal.is_empty() {
+            count_refused("any", "no_caller");
+            return Err(unauthenticated("the request has no authenticated caller"));
+        }
+        if let Proof::Refused(err) = &caller.proof {
+            // Counted by the interceptor; recorded here, with the operation.
+            let mut access = access;
+            access.record.allowed = false;
+            access.record.reason = err.reason().to_string();
+            access.finish();
+            return Err(err.clone());
+        }
         let Some(privilege) = privilege else {
             // Any authenticated caller (status and metadata calls).
             return Ok(access);
