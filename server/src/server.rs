@@ -34,8 +34,10 @@ pub const PUBLIC_SERVICES: [&str; 4] =
     ["geokv.v1.KV", "geokv.v1.Admin", "geokv.v1.Control", "grpc.health.v1.Health"];
 
 /// Largest gRPC message accepted, in bytes: a batch at the value limit plus framing.
+/// At least 16 MiB, so a value several times over its limit still reaches
+/// the handler and gets `VALUE_TOO_LARGE` rather than a transport error.
 fn message_bytes_max(cfg: &Config) -> usize {
-    cfg.limits.value_bytes_max.saturating_mul(2).max(4 << 20)
+    cfg.limits.value_bytes_max.saturating_mul(2).max(16 << 20)
 }
 
 /// Opens the configured engine.

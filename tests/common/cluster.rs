@@ -551,6 +551,20 @@ impl DevCluster {
         std::fs::read_to_string(self.dir.path().join("dev.log")).unwrap_or_default()
     }
 
+    /// Kills `geokv dev` itself with SIGKILL (its nodes are left to what
+    /// the kernel does with them) and reaps it.
+    pub fn kill_9_dev(&mut self) {
+        let mut dev = self.dev.take().expect("geokv dev runs");
+        dev.kill().expect("send SIGKILL to geokv dev");
+        let _ = dev.wait();
+    }
+
+    /// Pids of every node process of this cluster still alive (zombies
+    /// and exiting processes excluded).
+    pub fn live_node_pids(&self) -> Vec<u32> {
+        REGIONS.iter().flat_map(|r| node_pids(&self.node_config(r))).filter(|p| !dead(*p)).collect()
+    }
+
     /// Pid of `region`'s running node, if one runs.
     pub fn node_pid(&self, region: &str) -> Option<u32> {
         if let Some(child) = self.restarted.get(region) {

@@ -362,16 +362,29 @@ impl DevCluster {
             let text = config_text(args, (r, id), &dir, *ports, certs_dir.as_deref(), &peers, &extra);
             std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
             let log = std::fs::File::create(dir.join("node.log"))?;
-            let child = Command::new(geokv_bin)
+            let mut command = Command::new(geokv_bin);
+            command
                 .arg("node")
                 .arg("--config")
                 .arg(&config)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("starting {}", geokv_bin.display()))?;
+                .kill_on_drop(true);
+            // The nodes die with `geokv dev`, however it ends (kill -9, a
+            // crash): the kernel sends them SIGKILL when it exits, so a
+            // later `geokv dev` never meets stale nodes on its ports.
+            // SAFETY: prctl(2) is async-signal-safe and touches no memory of
+            // the parent; it runs in the forked child before exec.
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let child = command.spawn().with_context(|| format!("starting {}", geokv_bin.display()))?;
             nodes.push(DevNode {
                 region: r.clone(),
                 id: id.clone(),

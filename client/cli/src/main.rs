@@ -34,10 +34,16 @@ enum Command {
     /// admin HTTP on 127.0.0.1:7701, and a table `default` homed in this node's region.
     Node(NodeArgs),
     /// Write a value (a sibling of concurrent values unless --context is given).
+    /// The value is the argument, `-` for standard input, or --value-file.
     Put {
         #[command(flatten)]
         row: RowArgs,
-        value: String,
+        /// The value; `-` reads it from standard input (any bytes).
+        #[arg(required_unless_present = "value_file", conflicts_with = "value_file")]
+        value: Option<String>,
+        /// Read the value from this file (any bytes).
+        #[arg(long)]
+        value_file: Option<PathBuf>,
         #[command(flatten)]
         write: WriteArgs,
         #[command(flatten)]
@@ -49,6 +55,10 @@ enum Command {
         row: RowArgs,
         #[command(flatten)]
         read: ReadArgs,
+        /// Write the value to standard output byte for byte, nothing else
+        /// (fails when the row holds several siblings).
+        #[arg(long, conflicts_with = "json")]
+        raw: bool,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -486,6 +496,7 @@ fn ack_json(a: &geokv_client::WriteAck) -> serde_json::Value {
 }
 
 fn main() -> ExitCode {
+    quiet_on_closed_pipe();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
@@ -557,9 +568,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Put { row, value, write, conn } => {
+        Command::Put { row, value, value_file, write, conn } => {
+            let value = read_value(value, value_file.as_deref())?;
             let client = connect(&conn).await?;
-            let ack = client.put(&row.row(), value.into_bytes(), write.options()?).await?;
+            let ack = client.put(&row.row(), value, write.options()?).await?;
             if conn.json {
                 println!("{}", ack_json(&ack));
             } else {
@@ -567,10 +579,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Get { row, read, conn } => {
+        Command::Get { row, read, raw, conn } => {
             let client = connect(&conn).await?;
             let got = client.get(&row.row(), read.level()?).await?;
-            if conn.json {
+            if raw {
+                use std::io::Write;
+                match got.siblings.as_slice() {
+                    [] => return Err(Failure::Usage("(not found)".into())),
+                    [one] => {
+                        let mut out = std::io::stdout().lock();
+                        out.write_all(&one.value)
+                            .and_then(|()| out.flush())
+                            .map_err(|e| Failure::Other(anyhow::anyhow!("writing the value: {e}")))?;
+                    }
+                    many => {
+                        return Err(Failure::Usage(format!(
+                            "{} siblings (concurrent writes): --raw writes one value; read them with --json",
+                            many.len()
+                        )))
+                    }
+                }
+            } else if conn.json {
                 let siblings: Vec<_> = got
                     .siblings
                     .iter()
@@ -1110,4 +1139,55 @@ fn parse_since(s: &str) -> Result<u64, String> {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     Ok(now_ms.saturating_sub(secs.saturating_mul(1000)))
+}
+
+/// Most bytes a value read from standard input or a file may have; the
+/// node's own limit (`limits.value_bytes_max`, 1 MiB by default, at most
+/// 64 MiB) refuses what is above it with `VALUE_TOO_LARGE`.
+const VALUE_READ_BYTES_MAX: u64 = 64 << 20;
+
+/// The value of `geokv put`: the argument, standard input for `-`, or a file.
+fn read_value(arg: Option<String>, file: Option<&std::path::Path>) -> Result<Vec<u8>, Failure> {
+    use std::io::Read;
+    let read_bounded = |r: &mut dyn Read, what: &str| -> Result<Vec<u8>, Failure> {
+        let mut buf = Vec::new();
+        r.take(VALUE_READ_BYTES_MAX + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| Failure::Other(anyhow::anyhow!("reading the value from {what}: {e}")))?;
+        if buf.len() as u64 > VALUE_READ_BYTES_MAX {
+            return Err(Failure::Usage(format!(
+                "VALUE_TOO_LARGE: the value from {what} is over {VALUE_READ_BYTES_MAX} bytes"
+            )));
+        }
+        Ok(buf)
+    };
+    match (arg, file) {
+        (_, Some(path)) => {
+            let mut f = std::fs::File::open(path)
+                .map_err(|e| Failure::Usage(format!("--value-file {}: {e}", path.display())))?;
+            read_bounded(&mut f, &path.display().to_string())
+        }
+        (Some(v), None) if v == "-" => read_bounded(&mut std::io::stdin().lock(), "standard input"),
+        (Some(v), None) => Ok(v.into_bytes()),
+        (None, None) => Err(Failure::Usage("give a value, `-` for standard input, or --value-file".into())),
+    }
+}
+
+/// A closed standard output (`geokv region status | head -1`) ends the
+/// command quietly with status 0, as the reader wanted no more, instead of
+/// a panic from `println!`.
+fn quiet_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
 }
