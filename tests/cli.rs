@@ -5,12 +5,11 @@
 
 mod common;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::cluster::DevCluster;
-use common::{run_bounded, Deadline, NodeProcess, CLI_TIMEOUT, GEOKV_BIN};
+use common::{run_bounded, run_bounded_bytes, Deadline, NodeProcess, CLI_TIMEOUT, GEOKV_BIN};
 
 /// `geokv ARGS` against `node`, with `stdin` on standard input.
 fn cli_with_stdin(
@@ -18,50 +17,13 @@ fn cli_with_stdin(
     args: &[&str],
     stdin: &[u8],
 ) -> (std::process::ExitStatus, Vec<u8>, String) {
-    let mut child = Command::new(GEOKV_BIN)
-        .args(args)
+    let mut cmd = Command::new(GEOKV_BIN);
+    cmd.args(args)
         .arg("--endpoint")
         .arg(node.grpc_addr.to_string())
         .env("GEOKV_CERTS_DIR", node.certs_dir())
-        .env_remove("GEOKV_ENDPOINT")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn geokv");
-    let mut input = child.stdin.take().expect("stdin is piped");
-    let data = stdin.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = input.write_all(&data);
-    });
-    // Readers on their own threads, so a large value never blocks the child.
-    let mut out_pipe = child.stdout.take().expect("stdout is piped");
-    let mut err_pipe = child.stderr.take().expect("stderr is piped");
-    let out_reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut out_pipe, &mut v);
-        v
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut err_pipe, &mut v);
-        v
-    });
-    let deadline = Deadline::after(CLI_TIMEOUT);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("poll geokv") {
-            break status;
-        }
-        if deadline.passed() {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("geokv {args:?} did not finish within {CLI_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let _ = writer.join();
-    let stdout = out_reader.join().unwrap_or_default();
-    let stderr = err_reader.join().unwrap_or_default();
+        .env_remove("GEOKV_ENDPOINT");
+    let (status, stdout, stderr) = run_bounded_bytes(cmd, Some(stdin.to_vec()), CLI_TIMEOUT);
     (status, stdout, String::from_utf8_lossy(&stderr).into_owned())
 }
 

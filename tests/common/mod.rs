@@ -103,26 +103,48 @@ impl CliOutput {
 }
 
 /// Runs `cmd` to completion, killing it if it runs past `limit`.
-pub fn run_bounded(mut cmd: Command, limit: Duration) -> CliOutput {
+pub fn run_bounded(cmd: Command, limit: Duration) -> CliOutput {
+    let (status, stdout, stderr) = run_bounded_bytes(cmd, None, limit);
+    CliOutput {
+        status,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
+/// [`run_bounded`] with `stdin` fed to the command (None: no input) and
+/// its output as bytes.
+pub fn run_bounded_bytes(
+    mut cmd: Command,
+    stdin: Option<Vec<u8>>,
+    limit: Duration,
+) -> (ExitStatus, Vec<u8>, Vec<u8>) {
     let shown = format!("{cmd:?}");
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawning {shown}: {e}"));
-    // Readers on their own threads, so a chatty child never blocks on a full pipe.
+    // Writer and readers on their own threads, so a large value never
+    // blocks the child on a full pipe.
+    let writer = match (stdin, child.stdin.take()) {
+        (Some(data), Some(mut input)) => Some(std::thread::spawn(move || {
+            let _ = input.write_all(&data);
+        })),
+        _ => None,
+    };
     let mut out = child.stdout.take().expect("stdout is piped");
     let mut err = child.stderr.take().expect("stderr is piped");
     let out_thread = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
     });
     let err_thread = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
     });
     let deadline = Deadline::after(limit);
     let status = loop {
@@ -136,9 +158,12 @@ pub fn run_bounded(mut cmd: Command, limit: Duration) -> CliOutput {
         }
         std::thread::sleep(POLL_INTERVAL);
     };
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
     let stdout = out_thread.join().unwrap_or_default();
     let stderr = err_thread.join().unwrap_or_default();
-    CliOutput { status, stdout, stderr }
+    (status, stdout, stderr)
 }
 
 /// One `geokv node` process with its own data directory and ports.
