@@ -1,6 +1,6 @@
 //! Failover, fencing and the QUORUM and STRONG paths on a `geokv dev`
 //! cluster: real node processes, every inter-region link behind the fault
-//! proxy with emulated WAN latency (DESIGN.md sections 3 and 8).
+//! proxy with emulated WAN latency (docs/architecture.md sections 3 and 8).
 //!
 //! - `kill -9` of the home region under STRONG, QUORUM and LOCAL load: the
 //!   STRONG group elects a new leader, the control plane moves the home

@@ -1,6 +1,6 @@
 //! Multi-region behaviour as a user of a `geokv dev` cluster sees it: real
 //! node processes, one per region, every inter-region link behind the fault
-//! proxy with emulated WAN latency (DESIGN.md sections 3, 6 and 7).
+//! proxy with emulated WAN latency (docs/architecture.md sections 3, 6 and 7).
 //!
 //! - a far region sees an EVENTUAL write after the link's one-way delay,
 //!   not before, and not much later;

@@ -1,4 +1,4 @@
-//! Several nodes per region (DESIGN.md section 2), as a user of a
+//! Several nodes per region (docs/architecture.md section 2), as a user of a
 //! `geokv dev --nodes-per-region 2` cluster sees it: real node processes,
 //! two per region, every inter-region link behind the fault proxy.
 //!

@@ -1,5 +1,5 @@
 //! Bounded replication logs, as a user of a `geokv dev` cluster sees them
-//! (DESIGN.md section 6): real node processes, every inter-region link
+//! (docs/architecture.md section 6): real node processes, every inter-region link
 //! behind the fault proxy.
 //!
 //! - back-pressure: when a healthy destination falls behind, writers are

@@ -1,4 +1,4 @@
-//! The live dashboard on the admin port (DESIGN.md section 9).
+//! The live dashboard on the admin port (docs/architecture.md section 9).
 //!
 //! - `GET /dashboard`: a page that polls `/dashboard/data` once a second and
 //!   charts replication lag per (source, destination) pair, region health and

@@ -1,5 +1,5 @@
 //! Causality: who saw which write, and how concurrent writes combine
-//! (DESIGN.md section 4).
+//! (docs/architecture.md section 4).
 //!
 //! Everything here is pure: no IO, no global clock. The replication and API
 //! layers call into it, and the property tests check it without a cluster.

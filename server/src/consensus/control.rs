@@ -1,5 +1,5 @@
 //! The control plane's state machine: home leases, epochs and failover
-//! state (DESIGN.md section 8).
+//! state (docs/architecture.md section 8).
 //!
 //! A *home* is a pair (home region, residency zone): rows homed in a
 //! region fail over only inside their zone, so each zone a region belongs

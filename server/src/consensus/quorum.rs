@@ -1,4 +1,4 @@
-//! QUORUM writes and reads (DESIGN.md section 3).
+//! QUORUM writes and reads (docs/architecture.md section 3).
 //!
 //! A QUORUM write is accepted by the node the client reached (it must be in
 //! the row's zone), made durable there through the normal write path, then

@@ -1,4 +1,4 @@
-//! Home leases and failover (DESIGN.md section 8): the drivers around the
+//! Home leases and failover (docs/architecture.md section 8): the drivers around the
 //! control plane's state machine ([`crate::consensus::control`]).
 //!
 //! # Layout

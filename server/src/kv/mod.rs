@@ -120,7 +120,7 @@ pub enum EntryFence {
 pub const FAILOVER_CONFLICTS_MAX: usize = 10_000;
 
 /// A write accepted by an old home under its then-valid epoch and received
-/// after the home moved on (DESIGN.md section 8: merged, never dropped).
+/// after the home moved on (docs/architecture.md section 8: merged, never dropped).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailoverConflict {
     pub table: String,

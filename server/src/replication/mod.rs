@@ -1,4 +1,4 @@
-//! Cross-region replication (DESIGN.md section 6).
+//! Cross-region replication (docs/architecture.md section 6).
 //!
 //! # Layout
 //! - [`frame`]: building and opening frames: residency filtering at the

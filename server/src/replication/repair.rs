@@ -1,5 +1,5 @@
 //! Merkle-tree anti-entropy for a destination node that fell behind log
-//! retention (DESIGN.md sections 6 and 7).
+//! retention (docs/architecture.md sections 6 and 7).
 //!
 //! Both sides build a tree ([`super::merkle`]) over the same set of rows:
 //! those of the compared partitions (owned by the source node in its region

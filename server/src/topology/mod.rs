@@ -1,4 +1,4 @@
-//! Nodes inside a region and the partitions they own (DESIGN.md section 2).
+//! Nodes inside a region and the partitions they own (docs/architecture.md section 2).
 //!
 //! Every table's keys are hash-partitioned into `partitions` partitions,
 //! cluster-wide: a key's partition is the same in every region. Inside a
