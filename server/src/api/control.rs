@@ -12,6 +12,7 @@ use crate::consensus::{Command, Consensus, Reply, CONTROL_GROUP};
 use crate::error::KvError;
 use crate::kv::Node;
 use crate::replication::Replicator;
+use crate::security::grants::Privilege;
 
 /// How long a planned failover or failback may take before the call fails
 /// (the handover itself goes on or is cancelled by its holder).
@@ -174,7 +175,7 @@ impl pb::control_server::Control for ControlService {
             &self.node,
             &request,
             "control.failover",
-            Some(crate::security::grants::Privilege::Admin),
+            Some(Privilege::Admin),
             &[],
             None,
         )?;
@@ -214,7 +215,7 @@ impl pb::control_server::Control for ControlService {
             &self.node,
             &request,
             "control.failback",
-            Some(crate::security::grants::Privilege::Admin),
+            Some(Privilege::Admin),
             &[],
             None,
         )?;
@@ -252,7 +253,7 @@ impl pb::control_server::Control for ControlService {
             &self.node,
             &request,
             "control.set_auto_failover",
-            Some(crate::security::grants::Privilege::Admin),
+            Some(Privilege::Admin),
             &[],
             None,
         )?;
@@ -269,7 +270,7 @@ impl pb::control_server::Control for ControlService {
             &self.node,
             &request,
             "control.failover_conflicts",
-            Some(crate::security::grants::Privilege::Admin),
+            Some(Privilege::Admin),
             &[],
             None,
         )?;
