@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::cluster::{DevCluster, Options};
-use common::{http_get, NodeProcess};
+use common::{http_get, metric, NodeProcess};
 use geokv_client::proto as pb;
 use geokv_client::{Client, ClientConfig, Consistency, ReadConsistency, Row, WriteOptions};
 use geokv_net::channel::{ChannelSettings, Channels, Dialer};
@@ -22,16 +22,6 @@ const EU_CENTRAL: &str = "eu-central-1";
 
 fn local() -> WriteOptions {
     WriteOptions { consistency: Some(Consistency::Local), ..WriteOptions::default() }
-}
-
-/// The value of one series of `/metrics` (0 when absent).
-fn metric(admin: std::net::SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let body = http_get(admin, "/metrics").unwrap_or_else(|e| panic!("GET /metrics: {e}"));
-    body.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn refused(admin: std::net::SocketAddr, port: &str, reason: &str) -> f64 {

@@ -14,7 +14,10 @@
 //! - [`report`]: the table, the geokv/peer ratios, JSON.
 //! - [`strong_wan`]: the `strong-wan` subcommand: STRONG writes through
 //!   `geokv dev`'s emulated WAN beside etcd with the same peer latencies.
+//! - [`client_routing`]: the `client-routing` subcommand: a pinned and a
+//!   region-aware client in an emulated far region, same run.
 
+mod client_routing;
 mod etcd;
 mod geokv;
 mod load;
@@ -60,6 +63,10 @@ enum Mode {
     /// STRONG writes through `geokv dev`'s emulated WAN, beside a 3-member
     /// etcd whose peer links get the same round trips, in one run.
     StrongWan(strong_wan::StrongWanArgs),
+    /// Read and write latency of a client far from a row's home: pinned to
+    /// one far endpoint against region-aware, through `geokv dev
+    /// --client-region`'s emulated latencies, in one run.
+    ClientRouting(client_routing::ClientRoutingArgs),
 }
 
 #[derive(Parser, Debug)]
@@ -220,6 +227,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let checked = match &args.mode {
         Some(Mode::StrongWan(a)) => a.validate(),
+        Some(Mode::ClientRouting(a)) => a.validate(),
         None => args.validate(),
     };
     if let Err(e) = checked {
@@ -273,6 +281,13 @@ async fn run_mode(args: &Args) -> Result<()> {
                 None => geokv::default_binary()?,
             };
             strong_wan::run(a, default_bin).await
+        }
+        Some(Mode::ClientRouting(a)) => {
+            let bin = match &a.geokv_bin {
+                Some(p) => p.clone(),
+                None => geokv::default_binary()?,
+            };
+            client_routing::run(a, bin).await
         }
         None => run(args).await,
     }

@@ -165,13 +165,13 @@ pub fn nearest_majority_rtt_ms(scale: f64) -> u64 {
 }
 
 /// `geokv dev` running in a temp dir; stopped (and its nodes with it) when dropped.
-struct GeokvDev {
+pub(crate) struct GeokvDev {
     /// Declared before `dir` so the cluster stops before its data goes.
     child: Child,
-    endpoint: String,
+    pub endpoint: String,
     /// The cluster's certificates (`geokv dev` runs with TLS).
-    certs_dir: std::path::PathBuf,
-    _dir: TempDir,
+    pub certs_dir: std::path::PathBuf,
+    dir: TempDir,
 }
 
 /// A base port whose eight node ports (4 regions x gRPC, admin) and the
@@ -190,15 +190,25 @@ fn dev_ports(seed: u64) -> Result<(u16, u16)> {
 }
 
 impl GeokvDev {
-    async fn start(bin: &std::path::Path, scale: f64) -> Result<Self> {
+    /// Starts `geokv dev` with `extra` arguments and waits until `ready`
+    /// (given the us-east-1 endpoint and the certificates) succeeds.
+    pub(crate) async fn spawn<F, Fut>(
+        bin: &std::path::Path,
+        scale: f64,
+        extra: &[&str],
+        what: &str,
+        ready: F,
+    ) -> Result<Self>
+    where
+        F: Fn(String, std::path::PathBuf) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
         let bin = process::require_binary(
             bin,
             "build it with `cargo build -p geokv --bin geokv` or pass --geokv-bin",
         )?;
-        let dir = tempfile::Builder::new()
-            .prefix("geokv-load-strongwan-")
-            .tempdir()
-            .context("creating a temp dir")?;
+        let dir =
+            tempfile::Builder::new().prefix("geokv-load-dev-").tempdir().context("creating a temp dir")?;
         let (base, control) = dev_ports(u64::from(std::process::id()))?;
         let mut cmd = Command::new(&bin);
         cmd.arg("dev")
@@ -210,49 +220,51 @@ impl GeokvDev {
             .arg("--proxy-control-port")
             .arg(control.to_string())
             .arg("--latency-scale")
-            .arg(scale.to_string());
+            .arg(scale.to_string())
+            .args(extra);
         let mut child =
             Child::spawn("geokv dev", cmd, &dir.path().join("dev.log"))?.with_stop_grace(DEV_STOP_GRACE);
         let endpoint = format!("127.0.0.1:{base}");
         // `geokv dev` makes the cluster's certificates under its data dir.
         let certs_dir = dir.path().join("dev").join("certs");
-        let probe_endpoint = endpoint.clone();
-        let probe_certs = certs_dir.clone();
         let started = Instant::now();
         process::wait_ready(
-            "geokv dev's STRONG group led from us-east-1",
+            what,
             GEOKV_READY_TIMEOUT,
             || child.check_alive(),
-            || {
-                let endpoint = probe_endpoint.clone();
-                let certs = probe_certs.clone();
-                async move {
-                    let client = client(&endpoint, &certs, Duration::from_secs(2)).await?;
-                    let status = client.region_status().await?;
-                    let group = status
-                        .groups
-                        .iter()
-                        .find(|g| g.name == GROUP)
-                        .context("no group strong/us-east-1")?;
-                    if group.leader != LEADER {
-                        bail!("{GROUP} is led by {:?}, waiting for {LEADER}", group.leader);
-                    }
-                    // One STRONG write end to end: the path is open.
-                    client
-                        .put(&Row::new("registers", "strong-wan/probe"), b"ok".to_vec(), strong())
-                        .await
-                        .context("probe STRONG put")?;
-                    Ok(())
-                }
-            },
+            || ready(endpoint.clone(), certs_dir.clone()),
         )
         .await?;
         eprintln!(
-            "geokv: dev pid {} (base port {base}), {GROUP} led by {LEADER} after {:.1} s",
+            "geokv: dev pid {} (base port {base}), {what} after {:.1} s",
             child.pid().unwrap_or(0),
             started.elapsed().as_secs_f64()
         );
-        Ok(Self { child, endpoint, certs_dir, _dir: dir })
+        Ok(Self { child, endpoint, certs_dir, dir })
+    }
+
+    /// What `geokv dev` printed so far.
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dev.log")).unwrap_or_default()
+    }
+
+    async fn start(bin: &std::path::Path, scale: f64) -> Result<Self> {
+        Self::spawn(bin, scale, &[], "STRONG group led from us-east-1", |endpoint, certs| async move {
+            let client = client(&endpoint, &certs, Duration::from_secs(2)).await?;
+            let status = client.region_status().await?;
+            let group =
+                status.groups.iter().find(|g| g.name == GROUP).context("no group strong/us-east-1")?;
+            if group.leader != LEADER {
+                bail!("{GROUP} is led by {:?}, waiting for {LEADER}", group.leader);
+            }
+            // One STRONG write end to end: the path is open.
+            client
+                .put(&Row::new("registers", "strong-wan/probe"), b"ok".to_vec(), strong())
+                .await
+                .context("probe STRONG put")?;
+            Ok(())
+        })
+        .await
     }
 
     async fn leader(&self) -> Result<String> {
@@ -267,7 +279,7 @@ impl GeokvDev {
     }
 }
 
-async fn client(endpoint: &str, certs_dir: &std::path::Path, timeout: Duration) -> Result<Client> {
+pub(crate) async fn client(endpoint: &str, certs_dir: &std::path::Path, timeout: Duration) -> Result<Client> {
     let mut cfg = ClientConfig::new(endpoint).with_certs_dir(certs_dir);
     cfg.timeout = timeout;
     cfg.retries_max = 0;

@@ -25,7 +25,7 @@ pub struct Error {
 impl Error {
     /// A failure of the client's own: it carries a reason of the table, so
     /// callers handle it like a server's.
-    fn client_side(reason: &Reason, message: String) -> Self {
+    pub(crate) fn client_side(reason: &Reason, message: String) -> Self {
         Self { code: reason.code, reason: Some(reason.name.into()), message, metadata: HashMap::new() }
     }
 

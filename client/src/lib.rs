@@ -24,6 +24,8 @@
 //! ```
 
 mod error;
+mod router;
+pub mod routing;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,7 +36,8 @@ use geokv_net::tls::{Tls, TlsFiles};
 use geokv_proto::v1 as pb;
 use pb::admin_client::AdminClient;
 use pb::control_client::ControlClient;
-use pb::kv_client::KvClient;
+use router::{Route, Router, Stubs};
+use routing::RowOp;
 use std::path::PathBuf;
 use tonic::transport::Channel;
 
@@ -155,6 +158,16 @@ impl Row {
     pub fn locality(mut self, value: impl Into<String>) -> Self {
         self.locality = Locality::Value(value.into());
         self
+    }
+
+    /// The row a request names.
+    pub fn from_proto(r: &pb::RowRef) -> Self {
+        let locality = match &r.locality {
+            None => Locality::TableDefault,
+            Some(pb::row_ref::Locality::HomeRegion(h)) => Locality::HomeRegion(h.clone()),
+            Some(pb::row_ref::Locality::LocalityValue(v)) => Locality::Value(v.clone()),
+        };
+        Self { table: r.table.clone(), key: r.key.clone(), locality }
     }
 
     fn to_proto(&self) -> pb::RowRef {
@@ -290,12 +303,42 @@ pub struct ScanPage {
 }
 
 /// Client settings.
+///
+/// Two kinds of client share them. A *pinned* client ([`ClientConfig::new`])
+/// sends every call to one endpoint, whose node routes it onwards. A
+/// *region-aware* client ([`ClientConfig::discover`]) learns every region,
+/// table policy and home holder from any of its seeds, and sends each call
+/// straight to the region that should serve it: reads to the nearest region
+/// allowed to hold the row, LOCAL writes to the home's holder, failing over
+/// to the next region when one is down, and never to a region outside the
+/// row's residency zone (docs/architecture.md section 14).
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `http://host:port` or `host:port`.
+    /// `http://host:port` or `host:port`: the pinned endpoint, or the first seed.
     pub endpoint: String,
+    /// Seed endpoints of a region-aware client (any regions; empty: pinned).
+    /// A seed written `region=host:port` also fixes the address used for
+    /// that region (a proxy or NAT in front of it) instead of the one the
+    /// cluster lists.
+    pub seeds: Vec<String>,
+    /// The region this client runs in: preferred for reads and for writes
+    /// any region may take, while it is healthy.
+    pub local_region: Option<String>,
     /// Deadline of one attempt.
     pub timeout: Duration,
+    /// Deadline of a whole call, across attempts and regions.
+    pub deadline: Duration,
+    /// How often a region-aware client pings every region (round trips,
+    /// and probing regions whose breaker is open).
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    /// How often a region-aware client refreshes the topology (also done
+    /// on a routing error).
+    pub refresh_interval: Duration,
+    /// How long a failed region is avoided at first; doubled per further
+    /// failure up to `breaker_open_max`. A successful probe closes it.
+    pub breaker_open: Duration,
+    pub breaker_open_max: Duration,
     pub connect_timeout: Duration,
     /// Extra attempts after a transient failure (Unavailable, deadline, transport).
     pub retries_max: u32,
@@ -320,7 +363,15 @@ impl ClientConfig {
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         Self {
             endpoint: endpoint.into(),
+            seeds: Vec::new(),
+            local_region: None,
             timeout: Duration::from_secs(5),
+            deadline: Duration::from_secs(15),
+            ping_interval: Duration::from_secs(1),
+            ping_timeout: Duration::from_millis(1500),
+            refresh_interval: Duration::from_secs(10),
+            breaker_open: Duration::from_millis(500),
+            breaker_open_max: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(3),
             retries_max: 3,
             retry_backoff: Duration::from_millis(50),
@@ -328,6 +379,21 @@ impl ClientConfig {
             user: env("GEOKV_USER").unwrap_or_else(|| "root".into()),
             token: env("GEOKV_TOKEN"),
         }
+    }
+
+    /// A region-aware client that learns the cluster from `seeds` (any
+    /// regions' client endpoints; `region=host:port` also fixes that
+    /// region's address). Other settings as [`ClientConfig::new`].
+    pub fn discover<S: Into<String>>(seeds: impl IntoIterator<Item = S>) -> Self {
+        let seeds: Vec<String> = seeds.into_iter().map(Into::into).collect();
+        let first = seeds.first().map(|s| router::parse_seed(s).1).unwrap_or_default();
+        Self { seeds, ..Self::new(first) }
+    }
+
+    /// Prefers `region` while it is healthy.
+    pub fn local_region(mut self, region: impl Into<String>) -> Self {
+        self.local_region = Some(region.into());
+        self
     }
 
     /// The same, over TLS with the certificates in `dir`.
@@ -349,15 +415,13 @@ impl ClientConfig {
     }
 }
 
-/// A connection to one geokv node (which routes to the others).
+/// A geokv client: pinned to one node (which routes to the others), or
+/// region-aware (see [`ClientConfig`]). Cloning is cheap and shares the
+/// connections, the topology and the session.
 #[derive(Clone)]
 pub struct Client {
-    kv: KvClient<Channel>,
-    admin: AdminClient<Channel>,
-    control: ControlClient<Channel>,
+    router: Arc<Router>,
     cfg: ClientConfig,
-    /// `authorization` metadata when the client authenticates by token.
-    bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     /// Session token from the last acknowledged write or read, sent with
     /// SESSION reads.
     session: Arc<Mutex<Vec<u8>>>,
@@ -406,15 +470,10 @@ impl Client {
         Self::with_config(ClientConfig::new(endpoint)).await
     }
 
+    /// Connects with `cfg`: a pinned client connects to its endpoint now; a
+    /// region-aware one asks its seeds for the topology, pings every region
+    /// once, and keeps both fresh in the background while it lives.
     pub async fn with_config(cfg: ClientConfig) -> Result<Self, Error> {
-        let url = normalize(&cfg.endpoint);
-        let channel = cfg.channels()?.connect(&cfg.endpoint, None).await.map_err(|e| {
-            let err = match e {
-                geokv_net::channel::ChannelError::Connect { source, .. } => Error::transport(&url, source),
-                other => Error::local(other.to_string()),
-            };
-            with_tls_hint(&cfg, err)
-        })?;
         let bearer = match &cfg.token {
             Some(t) => Some(
                 format!("Bearer {t}")
@@ -423,14 +482,62 @@ impl Client {
             ),
             None => None,
         };
-        Ok(Self {
-            bearer,
-            kv: KvClient::new(channel.clone()).max_decoding_message_size(64 << 20),
-            admin: AdminClient::new(channel.clone()),
-            control: ControlClient::new(channel),
-            cfg,
-            session: Arc::new(Mutex::new(Vec::new())),
+        if let Some(region) = &cfg.local_region {
+            if region.trim().is_empty() {
+                return Err(Error::local("the local region is empty".into()));
+            }
+        }
+        let router = Router::new(cfg.clone(), cfg.channels()?, bearer);
+        if router.region_aware() {
+            router.refresh().await.map_err(|e| with_tls_hint(&cfg, e))?;
+            if let (Some(local), Some(t)) = (&cfg.local_region, router.current_topology()) {
+                if !t.region_order.contains(local) {
+                    return Err(Error::local(format!(
+                        "local region `{local}` is not a region of this cluster (regions: {})",
+                        t.region_order.join(", ")
+                    )));
+                }
+            }
+            router.ping_all().await;
+            router::spawn_background(&router);
+        } else {
+            router.connect_pinned().await.map_err(|e| with_tls_hint(&cfg, e))?;
+        }
+        Ok(Self { router, cfg, session: Arc::new(Mutex::new(Vec::new())) })
+    }
+
+    /// A region-aware client from `seeds`, preferring `local_region`.
+    pub async fn discover<S: Into<String>>(
+        seeds: impl IntoIterator<Item = S>,
+        local_region: Option<&str>,
+    ) -> Result<Self, Error> {
+        let mut cfg = ClientConfig::discover(seeds);
+        cfg.local_region = local_region.map(String::from);
+        Self::with_config(cfg).await
+    }
+
+    /// The topology a region-aware client routes by (None for a pinned one).
+    pub fn topology(&self) -> Option<Arc<routing::Topology>> {
+        self.router.current_topology()
+    }
+
+    /// Where a region-aware client would send a call on `row`, in order of
+    /// preference (empty for a pinned client or a row it cannot place).
+    pub fn plan_for(&self, row: &Row, write: bool) -> Vec<String> {
+        let Some(t) = self.topology() else { return Vec::new() };
+        let Some(p) = t.placement(row, self.cfg.local_region.as_deref()) else { return Vec::new() };
+        let views: std::collections::HashMap<String, routing::RegionView> =
+            self.router.region_views().into_iter().collect();
+        let op = if write { RowOp::Write(None) } else { RowOp::Read(ReadConsistency::Local) };
+        routing::plan(&p, op, self.cfg.local_region.as_deref(), &|r| {
+            views.get(r).copied().unwrap_or_default()
         })
+    }
+
+    /// Every known region with this client's view of it: whether its
+    /// breaker is open and the measured round trip.
+    pub fn region_health(&self) -> Vec<(String, routing::RegionView)> {
+        self.router.region_views()
     }
 
     /// The session token this client holds (for handing to another client).
@@ -457,44 +564,19 @@ impl Client {
         }
     }
 
-    /// Runs `call` with a per-attempt deadline, retrying transient failures
-    /// a bounded number of times with exponential backoff.
-    async fn attempt<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
+    /// Runs `call` through the router: a per-attempt deadline, bounded
+    /// retries of transient failures, and (region-aware) the next region
+    /// when one is down.
+    async fn attempt<T, F, Fut>(&self, route: Route<'_>, call: F) -> Result<T, Error>
     where
-        F: FnMut(Duration) -> Fut,
+        F: FnMut(Stubs, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        let mut backoff = self.cfg.retry_backoff;
-        let mut attempt = 0;
-        loop {
-            match call(self.cfg.timeout).await {
-                Ok(v) => return Ok(v),
-                Err(status) => {
-                    let transport =
-                        status.code() == tonic::Code::Unknown && status.message().contains("transport");
-                    let mut err = Error::from(status);
-                    if transport {
-                        err = with_tls_hint(&self.cfg, err);
-                    }
-                    if attempt >= self.cfg.retries_max || !err.is_transient() {
-                        return Err(err);
-                    }
-                    attempt += 1;
-                    tracing::debug!(attempt, error = %err, "retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = backoff.saturating_mul(2);
-                }
-            }
-        }
+        self.router.run(route, call).await
     }
 
     fn request<T>(&self, msg: T, timeout: Duration) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(msg);
-        r.set_timeout(timeout);
-        if let Some(b) = &self.bearer {
-            r.metadata_mut().insert("authorization", b.clone());
-        }
-        r
+        self.router.request(msg, timeout)
     }
 
     fn idempotency(opts: &WriteOptions) -> String {
@@ -532,8 +614,8 @@ impl Client {
         let (consistency, max_staleness_ms, session_token) = self.read_fields(level);
         let msg = pb::GetRequest { row: Some(row.to_proto()), consistency, max_staleness_ms, session_token };
         let resp = self
-            .attempt(|t| {
-                let mut kv = self.kv.clone();
+            .attempt(Route::Row(row, RowOp::Read(level)), |stubs, t| {
+                let mut kv = stubs.kv;
                 let msg = msg.clone();
                 async move { kv.get(self.request(msg, t)).await }
             })
@@ -562,8 +644,8 @@ impl Client {
             idempotency_key: Self::idempotency(&opts),
         };
         let resp = self
-            .attempt(|t| {
-                let mut kv = self.kv.clone();
+            .attempt(Route::Row(row, RowOp::Write(opts.consistency)), |stubs, t| {
+                let mut kv = stubs.kv;
                 let msg = msg.clone();
                 async move { kv.put(self.request(msg, t)).await }
             })
@@ -581,8 +663,8 @@ impl Client {
             idempotency_key: Self::idempotency(&opts),
         };
         let resp = self
-            .attempt(|t| {
-                let mut kv = self.kv.clone();
+            .attempt(Route::Row(row, RowOp::Write(opts.consistency)), |stubs, t| {
+                let mut kv = stubs.kv;
                 let msg = msg.clone();
                 async move { kv.delete(self.request(msg, t)).await }
             })
@@ -598,17 +680,30 @@ impl Client {
         consistency: Option<Consistency>,
         idempotency_key: Option<String>,
     ) -> Result<Vec<WriteAck>, Error> {
+        // Routed by its first row: a batch's rows share a placement or the
+        // node refuses it.
+        let batch_row = ops
+            .first()
+            .and_then(|op| match &op.op {
+                Some(pb::batch_op::Op::Put(p)) => p.row.as_ref(),
+                Some(pb::batch_op::Op::Delete(d)) => d.row.as_ref(),
+                None => None,
+            })
+            .map(Row::from_proto);
         let msg = pb::BatchRequest {
             ops,
             consistency: consistency.map(Consistency::to_proto).unwrap_or(0),
             idempotency_key: idempotency_key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         };
         let resp = self
-            .attempt(|t| {
-                let mut kv = self.kv.clone();
-                let msg = msg.clone();
-                async move { kv.batch(self.request(msg, t)).await }
-            })
+            .attempt(
+                batch_row.as_ref().map_or(Route::Any, |r| Route::Row(r, RowOp::Write(consistency))),
+                |stubs, t| {
+                    let mut kv = stubs.kv;
+                    let msg = msg.clone();
+                    async move { kv.batch(self.request(msg, t)).await }
+                },
+            )
             .await?
             .into_inner();
         Ok(resp.acks.into_iter().map(|a| self.ack(Some(a))).collect())
@@ -630,8 +725,8 @@ impl Client {
             include_deleted: false,
         };
         let resp = self
-            .attempt(|t| {
-                let mut kv = self.kv.clone();
+            .attempt(Route::Table(table), |stubs, t| {
+                let mut kv = stubs.kv;
                 let msg = msg.clone();
                 async move { kv.scan(self.request(msg, t)).await }
             })
@@ -654,8 +749,8 @@ impl Client {
             idempotency_key: Self::idempotency(&opts),
         };
         let resp = self
-            .attempt(|t| {
-                let mut kv = self.kv.clone();
+            .attempt(Route::Row(row, RowOp::Write(opts.consistency)), |stubs, t| {
+                let mut kv = stubs.kv;
                 let msg = msg.clone();
                 async move { kv.counter_add(self.request(msg, t)).await }
             })
@@ -670,8 +765,8 @@ impl Client {
         let msg =
             pb::CounterGetRequest { row: Some(row.to_proto()), consistency, max_staleness_ms, session_token };
         let resp = self
-            .attempt(|t| {
-                let mut kv = self.kv.clone();
+            .attempt(Route::Row(row, RowOp::Read(level)), |stubs, t| {
+                let mut kv = stubs.kv;
                 let msg = msg.clone();
                 async move { kv.counter_get(self.request(msg, t)).await }
             })
@@ -695,8 +790,8 @@ impl Client {
             idempotency_key: Self::idempotency(&opts),
         };
         let resp = self
-            .attempt(|t| {
-                let mut kv = self.kv.clone();
+            .attempt(Route::Row(row, RowOp::Write(opts.consistency)), |stubs, t| {
+                let mut kv = stubs.kv;
                 let msg = msg.clone();
                 async move { kv.set_add(self.request(msg, t)).await }
             })
@@ -721,8 +816,8 @@ impl Client {
             context: opts.context.clone().unwrap_or_default().0,
         };
         let resp = self
-            .attempt(|t| {
-                let mut kv = self.kv.clone();
+            .attempt(Route::Row(row, RowOp::Write(opts.consistency)), |stubs, t| {
+                let mut kv = stubs.kv;
                 let msg = msg.clone();
                 async move { kv.set_remove(self.request(msg, t)).await }
             })
@@ -736,8 +831,8 @@ impl Client {
         let msg =
             pb::SetMembersRequest { row: Some(row.to_proto()), consistency, max_staleness_ms, session_token };
         let resp = self
-            .attempt(|t| {
-                let mut kv = self.kv.clone();
+            .attempt(Route::Row(row, RowOp::Read(level)), |stubs, t| {
+                let mut kv = stubs.kv;
                 let msg = msg.clone();
                 async move { kv.set_members(self.request(msg, t)).await }
             })
@@ -841,8 +936,8 @@ impl Client {
         let msg = pb::CompareAndSetRequest { row: Some(row.to_proto()), expected, value };
         let key = idempotency_key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let resp = self
-            .attempt(|t| {
-                let mut kv = self.kv.clone();
+            .attempt(Route::Row(row, RowOp::Write(Some(Consistency::Strong))), |stubs, t| {
+                let mut kv = stubs.kv;
                 let mut req = self.request(msg.clone(), t);
                 if let Ok(v) = key.parse() {
                     req.metadata_mut().insert("geokv-idempotency-key", v);
@@ -897,7 +992,8 @@ impl Client {
         F: Fn(ControlClient<Channel>, tonic::Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
-        let resp = self.attempt(|t| call(self.control.clone(), self.request(msg.clone(), t))).await?;
+        let resp =
+            self.attempt(Route::Any, |stubs, t| call(stubs.control, self.request(msg.clone(), t))).await?;
         Ok(resp.into_inner())
     }
 
@@ -907,14 +1003,15 @@ impl Client {
         F: Fn(AdminClient<Channel>, tonic::Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
-        let resp = self.attempt(|t| call(self.admin.clone(), self.request(msg.clone(), t))).await?;
+        let resp =
+            self.attempt(Route::Any, |stubs, t| call(stubs.admin, self.request(msg.clone(), t))).await?;
         Ok(resp.into_inner())
     }
 
     pub async fn node_status(&self) -> Result<pb::NodeStatusResponse, Error> {
         let resp = self
-            .attempt(|t| {
-                let mut admin = self.admin.clone();
+            .attempt(Route::Any, |stubs, t| {
+                let mut admin = stubs.admin;
                 async move { admin.node_status(self.request(pb::NodeStatusRequest {}, t)).await }
             })
             .await?;

@@ -11,9 +11,11 @@
 //! - [`reasons`]: every stable error reason (`ErrorInfo.reason`) with its gRPC
 //!   code and whether a retry may succeed; the server, the client and
 //!   `docs/error-codes.md` all follow it.
+//! - [`partition`]: the partition function every node and client agrees on.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, served by gRPC reflection.
 
 pub mod envelope;
+pub mod partition;
 pub mod reasons;
 
 #[allow(clippy::all, missing_docs)]

@@ -138,6 +138,8 @@ reasons! {
         "The authenticated principal lacks a grant the request needs.";
     UNREACHABLE: Unavailable, Client, retryable = true,
         "The client cannot connect to the endpoint.";
+    ZONE_UNREACHABLE: Unavailable, Client, retryable = true,
+        "No region that may hold the row (its residency zone) is reachable; the client did not send the request anywhere else.";
     CLIENT_ERROR: InvalidArgument, Client, retryable = false,
         "Bad local input, caught by the client before any call.";
 }

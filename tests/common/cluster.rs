@@ -92,11 +92,20 @@ pub struct Options {
     pub partitions: u32,
     /// TOML sections appended to every node's config (`--extra-config`).
     pub extra_config: String,
+    /// `geokv dev --client-region`: client ports also fronted by links
+    /// with the latency from this region.
+    pub client_region: Option<String>,
 }
 
 impl Options {
     pub fn scale(latency_scale: f64) -> Self {
-        Self { latency_scale, nodes_per_region: 1, partitions: 64, extra_config: String::new() }
+        Self {
+            latency_scale,
+            nodes_per_region: 1,
+            partitions: 64,
+            extra_config: String::new(),
+            client_region: None,
+        }
     }
 }
 
@@ -206,6 +215,8 @@ pub struct DevCluster {
     base_port: u16,
     pub latency_scale: f64,
     pub nodes_per_region: u16,
+    /// Started with `--client-region` (one more proxy link per node).
+    client_region: bool,
     /// The `geokv dev` process (None once stopped).
     dev: Option<Child>,
     /// Nodes this harness restarted itself, by region.
@@ -266,6 +277,7 @@ impl DevCluster {
             .arg("--fresh")
             .arg("--latency-scale")
             .arg(latency_scale.to_string())
+            .args(options.client_region.iter().flat_map(|r| ["--client-region", r.as_str()]))
             .env("RUST_LOG", "info")
             .env_remove("GEOKV_CONFIG")
             .env_remove("GEOKV_ENDPOINT")
@@ -281,6 +293,7 @@ impl DevCluster {
             base_port,
             latency_scale,
             nodes_per_region: options.nodes_per_region,
+            client_region: options.client_region.is_some(),
             dev: Some(dev),
             restarted: BTreeMap::new(),
             restarts: 0,
@@ -312,7 +325,8 @@ impl DevCluster {
         // dev starts without the control API when its port is taken.
         let links = self.control().links().await.map_err(|e| format!("proxy control API: {e}"))?;
         let nodes = REGIONS.len() * usize::from(self.nodes_per_region);
-        let expected = nodes * (nodes - usize::from(self.nodes_per_region));
+        let client_links = if self.client_region { nodes } else { 0 };
+        let expected = nodes * (nodes - usize::from(self.nodes_per_region)) + client_links;
         if links.len() != expected {
             return Err(format!("proxy control API lists {} links, expected {expected}", links.len()));
         }
@@ -422,6 +436,23 @@ impl DevCluster {
     /// `http://127.0.0.1:PORT` of a region's gRPC API.
     pub fn endpoint(&self, region: &str) -> String {
         format!("http://{}", self.grpc_addr(region))
+    }
+
+    /// The proxied client endpoint of `region` that `geokv dev
+    /// --client-region` printed (its first node), as `region=addr`.
+    pub fn client_region_seeds(&self) -> Vec<String> {
+        let log = self.dev_log();
+        let mut seeds = Vec::new();
+        for region in REGIONS {
+            let line = log
+                .lines()
+                .skip_while(|l| !l.starts_with("client endpoints as seen from"))
+                .find(|l| l.split_whitespace().next() == Some(region))
+                .unwrap_or_else(|| panic!("geokv dev printed no client endpoint for {region}:\n{log}"));
+            let addr = line.split_whitespace().nth(2).expect("an address column");
+            seeds.push(format!("{region}={addr}"));
+        }
+        seeds
     }
 
     /// Address of the fault proxy's HTTP control API.

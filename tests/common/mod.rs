@@ -455,6 +455,18 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
 }
 
 /// Path of a file under the workspace's `tests/` folder.
+/// The sum of the series of `name` on a node's `/metrics` whose labels
+/// include every pair of `labels` (0 when there is none).
+pub fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let body = http_get(admin, "/metrics").unwrap_or_else(|e| panic!("GET /metrics from {admin}: {e}"));
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn tests_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests").join(relative)
 }

@@ -19,8 +19,15 @@ pub async fn connect_all(entry: &Client, template: &ClientConfig) -> Result<Regi
     for r in &view.regions {
         let client = match r.client_addrs.first() {
             Some(addr) => {
+                // Pinned to the region's node, whatever kind `template` is;
+                // a `region=addr` seed overrides the listed address.
                 let mut cfg = template.clone();
-                cfg.endpoint = addr.clone();
+                cfg.endpoint = template
+                    .seeds
+                    .iter()
+                    .find_map(|s| s.strip_prefix(&format!("{}=", r.name)))
+                    .map_or_else(|| addr.clone(), String::from);
+                cfg.seeds.clear();
                 cfg.retries_max = 0;
                 Client::with_config(cfg).await
             }

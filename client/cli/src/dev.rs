@@ -57,6 +57,12 @@ pub struct DevArgs {
     /// `<data-dir>/certs` (a `root` client certificate among them).
     #[arg(long)]
     pub insecure: bool,
+    /// Emulate a client running in this region: every region's client port
+    /// is also fronted by a fault-proxy link with the latency from this
+    /// region to that one, and those endpoints are printed (as
+    /// `--endpoints region=addr,...` for a region-aware client).
+    #[arg(long)]
+    pub client_region: Option<String>,
 }
 
 /// Cluster name in the certificates `geokv dev` makes.
@@ -129,6 +135,21 @@ pub struct DevCluster {
     pub certs_dir: Option<PathBuf>,
     pub proxies: ProxySet,
     pub control: Option<geokv_proxy::ControlServer>,
+    /// With --client-region: (region, node id, proxied client endpoint).
+    pub client_endpoints: Vec<(String, String, SocketAddr)>,
+}
+
+impl DevCluster {
+    /// The `--endpoints` value of a region-aware client behind
+    /// --client-region's links: one `region=addr` per region.
+    pub fn client_seeds(&self) -> Vec<String> {
+        let mut seen = std::collections::BTreeSet::new();
+        self.client_endpoints
+            .iter()
+            .filter(|(r, _, _)| seen.insert(r.clone()))
+            .map(|(r, _, a)| format!("{r}={a}"))
+            .collect()
+    }
 }
 
 /// How one node reaches another, as written in its `[[regions]]` list.
@@ -267,6 +288,11 @@ impl DevCluster {
         if !(0.0..=100.0).contains(&args.latency_scale) {
             bail!("--latency-scale must be between 0 and 100");
         }
+        if let Some(r) = &args.client_region {
+            if !args.regions.contains(r) {
+                bail!("--client-region `{r}` is not one of --regions ({})", args.regions.join(", "));
+            }
+        }
         let extra = match &args.extra_config {
             Some(path) => {
                 std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
@@ -325,6 +351,24 @@ impl DevCluster {
                     .await
                     .with_context(|| format!("starting proxy link {name}"))?;
                 via.insert((a, b), handle.local_addr());
+            }
+        }
+        // A client in --client-region reaches every node's client port with
+        // the latency from its region (none inside it).
+        let mut client_endpoints = Vec::new();
+        if let Some(from) = &args.client_region {
+            for ((region, id), ports) in &addrs {
+                let one_way = if region == from {
+                    0
+                } else {
+                    (round_trip_ms(from, region) / 2.0 * args.latency_scale).round() as u64
+                };
+                let name = format!("client@{from}->{region}.{id}");
+                let handle = proxies
+                    .add(&name, loopback(0), ports.grpc, LinkFaults::symmetric_latency(one_way))
+                    .await
+                    .with_context(|| format!("starting proxy link {name}"))?;
+                client_endpoints.push((region.clone(), id.clone(), handle.local_addr()));
             }
         }
         let control_port = args.proxy_control_port.unwrap_or(args.base_port.saturating_add(99));
@@ -395,7 +439,7 @@ impl DevCluster {
                 child,
             });
         }
-        let cluster = DevCluster { nodes, certs_dir, proxies, control };
+        let cluster = DevCluster { nodes, certs_dir, proxies, control, client_endpoints };
         cluster.wait_ready(Duration::from_secs(30)).await?;
         Ok(cluster)
     }
@@ -459,6 +503,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("{:<16} {:<5} {:<22} {:<30}", "region", "node", "gRPC endpoint", "admin / dashboard");
     for n in &cluster.nodes {
         println!("{:<16} {:<5} {:<22} http://{}/dashboard", n.region, n.id, n.grpc, n.admin);
+    }
+    if let Some(from) = &args.client_region {
+        println!("client endpoints as seen from {from} (through the fault proxy):");
+        for (region, id, addr) in &cluster.client_endpoints {
+            let rtt = if region == from { 0.0 } else { round_trip_ms(from, region) * args.latency_scale };
+            println!("  {region:<16} {id:<5} {addr:<22} (+{rtt:.0} ms round trip)");
+        }
+        println!(
+            "region-aware client: geokv --endpoints {} --local-region {from} ...",
+            cluster.client_seeds().join(",")
+        );
     }
     if let Some(c) = &cluster.control {
         println!("fault proxy control: http://{}/links", c.local_addr());

@@ -328,9 +328,19 @@ struct NodeArgs {
 
 #[derive(Args, Clone)]
 struct ConnArgs {
-    /// Node to talk to.
+    /// Node to talk to; it routes each request onwards (a pinned client).
     #[arg(long, global = true, env = "GEOKV_ENDPOINT", default_value = "127.0.0.1:7700")]
     endpoint: String,
+    /// Seed endpoints, comma-separated, of any regions: the client learns
+    /// the cluster from them and sends each request straight to the region
+    /// that should serve it, failing over when one is down, never outside a
+    /// row's residency zone. `region=host:port` also fixes that region's
+    /// address (e.g. the proxied endpoints `geokv dev --client-region` prints).
+    #[arg(long, global = true, env = "GEOKV_ENDPOINTS", value_delimiter = ',', conflicts_with = "region")]
+    endpoints: Vec<String>,
+    /// With --endpoints: the region this client runs in, preferred while healthy.
+    #[arg(long, global = true, env = "GEOKV_LOCAL_REGION", requires = "endpoints")]
+    local_region: Option<String>,
     /// Enter the cluster in this region (found through --endpoint's cluster view).
     #[arg(long, global = true)]
     region: Option<String>,
@@ -441,7 +451,14 @@ impl ReadArgs {
 }
 
 fn client_config(conn: &ConnArgs) -> ClientConfig {
-    let mut cfg = ClientConfig::new(conn.endpoint.clone());
+    let seeds: Vec<String> =
+        conn.endpoints.iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
+    let mut cfg = if seeds.is_empty() {
+        ClientConfig::new(conn.endpoint.clone())
+    } else {
+        ClientConfig::discover(seeds)
+    };
+    cfg.local_region = conn.local_region.clone();
     cfg.timeout = Duration::from_millis(conn.timeout_ms);
     cfg.user = conn.user.clone();
     cfg.token = conn.token.clone();

@@ -53,6 +53,63 @@ impl ControlService {
         }
     }
 
+    /// What a region-aware client routes by (docs/architecture.md section 14):
+    /// the configuration's regions, zones and table policies, the partition
+    /// layout, and the current holder of every home.
+    fn topology_answer(&self) -> pb::TopologyResponse {
+        let cfg = self.node.config();
+        let topology = self.node.topology();
+        let regions = cfg
+            .regions
+            .iter()
+            .map(|r| pb::TopologyRegion {
+                name: r.name.clone(),
+                zone: cfg.zone_of(&r.name).map(|z| z.name.clone()).unwrap_or_default(),
+                nodes: topology
+                    .nodes(&r.name)
+                    .iter()
+                    .map(|n| pb::TopologyNode { node_id: n.id.clone(), client_addr: n.client_addr.clone() })
+                    .collect(),
+            })
+            .collect();
+        let tables = cfg
+            .tables
+            .iter()
+            .map(|t| pb::TopologyTable {
+                name: t.name.clone(),
+                locality: t.locality.as_str().into(),
+                home_region: t.home_region.clone().unwrap_or_default(),
+                default_home_region: t.default_home_region.clone().unwrap_or_default(),
+                zone: t.zone.clone().unwrap_or_default(),
+                localities: t.localities.clone().into_iter().collect(),
+                default_consistency: t.default_consistency.as_str().into(),
+            })
+            .collect();
+        let state = self.consensus.control_state();
+        pb::TopologyResponse {
+            answered_by_region: cfg.region.clone(),
+            partitions: topology.partitions,
+            regions,
+            zones: cfg
+                .zones
+                .iter()
+                .map(|z| pb::TopologyZone { name: z.name.clone(), regions: z.regions.clone() })
+                .collect(),
+            localities: cfg.localities.clone().into_iter().collect(),
+            tables,
+            homes: state
+                .leases
+                .values()
+                .map(|l| pb::TopologyHome { home: l.home.clone(), holder: l.holder.clone(), epoch: l.epoch })
+                .collect(),
+            healthy_regions: cfg
+                .region_names()
+                .into_iter()
+                .filter(|r| self.replicator.is_healthy(r))
+                .collect(),
+        }
+    }
+
     fn known_region(&self, field: &'static str, region: &str) -> Result<(), KvError> {
         let cfg = self.node.config();
         if region.is_empty() {
@@ -165,6 +222,15 @@ impl pb::control_server::Control for ControlService {
                 .filter(|r| self.replicator.is_healthy(r))
                 .collect(),
         }))
+    }
+
+    async fn topology(
+        &self,
+        request: Request<pb::TopologyRequest>,
+    ) -> Result<Response<pb::TopologyResponse>, Status> {
+        let (_caller, _access) =
+            crate::api::authorize_call(&self.node, &request, "control.topology", None, &[], None)?;
+        Ok(Response::new(self.topology_answer()))
     }
 
     async fn failover(

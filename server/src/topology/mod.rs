@@ -71,24 +71,7 @@ pub struct Topology {
     pub self_id: String,
 }
 
-/// FNV-1a, 64 bits: stable across versions and platforms, which is what a
-/// partition function needs (the standard library's hasher is not).
-fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for b in *part {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h
-}
-
-/// The partition of `(table, key)` among `partitions`.
-pub fn partition_of(partitions: u32, table: &str, key: &[u8]) -> u32 {
-    let h = fnv1a(&[table.as_bytes(), &[0], key]);
-    (h % u64::from(partitions.max(1))) as u32
-}
+pub use geokv_proto::partition::partition_of;
 
 impl Topology {
     /// The layout the configuration describes. This node is always a member
@@ -245,6 +228,7 @@ mod tests {
 
     #[test]
     fn partition_of_is_stable_and_spreads_keys() {
+        use geokv_proto::partition::fnv1a;
         // A fixed value: changing the hash would move every stored row.
         assert_eq!(partition_of(64, "default", b"user:1"), partition_of(64, "default", b"user:1"));
         assert_eq!(fnv1a(&[b"a"]), 0xaf63_dc4c_8601_ec8c);
