@@ -125,13 +125,15 @@ impl StrongWanArgs {
 }
 
 /// Measured round trip between two regions in milliseconds: the table of
-/// `geokv dev` (`client/cli/src/dev.rs`, `round_trip_ms`), for the regions
-/// this mode uses.
+/// `geokv dev` (`client/cli/src/dev.rs`, `round_trip_ms`).
 pub fn table_rtt_ms(a: &str, b: &str) -> f64 {
     let table: &[(&str, &str, f64)] = &[
         ("us-east-1", "eu-west-1", 80.0),
         ("us-east-1", "eu-central-1", 90.0),
+        ("us-east-1", "ap-southeast-1", 217.0),
         ("eu-west-1", "eu-central-1", 25.0),
+        ("eu-west-1", "ap-southeast-1", 238.0),
+        ("eu-central-1", "ap-southeast-1", 160.0),
     ];
     table
         .iter()

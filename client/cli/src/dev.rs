@@ -363,7 +363,7 @@ impl DevCluster {
                 } else {
                     (round_trip_ms(from, region) / 2.0 * args.latency_scale).round() as u64
                 };
-                let name = format!("client@{from}->{region}.{id}");
+                let name = format!("client:{from}->{region}.{id}");
                 let handle = proxies
                     .add(&name, loopback(0), ports.grpc, LinkFaults::symmetric_latency(one_way))
                     .await
