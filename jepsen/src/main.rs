@@ -182,7 +182,7 @@ async fn main_inner(cli: Cli) -> anyhow::Result<bool> {
             let opts: RunOptions = serde_json::from_str(&text)?;
             let records = geokv_jepsen::history::read_jsonl(&dir.join("history.jsonl"))?;
             let fin = serde_json::from_str(&std::fs::read_to_string(dir.join("final.json"))?)?;
-            let steps = serde_json::from_str(
+            let steps: Vec<geokv_jepsen::nemesis::Step> = serde_json::from_str(
                 &std::fs::read_to_string(dir.join("schedule.json"))
                     .with_context(|| format!("reading {}/schedule.json", dir.display()))?,
             )?;

@@ -196,7 +196,11 @@ mod tests {
                     &aim,
                 );
                 let (_, v) = coverage::check_schedule(sc.nemesis, &depends, &steps);
-                (format!("{} under {} (seed {seed} + {i})", sc.workload.name(), sc.nemesis.name()), v.outcome, v.detail)
+                (
+                    format!("{} under {} (seed {seed} + {i})", sc.workload.name(), sc.nemesis.name()),
+                    v.outcome,
+                    v.detail,
+                )
             })
             .collect()
     }

@@ -172,8 +172,11 @@ pub fn judge(
     } else if depends.is_empty() {
         Verdict::new(CHECKER, Outcome::Unknown, "the workload declares no region it depends on")
     } else if cov.vacuous() {
-        let missed =
-            if cov.missed.is_empty() { String::new() } else { format!("; not counted: {}", cov.missed.join(", ")) };
+        let missed = if cov.missed.is_empty() {
+            String::new()
+        } else {
+            format!("; not counted: {}", cov.missed.join(", "))
+        };
         Verdict::new(
             CHECKER,
             Outcome::Fail,
@@ -275,7 +278,8 @@ mod tests {
         let steps = [kill(2, "us-east-1")];
         let records = [start("start-pause", NemesisStatus::Installed)];
         assert_eq!(check(NemesisKind::Kill, &deps(), &steps, &records).1.outcome, Outcome::Unknown);
-        let records = [start("start-kill", NemesisStatus::Installed), start("start-kill", NemesisStatus::Installed)];
+        let records =
+            [start("start-kill", NemesisStatus::Installed), start("start-kill", NemesisStatus::Installed)];
         assert_eq!(check(NemesisKind::Kill, &deps(), &steps, &records).1.outcome, Outcome::Unknown);
     }
 
