@@ -496,6 +496,11 @@ pub fn link_name(from: &str, to: &str) -> String {
     format!("{from}->{to}")
 }
 
+/// The two regions of a link named by [`link_name`]: (from, to).
+pub fn link_ends(link: &str) -> Option<(&str, &str)> {
+    link.split_once("->")
+}
+
 /// A client with short deadlines and no retries, for probes.
 pub async fn quick_client(endpoint: &str) -> Result<Client, geokv_client::Error> {
     let mut cfg = client_config(endpoint);

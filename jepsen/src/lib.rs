@@ -6,11 +6,14 @@
 //! # Layout
 //! - [`history`]: operation and nemesis records, JSON lines.
 //! - [`checker`]: linearizability, counters, sets, residency, lost writes,
-//!   convergence, one home per epoch. Pure; unknown fails the run.
+//!   convergence, one home per epoch, coverage (the faults reached the
+//!   regions the workload depends on). Pure; unknown fails the run.
 //! - [`cluster`]: writes node configs, starts the proxies and the nodes,
 //!   kills (-9), pauses, restarts with clock skew; stops everything on drop.
-//! - [`nemesis`]: fault kinds and the seeded schedule, and their execution.
-//! - [`workload`]: register, counter, set and residency clients.
+//! - [`nemesis`]: fault kinds, what each touches, the seeded schedule aimed
+//!   at the workload's regions, and their execution.
+//! - [`workload`]: register, counter, set and residency clients, and the
+//!   regions each depends on.
 //! - [`run`]: one scenario end to end; [`suite`] many.
 //! - [`report`]: the run folder: history, verdicts, `index.html` with plots.
 

@@ -112,6 +112,7 @@ fn base_options(common: &Common, out: PathBuf) -> RunOptions {
 fn print_summary(s: &RunSummary) {
     println!("{}: {} under {} (seed {})", s.outcome_name(), s.workload.name(), s.nemesis.name(), s.seed);
     println!("  operations: {:?}; nemesis steps: {:?}", s.ops, s.nemesis_steps);
+    println!("  faults on depended-on regions: {}", s.coverage.describe());
     for v in &s.verdicts {
         println!("  {:<20} {:<8} {}", v.checker, format!("{:?}", v.outcome).to_lowercase(), v.detail);
     }
@@ -181,7 +182,12 @@ async fn main_inner(cli: Cli) -> anyhow::Result<bool> {
             let opts: RunOptions = serde_json::from_str(&text)?;
             let records = geokv_jepsen::history::read_jsonl(&dir.join("history.jsonl"))?;
             let fin = serde_json::from_str(&std::fs::read_to_string(dir.join("final.json"))?)?;
-            let verdicts = geokv_jepsen::run::check(&opts, &records, &fin);
+            let steps: Vec<geokv_jepsen::nemesis::Step> = serde_json::from_str(
+                &std::fs::read_to_string(dir.join("schedule.json"))
+                    .with_context(|| format!("reading {}/schedule.json", dir.display()))?,
+            )?;
+            let (verdicts, coverage) = geokv_jepsen::run::check(&opts, &steps, &records, &fin);
+            println!("coverage: {}", coverage.describe());
             for v in &verdicts {
                 println!("{:<20} {:<8} {}", v.checker, format!("{:?}", v.outcome).to_lowercase(), v.detail);
             }

@@ -18,7 +18,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{link_name, Cluster};
+use crate::cluster::{link_ends, link_name, Cluster};
 use crate::history::{NemesisStatus, Recorder};
 
 /// Which faults a run injects.
@@ -118,26 +118,159 @@ pub const STEPS_MAX: usize = 1_000;
 /// (`clock.max_offset_ms`, 500 by default), in ms.
 const SKEW_MS_MAX: i64 = 400;
 
-/// The faults of a run of `duration` with `kind` on `regions`, from `seed`.
-pub fn schedule(kind: NemesisKind, seed: u64, regions: &[String], duration: Duration) -> Vec<Step> {
+/// Every `AIM_EVERY`-th fault, from the first, touches a region the
+/// workload depends on: the first fault does, and so does one in three
+/// after it, so a skipped step does not leave the run without one.
+pub const AIM_EVERY: usize = 3;
+
+/// The faults of a run of `duration` with `kind` on `regions`, from
+/// `seed`, aimed at `depends` (the regions the workload depends on,
+/// `workload::dependencies`): every [`AIM_EVERY`]-th fault, from the first,
+/// that [`touches`] none of them is turned onto one of them, chosen from
+/// the seed. The rest is as random as the seed makes it, and a fault that
+/// already touches a dependency is left as drawn.
+pub fn schedule(
+    kind: NemesisKind,
+    seed: u64,
+    regions: &[String],
+    duration: Duration,
+    depends: &[String],
+) -> Vec<Step> {
+    schedule_aimed(kind, seed, regions, duration, Some(depends))
+}
+
+/// [`schedule`]; with `aim` None, the faults exactly as drawn, aimed at
+/// nothing (the schedules before aiming, kept to show the coverage check
+/// failing on them).
+fn schedule_aimed(
+    kind: NemesisKind,
+    seed: u64,
+    regions: &[String],
+    duration: Duration,
+    aim: Option<&[String]>,
+) -> Vec<Step> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x006e_656d_6573_6973);
+    // Aiming draws from its own stream, so the windows and every fault not
+    // turned are the same as unaimed.
+    let mut aim_rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x0061_696d_6564_0000);
     let total_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
     let mut steps = Vec::new();
     if kind == NemesisKind::None || regions.len() < 2 {
         return steps;
     }
+    let aim: Vec<&String> = aim.unwrap_or_default().iter().filter(|r| regions.contains(*r)).collect();
     let mut t = rng.random_range(QUIET_MS.0..=QUIET_MS.1);
     while steps.len() < STEPS_MAX {
         let len = rng.random_range(FAULT_MS.0..=FAULT_MS.1);
         if t + len + TAIL_MS > total_ms {
             break;
         }
-        let fault = pick(kind, &mut rng, regions);
+        let mut fault = pick(kind, &mut rng, regions);
+        if steps.len() % AIM_EVERY == 0 && !aim.is_empty() && !aim.iter().any(|r| touches(&fault, r)) {
+            let target = aim[aim_rng.random_range(0..aim.len())];
+            fault = turn_onto(&fault, target);
+        }
         steps.push(Step { start_ms: t, stop_ms: t + len, fault });
         t += len + rng.random_range(QUIET_MS.0..=QUIET_MS.1);
     }
     steps
 }
+
+/// The regions a fault touches: the one definition of what a fault
+/// reaches, used to aim schedules and to judge coverage.
+///
+/// - kill, pause, skew: the region(s) whose node it hits;
+/// - a cut (partition, bridge, halves): every region on either side, each
+///   being cut from at least one other region (a bridge region, on neither
+///   side, is not touched);
+/// - latency, stall: both ends of every link it slows or holds;
+/// - failover: the region whose homes move and the one they move to.
+pub fn touched(f: &Fault) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    match f {
+        Fault::Cut { a, b, .. } => {
+            if !a.is_empty() && !b.is_empty() {
+                out.extend(a.iter().chain(b).cloned());
+            }
+        }
+        Fault::Latency { between, .. } => out.extend(between.iter().cloned()),
+        Fault::Stall { links } => {
+            for (x, y) in links.iter().filter_map(|l| link_ends(l)) {
+                out.insert(x.to_string());
+                out.insert(y.to_string());
+            }
+        }
+        Fault::Kill { regions } => out.extend(regions.iter().cloned()),
+        Fault::Pause { region } | Fault::Skew { region, .. } => {
+            out.insert(region.clone());
+        }
+        Fault::Failover { from, to } => {
+            out.insert(from.clone());
+            out.insert(to.clone());
+        }
+    }
+    out
+}
+
+/// Whether `f` touches `region` (see [`touched`]).
+pub fn touches(f: &Fault, region: &str) -> bool {
+    touched(f).contains(region)
+}
+
+/// `f` with `target` swapped for a region it touches, everywhere the fault
+/// names either: the same shape of fault (one node killed, one region
+/// isolated, one link slowed, a bridge with the same sides' sizes), now
+/// touching `target`. A failover keeps the region whose homes it moves and
+/// moves them to `target`.
+fn turn_onto(f: &Fault, target: &str) -> Fault {
+    let hit = match f {
+        Fault::Failover { to, .. } => Some(to.clone()),
+        Fault::Cut { a, .. } => a.first().cloned(),
+        Fault::Latency { between, .. } => Some(between[0].clone()),
+        Fault::Stall { links } => links.first().and_then(|l| link_ends(l)).map(|(x, _)| x.to_string()),
+        Fault::Kill { regions } => regions.first().cloned(),
+        Fault::Pause { region } | Fault::Skew { region, .. } => Some(region.clone()),
+    };
+    let Some(hit) = hit else { return f.clone() };
+    let swap = |r: &str| -> String {
+        if r == hit {
+            target.to_string()
+        } else if r == target {
+            hit.clone()
+        } else {
+            r.to_string()
+        }
+    };
+    let all = |rs: &[String]| rs.iter().map(|r| swap(r)).collect::<Vec<_>>();
+    match f {
+        Fault::Cut { a, b, why } => {
+            let why = match why.strip_prefix(BRIDGE_THROUGH) {
+                Some(bridge) => format!("{BRIDGE_THROUGH}{}", swap(bridge)),
+                None => why.clone(),
+            };
+            Fault::Cut { a: all(a), b: all(b), why }
+        }
+        Fault::Latency { between: [x, y], latency_ms, jitter_ms } => {
+            Fault::Latency { between: [swap(x), swap(y)], latency_ms: *latency_ms, jitter_ms: *jitter_ms }
+        }
+        Fault::Stall { links } => Fault::Stall {
+            links: links
+                .iter()
+                .map(|l| match link_ends(l) {
+                    Some((x, y)) => link_name(&swap(x), &swap(y)),
+                    None => l.clone(),
+                })
+                .collect(),
+        },
+        Fault::Kill { regions } => Fault::Kill { regions: all(regions) },
+        Fault::Pause { region } => Fault::Pause { region: swap(region) },
+        Fault::Skew { region, skew_ms } => Fault::Skew { region: swap(region), skew_ms: *skew_ms },
+        Fault::Failover { from, to } => Fault::Failover { from: from.clone(), to: swap(to) },
+    }
+}
+
+/// How a bridge cut names its bridge region in `why`.
+const BRIDGE_THROUGH: &str = "bridge through ";
 
 fn pick(kind: NemesisKind, rng: &mut impl Rng, regions: &[String]) -> Fault {
     let one = |rng: &mut dyn rand::RngCore| regions[rng.random_range(0..regions.len())].clone();
@@ -156,7 +289,7 @@ fn pick(kind: NemesisKind, rng: &mut impl Rng, regions: &[String]) -> Fault {
             Fault::Cut {
                 a: rest[..mid].to_vec(),
                 b: rest[mid..].to_vec(),
-                why: format!("bridge through {}", shuffled[0]),
+                why: format!("{BRIDGE_THROUGH}{}", shuffled[0]),
             }
         }
         NemesisKind::Halves => {
@@ -198,7 +331,9 @@ fn pick(kind: NemesisKind, rng: &mut impl Rng, regions: &[String]) -> Fault {
     }
 }
 
-fn fault_kind(f: &Fault) -> &'static str {
+/// The kind of a fault, as its steps are named in the history
+/// (`start-<kind>`, `stop-<kind>`).
+pub fn fault_kind(f: &Fault) -> &'static str {
     match f {
         Fault::Cut { why, .. } if why.starts_with("bridge") => "bridge",
         Fault::Cut { why, .. } if why == "halves" => "halves",
@@ -403,35 +538,140 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checker::coverage;
+    use crate::checker::Outcome;
+    use crate::workload::{dependencies, WorkloadKind};
 
     fn regions() -> Vec<String> {
         crate::cluster::REGIONS.iter().map(|r| r.to_string()).collect()
     }
 
+    const ALL: [NemesisKind; 9] = [
+        NemesisKind::Partition,
+        NemesisKind::Bridge,
+        NemesisKind::Halves,
+        NemesisKind::Latency,
+        NemesisKind::Stall,
+        NemesisKind::Kill,
+        NemesisKind::Pause,
+        NemesisKind::Skew,
+        NemesisKind::Failover,
+    ];
+
+    fn home() -> Vec<String> {
+        vec!["us-east-1".to_string()]
+    }
+
     #[test]
     fn schedules_repeat_from_the_seed_and_fit_the_run() {
-        for kind in [NemesisKind::Partition, NemesisKind::Bridge, NemesisKind::Halves, NemesisKind::Kill] {
-            let a = schedule(kind, 42, &regions(), Duration::from_secs(60));
-            let b = schedule(kind, 42, &regions(), Duration::from_secs(60));
+        for kind in ALL {
+            let a = schedule(kind, 42, &regions(), Duration::from_secs(60), &home());
+            let b = schedule(kind, 42, &regions(), Duration::from_secs(60), &home());
             assert_eq!(a, b);
             assert!(a.len() >= 5, "{kind:?}: {} faults in 60 s", a.len());
             assert!(a.windows(2).all(|w| w[0].stop_ms < w[1].start_ms), "windows do not overlap");
             assert!(a.last().unwrap().stop_ms + TAIL_MS <= 60_000);
-            assert_ne!(a, schedule(kind, 43, &regions(), Duration::from_secs(60)));
+            assert_ne!(a, schedule(kind, 43, &regions(), Duration::from_secs(60), &home()));
         }
-        assert!(schedule(NemesisKind::None, 1, &regions(), Duration::from_secs(60)).is_empty());
+        assert!(schedule(NemesisKind::None, 1, &regions(), Duration::from_secs(60), &home()).is_empty());
     }
 
     #[test]
     fn cuts_separate_their_sides() {
         for seed in 0..50 {
-            for step in schedule(NemesisKind::Bridge, seed, &regions(), Duration::from_secs(30)) {
-                let Fault::Cut { a, b, why } = step.fault else { panic!("bridge is a cut") };
-                assert!(!a.is_empty() && !b.is_empty());
-                let bridge = why.trim_start_matches("bridge through ");
-                assert!(!a.iter().chain(&b).any(|r| r == bridge), "the bridge talks to both sides");
-                assert_eq!(cut_links(&a, &b).len(), 2 * a.len() * b.len());
+            for aim in [vec![], home(), vec!["eu-west-1".to_string()]] {
+                for step in schedule(NemesisKind::Bridge, seed, &regions(), Duration::from_secs(30), &aim) {
+                    let Fault::Cut { a, b, why } = step.fault else { panic!("bridge is a cut") };
+                    assert!(!a.is_empty() && !b.is_empty());
+                    let bridge = why.strip_prefix(BRIDGE_THROUGH).expect("a bridge names its bridge");
+                    assert!(!a.iter().chain(&b).any(|r| r == bridge), "the bridge talks to both sides");
+                    assert_eq!(a.len() + b.len() + 1, regions().len(), "every region has a place");
+                    assert_eq!(cut_links(&a, &b).len(), 2 * a.len() * b.len());
+                }
             }
         }
+    }
+
+    #[test]
+    fn touched_follows_each_fault_kind() {
+        let s = |v: &[&str]| v.iter().map(|r| r.to_string()).collect::<Vec<_>>();
+        let set = |v: &[&str]| v.iter().map(|r| r.to_string()).collect::<BTreeSet<_>>();
+        let cut = Fault::Cut { a: s(&["a"]), b: s(&["b", "c"]), why: "partition".into() };
+        assert_eq!(touched(&cut), set(&["a", "b", "c"]));
+        let bridge = Fault::Cut { a: s(&["a"]), b: s(&["b"]), why: format!("{BRIDGE_THROUGH}c") };
+        assert_eq!(touched(&bridge), set(&["a", "b"]), "the bridge is cut from nobody");
+        let nothing = Fault::Cut { a: s(&["a", "b"]), b: vec![], why: "halves".into() };
+        assert!(touched(&nothing).is_empty(), "a cut with an empty side isolates nobody");
+        let latency = Fault::Latency { between: ["a".into(), "b".into()], latency_ms: 1, jitter_ms: 1 };
+        assert_eq!(touched(&latency), set(&["a", "b"]));
+        let stall = Fault::Stall { links: vec![link_name("a", "b"), link_name("b", "a")] };
+        assert_eq!(touched(&stall), set(&["a", "b"]));
+        assert_eq!(touched(&Fault::Kill { regions: s(&["a", "c"]) }), set(&["a", "c"]));
+        assert_eq!(touched(&Fault::Pause { region: "d".into() }), set(&["d"]));
+        assert_eq!(touched(&Fault::Skew { region: "d".into(), skew_ms: -5 }), set(&["d"]));
+        assert_eq!(touched(&Fault::Failover { from: "a".into(), to: "b".into() }), set(&["a", "b"]));
+    }
+
+    /// Aiming changes only the faults it turns, and those keep their shape.
+    #[test]
+    fn aiming_turns_only_the_faults_that_miss_and_keeps_their_shape() {
+        let regions = regions();
+        for kind in ALL {
+            for seed in 0..100 {
+                for target in &regions {
+                    let aim = vec![target.clone()];
+                    let unaimed = schedule_aimed(kind, seed, &regions, Duration::from_secs(45), None);
+                    let aimed = schedule(kind, seed, &regions, Duration::from_secs(45), &aim);
+                    assert_eq!(unaimed.len(), aimed.len());
+                    for (i, (u, a)) in unaimed.iter().zip(&aimed).enumerate() {
+                        assert_eq!((u.start_ms, u.stop_ms), (a.start_ms, a.stop_ms), "windows stay");
+                        assert_eq!(fault_kind(&u.fault), fault_kind(&a.fault));
+                        assert_eq!(touched(&u.fault).len(), touched(&a.fault).len(), "{u:?} -> {a:?}");
+                        if i % AIM_EVERY == 0 {
+                            assert!(touches(&a.fault, target), "{kind:?} seed {seed} #{i}: {a:?}");
+                        }
+                        if i % AIM_EVERY != 0 || touches(&u.fault, target) {
+                            assert_eq!(u, a, "a fault that is not aimed, or already hits, is left as drawn");
+                        }
+                        if let (Fault::Failover { from: f0, .. }, Fault::Failover { from: f1, .. }) =
+                            (&u.fault, &a.fault)
+                        {
+                            assert_eq!(f0, f1, "failover moves the same homes");
+                        }
+                        if let Fault::Stall { links } = &a.fault {
+                            assert!(links.iter().all(|l| link_ends(l).is_some_and(|(x, y)| x != y)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `register under kill` with seed 78, as scheduled before aiming:
+    /// every client sent to us-east-1 and the kills hit eu-central-1,
+    /// ap-southeast-1 and eu-west-1, never us-east-1. The coverage check
+    /// calls that schedule vacuous; the aimed one kills us-east-1 first.
+    #[test]
+    fn the_unaimed_seed_78_kill_schedule_is_vacuous_for_the_register() {
+        let regions = regions();
+        let depends = dependencies(WorkloadKind::Register, &regions);
+        let aim: Vec<String> = depends.keys().cloned().collect();
+        assert_eq!(aim, home());
+        let duration = Duration::from_secs(crate::suite::FULL_SIZING.time_s);
+        let unaimed = schedule_aimed(NemesisKind::Kill, 78, &regions, duration, None);
+        let killed: BTreeSet<String> = unaimed.iter().flat_map(|s| touched(&s.fault)).collect();
+        let expected: BTreeSet<String> =
+            ["eu-central-1", "ap-southeast-1", "eu-west-1"].iter().map(|r| r.to_string()).collect();
+        assert_eq!(killed, expected, "{unaimed:?}");
+        let (cov, v) = coverage::check_schedule(NemesisKind::Kill, &depends, &unaimed);
+        assert_eq!(v.outcome, Outcome::Fail, "{}", v.detail);
+        assert!(v.detail.starts_with("vacuous"), "{}", v.detail);
+        assert!(cov.vacuous());
+
+        let aimed = schedule(NemesisKind::Kill, 78, &regions, duration, &aim);
+        assert!(touches(&aimed[0].fault, "us-east-1"), "{aimed:?}");
+        let (cov, v) = coverage::check_schedule(NemesisKind::Kill, &depends, &aimed);
+        assert_eq!(v.outcome, Outcome::Pass, "{}", v.detail);
+        assert!(cov.counts()["us-east-1"] >= 1);
     }
 }

@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use crate::checker::coverage::Coverage;
 use crate::checker::{
     self, digest_key, Audit, FinalState, Outcome, RegionFinal, Verdict, FINAL_CLIENT_PREFIX,
 };
 use crate::cluster::{quick_client, zones, Cluster, ClusterSpec, EU_ZONE, REGIONS};
 use crate::history::{self, Kind, NemesisStatus, Recorder, Value, F};
-use crate::nemesis::{self, NemesisKind};
+use crate::nemesis::{self, NemesisKind, Step};
 use crate::report;
 use crate::workload::{self, ClientSpec, Shared, WorkloadKind};
 
@@ -68,6 +69,9 @@ pub struct RunSummary {
     pub ops: BTreeMap<String, u64>,
     /// Nemesis steps by status.
     pub nemesis_steps: BTreeMap<String, u64>,
+    /// Which installed faults touched which regions the workload depends on.
+    #[serde(default)]
+    pub coverage: Coverage,
     /// What the workload could not exercise yet, and why.
     pub notes: Vec<String>,
     pub elapsed_s: f64,
@@ -108,18 +112,19 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<RunSummary> {
     let t0 = Instant::now();
     let recorder = Recorder::new(t0);
     let duration = Duration::from_secs(opts.time_s);
-    let steps = nemesis::schedule(opts.nemesis, opts.seed, &regions, duration);
+    let depends: Vec<String> = workload::dependencies(opts.workload, &regions).into_keys().collect();
+    let steps = nemesis::schedule(opts.nemesis, opts.seed, &regions, duration, &depends);
     std::fs::write(opts.out.join("schedule.json"), serde_json::to_string_pretty(&steps)?)?;
 
     // Clients: `clients_per_region` standing in every region.
     let mut clients = Vec::new();
     for (ri, region) in regions.iter().enumerate() {
         for i in 0..opts.clients_per_region {
-            let target = if opts.workload == WorkloadKind::Register { &regions[0] } else { region };
+            let target = workload::entry_region(opts.workload, &regions, region);
             clients.push(ClientSpec {
                 name: format!("{region}/{i}"),
                 home: region.clone(),
-                region: target.clone(),
+                region: target.to_string(),
                 endpoint: cluster.endpoint(target),
                 seed: opts.seed.wrapping_mul(1_000_003).wrapping_add((ri * 100 + i) as u64),
             });
@@ -186,7 +191,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<RunSummary> {
     let records = recorder.records();
     history::write_jsonl(&opts.out.join("history.jsonl"), &records)?;
     std::fs::write(opts.out.join("final.json"), serde_json::to_string_pretty(&fin)?)?;
-    let verdicts = check(opts, &records, &fin);
+    let (verdicts, coverage) = check(opts, &steps, &records, &fin);
     let outcome = checker::overall(&verdicts);
     let mut ops = BTreeMap::new();
     let mut nemesis_steps = BTreeMap::new();
@@ -213,6 +218,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<RunSummary> {
         verdicts,
         ops,
         nemesis_steps,
+        coverage,
         notes: notes(opts.workload, &regions),
         elapsed_s: started.elapsed().as_secs_f64(),
     };
@@ -221,11 +227,23 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<RunSummary> {
     Ok(summary)
 }
 
-/// The checkers of a workload, on a recorded history and final state.
-pub fn check(opts: &RunOptions, records: &[history::Record], fin: &FinalState) -> Vec<Verdict> {
+/// The checkers of a workload, on its fault schedule (`steps`), recorded
+/// history and final state; with the coverage of the schedule's faults.
+pub fn check(
+    opts: &RunOptions,
+    steps: &[Step],
+    records: &[history::Record],
+    fin: &FinalState,
+) -> (Vec<Verdict>, Coverage) {
+    let regions: Vec<String> = REGIONS.iter().map(|r| r.to_string()).collect();
+    let depends = workload::dependencies(opts.workload, &regions);
+    let (coverage, covered) = checker::coverage::check(opts.nemesis, &depends, steps, records);
     let ops = match history::operations(records) {
         Ok(ops) => ops,
-        Err(e) => return vec![Verdict::new("history", Outcome::Unknown, format!("history unusable: {e}"))],
+        Err(e) => {
+            let unusable = Verdict::new("history", Outcome::Unknown, format!("history unusable: {e}"));
+            return (vec![unusable, covered], coverage);
+        }
     };
     let mut v = match opts.workload {
         // LOCAL reads are served by the nearest replica: once a failover
@@ -256,7 +274,8 @@ pub fn check(opts: &RunOptions, records: &[history::Record], fin: &FinalState) -
             .collect();
         v.push(checker::epoch::check(&ops, &epochs));
     }
-    v
+    v.push(covered);
+    (v, coverage)
 }
 
 async fn read_digests(cluster: &Cluster, regions: &[String]) -> BTreeMap<String, RegionFinal> {

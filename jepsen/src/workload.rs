@@ -12,11 +12,16 @@
 //! - **residency**: EU-resident rows (`eu_users`, zone eu) written and read
 //!   from every region; outside the zone every operation must be refused.
 //!
+//! Each workload declares the regions it depends on ([`dependencies`]):
+//! the fault schedule aims at them and a run that never faulted one of
+//! them fails as vacuous.
+//!
 //! Outcomes: `ok`; `fail` only when the server said the operation was
 //! refused before it could apply (invalid, residency, level unavailable,
 //! ...); `unknown` for everything else after the request was sent
 //! (deadline, transport error, unavailable, internal).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +31,8 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{
-    EU_LOCALITIES, TABLE_COUNTERS, TABLE_EU_USERS, TABLE_REGISTERS, TABLE_SETS, TABLE_STRONG_REGISTERS,
+    zones, EU_LOCALITIES, EU_ZONE, TABLE_COUNTERS, TABLE_EU_USERS, TABLE_REGISTERS, TABLE_SETS,
+    TABLE_STRONG_REGISTERS,
 };
 use crate::history::{Ack, Kind, Recorder, Value, F};
 
@@ -51,6 +57,78 @@ impl WorkloadKind {
             WorkloadKind::Residency => "residency",
         }
     }
+}
+
+/// Why a scenario depends on a region: what a fault there puts to the test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Home of the workload's table: it orders the table's writes.
+    Home,
+    /// The leader the table's consensus group prefers (STRONG).
+    Leader,
+    /// A region whose node the workload's clients send to, and which
+    /// accepts their writes.
+    Entry,
+    /// A region of the residency zone the workload's rows must stay in.
+    Zone,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Home => "home",
+            Role::Leader => "leader",
+            Role::Entry => "entry",
+            Role::Zone => "zone",
+        }
+    }
+}
+
+/// The region whose node a client standing in `standing` sends to: the
+/// LOCAL register's clients all send to the registers' home (`regions[0]`,
+/// see `cluster::node_config`), every other workload's to their own region.
+pub fn entry_region<'a>(kind: WorkloadKind, regions: &'a [String], standing: &'a str) -> &'a str {
+    match kind {
+        WorkloadKind::Register => &regions[0],
+        _ => standing,
+    }
+}
+
+/// The regions a scenario of `kind` depends on, and why. A fault schedule
+/// must touch at least one of them (`nemesis::schedule` aims at them, and a
+/// run whose installed faults never touched one fails as vacuous:
+/// `checker::coverage`).
+///
+/// - register: the home (`regions[0]`), which is also every client's entry.
+/// - strong-register: the home and preferred leader of the consensus group
+///   (`regions[0]`). Its clients enter in every region, but a fault on a
+///   follower alone never moves the leader, so entries do not count here.
+/// - counter, set: every region (each is an entry and accepts writes).
+/// - residency: the regions of the EU zone, the only ones that hold and
+///   accept `eu_users` rows.
+pub fn dependencies(kind: WorkloadKind, regions: &[String]) -> BTreeMap<String, Vec<Role>> {
+    let mut deps: BTreeMap<String, Vec<Role>> = BTreeMap::new();
+    let Some(first) = regions.first() else { return deps };
+    match kind {
+        WorkloadKind::Register => {
+            deps.insert(first.clone(), vec![Role::Home, Role::Entry]);
+        }
+        WorkloadKind::StrongRegister => {
+            deps.insert(first.clone(), vec![Role::Home, Role::Leader]);
+        }
+        WorkloadKind::Counter | WorkloadKind::Set => {
+            for r in regions {
+                deps.insert(r.clone(), vec![Role::Entry]);
+            }
+        }
+        WorkloadKind::Residency => {
+            for r in zones(regions).remove(EU_ZONE).unwrap_or_default() {
+                deps.insert(r, vec![Role::Zone, Role::Entry]);
+            }
+        }
+    }
+    deps
 }
 
 /// Register keys.

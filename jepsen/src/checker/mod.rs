@@ -16,9 +16,12 @@
 //! - [`convergence`]: every region holding a (table, zone) has the same
 //!   digest after the heal.
 //! - [`epoch`]: at most one home holder per epoch.
+//! - [`coverage`]: the installed faults touched a region the workload
+//!   depends on (else the run is vacuous).
 
 pub mod convergence;
 pub mod counter;
+pub mod coverage;
 pub mod epoch;
 pub mod linearizable;
 pub mod residency;
