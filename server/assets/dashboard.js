@@ -555,7 +555,7 @@
           : "lapsed " + fmtSeconds(-h.expires_in_ms / 1000) + " ago";
       return el(
         "tr",
-        { "data-home": h.home, "data-holder": h.holder, "data-epoch": h.epoch },
+        { "data-home": h.home, "data-home-region": h.home_region, "data-holder": h.holder, "data-epoch": h.epoch },
         el("td", {}, h.home),
         el("td", {}, el("span", { class: moved ? "badge warn" : "" }, h.holder)),
         el("td", { class: "num" }, h.epoch),

@@ -304,8 +304,7 @@ where
         ),
     };
     let http_task = wiring.admin.map(|admin| {
-        let cluster =
-            crate::admin::cluster::ClusterSources { peers, control: consensus.subscribe_control() };
+        let cluster = crate::admin::cluster::ClusterSources { peers, control: consensus.subscribe_control() };
         let router = crate::admin::router(node.clone(), replicator.clone(), Some(cluster));
         let stop = async move {
             let _ = http_stop.wait_for(|s| *s).await;

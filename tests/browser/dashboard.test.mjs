@@ -240,11 +240,17 @@ async function main() {
     check(notOk.length === 0, `all ${n} regions answer and are heard`, JSON.stringify(notOk));
 
     const homes = await page.$$eval("#homes tbody tr[data-home]", (rows) =>
-      rows.map((r) => ({ home: r.dataset.home, holder: r.dataset.holder, epoch: Number(r.dataset.epoch), text: r.textContent })),
+      rows.map((r) => ({
+        home: r.dataset.home,
+        homeRegion: r.dataset.homeRegion,
+        holder: r.dataset.holder,
+        epoch: Number(r.dataset.epoch),
+        text: r.textContent,
+      })),
     );
     const regionNames = opts.names || clusterRegions.map((r) => r.name);
     for (const name of regionNames) {
-      const h = homes.find((x) => x.home === name);
+      const h = homes.find((x) => x.homeRegion === name);
       check(
         h && regionNames.includes(h.holder) && h.epoch >= 1 && h.text.includes(h.holder),
         `home ${name} shows its holder and epoch`,

@@ -324,6 +324,11 @@ impl LagHistory {
     }
 }
 
+/// The answers of `region`'s nodes that did answer.
+fn answers<'a>(reports: &'a [NodeReport], region: &'a str) -> impl Iterator<Item = &'a NodeAnswer> + 'a {
+    reports.iter().filter(move |n| n.region == region).filter_map(|n| n.answer.as_ref().ok())
+}
+
 impl ClusterData {
     /// Assembles a document from one sample and appends the sample's lags
     /// to `history` (whose series the document then carries).
@@ -331,15 +336,14 @@ impl ClusterData {
         let ClusterInputs { node_id, region, at_ms, regions, reports, control } = inputs;
         let names: Vec<&str> = regions.iter().map(|r| r.name.as_str()).collect();
 
-        // Answers by region.
-        let answered = |r: &str| reports.iter().filter(move |n| n.region == r).filter_map(|n| n.answer.as_ref().ok());
-
         let mut pairs = Vec::new();
         for &s in &names {
-            let any_answer = answered(s).next().is_some();
+            let any_answer = answers(&reports, s).next().is_some();
             for &d in names.iter().filter(|&&d| d != s) {
-                let links: Vec<&PairLink> =
-                    answered(s).flat_map(|a| a.links.iter()).filter(|l| l.destination == d).collect();
+                let links: Vec<&PairLink> = answers(&reports, s)
+                    .flat_map(|a| a.links.iter())
+                    .filter(|l| l.destination == d)
+                    .collect();
                 let (state, lag_seconds, lag_entries) = if !any_answer {
                     ("unknown", None, None)
                 } else if links.is_empty() {
@@ -462,7 +466,7 @@ impl ClusterData {
         // Conflicts: per table, per region (summed over its nodes).
         let mut per_table: BTreeMap<String, Vec<Option<u64>>> = BTreeMap::new();
         for (i, &r) in names.iter().enumerate() {
-            for a in answered(r) {
+            for a in answers(&reports, r) {
                 for (table, n) in &a.conflicts {
                     let row = per_table.entry(table.clone()).or_insert_with(|| vec![None; names.len()]);
                     row[i] = Some(row[i].unwrap_or(0) + n);
@@ -471,7 +475,7 @@ impl ClusterData {
         }
         // A region that answered but never counted a conflict on a table has 0.
         for (i, &r) in names.iter().enumerate() {
-            if answered(r).next().is_some() {
+            if answers(&reports, r).next().is_some() {
                 for row in per_table.values_mut() {
                     row[i].get_or_insert(0);
                 }
@@ -598,8 +602,14 @@ impl ClusterView {
             }),
         };
         let mut reports = vec![own];
-        let others: Vec<NodeRef> =
-            node.topology().regions.iter().flat_map(|r| r.nodes.iter()).filter(|n| !n.is_self).cloned().collect();
+        let others: Vec<NodeRef> = node
+            .topology()
+            .regions
+            .iter()
+            .flat_map(|r| r.nodes.iter())
+            .filter(|n| !n.is_self)
+            .cloned()
+            .collect();
         let Some(sources) = &self.sources else {
             reports.extend(others.into_iter().map(|n| NodeReport {
                 region: n.region,
@@ -632,9 +642,7 @@ impl ClusterView {
 }
 
 /// One node's links and conflict counts, asked concurrently.
-async fn ask(
-    admin: pb::admin_client::AdminClient<tonic::transport::Channel>,
-) -> Result<NodeAnswer, String> {
+async fn ask(admin: pb::admin_client::AdminClient<tonic::transport::Channel>) -> Result<NodeAnswer, String> {
     let started = Instant::now();
     let mut links_req = tonic::Request::new(pb::ReplicationStatusRequest { node_only: true });
     links_req.set_timeout(GATHER_DEADLINE);
@@ -716,7 +724,10 @@ mod tests {
             ]),
             history: BTreeMap::from([(
                 AP.to_string(),
-                vec![record(1, AP, Some(995_000), GrantReason::Initial), record(2, EU, None, GrantReason::Failover)],
+                vec![
+                    record(1, AP, Some(995_000), GrantReason::Initial),
+                    record(2, EU, None, GrantReason::Failover),
+                ],
             )]),
             manual_only: false,
             events: vec![event(AP, EU, 2, 996_000), event("x", US, 5, 997_000)],
@@ -735,9 +746,17 @@ mod tests {
             at_ms,
             regions: vec![region(US, false), region(EU, true), region(AP, false)],
             reports: vec![
-                report(US, "n1", answer(vec![link(US, EU, 0.02, false), link(US, AP, f64::NAN, false)], &[("t", 1)], 0)),
+                report(
+                    US,
+                    "n1",
+                    answer(vec![link(US, EU, 0.02, false), link(US, AP, f64::NAN, false)], &[("t", 1)], 0),
+                ),
                 // Two nodes in eu-west-1: lags take the largest, entries add up.
-                report(EU, "n1", answer(vec![link(EU, US, 0.5, false), link(EU, AP, 3.0, true)], &[("t", 2)], 30)),
+                report(
+                    EU,
+                    "n1",
+                    answer(vec![link(EU, US, 0.5, false), link(EU, AP, 3.0, true)], &[("t", 2)], 30),
+                ),
                 report(EU, "n2", answer(vec![link(EU, US, 1.5, false)], &[("t", 4), ("u", 7)], 45)),
                 report(AP, "n1", Err("no answer within 1500 ms".into())),
             ],
@@ -757,7 +776,8 @@ mod tests {
         let names: Vec<&str> = d.regions.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, [US, EU, AP]);
         // n regions, n (n - 1) pairs, source-major in configuration order.
-        let pairs: Vec<(&str, &str)> = d.pairs.iter().map(|p| (p.source.as_str(), p.destination.as_str())).collect();
+        let pairs: Vec<(&str, &str)> =
+            d.pairs.iter().map(|p| (p.source.as_str(), p.destination.as_str())).collect();
         assert_eq!(pairs, [(US, EU), (US, AP), (EU, US), (EU, AP), (AP, US), (AP, EU)]);
 
         assert_eq!((pair(&d, US, EU).state.as_str(), pair(&d, US, EU).lag_seconds), ("ok", Some(0.02)));
@@ -778,7 +798,10 @@ mod tests {
             .iter()
             .map(|r| (r.state.as_str(), r.healthy, r.nodes_answered, r.nodes_total, r.rtt_ms))
             .collect();
-        assert_eq!(r, [("ok", true, 1, 1, Some(0)), ("ok", true, 2, 2, Some(45)), ("unreachable", false, 0, 1, None)]);
+        assert_eq!(
+            r,
+            [("ok", true, 1, 1, Some(0)), ("ok", true, 2, 2, Some(45)), ("unreachable", false, 0, 1, None)]
+        );
         assert!(d.regions[2].error.contains("n1: no answer"), "{:?}", d.regions[2]);
         assert_eq!(d.regions[1].holds, [AP]);
 
@@ -814,7 +837,10 @@ mod tests {
         assert_eq!(history.len(), HISTORY_SAMPLES_MAX);
         assert_eq!(d.history_at_ms.len(), HISTORY_SAMPLES_MAX);
         assert!(d.history_at_ms.windows(2).all(|w| w[0] < w[1]));
-        assert!(d.history_at_ms[HISTORY_SAMPLES_MAX - 1] - d.history_at_ms[0] <= HISTORY_WINDOW.as_millis() as u64);
+        assert!(
+            d.history_at_ms[HISTORY_SAMPLES_MAX - 1] - d.history_at_ms[0]
+                <= HISTORY_WINDOW.as_millis() as u64
+        );
         assert_eq!(pair(&d, EU, US).history.len(), HISTORY_SAMPLES_MAX);
         assert!(pair(&d, EU, US).history.iter().all(|v| *v == Some(1.5)));
 
