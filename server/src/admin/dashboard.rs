@@ -543,6 +543,30 @@ mod tests {
         assert_eq!(json["regions"][1]["healthy"], false);
         // No peer has an address in this config, so no shipper and no link.
         assert_eq!(json["links"].as_array().map(Vec::len), Some(0));
+
+        // The cluster view: both axes, the other region unknown (no node to
+        // ask), this one's outgoing pair without a link.
+        let (head, body) = get(addr, "/dashboard/cluster").await;
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert!(head.contains("cache-control: no-store"), "{head}");
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["region"], "eu-west-1");
+        assert_eq!(json["regions"][1]["name"], "us-east-1");
+        assert_eq!(json["regions"][1]["state"], "unreachable");
+        let states: Vec<(&str, &str, &str)> = json["pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["source"].as_str().unwrap(),
+                    p["destination"].as_str().unwrap(),
+                    p["state"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(states, [("eu-west-1", "us-east-1", "none"), ("us-east-1", "eu-west-1", "unknown")]);
+        assert_eq!(json["control_known"], false);
         server.abort();
     }
 }
