@@ -258,5 +258,10 @@ async fn cluster_dashboard_draws_every_region_pair_in_a_real_browser() {
         // The other regions still answered.
         assert_ne!(pair(&view, d, FROZEN)["state"], "unknown", "{view}");
     }
-    println!("cluster view with {FROZEN} frozen: slowest answer {slowest:?}");
+    let why =
+        view["regions"].as_array().unwrap().iter().find(|r| r["name"] == FROZEN).map(|r| r["error"].clone());
+    println!(
+        "cluster view with {FROZEN} frozen: slowest answer {slowest:?}; {FROZEN}: {}",
+        why.unwrap_or_default()
+    );
 }
