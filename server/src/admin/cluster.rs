@@ -561,7 +561,7 @@ impl ClusterView {
         }
         let reports = self.gather(node, replicator).await;
         let cfg = node.config();
-        let regions = super::dashboard::region_inputs(&cfg, replicator);
+        let regions = super::dashboard::region_inputs(cfg, replicator);
         let inputs = ClusterInputs {
             node_id: &cfg.node_id,
             region: &cfg.region,
