@@ -1,6 +1,12 @@
 // geokv live dashboard.
 //
-// Polls /dashboard/data (see server/src/admin/dashboard.rs for its fields)
+// The cluster view: polls /dashboard/cluster (server/src/admin/cluster.rs)
+// every two seconds and draws the replication-lag matrix of every region
+// pair (value now and a uPlot sparkline of the history the serving node
+// keeps), region health, home leases, the failover timeline and conflicts
+// per table per region.
+//
+// The node view: polls /dashboard/data (see server/src/admin/dashboard.rs for its fields)
 // once a second, keeps a bounded history in memory, and draws it with uPlot:
 // replication lag per (source, destination) pair in seconds and in entries,
 // and the conflict rate per table. Tables show region health, the outgoing
@@ -28,6 +34,17 @@
   const CONFLICT_SERIES_MAX = 8;
   /** The data document version this page understands. */
   const DATA_VERSION = 1;
+  /** The cluster document version this page understands. */
+  const CLUSTER_VERSION = 1;
+  /** Time between cluster polls; the node samples at most this often anyway. */
+  const CLUSTER_POLL_INTERVAL_MS = 2000;
+  /** The node waits at most its gather deadline (1.5 s) for other regions. */
+  const CLUSTER_FETCH_TIMEOUT_MS = 5000;
+  /** Lag (seconds) above which a matrix cell turns amber, and red. */
+  const LAG_WARN_S = 1;
+  const LAG_BAD_S = 5;
+  const SPARK_WIDTH_PX = 140;
+  const SPARK_HEIGHT_PX = 36;
   /** Narrowest time axis drawn, in seconds. */
   const X_WINDOW_MIN_S = 60;
   const CHART_HEIGHT_PX = 240;
@@ -308,6 +325,7 @@
 
   function renderHeader(data) {
     document.getElementById("region").textContent = data.region;
+    document.getElementById("node-region-note").textContent = `(${data.region}/${data.node_id}: its outgoing links and its view)`;
     document.title = "geokv " + data.region;
     const status = document.getElementById("status");
     const at = new Date(data.at_ms).toLocaleTimeString("en-GB");
@@ -403,6 +421,283 @@
     status.classList.add("failing");
   }
 
+  // ---- the cluster view ----------------------------------------------------
+
+  const cluster = {
+    /** Completed cluster polls, successful or not. */
+    polls: 0,
+    /** Successful cluster polls. */
+    updates: 0,
+    failures: 0,
+    lastError: "",
+    /** The latest /dashboard/cluster document. */
+    data: null,
+    /** uPlot sparkline per "source→destination". */
+    sparks: new Map(),
+    /** The failover timeline chart. */
+    epochs: null,
+    epochKeys: null,
+  };
+
+  function lagClass(p) {
+    if (p.lag_seconds == null) return "";
+    if (p.lag_seconds >= LAG_BAD_S) return "lag-bad";
+    if (p.lag_seconds >= LAG_WARN_S) return "lag-warn";
+    return "lag-ok";
+  }
+
+  function sparkOptions(key) {
+    return {
+      width: SPARK_WIDTH_PX,
+      height: SPARK_HEIGHT_PX,
+      pxAlign: false,
+      cursor: { show: false },
+      legend: { show: false },
+      select: { show: false },
+      axes: [{ show: false }, { show: false }],
+      scales: {
+        x: { time: false },
+        y: { range: (u, min, max) => [0, max != null && max > 0 ? max * 1.1 : 1] },
+      },
+      series: [{}, { label: key, stroke: colourOf(key), width: 1.5, points: { show: false } }],
+    };
+  }
+
+  /** The matrix header and one row per source; cells are rebuilt each poll, sparklines kept. */
+  function renderMatrix(data) {
+    const table = document.getElementById("lag-matrix");
+    const names = data.regions.map((r) => r.name);
+    const head = el("tr", {}, el("th", { class: "corner" }, "source \u2193 destination \u2192"));
+    for (const n of names) head.append(el("th", { class: "destination", "data-destination": n }, n));
+    table.tHead.replaceChildren(head);
+    const xs = data.history_at_ms.map((t) => t / 1000);
+    const byPair = new Map(data.pairs.map((p) => [p.source + ARROW + p.destination, p]));
+    const rows = names.map((s) => {
+      const row = el("tr", { "data-source": s }, el("th", { class: "source", scope: "row" }, s));
+      for (const d of names) {
+        if (s === d) {
+          row.append(el("td", { class: "self" }, "\u2013"));
+          continue;
+        }
+        const key = s + ARROW + d;
+        const p = byPair.get(key);
+        const state = p ? p.state : "unknown";
+        const lag = p && p.lag_seconds != null ? fmtSeconds(p.lag_seconds) : state === "none" ? "none" : "?";
+        const spark = el("div", { class: "spark" });
+        const cell = el(
+          "td",
+          {
+            class: `cell state-${state} ${p ? lagClass(p) : ""}`,
+            "data-source": s,
+            "data-destination": d,
+            "data-state": state,
+            "data-lag-seconds": p && p.lag_seconds != null ? p.lag_seconds : "",
+            title: p && p.lag_entries != null ? `${key}: ${fmtCount(p.lag_entries)} entries waiting` : key,
+          },
+          el("span", { class: "lag" }, lag),
+          state === "ok" ? null : el("span", { class: "cell-state" }, state),
+          spark,
+        );
+        row.append(cell);
+        const ys = p ? p.history : xs.map(() => null);
+        let plot = cluster.sparks.get(key);
+        if (plot) {
+          // Move the existing chart into the new cell; its canvas is kept.
+          spark.append(plot.root);
+          plot.setData([xs, ys]);
+        } else {
+          plot = new uPlot(sparkOptions(key), [xs, ys], spark);
+          cluster.sparks.set(key, plot);
+        }
+      }
+      return row;
+    });
+    table.tBodies[0].replaceChildren(...rows);
+    // Pairs no longer configured lose their chart.
+    for (const [key, plot] of cluster.sparks) {
+      if (!byPair.has(key)) {
+        plot.destroy();
+        cluster.sparks.delete(key);
+      }
+    }
+  }
+
+  function regionBadge(state) {
+    const cls = state === "ok" ? "ok" : state === "degraded" ? "warn" : "bad";
+    return el("span", { class: "badge " + cls }, state);
+  }
+
+  function renderClusterRegions(data) {
+    const rows = data.regions.map((r) =>
+      el(
+        "tr",
+        { "data-region": r.name, "data-state": r.state },
+        el("td", {}, r.name, r.local ? el("span", { class: "local" }, " (serving)") : null),
+        el("td", {}, regionBadge(r.state)),
+        el("td", {}, r.local ? "\u2013" : r.healthy ? "heard " + fmtAgo(r.last_contact_ms) : "missing, " + fmtAgo(r.last_contact_ms)),
+        el("td", { class: "num" }, `${r.nodes_answered} / ${r.nodes_total}`),
+        el("td", { class: "num" }, r.rtt_ms == null ? "none" : r.rtt_ms + " ms"),
+        el("td", { "data-holds": r.holds.join(" ") }, r.holds.length ? r.holds.join(", ") : "\u2013"),
+      ),
+    );
+    fillBody(document.getElementById("cluster-regions"), rows, "no regions configured", 6);
+    const errors = data.regions.filter((r) => r.error).map((r) => r.name + ": " + r.error);
+    document.getElementById("cluster-errors").textContent = errors.join("\n");
+  }
+
+  function renderHomes(data) {
+    const rows = data.homes.map((h) => {
+      const moved = h.holder !== h.home_region;
+      const lease = h.draining_to
+        ? "handing over to " + h.draining_to
+        : h.expires_in_ms >= 0
+          ? "runs " + fmtSeconds(h.expires_in_ms / 1000)
+          : "lapsed " + fmtSeconds(-h.expires_in_ms / 1000) + " ago";
+      return el(
+        "tr",
+        { "data-home": h.home, "data-home-region": h.home_region, "data-holder": h.holder, "data-epoch": h.epoch },
+        el("td", {}, h.home),
+        el("td", {}, el("span", { class: moved ? "badge warn" : "" }, h.holder)),
+        el("td", { class: "num" }, h.epoch),
+        el("td", {}, h.reason),
+        el("td", { class: "num" }, lease),
+      );
+    });
+    const empty = data.control_known ? "no lease granted yet" : "this node has no control plane";
+    fillBody(document.getElementById("homes"), rows, empty, 5);
+  }
+
+  /** Epoch of every home over time, as stepped lines, from the epoch records. */
+  function renderEpochs(data) {
+    const homes = [...new Set(data.epochs.map((e) => e.home))].sort();
+    const times = new Set(data.epochs.map((e) => e.granted_ms));
+    times.add(data.at_ms);
+    const xsMs = [...times].sort((a, b) => a - b);
+    const series = homes.map((home) => {
+      const records = data.epochs.filter((e) => e.home === home).sort((a, b) => a.granted_ms - b.granted_ms);
+      return xsMs.map((t) => {
+        let epoch = null;
+        for (const r of records) if (r.granted_ms <= t) epoch = r.epoch;
+        return epoch;
+      });
+    });
+    const chartData = [xsMs.map((t) => t / 1000), ...series];
+    const container = document.getElementById("epochs-chart");
+    const same = cluster.epochKeys && cluster.epochKeys.join("\n") === homes.join("\n");
+    if (cluster.epochs && same) {
+      cluster.epochs.setData(chartData);
+    } else {
+      if (cluster.epochs) cluster.epochs.destroy();
+      cluster.epochKeys = homes;
+      cluster.epochs = new uPlot(
+        {
+          width: Math.max(200, container.clientWidth),
+          height: SMALL_CHART_HEIGHT_PX,
+          scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(2, (max || 1) + 1)] } },
+          series: [
+            {},
+            ...homes.map((h) => ({
+              label: "home " + h,
+              stroke: colourOf("home " + h),
+              width: 2,
+              paths: uPlot.paths.stepped({ align: 1 }),
+              points: { show: true, size: 6 },
+              value: (u, v) => (v == null ? "\u2013" : "epoch " + v),
+            })),
+          ],
+          axes: [
+            { space: 80, values: (u, ticks) => ticks.map(fmtClock) },
+            { size: 50, values: (u, ticks) => ticks.map((t) => (Number.isInteger(t) ? String(t) : "")) },
+          ],
+          cursor: { drag: { x: false, y: false } },
+        },
+        chartData,
+        container,
+      );
+    }
+    const rows = data.failovers.map((f) =>
+      el(
+        "tr",
+        { "data-home": f.home, "data-epoch": f.epoch },
+        el("td", {}, new Date(f.at_ms).toLocaleTimeString("en-GB")),
+        el("td", {}, f.home),
+        el("td", {}, f.from + " " + ARROW + " " + f.to),
+        el("td", { class: "num" }, f.epoch),
+        el("td", {}, f.reason),
+        el("td", { class: "num" }, fmtSeconds(f.unavailable_ms / 1000)),
+      ),
+    );
+    fillBody(document.getElementById("failovers"), rows, "no failover or handover yet", 6);
+  }
+
+  function renderClusterConflicts(data) {
+    const table = document.getElementById("cluster-conflicts");
+    const head = el("tr", {}, el("th", {}, "table"));
+    for (const r of data.regions) head.append(el("th", { class: "num" }, r.name));
+    head.append(el("th", { class: "num" }, "total"));
+    table.tHead.replaceChildren(head);
+    const rows = data.conflicts.map((c) =>
+      el(
+        "tr",
+        { "data-table": c.table, "data-total": c.total },
+        el("td", {}, c.table),
+        ...c.per_region.map((n) => el("td", { class: "num" }, n == null ? "?" : fmtCount(n))),
+        el("td", { class: "num" }, fmtCount(c.total)),
+      ),
+    );
+    fillBody(table, rows, "no conflicts counted", data.regions.length + 2);
+  }
+
+  function renderCluster(data) {
+    const status = document.getElementById("cluster-status");
+    const silent = data.regions.filter((r) => r.state === "unreachable").map((r) => r.name);
+    let text =
+      `gathered by ${data.region}/${data.node_id} at ${new Date(data.at_ms).toLocaleTimeString("en-GB")}` +
+      ` \u00b7 a sample every ${data.sample_interval_ms / 1000} s, ${data.history_at_ms.length} kept` +
+      ` \u00b7 regions wait at most ${data.gather_deadline_ms} ms`;
+    if (silent.length) text += ` \u00b7 no answer from ${silent.join(", ")}`;
+    if (data.version !== CLUSTER_VERSION) text += ` \u00b7 data version ${data.version}, page expects ${CLUSTER_VERSION}: reload`;
+    status.textContent = text;
+    status.classList.toggle("failing", silent.length > 0);
+    renderMatrix(data);
+    renderClusterRegions(data);
+    renderHomes(data);
+    renderEpochs(data);
+    renderClusterConflicts(data);
+  }
+
+  async function pollClusterOnce() {
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), CLUSTER_FETCH_TIMEOUT_MS);
+    try {
+      const res = await fetch("/dashboard/cluster", { cache: "no-store", signal: abort.signal });
+      if (!res.ok) throw new Error("HTTP " + res.status);
+      const data = await res.json();
+      cluster.data = data;
+      cluster.updates += 1;
+      cluster.failures = 0;
+      renderCluster(data);
+    } catch (e) {
+      cluster.failures += 1;
+      cluster.lastError = e && e.name === "AbortError" ? `timed out after ${CLUSTER_FETCH_TIMEOUT_MS} ms` : String(e);
+      const status = document.getElementById("cluster-status");
+      status.textContent = `no cluster view (${cluster.failures} failed polls): ${cluster.lastError}`;
+      status.classList.add("failing");
+    } finally {
+      clearTimeout(timer);
+      cluster.polls += 1;
+    }
+  }
+
+  async function pollClusterForever() {
+    for (;;) {
+      const started = performance.now();
+      await pollClusterOnce();
+      const wait = Math.max(0, CLUSTER_POLL_INTERVAL_MS - (performance.now() - started));
+      await new Promise((resolve) => setTimeout(resolve, wait));
+    }
+  }
+
   // ---- polling -------------------------------------------------------------
 
   async function pollOnce() {
@@ -452,10 +747,15 @@
     let resizeTimer = null;
     window.addEventListener("resize", () => {
       clearTimeout(resizeTimer);
-      resizeTimer = setTimeout(() => Object.values(charts).forEach((c) => c.resize()), 150);
+      resizeTimer = setTimeout(() => {
+        Object.values(charts).forEach((c) => c.resize());
+        const box = document.getElementById("epochs-chart");
+        if (cluster.epochs) cluster.epochs.setSize({ width: Math.max(200, box.clientWidth), height: SMALL_CHART_HEIGHT_PX });
+      }, 150);
     });
-    window.geokvDashboard = Object.freeze({ state, charts });
+    window.geokvDashboard = Object.freeze({ state, charts, cluster });
     pollForever();
+    pollClusterForever();
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);

@@ -228,7 +228,7 @@ where
     let kv = KvServer::new(KvService::new(node.clone(), peers.clone(), Some(consensus.clone())))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(64 << 20);
-    let admin_svc = AdminServer::new(AdminService::new(node.clone(), replicator.clone(), peers))
+    let admin_svc = AdminServer::new(AdminService::new(node.clone(), replicator.clone(), peers.clone()))
         .max_encoding_message_size(64 << 20);
     let replication_svc = ReplicationServer::new(ReplicationService::new(node.clone(), replicator.clone()))
         .max_decoding_message_size(64 << 20)
@@ -304,7 +304,8 @@ where
         ),
     };
     let http_task = wiring.admin.map(|admin| {
-        let router = crate::admin::router(node.clone(), replicator.clone());
+        let cluster = crate::admin::cluster::ClusterSources { peers, control: consensus.subscribe_control() };
+        let router = crate::admin::router(node.clone(), replicator.clone(), Some(cluster));
         let stop = async move {
             let _ = http_stop.wait_for(|s| *s).await;
         };

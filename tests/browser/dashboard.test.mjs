@@ -1,17 +1,25 @@
 // Headless-browser test of the geokv admin dashboard.
 //
-//   node tests/browser/dashboard.test.mjs URL SCREENSHOT [--regions N] [--paused PAIR]
+//   node tests/browser/dashboard.test.mjs URL SCREENSHOT [--regions N|R1,R2,...] [--paused PAIR]
 //
 // Opens URL (a node's http://ADMIN/dashboard) in Debian's Chromium through
 // playwright-core and checks what a person looking at the page would notice:
 // - the page loads with no console error, page error, failed request or
 //   HTTP error response (the page and its assets come from the node alone);
-// - the lag chart is a uPlot chart with one series per outgoing link, named
-//   "source→destination" in the legend, each holding several polled points,
-//   and its canvas has pixels in the series' colours;
-// - the region health table lists N regions (default 4), all healthy;
-// - with --paused PAIR, that link's row says "paused" and its lag in entries
-//   is above zero;
+// - the cluster view: the lag matrix has the regions on both axes (in the
+//   order given, when names are), a cell with a numeric lag for each of the
+//   N (N - 1) ordered pairs, each with a uPlot sparkline holding points, and
+//   a dash on the diagonal; the cluster region table lists N regions, all
+//   "ok"; the home lease table names a holder and an epoch for each region's
+//   home; the failover timeline chart exists; the conflicts table has a
+//   column per region;
+// - the node view: the lag chart is a uPlot chart with one series per
+//   outgoing link of the serving node, named "source→destination" in the
+//   legend, each holding several polled points, and its canvas has pixels
+//   in the series' colours; the node's region table lists N regions, all
+//   healthy;
+// - with --paused PAIR ("source→destination"), that matrix cell says
+//   "paused" with a lag;
 // then saves a full-page screenshot to SCREENSHOT.
 //
 // Prints one "ok: ..." line per check and "PASS" last; exits 1 on a failed
@@ -29,20 +37,29 @@ const RUN_TIMEOUT_MS = 90_000;
 const WAIT_TIMEOUT_MS = 30_000;
 /** Polls the page must have completed before its charts are checked. */
 const POLLS_MIN = 5;
+/** Cluster polls (one per two seconds) before the sparklines are checked. */
+const CLUSTER_POLLS_MIN = 3;
 const CHROMIUM = process.env.GEOKV_CHROMIUM || "/usr/bin/chromium";
 const ARROW = "\u2192";
 
 function usage(why) {
-  console.error(`${why}\nusage: node dashboard.test.mjs URL SCREENSHOT [--regions N] [--paused SOURCE${ARROW}DEST]`);
+  console.error(`${why}\nusage: node dashboard.test.mjs URL SCREENSHOT [--regions N|R1,R2,...] [--paused SOURCE${ARROW}DEST]`);
   process.exit(1);
 }
 
 function parseArgs(argv) {
   const positional = [];
-  const opts = { regions: 4, paused: null };
+  const opts = { regions: 4, names: null, paused: null };
   for (let i = 0; i < argv.length; i += 1) {
     const a = argv[i];
-    if (a === "--regions") opts.regions = Number(argv[++i]);
+    if (a === "--regions") {
+      const v = argv[++i] || "";
+      if (/^\d+$/.test(v)) opts.regions = Number(v);
+      else {
+        opts.names = v.split(",").filter((n) => n);
+        opts.regions = opts.names.length;
+      }
+    }
     else if (a === "--paused") opts.paused = argv[++i];
     else if (a.startsWith("--")) usage(`unknown option ${a}`);
     else positional.push(a);
@@ -173,19 +190,100 @@ async function main() {
     const unhealthy = regions.filter((r) => !r.healthy || !r.text.includes("healthy") || r.text.includes("unhealthy"));
     check(unhealthy.length === 0, `all ${opts.regions} regions healthy`, JSON.stringify(unhealthy));
 
+    // ---- the cluster view ----
+    await page.waitForFunction(
+      (min) => window.geokvDashboard.cluster.updates >= min,
+      CLUSTER_POLLS_MIN,
+      { timeout: WAIT_TIMEOUT_MS },
+    );
+    check(true, `page polled /dashboard/cluster at least ${CLUSTER_POLLS_MIN} times`);
+    const matrix = await page.evaluate(() => {
+      const cols = [...document.querySelectorAll("#lag-matrix thead th.destination")].map((e) => e.textContent);
+      const rows = [...document.querySelectorAll("#lag-matrix tbody tr")].map((r) => r.querySelector("th").textContent);
+      const cells = [...document.querySelectorAll("#lag-matrix td.cell")].map((c) => {
+        const key = c.dataset.source + "\u2192" + c.dataset.destination;
+        const plot = window.geokvDashboard.cluster.sparks.get(key);
+        const canvas = c.querySelector(".spark canvas");
+        return {
+          key,
+          state: c.dataset.state,
+          lag: c.dataset.lagSeconds,
+          text: c.querySelector(".lag").textContent,
+          points: plot ? plot.data[1].filter((v) => typeof v === "number").length : -1,
+          canvas: canvas ? canvas.width * canvas.height : 0,
+        };
+      });
+      const diagonal = document.querySelectorAll("#lag-matrix td.self").length;
+      return { cols, rows, cells, diagonal };
+    });
+    const n = opts.regions;
+    check(matrix.cols.length === n, `matrix has ${n} destination columns`, matrix.cols.join(", "));
+    check(matrix.rows.length === n, `matrix has ${n} source rows`, matrix.rows.join(", "));
+    if (opts.names) {
+      check(matrix.cols.join(",") === opts.names.join(","), "destination axis names the regions in order", matrix.cols.join(","));
+      check(matrix.rows.join(",") === opts.names.join(","), "source axis names the regions in order", matrix.rows.join(","));
+    }
+    check(matrix.diagonal === n, `matrix diagonal has ${n} empty cells`, matrix.diagonal);
+    check(matrix.cells.length === n * (n - 1), `matrix has ${n * (n - 1)} pair cells`, matrix.cells.length);
+    for (const c of matrix.cells) {
+      const lag = Number(c.lag);
+      check(c.lag !== "" && Number.isFinite(lag) && lag >= 0, `cell ${c.key} has a numeric lag`, JSON.stringify(c));
+      check(/\d/.test(c.text), `cell ${c.key} shows its lag`, c.text);
+      check(c.points >= 2 && c.canvas > 0, `cell ${c.key} has a sparkline with points`, JSON.stringify(c));
+    }
+
+    const clusterRegions = await page.$$eval("#cluster-regions tbody tr[data-region]", (rows) =>
+      rows.map((r) => ({ name: r.dataset.region, state: r.dataset.state, text: r.textContent })),
+    );
+    check(clusterRegions.length === n, `cluster health lists ${n} regions`, JSON.stringify(clusterRegions));
+    const notOk = clusterRegions.filter((r) => r.state !== "ok" || !r.text.includes("ok"));
+    check(notOk.length === 0, `all ${n} regions answer and are heard`, JSON.stringify(notOk));
+
+    const homes = await page.$$eval("#homes tbody tr[data-home]", (rows) =>
+      rows.map((r) => ({
+        home: r.dataset.home,
+        homeRegion: r.dataset.homeRegion,
+        holder: r.dataset.holder,
+        epoch: Number(r.dataset.epoch),
+        text: r.textContent,
+      })),
+    );
+    const regionNames = opts.names || clusterRegions.map((r) => r.name);
+    for (const name of regionNames) {
+      const h = homes.find((x) => x.homeRegion === name);
+      check(
+        h && regionNames.includes(h.holder) && h.epoch >= 1 && h.text.includes(h.holder),
+        `home ${name} shows its holder and epoch`,
+        JSON.stringify(homes),
+      );
+    }
+    const timeline = await page.evaluate(() => {
+      const plot = window.geokvDashboard.cluster.epochs;
+      return plot ? { series: plot.series.length - 1, canvas: !!document.querySelector("#epochs-chart canvas") } : null;
+    });
+    check(timeline && timeline.canvas && timeline.series >= 1, "failover timeline chart drawn", JSON.stringify(timeline));
+    const conflictCols = await page.$$eval("#cluster-conflicts thead th", (ths) => ths.map((t) => t.textContent));
+    check(
+      regionNames.every((r) => conflictCols.includes(r)),
+      "conflicts table has a column per region",
+      conflictCols.join(", "),
+    );
+
     if (opts.paused) {
+      const [src, dst] = opts.paused.split(ARROW);
       await page.waitForFunction(
-        (pair) => {
-          // The row names the destination node too ("region/node").
-          const row = document.querySelector(`#links tr[data-link^="${pair}"]`);
-          const link = window.geokvDashboard.state.data.links.find((l) => l.source + "\u2192" + l.destination === pair);
-          return row && row.dataset.state === "paused" && link && link.lag_entries > 0;
+        ([s, d]) => {
+          const cell = document.querySelector(`#lag-matrix td.cell[data-source="${s}"][data-destination="${d}"]`);
+          return cell && cell.dataset.state === "paused" && cell.dataset.lagSeconds !== "";
         },
-        opts.paused,
+        [src, dst],
         { timeout: WAIT_TIMEOUT_MS },
       );
-      check(true, `link ${opts.paused} shows paused with entries waiting`);
+      check(true, `matrix cell ${opts.paused} shows paused with a lag`);
     }
+
+    const clusterStatus = await page.textContent("#cluster-status");
+    check(clusterStatus.includes("gathered by"), "cluster status line shows a live view", clusterStatus);
 
     const status = await page.textContent("#status");
     check(!status.includes("no answer"), "status line shows a live node", status);

@@ -28,8 +28,10 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use super::AdminState;
+use crate::config::Config;
 use crate::kv::commit::Inbound;
 use crate::replication::ship::LinkSnapshot;
+use crate::replication::Replicator;
 
 /// Version of the `/dashboard/data` document; bumped when a field changes
 /// meaning, so a page from another build can tell.
@@ -105,6 +107,7 @@ pub(super) fn routes() -> Router<AdminState> {
     Router::new()
         .route("/dashboard", get(page))
         .route("/dashboard/data", get(data))
+        .route("/dashboard/cluster", get(cluster))
         .route("/dashboard/assets/{name}", get(asset))
 }
 
@@ -138,17 +141,21 @@ async fn asset(Path(name): Path<String>) -> Response {
         .into_response()
 }
 
-async fn data(State(s): State<AdminState>) -> Response {
-    let cfg = s.node.config();
-    let regions: Vec<RegionInput> = cfg
-        .regions
+/// Every configured region, in configuration order, with this node's view of its health.
+pub(super) fn region_inputs(cfg: &Config, replicator: &Replicator) -> Vec<RegionInput> {
+    cfg.regions
         .iter()
         .map(|r| RegionInput {
             name: r.name.clone(),
-            healthy: s.replicator.is_healthy(&r.name),
-            last_contact: s.replicator.last_contact(&r.name),
+            healthy: replicator.is_healthy(&r.name),
+            last_contact: replicator.last_contact(&r.name),
         })
-        .collect();
+        .collect()
+}
+
+async fn data(State(s): State<AdminState>) -> Response {
+    let cfg = s.node.config();
+    let regions = region_inputs(cfg, &s.replicator);
     let links: Vec<LinkSnapshot> = s.replicator.links().iter().map(|l| l.snapshot(&s.node)).collect();
     let inbound = s.node.inbound();
     let staleness: HashMap<String, u64> =
@@ -166,6 +173,11 @@ async fn data(State(s): State<AdminState>) -> Response {
         conflicts: s.node.conflicts(),
     });
     ([(header::CACHE_CONTROL, "no-store")], Json(snapshot)).into_response()
+}
+
+async fn cluster(State(s): State<AdminState>) -> Response {
+    let data = s.cluster.current(&s.node, &s.replicator).await;
+    ([(header::CACHE_CONTROL, "no-store")], Json(data)).into_response()
 }
 
 /// One region's health as the replicator sees it.
@@ -497,7 +509,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
-            axum::serve(listener, super::super::router(node, replicator)).await.unwrap();
+            axum::serve(listener, super::super::router(node, replicator, None)).await.unwrap();
         });
 
         let (head, body) = get(addr, "/dashboard").await;
@@ -531,6 +543,30 @@ mod tests {
         assert_eq!(json["regions"][1]["healthy"], false);
         // No peer has an address in this config, so no shipper and no link.
         assert_eq!(json["links"].as_array().map(Vec::len), Some(0));
+
+        // The cluster view: both axes, the other region unknown (no node to
+        // ask), this one's outgoing pair without a link.
+        let (head, body) = get(addr, "/dashboard/cluster").await;
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert!(head.contains("cache-control: no-store"), "{head}");
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["region"], "eu-west-1");
+        assert_eq!(json["regions"][1]["name"], "us-east-1");
+        assert_eq!(json["regions"][1]["state"], "unreachable");
+        let states: Vec<(&str, &str, &str)> = json["pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["source"].as_str().unwrap(),
+                    p["destination"].as_str().unwrap(),
+                    p["state"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(states, [("eu-west-1", "us-east-1", "none"), ("us-east-1", "eu-west-1", "unknown")]);
+        assert_eq!(json["control_known"], false);
         server.abort();
     }
 }

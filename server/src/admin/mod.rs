@@ -1,6 +1,8 @@
 //! The admin HTTP port: `/metrics` for Prometheus, `/health` for probes,
-//! and the live dashboard under `/dashboard` ([`dashboard`]).
+//! and the live dashboard under `/dashboard` ([`dashboard`], with the
+//! cluster-wide view in [`cluster`]).
 
+pub mod cluster;
 mod dashboard;
 
 use std::sync::{Arc, OnceLock};
@@ -55,11 +57,24 @@ struct AdminState {
     /// Link lag and region health for the dashboard.
     replicator: Arc<Replicator>,
     prometheus: PrometheusHandle,
+    /// The cluster-wide view: peer channels, control state, lag history.
+    cluster: Arc<cluster::ClusterView>,
 }
 
-/// The admin HTTP routes.
-pub fn router(node: Arc<Node>, replicator: Arc<Replicator>) -> Router {
-    let state = AdminState { node, replicator, prometheus: prometheus() };
+/// The admin HTTP routes. Without `cluster` (a node with no peer
+/// connections or control plane), the cluster view shows every other node
+/// as unreachable and no leases.
+pub fn router(
+    node: Arc<Node>,
+    replicator: Arc<Replicator>,
+    cluster: Option<cluster::ClusterSources>,
+) -> Router {
+    let state = AdminState {
+        node,
+        replicator,
+        prometheus: prometheus(),
+        cluster: Arc::new(cluster::ClusterView::new(cluster)),
+    };
     Router::new()
         .route("/metrics", get(metrics_page))
         .route("/health", get(health))
@@ -71,6 +86,7 @@ async fn metrics_page(State(s): State<AdminState>) -> impl IntoResponse {
     metrics::gauge!("geokv_uptime_seconds").set(s.node.uptime().as_secs_f64());
     metrics::gauge!("geokv_log_seq").set(s.node.log_seq() as f64);
     metrics::gauge!("geokv_hlc_rejected_total").set(s.node.hlc().rejected_count() as f64);
+    s.cluster.publish_home_metrics(&s.node.config().region_names());
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.prometheus.render())
 }
 

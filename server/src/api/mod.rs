@@ -89,6 +89,11 @@ impl Peers {
     fn admin(&self, node: &NodeRef) -> Result<AdminClient<Channel>, KvError> {
         Ok(AdminClient::new(self.channel(node)?).max_decoding_message_size(64 << 20))
     }
+
+    /// An Admin client to `node`'s peer port (the dashboard's cluster view).
+    pub(crate) fn admin_client(&self, node: &NodeRef) -> Result<AdminClient<Channel>, KvError> {
+        self.admin(node)
+    }
 }
 
 /// Where a request has been forwarded from already, who it acts for, and
