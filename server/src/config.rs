@@ -876,6 +876,26 @@ mod tests {
     }
 
     #[test]
+    fn addresses_take_dns_host_names() {
+        let text = r#"
+            region = "eu-west-1"
+            listen = "geokv-euw1.example.internal:7700"
+            listen_peer = "geokv-euw1.example.internal:7702"
+            admin_listen = "0.0.0.0:7701"
+            [[regions]]
+            name = "eu-west-1"
+            nodes = [{ id = "n1", addr = "geokv-euw1.example.internal:7702", client_addr = "geokv-euw1.example.internal:7700" }]
+            [[regions]]
+            name = "us-east-1"
+            nodes = [{ id = "n1", addr = "geokv-use1.example.internal:7702", client_addr = "[2001:db8::1]:7700" }]
+        "#;
+        let c = Config::from_toml(text).unwrap().finish().unwrap();
+        assert_eq!(c.listen.to_string(), "geokv-euw1.example.internal:7700");
+        assert_eq!(c.listen_peer.port(), 7702);
+        assert_eq!(c.admin_listen.to_string(), "0.0.0.0:7701");
+    }
+
+    #[test]
     fn region_in_two_zones_is_refused() {
         let text = r#"
             region = "a"
