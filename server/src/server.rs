@@ -350,18 +350,39 @@ where
 
 /// Binds the configured addresses and runs until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let listed = cfg.regions.iter().any(|r| r.name == cfg.region && r.nodes.iter().any(|n| n.id == cfg.node_id));
+    let unspecified = [&cfg.listen, &cfg.listen_peer].iter().any(|a| a.ip_addr().is_some_and(|s| s.ip().is_unspecified()));
+    if unspecified && !listed {
+        tracing::warn!(
+            "listening on an unspecified address ({}, {}) without being listed in its own region's \
+             regions[].nodes: other nodes and clients are told to dial that address; list this node \
+             with the address they reach it by",
+            cfg.listen,
+            cfg.listen_peer
+        );
+    }
+    // Host names are resolved once, here; each port is bound on the first
+    // of its addresses that binds.
+    let mut resolved = Vec::new();
+    for (what, addr) in
+        [("gRPC", &cfg.listen), ("peer gRPC", &cfg.listen_peer), ("admin HTTP", &cfg.admin_listen)]
+    {
+        let addrs = addr.resolve().await.with_context(|| format!("resolving the {what} address {addr}"))?;
+        resolved.push((what, addr, addrs));
+    }
     // Decided before binding: a node that may not serve plaintext on an
     // address never opens it.
-    let tls = node_tls(&cfg, &[cfg.listen, cfg.listen_peer, cfg.admin_listen])?;
-    let grpc = TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("binding gRPC address {}", cfg.listen))?;
-    let peer = TcpListener::bind(cfg.listen_peer)
-        .await
-        .with_context(|| format!("binding peer gRPC address {}", cfg.listen_peer))?;
-    let admin = TcpListener::bind(cfg.admin_listen)
-        .await
-        .with_context(|| format!("binding admin HTTP address {}", cfg.admin_listen))?;
+    let all: Vec<std::net::SocketAddr> = resolved.iter().flat_map(|(_, _, a)| a.iter().copied()).collect();
+    let tls = node_tls(&cfg, &all)?;
+    let mut listeners = Vec::new();
+    for (what, addr, addrs) in &resolved {
+        let listener = TcpListener::bind(addrs.as_slice())
+            .await
+            .with_context(|| format!("binding {what} address {addr} ({addrs:?})"))?;
+        listeners.push(listener);
+    }
+    let [grpc, peer, admin]: [TcpListener; 3] =
+        listeners.try_into().map_err(|_| anyhow::anyhow!("three listeners were bound"))?;
     serve_secured(cfg, tls, grpc, peer, admin, shutdown).await
 }
 
