@@ -318,6 +318,37 @@ fn the_three_region_example_runs_from_its_files_and_the_tour_works_on_it() {
     }
 }
 
+/// A node configured by host name: it binds the address the name resolves
+/// to, and the command line dials it by name, TLS checking the name
+/// against the certificate's DNS SAN.
+#[test]
+fn a_node_listens_and_is_dialled_by_host_name() {
+    let dir = tempfile::Builder::new().prefix("geokv-names-").tempdir().expect("temp dir");
+    let certs = dir.path().join("certs");
+    geokv_net::certs::ensure_dev_certs(&certs, "geokv-test", &[("local-1", "n1")], &["localhost"], &["root"])
+        .expect("certificates for localhost");
+    let (grpc, peer, admin) = (common::free_port(), common::free_port(), common::free_port());
+    let config = dir.path().join("node.toml");
+    let text = format!(
+        "listen = \"localhost:{grpc}\"\nlisten_peer = \"localhost:{peer}\"\nadmin_listen = \"localhost:{admin}\"\n"
+    );
+    std::fs::write(&config, text).expect("write the config");
+    let mut node = NodeProcess::start_from_file(&config, &certs);
+    let mut cmd = Command::new(GEOKV_BIN);
+    cmd.args(["put", "named", "yes", "--endpoint", &format!("localhost:{grpc}")])
+        .env("GEOKV_CERTS_DIR", &certs)
+        .env_remove("GEOKV_ENDPOINT");
+    run_bounded(cmd, CLI_TIMEOUT).ok();
+    // The certificate is for `localhost` only: dialled by IP, TLS refuses it.
+    let mut cmd = Command::new(GEOKV_BIN);
+    cmd.args(["get", "named", "--endpoint", &format!("127.0.0.1:{grpc}")])
+        .env("GEOKV_CERTS_DIR", &certs)
+        .env_remove("GEOKV_ENDPOINT");
+    let out = run_bounded(cmd, CLI_TIMEOUT);
+    assert!(!out.status.success(), "a certificate without the dialled IP was accepted:\n{}", out.stdout);
+    assert!(node.terminate().success(), "{}", node.log());
+}
+
 #[test]
 fn every_file_of_the_example_maps_onto_loopback() {
     // Every file the deployment test rewrites names only hosts it maps.

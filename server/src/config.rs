@@ -1087,6 +1087,21 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn names_are_resolved_when_used() {
+        let name: HostPort = "localhost:7700".parse().unwrap();
+        let addrs = name.resolve().await.expect("localhost resolves");
+        assert!(!addrs.is_empty());
+        assert!(addrs.iter().all(|a| a.ip().is_loopback() && a.port() == 7700), "{addrs:?}");
+        let ip: HostPort = "127.0.1.1:1".parse().unwrap();
+        assert_eq!(ip.resolve().await.unwrap(), vec![SocketAddr::from(([127, 0, 1, 1], 1))]);
+        // `.invalid` never resolves (RFC 6761); a lookup may also time out
+        // where there is no resolver at all.
+        let nowhere: HostPort = "geokv.invalid:1".parse().unwrap();
+        let looked_up = tokio::time::timeout(std::time::Duration::from_secs(10), nowhere.resolve()).await;
+        assert!(!matches!(looked_up, Ok(Ok(_))), "{looked_up:?}");
+    }
+
     #[test]
     fn region_in_two_zones_is_refused() {
         let text = r#"

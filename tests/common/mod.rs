@@ -277,14 +277,19 @@ impl NodeProcess {
     }
 
     /// Starts `geokv node --config <config>` with the file as it is: the
-    /// node listens on the addresses it names (IP addresses, read here to
-    /// wait for the node); the command line gives only the data directory
-    /// (in a temp directory) and `certs_dir`.
+    /// node listens on the addresses it names (resolved here as the node
+    /// resolves them, to wait for it); the command line gives only the data
+    /// directory (in a temp directory) and `certs_dir`.
     pub fn start_from_file(config: &Path, certs_dir: &Path) -> Self {
+        use std::net::ToSocketAddrs;
         let text = std::fs::read_to_string(config).expect("read the node's config");
         let cfg = geokv_server::config::Config::from_toml(&text).expect("the node's config parses");
         let ip = |hp: &geokv_server::config::HostPort| {
-            hp.ip_addr().unwrap_or_else(|| panic!("{}: {hp} is not an IP address", config.display()))
+            (hp.host(), hp.port())
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+                .unwrap_or_else(|| panic!("{}: {hp} does not resolve", config.display()))
         };
         let mut node = Self {
             dir: tempfile::Builder::new().prefix("geokv-it-").tempdir().expect("create a temp dir"),
