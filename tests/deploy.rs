@@ -130,7 +130,12 @@ impl Deployment {
     }
 
     /// Polls `check` (bounded) until it returns Ok; panics with its last Err.
-    fn wait_for<T>(&self, what: &str, limit: Duration, mut check: impl FnMut(&Self) -> Result<T, String>) -> T {
+    fn wait_for<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut check: impl FnMut(&Self) -> Result<T, String>,
+    ) -> T {
         let deadline = Deadline::after(limit);
         loop {
             match check(self) {
@@ -163,7 +168,8 @@ impl Deployment {
         })
     }
 
-    /// The holder of `home` in `geokv region status`, with a live lease.
+    /// The holder of the home of region `home` (`home` or `home@zone`) in
+    /// `geokv region status`, with a live lease.
     fn holder(&self, home: &str) -> Result<String, String> {
         // `region status --json` prints the regions, the links and the
         // control state, one JSON document a line; the homes are in the last.
@@ -174,7 +180,10 @@ impl Deployment {
             .find(|v| v["homes"].is_array())
             .ok_or_else(|| format!("no homes in {out}"))?;
         let homes = status["homes"].as_array().ok_or("no homes")?;
-        let h = homes.iter().find(|h| h["home"] == home).ok_or_else(|| format!("no home {home}: {status}"))?;
+        let h = homes
+            .iter()
+            .find(|h| h["home_region"] == home)
+            .ok_or_else(|| format!("no home of {home}: {status}"))?;
         if h["lease_remaining_ms"].as_i64().unwrap_or(0) <= 0 {
             return Err(format!("{home} has no live lease: {h}"));
         }
@@ -184,12 +193,13 @@ impl Deployment {
     /// Every running region sees every other running region healthy, and
     /// every home of the running regions is leased.
     fn wait_cluster_ready(&self) {
-        let running: Vec<&str> = HOSTS.iter().map(|h| h.0).filter(|r| self.nodes[r].pid().is_some()).collect();
+        let running: Vec<&str> =
+            HOSTS.iter().map(|h| h.0).filter(|r| self.nodes[r].pid().is_some()).collect();
         self.wait_for("the cluster formed", CLUSTER_READY_TIMEOUT, |d| {
             for region in &running {
                 let out = d.cli(&["region", "list", "--json", "--region", region]);
-                let view: serde_json::Value =
-                    serde_json::from_str(out.stdout.trim()).map_err(|_| format!("{region}: {}", out.stderr))?;
+                let view: serde_json::Value = serde_json::from_str(out.stdout.trim())
+                    .map_err(|_| format!("{region}: {}", out.stderr))?;
                 for other in &running {
                     let r = view["regions"].as_array().and_then(|rs| rs.iter().find(|r| r["name"] == *other));
                     let health = r.map(|r| r["health"].as_str().unwrap_or_default()).unwrap_or("missing");
@@ -220,7 +230,9 @@ impl Deployment {
 fn names_other_region(args: &[String], regions: &[&str]) -> bool {
     let looks_like_region = |a: &str| {
         let parts: Vec<&str> = a.split('-').collect();
-        parts.len() == 3 && parts[2].parse::<u32>().is_ok() && parts[..2].iter().all(|p| p.chars().all(|c| c.is_ascii_lowercase()))
+        parts.len() == 3
+            && parts[2].parse::<u32>().is_ok()
+            && parts[..2].iter().all(|p| p.chars().all(|c| c.is_ascii_lowercase()))
     };
     args.iter().any(|a| looks_like_region(a) && !regions.contains(&a.as_str()))
 }
@@ -244,7 +256,8 @@ fn the_three_region_example_runs_from_its_files_and_the_tour_works_on_it() {
 
     // The README's tour, as written, for the deployment's regions.
     let regions: Vec<&str> = HOSTS.iter().map(|h| h.0).collect();
-    let (run, skipped): (Vec<_>, Vec<_>) = lines.into_iter().partition(|l| !names_other_region(&l.args, &regions));
+    let (run, skipped): (Vec<_>, Vec<_>) =
+        lines.into_iter().partition(|l| !names_other_region(&l.args, &regions));
     assert!(skipped.len() <= 2, "most of the tour should run on three regions; skipped {skipped:?}");
     for line in &skipped {
         eprintln!("skipped (names a region this deployment does not run): {}", line.shown());
@@ -274,12 +287,18 @@ fn the_three_region_example_runs_from_its_files_and_the_tour_works_on_it() {
     // Planned failover and failback through geokv: us-east-1's homes move
     // to eu-west-1, which then accepts their writes, and come back.
     let moved = d.cli_json(&["region", "failover", "--from", US, "--to", EU]);
-    assert!(moved["homes"].as_array().is_some_and(|hs| hs.iter().any(|h| h["home"] == US && h["holder"] == EU)), "{moved}");
+    assert!(
+        moved["homes"].as_array().is_some_and(|hs| hs.iter().any(|h| h["home"] == US && h["holder"] == EU)),
+        "{moved}"
+    );
     let ack = d.cli_json(&["put", "deploy:3", "during-failover", "--home", US]);
     assert_eq!(ack["accepted_by_region"], EU, "{ack}");
     d.wait_read("deploy:3", AP, &["--home", US], "during-failover");
     let back = d.cli_json(&["region", "failback", "--region", US]);
-    assert!(back["homes"].as_array().is_some_and(|hs| hs.iter().any(|h| h["home"] == US && h["holder"] == US)), "{back}");
+    assert!(
+        back["homes"].as_array().is_some_and(|hs| hs.iter().any(|h| h["home"] == US && h["holder"] == US)),
+        "{back}"
+    );
     let ack = d.cli_json(&["put", "deploy:4", "after-failback", "--home", US]);
     assert_eq!(ack["accepted_by_region"], US, "{ack}");
 
@@ -310,7 +329,10 @@ fn the_three_region_example_runs_from_its_files_and_the_tour_works_on_it() {
     d.wait_read("deploy:5", AP, &["--table", "users", "--locality", "SG"], "while-ap-is-down");
     d.wait_read("deploy:6", AP, &[], "quorum-of-two");
     let back = d.cli_json(&["region", "failback", "--region", AP]);
-    assert!(back["homes"].as_array().is_some_and(|hs| hs.iter().any(|h| h["home"] == AP && h["holder"] == AP)), "{back}");
+    assert!(
+        back["homes"].as_array().is_some_and(|hs| hs.iter().any(|h| h["home"] == AP && h["holder"] == AP)),
+        "{back}"
+    );
 
     for (region, node) in d.nodes.iter_mut() {
         let status = node.terminate();

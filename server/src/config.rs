@@ -214,7 +214,8 @@ impl HostPort {
         if let Some(addr) = self.ip_addr() {
             return Ok(vec![addr]);
         }
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port)).await?.collect();
+        let addrs: Vec<SocketAddr> =
+            tokio::net::lookup_host((self.host.as_str(), self.port)).await?.collect();
         if addrs.is_empty() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
@@ -232,7 +233,9 @@ impl std::str::FromStr for HostPort {
     /// in a gRPC URI) is accepted and dropped.
     fn from_str(text: &str) -> Result<Self, String> {
         let bare = text.strip_prefix("http://").or_else(|| text.strip_prefix("https://")).unwrap_or(text);
-        let why = |what: &str| format!("`{text}`: {what}; write host:port (a DNS name or an IP address, IPv6 in brackets)");
+        let why = |what: &str| {
+            format!("`{text}`: {what}; write host:port (a DNS name or an IP address, IPv6 in brackets)")
+        };
         let (host, port) = bare.rsplit_once(':').ok_or_else(|| why("no port"))?;
         let port: u16 = port.parse().map_err(|_| why("the port is not a number 0-65535"))?;
         let host = match host.strip_prefix('[') {
@@ -241,8 +244,8 @@ impl std::str::FromStr for HostPort {
                 v6.parse::<std::net::Ipv6Addr>().map_err(|_| why("not an IPv6 address inside `[...]`"))?;
                 v6.to_string()
             }
-            None if host.parse::<IpAddr>().is_ok() => host.to_string(),
             None if host.contains(':') => return Err(why("an IPv6 address needs brackets")),
+            None if host.parse::<IpAddr>().is_ok() => host.to_string(),
             None if valid_dns_name(host) => host.to_ascii_lowercase(),
             None => return Err(why("the host is neither an IP address nor a DNS name")),
         };
@@ -874,7 +877,8 @@ impl Config {
                 if node.addr.is_empty() {
                     return Err(bad(format!("regions[{i}].nodes[{j}].addr"), "a peer needs an address"));
                 }
-                for (field, addr) in [("addr", Some(&node.addr)), ("client_addr", node.client_addr.as_ref())] {
+                for (field, addr) in [("addr", Some(&node.addr)), ("client_addr", node.client_addr.as_ref())]
+                {
                     if let Some(Err(why)) = addr.map(|a| a.parse::<HostPort>()) {
                         return Err(bad(format!("regions[{i}].nodes[{j}].{field}"), why));
                     }
@@ -996,7 +1000,8 @@ mod tests {
             include_str!("../../deploy/three-regions/eu-west-1.toml"),
             include_str!("../../deploy/three-regions/ap-southeast-1.toml"),
         ];
-        let configs: Vec<Config> = files.iter().map(|t| Config::from_toml(t).unwrap().finish().unwrap()).collect();
+        let configs: Vec<Config> =
+            files.iter().map(|t| Config::from_toml(t).unwrap().finish().unwrap()).collect();
         // What differs between nodes: who they are and where they listen.
         let cluster_part = |c: &Config| Config {
             node_id: String::new(),
@@ -1008,7 +1013,12 @@ mod tests {
         };
         let mut regions = BTreeSet::new();
         for c in &configs {
-            assert_eq!(cluster_part(c), cluster_part(&configs[0]), "{} differs from the first file", c.region);
+            assert_eq!(
+                cluster_part(c),
+                cluster_part(&configs[0]),
+                "{} differs from the first file",
+                c.region
+            );
             assert!(regions.insert(c.region.clone()), "two files for {}", c.region);
             // Each node is listed under the names it listens on, so peers
             // and clients are told the address it serves.

@@ -322,14 +322,16 @@ where
     health_reporter.set_not_serving::<KvServer<KvService>>().await;
     failover.stop();
     replicator.shutdown().await;
+    tracing::info!("shutting down: replication stopped");
     let _ = stop_tx.send(true);
-    let grpc_result = grpc_task.await;
+    let drained_by = tokio::time::Instant::now() + DRAIN_MAX;
+    let grpc_result = drain(grpc_task, "client", drained_by).await;
     let peer_result = match peer_task {
-        Some(t) => Some(t.await),
+        Some(t) => drain(t, "peer", drained_by).await,
         None => None,
     };
     if let Some(t) = http_task {
-        let _ = t.await;
+        drain(t, "admin", drained_by).await;
     }
     if let Some(w) = tls_watcher {
         w.abort();
@@ -341,17 +343,48 @@ where
     consensus.shutdown().await;
     node.shutdown();
     tracing::info!("node stopped");
-    grpc_result.context("gRPC server task")?.context("gRPC server (client port)")?;
+    if let Some(r) = grpc_result {
+        r.context("gRPC server task")?.context("gRPC server (client port)")?;
+    }
     if let Some(r) = peer_result {
         r.context("gRPC server task")?.context("gRPC server (peer port)")?;
     }
     Ok(())
 }
 
+/// Longest a port waits, after the shutdown signal, for its open calls to
+/// finish; then its connections are closed. Other nodes' replication and
+/// Raft streams never finish by themselves, so without a bound a node of a
+/// running cluster would not stop on SIGTERM.
+pub const DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits for a server task to finish draining until `by`; then aborts it
+/// (None).
+async fn drain<T>(
+    mut task: tokio::task::JoinHandle<T>,
+    port: &str,
+    by: tokio::time::Instant,
+) -> Option<Result<T, tokio::task::JoinError>> {
+    match tokio::time::timeout_at(by, &mut task).await {
+        Ok(result) => Some(result),
+        Err(_) => {
+            tracing::warn!(
+                port,
+                "calls still open {DRAIN_MAX:?} after the shutdown signal: closing their connections"
+            );
+            task.abort();
+            let _ = task.await;
+            None
+        }
+    }
+}
+
 /// Binds the configured addresses and runs until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let listed = cfg.regions.iter().any(|r| r.name == cfg.region && r.nodes.iter().any(|n| n.id == cfg.node_id));
-    let unspecified = [&cfg.listen, &cfg.listen_peer].iter().any(|a| a.ip_addr().is_some_and(|s| s.ip().is_unspecified()));
+    let listed =
+        cfg.regions.iter().any(|r| r.name == cfg.region && r.nodes.iter().any(|n| n.id == cfg.node_id));
+    let unspecified =
+        [&cfg.listen, &cfg.listen_peer].iter().any(|a| a.ip_addr().is_some_and(|s| s.ip().is_unspecified()));
     if unspecified && !listed {
         tracing::warn!(
             "listening on an unspecified address ({}, {}) without being listed in its own region's \
