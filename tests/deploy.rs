@@ -44,6 +44,8 @@ const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(60);
 const REPLICATION_TIMEOUT: Duration = Duration::from_secs(20);
 /// A lost region's homes taken over (lease, offset and election included).
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(45);
+/// A write refused with `FENCED` just after a handover succeeds again.
+const HANDOVER_SETTLE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(250);
 
 /// The example's folder.
@@ -156,6 +158,31 @@ impl Deployment {
         } else {
             Err(format!("{}{}", out.stdout, out.stderr))
         }
+    }
+
+    /// `geokv ARGS --json` for a write just after a handover, retried while
+    /// it fails with `FENCED`: for up to a control-plane heartbeat after
+    /// `region failover`/`failback` returns, the node a write is forwarded
+    /// to may not have applied the new epoch yet.
+    fn write_after_handover(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let mut fenced = 0;
+        let out = self.wait_for(&format!("geokv {}", all.join(" ")), HANDOVER_SETTLE, |d| {
+            let out = d.cli(&all);
+            match out.status.success() {
+                true => Ok(out.stdout),
+                false if out.stderr.contains("FENCED") => {
+                    fenced += 1;
+                    Err(out.stderr)
+                }
+                false => panic!("geokv {all:?} failed:\n{}{}", out.stdout, out.stderr),
+            }
+        });
+        if fenced > 0 {
+            eprintln!("geokv {all:?} was refused with FENCED {fenced} time(s) just after a handover");
+        }
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("geokv {all:?} printed no JSON ({e}): {out}"))
     }
 
     /// Waits until `region` reads `value` under `key`.
@@ -291,7 +318,7 @@ fn the_three_region_example_runs_from_its_files_and_the_tour_works_on_it() {
         moved["homes"].as_array().is_some_and(|hs| hs.iter().any(|h| h["home"] == US && h["holder"] == EU)),
         "{moved}"
     );
-    let ack = d.cli_json(&["put", "deploy:3", "during-failover", "--home", US]);
+    let ack = d.write_after_handover(&["put", "deploy:3", "during-failover", "--home", US]);
     assert_eq!(ack["accepted_by_region"], EU, "{ack}");
     d.wait_read("deploy:3", AP, &["--home", US], "during-failover");
     let back = d.cli_json(&["region", "failback", "--region", US]);
@@ -299,7 +326,7 @@ fn the_three_region_example_runs_from_its_files_and_the_tour_works_on_it() {
         back["homes"].as_array().is_some_and(|hs| hs.iter().any(|h| h["home"] == US && h["holder"] == US)),
         "{back}"
     );
-    let ack = d.cli_json(&["put", "deploy:4", "after-failback", "--home", US]);
+    let ack = d.write_after_handover(&["put", "deploy:4", "after-failback", "--home", US]);
     assert_eq!(ack["accepted_by_region"], US, "{ack}");
 
     // Metrics on every admin port (TLS, the node's certificate).
