@@ -182,7 +182,8 @@ impl Deployment {
         if fenced > 0 {
             eprintln!("geokv {all:?} was refused with FENCED {fenced} time(s) just after a handover");
         }
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("geokv {all:?} printed no JSON ({e}): {out}"))
+        serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("geokv {all:?} printed no JSON ({e}): {out}"))
     }
 
     /// Waits until `region` reads `value` under `key`.
