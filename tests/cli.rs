@@ -3,7 +3,7 @@
 //! stdin may carry, a closed pipe, and `geokv dev` taking its nodes with it
 //! when it is killed.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! an EU row's request reach a region outside the EU zone, not even when
 //! both EU regions are down.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

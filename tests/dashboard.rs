@@ -19,7 +19,7 @@
 //! The screenshot is kept at `$CARGO_TARGET_TMPDIR/dashboard.png` for a
 //! person to look at; the test prints its path.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

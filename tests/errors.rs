@@ -6,7 +6,7 @@
 //! server's unit tests: RocksDB compresses its files, so flipping bytes on
 //! disk from here would test RocksDB's checksums rather than geokv's.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;

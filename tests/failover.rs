@@ -18,7 +18,7 @@
 //!   the first term: the home bootstraps each group, so a voter nearer the
 //!   others cannot win the first election and keep the leadership.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -2,7 +2,7 @@
 //! from concurrent writes, contexts that supersede exactly what was seen,
 //! exact counters, idempotent retries, and an add-wins set.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

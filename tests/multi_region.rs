@@ -15,7 +15,7 @@
 //!
 //! `GEOKV_PARTITION_S` lengthens the partition window (default 10 s).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};

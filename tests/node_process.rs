@@ -1,7 +1,7 @@
 //! A real `geokv node` process: the command line round-trips data, a clean
 //! stop and a crash (`kill -9`) both keep every acknowledged write.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -10,7 +10,7 @@
 //! - region digests (over both nodes) compare equal, and the residency
 //!   audit (over both nodes) is clean.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! Needs `python3` with `pip install grpcio grpcio-reflection protobuf`; the
 //! test fails, naming that command, when they are missing.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -11,7 +11,7 @@
 //!   heal: all regions converge, every acknowledged write is present, and
 //!   no row was ever sent outside its residency zone.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -6,7 +6,7 @@
 //! silently ignored.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -35,14 +35,15 @@ pub struct Config {
     /// Directory of the node's RocksDB store.
     pub data_dir: PathBuf,
     /// Client gRPC address: KV, Admin, the user-facing Control calls,
-    /// health and reflection (public services only).
-    pub listen: SocketAddr,
+    /// health and reflection (public services only). `host:port`, the host
+    /// an IP address or a DNS name (resolved once, when the node binds).
+    pub listen: HostPort,
     /// Peer gRPC address: replication, consensus, forwarded requests and
     /// every other node-to-node call, and only those; other nodes reach it
     /// through `regions[].nodes[].addr`.
-    pub listen_peer: SocketAddr,
+    pub listen_peer: HostPort,
     /// Admin HTTP address (`/metrics`, `/health`).
-    pub admin_listen: SocketAddr,
+    pub admin_listen: HostPort,
     /// Every region of the cluster. Empty means just this node's region.
     pub regions: Vec<RegionConfig>,
     /// Residency zones: named sets of regions a row may be stored in.
@@ -155,11 +156,131 @@ pub struct RegionConfig {
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     pub id: String,
-    /// gRPC address this node uses to reach the peer.
+    /// gRPC address this node uses to reach the peer (its peer port), as
+    /// `host:port`; a DNS name is resolved at every connection attempt, so
+    /// a peer that moves to a new IP address is followed.
     pub addr: String,
     /// gRPC address clients use to reach the peer (defaults to `addr`).
     #[serde(default)]
     pub client_addr: Option<String>,
+}
+
+/// A `host:port` address: the host an IP address (IPv6 in brackets) or a
+/// DNS name. A name is kept as written and resolved where it is used: when
+/// a node binds its listening addresses, and at every dial of a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HostPort {
+    host: String,
+    port: u16,
+}
+
+/// Longest DNS name (RFC 1035), in bytes.
+const DNS_NAME_MAX: usize = 253;
+/// Longest DNS label, in bytes.
+const DNS_LABEL_MAX: usize = 63;
+
+fn valid_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= DNS_NAME_MAX
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= DNS_LABEL_MAX
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+impl HostPort {
+    /// The host as written: an IP address (IPv6 without brackets) or a name.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The address itself when the host is an IP address (no lookup).
+    pub fn ip_addr(&self) -> Option<SocketAddr> {
+        self.host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, self.port))
+    }
+
+    /// Every address the host stands for now (an IP address stands for
+    /// itself); an error when a name resolves to none.
+    pub async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        if let Some(addr) = self.ip_addr() {
+            return Ok(vec![addr]);
+        }
+        let addrs: Vec<SocketAddr> =
+            tokio::net::lookup_host((self.host.as_str(), self.port)).await?.collect();
+        if addrs.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("host name `{}` resolves to no address", self.host),
+            ));
+        }
+        Ok(addrs)
+    }
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = String;
+
+    /// `host:port`, `[ipv6]:port`; an `http://` or `https://` prefix (as
+    /// in a gRPC URI) is accepted and dropped.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bare = text.strip_prefix("http://").or_else(|| text.strip_prefix("https://")).unwrap_or(text);
+        let why = |what: &str| {
+            format!("`{text}`: {what}; write host:port (a DNS name or an IP address, IPv6 in brackets)")
+        };
+        let (host, port) = bare.rsplit_once(':').ok_or_else(|| why("no port"))?;
+        let port: u16 = port.parse().map_err(|_| why("the port is not a number 0-65535"))?;
+        let host = match host.strip_prefix('[') {
+            Some(v6) => {
+                let v6 = v6.strip_suffix(']').ok_or_else(|| why("unclosed `[`"))?;
+                v6.parse::<std::net::Ipv6Addr>().map_err(|_| why("not an IPv6 address inside `[...]`"))?;
+                v6.to_string()
+            }
+            None if host.contains(':') => return Err(why("an IPv6 address needs brackets")),
+            None if host.parse::<IpAddr>().is_ok() => host.to_string(),
+            None if valid_dns_name(host) => host.to_ascii_lowercase(),
+            None => return Err(why("the host is neither an IP address nor a DNS name")),
+        };
+        Ok(Self { host, port })
+    }
+}
+
+impl TryFrom<String> for HostPort {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<HostPort> for String {
+    fn from(hp: HostPort) -> String {
+        hp.to_string()
+    }
+}
+
+impl From<SocketAddr> for HostPort {
+    fn from(addr: SocketAddr) -> Self {
+        Self { host: addr.ip().to_string(), port: addr.port() }
+    }
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// Cross-region replication.
@@ -462,9 +583,9 @@ impl Default for Config {
             node_id: "n1".into(),
             region: DEFAULT_REGION.into(),
             data_dir: PathBuf::from("./geokv-data"),
-            listen: "127.0.0.1:7700".parse().expect("literal address"),
-            admin_listen: "127.0.0.1:7701".parse().expect("literal address"),
-            listen_peer: "127.0.0.1:7702".parse().expect("literal address"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)).into(),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 7701)).into(),
+            listen_peer: SocketAddr::from(([127, 0, 0, 1], 7702)).into(),
             regions: Vec::new(),
             zones: Vec::new(),
             localities: BTreeMap::new(),
@@ -756,6 +877,12 @@ impl Config {
                 if node.addr.is_empty() {
                     return Err(bad(format!("regions[{i}].nodes[{j}].addr"), "a peer needs an address"));
                 }
+                for (field, addr) in [("addr", Some(&node.addr)), ("client_addr", node.client_addr.as_ref())]
+                {
+                    if let Some(Err(why)) = addr.map(|a| a.parse::<HostPort>()) {
+                        return Err(bad(format!("regions[{i}].nodes[{j}].{field}"), why));
+                    }
+                }
             }
         }
         if self.clock.max_offset_ms == 0 {
@@ -867,12 +994,122 @@ mod tests {
     }
 
     #[test]
+    fn the_three_region_example_is_valid_and_its_files_agree() {
+        let files = [
+            include_str!("../../deploy/three-regions/us-east-1.toml"),
+            include_str!("../../deploy/three-regions/eu-west-1.toml"),
+            include_str!("../../deploy/three-regions/ap-southeast-1.toml"),
+        ];
+        let configs: Vec<Config> =
+            files.iter().map(|t| Config::from_toml(t).unwrap().finish().unwrap()).collect();
+        // What differs between nodes: who they are and where they listen.
+        let cluster_part = |c: &Config| Config {
+            node_id: String::new(),
+            region: String::new(),
+            listen: Config::default().listen,
+            listen_peer: Config::default().listen_peer,
+            admin_listen: Config::default().admin_listen,
+            ..c.clone()
+        };
+        let mut regions = BTreeSet::new();
+        for c in &configs {
+            assert_eq!(
+                cluster_part(c),
+                cluster_part(&configs[0]),
+                "{} differs from the first file",
+                c.region
+            );
+            assert!(regions.insert(c.region.clone()), "two files for {}", c.region);
+            // Each node is listed under the names it listens on, so peers
+            // and clients are told the address it serves.
+            let me = c.regions.iter().find(|r| r.name == c.region).unwrap();
+            let me = me.nodes.iter().find(|n| n.id == c.node_id).expect("the node lists itself");
+            assert_eq!(me.addr, c.listen_peer.to_string());
+            assert_eq!(me.client_addr.as_deref(), Some(c.listen.to_string().as_str()));
+            assert_eq!(c.listen.host(), c.admin_listen.host());
+        }
+        assert_eq!(regions.len(), configs[0].regions.len(), "one file per region");
+    }
+
+    #[test]
     fn backpressure_bounds_are_checked_against_retention() {
         let text = "[storage]\nlog_retention_entries = 10\n[replication]\nbackpressure_soft_entries = 5\nbackpressure_hard_entries = 20";
         let err = Config::from_toml(text).unwrap().finish().unwrap_err();
         assert_eq!(err.field, "replication.backpressure_hard_entries");
         let err = Config::from_toml("partitions = 0").unwrap().finish().unwrap_err();
         assert_eq!(err.field, "partitions");
+    }
+
+    #[test]
+    fn addresses_take_dns_host_names() {
+        let text = r#"
+            region = "eu-west-1"
+            listen = "geokv-euw1.example.internal:7700"
+            listen_peer = "geokv-euw1.example.internal:7702"
+            admin_listen = "0.0.0.0:7701"
+            [[regions]]
+            name = "eu-west-1"
+            nodes = [{ id = "n1", addr = "geokv-euw1.example.internal:7702", client_addr = "geokv-euw1.example.internal:7700" }]
+            [[regions]]
+            name = "us-east-1"
+            nodes = [{ id = "n1", addr = "geokv-use1.example.internal:7702", client_addr = "[2001:db8::1]:7700" }]
+        "#;
+        let c = Config::from_toml(text).unwrap().finish().unwrap();
+        assert_eq!(c.listen.to_string(), "geokv-euw1.example.internal:7700");
+        assert_eq!(c.listen.host(), "geokv-euw1.example.internal");
+        assert_eq!(c.listen_peer.port(), 7702);
+        assert_eq!(c.admin_listen.to_string(), "0.0.0.0:7701");
+    }
+
+    #[test]
+    fn bad_addresses_are_refused_with_their_field() {
+        for (text, field) in [
+            ("listen = \"geokv-euw1.example.internal\"", "<file>"),
+            ("listen_peer = \"under_score.example:7702\"", "<file>"),
+            ("admin_listen = \"::1:7701\"", "<file>"),
+            ("[[regions]]\nname = \"local-1\"\nnodes = [{ id = \"n2\", addr = \"host:99999\" }]", "regions[0].nodes[0].addr"),
+            (
+                "[[regions]]\nname = \"local-1\"\nnodes = [{ id = \"n2\", addr = \"h:1\", client_addr = \"-bad-:1\" }]",
+                "regions[0].nodes[0].client_addr",
+            ),
+        ] {
+            let err = Config::from_toml(text).and_then(Config::finish).unwrap_err();
+            assert_eq!(err.field, field, "{text}: {err}");
+            assert!(err.why.contains("host:port"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn host_port_forms() {
+        let cases = [
+            ("127.0.1.1:7700", "127.0.1.1:7700", Some("127.0.1.1:7700")),
+            ("[::1]:7700", "[::1]:7700", Some("[::1]:7700")),
+            ("http://Geokv-Use1.Example.Internal:7702", "geokv-use1.example.internal:7702", None),
+            ("localhost:0", "localhost:0", None),
+        ];
+        for (text, shown, ip) in cases {
+            let hp: HostPort = text.parse().unwrap();
+            assert_eq!(hp.to_string(), shown);
+            assert_eq!(hp.ip_addr().map(|a| a.to_string()).as_deref(), ip);
+        }
+        for text in ["", ":7700", "host:", "[::1:7700", "a..b:1", &format!("{}:1", "a".repeat(64))] {
+            assert!(text.parse::<HostPort>().is_err(), "{text} was accepted");
+        }
+    }
+
+    #[tokio::test]
+    async fn names_are_resolved_when_used() {
+        let name: HostPort = "localhost:7700".parse().unwrap();
+        let addrs = name.resolve().await.expect("localhost resolves");
+        assert!(!addrs.is_empty());
+        assert!(addrs.iter().all(|a| a.ip().is_loopback() && a.port() == 7700), "{addrs:?}");
+        let ip: HostPort = "127.0.1.1:1".parse().unwrap();
+        assert_eq!(ip.resolve().await.unwrap(), vec![SocketAddr::from(([127, 0, 1, 1], 1))]);
+        // `.invalid` never resolves (RFC 6761); a lookup may also time out
+        // where there is no resolver at all.
+        let nowhere: HostPort = "geokv.invalid:1".parse().unwrap();
+        let looked_up = tokio::time::timeout(std::time::Duration::from_secs(10), nowhere.resolve()).await;
+        assert!(!matches!(looked_up, Ok(Ok(_))), "{looked_up:?}");
     }
 
     #[test]

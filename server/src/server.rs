@@ -323,14 +323,16 @@ where
     health_reporter.set_not_serving::<KvServer<KvService>>().await;
     failover.stop();
     replicator.shutdown().await;
+    tracing::info!("shutting down: replication stopped");
     let _ = stop_tx.send(true);
-    let grpc_result = grpc_task.await;
+    let drained_by = tokio::time::Instant::now() + DRAIN_MAX;
+    let grpc_result = drain(grpc_task, "client", drained_by).await;
     let peer_result = match peer_task {
-        Some(t) => Some(t.await),
+        Some(t) => drain(t, "peer", drained_by).await,
         None => None,
     };
     if let Some(t) = http_task {
-        let _ = t.await;
+        drain(t, "admin", drained_by).await;
     }
     if let Some(w) = tls_watcher {
         w.abort();
@@ -342,27 +344,79 @@ where
     consensus.shutdown().await;
     node.shutdown();
     tracing::info!("node stopped");
-    grpc_result.context("gRPC server task")?.context("gRPC server (client port)")?;
+    if let Some(r) = grpc_result {
+        r.context("gRPC server task")?.context("gRPC server (client port)")?;
+    }
     if let Some(r) = peer_result {
         r.context("gRPC server task")?.context("gRPC server (peer port)")?;
     }
     Ok(())
 }
 
+/// Longest a port waits, after the shutdown signal, for its open calls to
+/// finish; then its connections are closed. Other nodes' replication and
+/// Raft streams never finish by themselves, so without a bound a node of a
+/// running cluster would not stop on SIGTERM.
+pub const DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits for a server task to finish draining until `by`; then aborts it
+/// (None).
+async fn drain<T>(
+    mut task: tokio::task::JoinHandle<T>,
+    port: &str,
+    by: tokio::time::Instant,
+) -> Option<Result<T, tokio::task::JoinError>> {
+    match tokio::time::timeout_at(by, &mut task).await {
+        Ok(result) => Some(result),
+        Err(_) => {
+            tracing::warn!(
+                port,
+                "calls still open {DRAIN_MAX:?} after the shutdown signal: closing their connections"
+            );
+            task.abort();
+            let _ = task.await;
+            None
+        }
+    }
+}
+
 /// Binds the configured addresses and runs until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let listed =
+        cfg.regions.iter().any(|r| r.name == cfg.region && r.nodes.iter().any(|n| n.id == cfg.node_id));
+    let unspecified =
+        [&cfg.listen, &cfg.listen_peer].iter().any(|a| a.ip_addr().is_some_and(|s| s.ip().is_unspecified()));
+    if unspecified && !listed {
+        tracing::warn!(
+            "listening on an unspecified address ({}, {}) without being listed in its own region's \
+             regions[].nodes: other nodes and clients are told to dial that address; list this node \
+             with the address they reach it by",
+            cfg.listen,
+            cfg.listen_peer
+        );
+    }
+    // Host names are resolved once, here; each port is bound on the first
+    // of its addresses that binds.
+    let mut resolved = Vec::new();
+    for (what, addr) in
+        [("gRPC", &cfg.listen), ("peer gRPC", &cfg.listen_peer), ("admin HTTP", &cfg.admin_listen)]
+    {
+        let addrs = addr.resolve().await.with_context(|| format!("resolving the {what} address {addr}"))?;
+        resolved.push((what, addr, addrs));
+    }
     // Decided before binding: a node that may not serve plaintext on an
     // address never opens it.
-    let tls = node_tls(&cfg, &[cfg.listen, cfg.listen_peer, cfg.admin_listen])?;
-    let grpc = TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("binding gRPC address {}", cfg.listen))?;
-    let peer = TcpListener::bind(cfg.listen_peer)
-        .await
-        .with_context(|| format!("binding peer gRPC address {}", cfg.listen_peer))?;
-    let admin = TcpListener::bind(cfg.admin_listen)
-        .await
-        .with_context(|| format!("binding admin HTTP address {}", cfg.admin_listen))?;
+    let all: Vec<std::net::SocketAddr> = resolved.iter().flat_map(|(_, _, a)| a.iter().copied()).collect();
+    let tls = node_tls(&cfg, &all)?;
+    let mut listeners = Vec::new();
+    for (what, addr, addrs) in &resolved {
+        let listener = TcpListener::bind(addrs.as_slice())
+            .await
+            .with_context(|| format!("binding {what} address {addr} ({addrs:?})"))?;
+        listeners.push(listener);
+    }
+    let [grpc, peer, admin]: [TcpListener; 3] =
+        listeners.try_into().map_err(|_| anyhow::anyhow!("three listeners were bound"))?;
     serve_secured(cfg, tls, grpc, peer, admin, shutdown).await
 }
 

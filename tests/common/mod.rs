@@ -10,6 +10,7 @@
 //! - [`Deadline`]: the time bound every polling loop here carries.
 //! - [`cluster`]: a whole `geokv dev` multi-region cluster behind the fault
 //!   proxy, with `kill -9` and restart of one region's node.
+//! - [`tour`]: the README's tour as data, for the tests that run it.
 //!
 //! Every test binary compiles this module but uses a part of it.
 #![allow(dead_code)]
@@ -22,6 +23,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod cluster;
+pub mod tour;
 
 /// The `geokv` binary cargo built for this test run.
 pub const GEOKV_BIN: &str = env!("CARGO_BIN_EXE_geokv");
@@ -191,6 +193,9 @@ pub struct NodeProcess {
     child: Option<Child>,
     /// Starts so far, numbering the log files.
     starts: u32,
+    /// The node listens where its configuration file says (no address
+    /// flags on the command line).
+    addresses_from_file: bool,
 }
 
 impl NodeProcess {
@@ -253,6 +258,7 @@ impl NodeProcess {
             certs_dir,
             child: None,
             starts: 0,
+            addresses_from_file: false,
         };
         for attempt in 1..=START_ATTEMPTS_MAX {
             node.grpc_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -268,6 +274,42 @@ impl NodeProcess {
             }
         }
         unreachable!("the last attempt returns or panics")
+    }
+
+    /// Starts `geokv node --config <config>` with the file as it is: the
+    /// node listens on the addresses it names (resolved here as the node
+    /// resolves them, to wait for it); the command line gives only the data
+    /// directory (in a temp directory) and `certs_dir`.
+    pub fn start_from_file(config: &Path, certs_dir: &Path) -> Self {
+        use std::net::ToSocketAddrs;
+        let text = std::fs::read_to_string(config).expect("read the node's config");
+        let cfg = geokv_server::config::Config::from_toml(&text).expect("the node's config parses");
+        let ip = |hp: &geokv_server::config::HostPort| {
+            (hp.host(), hp.port())
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+                .unwrap_or_else(|| panic!("{}: {hp} does not resolve", config.display()))
+        };
+        let mut node = Self {
+            dir: tempfile::Builder::new().prefix("geokv-it-").tempdir().expect("create a temp dir"),
+            grpc_addr: ip(&cfg.listen),
+            admin_addr: ip(&cfg.admin_listen),
+            peer_addr: ip(&cfg.listen_peer),
+            config_path: Some(config.to_path_buf()),
+            certs_dir: certs_dir.to_path_buf(),
+            admin_tls: cfg.security.admin_tls,
+            bin: PathBuf::from(GEOKV_BIN),
+            env: Vec::new(),
+            child: None,
+            starts: 0,
+            addresses_from_file: true,
+        };
+        node.spawn();
+        if let Err(why) = node.wait_ready() {
+            panic!("node of {} did not start: {why}", config.display());
+        }
+        node
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -313,14 +355,16 @@ impl NodeProcess {
         if let Some(path) = &self.config_path {
             cmd.arg("--config").arg(path);
         }
+        if !self.addresses_from_file {
+            cmd.arg("--listen")
+                .arg(self.grpc_addr.to_string())
+                .arg("--admin-listen")
+                .arg(self.admin_addr.to_string())
+                .arg("--listen-peer")
+                .arg(self.peer_addr.to_string());
+        }
         cmd.arg("--data-dir")
             .arg(self.data_dir())
-            .arg("--listen")
-            .arg(self.grpc_addr.to_string())
-            .arg("--admin-listen")
-            .arg(self.admin_addr.to_string())
-            .arg("--listen-peer")
-            .arg(self.peer_addr.to_string())
             .arg("--certs-dir")
             .arg(&self.certs_dir)
             .env("RUST_LOG", "info")
@@ -446,12 +490,41 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())?;
     let mut response = String::new();
     stream.read_to_string(&mut response).map_err(|e| format!("read {addr}{path}: {e}"))?;
+    ok_body(&response, path)
+}
+
+/// The body of a complete HTTP/1.1 response, if its status is 200.
+fn ok_body(response: &str, path: &str) -> Result<String, String> {
     let (head, body) =
         response.split_once("\r\n\r\n").ok_or_else(|| format!("no HTTP header end in {response:?}"))?;
     if !head.starts_with("HTTP/1.1 200") {
         return Err(format!("GET {path}: {head}"));
     }
     Ok(body.to_string())
+}
+
+/// [`http_get`] over TLS, for an admin port with `security.admin_tls`: the
+/// server's certificate must be valid for `addr`'s IP address and signed by
+/// the CA in `certs_dir`.
+pub async fn https_get(addr: SocketAddr, certs_dir: &Path, path: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tls = geokv_net::tls::Tls::load(geokv_net::tls::TlsFiles::ca_only(certs_dir))
+        .map_err(|e| format!("the CA in {}: {e}", certs_dir.display()))?;
+    let name = rustls_pki_types::ServerName::from(addr.ip());
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        let mut stream = tokio_rustls::TlsConnector::from(tls.client_config()).connect(name, stream).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .map_err(|_| format!("GET https://{addr}{path}: no answer within 2 s"))?
+        .map_err(|e| format!("GET https://{addr}{path}: {e}"))?;
+    ok_body(&response, path)
 }
 
 /// Path of a file under the workspace's `tests/` folder.

@@ -300,12 +300,13 @@ struct NodeArgs {
     config: Option<PathBuf>,
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Client gRPC address (KV, Admin, Control, health, reflection).
+    /// Client gRPC address (KV, Admin, Control, health, reflection):
+    /// host:port, the host an IP address or a DNS name.
     #[arg(long)]
-    listen: Option<std::net::SocketAddr>,
+    listen: Option<geokv_server::config::HostPort>,
     /// Peer gRPC address (replication, consensus, forwarding; nodes only).
     #[arg(long)]
-    listen_peer: Option<std::net::SocketAddr>,
+    listen_peer: Option<geokv_server::config::HostPort>,
     /// Directory with ca.crt and node.<region>.<node>.crt/.key (`geokv cert`).
     #[arg(long, env = "GEOKV_CERTS_DIR")]
     certs_dir: Option<PathBuf>,
@@ -314,7 +315,7 @@ struct NodeArgs {
     insecure: bool,
     /// Admin HTTP address (/metrics, /health).
     #[arg(long)]
-    admin_listen: Option<std::net::SocketAddr>,
+    admin_listen: Option<geokv_server::config::HostPort>,
     /// The node's region.
     #[arg(long)]
     region: Option<String>,

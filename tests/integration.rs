@@ -1,0 +1,21 @@
+//! Every integration test against real `geokv` processes, gathered in one
+//! binary (one link of the test dependencies instead of one per file; the
+//! binary links RocksDB only once). Each file is a module; run one with
+//! `cargo test -p geokv --test integration <module>::`.
+
+mod common;
+
+mod cli;
+mod client_routing;
+mod dashboard;
+mod deploy;
+mod errors;
+mod failover;
+mod merges;
+mod multi_region;
+mod node_process;
+mod partitions;
+mod reflection;
+mod replication_bounds;
+mod security;
+mod tour;
