@@ -58,6 +58,9 @@ pub const FULL: &[Scenario] = &[
     strong(NemesisKind::Partition),
     strong(NemesisKind::Kill),
     strong(NemesisKind::Failover),
+    // Hot rows at their bounds, blind writes from every region merged after
+    // a partition heals (docs/decisions/014a-bounded-rows.md).
+    s(WorkloadKind::BigRows, NemesisKind::Partition),
 ];
 
 /// The CI smoke: a few short scenarios touching every checker.

@@ -16,7 +16,10 @@
 //! - [`convergence`]: every region holding a (table, zone) has the same
 //!   digest after the heal.
 //! - [`epoch`]: at most one home holder per epoch.
+//! - [`big_rows`]: hot big rows read alike everywhere; no acknowledged value
+//!   lost, no refused one stored.
 
+pub mod big_rows;
 pub mod convergence;
 pub mod counter;
 pub mod epoch;
