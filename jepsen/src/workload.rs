@@ -206,7 +206,10 @@ pub fn big_id(v: &[u8]) -> Option<i64> {
 }
 
 /// Reads a big row: the ids of its values (sorted) and its context.
-async fn big_read(client: &Client, key: &str) -> Result<(Vec<i64>, geokv_client::CausalContext), geokv_client::Error> {
+async fn big_read(
+    client: &Client,
+    key: &str,
+) -> Result<(Vec<i64>, geokv_client::CausalContext), geokv_client::Error> {
     let got = client.get(&big_row(key), ReadConsistency::Local).await?;
     let mut ids: Vec<i64> = got.values().iter().filter_map(|v| big_id(v)).collect();
     ids.sort_unstable();
@@ -219,7 +222,9 @@ async fn big_read(client: &Client, key: &str) -> Result<(Vec<i64>, geokv_client:
 async fn perform_big_rows(client: &Client, p: &Planned) -> Result<Value, (Value, geokv_client::Error)> {
     let eventual = WriteOptions::default().consistency(Consistency::Eventual);
     match (p.f, &p.value) {
-        (F::Read, _) => big_read(client, &p.key).await.map(|(ids, _)| Value::List(ids)).map_err(|e| (Value::None, e)),
+        (F::Read, _) => {
+            big_read(client, &p.key).await.map(|(ids, _)| Value::List(ids)).map_err(|e| (Value::None, e))
+        }
         (F::Write, Value::Pair([id, len])) => client
             .put(&big_row(&p.key), big_value(*id, *len as usize), eventual)
             .await

@@ -649,7 +649,8 @@ impl Config {
                 return Err(bad(field, format!("{v} is outside {lo}..={hi}")));
             }
         }
-        let row_min = l.value_bytes_max.saturating_add(l.key_bytes_max).saturating_add(ROW_OVERHEAD_BYTES_MAX);
+        let row_min =
+            l.value_bytes_max.saturating_add(l.key_bytes_max).saturating_add(ROW_OVERHEAD_BYTES_MAX);
         if l.row_bytes_max < row_min {
             return Err(bad(
                 "limits.row_bytes_max",
@@ -846,8 +847,7 @@ impl Config {
             .iter()
             .map(|r| {
                 let listed = r.nodes.len();
-                let me_unlisted =
-                    r.name == self.region && !r.nodes.iter().any(|n| n.id == self.node_id);
+                let me_unlisted = r.name == self.region && !r.nodes.iter().any(|n| n.id == self.node_id);
                 (listed + usize::from(me_unlisted)).max(1)
             })
             .sum::<usize>()

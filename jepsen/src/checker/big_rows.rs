@@ -54,7 +54,8 @@ pub fn check(ops: &[Op]) -> Verdict {
                 (Kind::Ok, Value::None) => {
                     facts.finals.insert(o.region.clone(), Vec::new());
                 }
-                _ => undecided.push(format!("final read of {} in {} did not complete: {:?}", o.key, o.region, o.error)),
+                _ => undecided
+                    .push(format!("final read of {} in {} did not complete: {:?}", o.key, o.region, o.error)),
             }
             continue;
         }
@@ -102,7 +103,9 @@ pub fn check(ops: &[Op]) -> Verdict {
                 continue;
             }
             if f.blind_resolve {
-                undecided.push(format!("{key}: value {id} missing, and a resolve whose read is unknown may have superseded it"));
+                undecided.push(format!(
+                    "{key}: value {id} missing, and a resolve whose read is unknown may have superseded it"
+                ));
             } else {
                 problems.push(format!("{key}: acknowledged value {id} lost (no resolve saw it)"));
             }
@@ -157,7 +160,17 @@ mod tests {
         ["us-east-1", "eu-west-1"]
             .iter()
             .enumerate()
-            .map(|(i, r)| op(100 + i as u64, &format!("final-{r}"), r, F::Read, "b0", Value::List(ids.to_vec()), Kind::Ok))
+            .map(|(i, r)| {
+                op(
+                    100 + i as u64,
+                    &format!("final-{r}"),
+                    r,
+                    F::Read,
+                    "b0",
+                    Value::List(ids.to_vec()),
+                    Kind::Ok,
+                )
+            })
             .collect()
     }
 
@@ -174,11 +187,9 @@ mod tests {
 
     #[test]
     fn a_lost_a_refused_or_an_invented_value_fails() {
-        for (ids, why) in [
-            (&[4][..], "lost"),
-            (&[2, 3, 4][..], "refused but is stored"),
-            (&[2, 4, 9][..], "never written"),
-        ] {
+        for (ids, why) in
+            [(&[4][..], "lost"), (&[2, 3, 4][..], "refused but is stored"), (&[2, 4, 9][..], "never written")]
+        {
             let mut h = base();
             h.extend(finals(ids));
             let v = check(&h);
@@ -191,7 +202,15 @@ mod tests {
     fn regions_that_disagree_fail_and_a_missing_final_read_is_unknown() {
         let mut h = base();
         h.extend(finals(&[2, 4]));
-        h.push(op(200, "final-ap-southeast-1", "ap-southeast-1", F::Read, "b0", Value::List(vec![2]), Kind::Ok));
+        h.push(op(
+            200,
+            "final-ap-southeast-1",
+            "ap-southeast-1",
+            F::Read,
+            "b0",
+            Value::List(vec![2]),
+            Kind::Ok,
+        ));
         assert_eq!(check(&h).outcome, Outcome::Fail);
         let mut h = base();
         h.push(op(200, "final-ap-southeast-1", "ap-southeast-1", F::Read, "b0", Value::None, Kind::Unknown));

@@ -378,7 +378,10 @@ impl StateMachine {
         let pairs = self.engine.scan(Cf::Raft, &prefix, end.as_deref(), usize::MAX).map_err(io_read)?;
         // Every scanned key starts with the prefix; one that did not would
         // be skipped, never sliced past its end.
-        Ok(pairs.into_iter().filter_map(|(k, v)| Some((k.strip_prefix(prefix.as_slice())?.to_vec(), v))).collect())
+        Ok(pairs
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(prefix.as_slice())?.to_vec(), v)))
+            .collect())
     }
 }
 

@@ -785,13 +785,12 @@ fn idem_expiry_key(stored_at_ms: u64, key: &str) -> Vec<u8> {
 /// read from the store points at; an error, never a panic, when the bytes
 /// are not such a key.
 fn idem_key_of_expiry(k: &[u8]) -> Result<Vec<u8>, KvError> {
-    let key = k
-        .strip_prefix(IDEM_EXPIRY_PREFIX)
-        .and_then(|rest| rest.get(8..))
-        .ok_or_else(|| KvError::Corrupt {
+    let key = k.strip_prefix(IDEM_EXPIRY_PREFIX).and_then(|rest| rest.get(8..)).ok_or_else(|| {
+        KvError::Corrupt {
             what: "idempotency expiry key".into(),
             why: format!("{} bytes, shorter than its prefix and 8-byte time", k.len()),
-        })?;
+        }
+    })?;
     let mut idem = IDEM_PREFIX.to_vec();
     idem.extend_from_slice(key);
     Ok(idem)

@@ -106,7 +106,12 @@ impl RowLimits {
             });
         }
         if grows(after.bytes > self.bytes_max, |m| m.bytes) {
-            return Err(KvError::RowTooLarge { key: key(), measure: "bytes", len: after.bytes, max: self.bytes_max });
+            return Err(KvError::RowTooLarge {
+                key: key(),
+                measure: "bytes",
+                len: after.bytes,
+                max: self.bytes_max,
+            });
         }
         Ok(())
     }
@@ -225,8 +230,14 @@ mod tests {
         // not grow it, refused when they do.
         assert!(limits.check(key, false, || m(500, 9, 0), m(480, 8, 0)).is_ok());
         assert!(limits.check(key, false, || m(500, 9, 0), m(500, 9, 0)).is_ok());
-        assert_eq!(limits.check(key, false, || m(500, 9, 0), m(520, 9, 0)).unwrap_err().reason(), "ROW_TOO_LARGE");
-        assert_eq!(limits.check(key, false, || m(50, 3, 0), m(60, 4, 0)).unwrap_err().reason(), "TOO_MANY_SIBLINGS");
+        assert_eq!(
+            limits.check(key, false, || m(500, 9, 0), m(520, 9, 0)).unwrap_err().reason(),
+            "ROW_TOO_LARGE"
+        );
+        assert_eq!(
+            limits.check(key, false, || m(50, 3, 0), m(60, 4, 0)).unwrap_err().reason(),
+            "TOO_MANY_SIBLINGS"
+        );
     }
 
     #[test]

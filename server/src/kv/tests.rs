@@ -428,9 +428,20 @@ async fn a_row_merged_past_the_bounds_is_kept_and_can_be_shrunk_but_not_grown() 
     }
     let mut theirs = DvvSet::default();
     for i in 0..40 {
-        theirs.write("eu-central-1/n1", &VersionVector::default(), Some(format!("there{i}").into_bytes()), HlcTimestamp(1));
+        theirs.write(
+            "eu-central-1/n1",
+            &VersionVector::default(),
+            Some(format!("there{i}").into_bytes()),
+            HlcTimestamp(1),
+        );
     }
-    let remote = Row { home_region: "eu-west-1".into(), zone: "eu".into(), epoch: 1, hlc: 1, value: RowValue::Register(theirs) };
+    let remote = Row {
+        home_region: "eu-west-1".into(),
+        zone: "eu".into(),
+        epoch: 1,
+        hlc: 1,
+        value: RowValue::Register(theirs),
+    };
     node.merge_rows(vec![("default".into(), b"m".to_vec(), remote)]).await.expect("a merge is never refused");
     let (vals, ctx) = values(&node, "m");
     assert_eq!(vals.len(), 80, "what other regions accepted is kept");

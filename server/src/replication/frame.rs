@@ -246,7 +246,13 @@ mod tests {
                 .collect();
             dvv.write(&format!("r{i}/n1"), &VersionVector::default(), Some(value), HlcTimestamp(10));
         }
-        Row { home_region: "us-east-1".into(), zone: String::new(), epoch: 1, hlc: 10, value: RowValue::Register(dvv) }
+        Row {
+            home_region: "us-east-1".into(),
+            zone: String::new(),
+            epoch: 1,
+            hlc: 10,
+            value: RowValue::Register(dvv),
+        }
     }
 
     #[test]

@@ -342,7 +342,10 @@ pub async fn run(
                 link.unshippable(
                     0,
                     &display_key(table, key),
-                    &format!("{} bytes, over the entry bound of {entry_max} (limits.row_bytes_max)", bytes.len()),
+                    &format!(
+                        "{} bytes, over the entry bound of {entry_max} (limits.row_bytes_max)",
+                        bytes.len()
+                    ),
                 );
                 continue;
             }

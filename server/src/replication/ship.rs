@@ -341,7 +341,11 @@ impl Shipper {
                     let (frame, bytes) = self.next_frame(read_pos, head)?;
                     read_pos = frame.through_seq;
                     let wire = frame.entries.len() as u64;
-                    in_flight.push_back(InFlight { through_seq: frame.through_seq, bytes, entries: frame.entry_count });
+                    in_flight.push_back(InFlight {
+                        through_seq: frame.through_seq,
+                        bytes,
+                        entries: frame.entry_count,
+                    });
                     self.state.in_flight_bytes.fetch_add(bytes, Ordering::Relaxed);
                     tx.send(frame).await.map_err(|_| unreachable("stream closed".into()))?;
                     self.state.shipped_bytes.fetch_add(wire, Ordering::Relaxed);
