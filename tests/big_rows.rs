@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::cluster::{DevCluster, REGIONS};
-use common::http_get;
+use common::{http_get, metric_sum};
 use geokv_client::{Client, Consistency, ReadConsistency, Row, WriteOptions};
 
 /// The two regions that write the hot key.
@@ -37,15 +37,6 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
-}
-
-/// The sum of a Prometheus counter over all its label sets (0 if absent).
-fn metric_sum(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Polls `client` (bounded by `deadline`) until `row` is found.

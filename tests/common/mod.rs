@@ -454,6 +454,16 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
     Ok(body.to_string())
 }
 
+/// The sum of a Prometheus counter over all its label sets in `metrics`
+/// (the text of `/metrics`); 0 if absent.
+pub fn metric_sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Path of a file under the workspace's `tests/` folder.
 pub fn tests_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests").join(relative)
