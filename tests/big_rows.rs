@@ -115,3 +115,41 @@ async fn blind_big_puts_from_two_regions_are_bounded_and_never_wedge_replication
         );
     }
 }
+
+/// A destination whose row limit is smaller than the source's (a config
+/// that disagrees) refuses frames as `ROW_TOO_LARGE`: the source sends the
+/// refused frame's entries one by one, skips the one refused alone (loudly,
+/// counted), and what comes after it still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_entry_a_destination_refuses_is_skipped_and_the_stream_moves_on() {
+    const SMALL: &str = "ap-southeast-1";
+    const SOURCE: &str = "us-east-1";
+    let mut cluster = DevCluster::start(1.0).await;
+    cluster.kill_9(SMALL);
+    let config = cluster.node_config(SMALL);
+    let mut text = std::fs::read_to_string(&config).expect("read node.toml");
+    text.push_str("\n[limits]\nvalue_bytes_max = 65536\nrow_bytes_max = 80000\n");
+    std::fs::write(&config, text).expect("write node.toml");
+    cluster.restart(SMALL).await;
+
+    let eventual = WriteOptions::default().consistency(Consistency::Eventual);
+    let source = cluster.client_with(SOURCE, |c| c.timeout = Duration::from_secs(20)).await;
+    let hot = Row::new("default", "hot");
+    // Two siblings of 900 KB: within the source's limits, far over the
+    // frames the small region accepts.
+    for i in 0..2 {
+        source.put(&hot, noise(i + 1, VALUE_BYTES), eventual.clone()).await.expect("big put");
+    }
+    let small = Row::new("default", "after-the-big-row");
+    source.put(&small, b"small".to_vec(), eventual).await.expect("small put");
+    let reader = cluster.client(SMALL).await;
+    let limit = Duration::from_secs(15);
+    assert!(
+        found_by(&reader, &small, Instant::now() + limit).await,
+        "a write made after an entry {SMALL} refuses did not arrive there within {limit:?}"
+    );
+    let metrics = http_get(cluster.admin_addr(SOURCE), "/metrics").expect("metrics");
+    assert!(metric_sum(&metrics, "geokv_replication_unshippable_total") >= 1.0, "the skip is counted");
+    let metrics = http_get(cluster.admin_addr(SMALL), "/metrics").expect("metrics");
+    assert!(metric_sum(&metrics, "geokv_replication_frames_too_large_total") >= 1.0);
+}
