@@ -4,6 +4,8 @@
 //! put is either accepted or refused with a typed error before anything is
 //! stored, and replication never wedges: a small write made afterwards is
 //! readable in every other region within 2 s, and all regions converge.
+//! A destination whose limits are smaller (a config that disagrees) refuses
+//! an entry: the source skips it, loudly and counted, and the rest arrives.
 
 mod common;
 

@@ -68,6 +68,8 @@ pub const SMOKE: &[Scenario] = &[
     s(WorkloadKind::Register, NemesisKind::Kill),
     s(WorkloadKind::Counter, NemesisKind::Partition),
     s(WorkloadKind::Residency, NemesisKind::Halves),
+    // About 25 s at smoke size: rows at their bounds, merged after partitions.
+    s(WorkloadKind::BigRows, NemesisKind::Partition),
 ];
 
 /// Sizes of a suite's runs.
