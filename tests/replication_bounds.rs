@@ -16,7 +16,7 @@ use crate::common;
 use std::time::{Duration, Instant};
 
 use common::cluster::{DevCluster, Options, REGIONS};
-use common::{http_get, Deadline};
+use common::{http_get, metric_sum, Deadline};
 use geokv_client::{Consistency, ReadConsistency, Row, WriteOptions};
 
 const US: &str = "us-east-1";
@@ -27,15 +27,6 @@ const CONVERGE_LIMIT: Duration = Duration::from_secs(120);
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// The sum of a Prometheus counter over all its label sets (0 if absent).
-fn metric_sum(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

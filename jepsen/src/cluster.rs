@@ -76,6 +76,8 @@ pub struct ClusterSpec {
     pub sync: bool,
     /// Extra environment for every node (e.g. `GEOKV_BUG` on a bugs build).
     pub env: Vec<(String, String)>,
+    /// TOML appended to every node's config (a workload's limits).
+    pub extra_config: String,
 }
 
 /// One region's node.
@@ -576,6 +578,10 @@ fn config_text(
         out.push_str(&format!(
             "[[tables]]\nname = \"{TABLE_EU_USERS}\"\nzone = \"{EU_ZONE}\"\ndefault_consistency = \"eventual\"\n"
         ));
+    }
+    if !spec.extra_config.is_empty() {
+        out.push('\n');
+        out.push_str(&spec.extra_config);
     }
     out
 }

@@ -40,6 +40,10 @@ pub enum F {
     SetRemove,
     /// Set read: value is the members read.
     SetRead,
+    /// Register write with the causal context of a read just before it:
+    /// value is `[new, seen...]`, the value written and the values the read
+    /// returned (which the write supersedes), recorded whatever the outcome.
+    Resolve,
 }
 
 /// Whether a record opens or closes an operation, and how it ended.

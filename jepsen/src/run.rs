@@ -87,7 +87,9 @@ pub fn notes(kind: WorkloadKind, regions: &[String]) -> Vec<String> {
         WorkloadKind::Counter => {
             vec!["counter: increments at EVENTUAL only; QUORUM increments (issue 4) are not exercised yet".into()]
         }
-        WorkloadKind::StrongRegister | WorkloadKind::Set | WorkloadKind::Residency => Vec::new(),
+        WorkloadKind::StrongRegister | WorkloadKind::Set | WorkloadKind::Residency | WorkloadKind::BigRows => {
+            Vec::new()
+        }
     }
 }
 
@@ -106,6 +108,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<RunSummary> {
         latency_scale: opts.latency_scale,
         sync: opts.sync,
         env: opts.bug.iter().map(|b| ("GEOKV_BUG".to_string(), b.clone())).collect(),
+        extra_config: workload::node_config(opts.workload),
     };
     tracing::info!(dir = %opts.out.display(), "starting the cluster");
     let mut cluster = Cluster::start(spec).await.context("starting the cluster")?;
@@ -256,6 +259,7 @@ pub fn check(
         }
         WorkloadKind::Counter => vec![checker::counter::check(&ops)],
         WorkloadKind::Set => vec![checker::set::check(&ops)],
+        WorkloadKind::BigRows => vec![checker::big_rows::check(&ops)],
         WorkloadKind::Residency => vec![
             checker::residency::check(&ops, fin, EU_ZONE),
             checker::residency::check_lost_writes(&ops, fin, EU_ZONE),
@@ -371,6 +375,13 @@ async fn final_reads(cluster: &Cluster, kind: WorkloadKind, recorder: &Recorder,
             for r in regions {
                 for k in 0..workload::SET_KEYS {
                     plans.push((r.clone(), read(F::SetRead, &format!("s{k}"))));
+                }
+            }
+        }
+        WorkloadKind::BigRows => {
+            for r in regions {
+                for k in 0..workload::BIG_ROW_KEYS {
+                    plans.push((r.clone(), read(F::Read, &format!("b{k}"))));
                 }
             }
         }

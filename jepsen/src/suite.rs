@@ -58,6 +58,9 @@ pub const FULL: &[Scenario] = &[
     strong(NemesisKind::Partition),
     strong(NemesisKind::Kill),
     strong(NemesisKind::Failover),
+    // Hot rows at their bounds, blind writes from every region merged after
+    // a partition heals (docs/decisions/014a-bounded-rows.md).
+    s(WorkloadKind::BigRows, NemesisKind::Partition),
 ];
 
 /// The CI smoke: a few short scenarios touching every checker.
@@ -65,6 +68,8 @@ pub const SMOKE: &[Scenario] = &[
     s(WorkloadKind::Register, NemesisKind::Kill),
     s(WorkloadKind::Counter, NemesisKind::Partition),
     s(WorkloadKind::Residency, NemesisKind::Halves),
+    // About 25 s at smoke size: rows at their bounds, merged after partitions.
+    s(WorkloadKind::BigRows, NemesisKind::Partition),
 ];
 
 /// Sizes of a suite's runs.

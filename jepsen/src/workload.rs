@@ -11,6 +11,12 @@
 //! - **set**: adds and removes (no context) at EVENTUAL, reads at LOCAL.
 //! - **residency**: EU-resident rows (`eu_users`, zone eu) written and read
 //!   from every region; outside the zone every operation must be refused.
+//! - **big-rows**: blind (context-less) EVENTUAL puts of values near the
+//!   value limit to a few hot keys from every region, some writes that
+//!   resolve the siblings with a read's context, and reads. The nodes run
+//!   with small row limits ([`node_config`]), so rows hit them all the time:
+//!   a put is accepted or refused with `ROW_TOO_LARGE` / `TOO_MANY_SIBLINGS`,
+//!   and replication of rows merged past the limit must not wedge.
 //!
 //! Each workload declares the regions it depends on ([`dependencies`]):
 //! the fault schedule aims at them and a run that never faulted one of
@@ -45,6 +51,8 @@ pub enum WorkloadKind {
     Counter,
     Set,
     Residency,
+    /// Hot keys with values near the limits (docs/decisions/014a-bounded-rows.md).
+    BigRows,
 }
 
 impl WorkloadKind {
@@ -55,6 +63,7 @@ impl WorkloadKind {
             WorkloadKind::Counter => "counter",
             WorkloadKind::Set => "set",
             WorkloadKind::Residency => "residency",
+            WorkloadKind::BigRows => "big-rows",
         }
     }
 }
@@ -104,7 +113,7 @@ pub fn entry_region<'a>(kind: WorkloadKind, regions: &'a [String], standing: &'a
 /// - strong-register: the home and preferred leader of the consensus group
 ///   (`regions[0]`). Its clients enter in every region, but a fault on a
 ///   follower alone never moves the leader, so entries do not count here.
-/// - counter, set: every region (each is an entry and accepts writes).
+/// - counter, set, big-rows: every region (each is an entry and accepts writes).
 /// - residency: the regions of the EU zone, the only ones that hold and
 ///   accept `eu_users` rows.
 pub fn dependencies(kind: WorkloadKind, regions: &[String]) -> BTreeMap<String, Vec<Role>> {
@@ -117,7 +126,7 @@ pub fn dependencies(kind: WorkloadKind, regions: &[String]) -> BTreeMap<String, 
         WorkloadKind::StrongRegister => {
             deps.insert(first.clone(), vec![Role::Home, Role::Leader]);
         }
-        WorkloadKind::Counter | WorkloadKind::Set => {
+        WorkloadKind::Counter | WorkloadKind::Set | WorkloadKind::BigRows => {
             for r in regions {
                 deps.insert(r.clone(), vec![Role::Entry]);
             }
@@ -130,6 +139,26 @@ pub fn dependencies(kind: WorkloadKind, regions: &[String]) -> BTreeMap<String, 
     }
     deps
 }
+
+/// Node config a workload needs beyond the cluster's (appended to every
+/// node's file). Big rows run with a 64 KiB value limit and a 256 KiB row
+/// limit, so a few values fill a row and many puts meet the bounds.
+pub fn node_config(kind: WorkloadKind) -> String {
+    match kind {
+        WorkloadKind::BigRows => format!(
+            "[limits]\nvalue_bytes_max = {BIG_VALUE_BYTES_MAX}\nrow_bytes_max = {BIG_ROW_BYTES_MAX}\nsiblings_max = 16\n"
+        ),
+        _ => String::new(),
+    }
+}
+
+/// Hot keys of the big-rows workload.
+pub const BIG_ROW_KEYS: u64 = 2;
+/// The nodes' value and row limits under the big-rows workload, in bytes.
+pub const BIG_VALUE_BYTES_MAX: usize = 64 << 10;
+pub const BIG_ROW_BYTES_MAX: usize = 256 << 10;
+/// Big values are drawn from this many bytes up to the value limit.
+pub const BIG_VALUE_BYTES_MIN: usize = 40 << 10;
 
 /// Register keys.
 pub const REGISTER_KEYS: u64 = 3;
@@ -229,6 +258,76 @@ pub fn decode(v: &[u8]) -> Option<i64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
+/// The row of big-rows key `key` (table `default`, homed in the first region).
+pub fn big_row(key: &str) -> Row {
+    Row::new("default", key.as_bytes().to_vec())
+}
+
+/// A big value: its id in decimal, `;`, then incompressible padding up to
+/// `len` bytes, so compression cannot hide its size.
+pub fn big_value(id: i64, len: usize) -> Vec<u8> {
+    let mut v = format!("{id};").into_bytes();
+    let mut x = (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.push(x as u8);
+    }
+    v
+}
+
+/// The id of a value written by [`big_value`].
+pub fn big_id(v: &[u8]) -> Option<i64> {
+    let end = v.iter().position(|b| *b == b';')?;
+    decode(&v[..end])
+}
+
+/// Reads a big row: the ids of its values (sorted) and its context.
+async fn big_read(
+    client: &Client,
+    key: &str,
+) -> Result<(Vec<i64>, geokv_client::CausalContext), geokv_client::Error> {
+    let got = client.get(&big_row(key), ReadConsistency::Local).await?;
+    let mut ids: Vec<i64> = got.values().iter().filter_map(|v| big_id(v)).collect();
+    ids.sort_unstable();
+    Ok((ids, got.context))
+}
+
+/// Runs one big-rows operation. A resolve records what its read returned
+/// whatever becomes of its write, so the checker knows what it may have
+/// superseded.
+async fn perform_big_rows(client: &Client, p: &Planned) -> Result<Value, (Value, geokv_client::Error)> {
+    let eventual = WriteOptions::default().consistency(Consistency::Eventual);
+    match (p.f, &p.value) {
+        (F::Read, _) => {
+            big_read(client, &p.key).await.map(|(ids, _)| Value::List(ids)).map_err(|e| (Value::None, e))
+        }
+        (F::Write, Value::Pair([id, len])) => client
+            .put(&big_row(&p.key), big_value(*id, *len as usize), eventual)
+            .await
+            .map(|_| Value::Int(*id))
+            .map_err(|e| (Value::Int(*id), e)),
+        (F::Resolve, Value::Int(id)) => {
+            let (seen, context) = big_read(client, &p.key).await.map_err(|e| (Value::List(vec![*id]), e))?;
+            let written: Vec<i64> = std::iter::once(*id).chain(seen).collect();
+            match client.put(&big_row(&p.key), big_value(*id, 64), eventual.context(context)).await {
+                Ok(_) => Ok(Value::List(written)),
+                Err(e) => Err((Value::List(written), e)),
+            }
+        }
+        (f, v) => Err((
+            Value::None,
+            geokv_client::Error {
+                code: tonic::Code::Internal,
+                reason: Some("HARNESS".into()),
+                message: format!("big-rows has no {f:?} of {v:?}"),
+                metadata: Default::default(),
+            },
+        )),
+    }
+}
+
 /// One operation, ready to run.
 #[derive(Debug, Clone)]
 pub struct Planned {
@@ -284,6 +383,18 @@ pub fn plan(kind: WorkloadKind, rng: &mut impl Rng, shared: &Shared, written: &[
                 _ => Planned { f: F::SetRead, key, value: Value::None, level: "LOCAL" },
             }
         }
+        WorkloadKind::BigRows => {
+            let key = format!("b{}", rng.random_range(0..BIG_ROW_KEYS));
+            let id = shared.next_value.fetch_add(1, Ordering::Relaxed) as i64 + 1;
+            match rng.random_range(0..20) {
+                0..=10 => {
+                    let len = rng.random_range(BIG_VALUE_BYTES_MIN..=BIG_VALUE_BYTES_MAX) as i64;
+                    Planned { f: F::Write, key, value: Value::Pair([id, len]), level: "EVENTUAL" }
+                }
+                11..=13 => Planned { f: F::Resolve, key, value: Value::Int(id), level: "EVENTUAL" },
+                _ => Planned { f: F::Read, key, value: Value::None, level: "LOCAL" },
+            }
+        }
         WorkloadKind::Residency => {
             if rng.random_bool(0.5) {
                 let (country, _) = EU_LOCALITIES[rng.random_range(0..EU_LOCALITIES.len())];
@@ -318,6 +429,15 @@ pub async fn perform(
 ) -> (Kind, Value, Option<String>, Option<Ack>) {
     let eventual = WriteOptions::default().consistency(Consistency::Eventual);
     let local = WriteOptions::default().consistency(Consistency::Local);
+    if kind == WorkloadKind::BigRows {
+        // Values are bigger: the timeout allows for them.
+        return match tokio::time::timeout(OP_TIMEOUT, perform_big_rows(client, p)).await {
+            Err(_) => (Kind::Unknown, p.value.clone(), Some("HARNESS_TIMEOUT".into()), None),
+            Ok(Ok(v)) => (Kind::Ok, v, None, None),
+            Ok(Err((v, e))) if definite_failure(&e) => (Kind::Fail, v, Some(e.reason_or_code()), None),
+            Ok(Err((v, e))) => (Kind::Unknown, v, Some(e.reason_or_code()), None),
+        };
+    }
     // A LOCAL write's acknowledgement: who accepted it under which epoch.
     let mut ack: Option<Ack> = None;
     let fut = async {
@@ -443,8 +563,12 @@ pub async fn client_loop(spec: ClientSpec, shared: Shared) {
         if shared.kind == WorkloadKind::Residency && p.f == F::Write && kind != Kind::Fail {
             written.push(p.key.clone());
         }
-        // Reads and CASes complete with what they found; writes with their argument.
-        let write = if crate::history::is_read(p.f) || (p.f == F::Cas && kind == Kind::Ok) {
+        // Reads and CASes complete with what they found; writes with their
+        // argument; big-rows operations with what they wrote and saw.
+        let write = if crate::history::is_read(p.f)
+            || (p.f == F::Cas && kind == Kind::Ok)
+            || shared.kind == WorkloadKind::BigRows
+        {
             value
         } else {
             p.value.clone()

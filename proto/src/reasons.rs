@@ -110,6 +110,10 @@ reasons! {
         "The operation does not fit the type of the stored row.";
     IDEMPOTENCY_KEY_REUSED: FailedPrecondition, Server, retryable = false,
         "The idempotency key was used for a different request.";
+    ROW_TOO_LARGE: FailedPrecondition, Server, retryable = false,
+        "The write would take the row past the configured row size or set member limit; nothing was stored.";
+    TOO_MANY_SIBLINGS: FailedPrecondition, Server, retryable = false,
+        "The write would leave the row more concurrent values than the configured limit; resolve them with a context write.";
     COUNTER_OVERFLOW: FailedPrecondition, Server, retryable = false,
         "The add would take the counter past the 64-bit range.";
     CLOCK_OFFSET: FailedPrecondition, Server, retryable = false,

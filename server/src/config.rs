@@ -498,7 +498,8 @@ impl Default for TableConfig {
     }
 }
 
-/// Bounds on what one request may carry.
+/// Bounds on what one request may carry, and on what one row may grow to
+/// (docs/decisions/014a-bounded-rows.md).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
@@ -508,11 +509,40 @@ pub struct Limits {
     pub batch_ops_max: usize,
     /// Rows returned by one Scan.
     pub scan_rows_max: usize,
+    /// Encoded size of a whole row after a write accepted here (every
+    /// sibling, member and version vector), in bytes; a write past it is
+    /// refused with `ROW_TOO_LARGE` before anything is stored. At least
+    /// `value_bytes_max` + `key_bytes_max` + 4 KiB, so one value always
+    /// fits. Replication
+    /// frames are sized from it, so every node of a cluster must agree.
+    pub row_bytes_max: usize,
+    /// Siblings (concurrent values, tombstones included) a register row may
+    /// hold after a write accepted here; past it `TOO_MANY_SIBLINGS`.
+    pub siblings_max: usize,
+    /// Members a set row may hold after an add accepted here; past it
+    /// `ROW_TOO_LARGE` (measure `members`).
+    pub set_members_max: usize,
 }
+
+/// Room a row of one value needs beyond the value and its key (placement,
+/// the value's dot and stamp, a version vector), in bytes.
+pub const ROW_OVERHEAD_BYTES_MAX: usize = 4 << 10;
+
+/// Largest row bound across a cluster (`limits.row_bytes_max` times the
+/// nodes), in bytes: replication frames must hold a merged row of that size.
+pub const MERGED_ROW_BYTES_MAX: usize = 1 << 30;
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { key_bytes_max: 1024, value_bytes_max: 1 << 20, batch_ops_max: 128, scan_rows_max: 1000 }
+        Self {
+            key_bytes_max: 1024,
+            value_bytes_max: 1 << 20,
+            batch_ops_max: 128,
+            scan_rows_max: 1000,
+            row_bytes_max: 4 << 20,
+            siblings_max: 32,
+            set_members_max: 100_000,
+        }
     }
 }
 
@@ -733,10 +763,36 @@ impl Config {
             ("limits.value_bytes_max", l.value_bytes_max, 1, 64 << 20),
             ("limits.batch_ops_max", l.batch_ops_max, 1, 10_000),
             ("limits.scan_rows_max", l.scan_rows_max, 1, 100_000),
+            ("limits.siblings_max", l.siblings_max, 1, 10_000),
+            ("limits.set_members_max", l.set_members_max, 1, 10_000_000),
         ] {
             if v < lo || v > hi {
                 return Err(bad(field, format!("{v} is outside {lo}..={hi}")));
             }
+        }
+        let row_min =
+            l.value_bytes_max.saturating_add(l.key_bytes_max).saturating_add(ROW_OVERHEAD_BYTES_MAX);
+        if l.row_bytes_max < row_min {
+            return Err(bad(
+                "limits.row_bytes_max",
+                format!(
+                    "{} is below limits.value_bytes_max + limits.key_bytes_max + {ROW_OVERHEAD_BYTES_MAX} = {row_min}: \
+                     a single value would not fit a row",
+                    l.row_bytes_max
+                ),
+            ));
+        }
+        let merged = l.row_bytes_max.saturating_mul(self.node_count());
+        if merged > MERGED_ROW_BYTES_MAX {
+            return Err(bad(
+                "limits.row_bytes_max",
+                format!(
+                    "{} bytes times {} nodes is {merged}, over {MERGED_ROW_BYTES_MAX}: a row merged from \
+                     every node could not be shipped",
+                    l.row_bytes_max,
+                    self.node_count()
+                ),
+            ));
         }
         let s = &self.storage;
         if s.group_commit_writes_max == 0 || s.group_commit_writes_max > 100_000 {
@@ -909,6 +965,22 @@ impl Config {
         self.zones.iter().find(|z| z.regions.iter().any(|r| r == region))
     }
 
+    /// Nodes of the cluster: each region's listed nodes, this node counted
+    /// in its own region even when not listed, and at least one per region.
+    /// Every node is a writer with its own actor id, so a row merged from
+    /// all of them holds at most this many writers' accepted states.
+    pub fn node_count(&self) -> usize {
+        self.regions
+            .iter()
+            .map(|r| {
+                let listed = r.nodes.len();
+                let me_unlisted = r.name == self.region && !r.nodes.iter().any(|n| n.id == self.node_id);
+                (listed + usize::from(me_unlisted)).max(1)
+            })
+            .sum::<usize>()
+            .max(1)
+    }
+
     /// Regions other than this node's that have a reachable node configured.
     /// Their nodes are listed in `nodes`; see `topology` for who owns what.
     pub fn peer_regions(&self) -> Vec<&RegionConfig> {
@@ -979,6 +1051,10 @@ mod tests {
             ("[[tables]]\nname = \"t\"\nlocality = \"by_table\"", "tables[0].home_region"),
             ("[[tables]]\nname = \"t\"\nzone = \"eu\"", "tables[0].zone"),
             ("[limits]\nvalue_bytes_max = 0", "limits.value_bytes_max"),
+            ("[limits]\nrow_bytes_max = 1048576", "limits.row_bytes_max"),
+            ("[limits]\nrow_bytes_max = 2147483648", "limits.row_bytes_max"),
+            ("[limits]\nsiblings_max = 0", "limits.siblings_max"),
+            ("[limits]\nset_members_max = 0", "limits.set_members_max"),
             ("[localities]\nDE = \"mars-1\"", "localities.DE"),
         ];
         for (text, field) in cases {

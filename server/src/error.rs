@@ -68,6 +68,14 @@ pub enum KvError {
     ShuttingDown,
     #[error("counter overflow")]
     CounterOverflow,
+    /// The write would take the row past a size bound (`measure` is
+    /// `bytes`, the encoded row, or `members`, a set's members).
+    #[error("row `{key}` would hold {len} {measure}; the limit is {max} (nothing was stored)")]
+    RowTooLarge { key: String, measure: &'static str, len: usize, max: usize },
+    #[error(
+        "row `{key}` would hold {len} siblings; the limit is {max} (nothing was stored): read it and write with its context"
+    )]
+    TooManySiblings { key: String, len: usize, max: usize },
     #[error(
         "replication to `{destination}` is {backlog_entries} entries behind (bound {bound_entries}); retry after {retry_after_ms} ms"
     )]
@@ -133,6 +141,8 @@ impl KvError {
             KvError::ReplicaStale { .. } => &reasons::REPLICA_STALE,
             KvError::RegionUnreachable { .. } => &reasons::REGION_UNREACHABLE,
             KvError::CounterOverflow => &reasons::COUNTER_OVERFLOW,
+            KvError::RowTooLarge { .. } => &reasons::ROW_TOO_LARGE,
+            KvError::TooManySiblings { .. } => &reasons::TOO_MANY_SIBLINGS,
             KvError::ReplicationBackpressure { .. } => &reasons::REPLICATION_BACKPRESSURE,
             KvError::Fenced { .. } => &reasons::FENCED,
             KvError::HomeUnavailable { .. } => &reasons::HOME_UNAVAILABLE,
@@ -212,6 +222,17 @@ impl KvError {
                 m.insert("len".into(), len.to_string());
                 m.insert("max".into(), max.to_string());
             }
+            KvError::RowTooLarge { key, measure, len, max } => {
+                m.insert("key".into(), key.clone());
+                m.insert("measure".into(), measure.to_string());
+                m.insert("len".into(), len.to_string());
+                m.insert("max".into(), max.to_string());
+            }
+            KvError::TooManySiblings { key, len, max } => {
+                m.insert("key".into(), key.clone());
+                m.insert("len".into(), len.to_string());
+                m.insert("max".into(), max.to_string());
+            }
             _ => {}
         }
         m
@@ -281,6 +302,8 @@ mod tests {
             KvError::RegionUnreachable { region: s(), why: s() },
             KvError::ShuttingDown,
             KvError::CounterOverflow,
+            KvError::RowTooLarge { key: s(), measure: "bytes", len: 2, max: 1 },
+            KvError::TooManySiblings { key: s(), len: 2, max: 1 },
             KvError::ReplicationBackpressure {
                 destination: s(),
                 backlog_entries: 2,

@@ -230,9 +230,11 @@ where
         .max_encoding_message_size(64 << 20);
     let admin_svc = AdminServer::new(AdminService::new(node.clone(), replicator.clone(), peers.clone()))
         .max_encoding_message_size(64 << 20);
+    // Sized from the row limit, so the largest legal row always ships.
+    let replication_wire_max = crate::replication::frame::wire_bytes_max(&cfg);
     let replication_svc = ReplicationServer::new(ReplicationService::new(node.clone(), replicator.clone()))
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+        .max_decoding_message_size(replication_wire_max)
+        .max_encoding_message_size(replication_wire_max);
     let consensus_svc = ConsensusServer::new(ConsensusService::new(consensus.clone(), node.clone()))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);

@@ -527,11 +527,21 @@ pub async fn https_get(addr: SocketAddr, certs_dir: &Path, path: &str) -> Result
     ok_body(&response, path)
 }
 
-/// Path of a file under the workspace's `tests/` folder.
+/// The sum of a Prometheus series over all its label sets in `metrics`
+/// (the text of `/metrics`); 0 if absent.
+pub fn metric_sum(metrics: &str, name: &str) -> f64 {
+    metric_in(metrics, name, &[])
+}
+
 /// The sum of the series of `name` on a node's `/metrics` whose labels
 /// include every pair of `labels` (0 when there is none).
 pub fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
     let body = http_get(admin, "/metrics").unwrap_or_else(|e| panic!("GET /metrics from {admin}: {e}"));
+    metric_in(&body, name, labels)
+}
+
+/// [`metric`] over the text of a `/metrics` answer.
+pub fn metric_in(body: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     body.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.split(['{', ' ']).next() == Some(name))
@@ -540,6 +550,7 @@ pub fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// Path of a file under the workspace's `tests/` folder.
 pub fn tests_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests").join(relative)
 }

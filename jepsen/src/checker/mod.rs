@@ -18,7 +18,10 @@
 //! - [`epoch`]: at most one home holder per epoch.
 //! - [`coverage`]: the installed faults touched a region the workload
 //!   depends on (else the run is vacuous).
+//! - [`big_rows`]: hot big rows read alike everywhere; no acknowledged value
+//!   lost, no refused one stored.
 
+pub mod big_rows;
 pub mod convergence;
 pub mod counter;
 pub mod coverage;

@@ -376,7 +376,12 @@ impl StateMachine {
         let prefix = group_key(&self.group, b"sm/");
         let end = prefix_end(&prefix);
         let pairs = self.engine.scan(Cf::Raft, &prefix, end.as_deref(), usize::MAX).map_err(io_read)?;
-        Ok(pairs.into_iter().map(|(k, v)| (k[prefix.len()..].to_vec(), v)).collect())
+        // Every scanned key starts with the prefix; one that did not would
+        // be skipped, never sliced past its end.
+        Ok(pairs
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(prefix.as_slice())?.to_vec(), v)))
+            .collect())
     }
 }
 

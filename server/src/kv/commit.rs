@@ -20,7 +20,7 @@ use geokv_proto::storage as pb;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::row::{data_key, display_key, Row, RowValue};
+use super::row::{data_key, display_key, Row, RowLimits, RowMeasure, RowValue};
 use super::{AdmittedWrite, RowOp};
 use crate::causality::{
     encode_context, Crdt, DvvSet, Hlc, HlcTimestamp, LwwRegister, OrSet, PnCounter, VersionVector,
@@ -132,6 +132,9 @@ pub struct CommitSettings {
     pub bytes_max: usize,
     pub log_retention_entries: u64,
     pub idempotency_ttl: Duration,
+    /// Bounds every row a client write leaves (merges from other regions
+    /// are never refused: docs/decisions/014a-bounded-rows.md).
+    pub row_limits: RowLimits,
 }
 
 /// Shared facts the committer publishes for readers.
@@ -396,6 +399,13 @@ impl Committer {
                 Some(r) => self.hlc.now_after(HlcTimestamp(r.hlc)).0,
                 None => self.hlc.now().0,
             };
+            // The row's size before the write matters only for writes that
+            // add no value; measured now, as `apply_op` consumes the row.
+            let adds = matches!(w.op, RowOp::Put { .. } | RowOp::SetAdd { .. });
+            let before = match (&current, adds) {
+                (Some(r), false) => RowMeasure::of(r, &r.to_proto()),
+                _ => RowMeasure::default(),
+            };
             let applied = self.apply_op(w, current, hlc, epoch)?;
             let Some((row, mut outcome, conflicted)) = applied else {
                 outcomes.push(WriteOutcome {
@@ -411,19 +421,29 @@ impl Committer {
                 });
                 continue;
             };
+            // Bounded before anything is stored: an error here drops the
+            // whole job, and its batch never reaches the engine.
+            let proto = row.to_proto();
+            self.settings.row_limits.check(
+                || display_key(&w.table, &w.key),
+                adds,
+                || before,
+                RowMeasure::of(&row, &proto),
+            )?;
             if conflicted {
                 job_conflicts.push(w.table.clone());
             }
+            let sealed_row = codec::seal_message(&proto);
             let entry = pb::LogEntry {
                 seq,
                 table: w.table.clone(),
                 key: w.key.clone(),
-                row: Some(row.to_proto()),
+                row: Some(proto),
                 hlc,
                 origin: self.settings.actor.clone(),
                 accepted_epoch: if w.lease_home.is_some() { epoch } else { 0 },
             };
-            job_batch.put(Cf::Data, dk.clone(), row.seal());
+            job_batch.put(Cf::Data, dk.clone(), sealed_row);
             job_batch.put(Cf::ReplLog, seq.to_be_bytes().to_vec(), codec::seal_message(&entry));
             if seq > self.settings.log_retention_entries {
                 job_batch
@@ -688,10 +708,15 @@ impl Committer {
             return;
         };
         for (k, _) in expired {
-            let key = &k[IDEM_EXPIRY_PREFIX.len() + 8..];
-            let mut idem = IDEM_PREFIX.to_vec();
-            idem.extend_from_slice(key);
-            batch.delete(Cf::Meta, idem);
+            match idem_key_of_expiry(&k) {
+                Ok(idem) => batch.delete(Cf::Meta, idem),
+                Err(e) => {
+                    // A malformed expiry key names no record; it is dropped so
+                    // it cannot take a slot of every later sweep.
+                    metrics::counter!("geokv_corruption_detected_total").increment(1);
+                    tracing::error!(error = %e, "dropping a malformed idempotency expiry key");
+                }
+            }
             batch.delete(Cf::Meta, k);
         }
     }
@@ -754,4 +779,70 @@ fn idem_expiry_key(stored_at_ms: u64, key: &str) -> Vec<u8> {
     k.extend_from_slice(&stored_at_ms.to_be_bytes());
     k.extend_from_slice(key.as_bytes());
     k
+}
+
+/// The record key (`idem/<key>`) an expiry key (`idemx/<stored_at_ms><key>`)
+/// read from the store points at; an error, never a panic, when the bytes
+/// are not such a key.
+fn idem_key_of_expiry(k: &[u8]) -> Result<Vec<u8>, KvError> {
+    let key = k.strip_prefix(IDEM_EXPIRY_PREFIX).and_then(|rest| rest.get(8..)).ok_or_else(|| {
+        KvError::Corrupt {
+            what: "idempotency expiry key".into(),
+            why: format!("{} bytes, shorter than its prefix and 8-byte time", k.len()),
+        }
+    })?;
+    let mut idem = IDEM_PREFIX.to_vec();
+    idem.extend_from_slice(key);
+    Ok(idem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::causality::SystemClock;
+    use crate::storage::memory::MemoryEngine;
+
+    fn committer(engine: Arc<dyn Engine>) -> Committer {
+        let settings = CommitSettings {
+            actor: "eu-west-1/n1".into(),
+            region: "eu-west-1".into(),
+            sync: false,
+            writes_max: 16,
+            bytes_max: 1 << 20,
+            log_retention_entries: 100,
+            idempotency_ttl: Duration::from_millis(1),
+            row_limits: RowLimits::from_config(&crate::config::Limits::default()),
+        };
+        let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), 500));
+        Committer::new(engine, hlc, settings, Arc::new(CommitState::default()))
+    }
+
+    #[test]
+    fn an_expiry_key_maps_to_its_record_or_to_an_error() {
+        assert_eq!(idem_key_of_expiry(&idem_expiry_key(5, "abc")).unwrap(), idem_key("abc"));
+        assert_eq!(idem_key_of_expiry(&idem_expiry_key(5, "")).unwrap(), idem_key(""));
+        for short in [&b""[..], b"idemx/", b"idemx/\0\0\0", b"other/12345678k"] {
+            assert_eq!(idem_key_of_expiry(short).unwrap_err().reason(), "DATA_CORRUPTION", "{short:?}");
+        }
+    }
+
+    #[test]
+    fn a_short_expiry_key_on_disk_is_dropped_without_stopping_the_sweep() {
+        let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
+        let mut seed = WriteBatch::new();
+        // Shorter than the prefix and the time, and sorted among expired
+        // keys (its first time byte is 0): the sweep used to panic on it.
+        seed.put(Cf::Meta, b"idemx/\0\0".to_vec(), Vec::new());
+        seed.put(Cf::Meta, idem_key("old"), b"record".to_vec());
+        seed.put(Cf::Meta, idem_expiry_key(1, "old"), Vec::new());
+        engine.write(seed, false).unwrap();
+        let mut c = committer(engine.clone());
+        c.last_sweep = Instant::now() - IDEM_SWEEP_EVERY * 2;
+        let mut batch = WriteBatch::new();
+        c.sweep_idempotency(&mut batch);
+        engine.write(batch, false).unwrap();
+        assert_eq!(engine.get(Cf::Meta, b"idemx/\0\0").unwrap(), None, "the malformed key is dropped");
+        assert_eq!(engine.get(Cf::Meta, &idem_key("old")).unwrap(), None, "the expired record is swept");
+        assert_eq!(engine.get(Cf::Meta, &idem_expiry_key(1, "old")).unwrap(), None);
+    }
 }

@@ -273,7 +273,8 @@ impl Node {
         {
             let mut inbound = state.inbound.lock().unwrap_or_else(|p| p.into_inner());
             for (k, v) in engine.scan(Cf::Meta, b"recv/", Some(b"recv0"), 1024)? {
-                let source = String::from_utf8_lossy(&k[b"recv/".len()..]).into_owned();
+                let Some(source) = k.strip_prefix(b"recv/") else { continue };
+                let source = String::from_utf8_lossy(source).into_owned();
                 let through = <[u8; 8]>::try_from(v.as_slice()).map(u64::from_be_bytes).unwrap_or(0);
                 inbound.insert(source, Inbound { applied_through: through, fresh_as_of_hlc: 0 });
             }
@@ -286,6 +287,7 @@ impl Node {
             bytes_max: cfg.storage.group_commit_bytes_max,
             log_retention_entries: cfg.storage.log_retention_entries,
             idempotency_ttl: Duration::from_secs(cfg.storage.idempotency_ttl_s),
+            row_limits: row::RowLimits::from_config(&cfg.limits),
         };
         let (tx, rx) = mpsc::channel(cfg.storage.commit_queue_max);
         let thread = match options.commit {

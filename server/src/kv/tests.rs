@@ -362,3 +362,101 @@ fn remote_counter(n: i64) -> Row {
 fn row_ref_c() -> RowRef {
     RowRef { table: "default".into(), key: b"c".to_vec(), locality: Locality::Unset }
 }
+
+fn bounded_node() -> Arc<Node> {
+    let cfg = config(
+        "[limits]\nvalue_bytes_max = 4096\nkey_bytes_max = 64\nrow_bytes_max = 100000\n\
+         siblings_max = 40\nset_members_max = 5\n",
+    );
+    let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), 500));
+    Node::start(cfg, Arc::new(MemoryEngine::new()), hlc).unwrap()
+}
+
+#[tokio::test]
+async fn blind_puts_past_the_row_bounds_are_refused_before_anything_is_stored() {
+    let node = bounded_node();
+    // Siblings: 40 blind puts are kept, the 41st is refused.
+    for i in 0..40 {
+        node.write(put(row("hot"), &format!("v{i}"), VersionVector::default())).await.unwrap();
+    }
+    let seq = node.log_seq();
+    let err = node.write(put(row("hot"), "one-too-many", VersionVector::default())).await.unwrap_err();
+    assert_eq!(err.reason(), "TOO_MANY_SIBLINGS", "{err}");
+    assert_eq!(node.log_seq(), seq, "a refused write logs nothing");
+    let (vals, ctx) = values(&node, "hot");
+    assert_eq!(vals.len(), 40, "and stores nothing");
+    // A put with the read's context replaces what it saw.
+    node.write(put(row("hot"), "resolved", ctx)).await.unwrap();
+    assert_eq!(values(&node, "hot").0, ["resolved"]);
+
+    // Bytes: 4 KiB values fill the 100,000-byte row after 24 siblings.
+    let big = "x".repeat(4000);
+    let mut accepted = 0;
+    let refused = loop {
+        match node.write(put(row("big"), &big, VersionVector::default())).await {
+            Ok(_) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(accepted <= 40, "never refused");
+    };
+    assert_eq!(refused.reason(), "ROW_TOO_LARGE", "{refused}");
+    assert!((20..25).contains(&accepted), "100,000 bytes hold under 25 values of 4,000 bytes: {accepted}");
+    let stored = node.stored_row("default", b"big").unwrap().unwrap();
+    assert!(prost::Message::encoded_len(&stored.to_proto()) <= 100_000);
+
+    // Set members: 5 kept, the 6th refused; a remove is always accepted.
+    let op = |op| WriteRequest { ops: vec![WriteOp { row: row("s"), op }], level: None, idempotency: None };
+    let members = |r: std::ops::Range<u8>| r.map(|i| vec![b'm', i]).collect::<Vec<_>>();
+    node.write(op(RowOp::SetAdd { members: members(0..5) })).await.unwrap();
+    let err = node.write(op(RowOp::SetAdd { members: members(5..6) })).await.unwrap_err();
+    assert_eq!(err.reason(), "ROW_TOO_LARGE");
+    assert!(err.to_string().contains("members"), "{err}");
+    node.write(op(RowOp::SetRemove { members: members(0..1), context: None })).await.unwrap();
+    node.write(op(RowOp::SetAdd { members: members(5..6) })).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_row_merged_past_the_bounds_is_kept_and_can_be_shrunk_but_not_grown() {
+    use crate::causality::{DvvSet, HlcTimestamp};
+    let node = bounded_node();
+    // Another region accepted 40 siblings of its own (within its bound);
+    // merged with this region's 40, the row holds 80.
+    let mut ours = VersionVector::default();
+    for i in 0..40 {
+        let out = node.write(put(row("m"), &format!("here{i}"), VersionVector::default())).await.unwrap();
+        ours = parse_context(&out[0].context).unwrap();
+    }
+    let mut theirs = DvvSet::default();
+    for i in 0..40 {
+        theirs.write(
+            "eu-central-1/n1",
+            &VersionVector::default(),
+            Some(format!("there{i}").into_bytes()),
+            HlcTimestamp(1),
+        );
+    }
+    let remote = Row {
+        home_region: "eu-west-1".into(),
+        zone: "eu".into(),
+        epoch: 1,
+        hlc: 1,
+        value: RowValue::Register(theirs),
+    };
+    node.merge_rows(vec![("default".into(), b"m".to_vec(), remote)]).await.expect("a merge is never refused");
+    let (vals, ctx) = values(&node, "m");
+    assert_eq!(vals.len(), 80, "what other regions accepted is kept");
+    // A blind put would grow it: refused. A delete of this region's half
+    // shrinks it: accepted, although the row stays past the bound.
+    let err = node.write(put(row("m"), "more", VersionVector::default())).await.unwrap_err();
+    assert_eq!(err.reason(), "TOO_MANY_SIBLINGS");
+    node.write(WriteRequest {
+        ops: vec![WriteOp { row: row("m"), op: RowOp::Delete { context: Some(ours) } }],
+        level: Some(Level::Eventual),
+        idempotency: None,
+    })
+    .await
+    .expect("a delete that shrinks the row is accepted");
+    assert_eq!(values(&node, "m").0.len(), 40, "their 40 remain");
+    node.write(put(row("m"), "resolved", ctx)).await.expect("a put superseding every sibling fits");
+    assert_eq!(values(&node, "m").0, ["resolved"]);
+}

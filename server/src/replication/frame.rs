@@ -18,6 +18,47 @@ pub fn zone_allows(cfg: &Config, zone: &str, destination: &str) -> bool {
     cfg.zone_regions(zone).iter().any(|r| r == destination)
 }
 
+/// Bytes a log entry adds around its row and key: sequence number, table,
+/// stamps, origin actor, and the batch's framing of it.
+const ENTRY_OVERHEAD_BYTES: usize = 4 << 10;
+/// Bytes the batch framing adds per entry, at most (tag and length prefix).
+const ENTRY_FRAMING_BYTES: usize = 16;
+/// Bytes a frame's own fields add around its compressed entries, at most.
+const FRAME_FIELDS_BYTES: usize = 64 << 10;
+
+/// The largest row any node of the cluster can hold: a client write leaves
+/// at most `limits.row_bytes_max`, and a merge joins at most one accepted
+/// state per writing node (docs/decisions/014a-bounded-rows.md).
+pub fn merged_row_bytes_max(cfg: &Config) -> usize {
+    cfg.limits.row_bytes_max.saturating_mul(cfg.node_count())
+}
+
+/// The largest sealed log entry (or repaired row) that ships: the merged
+/// row bound plus its key and fields. A larger one can never ship.
+pub fn entry_bytes_max(cfg: &Config) -> usize {
+    merged_row_bytes_max(cfg).saturating_add(cfg.limits.key_bytes_max).saturating_add(ENTRY_OVERHEAD_BYTES)
+}
+
+/// The largest decompressed frame a source builds and a receiver accepts:
+/// entries up to `replication.batch_bytes_max`, then one more entry (a frame
+/// always carries at least one, so the largest legal row ships alone), and
+/// the batch's framing of every entry.
+pub fn frame_bytes_max(cfg: &Config) -> usize {
+    let entries = cfg.replication.batch_entries_max.max(cfg.replication.repair_batch_rows_max);
+    cfg.replication
+        .batch_bytes_max
+        .saturating_add(entry_bytes_max(cfg))
+        .saturating_add(entries.saturating_mul(ENTRY_FRAMING_BYTES))
+}
+
+/// The largest gRPC message of the replication service: the largest frame
+/// after lz4 (which may grow incompressible data by 1/255 plus 16 bytes)
+/// and the frame's fields; never below the transport's usual 64 MiB.
+pub fn wire_bytes_max(cfg: &Config) -> usize {
+    let frame = frame_bytes_max(cfg);
+    frame.saturating_add(frame / 255).saturating_add(16 + FRAME_FIELDS_BYTES).max(64 << 20)
+}
+
 /// Compresses and checksums entries into a frame.
 pub fn build(
     source_region: &str,
@@ -85,7 +126,16 @@ pub fn open(cfg: &Config, frame: &pb::ShipFrame, max_bytes: usize) -> Result<Ope
     let declared =
         u32::from_le_bytes([frame.entries[0], frame.entries[1], frame.entries[2], frame.entries[3]]) as usize;
     if declared > max_bytes {
-        return Err(corrupt(format!("frame declares {declared} bytes; the limit is {max_bytes}")));
+        // Not damage: the source sized the frame from a larger row limit
+        // than this node's (configs must agree on `limits.row_bytes_max`).
+        metrics::counter!("geokv_replication_frames_too_large_total", "source" => frame.source_region.clone())
+            .increment(1);
+        return Err(KvError::RowTooLarge {
+            key: format!("replication frame from {}", frame.source_region),
+            measure: "bytes",
+            len: declared,
+            max: max_bytes,
+        });
     }
     let raw =
         lz4_flex::block::decompress_size_prepended(&frame.entries).map_err(|e| corrupt(e.to_string()))?;
@@ -178,10 +228,77 @@ mod tests {
         assert_eq!(ok.entries.len(), 1);
     }
 
+    /// A register row of `siblings` values of `value_bytes` bytes each, one
+    /// writer node per sibling, as a merge at a replica can hold it.
+    fn merged_register(siblings: usize, value_bytes: usize) -> Row {
+        use crate::causality::{DvvSet, HlcTimestamp, VersionVector};
+        let mut dvv = DvvSet::default();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..siblings {
+            // Incompressible bytes, so lz4 cannot hide the size.
+            let value: Vec<u8> = (0..value_bytes)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            dvv.write(&format!("r{i}/n1"), &VersionVector::default(), Some(value), HlcTimestamp(10));
+        }
+        Row {
+            home_region: "us-east-1".into(),
+            zone: String::new(),
+            epoch: 1,
+            hlc: 10,
+            value: RowValue::Register(dvv),
+        }
+    }
+
+    #[test]
+    fn the_largest_legal_row_ships_in_one_frame() {
+        // Three nodes, each holding a row at the row limit: a merge holds all three.
+        let c = Config::from_toml(
+            r#"
+            region = "us-east-1"
+            regions = [{ name = "us-east-1" }, { name = "eu-west-1" }, { name = "eu-central-1" }]
+            [limits]
+            value_bytes_max = 65536
+            row_bytes_max = 200000
+            [replication]
+            batch_bytes_max = 4096
+            "#,
+        )
+        .unwrap()
+        .finish()
+        .unwrap();
+        assert_eq!(c.node_count(), 3);
+        assert_eq!(merged_row_bytes_max(&c), 600_000);
+        let row = merged_register(9, 65_000);
+        let proto_len = prost::Message::encoded_len(&row.to_proto());
+        assert!(proto_len > 585_000 && proto_len < merged_row_bytes_max(&c), "{proto_len}");
+        let mut big = entry(1, "");
+        big.row = Some(row.to_proto());
+        let sealed = crate::codec::seal_message(&big).len();
+        assert!(sealed <= entry_bytes_max(&c), "{sealed} > {}", entry_bytes_max(&c));
+        // Behind a batch filled up to its bound, as the shipper builds it.
+        let mut small = vec![entry(1, "")];
+        small[0].seq = 1;
+        big.seq = 2;
+        small.push(big);
+        let frame = build("us-east-1", "n1", 1, 2, small, 2, 10).unwrap();
+        assert!(frame.entries.len() < wire_bytes_max(&c));
+        let opened = open(&cfg("eu-west-1"), &frame, frame_bytes_max(&c)).unwrap();
+        assert_eq!(opened.entries.len(), 2);
+        // The receive cap used before (8 MiB at least) was no bound on rows
+        // at all; the derived one stays proportional to them.
+        assert!(frame_bytes_max(&c) < 2 * merged_row_bytes_max(&c));
+    }
+
     #[test]
     fn damaged_or_oversized_frames_are_refused() {
         let mut frame = build("eu-west-1", "n1", 1, 2, vec![entry(1, ""), entry(2, "")], 2, 10).unwrap();
-        assert_eq!(open(&cfg("us-east-1"), &frame, 16).unwrap_err().reason(), "DATA_CORRUPTION");
+        assert_eq!(open(&cfg("us-east-1"), &frame, 16).unwrap_err().reason(), "ROW_TOO_LARGE");
         let last = frame.entries.len() - 1;
         frame.entries[last] ^= 0x10;
         assert_eq!(open(&cfg("us-east-1"), &frame, 1 << 20).unwrap_err().reason(), "DATA_CORRUPTION");

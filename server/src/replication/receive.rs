@@ -79,7 +79,9 @@ impl pb::replication_server::Replication for ReplicationService {
         let replicator = self.replicator.clone();
         let out = async_stream(move |tx| async move {
             let cfg = node.config().clone();
-            let max_bytes = cfg.replication.batch_bytes_max.saturating_mul(4).max(8 << 20);
+            // Derived from the row limit as the source derives its frames,
+            // so the largest legal row always fits (frame::frame_bytes_max).
+            let max_bytes = super::frame::frame_bytes_max(&cfg);
             while let Some(frame) = frames.next().await {
                 let frame = match frame {
                     Ok(f) => f,

@@ -170,9 +170,8 @@ impl Session {
             }
             Step::Rows(frame) => {
                 let source = self.source.clone().ok_or_else(Self::not_begun)?;
-                let max_bytes = cfg.replication.batch_bytes_max.saturating_mul(4).max(8 << 20);
                 // Residency is checked again here, row by row.
-                let opened = super::frame::open(&cfg, &frame, max_bytes)?;
+                let opened = super::frame::open(&cfg, &frame, super::frame::frame_bytes_max(&cfg))?;
                 let rows = opened.entries.len() as u64;
                 metrics::counter!("geokv_antientropy_rows_received_total", "source" => frame.source_region.clone())
                     .increment(rows);
@@ -262,9 +261,10 @@ pub async fn run(
             .map_err(|e| KvError::Storage(e.to_string()))??
     };
 
+    let wire_max = super::frame::wire_bytes_max(&cfg);
     let mut client = pb::replication_client::ReplicationClient::new(channel)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+        .max_decoding_message_size(wire_max)
+        .max_encoding_message_size(wire_max);
     let (tx, rx) = mpsc::channel::<pb::RepairRequest>(4);
     let answers = client
         .repair(ReceiverStream::new(rx))
@@ -315,9 +315,15 @@ pub async fn run(
         to_send.extend(merkle::rows_to_send(&side.keys_in(&set), &theirs));
     }
 
-    for chunk in to_send.chunks(batch_rows_max.max(1)) {
-        let mut entries = Vec::with_capacity(chunk.len());
-        for (table, key) in chunk {
+    // Frames are bounded by rows and by bytes as shipped frames are: at
+    // most `batch_bytes_max` before their last row (frame::frame_bytes_max).
+    let entry_max = super::frame::entry_bytes_max(&cfg);
+    let mut pending = to_send.iter().peekable();
+    while pending.peek().is_some() {
+        let mut entries = Vec::new();
+        let mut frame_bytes = 0usize;
+        while entries.len() < batch_rows_max.max(1) && frame_bytes < cfg.replication.batch_bytes_max {
+            let Some((table, key)) = pending.next() else { break };
             let Some(bytes) = node
                 .engine()
                 .get(Cf::Data, &data_key(table, key))
@@ -332,6 +338,18 @@ pub async fn run(
                 link.skipped_by_residency.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            if bytes.len() > entry_max {
+                link.unshippable(
+                    0,
+                    &display_key(table, key),
+                    &format!(
+                        "{} bytes, over the entry bound of {entry_max} (limits.row_bytes_max)",
+                        bytes.len()
+                    ),
+                );
+                continue;
+            }
+            frame_bytes += bytes.len();
             entries.push(spb::LogEntry {
                 seq: 0,
                 table: table.clone(),

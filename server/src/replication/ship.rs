@@ -55,6 +55,15 @@ pub struct LinkState {
     pub repair_bytes: AtomicU64,
     /// Why the last repair failed ("" when it did not).
     pub repair_error: Mutex<String>,
+    /// Entries (or repaired rows) that can never ship to this destination
+    /// and were skipped, so the stream behind them moves on.
+    pub unshippable: AtomicU64,
+    /// The last of them, for status ("" when none).
+    pub last_unshippable: Mutex<String>,
+    /// Set when the destination refused a frame as too large: frames carry
+    /// one entry each through this position, so the entry it refuses is
+    /// found and skipped alone (0 = not set).
+    pub solo_through: AtomicU64,
 }
 
 /// A point-in-time view of a link.
@@ -104,7 +113,27 @@ impl LinkState {
             rows_repaired: AtomicU64::new(0),
             repair_bytes: AtomicU64::new(0),
             repair_error: Mutex::new(String::new()),
+            unshippable: AtomicU64::new(0),
+            last_unshippable: Mutex::new(String::new()),
+            solo_through: AtomicU64::new(0),
         }
+    }
+
+    /// Records an entry (or row) that can never ship to this destination: a
+    /// loud error and a metric, never a retry. `seq` is 0 for a repaired
+    /// row; `key` is "" when not known.
+    pub fn unshippable(&self, seq: u64, key: &str, why: &str) {
+        self.unshippable.fetch_add(1, Ordering::Relaxed);
+        let what = match (seq, key) {
+            (0, key) => format!("row {key}"),
+            (seq, "") => format!("log entry {seq}"),
+            (seq, key) => format!("log entry {seq} ({key})"),
+        };
+        tracing::error!(destination = %self.destination, node = %self.destination_node, %what, why,
+            "UNSHIPPABLE replication entry: skipped for this destination, never retried");
+        metrics::counter!("geokv_replication_unshippable_total", "destination" => self.destination.clone())
+            .increment(1);
+        *self.last_unshippable.lock().unwrap_or_else(|p| p.into_inner()) = format!("{what}: {why}");
     }
 
     /// Unshipped entries: the log head minus the acknowledged position.
@@ -199,6 +228,8 @@ pub struct Shipper {
 struct InFlight {
     through_seq: u64,
     bytes: u64,
+    /// Entries in the frame.
+    entries: u32,
 }
 
 impl Shipper {
@@ -274,9 +305,10 @@ impl Shipper {
             .connect(&self.addr, Some(expect))
             .await
             .map_err(|e| unreachable(e.to_string()))?;
+        let wire_max = super::frame::wire_bytes_max(self.node.config());
         let mut client = pb::replication_client::ReplicationClient::new(channel.clone())
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
+            .max_decoding_message_size(wire_max)
+            .max_encoding_message_size(wire_max);
         let (tx, rx) = mpsc::channel::<pb::ShipFrame>(self.cfg.in_flight_frames_max);
         let mut acks = client
             .ship(ReceiverStream::new(rx))
@@ -309,7 +341,11 @@ impl Shipper {
                     let (frame, bytes) = self.next_frame(read_pos, head)?;
                     read_pos = frame.through_seq;
                     let wire = frame.entries.len() as u64;
-                    in_flight.push_back(InFlight { through_seq: frame.through_seq, bytes });
+                    in_flight.push_back(InFlight {
+                        through_seq: frame.through_seq,
+                        bytes,
+                        entries: frame.entry_count,
+                    });
                     self.state.in_flight_bytes.fetch_add(bytes, Ordering::Relaxed);
                     tx.send(frame).await.map_err(|_| unreachable("stream closed".into()))?;
                     self.state.shipped_bytes.fetch_add(wire, Ordering::Relaxed);
@@ -321,8 +357,14 @@ impl Shipper {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 ack = acks.message() => {
-                    let ack = ack.map_err(|s| unreachable(format!("{}: {}", s.code(), s.message())))?
-                        .ok_or_else(|| unreachable("destination closed the stream".into()))?;
+                    let ack = match ack {
+                        Ok(a) => a,
+                        Err(status) => {
+                            self.note_refusal(&status, &in_flight);
+                            return Err(unreachable(format!("{}: {}", status.code(), status.message())));
+                        }
+                    };
+                    let ack = ack.ok_or_else(|| unreachable("destination closed the stream".into()))?;
                     self.contact.lock().unwrap_or_else(|p| p.into_inner())
                         .insert(self.state.destination.clone(), Instant::now());
                     while in_flight.front().is_some_and(|f| f.through_seq <= ack.applied_through_seq) {
@@ -349,11 +391,36 @@ impl Shipper {
                         let frame = super::frame::build(
                             &self.state.source, &self.node.config().node_id, read_pos + 1, read_pos,
                             Vec::new(), head, self.node.hlc().now().0)?;
-                        in_flight.push_back(InFlight { through_seq: read_pos, bytes: 0 });
+                        in_flight.push_back(InFlight { through_seq: read_pos, bytes: 0, entries: 0 });
                         tx.send(frame).await.map_err(|_| unreachable("stream closed".into()))?;
                     }
                 }
             }
+        }
+    }
+
+    /// After the destination refused a frame as too large (its row limit is
+    /// smaller than this node's), the entries of the oldest frame in flight
+    /// are sent one per frame; a single entry it refuses is skipped as
+    /// unshippable, so the stream behind it moves on instead of resending
+    /// the same frame forever.
+    fn note_refusal(&self, status: &tonic::Status, in_flight: &VecDeque<InFlight>) {
+        use tonic_types::StatusExt;
+        let too_large = status
+            .get_details_error_info()
+            .is_some_and(|i| geokv_proto::reasons::ROW_TOO_LARGE.is(&i.reason));
+        if !too_large {
+            return;
+        }
+        let Some(refused) = in_flight.front() else { return };
+        let solo = self.state.solo_through.load(Ordering::Acquire);
+        if solo >= refused.through_seq && refused.entries <= 1 {
+            // A frame of one entry, refused alone: it can never ship there.
+            self.state.unshippable(refused.through_seq, "", status.message());
+            self.state.acked_seq.fetch_max(refused.through_seq, Ordering::AcqRel);
+            self.persist_cursor();
+        } else {
+            self.state.solo_through.store(refused.through_seq, Ordering::Release);
         }
     }
 
@@ -418,6 +485,10 @@ impl Shipper {
             .engine()
             .scan(Cf::ReplLog, &start, None, self.cfg.batch_entries_max)
             .map_err(|e| KvError::Storage(e.to_string()))?;
+        let entry_max = super::frame::entry_bytes_max(cfg);
+        // One entry per frame while finding an entry the destination refuses.
+        let solo = self.state.solo_through.load(Ordering::Acquire);
+        let solo = solo > after;
         let mut entries = Vec::new();
         let mut bytes = 0u64;
         let mut through = after;
@@ -430,6 +501,13 @@ impl Shipper {
                 // Entries were trimmed by retention before this link sent them.
                 first = seq;
             }
+            let full = bytes as usize >= self.cfg.batch_bytes_max
+                || (!entries.is_empty() && (solo || bytes as usize + v.len() > self.cfg.batch_bytes_max));
+            if full {
+                // The frame holds at least one entry and at most the batch
+                // bound beyond its last one (frame::frame_bytes_max).
+                break;
+            }
             let entry: spb::LogEntry = codec::open_message(&v).map_err(|e| KvError::Corrupt {
                 what: format!("replication log entry {seq}"),
                 why: e.to_string(),
@@ -441,15 +519,24 @@ impl Shipper {
                 .is_some_and(|n| n.id == self.state.destination_node);
             if !owned {
                 // Another node of the destination region owns this partition.
-            } else if super::frame::zone_allows(cfg, zone, &self.state.destination) {
-                bytes += v.len() as u64;
-                entries.push(entry);
-            } else {
+            } else if !super::frame::zone_allows(cfg, zone, &self.state.destination) {
                 self.state.skipped_by_residency.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("geokv_replication_skipped_by_residency_total", "destination" => self.state.destination.clone())
                     .increment(1);
+            } else if v.len() > entry_max {
+                // Larger than any row the cluster's limits allow (written
+                // before the limits, or under larger ones): no frame can
+                // carry it, so it is skipped rather than sent forever.
+                self.state.unshippable(
+                    seq,
+                    &crate::kv::row::display_key(&entry.table, &entry.key),
+                    &format!("{} bytes, over the entry bound of {entry_max} (limits.row_bytes_max)", v.len()),
+                );
+            } else {
+                bytes += v.len() as u64;
+                entries.push(entry);
             }
-            if bytes as usize >= self.cfg.batch_bytes_max || seq >= head {
+            if seq >= head {
                 break;
             }
         }
