@@ -1,5 +1,5 @@
 //! Hot big rows, as a new user of `geokv dev` writes them
-//! (docs/decisions/014a-bounded-rows.md): blind (context-less) puts of
+//! (docs/decisions/015-bounded-rows.md): blind (context-less) puts of
 //! values near the value limit to one key, from two regions at once. Every
 //! put is either accepted or refused with a typed error before anything is
 //! stored, and replication never wedges: a small write made afterwards is

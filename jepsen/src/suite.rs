@@ -59,7 +59,7 @@ pub const FULL: &[Scenario] = &[
     strong(NemesisKind::Kill),
     strong(NemesisKind::Failover),
     // Hot rows at their bounds, blind writes from every region merged after
-    // a partition heals (docs/decisions/014a-bounded-rows.md).
+    // a partition heals (docs/decisions/015-bounded-rows.md).
     s(WorkloadKind::BigRows, NemesisKind::Partition),
 ];
 

@@ -51,7 +51,7 @@ pub enum WorkloadKind {
     Counter,
     Set,
     Residency,
-    /// Hot keys with values near the limits (docs/decisions/014a-bounded-rows.md).
+    /// Hot keys with values near the limits (docs/decisions/015-bounded-rows.md).
     BigRows,
 }
 

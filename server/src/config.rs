@@ -499,7 +499,7 @@ impl Default for TableConfig {
 }
 
 /// Bounds on what one request may carry, and on what one row may grow to
-/// (docs/decisions/014a-bounded-rows.md).
+/// (docs/decisions/015-bounded-rows.md).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {

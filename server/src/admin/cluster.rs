@@ -25,7 +25,7 @@
 //! cluster sends no dashboard traffic between regions. The history of each
 //! pair lives on the serving node, bounded by [`HISTORY_SAMPLES_MAX`] and
 //! [`HISTORY_WINDOW`]; when nobody watched for a while a gap is recorded
-//! rather than a line drawn across it. Decision 014c explains the choice.
+//! rather than a line drawn across it. Decision 017 explains the choice.
 //!
 //! The document is assembled by [`ClusterData::build`], a pure function,
 //! and the history by [`LagHistory`], so both are tested without a network.

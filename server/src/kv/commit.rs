@@ -133,7 +133,7 @@ pub struct CommitSettings {
     pub log_retention_entries: u64,
     pub idempotency_ttl: Duration,
     /// Bounds every row a client write leaves (merges from other regions
-    /// are never refused: docs/decisions/014a-bounded-rows.md).
+    /// are never refused: docs/decisions/015-bounded-rows.md).
     pub row_limits: RowLimits,
 }
 

@@ -65,7 +65,7 @@ impl RowMeasure {
 }
 
 /// Bounds on a row after a write accepted by this node
-/// (docs/decisions/014a-bounded-rows.md).
+/// (docs/decisions/015-bounded-rows.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowLimits {
     pub bytes_max: usize,

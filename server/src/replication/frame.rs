@@ -28,7 +28,7 @@ const FRAME_FIELDS_BYTES: usize = 64 << 10;
 
 /// The largest row any node of the cluster can hold: a client write leaves
 /// at most `limits.row_bytes_max`, and a merge joins at most one accepted
-/// state per writing node (docs/decisions/014a-bounded-rows.md).
+/// state per writing node (docs/decisions/015-bounded-rows.md).
 pub fn merged_row_bytes_max(cfg: &Config) -> usize {
     cfg.limits.row_bytes_max.saturating_mul(cfg.node_count())
 }
