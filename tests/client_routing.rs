@@ -37,6 +37,7 @@ async fn region_aware(cluster: &DevCluster, local: &str) -> Client {
     // Quick failover for the test's bounds: short attempts and breakers.
     cfg.timeout = Duration::from_secs(2);
     cfg.ping_interval = Duration::from_millis(200);
+    cfg.refresh_interval = Duration::from_millis(200);
     Client::with_config(cfg).await.expect("a region-aware client from four seeds")
 }
 
@@ -57,6 +58,21 @@ async fn region_aware_client_routes_fails_over_and_keeps_residency() {
         let row = Row::new("users", format!("route:us:{i}")).home("us-east-1");
         client.put(&row, b"x".to_vec(), level(Consistency::Local)).await.expect("LOCAL put");
     }
+    // A STRONG write goes to the region leading the registers' group
+    // (us-east-1, which the topology names), not to the local region.
+    let register = Row::new("registers", "route:strong");
+    let deadline = Deadline::after(Duration::from_secs(20));
+    loop {
+        let t = client.topology().expect("topology");
+        match t.strong_leaders.get("us-east-1").map(String::as_str) {
+            Some("us-east-1") => break,
+            other => assert!(!deadline.passed(), "the topology names the STRONG leader {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(client.plan_for(&register, true).first().map(String::as_str), Some("us-east-1"));
+    let ack = client.put(&register, b"s".to_vec(), WriteOptions::default()).await.expect("STRONG put");
+    assert_eq!(ack.accepted_by_region, "us-east-1");
     assert_eq!(forwarded(&cluster), before, "a LOCAL write of a us-east-1 row was forwarded by a node");
 
     // 2. LOCAL reads are served by the local region once the row arrives.

@@ -57,6 +57,8 @@ pub struct Topology {
     pub tables: HashMap<String, TablePolicy>,
     /// Home key ("region" or "region@zone") to (holder, epoch).
     pub holders: HashMap<String, (String, u64)>,
+    /// Home key to the region leading its STRONG group, where known.
+    pub strong_leaders: HashMap<String, String>,
 }
 
 /// Where a row lives, as the client computes it.
@@ -69,6 +71,8 @@ pub struct Placement {
     pub replicas: Vec<String>,
     /// The region serving the home now (the home itself before any failover).
     pub holder: String,
+    /// The region leading the home's STRONG group, when the topology says.
+    pub strong_leader: Option<String>,
     pub partition: u32,
     /// The row's table routes every write and read through its STRONG group.
     pub strong_table: bool,
@@ -110,6 +114,12 @@ impl Topology {
                         },
                     )
                 })
+                .collect(),
+            strong_leaders: t
+                .homes
+                .iter()
+                .filter(|h| !h.strong_leader_region.is_empty())
+                .map(|h| (h.home.clone(), h.strong_leader_region.clone()))
                 .collect(),
             holders: t.homes.into_iter().map(|h| (h.home, (h.holder, h.epoch))).collect(),
         }
@@ -154,6 +164,7 @@ impl Topology {
         let key = if zone.is_empty() { home.clone() } else { format!("{home}@{zone}") };
         let holder = self.holders.get(&key).map(|(h, _)| h.clone()).unwrap_or_else(|| home.clone());
         Some(Placement {
+            strong_leader: self.strong_leaders.get(&key).cloned(),
             holder,
             home_region: home,
             zone,
@@ -224,28 +235,33 @@ pub fn by_nearness(
 }
 
 /// The regions a row's call is tried in, in order. Every one is in the
-/// row's replica set. Writes that must be accepted by the home's holder
-/// (LOCAL, and anything on a STRONG table or at STRONG) and STRONG reads go
-/// to the holder first (a STRONG group is led from its home's holder);
-/// the rest go to the nearest region that may serve them.
+/// row's replica set. Anything on a STRONG table or at STRONG goes to the
+/// region leading the home's STRONG group first (the holder when the
+/// leader is unknown), LOCAL writes to the home's holder; the rest go to
+/// the nearest region that may serve them.
 pub fn plan(
     placement: &Placement,
     op: RowOp,
     local: Option<&str>,
     view: &dyn Fn(&str) -> RegionView,
 ) -> Vec<String> {
-    let holder_first = match op {
+    let strong = match op {
         _ if placement.strong_table => true,
-        RowOp::Write(level) => {
-            matches!(level.unwrap_or(placement.default_write), Consistency::Local | Consistency::Strong)
-        }
+        RowOp::Write(level) => level.unwrap_or(placement.default_write) == Consistency::Strong,
         RowOp::Read(level) => level == ReadConsistency::Strong,
     };
+    let first = match op {
+        _ if strong => Some(placement.strong_leader.as_ref().unwrap_or(&placement.holder)),
+        RowOp::Write(level) if level.unwrap_or(placement.default_write) == Consistency::Local => {
+            Some(&placement.holder)
+        }
+        _ => None,
+    };
     let mut order = by_nearness(&placement.replicas, local, view);
-    if holder_first {
-        if let Some(i) = order.iter().position(|r| *r == placement.holder) {
-            let holder = order.remove(i);
-            order.insert(0, holder);
+    if let Some(first) = first {
+        if let Some(i) = order.iter().position(|r| r == first) {
+            let region = order.remove(i);
+            order.insert(0, region);
         }
     }
     order
@@ -295,11 +311,20 @@ mod tests {
                 table("eu_users", "by_row", "eu", "eventual"),
                 table("registers", "by_table", "", "strong"),
             ],
-            homes: vec![pb::TopologyHome {
-                home: "eu-west-1@eu".into(),
-                holder: "eu-central-1".into(),
-                epoch: 3,
-            }],
+            homes: vec![
+                pb::TopologyHome {
+                    home: "eu-west-1@eu".into(),
+                    holder: "eu-central-1".into(),
+                    epoch: 3,
+                    strong_leader_region: String::new(),
+                },
+                pb::TopologyHome {
+                    home: "us-east-1".into(),
+                    holder: "us-east-1".into(),
+                    epoch: 1,
+                    strong_leader_region: "eu-west-1".into(),
+                },
+            ],
             healthy_regions: vec![],
         })
     }
@@ -362,7 +387,10 @@ mod tests {
         assert_eq!(plan(&p, RowOp::Read(ReadConsistency::Local), local, &healthy)[0], "eu-west-1");
         assert_eq!(plan(&p, RowOp::Write(Some(Consistency::Eventual)), local, &healthy)[0], "eu-west-1");
         let strong = t.placement(&Row::new("registers", "r"), None).unwrap();
-        assert_eq!(plan(&strong, RowOp::Read(ReadConsistency::Local), local, &healthy)[0], "us-east-1");
+        assert_eq!(strong.strong_leader.as_deref(), Some("eu-west-1"));
+        let from_asia = Some("ap-southeast-1");
+        assert_eq!(plan(&strong, RowOp::Read(ReadConsistency::Local), from_asia, &healthy)[0], "eu-west-1");
+        assert_eq!(plan(&strong, RowOp::Write(None), from_asia, &healthy)[0], "eu-west-1", "to the leader");
     }
 
     #[test]

@@ -53,6 +53,17 @@ impl ControlService {
         }
     }
 
+    /// The region leading `home`'s STRONG group, when this node is one of
+    /// its members and knows the leader.
+    fn strong_leader_region(&self, home: &str) -> Option<String> {
+        let name = crate::consensus::strong_group(home);
+        let group = self.consensus.group(&name)?;
+        let leader = group.raft.metrics().borrow().current_leader?;
+        let members = self.consensus.members(&name)?;
+        let actor = &members.iter().find(|m| m.id == leader)?.actor;
+        Some(crate::topology::actor_region(actor).to_string())
+    }
+
     /// What a region-aware client routes by (docs/architecture.md section 14):
     /// the configuration's regions, zones and table policies, the partition
     /// layout, and the current holder of every home.
@@ -100,7 +111,12 @@ impl ControlService {
             homes: state
                 .leases
                 .values()
-                .map(|l| pb::TopologyHome { home: l.home.clone(), holder: l.holder.clone(), epoch: l.epoch })
+                .map(|l| pb::TopologyHome {
+                    home: l.home.clone(),
+                    holder: l.holder.clone(),
+                    epoch: l.epoch,
+                    strong_leader_region: self.strong_leader_region(&l.home).unwrap_or_default(),
+                })
                 .collect(),
             healthy_regions: cfg
                 .region_names()
