@@ -290,8 +290,10 @@ fn the_three_region_example_runs_from_its_files_and_the_tour_works_on_it() {
     for line in &skipped {
         eprintln!("skipped (names a region this deployment does not run): {}", line.shown());
     }
+    let every_region: Vec<String> = regions.iter().map(|r| d.node(r).grpc_addr.to_string()).collect();
+    let every_region = every_region.join(",");
     for line in &run {
-        line.check(&run_bounded(d.command(&line.args), CLI_TIMEOUT));
+        line.check(&run_bounded(d.command(&line.args_with_endpoints(&every_region)), CLI_TIMEOUT));
     }
 
     // A write in one region is read in the others.

@@ -10,7 +10,7 @@ use crate::common;
 
 use std::process::Command;
 
-use common::cluster::DevCluster;
+use common::cluster::{DevCluster, REGIONS};
 use common::tour::{tour_lines, TOUR_LINES_MIN};
 use common::{run_bounded, CLI_TIMEOUT, GEOKV_BIN};
 
@@ -22,9 +22,11 @@ async fn the_readme_tour_works_as_written_on_a_secure_cluster() {
     assert!(cluster.certs_dir().join("ca.crt").is_file(), "geokv dev made no certificates");
     let cwd = cluster.certs_dir().parent().expect("the data dir").to_path_buf();
     let endpoint = cluster.grpc_addr("us-east-1").to_string();
+    let every_region: Vec<String> = REGIONS.iter().map(|r| cluster.grpc_addr(r).to_string()).collect();
+    let every_region = every_region.join(",");
     for line in lines {
         let mut cmd = Command::new(GEOKV_BIN);
-        cmd.args(&line.args)
+        cmd.args(line.args_with_endpoints(&every_region))
             .arg("--endpoint")
             .arg(&endpoint)
             .current_dir(&cwd)

@@ -19,6 +19,12 @@ impl TourLine {
         format!("geokv {}", self.args.join(" "))
     }
 
+    /// The arguments with `$E` (every region's client endpoint, as the
+    /// README defines it) replaced by `endpoints`.
+    pub fn args_with_endpoints(&self, endpoints: &str) -> Vec<String> {
+        self.args.iter().map(|a| a.replace("$E", endpoints)).collect()
+    }
+
     /// The reason the line's comment says it fails with, if it says so.
     pub fn expected_failure(&self) -> Option<&'static str> {
         if self.comment.contains("RESIDENCY_VIOLATION") {

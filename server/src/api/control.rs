@@ -53,6 +53,12 @@ impl ControlService {
         }
     }
 
+    /// The regions this node currently sees as healthy.
+    fn healthy_regions(&self) -> Vec<String> {
+        let cfg = self.node.config();
+        cfg.region_names().into_iter().filter(|r| self.replicator.is_healthy(r)).collect()
+    }
+
     /// The region leading `home`'s STRONG group, when this node is one of
     /// its members and knows the leader.
     fn strong_leader_region(&self, home: &str) -> Option<String> {
@@ -118,11 +124,7 @@ impl ControlService {
                     strong_leader_region: self.strong_leader_region(&l.home).unwrap_or_default(),
                 })
                 .collect(),
-            healthy_regions: cfg
-                .region_names()
-                .into_iter()
-                .filter(|r| self.replicator.is_healthy(r))
-                .collect(),
+            healthy_regions: self.healthy_regions(),
         }
     }
 
@@ -232,11 +234,7 @@ impl pb::control_server::Control for ControlService {
                     reason: reason_name(e.reason).into(),
                 })
                 .collect(),
-            healthy_regions: cfg
-                .region_names()
-                .into_iter()
-                .filter(|r| self.replicator.is_healthy(r))
-                .collect(),
+            healthy_regions: self.healthy_regions(),
         }))
     }
 
