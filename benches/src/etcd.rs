@@ -109,6 +109,10 @@ pub async fn start_members(bin: &Path, specs: &[MemberSpec], extra_args: &[Strin
 }
 
 impl EtcdCluster {
+    /// Every member's pid.
+    pub fn pids(&self) -> Vec<u32> {
+        self.members.iter().filter_map(Child::pid).collect()
+    }
     pub fn check_alive(&mut self) -> Result<()> {
         self.members.iter_mut().try_for_each(Child::check_alive)
     }

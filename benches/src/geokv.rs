@@ -26,6 +26,12 @@ pub struct GeokvNode {
     _dir: TempDir,
 }
 
+impl GeokvNode {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.pid()
+    }
+}
+
 /// Where `geokv` is when `--geokv-bin` is not given: next to this executable,
 /// which is where cargo puts both (`target/<profile>/`).
 pub fn default_binary() -> Result<PathBuf> {

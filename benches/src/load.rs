@@ -65,11 +65,21 @@ pub struct Measured {
     pub latency_us: Histogram<u64>,
     /// The first failure any client saw, warmup included, to explain errors.
     pub first_error: Option<String>,
+    /// CPU seconds (user + system) the target's server processes used in
+    /// the window; None when this tool did not start them.
+    pub server_cpu_s: Option<f64>,
 }
 
 impl Measured {
     pub fn ops_per_s(&self) -> f64 {
         self.ops as f64 / self.window.as_secs_f64()
+    }
+
+    /// Server CPU per successful operation in microseconds (the same
+    /// number as CPU milliseconds per 1,000 operations).
+    pub fn server_cpu_us_per_op(&self) -> Option<f64> {
+        let cpu = self.server_cpu_s?;
+        (self.ops > 0).then(|| cpu * 1e6 / self.ops as f64)
     }
 
     /// Latency at `quantile` in milliseconds; 0 when nothing succeeded.
@@ -116,6 +126,22 @@ pub async fn run(running: &Running, shape: &Shape, clients: usize) -> Result<Mea
         let shape = shape.clone();
         tasks.spawn(client_loop(conn, shape, i as u64, measure_from, end));
     }
+    // The servers' CPU time over exactly the measured window.
+    let pids = running.server_pids();
+    let cpu_at = |t: Instant| {
+        let pids = pids.clone();
+        async move {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await;
+            if pids.is_empty() {
+                None
+            } else {
+                crate::process::cpu_seconds_of(&pids)
+            }
+        }
+    };
+    let cpu_start = cpu_at(measure_from).await;
+    let cpu_end = cpu_at(end).await;
+    let server_cpu_s = cpu_start.zip(cpu_end).map(|(a, b)| (b - a).max(0.0));
     let hard_stop = tokio::time::Instant::from_std(end + shape.op_timeout + STOP_GRACE);
     let mut merged = ClientStats { latency_us: histogram(), ops: 0, errors: 0, first_error: None };
     loop {
@@ -142,6 +168,7 @@ pub async fn run(running: &Running, shape: &Shape, clients: usize) -> Result<Mea
         window: shape.duration,
         latency_us: merged.latency_us,
         first_error: merged.first_error,
+        server_cpu_s,
     })
 }
 

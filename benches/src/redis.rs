@@ -30,6 +30,12 @@ pub struct RedisServer {
     _dir: TempDir,
 }
 
+impl RedisServer {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.pid()
+    }
+}
+
 /// Starts a server on a free port; every write is fsync'd before the reply
 /// (`appendfsync always`), as geokv's and etcd's are.
 pub async fn start(bin: &Path) -> Result<RedisServer> {

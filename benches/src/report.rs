@@ -58,12 +58,13 @@ fn fmt_ratio(r: f64) -> String {
 pub fn table(results: &[Measured], ratios: &[Ratio]) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "{:<7} {:>7} {:>11} {:>9} {:>9} {:>9} {:>9} {:>7}\n",
-        "target", "clients", "ops/s", "p50 ms", "p99 ms", "p999 ms", "max ms", "errors"
+        "{:<7} {:>7} {:>11} {:>9} {:>9} {:>9} {:>9} {:>7} {:>12}\n",
+        "target", "clients", "ops/s", "p50 ms", "p99 ms", "p999 ms", "max ms", "errors", "srv cpu us/op"
     ));
     for m in results {
+        let cpu = m.server_cpu_us_per_op().map_or_else(|| "-".to_string(), |c| format!("{c:.1}"));
         s.push_str(&format!(
-            "{:<7} {:>7} {:>11.1} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7}\n",
+            "{:<7} {:>7} {:>11.1} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7} {:>12}\n",
             m.target.name(),
             m.clients,
             m.ops_per_s(),
@@ -72,6 +73,7 @@ pub fn table(results: &[Measured], ratios: &[Ratio]) -> String {
             m.latency_ms(0.999),
             m.latency_us.max() as f64 / 1000.0,
             m.errors,
+            cpu,
         ));
     }
     for m in results.iter().filter(|m| m.errors > 0 || m.ops == 0) {
@@ -134,6 +136,8 @@ pub fn json(
             "max_ms": number(m.latency_us.max() as f64 / 1000.0),
             "mean_ms": number(m.latency_us.mean() / 1000.0),
             "first_error": m.first_error,
+            "server_cpu_s": m.server_cpu_s.map(number),
+            "server_cpu_us_per_op": m.server_cpu_us_per_op().map(number),
         })).collect::<Vec<_>>(),
         "ratios": ratios.iter().map(|r| json!({
             "pair": format!("geokv/{}", r.peer),

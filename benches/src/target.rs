@@ -127,6 +127,17 @@ impl Running {
         })
     }
 
+    /// The server processes this tool started for the target (empty when
+    /// it reached one already running), whose CPU time it reports.
+    pub fn server_pids(&self) -> Vec<u32> {
+        match self {
+            Running::Geokv { node: Some(node), .. } => node.pid().into_iter().collect(),
+            Running::Geokv { node: None, .. } => Vec::new(),
+            Running::Etcd { cluster, .. } => cluster.pids(),
+            Running::Redis(r) => r.pid().into_iter().collect(),
+        }
+    }
+
     pub fn kind(&self) -> TargetKind {
         match self {
             Running::Geokv { plaintext: false, .. } => TargetKind::Geokv,
