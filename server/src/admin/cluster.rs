@@ -40,7 +40,7 @@ use tokio::sync::watch;
 
 use super::dashboard::{RegionInput, CONFLICT_TABLES_MAX};
 use crate::api::Peers;
-use crate::consensus::control::{split_home_key, ControlState, GrantReason};
+use crate::consensus::control::{split_home_key, ControlState};
 use crate::kv::Node;
 use crate::replication::Replicator;
 use crate::topology::NodeRef;
@@ -244,14 +244,6 @@ pub struct TableConflicts {
     pub per_region: Vec<Option<u64>>,
 }
 
-fn reason_str(r: GrantReason) -> &'static str {
-    match r {
-        GrantReason::Initial => "initial",
-        GrantReason::Failover => "failover",
-        GrantReason::Planned => "planned",
-    }
-}
-
 /// The bounded lag history of every pair, kept on the serving node.
 #[derive(Debug, Default)]
 pub struct LagHistory {
@@ -394,7 +386,7 @@ impl ClusterData {
                     zone: zone.to_string(),
                     holder: l.holder.clone(),
                     epoch: l.epoch,
-                    reason: reason_str(l.reason).to_string(),
+                    reason: l.reason.name().to_string(),
                     expires_in_ms: l.expires_ms as i64 - now as i64,
                     draining_to: l.draining_to.clone(),
                 }
@@ -412,7 +404,7 @@ impl ClusterData {
                 epoch: e.epoch,
                 at_ms: e.at_ms,
                 unavailable_ms: e.unavailable_ms,
-                reason: reason_str(e.reason).to_string(),
+                reason: e.reason.name().to_string(),
             })
             .collect();
         let epochs = control
@@ -425,7 +417,7 @@ impl ClusterData {
                     holder: r.holder.clone(),
                     granted_ms: r.granted_ms,
                     ended_ms: r.ended_ms,
-                    reason: reason_str(r.reason).to_string(),
+                    reason: r.reason.name().to_string(),
                 })
             })
             .collect();
@@ -662,7 +654,7 @@ async fn ask(admin: pb::admin_client::AdminClient<tonic::transport::Channel>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consensus::control::{EpochRecord, FailoverEvent, HomeLease};
+    use crate::consensus::control::{EpochRecord, FailoverEvent, GrantReason, HomeLease};
 
     const US: &str = "us-east-1";
     const EU: &str = "eu-west-1";

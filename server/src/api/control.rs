@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use geokv_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::consensus::control::{split_home_key, ControlCommand, ControlReply, GrantReason, HomeLease};
+use crate::consensus::control::{split_home_key, ControlCommand, ControlReply, HomeLease};
 use crate::consensus::{Command, Consensus, Reply, CONTROL_GROUP};
 use crate::error::KvError;
 use crate::kv::Node;
@@ -23,14 +23,6 @@ pub struct ControlService {
     consensus: Arc<Consensus>,
     node: Arc<Node>,
     replicator: Arc<Replicator>,
-}
-
-fn reason_name(r: GrantReason) -> &'static str {
-    match r {
-        GrantReason::Initial => "initial",
-        GrantReason::Failover => "failover",
-        GrantReason::Planned => "planned",
-    }
 }
 
 impl ControlService {
@@ -49,7 +41,7 @@ impl ControlService {
             epoch: l.epoch,
             lease_remaining_ms: l.expires_ms as i64 - now,
             draining_to: l.draining_to.clone().unwrap_or_default(),
-            reason: reason_name(l.reason).into(),
+            reason: l.reason.name().into(),
         }
     }
 
@@ -231,7 +223,7 @@ impl pb::control_server::Control for ControlService {
                     epoch: e.epoch,
                     at_ms: e.at_ms,
                     unavailable_ms: e.unavailable_ms,
-                    reason: reason_name(e.reason).into(),
+                    reason: e.reason.name().into(),
                 })
                 .collect(),
             healthy_regions: self.healthy_regions(),

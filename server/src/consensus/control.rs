@@ -41,6 +41,17 @@ pub enum GrantReason {
     Planned,
 }
 
+impl GrantReason {
+    /// The name status output, the dashboard and metrics use.
+    pub fn name(self) -> &'static str {
+        match self {
+            GrantReason::Initial => "initial",
+            GrantReason::Failover => "failover",
+            GrantReason::Planned => "planned",
+        }
+    }
+}
+
 /// The lease of one home.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HomeLease {
