@@ -12,6 +12,7 @@ mod dashboard;
 mod deploy;
 mod errors;
 mod failover;
+mod idempotency_failover;
 mod merges;
 mod multi_region;
 mod node_process;

@@ -61,6 +61,13 @@ pub const FULL: &[Scenario] = &[
     // Hot rows at their bounds, blind writes from every region merged after
     // a partition heals (docs/decisions/015-bounded-rows.md).
     s(WorkloadKind::BigRows, NemesisKind::Partition),
+    // Increments retried with their idempotency key across planned and
+    // unplanned moves of the counters' home (docs/architecture.md section 19).
+    s(WorkloadKind::CounterRetry, NemesisKind::Failover),
+    s(WorkloadKind::CounterRetry, NemesisKind::Kill),
+    s(WorkloadKind::CounterRetry, NemesisKind::Partition),
+    s(WorkloadKind::QuorumCounter, NemesisKind::Partition),
+    s(WorkloadKind::QuorumCounter, NemesisKind::Kill),
 ];
 
 /// The CI smoke: a few short scenarios touching every checker.

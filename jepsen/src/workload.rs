@@ -7,7 +7,13 @@
 //!   LOCAL, which makes the register linearizable without failover; CAS
 //!   waits for issue 4.
 //! - **counter**: increments at EVENTUAL in every region, reads at LOCAL.
-//!   (QUORUM increments wait for issue 4.)
+//! - **counter-retry**: increments at LOCAL (so each goes to the home's
+//!   holder, wherever the client stands), each with its own idempotency key
+//!   and retried with that key until acknowledged or [`RETRY_OP_TIMEOUT`]
+//!   passes, so retries cross the failovers the nemesis causes: a retry may
+//!   land at a new holder after the old one applied the original. The
+//!   counter must still count every increment once.
+//! - **quorum-counter**: increments at QUORUM in every region, reads at LOCAL.
 //! - **set**: adds and removes (no context) at EVENTUAL, reads at LOCAL.
 //! - **residency**: EU-resident rows (`eu_users`, zone eu) written and read
 //!   from every region; outside the zone every operation must be refused.
@@ -49,6 +55,10 @@ pub enum WorkloadKind {
     /// Register at STRONG (a consensus group per home), with CAS.
     StrongRegister,
     Counter,
+    /// LOCAL increments retried with their idempotency key across failovers.
+    CounterRetry,
+    /// QUORUM increments.
+    QuorumCounter,
     Set,
     Residency,
     /// Hot keys with values near the limits (docs/decisions/015-bounded-rows.md).
@@ -61,6 +71,8 @@ impl WorkloadKind {
             WorkloadKind::Register => "register",
             WorkloadKind::StrongRegister => "strong-register",
             WorkloadKind::Counter => "counter",
+            WorkloadKind::CounterRetry => "counter-retry",
+            WorkloadKind::QuorumCounter => "quorum-counter",
             WorkloadKind::Set => "set",
             WorkloadKind::Residency => "residency",
             WorkloadKind::BigRows => "big-rows",
@@ -113,7 +125,11 @@ pub fn entry_region<'a>(kind: WorkloadKind, regions: &'a [String], standing: &'a
 /// - strong-register: the home and preferred leader of the consensus group
 ///   (`regions[0]`). Its clients enter in every region, but a fault on a
 ///   follower alone never moves the leader, so entries do not count here.
-/// - counter, set, big-rows: every region (each is an entry and accepts writes).
+/// - counter, quorum-counter, set, big-rows: every region (each is an entry
+///   and accepts writes).
+/// - counter-retry: the counters' home (`regions[0]`): its holder applies
+///   every increment, and a fault there is what makes retries cross a
+///   failover.
 /// - residency: the regions of the EU zone, the only ones that hold and
 ///   accept `eu_users` rows.
 pub fn dependencies(kind: WorkloadKind, regions: &[String]) -> BTreeMap<String, Vec<Role>> {
@@ -123,10 +139,13 @@ pub fn dependencies(kind: WorkloadKind, regions: &[String]) -> BTreeMap<String, 
         WorkloadKind::Register => {
             deps.insert(first.clone(), vec![Role::Home, Role::Entry]);
         }
+        WorkloadKind::CounterRetry => {
+            deps.insert(first.clone(), vec![Role::Home]);
+        }
         WorkloadKind::StrongRegister => {
             deps.insert(first.clone(), vec![Role::Home, Role::Leader]);
         }
-        WorkloadKind::Counter | WorkloadKind::Set | WorkloadKind::BigRows => {
+        WorkloadKind::Counter | WorkloadKind::QuorumCounter | WorkloadKind::Set | WorkloadKind::BigRows => {
             for r in regions {
                 deps.insert(r.clone(), vec![Role::Entry]);
             }
@@ -169,6 +188,11 @@ pub const SET_KEYS: u64 = 2;
 pub const SET_ELEMENTS: i64 = 24;
 /// Bound on one operation, retries included; past it the outcome is unknown.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(8);
+/// Bound on one counter-retry increment, all its retries included: longer
+/// than a home's lease plus a failover, so retries outlive the old holder.
+pub const RETRY_OP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Pause between two retries of one counter-retry increment.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
 /// One logical client: where it stands and which node it sends to.
 #[derive(Debug, Clone)]
@@ -328,6 +352,56 @@ async fn perform_big_rows(client: &Client, p: &Planned) -> Result<Value, (Value,
     }
 }
 
+/// A counter-retry increment: one idempotency key for every attempt; an
+/// attempt whose outcome is unknown is sent again (to the same entry node,
+/// which forwards to whichever region holds the home now) until one is
+/// acknowledged, one is definitely refused, or [`RETRY_OP_TIMEOUT`] passes.
+async fn perform_retried_increment(
+    client: &Client,
+    p: &Planned,
+) -> (Kind, Value, Option<String>, Option<Ack>) {
+    let idempotency_key = format!("cr-{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+    let opts = WriteOptions::default().consistency(Consistency::Local).idempotency_key(idempotency_key);
+    let row = counter_row(&p.key);
+    let started = Instant::now();
+    let mut last = "HARNESS_TIMEOUT".to_string();
+    // Whether some attempt may have applied (its outcome is unknown).
+    let mut maybe_applied = false;
+    while started.elapsed() < RETRY_OP_TIMEOUT {
+        let left = RETRY_OP_TIMEOUT.saturating_sub(started.elapsed());
+        let attempt = client.counter_add(&row, p.value.as_int().unwrap_or(0), opts.clone());
+        match tokio::time::timeout(left.min(OP_TIMEOUT), attempt).await {
+            Ok(Ok((_, a))) => {
+                let ack = Ack { home: a.home_region, epoch: a.epoch, by: a.accepted_by_region };
+                return (Kind::Ok, Value::None, None, Some(ack));
+            }
+            // Refused before it applied because the home is moving or its
+            // holder is fenced: a client waits and sends it again.
+            Ok(Err(e)) if definite_failure(&e) && !home_in_motion(&e) => {
+                let kind = if maybe_applied { Kind::Unknown } else { Kind::Fail };
+                return (kind, Value::None, Some(e.reason_or_code()), None);
+            }
+            Ok(Err(e)) => {
+                maybe_applied |= !definite_failure(&e);
+                last = e.reason_or_code();
+            }
+            Err(_) => {
+                maybe_applied = true;
+                last = "HARNESS_TIMEOUT".into();
+            }
+        }
+        tokio::time::sleep(RETRY_PAUSE).await;
+    }
+    (if maybe_applied { Kind::Unknown } else { Kind::Fail }, Value::None, Some(last), None)
+}
+
+/// Whether a definite refusal only says the home is between holders (a
+/// fenced or lapsed holder, a handover), so the same request may be sent
+/// again later.
+fn home_in_motion(e: &geokv_client::Error) -> bool {
+    matches!(e.reason.as_deref(), Some("FENCED" | "NOT_HOME" | "HOME_UNAVAILABLE"))
+}
+
 /// One operation, ready to run.
 #[derive(Debug, Clone)]
 pub struct Planned {
@@ -366,10 +440,15 @@ pub fn plan(kind: WorkloadKind, rng: &mut impl Rng, shared: &Shared, written: &[
                 }
             }
         }
-        WorkloadKind::Counter => {
+        WorkloadKind::Counter | WorkloadKind::CounterRetry | WorkloadKind::QuorumCounter => {
             let key = format!("c{}", rng.random_range(0..COUNTER_KEYS));
+            let level = match kind {
+                WorkloadKind::CounterRetry => "LOCAL",
+                WorkloadKind::QuorumCounter => "QUORUM",
+                _ => "EVENTUAL",
+            };
             if rng.random_bool(0.8) {
-                Planned { f: F::Incr, key, value: Value::Int(rng.random_range(1..=5)), level: "EVENTUAL" }
+                Planned { f: F::Incr, key, value: Value::Int(rng.random_range(1..=5)), level }
             } else {
                 Planned { f: F::CounterRead, key, value: Value::None, level: "LOCAL" }
             }
@@ -438,6 +517,9 @@ pub async fn perform(
             Ok(Err((v, e))) => (Kind::Unknown, v, Some(e.reason_or_code()), None),
         };
     }
+    if kind == WorkloadKind::CounterRetry && p.f == F::Incr {
+        return perform_retried_increment(client, p).await;
+    }
     // A LOCAL write's acknowledgement: who accepted it under which epoch.
     let mut ack: Option<Ack> = None;
     let fut = async {
@@ -493,6 +575,14 @@ pub async fn perform(
                 let v = p.value.as_int().unwrap_or_default();
                 client.put(&eu_row(&p.key), v.to_string().into_bytes(), eventual).await.map(|_| Value::None)
             }
+            (WorkloadKind::QuorumCounter, F::Incr) => client
+                .counter_add(
+                    &counter_row(&p.key),
+                    p.value.as_int().unwrap_or(0),
+                    WriteOptions::default().consistency(Consistency::Quorum),
+                )
+                .await
+                .map(|_| Value::None),
             (_, F::Incr) => client
                 .counter_add(&counter_row(&p.key), p.value.as_int().unwrap_or(0), eventual)
                 .await

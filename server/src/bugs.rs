@@ -19,6 +19,9 @@
 //!   frame's source, a Raft sender, a forwarded request's last hop) instead
 //!   of checking it against the caller's certificate (`security::authn`).
 //! - `grants-off`: every authenticated principal may do everything.
+//! - `idempotency-local`: idempotency records stay on the node that
+//!   committed the request (none travels with its log entry), so a retry
+//!   that lands in another region after a failover applies again.
 //!
 //! The deterministic simulation (`tests/simulation`) runs many clusters in
 //! one process, each on its own thread, so it switches a bug on for one
@@ -37,6 +40,7 @@ pub enum Bug {
     FencingOff,
     PeerClaimsOff,
     GrantsOff,
+    IdempotencyLocal,
 }
 
 impl Bug {
@@ -49,6 +53,7 @@ impl Bug {
             Bug::FencingOff => "fencing-off",
             Bug::PeerClaimsOff => "peer-claims-off",
             Bug::GrantsOff => "grants-off",
+            Bug::IdempotencyLocal => "idempotency-local",
         }
     }
 
@@ -61,6 +66,7 @@ impl Bug {
             Bug::FencingOff,
             Bug::PeerClaimsOff,
             Bug::GrantsOff,
+            Bug::IdempotencyLocal,
         ]
         .into_iter()
         .find(|b| b.name() == name)

@@ -268,10 +268,17 @@ impl Failover {
                         grant(0, region.to_string(), GrantReason::Initial),
                     )),
                     Some(l) if now > l.expires_ms.saturating_add(offset) => {
-                        if state.manual_only {
-                            continue;
-                        }
-                        if let Some(target) = self.failover_target(home) {
+                        // Manual-only never moves a home, but a holder whose
+                        // lease lapsed (a restart, a partition) takes it back
+                        // under a new epoch once it is reachable again;
+                        // otherwise the home would refuse every write until
+                        // an operator acted (docs/architecture.md section 8).
+                        let target = if state.manual_only {
+                            self.replicator.is_healthy(&l.holder).then(|| l.holder.clone())
+                        } else {
+                            self.failover_target(home)
+                        };
+                        if let Some(target) = target {
                             proposals.push((
                                 home.clone(),
                                 Some(l.clone()),

@@ -81,6 +81,9 @@ pub struct RemoteApply {
     pub through_seq: u64,
     pub entries: Vec<(String, Vec<u8>, Row)>,
     pub mode: ApplyMode,
+    /// Idempotency records that travelled with the entries (key, record):
+    /// stored here so a retry that lands in this region is replayed.
+    pub idempotency: Vec<(String, pb::IdempotencyRecord)>,
 }
 
 /// How a [`RemoteApply`] relates to the source's log position.
@@ -291,7 +294,9 @@ impl Committer {
                     &mut next_seq,
                     &mut conflicts,
                 ),
-                Work::Apply(remote) => self.apply_remote(remote, &mut overlay, &mut batch, &mut conflicts),
+                Work::Apply(remote) => {
+                    self.apply_remote(remote, &mut overlay, &mut batch, &mut next_seq, &mut conflicts)
+                }
             };
             if result.is_ok() {
                 write_count += job.writes();
@@ -387,6 +392,8 @@ impl Committer {
         let mut outcomes = Vec::with_capacity(writes.len());
         let mut seq = *next_seq;
         let mut job_conflicts = Vec::new();
+        let mut entries: Vec<pb::LogEntry> = Vec::with_capacity(writes.len());
+        let mut counter_deltas = Vec::new();
         for (w, epoch) in writes.iter().zip(epochs) {
             let dk = data_key(&w.table, &w.key);
             let current = match staged.get(&dk).or_else(|| overlay.rows.get(&dk)) {
@@ -434,7 +441,10 @@ impl Committer {
                 job_conflicts.push(w.table.clone());
             }
             let sealed_row = codec::seal_message(&proto);
-            let entry = pb::LogEntry {
+            if let RowOp::CounterAdd { delta } = w.op {
+                counter_deltas.push(pb::CounterDelta { table: w.table.clone(), key: w.key.clone(), delta });
+            }
+            entries.push(pb::LogEntry {
                 seq,
                 table: w.table.clone(),
                 key: w.key.clone(),
@@ -442,13 +452,9 @@ impl Committer {
                 hlc,
                 origin: self.settings.actor.clone(),
                 accepted_epoch: if w.lease_home.is_some() { epoch } else { 0 },
-            };
+                idempotency: None,
+            });
             job_batch.put(Cf::Data, dk.clone(), sealed_row);
-            job_batch.put(Cf::ReplLog, seq.to_be_bytes().to_vec(), codec::seal_message(&entry));
-            if seq > self.settings.log_retention_entries {
-                job_batch
-                    .delete(Cf::ReplLog, (seq - self.settings.log_retention_entries).to_be_bytes().to_vec());
-            }
             outcome.log_seq = seq;
             seq += 1;
             staged.insert(dk, row);
@@ -457,10 +463,27 @@ impl Committer {
         if let Some(idem) = idempotency {
             let stored_at_ms = now_ms();
             let reply = serde_json::to_vec(&outcomes).map_err(|e| KvError::Storage(e.to_string()))?;
-            let record = pb::IdempotencyRecord { stored_at_ms, request_hash: idem.request_hash, reply };
-            job_batch.put(Cf::Meta, idem_key(&idem.key), codec::seal_message(&record));
-            job_batch.put(Cf::Meta, idem_expiry_key(stored_at_ms, &idem.key), Vec::new());
+            let record = pb::IdempotencyRecord {
+                stored_at_ms,
+                request_hash: idem.request_hash,
+                reply,
+                origin: self.settings.actor.clone(),
+                hlc: outcomes.iter().map(|o| o.hlc).max().unwrap_or(0),
+                counter_deltas,
+            };
+            if let Some(last) = entries.last_mut() {
+                if travels_with_entry(writes, &record) {
+                    last.idempotency =
+                        Some(pb::IdempotencyTransfer { key: idem.key.clone(), record: Some(record.clone()) });
+                } else {
+                    metrics::counter!("geokv_idempotency_records_kept_local_total").increment(1);
+                }
+            }
+            self.put_idempotency(&mut job_batch, &idem.key, &record);
             overlay.idem.insert(idem.key.clone(), record);
+        }
+        for entry in &entries {
+            self.put_log_entry(&mut job_batch, entry);
         }
         *next_seq = seq;
         overlay.rows.extend(staged);
@@ -477,6 +500,7 @@ impl Committer {
         remote: &RemoteApply,
         overlay: &mut Overlay,
         batch: &mut WriteBatch,
+        next_seq: &mut u64,
         conflicts: &mut Vec<String>,
     ) -> Result<Vec<WriteOutcome>, KvError> {
         let applied = match overlay.inbound.get(&remote.source) {
@@ -537,6 +561,11 @@ impl Committer {
             job_batch.put(Cf::Data, dk.clone(), merged.seal());
             staged.insert(dk, merged);
         }
+        let mut seq = *next_seq;
+        for (key, record) in &remote.idempotency {
+            self.take_idempotency(key, record, overlay, &mut staged, &mut job_batch, &mut seq)?;
+        }
+        *next_seq = seq;
         if remote.mode == ApplyMode::Log {
             job_batch.put(Cf::Meta, inbound_key(&remote.source), remote.through_seq.to_be_bytes().to_vec());
             overlay.inbound.insert(remote.source.clone(), remote.through_seq);
@@ -673,6 +702,114 @@ impl Committer {
         Ok(Some((row, outcome, conflicted)))
     }
 
+    /// Writes a log entry at its position, trimming the entry that falls
+    /// out of the retention window.
+    fn put_log_entry(&self, batch: &mut WriteBatch, entry: &pb::LogEntry) {
+        let seq = entry.seq;
+        batch.put(Cf::ReplLog, seq.to_be_bytes().to_vec(), codec::seal_message(entry));
+        if seq > self.settings.log_retention_entries {
+            batch.delete(Cf::ReplLog, (seq - self.settings.log_retention_entries).to_be_bytes().to_vec());
+        }
+    }
+
+    fn put_idempotency(&self, batch: &mut WriteBatch, key: &str, record: &pb::IdempotencyRecord) {
+        batch.put(Cf::Meta, idem_key(key), codec::seal_message(record));
+        batch.put(Cf::Meta, idem_expiry_key(record.stored_at_ms, key), Vec::new());
+    }
+
+    /// Takes an idempotency record that arrived with a replicated entry.
+    ///
+    /// With no record of the key here, it is stored, so a retry landing
+    /// here is replayed. With a record of another application of the same
+    /// key (a retry a new home applied before the original reached it),
+    /// the two are ordered by (hlc, origin): the earlier one stands, and
+    /// when the later one is this node's own, this node undoes its counter
+    /// changes with a compensating write of its own, in the same batch as
+    /// the apply, so it happens exactly once and survives a crash.
+    fn take_idempotency(
+        &mut self,
+        key: &str,
+        incoming: &pb::IdempotencyRecord,
+        overlay: &mut Overlay,
+        staged: &mut HashMap<Vec<u8>, Row>,
+        batch: &mut WriteBatch,
+        next_seq: &mut u64,
+    ) -> Result<(), KvError> {
+        let expired =
+            now_ms().saturating_sub(incoming.stored_at_ms) > self.settings.idempotency_ttl.as_millis() as u64;
+        if expired || incoming.origin.is_empty() {
+            return Ok(());
+        }
+        if let Some(local) = self.idempotency_record(key, overlay)? {
+            if local.origin == incoming.origin || local.origin.is_empty() {
+                return Ok(());
+            }
+            if (local.hlc, &local.origin) < (incoming.hlc, &incoming.origin) {
+                metrics::counter!("geokv_idempotent_duplicates_seen_total").increment(1);
+                return Ok(());
+            }
+            if local.origin == self.settings.actor {
+                self.compensate(key, &local, overlay, staged, batch, next_seq)?;
+            }
+        }
+        self.put_idempotency(batch, key, incoming);
+        overlay.idem.insert(key.to_string(), incoming.clone());
+        Ok(())
+    }
+
+    /// Undoes this node's counter changes of a duplicate application of an
+    /// idempotent request: each counter gets the opposite delta under this
+    /// node's actor, logged and shipped like any write.
+    fn compensate(
+        &mut self,
+        key: &str,
+        duplicate: &pb::IdempotencyRecord,
+        overlay: &Overlay,
+        staged: &mut HashMap<Vec<u8>, Row>,
+        batch: &mut WriteBatch,
+        next_seq: &mut u64,
+    ) -> Result<(), KvError> {
+        for d in &duplicate.counter_deltas {
+            let dk = data_key(&d.table, &d.key);
+            let current = match staged.get(&dk).or_else(|| overlay.rows.get(&dk)) {
+                Some(r) => Some(r.clone()),
+                None => self.load_row(&dk, &d.table, &d.key)?,
+            };
+            let Some(mut row) = current else {
+                tracing::warn!(idempotency_key = key, row = %display_key(&d.table, &d.key),
+                    "a duplicate application's counter is gone; nothing to undo");
+                continue;
+            };
+            let RowValue::Counter(counter) = &mut row.value else {
+                tracing::warn!(idempotency_key = key, row = %display_key(&d.table, &d.key),
+                    "a duplicate application's row is no longer a counter; nothing to undo");
+                continue;
+            };
+            counter.add(&self.settings.actor, d.delta.saturating_neg());
+            let hlc = self.hlc.now_after(HlcTimestamp(row.hlc)).0;
+            row.hlc = hlc;
+            let proto = row.to_proto();
+            batch.put(Cf::Data, dk.clone(), codec::seal_message(&proto));
+            let entry = pb::LogEntry {
+                seq: *next_seq,
+                table: d.table.clone(),
+                key: d.key.clone(),
+                row: Some(proto),
+                hlc,
+                origin: self.settings.actor.clone(),
+                accepted_epoch: 0,
+                idempotency: None,
+            };
+            self.put_log_entry(batch, &entry);
+            *next_seq += 1;
+            staged.insert(dk, row);
+            metrics::counter!("geokv_idempotent_duplicates_compensated_total").increment(1);
+            tracing::info!(idempotency_key = key, row = %display_key(&d.table, &d.key), delta = d.delta,
+                "undid this node's duplicate application of an idempotent request");
+        }
+        Ok(())
+    }
+
     fn idempotency_record(
         &self,
         key: &str,
@@ -766,6 +903,25 @@ pub fn merge_row(row: &mut Row, incoming: &Row) -> bool {
 
 fn owned(members: Vec<&[u8]>) -> Vec<Vec<u8>> {
     members.into_iter().map(<[u8]>::to_vec).collect()
+}
+
+/// Largest idempotency record shipped with a log entry: bigger replies
+/// (a batch's set members) stay on the committing node, so a record never
+/// makes an entry unshippable.
+const IDEM_TRANSFER_BYTES_MAX: usize = 64 * 1024;
+
+/// Whether a request's idempotency record may ride on its last log entry:
+/// every write of the request is in the same zone (the record's reply holds
+/// their contexts and values, which may go only where their rows may), and
+/// the record is small.
+fn travels_with_entry(writes: &[AdmittedWrite], record: &pb::IdempotencyRecord) -> bool {
+    use prost::Message as _;
+    #[cfg(feature = "bugs")]
+    if crate::bugs::active(crate::bugs::Bug::IdempotencyLocal) {
+        return false;
+    }
+    let zone = writes.last().map(|w| &w.placement.zone);
+    writes.iter().all(|w| Some(&w.placement.zone) == zone) && record.encoded_len() <= IDEM_TRANSFER_BYTES_MAX
 }
 
 fn idem_key(key: &str) -> Vec<u8> {

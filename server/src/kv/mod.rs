@@ -553,23 +553,35 @@ impl Node {
     /// Drops replicated entries whose epoch ended before they were stamped
     /// (their sender was fenced), and records entries accepted under an
     /// older, then-valid epoch as failover conflicts: merged, never lost.
-    pub fn fence_entries(
+    ///
+    /// `attached` holds one item per entry (what travelled with it, such as
+    /// its idempotency record); the items of refused entries are dropped
+    /// with them.
+    pub fn fence_entries<T>(
         &self,
         source: &str,
         entries: Vec<(String, Vec<u8>, Row)>,
         accepted: &[(u64, u64)],
-    ) -> Vec<(String, Vec<u8>, Row)> {
-        let Some(guard) = self.state.leases.get() else { return entries };
+        attached: Vec<T>,
+    ) -> (Vec<(String, Vec<u8>, Row)>, Vec<T>) {
+        let Some(guard) = self.state.leases.get() else { return (entries, attached) };
         let mut kept = Vec::with_capacity(entries.len());
-        for ((table, key, row), (epoch, hlc)) in entries.into_iter().zip(accepted.iter().copied()) {
+        let mut kept_attached = Vec::with_capacity(attached.len());
+        for (((table, key, row), (epoch, hlc)), item) in
+            entries.into_iter().zip(accepted.iter().copied()).zip(attached)
+        {
             if epoch == 0 {
                 kept.push((table, key, row));
+                kept_attached.push(item);
                 continue;
             }
             let home = crate::consensus::control::home_key(&row.home_region, &row.zone);
             let hlc_ms = crate::causality::HlcTimestamp(hlc).physical_ms();
             match guard.fence_entry(&home, epoch, hlc_ms) {
-                EntryFence::Current => kept.push((table, key, row)),
+                EntryFence::Current => {
+                    kept.push((table, key, row));
+                    kept_attached.push(item);
+                }
                 EntryFence::LateButValid { current } => {
                     metrics::counter!("geokv_failover_conflicts_total", "home" => home.clone()).increment(1);
                     let mut list = self.failover_conflicts.lock().unwrap_or_else(|p| p.into_inner());
@@ -586,6 +598,7 @@ impl Node {
                         source: source.to_string(),
                     });
                     kept.push((table, key, row));
+                    kept_attached.push(item);
                 }
                 EntryFence::Fenced { current } => {
                     metrics::counter!("geokv_fenced_total", "kind" => "replication").increment(1);
@@ -596,7 +609,7 @@ impl Node {
                 }
             }
         }
-        kept
+        (kept, kept_attached)
     }
 
     /// Writes an old home accepted before a failover and shipped after it,
@@ -642,6 +655,7 @@ impl Node {
             through_seq: 0,
             entries,
             mode: commit::ApplyMode::RepairRows,
+            idempotency: Vec::new(),
         };
         tx.send(CommitJob { work: Work::Apply(remote), reply }).await.map_err(|_| KvError::ShuttingDown)?;
         rx.await.map_err(|_| KvError::ShuttingDown)?.map(|_| ())

@@ -299,6 +299,7 @@ async fn replicated_frames_merge_once_and_keep_local_writes() {
         through_seq: through,
         entries: vec![("default".into(), b"c".to_vec(), row.clone())],
         mode: ApplyMode::Log,
+        idempotency: Vec::new(),
     };
     node.apply_remote(frame(1, 1)).await.unwrap();
     node.apply_remote(frame(1, 1)).await.unwrap();
@@ -331,6 +332,7 @@ async fn repaired_rows_merge_without_moving_the_position_until_done() {
         through_seq: through,
         entries,
         mode,
+        idempotency: Vec::new(),
     };
     let rows = vec![("default".to_string(), b"c".to_vec(), row.clone())];
     node.apply_remote(apply(ApplyMode::RepairRows, 0, rows.clone())).await.unwrap();

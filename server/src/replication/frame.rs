@@ -93,6 +93,8 @@ pub struct OpenedFrame {
     pub entries: Vec<(String, Vec<u8>, Row)>,
     /// Per entry: the epoch it was accepted under (0 = no lease) and its HLC stamp.
     pub accepted: Vec<(u64, u64)>,
+    /// Per entry: the idempotency record that travelled with it, if any.
+    pub idempotency: Vec<Option<(String, spb::IdempotencyRecord)>>,
     pub max_hlc: u64,
 }
 
@@ -111,7 +113,12 @@ pub fn open(cfg: &Config, frame: &pb::ShipFrame, max_bytes: usize) -> Result<Ope
         if frame.entry_count != 0 {
             return Err(corrupt("entry count without entries".into()));
         }
-        return Ok(OpenedFrame { entries: Vec::new(), accepted: Vec::new(), max_hlc: 0 });
+        return Ok(OpenedFrame {
+            entries: Vec::new(),
+            accepted: Vec::new(),
+            idempotency: Vec::new(),
+            max_hlc: 0,
+        });
     }
     let crc = crc32fast::hash(&frame.entries);
     if crc != frame.crc32 {
@@ -145,6 +152,7 @@ pub fn open(cfg: &Config, frame: &pb::ShipFrame, max_bytes: usize) -> Result<Ope
     }
     let mut entries = Vec::with_capacity(batch.entries.len());
     let mut accepted = Vec::with_capacity(batch.entries.len());
+    let mut idempotency = Vec::with_capacity(batch.entries.len());
     let mut max_hlc = 0;
     for e in batch.entries {
         if e.seq < frame.first_seq || e.seq > frame.through_seq {
@@ -165,10 +173,27 @@ pub fn open(cfg: &Config, frame: &pb::ShipFrame, max_bytes: usize) -> Result<Ope
             });
         }
         max_hlc = max_hlc.max(row.hlc);
+        let idem = match e.idempotency {
+            None => None,
+            Some(t) => {
+                let record = t
+                    .record
+                    .ok_or_else(|| corrupt(format!("entry {}: idempotency without a record", e.seq)))?;
+                if t.key.is_empty() || t.key.len() > crate::api::convert::IDEMPOTENCY_KEY_BYTES_MAX {
+                    return Err(corrupt(format!(
+                        "entry {}: idempotency key of {} bytes",
+                        e.seq,
+                        t.key.len()
+                    )));
+                }
+                Some((t.key, record))
+            }
+        };
         accepted.push((e.accepted_epoch, e.hlc));
+        idempotency.push(idem);
         entries.push((e.table, e.key, row));
     }
-    Ok(OpenedFrame { entries, accepted, max_hlc })
+    Ok(OpenedFrame { entries, accepted, idempotency, max_hlc })
 }
 
 #[cfg(test)]
@@ -208,6 +233,7 @@ mod tests {
             hlc: 10,
             origin: "eu-west-1/n1".into(),
             accepted_epoch: 0,
+            idempotency: None,
         }
     }
 

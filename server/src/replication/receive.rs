@@ -139,13 +139,19 @@ impl pb::replication_server::Replication for ReplicationService {
                 }
                 metrics::counter!("geokv_replication_received_bytes_total", "source" => frame.source_region.clone())
                     .increment(frame.entries.len() as u64);
-                let entries = node.fence_entries(&frame.source_region, opened.entries, &opened.accepted);
+                let (entries, idempotency) = node.fence_entries(
+                    &frame.source_region,
+                    opened.entries,
+                    &opened.accepted,
+                    opened.idempotency,
+                );
                 let remote = RemoteApply {
                     source: source.clone(),
                     first_seq: frame.first_seq,
                     through_seq: frame.through_seq,
                     entries,
                     mode: ApplyMode::Log,
+                    idempotency: idempotency.into_iter().flatten().collect(),
                 };
                 let applied = if remote.entries.is_empty()
                     && frame.through_seq

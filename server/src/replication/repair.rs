@@ -182,6 +182,7 @@ impl Session {
                         through_seq: 0,
                         entries: opened.entries,
                         mode: ApplyMode::RepairRows,
+                        idempotency: Vec::new(),
                     })
                     .await?;
                 Ok(pb::RepairResponse { rows_applied: rows, ..Default::default() })
@@ -195,6 +196,7 @@ impl Session {
                         through_seq: f.through_seq,
                         entries: Vec::new(),
                         mode: ApplyMode::RepairDone,
+                        idempotency: Vec::new(),
                     })
                     .await?;
                 Ok(pb::RepairResponse::default())
@@ -360,6 +362,7 @@ pub async fn run(
                 // Repairs carry merged row states, not writes accepted
                 // under a lease, so no epoch fences them.
                 accepted_epoch: 0,
+                idempotency: None,
             });
         }
         if entries.is_empty() {
