@@ -21,3 +21,4 @@ mod reflection;
 mod replication_bounds;
 mod security;
 mod tour;
+mod truthful_reads;

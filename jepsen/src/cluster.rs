@@ -78,6 +78,8 @@ pub struct ClusterSpec {
     pub env: Vec<(String, String)>,
     /// TOML appended to every node's config (a workload's limits).
     pub extra_config: String,
+    /// Automatic failover on (`consensus.manual_only = false`).
+    pub auto_failover: bool,
 }
 
 /// One region's node.
@@ -536,10 +538,11 @@ fn config_text(
     out.push_str(&format!("listen = \"{grpc}\"\nlisten_peer = \"{peer}\"\nadmin_listen = \"{admin}\"\n\n"));
     out.push_str(&format!("[security]\ncerts_dir = {:?}\n\n", certs.display().to_string()));
     out.push_str(&format!("[storage]\nsync = {}\n\n", spec.sync));
-    // No automatic failover: a killed or paused home keeps its homes, so a
-    // LOCAL register at the home stays linearizable; moving homes is the
-    // job of a nemesis (planned failover), not a side effect of kill -9.
-    out.push_str("[consensus]\nmanual_only = true\n\n");
+    // No automatic failover unless the workload asks for it: a killed or
+    // paused home keeps its homes, so a LOCAL register at the home stays
+    // linearizable; moving homes is the job of a nemesis (planned
+    // failover), not a side effect of kill -9.
+    out.push_str(&format!("[consensus]\nmanual_only = {}\n\n", !spec.auto_failover));
     for r in &spec.regions {
         out.push_str(&format!("[[regions]]\nname = \"{r}\"\n"));
         if let Some((via, client)) = peers.get(r) {

@@ -110,6 +110,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<RunSummary> {
         sync: opts.sync,
         env: opts.bug.iter().map(|b| ("GEOKV_BUG".to_string(), b.clone())).collect(),
         extra_config: workload::node_config(opts.workload),
+        auto_failover: workload::auto_failover(opts.workload),
     };
     tracing::info!(dir = %opts.out.display(), "starting the cluster");
     let mut cluster = Cluster::start(spec).await.context("starting the cluster")?;

@@ -171,6 +171,13 @@ pub fn node_config(kind: WorkloadKind) -> String {
     }
 }
 
+/// Whether the cluster runs with automatic failover: only counter-retry,
+/// whose point is retries that cross an unplanned move of the home (a
+/// killed or cut-off holder replaced by another region).
+pub fn auto_failover(kind: WorkloadKind) -> bool {
+    kind == WorkloadKind::CounterRetry
+}
+
 /// Hot keys of the big-rows workload.
 pub const BIG_ROW_KEYS: u64 = 2;
 /// The nodes' value and row limits under the big-rows workload, in bytes.

@@ -97,3 +97,59 @@ async fn fencing_off_is_caught_by_the_epoch_checker() {
     assert_eq!(verdict(&control, "one-home-per-epoch"), Outcome::Pass, "{:?}", control.verdicts);
     assert_eq!(control.outcome, Outcome::Pass, "{:?}", control.verdicts);
 }
+
+/// The first seed from 1 whose partition schedule (aimed at the counters'
+/// home, as a counter-retry run aims it) cuts us-east-1 off from every
+/// other region for at least 5 s, long enough for its lease to lapse and
+/// another region to take the home over while retries are waiting.
+fn seed_isolating_the_home(time: std::time::Duration) -> u64 {
+    use geokv_jepsen::nemesis::{schedule, Fault};
+    let regions: Vec<String> = geokv_jepsen::cluster::REGIONS.iter().map(|r| r.to_string()).collect();
+    let depends = vec![regions[0].clone()];
+    (1..2_000u64)
+        .find(|seed| {
+            schedule(NemesisKind::Partition, *seed, &regions, time, &depends).iter().any(|s| {
+                matches!(&s.fault, Fault::Cut { a, .. } if a == &depends) && s.stop_ms - s.start_ms >= 5_000
+            })
+        })
+        .expect("a seed that isolates the home long enough")
+}
+
+/// Idempotency records kept on the committing node: increments that
+/// reached the home just before it was cut off, whose replies were lost,
+/// are retried with their key at the region that takes the home over and
+/// applied there again; once the old home's log arrives the counter counts
+/// them twice. Without the bug the origin of the later application undoes
+/// it, and the same scenario and seed pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_local_is_caught_by_the_counter_checker() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = seed_isolating_the_home(std::time::Duration::from_secs(30));
+    let mut opts = common::with_bug(
+        common::options(
+            WorkloadKind::CounterRetry,
+            NemesisKind::Partition,
+            30,
+            4_000,
+            seed,
+            dir.path().join("bug"),
+        ),
+        "idempotency-local",
+    );
+    // More requests in flight when the cut starts: more of them commit at
+    // the home with their replies lost.
+    opts.clients_per_region = 4;
+    opts.latency_scale = 2.0;
+    let with_bug = run(&opts).await.expect("run with the bug");
+    assert_eq!(verdict(&with_bug, "counter"), Outcome::Fail, "seed {seed}: {:?}", with_bug.verdicts);
+    assert!(
+        detail(&with_bug, "counter").contains("but acknowledged increments sum to"),
+        "{}",
+        detail(&with_bug, "counter")
+    );
+
+    opts.bug = None;
+    opts.out = dir.path().join("control");
+    let control = run(&opts).await.expect("control run");
+    assert_eq!(verdict(&control, "counter"), Outcome::Pass, "seed {seed}: {:?}", control.verdicts);
+}

@@ -26,6 +26,7 @@ use crate::consensus::quorum::Quorum;
 use crate::consensus::strong::{StrongCommand, StrongReply, StrongValue};
 use crate::consensus::{strong_group, Command, Consensus, Reply as ConsensusReply};
 use crate::error::KvError;
+use crate::kv::read_path::{self, ReadPath, StrongRead};
 use crate::kv::row::RowValue;
 use crate::kv::{
     parse_session, register_view, Node, ReadInfo, ReadResult, RowOp, RowRef, WriteOp, WriteRequest,
@@ -318,21 +319,25 @@ impl KvService {
         }
     }
 
-    /// The path of a read at `level` from `table`.
-    fn read_path(&self, table: &str, level: ReadLevel) -> Result<Path, KvError> {
-        let t =
-            self.node.config().table(table).ok_or_else(|| KvError::UnknownTable { table: table.into() })?;
-        Ok(match (&self.consensus, t.default_consistency == Level::Strong, level) {
-            (Some(_), true, _) => Path::Strong,
-            (Some(_), false, ReadLevel::Quorum) => Path::Quorum,
-            _ => Path::Normal,
-        })
+    /// The path of a read of `row` at `level` (decided by
+    /// `kv::read_path::choose`).
+    fn read_path(&self, row: &RowRef, level: ReadLevel) -> Result<ReadPath, KvError> {
+        let t = self
+            .node
+            .config()
+            .table(&row.table)
+            .ok_or_else(|| KvError::UnknownTable { table: row.table.clone() })?;
+        let strong_table = t.default_consistency == Level::Strong;
+        let member = strong_table
+            && self.consensus.is_some()
+            && self.strong_target(row).is_ok_and(|(consensus, group, _)| consensus.group(&group).is_some());
+        Ok(read_path::choose(self.consensus.is_some(), strong_table, member, level))
     }
 
     /// Reads a row at any level but STRONG-table ones.
     async fn read_row(&self, row: &RowRef, level: ReadLevel, token: &[u8]) -> Result<ReadResult, KvError> {
-        match (self.read_path(&row.table, level)?, &self.consensus) {
-            (Path::Quorum, Some((_, quorum))) => {
+        match (self.read_path(row, level)?, &self.consensus) {
+            (ReadPath::Quorum, Some((_, quorum))) => {
                 let stored = quorum.read(row).await?;
                 Ok(ReadResult {
                     row: stored,
@@ -343,7 +348,7 @@ impl KvService {
                     },
                 })
             }
-            (Path::Strong, _) => Err(KvError::WrongType {
+            (ReadPath::Strong(_), _) => Err(KvError::WrongType {
                 key: crate::kv::row::display_key(&row.table, &row.key),
                 expected: "counter or set",
                 actual: "STRONG register",
@@ -405,12 +410,12 @@ impl KvService {
 
     /// A STRONG read: linearizable at STRONG, else this region's replica
     /// when it has one.
-    async fn strong_read(&self, row: &RowRef, level: ReadLevel) -> Result<Option<StrongValue>, KvError> {
+    async fn strong_read(&self, row: &RowRef, how: StrongRead) -> Result<Option<StrongValue>, KvError> {
         let (consensus, group, _) = self.strong_target(row)?;
-        if level != ReadLevel::Strong && consensus.group(&group).is_some() {
-            return consensus.read_local(&group, &row.table, &row.key);
+        match how {
+            StrongRead::LocalCopy => consensus.read_local(&group, &row.table, &row.key),
+            StrongRead::Linearizable => consensus.read(&group, &row.table, &row.key, 0).await,
         }
-        consensus.read(&group, &row.table, &row.key, 0).await
     }
 
     /// Authorizes a KV request and learns its hops.
@@ -625,8 +630,8 @@ impl pb::kv_server::Kv for KvService {
             let row = convert::row_ref(req.row)?;
             let level = convert::read_level(req.consistency, req.max_staleness_ms)?;
             parse_session(&req.session_token)?;
-            if self.read_path(&row.table, level)? == Path::Strong {
-                let value = self.strong_read(&row, level).await?;
+            if let ReadPath::Strong(how) = self.read_path(&row, level)? {
+                let value = self.strong_read(&row, how).await?;
                 return Ok(pb::GetResponse {
                     found: value.is_some(),
                     siblings: value
@@ -637,7 +642,7 @@ impl pb::kv_server::Kv for KvService {
                     context: Vec::new(),
                     info: Some(pb::ReadInfo {
                         served_by_region: self.node.config().region.clone(),
-                        staleness_ms_max: 0,
+                        staleness_ms_max: read_path::strong_staleness_ms(how),
                         session_token: req.session_token.clone(),
                     }),
                 });

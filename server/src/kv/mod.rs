@@ -10,6 +10,7 @@
 //! in this module knows about gRPC.
 
 pub mod commit;
+pub mod read_path;
 pub mod row;
 
 use std::collections::HashMap;
@@ -406,17 +407,25 @@ impl Node {
         now.saturating_sub(crate::causality::HlcTimestamp(fresh).physical_ms())
     }
 
-    /// How stale this node's copy of rows of `partition` homed in `home` may
-    /// be, in ms: the freshness of the home's owner of that partition, the
-    /// one node there that writes them.
-    pub fn staleness_ms(&self, home: &str, partition: u32) -> u64 {
-        if home == self.cfg.region {
-            return 0;
-        }
-        match self.topology.owner(home, partition) {
-            Some(owner) => self.source_staleness_ms(&owner.actor()),
-            None => u64::MAX,
-        }
+    /// How stale this node's copy of a row of `partition` placed by
+    /// `placement` may be, in ms: the worst freshness over every region that
+    /// may write the row, from the node of each that owns the partition.
+    /// Those are every region of the row's zone: each accepts EVENTUAL and
+    /// QUORUM writes, and whichever holds the home's lease (the home, or
+    /// the region a failover moved it to) accepts its LOCAL writes. A region
+    /// never heard from makes the bound unknown (`u64::MAX`); this node's
+    /// own region adds nothing, as only this node writes its partitions
+    /// here (docs/architecture.md section 19).
+    pub fn staleness_ms(&self, placement: &Placement, partition: u32) -> u64 {
+        self.stalest_writer(placement, partition).map_or(0, |(_, ms)| ms)
+    }
+
+    /// The writer region of the row this copy trails most, and by how much.
+    fn stalest_writer(&self, placement: &Placement, partition: u32) -> Option<(String, u64)> {
+        crate::kv::read_path::stalest_writer(&self.cfg.region, &placement.replica_regions, |region| {
+            self.topology.owner(region, partition).map(|owner| self.source_staleness_ms(&owner.actor()))
+        })
+        .map(|(region, ms)| (region.to_string(), ms))
     }
 
     /// Checks a SESSION token against what this node has applied: the first
@@ -735,7 +744,7 @@ impl Node {
     fn read_info(&self, placement: &Placement, partition: u32, session: &[u8]) -> Result<ReadInfo, KvError> {
         Ok(ReadInfo {
             served_by_region: self.cfg.region.clone(),
-            staleness_ms_max: self.staleness_ms(&placement.home_region, partition),
+            staleness_ms_max: self.staleness_ms(placement, partition),
             session_token: self.read_session_token(session)?,
         })
     }
@@ -770,10 +779,12 @@ impl Node {
     ) -> Result<(), KvError> {
         match level {
             ReadLevel::Bounded { max_staleness_ms } => {
-                let stale = self.staleness_ms(&placement.home_region, partition);
+                let (writer, stale) = self.stalest_writer(placement, partition).unwrap_or_default();
                 if stale > max_staleness_ms {
+                    // The reader is sent to the writer this copy trails most:
+                    // its own writes are there.
                     return Err(KvError::ReplicaStale {
-                        region: placement.home_region.clone(),
+                        region: writer,
                         why: format!("copy here may be {stale} ms stale; the bound is {max_staleness_ms} ms"),
                     });
                 }
