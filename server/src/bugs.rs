@@ -19,6 +19,11 @@
 //!   frame's source, a Raft sender, a forwarded request's last hop) instead
 //!   of checking it against the caller's certificate (`security::authn`).
 //! - `grants-off`: every authenticated principal may do everything.
+//! - `proposer-clock-leases`: leases are judged by wall clocks again: the
+//!   holder serves until the lease's wall-clock expiry by its own clock,
+//!   and the control-plane leader grants a lapsed home elsewhere by its
+//!   clock (`failover`, `consensus::control`), so a holder whose clock runs
+//!   behind keeps serving after another region took its home.
 //!
 //! The deterministic simulation (`tests/simulation`) runs many clusters in
 //! one process, each on its own thread, so it switches a bug on for one
@@ -37,6 +42,7 @@ pub enum Bug {
     FencingOff,
     PeerClaimsOff,
     GrantsOff,
+    ProposerClockLeases,
 }
 
 impl Bug {
@@ -49,6 +55,7 @@ impl Bug {
             Bug::FencingOff => "fencing-off",
             Bug::PeerClaimsOff => "peer-claims-off",
             Bug::GrantsOff => "grants-off",
+            Bug::ProposerClockLeases => "proposer-clock-leases",
         }
     }
 
@@ -61,6 +68,7 @@ impl Bug {
             Bug::FencingOff,
             Bug::PeerClaimsOff,
             Bug::GrantsOff,
+            Bug::ProposerClockLeases,
         ]
         .into_iter()
         .find(|b| b.name() == name)
