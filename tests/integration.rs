@@ -7,6 +7,7 @@ mod common;
 
 mod big_rows;
 mod cli;
+mod clock_leases;
 mod client_routing;
 mod dashboard;
 mod deploy;

@@ -61,6 +61,12 @@ pub const FULL: &[Scenario] = &[
     // Hot rows at their bounds, blind writes from every region merged after
     // a partition heals (docs/decisions/015-bounded-rows.md).
     s(WorkloadKind::BigRows, NemesisKind::Partition),
+    // Live clock jumps beyond the tolerance (docs/architecture.md section 18).
+    s(WorkloadKind::Register, NemesisKind::ClockJump),
+    strong(NemesisKind::ClockJump),
+    s(WorkloadKind::Counter, NemesisKind::ClockJump),
+    s(WorkloadKind::Set, NemesisKind::ClockJump),
+    s(WorkloadKind::Register, NemesisKind::ClockJumpIsolated),
 ];
 
 /// The CI smoke: a few short scenarios touching every checker.

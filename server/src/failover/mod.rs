@@ -362,10 +362,15 @@ impl Failover {
         }
     }
 
-    /// The first healthy region of `home`'s failover order, if any.
-    fn failover_target(&self, home: &str) -> Option<String> {
+    /// The first healthy region of `home`'s failover order other than
+    /// `lapsed_holder` (healthy yet not renewing, it may be a node whose
+    /// clock is off, which serves no lease), if any.
+    fn failover_target(&self, home: &str, lapsed_holder: &str) -> Option<String> {
         let (region, zone) = split_home_key(home);
-        self.cfg.failover_order(region, zone).into_iter().find(|r| self.replicator.is_healthy(r))
+        self.cfg
+            .failover_order(region, zone)
+            .into_iter()
+            .find(|r| r != lapsed_holder && self.replicator.is_healthy(r))
     }
 
     /// Leader duties: bootstrap, failover, failback.
@@ -425,7 +430,7 @@ impl Failover {
                         if state.manual_only {
                             continue;
                         }
-                        if let Some(target) = self.failover_target(home) {
+                        if let Some(target) = self.failover_target(home, &l.holder) {
                             proposals.push((
                                 home.clone(),
                                 Some(l.clone()),
