@@ -160,7 +160,8 @@ async fn a_node_whose_clock_jumps_beyond_the_max_offset_says_so_and_serves_no_le
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(seen.max_measured_offset_ms >= 3_000, "{seen:?}");
-    assert!(seen.peers.iter().all(|p| p.offset_ms <= -3_000), "peers behind it by about 4 s: {seen:?}");
+    let behind = seen.peers.iter().filter(|p| p.offset_ms <= -3_000).count();
+    assert!(behind * 2 > seen.peers.len(), "a majority of its peers about 4 s behind it: {seen:?}");
     let text = cluster.cli(&["region", "status"]).await.ok();
     assert!(text.contains("OFFSET EXCEEDED"), "{text}");
     assert_eq!(common::metric(cluster.admin_addr(US), "geokv_clock_offset_exceeded", &[]), 1.0);

@@ -146,7 +146,7 @@ const SKEW_MS_MAX: i64 = 400;
 const CLOCK_JUMP_MS: (i64, i64) = (4_000, 10_000);
 /// A clock jump with its region cut off lasts long enough for the other
 /// regions to fail its homes over (lease + offset + health), in ms.
-const ISOLATED_JUMP_FAULT_MS: (u64, u64) = (7_000, 10_000);
+const ISOLATED_JUMP_FAULT_MS: (u64, u64) = (6_000, 8_000);
 
 /// Every `AIM_EVERY`-th fault, from the first, touches a region the
 /// workload depends on: the first fault does, and so does one in three
