@@ -7,8 +7,8 @@ mod common;
 
 mod big_rows;
 mod cli;
-mod clock_leases;
 mod client_routing;
+mod clock_leases;
 mod dashboard;
 mod deploy;
 mod errors;

@@ -365,7 +365,11 @@ fn pick(kind: NemesisKind, rng: &mut impl Rng, regions: &[String]) -> Fault {
         }
         NemesisKind::ClockJump => {
             let mag = rng.random_range(CLOCK_JUMP_MS.0..=CLOCK_JUMP_MS.1);
-            Fault::ClockJump { region: one(rng), jump_ms: if rng.random_bool(0.5) { mag } else { -mag }, isolate: false }
+            Fault::ClockJump {
+                region: one(rng),
+                jump_ms: if rng.random_bool(0.5) { mag } else { -mag },
+                isolate: false,
+            }
         }
         // Back: the holder whose clock runs behind is the dangerous one.
         NemesisKind::ClockJumpIsolated => Fault::ClockJump {
@@ -509,7 +513,8 @@ async fn install(cluster: &mut Cluster, recorder: &Recorder, f: &Fault) -> StepR
                 if !*isolate {
                     return Ok(format!("wall clock jumped {jump_ms:+} ms, live"));
                 }
-                let others: Vec<String> = cluster.spec.regions.iter().filter(|r| *r != region).cloned().collect();
+                let others: Vec<String> =
+                    cluster.spec.regions.iter().filter(|r| *r != region).cloned().collect();
                 let links = cut_links(std::slice::from_ref(region), &others);
                 for l in &links {
                     let link = cluster.proxies.get(l)?;
@@ -568,7 +573,8 @@ async fn lift(cluster: &mut Cluster, recorder: &Recorder, f: &Fault) -> StepResu
                     restore(cluster, &cut_links(std::slice::from_ref(region), &others))?;
                 }
                 cluster.set_clock_offset(region, 0)?;
-                Ok(if *isolate { "links healed; wall clock jumped back" } else { "wall clock jumped back" }.into())
+                Ok(if *isolate { "links healed; wall clock jumped back" } else { "wall clock jumped back" }
+                    .into())
             }
         }
     }

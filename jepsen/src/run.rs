@@ -254,7 +254,9 @@ pub fn check(
         // moved the home away from the node the register clients use, its
         // reads may trail the writes it forwards, so linearizability is
         // only claimed while the home stays put.
-        WorkloadKind::Register if matches!(opts.nemesis, NemesisKind::Failover | NemesisKind::ClockJumpIsolated) => {
+        WorkloadKind::Register
+            if matches!(opts.nemesis, NemesisKind::Failover | NemesisKind::ClockJumpIsolated) =>
+        {
             Vec::new()
         }
         WorkloadKind::Register | WorkloadKind::StrongRegister => {

@@ -68,7 +68,11 @@ pub const FULL: &[Scenario] = &[
     s(WorkloadKind::Set, NemesisKind::ClockJump),
     // Its home cut off for 6-8 s at a time, writes wait out their
     // deadlines: more clients keep it above the operation floor.
-    Scenario { workload: WorkloadKind::Register, nemesis: NemesisKind::ClockJumpIsolated, clients_per_region: 8 },
+    Scenario {
+        workload: WorkloadKind::Register,
+        nemesis: NemesisKind::ClockJumpIsolated,
+        clients_per_region: 8,
+    },
 ];
 
 /// The CI smoke: a few short scenarios touching every checker.

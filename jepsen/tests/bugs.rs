@@ -109,7 +109,14 @@ async fn fencing_off_is_caught_by_the_epoch_checker() {
 async fn proposer_clock_leases_are_caught_by_the_epoch_checker() {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = common::with_bug(
-        common::options(WorkloadKind::Register, NemesisKind::ClockJumpIsolated, 20, 1_500, 14, dir.path().join("bug")),
+        common::options(
+            WorkloadKind::Register,
+            NemesisKind::ClockJumpIsolated,
+            20,
+            1_500,
+            14,
+            dir.path().join("bug"),
+        ),
         "proposer-clock-leases",
     );
     let with_bug = run(&opts).await.expect("run with the bug");

@@ -72,15 +72,21 @@ pub fn print_status(s: &pb::RegionStatusResponse, as_json: bool) {
         return;
     }
     if let Some(c) = &s.clock {
-        let peers: Vec<String> =
-            c.peers.iter().map(|p| format!("{} {:+} ms (+/- {})", p.region, p.offset_ms, p.uncertainty_ms)).collect();
+        let peers: Vec<String> = c
+            .peers
+            .iter()
+            .map(|p| format!("{} {:+} ms (+/- {})", p.region, p.offset_ms, p.uncertainty_ms))
+            .collect();
         if c.offset_exceeded {
             println!(
                 "clock: OFFSET EXCEEDED, {} ms from its peers (maximum {} ms): this node serves no lease",
                 c.max_measured_offset_ms, c.max_offset_ms
             );
         } else {
-            println!("clock: within the {} ms maximum offset (largest measured {} ms)", c.max_offset_ms, c.max_measured_offset_ms);
+            println!(
+                "clock: within the {} ms maximum offset (largest measured {} ms)",
+                c.max_offset_ms, c.max_measured_offset_ms
+            );
         }
         if !peers.is_empty() {
             println!("  peers: {}", peers.join(", "));

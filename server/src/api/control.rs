@@ -56,7 +56,11 @@ impl ControlService {
             peers: clock
                 .offsets()
                 .into_iter()
-                .map(|(region, offset_ms, uncertainty_ms)| pb::PeerClockOffset { region, offset_ms, uncertainty_ms })
+                .map(|(region, offset_ms, uncertainty_ms)| pb::PeerClockOffset {
+                    region,
+                    offset_ms,
+                    uncertainty_ms,
+                })
                 .collect(),
         }
     }

@@ -74,7 +74,9 @@ pub async fn follow_clock_offset_file(
             Ok(text) if text.trim().is_empty() => set_live_clock_offset_ms(0),
             Ok(text) => match text.trim().parse::<i64>() {
                 Ok(ms) => set_live_clock_offset_ms(ms),
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "clock offset file is not an integer"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "clock offset file is not an integer")
+                }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => set_live_clock_offset_ms(0),
             Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot read the clock offset file"),

@@ -378,18 +378,25 @@ mod tests {
 
     fn failover(home: &str, expected: u64, holder: &str, now: u64, renewals: Option<u64>) -> ControlCommand {
         match grant(home, expected, holder, now, GrantReason::Failover) {
-            ControlCommand::Grant { home, expected_epoch, holder, now_ms, lease_ms, max_offset_ms, reason, .. } => {
-                ControlCommand::Grant {
-                    home,
-                    expected_epoch,
-                    holder,
-                    now_ms,
-                    lease_ms,
-                    max_offset_ms,
-                    reason,
-                    expected_renewals: renewals,
-                }
-            }
+            ControlCommand::Grant {
+                home,
+                expected_epoch,
+                holder,
+                now_ms,
+                lease_ms,
+                max_offset_ms,
+                reason,
+                ..
+            } => ControlCommand::Grant {
+                home,
+                expected_epoch,
+                holder,
+                now_ms,
+                lease_ms,
+                max_offset_ms,
+                reason,
+                expected_renewals: renewals,
+            },
             other => other,
         }
     }
@@ -459,7 +466,13 @@ mod tests {
         lease(s.apply(&grant("a", 0, "a", 1000, GrantReason::Initial)));
         // The holder renews late (its proposer clock far behind, even); the
         // grant proposed for the count 0 must not pass after it.
-        let renew = ControlCommand::Renew { home: "a".into(), holder: "a".into(), epoch: 1, now_ms: 1, lease_ms: 3000 };
+        let renew = ControlCommand::Renew {
+            home: "a".into(),
+            holder: "a".into(),
+            epoch: 1,
+            now_ms: 1,
+            lease_ms: 3000,
+        };
         assert_eq!(lease(s.apply(&renew)).renewals, 1);
         assert!(matches!(s.apply(&failover("a", 1, "b", 9000, Some(0))), ControlReply::Rejected { .. }));
         assert_eq!(s.leases["a"].holder, "a");

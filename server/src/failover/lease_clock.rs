@@ -119,7 +119,9 @@ impl LeaseClock {
     fn lapsed_at(&self, home: &str, epoch: u64, renewals: u64, lease_ms: u64, now: Instant) -> bool {
         let lease_ms = if lease_ms == 0 { self.lease_ms } else { lease_ms };
         let wait = Duration::from_millis(lease_ms.saturating_add(self.max_offset_ms));
-        self.lock().seen.get(home).is_some_and(|(e, r, at)| (*e, *r) == (epoch, renewals) && now.saturating_duration_since(*at) > wait)
+        self.lock().seen.get(home).is_some_and(|(e, r, at)| {
+            (*e, *r) == (epoch, renewals) && now.saturating_duration_since(*at) > wait
+        })
     }
 
     /// How long ago (ms) this node first saw the lease of `home` as it is now.
@@ -254,7 +256,11 @@ mod tests {
         for e in 0..epoch_to {
             let reason = if e == 0 { GrantReason::Initial } else { GrantReason::Planned };
             if e > 0 {
-                s.apply(&ControlCommand::Drain { home: "a".into(), epoch: e, to: Some(format!("r{}", e + 1)) });
+                s.apply(&ControlCommand::Drain {
+                    home: "a".into(),
+                    epoch: e,
+                    to: Some(format!("r{}", e + 1)),
+                });
             }
             s.apply(&ControlCommand::Grant {
                 home: "a".into(),
@@ -275,7 +281,13 @@ mod tests {
     }
 
     fn renew(s: &mut ControlState) {
-        s.apply(&ControlCommand::Renew { home: "a".into(), holder: "r1".into(), epoch: 1, now_ms: 0, lease_ms: 1000 });
+        s.apply(&ControlCommand::Renew {
+            home: "a".into(),
+            holder: "r1".into(),
+            epoch: 1,
+            now_ms: 0,
+            lease_ms: 1000,
+        });
     }
 
     #[test]

@@ -245,7 +245,11 @@ impl Failover {
         if me.cfg.clock.offset_control {
             let path = me.cfg.data_dir.join(crate::causality::hlc::CLOCK_OFFSET_FILE);
             tracing::warn!(path = %path.display(), "clock.offset_control is on: the wall clock follows a test file");
-            tokio::spawn(crate::causality::hlc::follow_clock_offset_file(path, OFFSET_FILE_EVERY, me.cancel.clone()));
+            tokio::spawn(crate::causality::hlc::follow_clock_offset_file(
+                path,
+                OFFSET_FILE_EVERY,
+                me.cancel.clone(),
+            ));
         }
         tokio::spawn(me.clone().observe_loop());
         tokio::spawn(me.clone().clock_probe_loop());
@@ -323,9 +327,13 @@ impl Failover {
             let status = self.clock().offset_status();
             if status.exceeded != was_exceeded {
                 if status.exceeded {
-                    tracing::error!(offset_ms = status.max_abs_offset_ms, max_ms = self.cfg.clock.max_offset_ms,
-                        peers_beyond = status.peers_beyond, peers_measured = status.peers_measured,
-                        "clock offset to a majority of peers exceeds the maximum: serving no lease");
+                    tracing::error!(
+                        offset_ms = status.max_abs_offset_ms,
+                        max_ms = self.cfg.clock.max_offset_ms,
+                        peers_beyond = status.peers_beyond,
+                        peers_measured = status.peers_measured,
+                        "clock offset to a majority of peers exceeds the maximum: serving no lease"
+                    );
                 } else {
                     tracing::warn!("clock offset back within the maximum: serving leases again");
                 }
@@ -528,11 +536,8 @@ impl Failover {
             let state = self.consensus.control_state();
             let mine: Vec<HomeLease> =
                 state.leases.values().filter(|l| l.holder == self.cfg.region).cloned().collect();
-            held_before = mine
-                .iter()
-                .filter(|l| l.draining_to.is_none())
-                .map(|l| (l.home.clone(), l.epoch))
-                .collect();
+            held_before =
+                mine.iter().filter(|l| l.draining_to.is_none()).map(|l| (l.home.clone(), l.epoch)).collect();
             for l in mine.iter().filter(|l| l.draining_to.is_some()) {
                 self.clock().release(&l.home);
             }
@@ -541,10 +546,16 @@ impl Failover {
             // failover) another region takes its homes.
             let offset = self.clock().offset_status();
             if offset.exceeded && !proposer_clock_leases() {
-                tracing::warn!(offset_ms = offset.max_abs_offset_ms, "clock offset exceeded: not renewing leases");
+                tracing::warn!(
+                    offset_ms = offset.max_abs_offset_ms,
+                    "clock offset exceeded: not renewing leases"
+                );
             }
             let mut renewals = tokio::task::JoinSet::new();
-            for l in mine.iter().filter(|l| l.draining_to.is_none() && !(offset.exceeded && !proposer_clock_leases())) {
+            for l in mine
+                .iter()
+                .filter(|l| l.draining_to.is_none() && !(offset.exceeded && !proposer_clock_leases()))
+            {
                 let lease_ms = self.cfg.consensus.lease_ms;
                 let cmd = ControlCommand::Renew {
                     home: l.home.clone(),
@@ -660,7 +671,11 @@ impl Failover {
                         self.consensus.observe_control(state);
                         if renewer.as_ref().is_some_and(|x| x.id == m.id) {
                             for h in r.held {
-                                self.clock().hold(&h.home, h.epoch, asked + Duration::from_millis(h.remaining_ms));
+                                self.clock().hold(
+                                    &h.home,
+                                    h.epoch,
+                                    asked + Duration::from_millis(h.remaining_ms),
+                                );
                             }
                         }
                         break;
@@ -681,7 +696,11 @@ mod tests {
 
     /// The write path's view for region `region`, over `state`, with a
     /// wall clock the test moves.
-    fn leases(region: &str, state: ControlState, wall: &ManualClock) -> (Leases, watch::Sender<ControlState>) {
+    fn leases(
+        region: &str,
+        state: ControlState,
+        wall: &ManualClock,
+    ) -> (Leases, watch::Sender<ControlState>) {
         let (tx, rx) = watch::channel(state);
         let leases = Leases {
             region: region.into(),
@@ -718,7 +737,10 @@ mod tests {
         let state = granted("us", 100_000);
         let (l, _tx) = leases("us", state.clone(), &wall);
         l.clock.observe(&state);
-        assert!(matches!(l.check_local("us"), Err(KvError::HomeUnavailable { .. })), "not served before a renewal");
+        assert!(
+            matches!(l.check_local("us"), Err(KvError::HomeUnavailable { .. })),
+            "not served before a renewal"
+        );
         let sent = Instant::now();
         l.clock.renewed("us", 1, sent, LEASE_MS);
         assert_eq!(l.check_local("us").unwrap(), 1);
