@@ -545,17 +545,15 @@ impl Failover {
             // it stops renewing, so the leases lapse and (with automatic
             // failover) another region takes its homes.
             let offset = self.clock().offset_status();
-            if offset.exceeded && !proposer_clock_leases() {
+            let serving = !offset.exceeded || proposer_clock_leases();
+            if !serving {
                 tracing::warn!(
                     offset_ms = offset.max_abs_offset_ms,
                     "clock offset exceeded: not renewing leases"
                 );
             }
             let mut renewals = tokio::task::JoinSet::new();
-            for l in mine
-                .iter()
-                .filter(|l| l.draining_to.is_none() && !(offset.exceeded && !proposer_clock_leases()))
-            {
+            for l in mine.iter().filter(|l| serving && l.draining_to.is_none()) {
                 let lease_ms = self.cfg.consensus.lease_ms;
                 let cmd = ControlCommand::Renew {
                     home: l.home.clone(),
