@@ -8,6 +8,7 @@ mod common;
 mod big_rows;
 mod cli;
 mod client_routing;
+mod clock_leases;
 mod dashboard;
 mod deploy;
 mod errors;

@@ -78,8 +78,8 @@ pub struct ClusterSpec {
     pub env: Vec<(String, String)>,
     /// TOML appended to every node's config (a workload's limits).
     pub extra_config: String,
-    /// Automatic failover on (`consensus.manual_only = false`).
-    pub auto_failover: bool,
+    /// Lapsed homes move automatically; off, only a nemesis moves them.
+    pub automatic_failover: bool,
 }
 
 /// One region's node.
@@ -482,6 +482,19 @@ impl Cluster {
     pub fn node_dir(&self, region: &str) -> PathBuf {
         self.spec.dir.join(region)
     }
+
+    /// Jumps `region`'s wall clock to `offset_ms` from true time, live (the
+    /// node follows `<data_dir>/clock-offset-ms` every 20 ms; its monotonic
+    /// clock does not move).
+    pub fn set_clock_offset(&self, region: &str, offset_ms: i64) -> anyhow::Result<()> {
+        let data = self.node_dir(region).join("data");
+        std::fs::create_dir_all(&data)?;
+        let tmp = data.join("clock-offset-ms.tmp");
+        std::fs::write(&tmp, offset_ms.to_string())?;
+        std::fs::rename(&tmp, data.join("clock-offset-ms"))
+            .with_context(|| format!("setting the clock offset of {region}"))?;
+        Ok(())
+    }
 }
 
 impl Drop for Cluster {
@@ -538,11 +551,13 @@ fn config_text(
     out.push_str(&format!("listen = \"{grpc}\"\nlisten_peer = \"{peer}\"\nadmin_listen = \"{admin}\"\n\n"));
     out.push_str(&format!("[security]\ncerts_dir = {:?}\n\n", certs.display().to_string()));
     out.push_str(&format!("[storage]\nsync = {}\n\n", spec.sync));
-    // No automatic failover unless the workload asks for it: a killed or
-    // paused home keeps its homes, so a LOCAL register at the home stays
-    // linearizable; moving homes is the job of a nemesis (planned
-    // failover), not a side effect of kill -9.
-    out.push_str(&format!("[consensus]\nmanual_only = {}\n\n", !spec.auto_failover));
+    // No automatic failover: a killed or paused home keeps its homes, so a
+    // LOCAL register at the home stays linearizable; moving homes is the
+    // job of a nemesis (planned failover), not a side effect of kill -9.
+    out.push_str(&format!("[consensus]\nmanual_only = {}\n\n", !spec.automatic_failover));
+    // The clock-jump nemeses move a node's wall clock through a file
+    // (Cluster::set_clock_offset); absent, the clock is the system's.
+    out.push_str("[clock]\noffset_control = true\n\n");
     for r in &spec.regions {
         out.push_str(&format!("[[regions]]\nname = \"{r}\"\n"));
         if let Some((via, client)) = peers.get(r) {

@@ -44,6 +44,13 @@ pub enum NemesisKind {
     Skew,
     /// Planned failover of the first region's homes to another region, failback after the window.
     Failover,
+    /// A live jump of one node's wall clock, forward or back, beyond the
+    /// max offset and the lease; jumped back when lifted. No restart.
+    ClockJump,
+    /// One node's clock jumped back beyond the lease while its region is
+    /// cut off, with automatic failover on: the holder whose clock runs
+    /// behind must stop serving before another region takes its homes.
+    ClockJumpIsolated,
 }
 
 impl NemesisKind {
@@ -59,7 +66,16 @@ impl NemesisKind {
             NemesisKind::Pause => "pause",
             NemesisKind::Skew => "skew",
             NemesisKind::Failover => "failover",
+            NemesisKind::ClockJump => "clock-jump",
+            NemesisKind::ClockJumpIsolated => "clock-jump-isolated",
         }
+    }
+
+    /// Whether the run's cluster fails homes over automatically (every
+    /// other nemesis runs manual-only, so a killed or paused home keeps its
+    /// homes and a LOCAL register at the home stays linearizable).
+    pub fn automatic_failover(self) -> bool {
+        self == NemesisKind::ClockJumpIsolated
     }
 }
 
@@ -96,6 +112,14 @@ pub enum Fault {
         from: String,
         to: String,
     },
+    /// `region`'s wall clock jumps by `jump_ms` while the node runs (the
+    /// `clock.offset_control` file); with `isolate`, every link to and from
+    /// the region is black-holed too. Lifted: the clock jumps back, links heal.
+    ClockJump {
+        region: String,
+        jump_ms: i64,
+        isolate: bool,
+    },
 }
 
 /// A fault and its window, in ms from the start of the workload.
@@ -117,6 +141,12 @@ pub const STEPS_MAX: usize = 1_000;
 /// Clock offsets of the skew nemesis stay inside the nodes' tolerance
 /// (`clock.max_offset_ms`, 500 by default), in ms.
 const SKEW_MS_MAX: i64 = 400;
+/// Live clock jumps, in ms: beyond the max offset (500) and the lease
+/// (3,000 by default) both.
+const CLOCK_JUMP_MS: (i64, i64) = (4_000, 10_000);
+/// A clock jump with its region cut off lasts long enough for the other
+/// regions to fail its homes over (lease + offset + health), in ms.
+const ISOLATED_JUMP_FAULT_MS: (u64, u64) = (6_000, 8_000);
 
 /// Every `AIM_EVERY`-th fault, from the first, touches a region the
 /// workload depends on: the first fault does, and so does one in three
@@ -161,7 +191,8 @@ fn schedule_aimed(
     let aim: Vec<&String> = aim.unwrap_or_default().iter().filter(|r| regions.contains(*r)).collect();
     let mut t = rng.random_range(QUIET_MS.0..=QUIET_MS.1);
     while steps.len() < STEPS_MAX {
-        let len = rng.random_range(FAULT_MS.0..=FAULT_MS.1);
+        let window = if kind == NemesisKind::ClockJumpIsolated { ISOLATED_JUMP_FAULT_MS } else { FAULT_MS };
+        let len = rng.random_range(window.0..=window.1);
         if t + len + TAIL_MS > total_ms {
             break;
         }
@@ -201,7 +232,7 @@ pub fn touched(f: &Fault) -> BTreeSet<String> {
             }
         }
         Fault::Kill { regions } => out.extend(regions.iter().cloned()),
-        Fault::Pause { region } | Fault::Skew { region, .. } => {
+        Fault::Pause { region } | Fault::Skew { region, .. } | Fault::ClockJump { region, .. } => {
             out.insert(region.clone());
         }
         Fault::Failover { from, to } => {
@@ -229,7 +260,9 @@ fn turn_onto(f: &Fault, target: &str) -> Fault {
         Fault::Latency { between, .. } => Some(between[0].clone()),
         Fault::Stall { links } => links.first().and_then(|l| link_ends(l)).map(|(x, _)| x.to_string()),
         Fault::Kill { regions } => regions.first().cloned(),
-        Fault::Pause { region } | Fault::Skew { region, .. } => Some(region.clone()),
+        Fault::Pause { region } | Fault::Skew { region, .. } | Fault::ClockJump { region, .. } => {
+            Some(region.clone())
+        }
     };
     let Some(hit) = hit else { return f.clone() };
     let swap = |r: &str| -> String {
@@ -266,6 +299,9 @@ fn turn_onto(f: &Fault, target: &str) -> Fault {
         Fault::Pause { region } => Fault::Pause { region: swap(region) },
         Fault::Skew { region, skew_ms } => Fault::Skew { region: swap(region), skew_ms: *skew_ms },
         Fault::Failover { from, to } => Fault::Failover { from: from.clone(), to: swap(to) },
+        Fault::ClockJump { region, jump_ms, isolate } => {
+            Fault::ClockJump { region: swap(region), jump_ms: *jump_ms, isolate: *isolate }
+        }
     }
 }
 
@@ -327,6 +363,20 @@ fn pick(kind: NemesisKind, rng: &mut impl Rng, regions: &[String]) -> Fault {
                 to: others[rng.random_range(0..others.len())].clone(),
             }
         }
+        NemesisKind::ClockJump => {
+            let mag = rng.random_range(CLOCK_JUMP_MS.0..=CLOCK_JUMP_MS.1);
+            Fault::ClockJump {
+                region: one(rng),
+                jump_ms: if rng.random_bool(0.5) { mag } else { -mag },
+                isolate: false,
+            }
+        }
+        // Back: the holder whose clock runs behind is the dangerous one.
+        NemesisKind::ClockJumpIsolated => Fault::ClockJump {
+            region: one(rng),
+            jump_ms: -rng.random_range(CLOCK_JUMP_MS.0..=CLOCK_JUMP_MS.1),
+            isolate: true,
+        },
         NemesisKind::None => unreachable!("no faults are picked for nemesis none"),
     }
 }
@@ -344,6 +394,8 @@ pub fn fault_kind(f: &Fault) -> &'static str {
         Fault::Pause { .. } => "pause",
         Fault::Skew { .. } => "skew",
         Fault::Failover { .. } => "failover",
+        Fault::ClockJump { isolate: false, .. } => "clock-jump",
+        Fault::ClockJump { isolate: true, .. } => "clock-jump-isolated",
     }
 }
 
@@ -354,7 +406,7 @@ fn targets(f: &Fault) -> Vec<String> {
         Fault::Stall { links } => links.clone(),
         Fault::Kill { regions } => regions.clone(),
         Fault::Failover { from, to } => vec![from.clone(), to.clone()],
-        Fault::Pause { region } | Fault::Skew { region, .. } => {
+        Fault::Pause { region } | Fault::Skew { region, .. } | Fault::ClockJump { region, .. } => {
             vec![region.clone()]
         }
     }
@@ -456,6 +508,20 @@ async fn install(cluster: &mut Cluster, recorder: &Recorder, f: &Fault) -> StepR
                 Ok(format!("killed and restarted with its clock {skew_ms:+} ms off"))
             }
             Fault::Failover { from, to } => hand_over(cluster, recorder, to, from, to, false).await,
+            Fault::ClockJump { region, jump_ms, isolate } => {
+                cluster.set_clock_offset(region, *jump_ms)?;
+                if !*isolate {
+                    return Ok(format!("wall clock jumped {jump_ms:+} ms, live"));
+                }
+                let others: Vec<String> =
+                    cluster.spec.regions.iter().filter(|r| *r != region).cloned().collect();
+                let links = cut_links(std::slice::from_ref(region), &others);
+                for l in &links {
+                    let link = cluster.proxies.get(l)?;
+                    link.set_faults(LinkFaults { partition: true, ..link.faults() })?;
+                }
+                Ok(format!("wall clock jumped {jump_ms:+} ms, live; {} links black-holed", links.len()))
+            }
         }
     }
     .await;
@@ -500,6 +566,16 @@ async fn lift(cluster: &mut Cluster, recorder: &Recorder, f: &Fault) -> StepResu
                 Ok("killed and restarted with its clock right".into())
             }
             Fault::Failover { from, to } => hand_over(cluster, recorder, to, from, to, true).await,
+            Fault::ClockJump { region, isolate, .. } => {
+                if *isolate {
+                    let others: Vec<String> =
+                        cluster.spec.regions.iter().filter(|r| *r != region).cloned().collect();
+                    restore(cluster, &cut_links(std::slice::from_ref(region), &others))?;
+                }
+                cluster.set_clock_offset(region, 0)?;
+                Ok(if *isolate { "links healed; wall clock jumped back" } else { "wall clock jumped back" }
+                    .into())
+            }
         }
     }
     .await;
@@ -546,7 +622,7 @@ mod tests {
         crate::cluster::REGIONS.iter().map(|r| r.to_string()).collect()
     }
 
-    const ALL: [NemesisKind; 9] = [
+    const ALL: [NemesisKind; 11] = [
         NemesisKind::Partition,
         NemesisKind::Bridge,
         NemesisKind::Halves,
@@ -556,6 +632,8 @@ mod tests {
         NemesisKind::Pause,
         NemesisKind::Skew,
         NemesisKind::Failover,
+        NemesisKind::ClockJump,
+        NemesisKind::ClockJumpIsolated,
     ];
 
     fn home() -> Vec<String> {

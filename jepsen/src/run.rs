@@ -110,7 +110,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<RunSummary> {
         sync: opts.sync,
         env: opts.bug.iter().map(|b| ("GEOKV_BUG".to_string(), b.clone())).collect(),
         extra_config: workload::node_config(opts.workload),
-        auto_failover: workload::auto_failover(opts.workload),
+        automatic_failover: opts.nemesis.automatic_failover() || workload::auto_failover(opts.workload),
     };
     tracing::info!(dir = %opts.out.display(), "starting the cluster");
     let mut cluster = Cluster::start(spec).await.context("starting the cluster")?;
@@ -255,7 +255,11 @@ pub fn check(
         // moved the home away from the node the register clients use, its
         // reads may trail the writes it forwards, so linearizability is
         // only claimed while the home stays put.
-        WorkloadKind::Register if opts.nemesis == NemesisKind::Failover => Vec::new(),
+        WorkloadKind::Register
+            if matches!(opts.nemesis, NemesisKind::Failover | NemesisKind::ClockJumpIsolated) =>
+        {
+            Vec::new()
+        }
         WorkloadKind::Register | WorkloadKind::StrongRegister => {
             vec![checker::linearizable::check(&ops, checker::linearizable::SearchBounds::default())]
         }
@@ -270,9 +274,17 @@ pub fn check(
         ],
     };
     v.push(checker::convergence::check(fin));
-    // Home leases move under failover, pauses and kills; clock skew beyond
-    // the configured max offset is outside what leases promise.
-    if matches!(opts.nemesis, NemesisKind::Failover | NemesisKind::Pause | NemesisKind::Kill) {
+    // Home leases move under failover, pauses and kills, and must hold
+    // under live clock jumps (timed on monotonic clocks); restart skew
+    // inside the max offset has nothing to add.
+    if matches!(
+        opts.nemesis,
+        NemesisKind::Failover
+            | NemesisKind::Pause
+            | NemesisKind::Kill
+            | NemesisKind::ClockJump
+            | NemesisKind::ClockJumpIsolated
+    ) {
         let epochs: Vec<history::EpochRecord> = records
             .iter()
             .filter_map(|r| match r {

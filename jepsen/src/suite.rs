@@ -68,6 +68,18 @@ pub const FULL: &[Scenario] = &[
     s(WorkloadKind::CounterRetry, NemesisKind::Partition),
     s(WorkloadKind::QuorumCounter, NemesisKind::Partition),
     s(WorkloadKind::QuorumCounter, NemesisKind::Kill),
+    // Live clock jumps beyond the tolerance (docs/architecture.md section 18).
+    s(WorkloadKind::Register, NemesisKind::ClockJump),
+    strong(NemesisKind::ClockJump),
+    s(WorkloadKind::Counter, NemesisKind::ClockJump),
+    s(WorkloadKind::Set, NemesisKind::ClockJump),
+    // Its home cut off for 6-8 s at a time, writes wait out their
+    // deadlines: more clients keep it above the operation floor.
+    Scenario {
+        workload: WorkloadKind::Register,
+        nemesis: NemesisKind::ClockJumpIsolated,
+        clients_per_region: 8,
+    },
 ];
 
 /// The CI smoke: a few short scenarios touching every checker.

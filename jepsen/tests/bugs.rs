@@ -153,3 +153,41 @@ async fn idempotency_local_is_caught_by_the_counter_checker() {
     let control = run(&opts).await.expect("control run");
     assert_eq!(verdict(&control, "counter"), Outcome::Pass, "seed {seed}: {:?}", control.verdicts);
 }
+
+/// Proposer-clock leases: with leases judged by wall clocks again, the
+/// clock-jump-isolated nemesis (us-east-1's clock jumped back, its region
+/// cut off, automatic failover on) leaves us-east-1 accepting the
+/// register's writes under epoch 1 after another region holds epoch 2; the
+/// epoch checker finds them. The same scenario and seed without the bug
+/// passes it: timed on the monotonic clock, the lease ends before the
+/// failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proposer_clock_leases_are_caught_by_the_epoch_checker() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = common::with_bug(
+        common::options(
+            WorkloadKind::Register,
+            NemesisKind::ClockJumpIsolated,
+            20,
+            1_500,
+            14,
+            dir.path().join("bug"),
+        ),
+        "proposer-clock-leases",
+    );
+    let with_bug = run(&opts).await.expect("run with the bug");
+    assert!(
+        with_bug.nemesis_steps.get("installed").copied().unwrap_or(0) >= 2,
+        "a clock jump with its region cut off ran: {:?}",
+        with_bug.nemesis_steps
+    );
+    assert_eq!(verdict(&with_bug, "one-home-per-epoch"), Outcome::Fail, "{:?}", with_bug.verdicts);
+    let detail = detail(&with_bug, "one-home-per-epoch");
+    assert!(detail.contains("accepted by us-east-1 under epoch 1"), "{detail}");
+
+    opts.bug = None;
+    opts.out = dir.path().join("control");
+    let control = run(&opts).await.expect("control run");
+    assert_eq!(verdict(&control, "one-home-per-epoch"), Outcome::Pass, "{:?}", control.verdicts);
+    assert_eq!(control.outcome, Outcome::Pass, "{:?}", control.verdicts);
+}

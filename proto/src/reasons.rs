@@ -132,6 +132,8 @@ reasons! {
         "This region may not accept a write for the row's home: its lease lapsed, or another region holds the home under a newer epoch.";
     HOME_UNAVAILABLE: Unavailable, Server, retryable = true,
         "No region holds the home's lease right now.";
+    CLOCK_OFFSET_EXCEEDED: Unavailable, Server, retryable = true,
+        "This node's clock is further from its peers' than the configured maximum offset, so it serves no home lease until it is back within it.";
     QUORUM_UNAVAILABLE: Unavailable, Server, retryable = true,
         "A consensus group, or a majority of the row's replica regions, cannot be reached.";
     REPLICATION_BACKPRESSURE: ResourceExhausted, Server, retryable = true,

@@ -22,6 +22,11 @@
 //! - `idempotency-local`: idempotency records stay on the node that
 //!   committed the request (none travels with its log entry), so a retry
 //!   that lands in another region after a failover applies again.
+//! - `proposer-clock-leases`: leases are judged by wall clocks again: the
+//!   holder serves until the lease's wall-clock expiry by its own clock,
+//!   and the control-plane leader grants a lapsed home elsewhere by its
+//!   clock (`failover`, `consensus::control`), so a holder whose clock runs
+//!   behind keeps serving after another region took its home.
 //!
 //! The deterministic simulation (`tests/simulation`) runs many clusters in
 //! one process, each on its own thread, so it switches a bug on for one
@@ -41,6 +46,7 @@ pub enum Bug {
     PeerClaimsOff,
     GrantsOff,
     IdempotencyLocal,
+    ProposerClockLeases,
 }
 
 impl Bug {
@@ -54,6 +60,7 @@ impl Bug {
             Bug::PeerClaimsOff => "peer-claims-off",
             Bug::GrantsOff => "grants-off",
             Bug::IdempotencyLocal => "idempotency-local",
+            Bug::ProposerClockLeases => "proposer-clock-leases",
         }
     }
 
@@ -67,6 +74,7 @@ impl Bug {
             Bug::PeerClaimsOff,
             Bug::GrantsOff,
             Bug::IdempotencyLocal,
+            Bug::ProposerClockLeases,
         ]
         .into_iter()
         .find(|b| b.name() == name)

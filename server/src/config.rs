@@ -596,11 +596,15 @@ pub struct ClockConfig {
     /// Largest clock difference tolerated between nodes, in milliseconds; a
     /// stamp further ahead is refused.
     pub max_offset_ms: u64,
+    /// Test control: the node's wall clock follows the offset (ms) written
+    /// in `<data_dir>/clock-offset-ms`, changed at run time, so the chaos
+    /// harness can jump clocks live. Never on in production.
+    pub offset_control: bool,
 }
 
 impl Default for ClockConfig {
     fn default() -> Self {
-        Self { max_offset_ms: 500 }
+        Self { max_offset_ms: 500, offset_control: false }
     }
 }
 

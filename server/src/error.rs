@@ -97,6 +97,10 @@ pub enum KvError {
     },
     #[error("home `{home}` has no region serving it right now: {why}")]
     HomeUnavailable { home: String, why: String },
+    #[error(
+        "home `{home}`: this node's clock is {offset_ms} ms from its peers', more than the {max_ms} ms maximum offset; it serves no lease until it is back within it"
+    )]
+    ClockOffsetExceeded { home: String, offset_ms: u64, max_ms: u64 },
     #[error("consensus group `{group}` cannot commit: {why}")]
     QuorumUnavailable { group: String, why: String },
     /// The request carried no credentials, or credentials that do not verify.
@@ -137,6 +141,7 @@ impl KvError {
             KvError::Corrupt { .. } => &reasons::DATA_CORRUPTION,
             KvError::Storage(_) => &reasons::STORAGE_FAILURE,
             KvError::ClockOffset { .. } => &reasons::CLOCK_OFFSET,
+            KvError::ClockOffsetExceeded { .. } => &reasons::CLOCK_OFFSET_EXCEEDED,
             KvError::ShuttingDown => &reasons::SHUTTING_DOWN,
             KvError::ReplicaStale { .. } => &reasons::REPLICA_STALE,
             KvError::RegionUnreachable { .. } => &reasons::REGION_UNREACHABLE,
@@ -195,6 +200,11 @@ impl KvError {
             }
             KvError::HomeUnavailable { home, .. } => {
                 m.insert("home".into(), home.clone());
+            }
+            KvError::ClockOffsetExceeded { home, offset_ms, max_ms } => {
+                m.insert("home".into(), home.clone());
+                m.insert("offset_ms".into(), offset_ms.to_string());
+                m.insert("max_offset_ms".into(), max_ms.to_string());
             }
             KvError::QuorumUnavailable { group, .. } => {
                 m.insert("group".into(), group.clone());
@@ -298,6 +308,7 @@ mod tests {
             KvError::Corrupt { what: s(), why: s() },
             KvError::Storage(s()),
             KvError::ClockOffset { ahead_ms: 2, max_ms: 1 },
+            KvError::ClockOffsetExceeded { home: s(), offset_ms: 2, max_ms: 1 },
             KvError::ReplicaStale { region: s(), why: s() },
             KvError::RegionUnreachable { region: s(), why: s() },
             KvError::ShuttingDown,

@@ -564,6 +564,16 @@ impl DevCluster {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("geokv {all:?} printed no JSON ({e}): {out}"))
     }
 
+    /// Jumps the wall clock of `region`'s first node to `offset_ms` from
+    /// true time, live: nodes started with `clock.offset_control = true`
+    /// follow `<data_dir>/clock-offset-ms` (docs/architecture.md section 18).
+    pub fn set_clock_offset(&self, region: &str, offset_ms: i64) {
+        let data = self.node_dir(region, "n1").join("data");
+        let tmp = data.join("clock-offset-ms.tmp");
+        std::fs::write(&tmp, offset_ms.to_string()).expect("write the clock offset");
+        std::fs::rename(&tmp, data.join("clock-offset-ms")).expect("move the clock offset into place");
+    }
+
     pub fn node_config(&self, region: &str) -> PathBuf {
         self.node_dir(region, "n1").join("node.toml")
     }

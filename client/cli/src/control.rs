@@ -55,12 +55,43 @@ pub fn print_status(s: &pb::RegionStatusResponse, as_json: bool) {
                     "unavailable_ms": e.unavailable_ms, "reason": e.reason})
             })
             .collect();
+        let clock = s.clock.as_ref().map(|c| {
+            let peers: Vec<_> = c
+                .peers
+                .iter()
+                .map(|p| json!({"region": p.region, "offset_ms": p.offset_ms, "uncertainty_ms": p.uncertainty_ms}))
+                .collect();
+            json!({"offset_exceeded": c.offset_exceeded, "max_offset_ms": c.max_offset_ms,
+                "max_measured_offset_ms": c.max_measured_offset_ms, "peers": peers})
+        });
         println!(
             "{}",
             json!({"homes": homes_json(&s.homes), "groups": groups, "manual_only": s.manual_only,
-                "recent_failovers": failovers, "healthy_regions": s.healthy_regions})
+                "recent_failovers": failovers, "healthy_regions": s.healthy_regions, "clock": clock})
         );
         return;
+    }
+    if let Some(c) = &s.clock {
+        let peers: Vec<String> = c
+            .peers
+            .iter()
+            .map(|p| format!("{} {:+} ms (+/- {})", p.region, p.offset_ms, p.uncertainty_ms))
+            .collect();
+        if c.offset_exceeded {
+            println!(
+                "clock: OFFSET EXCEEDED, {} ms from its peers (maximum {} ms): this node serves no lease",
+                c.max_measured_offset_ms, c.max_offset_ms
+            );
+        } else {
+            println!(
+                "clock: within the {} ms maximum offset (largest measured {} ms)",
+                c.max_offset_ms, c.max_measured_offset_ms
+            );
+        }
+        if !peers.is_empty() {
+            println!("  peers: {}", peers.join(", "));
+        }
+        println!();
     }
     println!("homes (automatic failover {}):", if s.manual_only { "OFF, manual only" } else { "on" });
     print_homes(&s.homes);

@@ -690,6 +690,8 @@ mod tests {
             epoch,
             expires_ms: 1_000_500,
             granted_ms: 999_000,
+            renewals: 0,
+            lease_ms: 3000,
             reason,
             draining_to: None,
         };
@@ -721,6 +723,7 @@ mod tests {
                     record(2, EU, None, GrantReason::Failover),
                 ],
             )]),
+            pruned: BTreeMap::new(),
             manual_only: false,
             events: vec![event(AP, EU, 2, 996_000), event("x", US, 5, 997_000)],
         }

@@ -32,16 +32,36 @@ impl ControlService {
 
     fn home_info(&self, l: &HomeLease) -> pb::HomeInfo {
         let (region, zone) = split_home_key(&l.home);
-        let now = self.node.hlc().wall_ms() as i64;
+        let remaining = self.consensus.lease_clock.lease_remaining_ms(l, &self.node.config().region);
         pb::HomeInfo {
             home: l.home.clone(),
             home_region: region.to_string(),
             zone: zone.to_string(),
             holder: l.holder.clone(),
             epoch: l.epoch,
-            lease_remaining_ms: l.expires_ms as i64 - now,
+            lease_remaining_ms: remaining,
             draining_to: l.draining_to.clone().unwrap_or_default(),
             reason: l.reason.name().into(),
+        }
+    }
+
+    /// This node's clock against its peers' (docs/architecture.md section 18).
+    fn clock_status(&self) -> pb::ClockStatus {
+        let clock = &self.consensus.lease_clock;
+        let status = clock.offset_status();
+        pb::ClockStatus {
+            offset_exceeded: status.exceeded,
+            max_offset_ms: clock.max_offset_ms(),
+            max_measured_offset_ms: status.max_abs_offset_ms,
+            peers: clock
+                .offsets()
+                .into_iter()
+                .map(|(region, offset_ms, uncertainty_ms)| pb::PeerClockOffset {
+                    region,
+                    offset_ms,
+                    uncertainty_ms,
+                })
+                .collect(),
         }
     }
 
@@ -227,6 +247,7 @@ impl pb::control_server::Control for ControlService {
                 })
                 .collect(),
             healthy_regions: self.healthy_regions(),
+            clock: Some(self.clock_status()),
         }))
     }
 

@@ -34,7 +34,57 @@ impl PhysicalClock for SystemClock {
             .duration_since(UNIX_EPOCH)
             .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0);
-        now.saturating_add_signed(clock_skew_ms())
+        now.saturating_add_signed(clock_skew_ms()).saturating_add_signed(live_clock_offset_ms())
+    }
+}
+
+/// An offset of this process's wall clock changed at run time, in ms (see
+/// [`set_live_clock_offset_ms`]).
+static LIVE_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+fn live_clock_offset_ms() -> i64 {
+    LIVE_OFFSET_MS.load(Ordering::Relaxed)
+}
+
+/// Shifts this process's wall clock ([`SystemClock`]) by `offset_ms` from
+/// now on, as an NTP step would: a test control, reached only through the
+/// `clock.offset_control` setting (`crate::server` then follows the file
+/// `<data_dir>/clock-offset-ms`). The monotonic clock leases are timed on
+/// does not move.
+pub fn set_live_clock_offset_ms(offset_ms: i64) {
+    let old = LIVE_OFFSET_MS.swap(offset_ms, Ordering::Relaxed);
+    if old != offset_ms {
+        tracing::warn!(old_ms = old, new_ms = offset_ms, "wall clock offset changed by the test control");
+    }
+}
+
+/// The file `clock.offset_control` follows, under the data directory.
+pub const CLOCK_OFFSET_FILE: &str = "clock-offset-ms";
+
+/// Follows `path` (an integer of ms, absent or empty for 0) every
+/// `every` until `cancel`, applying it with [`set_live_clock_offset_ms`].
+/// A malformed file is logged and leaves the offset as it was.
+pub async fn follow_clock_offset_file(
+    path: std::path::PathBuf,
+    every: std::time::Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        match std::fs::read_to_string(&path) {
+            Ok(text) if text.trim().is_empty() => set_live_clock_offset_ms(0),
+            Ok(text) => match text.trim().parse::<i64>() {
+                Ok(ms) => set_live_clock_offset_ms(ms),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "clock offset file is not an integer")
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => set_live_clock_offset_ms(0),
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot read the clock offset file"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
     }
 }
 

@@ -5,15 +5,20 @@
 //! region fail over only inside their zone, so each zone a region belongs
 //! to is a separate home with its own lease and epoch, and the pair with no
 //! zone covers unrestricted rows. A lease names the region serving the
-//! home (its holder), the epoch, and when it expires by the proposer's
-//! wall clock. Everything here is pure: commands carry the time they were
-//! proposed at, so every member applies them to the same result.
+//! home (its holder), the epoch, and how many renewals committed under it.
+//! Everything here is pure: no clock reading decides anything here. When a
+//! lease lapses is judged by each node on its monotonic clock
+//! ([`crate::failover::lease_clock`], docs/architecture.md section 18); a
+//! failover grant names the renewal count its proposer saw lapse, and is
+//! refused if a renewal committed since. The wall-clock times commands
+//! carry are for status output and for fencing replicated entries only.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// Epoch records kept per home, oldest dropped first.
+/// Epoch records kept one by one per home; older ones are folded into
+/// [`PrunedEpochs`], which still fences their late entries.
 pub const EPOCH_HISTORY_MAX: usize = 64;
 
 /// Name of a home: `region` for unrestricted rows, `region@zone` otherwise.
@@ -58,9 +63,20 @@ pub struct HomeLease {
     pub home: String,
     pub holder: String,
     pub epoch: u64,
-    /// Wall-clock milliseconds (of the proposer) after which the lease is void.
+    /// The holder's HLC time of its last renewal plus the lease length:
+    /// no write accepted under the lease carries a later stamp (plus the
+    /// max clock offset). For fencing entries and status only: validity is
+    /// timed on monotonic clocks.
     pub expires_ms: u64,
     pub granted_ms: u64,
+    /// Renewals committed under this epoch: a failover grant must name the
+    /// count it saw lapse.
+    #[serde(default)]
+    pub renewals: u64,
+    /// Length of the lease as last granted or renewed, in ms (0: the
+    /// configured default).
+    #[serde(default)]
+    pub lease_ms: u64,
     pub reason: GrantReason,
     /// When set, the holder stops accepting writes and hands the home to
     /// this region once it has shipped its tail.
@@ -93,11 +109,26 @@ pub struct FailoverEvent {
     pub reason: GrantReason,
 }
 
+/// Epoch records of a home that left the bounded history, folded into one
+/// bound: an entry of one of these epochs is valid only if stamped before
+/// the latest of their ends (plus the offset), never merely because its
+/// record is gone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrunedEpochs {
+    /// Every epoch up to this one was pruned.
+    pub through_epoch: u64,
+    /// The latest `ended_ms` of the pruned epochs.
+    pub ended_ms_max: u64,
+}
+
 /// The replicated control-plane state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControlState {
     pub leases: BTreeMap<String, HomeLease>,
     pub history: BTreeMap<String, Vec<EpochRecord>>,
+    /// Per home, the epochs folded out of `history`.
+    #[serde(default)]
+    pub pruned: BTreeMap<String, PrunedEpochs>,
     /// Cluster setting: when true, lapsed leases are never moved
     /// automatically (manual-only operation).
     pub manual_only: bool,
@@ -111,7 +142,8 @@ pub const EVENTS_MAX: usize = 32;
 /// A change to the control-plane state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlCommand {
-    /// The holder extends its lease to `now_ms + lease_ms`.
+    /// The holder renews its lease (`now_ms`: its HLC time, for fencing
+    /// entries and status).
     Renew {
         home: String,
         holder: String,
@@ -120,9 +152,10 @@ pub enum ControlCommand {
         lease_ms: u64,
     },
     /// Gives the home to `holder` with epoch `expected_epoch + 1`, if the
-    /// current epoch is still `expected_epoch`. A failover grant is only
-    /// valid once the old lease has lapsed by more than `max_offset_ms`; a
-    /// planned one only once the holder drained toward `holder`.
+    /// current epoch is still `expected_epoch`. A failover grant names the
+    /// renewal count its proposer saw lapse (on its monotonic clock) and is
+    /// refused if a renewal committed since; a planned one is only valid
+    /// once the holder drained toward `holder`.
     Grant {
         home: String,
         expected_epoch: u64,
@@ -131,6 +164,8 @@ pub enum ControlCommand {
         lease_ms: u64,
         max_offset_ms: u64,
         reason: GrantReason,
+        #[serde(default)]
+        expected_renewals: Option<u64>,
     },
     /// Starts (`to: Some`) or cancels (`to: None`) a planned handover.
     Drain {
@@ -149,6 +184,18 @@ pub enum ControlReply {
     Lease(HomeLease),
     Done,
     Rejected { why: String },
+}
+
+/// Whether the test-only `proposer-clock-leases` bug is switched on.
+fn proposer_clock_leases() -> bool {
+    #[cfg(feature = "bugs")]
+    {
+        crate::bugs::active(crate::bugs::Bug::ProposerClockLeases)
+    }
+    #[cfg(not(feature = "bugs"))]
+    {
+        false
+    }
 }
 
 impl ControlState {
@@ -172,12 +219,11 @@ impl ControlState {
                 if lease.draining_to.is_some() {
                     return ControlReply::Rejected { why: format!("home {home} is draining") };
                 }
-                if *now_ms >= lease.expires_ms {
-                    // A lapsed lease is not revived: the holder may already
-                    // have been judged dead, and a failover grant may be in
-                    // flight. It must take the home again with a new epoch.
-                    return ControlReply::Rejected { why: format!("lease of {home} lapsed") };
-                }
+                // A renewal after the holder's own lapse is safe: a failover
+                // grant in flight names the renewal count it saw lapse and
+                // is refused once this one commits.
+                lease.renewals += 1;
+                lease.lease_ms = *lease_ms;
                 lease.expires_ms = lease.expires_ms.max(now_ms.saturating_add(*lease_ms));
                 ControlReply::Lease(lease.clone())
             }
@@ -189,6 +235,7 @@ impl ControlState {
                 lease_ms,
                 max_offset_ms,
                 reason,
+                expected_renewals,
             } => {
                 let current = self.leases.get(home);
                 let current_epoch = current.map_or(0, |l| l.epoch);
@@ -206,13 +253,23 @@ impl ControlState {
                             };
                         }
                         GrantReason::Failover => {
-                            let safe_after = old.expires_ms.saturating_add(*max_offset_ms);
-                            if *now_ms <= safe_after {
+                            if proposer_clock_leases() && expected_renewals.is_none() {
+                                // Put-back bug: validity by the proposer's wall clock.
+                                let safe_after = old.expires_ms.saturating_add(*max_offset_ms);
+                                if *now_ms <= safe_after {
+                                    return ControlReply::Rejected {
+                                        why: format!("lease of {home} is valid until {safe_after}"),
+                                    };
+                                }
+                            } else if *expected_renewals != Some(old.renewals) {
                                 return ControlReply::Rejected {
-                                    why: format!("lease of {home} is valid until {safe_after}"),
+                                    why: format!(
+                                        "lease of {home} was renewed ({} renewals, the proposer saw {expected_renewals:?} lapse)",
+                                        old.renewals
+                                    ),
                                 };
                             }
-                            unavailable_ms = now_ms - old.expires_ms;
+                            unavailable_ms = now_ms.saturating_sub(old.expires_ms);
                         }
                         GrantReason::Planned => {
                             if old.draining_to.as_deref() != Some(holder.as_str()) {
@@ -255,6 +312,8 @@ impl ControlState {
                     epoch: expected_epoch + 1,
                     expires_ms: now_ms.saturating_add(*lease_ms),
                     granted_ms: *now_ms,
+                    renewals: 0,
+                    lease_ms: *lease_ms,
                     reason: *reason,
                     draining_to: None,
                 };
@@ -266,7 +325,13 @@ impl ControlState {
                     reason: *reason,
                 });
                 if history.len() > EPOCH_HISTORY_MAX {
-                    history.remove(0);
+                    let gone = history.remove(0);
+                    let p = self.pruned.entry(home.clone()).or_default();
+                    p.through_epoch = p.through_epoch.max(gone.epoch);
+                    // An epoch pruned while current cannot happen (the
+                    // current one is the newest); without an end, its grant
+                    // time is the safest bound known.
+                    p.ended_ms_max = p.ended_ms_max.max(gone.ended_ms.unwrap_or(gone.granted_ms));
                 }
                 self.leases.insert(home.clone(), lease.clone());
                 ControlReply::Lease(lease)
@@ -307,6 +372,32 @@ mod tests {
             lease_ms: 3000,
             max_offset_ms: 500,
             reason,
+            expected_renewals: Some(0),
+        }
+    }
+
+    fn failover(home: &str, expected: u64, holder: &str, now: u64, renewals: Option<u64>) -> ControlCommand {
+        match grant(home, expected, holder, now, GrantReason::Failover) {
+            ControlCommand::Grant {
+                home,
+                expected_epoch,
+                holder,
+                now_ms,
+                lease_ms,
+                max_offset_ms,
+                reason,
+                ..
+            } => ControlCommand::Grant {
+                home,
+                expected_epoch,
+                holder,
+                now_ms,
+                lease_ms,
+                max_offset_ms,
+                reason,
+                expected_renewals: renewals,
+            },
+            other => other,
         }
     }
 
@@ -338,48 +429,69 @@ mod tests {
     }
 
     #[test]
-    fn failover_waits_for_expiry_plus_offset_and_fences_the_old_epoch() {
+    fn failover_needs_the_renewal_count_it_saw_lapse_and_fences_the_old_epoch() {
         let mut s = ControlState::default();
         lease(s.apply(&grant("a", 0, "a", 1000, GrantReason::Initial)));
-        // Lease valid until 4000; with 500 ms offset no grant before 4500.
-        assert!(matches!(
-            s.apply(&grant("a", 1, "b", 4500, GrantReason::Failover)),
-            ControlReply::Rejected { .. }
-        ));
-        let l = lease(s.apply(&grant("a", 1, "b", 4501, GrantReason::Failover)));
-        assert_eq!((l.holder.as_str(), l.epoch), ("b", 2));
-        assert_eq!(s.epoch_record("a", 1).and_then(|r| r.ended_ms), Some(4000));
+        let renew = |epoch, now_ms| ControlCommand::Renew {
+            home: "a".into(),
+            holder: "a".into(),
+            epoch,
+            now_ms,
+            lease_ms: 3000,
+        };
+        assert_eq!(lease(s.apply(&renew(1, 2000))).renewals, 1);
+        // Wall-clock times decide nothing: a proposer whose clock runs far
+        // ahead cannot take the home while renewals go on.
+        for seen in [None, Some(0)] {
+            assert!(matches!(
+                s.apply(&failover("a", 1, "b", 1_000_000, seen)),
+                ControlReply::Rejected { .. }
+            ));
+        }
+        let l = lease(s.apply(&failover("a", 1, "b", 0, Some(1))));
+        assert_eq!((l.holder.as_str(), l.epoch, l.renewals), ("b", 2, 0));
+        assert_eq!(s.epoch_record("a", 1).and_then(|r| r.ended_ms), Some(5000));
         // The old holder can no longer renew, under either epoch.
         for epoch in [1, 2] {
-            let renew = ControlCommand::Renew {
-                home: "a".into(),
-                holder: "a".into(),
-                epoch,
-                now_ms: 4600,
-                lease_ms: 3000,
-            };
-            assert!(matches!(s.apply(&renew), ControlReply::Rejected { .. }));
+            assert!(matches!(s.apply(&renew(epoch, 4600)), ControlReply::Rejected { .. }));
         }
         // A duplicate failover proposal for the same epoch is refused.
-        assert!(matches!(
-            s.apply(&grant("a", 1, "c", 4700, GrantReason::Failover)),
-            ControlReply::Rejected { .. }
-        ));
+        assert!(matches!(s.apply(&failover("a", 1, "c", 4700, Some(1))), ControlReply::Rejected { .. }));
         assert_eq!(s.events.len(), 1);
     }
 
     #[test]
-    fn lapsed_lease_is_not_revived_by_renew() {
+    fn a_renewal_after_a_lapse_voids_the_failover_in_flight() {
         let mut s = ControlState::default();
         lease(s.apply(&grant("a", 0, "a", 1000, GrantReason::Initial)));
+        // The holder renews late (its proposer clock far behind, even); the
+        // grant proposed for the count 0 must not pass after it.
         let renew = ControlCommand::Renew {
             home: "a".into(),
             holder: "a".into(),
             epoch: 1,
-            now_ms: 4000,
+            now_ms: 1,
             lease_ms: 3000,
         };
-        assert!(matches!(s.apply(&renew), ControlReply::Rejected { .. }));
+        assert_eq!(lease(s.apply(&renew)).renewals, 1);
+        assert!(matches!(s.apply(&failover("a", 1, "b", 9000, Some(0))), ControlReply::Rejected { .. }));
+        assert_eq!(s.leases["a"].holder, "a");
+    }
+
+    #[test]
+    fn pruned_epochs_keep_their_bound() {
+        let mut s = ControlState::default();
+        lease(s.apply(&grant("a", 0, "r0", 0, GrantReason::Initial)));
+        for e in 1..=(EPOCH_HISTORY_MAX as u64 + 10) {
+            let holder = format!("r{}", e % 3);
+            lease(s.apply(&failover("a", e, &holder, e * 10_000, Some(0))));
+        }
+        assert_eq!(s.history["a"].len(), EPOCH_HISTORY_MAX);
+        let p = s.pruned["a"];
+        assert_eq!(p.through_epoch, 11);
+        // Epoch 11 was granted at 100000 and ended with its lease at 103000.
+        assert_eq!(p.ended_ms_max, 103_000);
+        assert!(s.epoch_record("a", 5).is_none());
     }
 
     #[test]

@@ -268,6 +268,9 @@ pub struct Consensus {
     /// Voters of every group this node knows of (also those it is not in).
     members: BTreeMap<String, Vec<Member>>,
     control: watch::Sender<ControlState>,
+    /// Lease timing on this node's monotonic clock and its measured clock
+    /// offsets (docs/architecture.md section 18).
+    pub lease_clock: Arc<crate::failover::lease_clock::LeaseClock>,
 }
 
 /// Election timeouts a non-preferred voter of a new group waits for the
@@ -380,7 +383,11 @@ impl Consensus {
             groups
                 .insert(name.clone(), Arc::new(Group { name, raft, sm, members: voters, preferred_region }));
         }
-        Ok(Arc::new(Self { me, cfg, peers, groups, members, control: control_tx }))
+        let lease_clock = Arc::new(crate::failover::lease_clock::LeaseClock::new(
+            cfg.clock.max_offset_ms,
+            cfg.consensus.lease_ms,
+        ));
+        Ok(Arc::new(Self { me, cfg, peers, groups, members, control: control_tx, lease_clock }))
     }
 
     pub fn config(&self) -> &Config {

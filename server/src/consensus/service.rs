@@ -154,6 +154,13 @@ impl pb::consensus_server::Consensus for ConsensusService {
     ) -> Result<Response<pb::ControlStateReply>, Status> {
         let state = serde_json::to_vec(&self.consensus.control_state())
             .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(pb::ControlStateReply { state }))
+        let held = self
+            .consensus
+            .lease_clock
+            .held_remaining()
+            .into_iter()
+            .map(|(home, epoch, remaining_ms)| pb::HeldLease { home, epoch, remaining_ms })
+            .collect();
+        Ok(Response::new(pb::ControlStateReply { state, wall_ms: self.node.hlc().wall_ms(), held }))
     }
 }

@@ -621,6 +621,42 @@ impl Node {
         (kept, kept_attached)
     }
 
+    /// Drops repaired rows (anti-entropy) whose newest write was stamped
+    /// after its epoch ended: a write fenced when it was shipped must not
+    /// come back through repair (docs/architecture.md section 18). A row
+    /// whose epoch is older but ended after its stamp is a plain old row
+    /// and kept, without a failover-conflict record: repair carries merged
+    /// states, not writes. Returns the rows kept and how many were refused.
+    pub fn fence_repaired_rows(
+        &self,
+        source: &str,
+        entries: Vec<(String, Vec<u8>, Row)>,
+    ) -> (Vec<(String, Vec<u8>, Row)>, u64) {
+        let Some(guard) = self.state.leases.get() else { return (entries, 0) };
+        let mut kept = Vec::with_capacity(entries.len());
+        let mut refused = 0;
+        for (table, key, row) in entries {
+            if row.epoch == 0 {
+                kept.push((table, key, row));
+                continue;
+            }
+            let home = crate::consensus::control::home_key(&row.home_region, &row.zone);
+            let hlc_ms = crate::causality::HlcTimestamp(row.hlc).physical_ms();
+            match guard.fence_entry(&home, row.epoch, hlc_ms) {
+                EntryFence::Fenced { current } => {
+                    refused += 1;
+                    metrics::counter!("geokv_fenced_total", "kind" => "repair").increment(1);
+                    tracing::warn!(
+                        source, home = %home, epoch = row.epoch, current, key = %display_key(&table, &key),
+                        "refusing a repaired row whose newest write was stamped after its epoch ended (FENCED)"
+                    );
+                }
+                EntryFence::Current | EntryFence::LateButValid { .. } => kept.push((table, key, row)),
+            }
+        }
+        (kept, refused)
+    }
+
     /// Writes an old home accepted before a failover and shipped after it,
     /// as received here (newest last, bounded).
     pub fn failover_conflicts(&self) -> Vec<FailoverConflict> {

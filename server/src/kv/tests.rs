@@ -462,3 +462,48 @@ async fn a_row_merged_past_the_bounds_is_kept_and_can_be_shrunk_but_not_grown() 
     node.write(put(row("m"), "resolved", ctx)).await.expect("a put superseding every sibling fits");
     assert_eq!(values(&node, "m").0, ["resolved"]);
 }
+
+/// Epoch 1 of home us-east-1 ended at 10,000 ms (plus no offset); epoch 2 is current.
+struct EndedAt10s;
+
+impl LeaseGuard for EndedAt10s {
+    fn check_local(&self, home: &str) -> Result<u64, KvError> {
+        Err(KvError::NotHome { home: home.into(), here: "eu-west-1".into() })
+    }
+    fn current_epoch(&self, _home: &str) -> u64 {
+        2
+    }
+    fn fence_entry(&self, _home: &str, epoch: u64, hlc_ms: u64) -> EntryFence {
+        match epoch {
+            2.. => EntryFence::Current,
+            _ if hlc_ms < 10_000 => EntryFence::LateButValid { current: 2 },
+            _ => EntryFence::Fenced { current: 2 },
+        }
+    }
+}
+
+#[tokio::test]
+async fn repair_does_not_bring_back_a_row_fenced_at_its_epoch_end() {
+    let n = node();
+    n.set_leases(Arc::new(EndedAt10s));
+    let stamped = |ms: u64, epoch: u64, v: i64| {
+        let mut r = remote_counter(v);
+        r.epoch = epoch;
+        r.hlc = crate::causality::HlcTimestamp::from_parts(ms, 0).0;
+        r
+    };
+    let rows = vec![
+        // Written by the old home after its epoch ended: fenced.
+        ("default".to_string(), b"late".to_vec(), stamped(20_000, 1, 7)),
+        // Written under the old epoch while it was valid: an old row, kept.
+        ("default".to_string(), b"old".to_vec(), stamped(5_000, 1, 3)),
+        // Under the current epoch: kept.
+        ("default".to_string(), b"new".to_vec(), stamped(20_000, 2, 5)),
+    ];
+    let (kept, refused) = n.fence_repaired_rows("us-east-1/n1", rows);
+    assert_eq!(refused, 1);
+    let keys: Vec<&[u8]> = kept.iter().map(|(_, k, _)| k.as_slice()).collect();
+    assert_eq!(keys, vec![b"old".as_slice(), b"new".as_slice()]);
+    // Repair records no failover conflicts: it carries row states, not writes.
+    assert!(n.failover_conflicts().is_empty());
+}

@@ -175,12 +175,14 @@ impl Session {
                 let rows = opened.entries.len() as u64;
                 metrics::counter!("geokv_antientropy_rows_received_total", "source" => frame.source_region.clone())
                     .increment(rows);
+                // Fenced rows are handled (refused), so they count as applied.
+                let (entries, _refused) = self.node.fence_repaired_rows(&frame.source_region, opened.entries);
                 self.node
                     .apply_remote(RemoteApply {
                         source,
                         first_seq: 0,
                         through_seq: 0,
-                        entries: opened.entries,
+                        entries,
                         mode: ApplyMode::RepairRows,
                         idempotency: Vec::new(),
                     })
