@@ -44,6 +44,9 @@ pub enum NemesisKind {
     Skew,
     /// Planned failover of the first region's homes to another region, failback after the window.
     Failover,
+    /// Power cut of one region's node (sometimes two): kill -9 and every
+    /// write it had not synced dropped (the fault filesystem), then restart.
+    LoseUnsynced,
 }
 
 impl NemesisKind {
@@ -59,6 +62,7 @@ impl NemesisKind {
             NemesisKind::Pause => "pause",
             NemesisKind::Skew => "skew",
             NemesisKind::Failover => "failover",
+            NemesisKind::LoseUnsynced => "lose-unsynced",
         }
     }
 }
@@ -82,6 +86,10 @@ pub enum Fault {
         links: Vec<String>,
     },
     Kill {
+        regions: Vec<String>,
+    },
+    /// Power cut: kill -9 and unsynced writes dropped; restart when lifted.
+    LoseUnsynced {
         regions: Vec<String>,
     },
     Pause {
@@ -179,7 +187,7 @@ fn schedule_aimed(
 /// The regions a fault touches: the one definition of what a fault
 /// reaches, used to aim schedules and to judge coverage.
 ///
-/// - kill, pause, skew: the region(s) whose node it hits;
+/// - kill, lose-unsynced, pause, skew: the region(s) whose node it hits;
 /// - a cut (partition, bridge, halves): every region on either side, each
 ///   being cut from at least one other region (a bridge region, on neither
 ///   side, is not touched);
@@ -200,7 +208,7 @@ pub fn touched(f: &Fault) -> BTreeSet<String> {
                 out.insert(y.to_string());
             }
         }
-        Fault::Kill { regions } => out.extend(regions.iter().cloned()),
+        Fault::Kill { regions } | Fault::LoseUnsynced { regions } => out.extend(regions.iter().cloned()),
         Fault::Pause { region } | Fault::Skew { region, .. } => {
             out.insert(region.clone());
         }
@@ -228,7 +236,7 @@ fn turn_onto(f: &Fault, target: &str) -> Fault {
         Fault::Cut { a, .. } => a.first().cloned(),
         Fault::Latency { between, .. } => Some(between[0].clone()),
         Fault::Stall { links } => links.first().and_then(|l| link_ends(l)).map(|(x, _)| x.to_string()),
-        Fault::Kill { regions } => regions.first().cloned(),
+        Fault::Kill { regions } | Fault::LoseUnsynced { regions } => regions.first().cloned(),
         Fault::Pause { region } | Fault::Skew { region, .. } => Some(region.clone()),
     };
     let Some(hit) = hit else { return f.clone() };
@@ -263,6 +271,7 @@ fn turn_onto(f: &Fault, target: &str) -> Fault {
                 .collect(),
         },
         Fault::Kill { regions } => Fault::Kill { regions: all(regions) },
+        Fault::LoseUnsynced { regions } => Fault::LoseUnsynced { regions: all(regions) },
         Fault::Pause { region } => Fault::Pause { region: swap(region) },
         Fault::Skew { region, skew_ms } => Fault::Skew { region: swap(region), skew_ms: *skew_ms },
         Fault::Failover { from, to } => Fault::Failover { from: from.clone(), to: swap(to) },
@@ -310,9 +319,14 @@ fn pick(kind: NemesisKind, rng: &mut impl Rng, regions: &[String]) -> Fault {
             };
             Fault::Stall { links }
         }
-        NemesisKind::Kill => {
+        NemesisKind::Kill | NemesisKind::LoseUnsynced => {
             let n = if regions.len() > 2 && rng.random_bool(0.25) { 2 } else { 1 };
-            Fault::Kill { regions: shuffled[..n].to_vec() }
+            let regions = shuffled[..n].to_vec();
+            if kind == NemesisKind::Kill {
+                Fault::Kill { regions }
+            } else {
+                Fault::LoseUnsynced { regions }
+            }
         }
         NemesisKind::Pause => Fault::Pause { region: one(rng) },
         NemesisKind::Skew => {
@@ -341,6 +355,7 @@ pub fn fault_kind(f: &Fault) -> &'static str {
         Fault::Latency { .. } => "latency",
         Fault::Stall { .. } => "stall",
         Fault::Kill { .. } => "kill",
+        Fault::LoseUnsynced { .. } => "lose-unsynced",
         Fault::Pause { .. } => "pause",
         Fault::Skew { .. } => "skew",
         Fault::Failover { .. } => "failover",
@@ -352,7 +367,7 @@ fn targets(f: &Fault) -> Vec<String> {
         Fault::Cut { a, b, .. } => vec![a.join("+"), b.join("+")],
         Fault::Latency { between, .. } => between.to_vec(),
         Fault::Stall { links } => links.clone(),
-        Fault::Kill { regions } => regions.clone(),
+        Fault::Kill { regions } | Fault::LoseUnsynced { regions } => regions.clone(),
         Fault::Failover { from, to } => vec![from.clone(), to.clone()],
         Fault::Pause { region } | Fault::Skew { region, .. } => {
             vec![region.clone()]
@@ -450,6 +465,13 @@ async fn install(cluster: &mut Cluster, recorder: &Recorder, f: &Fault) -> StepR
                 cluster.pause(region, true)?;
                 Ok("SIGSTOP".into())
             }
+            Fault::LoseUnsynced { regions } => {
+                let mut did = Vec::new();
+                for r in regions {
+                    did.push(format!("{r}: {}", cluster.power_cut(r).await?));
+                }
+                Ok(format!("power cut (SIGKILL, unsynced writes dropped): {}", did.join("; ")))
+            }
             Fault::Skew { region, skew_ms } => {
                 cluster.kill9(region).await?;
                 cluster.restart(region, *skew_ms).await?;
@@ -484,7 +506,7 @@ async fn lift(cluster: &mut Cluster, recorder: &Recorder, f: &Fault) -> StepResu
                 restore(cluster, links)?;
                 Ok("stall lifted".into())
             }
-            Fault::Kill { regions } => {
+            Fault::Kill { regions } | Fault::LoseUnsynced { regions } => {
                 for r in regions {
                     cluster.restart(r, 0).await?;
                 }
@@ -546,7 +568,7 @@ mod tests {
         crate::cluster::REGIONS.iter().map(|r| r.to_string()).collect()
     }
 
-    const ALL: [NemesisKind; 9] = [
+    const ALL: [NemesisKind; 10] = [
         NemesisKind::Partition,
         NemesisKind::Bridge,
         NemesisKind::Halves,
@@ -556,6 +578,7 @@ mod tests {
         NemesisKind::Pause,
         NemesisKind::Skew,
         NemesisKind::Failover,
+        NemesisKind::LoseUnsynced,
     ];
 
     fn home() -> Vec<String> {
@@ -607,6 +630,7 @@ mod tests {
         let stall = Fault::Stall { links: vec![link_name("a", "b"), link_name("b", "a")] };
         assert_eq!(touched(&stall), set(&["a", "b"]));
         assert_eq!(touched(&Fault::Kill { regions: s(&["a", "c"]) }), set(&["a", "c"]));
+        assert_eq!(touched(&Fault::LoseUnsynced { regions: s(&["b"]) }), set(&["b"]));
         assert_eq!(touched(&Fault::Pause { region: "d".into() }), set(&["d"]));
         assert_eq!(touched(&Fault::Skew { region: "d".into(), skew_ms: -5 }), set(&["d"]));
         assert_eq!(touched(&Fault::Failover { from: "a".into(), to: "b".into() }), set(&["a", "b"]));

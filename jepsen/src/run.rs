@@ -109,6 +109,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<RunSummary> {
         sync: opts.sync,
         env: opts.bug.iter().map(|b| ("GEOKV_BUG".to_string(), b.clone())).collect(),
         extra_config: workload::node_config(opts.workload),
+        fault_fs: opts.nemesis == NemesisKind::LoseUnsynced,
     };
     tracing::info!(dir = %opts.out.display(), "starting the cluster");
     let mut cluster = Cluster::start(spec).await.context("starting the cluster")?;
@@ -268,7 +269,10 @@ pub fn check(
     v.push(checker::convergence::check(fin));
     // Home leases move under failover, pauses and kills; clock skew beyond
     // the configured max offset is outside what leases promise.
-    if matches!(opts.nemesis, NemesisKind::Failover | NemesisKind::Pause | NemesisKind::Kill) {
+    if matches!(
+        opts.nemesis,
+        NemesisKind::Failover | NemesisKind::Pause | NemesisKind::Kill | NemesisKind::LoseUnsynced
+    ) {
         let epochs: Vec<history::EpochRecord> = records
             .iter()
             .filter_map(|r| match r {
