@@ -44,7 +44,11 @@ async fn acknowledged_puts(node: &NodeProcess, prefix: &str) -> BTreeMap<String,
                 let key = format!("{prefix}-{w}-{i:03}");
                 let value = format!("value-{w}-{i}");
                 client
-                    .put(&Row::new("default", key.clone()), value.clone().into_bytes(), WriteOptions::default())
+                    .put(
+                        &Row::new("default", key.clone()),
+                        value.clone().into_bytes(),
+                        WriteOptions::default(),
+                    )
                     .await
                     .unwrap_or_else(|e| panic!("put {key}: {e}"));
                 acked.push((key, value));
@@ -90,7 +94,12 @@ async fn acknowledged_puts_survive_a_power_cut() {
 
     node.restart();
     let lost = missing(&node, &acked).await;
-    assert!(lost.is_empty(), "{} of {} acknowledged puts lost in a power cut: {lost:?}", lost.len(), acked.len());
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged puts lost in a power cut: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
     // Writes go on after the cut.
     let more = acknowledged_puts(&node, "after").await;
     assert!(missing(&node, &more).await.is_empty());
@@ -132,7 +141,11 @@ async fn a_missing_sync_survives_kill_9_but_not_a_power_cut() {
     let report = fs.power_cut(CUT_QUIET).expect("power cut");
     node.restart();
     let lost = missing(&node, &before_cut).await;
-    eprintln!("missing-sync: power cut {report:?}; {} of {} acknowledged puts lost", lost.len(), before_cut.len());
+    eprintln!(
+        "missing-sync: power cut {report:?}; {} of {} acknowledged puts lost",
+        lost.len(),
+        before_cut.len()
+    );
     assert!(!lost.is_empty(), "with missing-sync a power cut lost no acknowledged put ({report:?})");
     drop(node);
 }

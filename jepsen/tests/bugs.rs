@@ -59,7 +59,14 @@ async fn residency_filter_off_is_caught_by_the_residency_audit() {
 async fn missing_sync_is_caught_by_the_counter_checker_under_power_cuts() {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = common::with_bug(
-        common::options(WorkloadKind::Counter, NemesisKind::LoseUnsynced, 20, 3_000, 12, dir.path().join("bug")),
+        common::options(
+            WorkloadKind::Counter,
+            NemesisKind::LoseUnsynced,
+            20,
+            3_000,
+            12,
+            dir.path().join("bug"),
+        ),
         "missing-sync",
     );
     opts.clients_per_region = 3;

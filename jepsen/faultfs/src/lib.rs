@@ -422,12 +422,8 @@ impl Filesystem for Fs {
         // The replaced file is gone; the moved one (and, for a directory,
         // everything under it) keeps its inode under the new name.
         inner.forget_path(&to);
-        let moved: Vec<(PathBuf, u64)> = inner
-            .inos
-            .iter()
-            .filter(|(p, _)| p.starts_with(&from))
-            .map(|(p, i)| (p.clone(), *i))
-            .collect();
+        let moved: Vec<(PathBuf, u64)> =
+            inner.inos.iter().filter(|(p, _)| p.starts_with(&from)).map(|(p, i)| (p.clone(), *i)).collect();
         for (old, ino) in moved {
             let new = match old.strip_prefix(&from) {
                 Ok(rest) if rest.as_os_str().is_empty() => to.clone(),
@@ -568,7 +564,14 @@ impl Filesystem for Fs {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -701,7 +704,8 @@ impl Filesystem for Fs {
             return reply.error(errno(e));
         }
         // SAFETY: fallocate(2) on a descriptor this filesystem owns.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, length as libc::off_t) };
+        let rc =
+            unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, length as libc::off_t) };
         if rc != 0 {
             return reply.error(errno(io::Error::last_os_error()));
         }
