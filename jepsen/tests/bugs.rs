@@ -77,6 +77,8 @@ async fn missing_sync_is_caught_by_the_counter_checker_under_power_cuts() {
         with_bug.nemesis_steps
     );
     assert_eq!(verdict(&with_bug, "counter"), Outcome::Fail, "{:?}", with_bug.verdicts);
+    let detail = detail(&with_bug, "counter");
+    assert!(detail.contains("but acknowledged increments sum to"), "{detail}");
     assert_eq!(with_bug.outcome, Outcome::Fail);
 
     opts.bug = None;
