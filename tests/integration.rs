@@ -18,6 +18,7 @@ mod merges;
 mod multi_region;
 mod node_process;
 mod partitions;
+mod power_cut;
 mod reflection;
 mod replication_bounds;
 mod security;

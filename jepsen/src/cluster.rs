@@ -8,6 +8,11 @@
 //! the harness itself is killed with SIGKILL. Dropping a [`Cluster`] (end of
 //! run, panic, Ctrl-C dropping the run future) SIGKILLs every node's process
 //! group and reaps it.
+//!
+//! With [`ClusterSpec::fault_fs`], each node's data directory is a mount of
+//! the fault filesystem (`geokv-faultfs`, docs/architecture.md section 15)
+//! over `<node dir>/backing`: [`Cluster::power_cut`] kills the node and
+//! drops every write it had not synced, as a power cut would.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
@@ -80,7 +85,13 @@ pub struct ClusterSpec {
     pub extra_config: String,
     /// Lapsed homes move automatically; off, only a nemesis moves them.
     pub automatic_failover: bool,
+    /// Each node's data directory on the fault filesystem (power cuts).
+    pub fault_fs: bool,
 }
+
+/// Longest wait, after a node was reaped, for the kernel to release its
+/// last file on the fault filesystem before the power cut.
+const POWER_CUT_QUIET: Duration = Duration::from_secs(10);
 
 /// One region's node.
 pub struct Node {
@@ -96,6 +107,8 @@ pub struct Node {
     pub skew_ms: i64,
     /// Starts so far, numbering the log files.
     starts: u32,
+    /// The fault filesystem the data directory is mounted on, if any.
+    fault_fs: Option<std::sync::Arc<geokv_faultfs::FaultFs>>,
 }
 
 pub struct Cluster {
@@ -225,6 +238,13 @@ impl Cluster {
                 .collect();
             let ports = Ports { grpc, admin, peer };
             std::fs::write(&config, config_text(&spec, r, &dir, ports, &certs, &peers))?;
+            let fault_fs = if spec.fault_fs {
+                let fs = geokv_faultfs::FaultFs::mount(&dir.join("backing"), &dir.join("data"))
+                    .with_context(|| format!("mounting the fault filesystem for {r}"))?;
+                Some(std::sync::Arc::new(fs))
+            } else {
+                None
+            };
             nodes.insert(
                 r.clone(),
                 Node {
@@ -236,6 +256,7 @@ impl Cluster {
                     paused: false,
                     skew_ms: 0,
                     starts: 0,
+                    fault_fs,
                 },
             );
         }
@@ -400,6 +421,24 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// A power cut of `region`'s node: `kill -9`, then every write it had
+    /// not synced dropped from its data directory (the fault filesystem).
+    /// Returns what was dropped, in words.
+    pub async fn power_cut(&mut self, region: &str) -> anyhow::Result<String> {
+        let Some(fs) = self.node(region)?.fault_fs.clone() else {
+            bail!("node of {region} does not run on the fault filesystem");
+        };
+        self.kill9(region).await?;
+        let report = tokio::task::spawn_blocking(move || fs.power_cut(POWER_CUT_QUIET))
+            .await
+            .context("power cut task")?
+            .with_context(|| format!("power cut of {region}"))?;
+        Ok(format!(
+            "{} files rolled back to their last sync, {} unsynced files removed, {} unsynced bytes dropped",
+            report.files_rolled_back, report.files_removed, report.bytes_dropped
+        ))
     }
 
     /// Starts `region`'s node again (same store) and waits until it answers.

@@ -36,8 +36,8 @@ struct Common {
     #[arg(long)]
     no_sync: bool,
     /// Switch on a put-back bug in the nodes (a `geokv` built with the
-    /// `geokv-server/bugs` feature): residency-filter-off, ack-before-fsync, fencing-off, merge-off,
-    /// proposer-clock-leases.
+    /// `geokv-server/bugs` feature): residency-filter-off, missing-sync, fencing-off, merge-off,
+    /// proposer-clock-leases, idempotency-local.
     #[arg(long)]
     bug: Option<String>,
 }

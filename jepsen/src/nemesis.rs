@@ -51,6 +51,9 @@ pub enum NemesisKind {
     /// cut off, with automatic failover on: the holder whose clock runs
     /// behind must stop serving before another region takes its homes.
     ClockJumpIsolated,
+    /// Power cut of one region's node (sometimes two): kill -9 and every
+    /// write it had not synced dropped (the fault filesystem), then restart.
+    LoseUnsynced,
 }
 
 impl NemesisKind {
@@ -68,6 +71,7 @@ impl NemesisKind {
             NemesisKind::Failover => "failover",
             NemesisKind::ClockJump => "clock-jump",
             NemesisKind::ClockJumpIsolated => "clock-jump-isolated",
+            NemesisKind::LoseUnsynced => "lose-unsynced",
         }
     }
 
@@ -98,6 +102,10 @@ pub enum Fault {
         links: Vec<String>,
     },
     Kill {
+        regions: Vec<String>,
+    },
+    /// Power cut: kill -9 and unsynced writes dropped; restart when lifted.
+    LoseUnsynced {
         regions: Vec<String>,
     },
     Pause {
@@ -210,7 +218,7 @@ fn schedule_aimed(
 /// The regions a fault touches: the one definition of what a fault
 /// reaches, used to aim schedules and to judge coverage.
 ///
-/// - kill, pause, skew: the region(s) whose node it hits;
+/// - kill, lose-unsynced, pause, skew: the region(s) whose node it hits;
 /// - a cut (partition, bridge, halves): every region on either side, each
 ///   being cut from at least one other region (a bridge region, on neither
 ///   side, is not touched);
@@ -231,7 +239,7 @@ pub fn touched(f: &Fault) -> BTreeSet<String> {
                 out.insert(y.to_string());
             }
         }
-        Fault::Kill { regions } => out.extend(regions.iter().cloned()),
+        Fault::Kill { regions } | Fault::LoseUnsynced { regions } => out.extend(regions.iter().cloned()),
         Fault::Pause { region } | Fault::Skew { region, .. } | Fault::ClockJump { region, .. } => {
             out.insert(region.clone());
         }
@@ -259,7 +267,7 @@ fn turn_onto(f: &Fault, target: &str) -> Fault {
         Fault::Cut { a, .. } => a.first().cloned(),
         Fault::Latency { between, .. } => Some(between[0].clone()),
         Fault::Stall { links } => links.first().and_then(|l| link_ends(l)).map(|(x, _)| x.to_string()),
-        Fault::Kill { regions } => regions.first().cloned(),
+        Fault::Kill { regions } | Fault::LoseUnsynced { regions } => regions.first().cloned(),
         Fault::Pause { region } | Fault::Skew { region, .. } | Fault::ClockJump { region, .. } => {
             Some(region.clone())
         }
@@ -296,6 +304,7 @@ fn turn_onto(f: &Fault, target: &str) -> Fault {
                 .collect(),
         },
         Fault::Kill { regions } => Fault::Kill { regions: all(regions) },
+        Fault::LoseUnsynced { regions } => Fault::LoseUnsynced { regions: all(regions) },
         Fault::Pause { region } => Fault::Pause { region: swap(region) },
         Fault::Skew { region, skew_ms } => Fault::Skew { region: swap(region), skew_ms: *skew_ms },
         Fault::Failover { from, to } => Fault::Failover { from: from.clone(), to: swap(to) },
@@ -346,9 +355,14 @@ fn pick(kind: NemesisKind, rng: &mut impl Rng, regions: &[String]) -> Fault {
             };
             Fault::Stall { links }
         }
-        NemesisKind::Kill => {
+        NemesisKind::Kill | NemesisKind::LoseUnsynced => {
             let n = if regions.len() > 2 && rng.random_bool(0.25) { 2 } else { 1 };
-            Fault::Kill { regions: shuffled[..n].to_vec() }
+            let regions = shuffled[..n].to_vec();
+            if kind == NemesisKind::Kill {
+                Fault::Kill { regions }
+            } else {
+                Fault::LoseUnsynced { regions }
+            }
         }
         NemesisKind::Pause => Fault::Pause { region: one(rng) },
         NemesisKind::Skew => {
@@ -391,6 +405,7 @@ pub fn fault_kind(f: &Fault) -> &'static str {
         Fault::Latency { .. } => "latency",
         Fault::Stall { .. } => "stall",
         Fault::Kill { .. } => "kill",
+        Fault::LoseUnsynced { .. } => "lose-unsynced",
         Fault::Pause { .. } => "pause",
         Fault::Skew { .. } => "skew",
         Fault::Failover { .. } => "failover",
@@ -404,7 +419,7 @@ fn targets(f: &Fault) -> Vec<String> {
         Fault::Cut { a, b, .. } => vec![a.join("+"), b.join("+")],
         Fault::Latency { between, .. } => between.to_vec(),
         Fault::Stall { links } => links.clone(),
-        Fault::Kill { regions } => regions.clone(),
+        Fault::Kill { regions } | Fault::LoseUnsynced { regions } => regions.clone(),
         Fault::Failover { from, to } => vec![from.clone(), to.clone()],
         Fault::Pause { region } | Fault::Skew { region, .. } | Fault::ClockJump { region, .. } => {
             vec![region.clone()]
@@ -502,6 +517,13 @@ async fn install(cluster: &mut Cluster, recorder: &Recorder, f: &Fault) -> StepR
                 cluster.pause(region, true)?;
                 Ok("SIGSTOP".into())
             }
+            Fault::LoseUnsynced { regions } => {
+                let mut did = Vec::new();
+                for r in regions {
+                    did.push(format!("{r}: {}", cluster.power_cut(r).await?));
+                }
+                Ok(format!("power cut (SIGKILL, unsynced writes dropped): {}", did.join("; ")))
+            }
             Fault::Skew { region, skew_ms } => {
                 cluster.kill9(region).await?;
                 cluster.restart(region, *skew_ms).await?;
@@ -550,7 +572,7 @@ async fn lift(cluster: &mut Cluster, recorder: &Recorder, f: &Fault) -> StepResu
                 restore(cluster, links)?;
                 Ok("stall lifted".into())
             }
-            Fault::Kill { regions } => {
+            Fault::Kill { regions } | Fault::LoseUnsynced { regions } => {
                 for r in regions {
                     cluster.restart(r, 0).await?;
                 }
@@ -622,7 +644,7 @@ mod tests {
         crate::cluster::REGIONS.iter().map(|r| r.to_string()).collect()
     }
 
-    const ALL: [NemesisKind; 11] = [
+    const ALL: [NemesisKind; 12] = [
         NemesisKind::Partition,
         NemesisKind::Bridge,
         NemesisKind::Halves,
@@ -634,6 +656,7 @@ mod tests {
         NemesisKind::Failover,
         NemesisKind::ClockJump,
         NemesisKind::ClockJumpIsolated,
+        NemesisKind::LoseUnsynced,
     ];
 
     fn home() -> Vec<String> {
@@ -685,6 +708,7 @@ mod tests {
         let stall = Fault::Stall { links: vec![link_name("a", "b"), link_name("b", "a")] };
         assert_eq!(touched(&stall), set(&["a", "b"]));
         assert_eq!(touched(&Fault::Kill { regions: s(&["a", "c"]) }), set(&["a", "c"]));
+        assert_eq!(touched(&Fault::LoseUnsynced { regions: s(&["b"]) }), set(&["b"]));
         assert_eq!(touched(&Fault::Pause { region: "d".into() }), set(&["d"]));
         assert_eq!(touched(&Fault::Skew { region: "d".into(), skew_ms: -5 }), set(&["d"]));
         assert_eq!(touched(&Fault::Failover { from: "a".into(), to: "b".into() }), set(&["a", "b"]));

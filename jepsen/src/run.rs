@@ -111,6 +111,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<RunSummary> {
         env: opts.bug.iter().map(|b| ("GEOKV_BUG".to_string(), b.clone())).collect(),
         extra_config: workload::node_config(opts.workload),
         automatic_failover: opts.nemesis.automatic_failover() || workload::auto_failover(opts.workload),
+        fault_fs: opts.nemesis == NemesisKind::LoseUnsynced,
     };
     tracing::info!(dir = %opts.out.display(), "starting the cluster");
     let mut cluster = Cluster::start(spec).await.context("starting the cluster")?;
@@ -274,14 +275,15 @@ pub fn check(
         ],
     };
     v.push(checker::convergence::check(fin));
-    // Home leases move under failover, pauses and kills, and must hold
-    // under live clock jumps (timed on monotonic clocks); restart skew
-    // inside the max offset has nothing to add.
+    // Home leases move under failover, pauses, kills and power cuts, and
+    // must hold under live clock jumps (timed on monotonic clocks); restart
+    // skew inside the max offset has nothing to add.
     if matches!(
         opts.nemesis,
         NemesisKind::Failover
             | NemesisKind::Pause
             | NemesisKind::Kill
+            | NemesisKind::LoseUnsynced
             | NemesisKind::ClockJump
             | NemesisKind::ClockJumpIsolated
     ) {

@@ -5,9 +5,11 @@
 //! `GEOKV_BUG=<name>` in the node's environment switches one on:
 //! - `residency-filter-off`: replication ships rows outside their zone and
 //!   the receiver accepts them (`replication::frame::zone_allows` says yes).
-//! - `ack-before-fsync`: the committer replies to a group before writing
-//!   it, then waits [`ACK_BEFORE_FSYNC_DELAY_MS`] (a slow disk's sync) before
-//!   the write, so a `kill -9` in that window loses acknowledged writes.
+//! - `missing-sync`: the committer writes a group without syncing the
+//!   write-ahead log and acknowledges it at once ([`wal_sync`]), so the
+//!   acknowledged writes sit in the page cache: a `kill -9` keeps them, a
+//!   power cut (the harness's fault filesystem, nemesis `lose-unsynced`)
+//!   loses them.
 //! - `fencing-off`: a region that held a home keeps accepting LOCAL writes
 //!   for it under its old epoch after another region took it over (or its
 //!   lease ran out), and receivers take entries of superseded epochs as
@@ -34,13 +36,12 @@
 
 use std::cell::Cell;
 use std::sync::OnceLock;
-use std::time::Duration;
 
 /// The bugs that can be put back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bug {
     ResidencyFilterOff,
-    AckBeforeFsync,
+    MissingSync,
     MergeOff,
     FencingOff,
     PeerClaimsOff,
@@ -54,7 +55,7 @@ impl Bug {
     pub fn name(self) -> &'static str {
         match self {
             Bug::ResidencyFilterOff => "residency-filter-off",
-            Bug::AckBeforeFsync => "ack-before-fsync",
+            Bug::MissingSync => "missing-sync",
             Bug::MergeOff => "merge-off",
             Bug::FencingOff => "fencing-off",
             Bug::PeerClaimsOff => "peer-claims-off",
@@ -68,7 +69,7 @@ impl Bug {
     pub fn from_name(name: &str) -> Option<Bug> {
         [
             Bug::ResidencyFilterOff,
-            Bug::AckBeforeFsync,
+            Bug::MissingSync,
             Bug::MergeOff,
             Bug::FencingOff,
             Bug::PeerClaimsOff,
@@ -98,9 +99,6 @@ pub fn with_bug<R>(bug: Bug, f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Time between the early replies and the write, in ms.
-pub const ACK_BEFORE_FSYNC_DELAY_MS: u64 = 100;
-
 /// The bug switched on by `GEOKV_BUG`, read once.
 fn switched_on() -> Option<Bug> {
     static ON: OnceLock<Option<Bug>> = OnceLock::new();
@@ -125,14 +123,8 @@ pub fn active(bug: Bug) -> bool {
     switched_on() == Some(bug)
 }
 
-/// With `ack-before-fsync`, sends every reply now and sleeps before the
-/// caller writes the group; otherwise does nothing.
-pub fn ack_before_fsync<T>(replies: &mut Vec<(tokio::sync::oneshot::Sender<T>, T)>) {
-    if !active(Bug::AckBeforeFsync) {
-        return;
-    }
-    for (reply, result) in replies.drain(..) {
-        let _ = reply.send(result);
-    }
-    std::thread::sleep(Duration::from_millis(ACK_BEFORE_FSYNC_DELAY_MS));
+/// Whether the committer syncs the write-ahead log of a group it was
+/// configured (`storage.sync`) to sync: not with `missing-sync`.
+pub fn wal_sync(configured: bool) -> bool {
+    configured && !active(Bug::MissingSync)
 }

@@ -196,6 +196,9 @@ pub struct NodeProcess {
     /// The node listens where its configuration file says (no address
     /// flags on the command line).
     addresses_from_file: bool,
+    /// The data directory when it is not `data/` in the temp directory
+    /// (e.g. a mount of the fault filesystem).
+    data_dir: Option<PathBuf>,
 }
 
 impl NodeProcess {
@@ -217,14 +220,31 @@ impl NodeProcess {
             Some(toml),
             bin.to_path_buf(),
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            None,
+        )
+    }
+
+    /// Starts `bin` with the built-in defaults, extra environment and its
+    /// store in `data_dir` (which the caller owns, e.g. a fault filesystem).
+    pub fn start_on(bin: &Path, env: &[(&str, &str)], data_dir: &Path) -> Self {
+        Self::start_full(
+            None,
+            bin.to_path_buf(),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            Some(data_dir.to_path_buf()),
         )
     }
 
     fn start_inner(toml: Option<&str>) -> Self {
-        Self::start_full(toml, PathBuf::from(GEOKV_BIN), Vec::new())
+        Self::start_full(toml, PathBuf::from(GEOKV_BIN), Vec::new(), None)
     }
 
-    fn start_full(toml: Option<&str>, bin: PathBuf, env: Vec<(String, String)>) -> Self {
+    fn start_full(
+        toml: Option<&str>,
+        bin: PathBuf,
+        env: Vec<(String, String)>,
+        data_dir: Option<PathBuf>,
+    ) -> Self {
         let dir = tempfile::Builder::new().prefix("geokv-it-").tempdir().expect("create a temp dir");
         let config_path = toml.map(|text| {
             let path = dir.path().join("config.toml");
@@ -259,6 +279,7 @@ impl NodeProcess {
             child: None,
             starts: 0,
             addresses_from_file: false,
+            data_dir,
         };
         for attempt in 1..=START_ATTEMPTS_MAX {
             node.grpc_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -304,6 +325,7 @@ impl NodeProcess {
             child: None,
             starts: 0,
             addresses_from_file: true,
+            data_dir: None,
         };
         node.spawn();
         if let Err(why) = node.wait_ready() {
@@ -313,7 +335,7 @@ impl NodeProcess {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data_dir.clone().unwrap_or_else(|| self.dir.path().join("data"))
     }
 
     /// The CA, node and `root` client certificates of this node.

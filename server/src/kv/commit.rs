@@ -311,8 +311,10 @@ impl Committer {
             return;
         }
         #[cfg(feature = "bugs")]
-        crate::bugs::ack_before_fsync(&mut replies);
-        match self.engine.write(batch, self.settings.sync) {
+        let sync = crate::bugs::wal_sync(self.settings.sync);
+        #[cfg(not(feature = "bugs"))]
+        let sync = self.settings.sync;
+        match self.engine.write(batch, sync) {
             Ok(()) => {
                 self.state.log_seq.store(next_seq - 1, Ordering::Release);
                 if next_seq > first_seq {
