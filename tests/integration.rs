@@ -19,4 +19,5 @@ mod partitions;
 mod reflection;
 mod replication_bounds;
 mod security;
+mod tombstones;
 mod tour;

@@ -373,6 +373,7 @@ impl Shipper {
                         }
                     }
                     self.state.acked_seq.fetch_max(ack.applied_through_seq, Ordering::AcqRel);
+                    super::note_peer_progress(&self.node, &self.state, &ack);
                     if last_persist.elapsed() > Duration::from_secs(1) {
                         self.persist_cursor();
                         last_persist = Instant::now();
