@@ -16,7 +16,7 @@ use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::{DevCluster, REGIONS};
+use common::cluster::{DevCluster, Options, REGIONS};
 use common::{http_get, metric_sum, Deadline};
 use geokv_client::proto as pb;
 use geokv_client::{Client, Consistency, ReadConsistency, Row, WriteOptions};
@@ -78,12 +78,18 @@ async fn wait_found(cluster: &DevCluster, region: &str, i: usize, found: bool) {
     }
 }
 
-/// Live rows of the test in `region` (a scan lists no deleted row).
+/// Live rows of the test in `region`.
 async fn live_rows(client: &Client) -> usize {
+    scan_count(client, false).await
+}
+
+/// Rows of the test a scan lists, deleted ones (tombstones) too when
+/// `include_deleted`.
+async fn scan_count(client: &Client, include_deleted: bool) -> usize {
     let mut live = 0;
     let mut after = Vec::new();
     for _ in 0..10_000 {
-        let page = client.scan("default", b"t", &after, 1000).await.expect("scan");
+        let page = client.scan_rows("default", b"t", &after, 1000, include_deleted).await.expect("scan");
         live += page.rows.len();
         match page.next_start_after {
             Some(next) => after = next,
@@ -118,7 +124,12 @@ async fn after_two_sweeps(cluster: &DevCluster, region: &str) -> (u64, u64, u64,
 async fn deleted_rows_are_collected_everywhere_and_a_stale_replica_brings_none_back() {
     let n = rows();
     let started = Instant::now();
-    let mut cluster = DevCluster::start(0.2).await;
+    // Short rounds, so sweeps (one per round) come often while a region is away.
+    let mut cluster = DevCluster::start_with(Options {
+        extra_config: "[storage]\ntombstone_gc_interval_ms = 500\ntombstone_gc_round_ms_max = 2000\n".into(),
+        ..Options::scale(0.2)
+    })
+    .await;
     let writer = cluster.client(US).await;
     write_all(&writer, n, Some(b"value")).await;
     for region in REGIONS {
@@ -146,30 +157,40 @@ async fn deleted_rows_are_collected_everywhere_and_a_stale_replica_brings_none_b
             (n as u64, 0),
             "{region}: a tombstone was collected while {AP}, holding the live rows, was away"
         );
+        let stored = scan_count(&cluster.client(region).await, true).await;
+        assert_eq!(stored, n, "{region}: tombstones stored while {AP} is away");
     }
 
     // It comes back and applies the deletes; then every region collects.
     cluster.restart(AP).await;
     wait_found(&cluster, AP, n - 1, false).await;
+    // A scan that lists deleted rows finds none left in any region, and the
+    // node status (last complete sweep) agrees.
     let collect_from = Instant::now();
     let deadline = Deadline::after(SETTLE_LIMIT);
     let mut remaining = Vec::new();
     for region in REGIONS {
+        let client = cluster.client(region).await;
         loop {
-            let status = after_two_sweeps(&cluster, region).await;
-            if status.0 == 0 {
+            let stored = scan_count(&client, true).await;
+            if stored == 0 {
+                let status = after_two_sweeps(&cluster, region).await;
                 eprintln!(
-                    "{region}: no tombstone left {:?} after {AP} caught up ({} collected, {} log entries trimmed)",
+                    "{region}: no tombstone left {:?} after {AP} caught up (status: {} tombstones, {} collected, \
+                     {} log entries trimmed)",
                     collect_from.elapsed(),
+                    status.0,
                     status.2,
                     status.3
                 );
+                assert_eq!(status.0, 0, "{region}: status counts tombstones that a scan does not list");
                 break;
             }
             if deadline.passed() {
-                remaining.push((region, status.0));
+                remaining.push((region, stored));
                 break;
             }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
     assert!(remaining.is_empty(), "tombstones left after replication settled: {remaining:?}");
