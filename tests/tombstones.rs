@@ -216,7 +216,8 @@ async fn deleted_rows_are_collected_everywhere_and_a_stale_replica_brings_none_b
     // Every destination had the writing region's entries: its log is trimmed.
     let (_, _, collected, trimmed) = gc_status(&cluster, US).await;
     assert!(collected >= n as u64, "{US} collected {collected} of {n} tombstones");
-    assert!(trimmed >= 2 * n as u64, "{US} trimmed {trimmed} log entries of the {} it wrote", 2 * n);
+    // All but the newest, which is kept: a restart reads the log head from it.
+    assert!(trimmed >= 2 * n as u64 - 1, "{US} trimmed {trimmed} log entries of the {} it wrote", 2 * n);
     let metrics = http_get(cluster.admin_addr(US), "/metrics").expect("metrics");
     assert!(metric_sum(&metrics, "geokv_tombstones_collected_total") >= n as f64);
     assert_eq!(metric_sum(&metrics, "geokv_tombstones"), 0.0);
