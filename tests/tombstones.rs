@@ -230,7 +230,8 @@ async fn deleted_rows_are_collected_everywhere_and_a_stale_replica_brings_none_b
         .expect("put after collection");
     for region in REGIONS {
         wait_found(&cluster, region, 0, true).await;
-        let got = cluster.client(region).await.get(&Row::new("default", key(0)), ReadConsistency::Local).await;
+        let got =
+            cluster.client(region).await.get(&Row::new("default", key(0)), ReadConsistency::Local).await;
         let values: Vec<Vec<u8>> = got.expect("read").siblings.into_iter().map(|s| s.value).collect();
         assert_eq!(values, vec![b"again".to_vec()], "{region}: an old value merged into the new row");
     }

@@ -1038,7 +1038,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     s.storage_engine, s.data_dir, s.durable_writes
                 );
                 println!("regions   {}", s.regions.join(", "));
-                println!("log seq   {} ({} entries trimmed: every destination had them)", s.log_seq, s.log_entries_trimmed);
+                println!(
+                    "log seq   {} ({} entries trimmed: every destination had them)",
+                    s.log_seq, s.log_entries_trimmed
+                );
                 println!(
                     "deleted   {} tombstones (last sweep, {} sweeps), {} collected",
                     s.tombstones, s.tombstone_sweeps, s.tombstones_collected

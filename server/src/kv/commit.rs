@@ -570,7 +570,12 @@ impl Committer {
     /// Removes each row of `rows` still stored as exactly the judged bytes;
     /// a row written earlier in this group, or changed in the store, stays
     /// (the next round judges it again). Returns how many are removed.
-    fn collect(&self, rows: &[(Vec<u8>, Vec<u8>)], overlay: &Overlay, batch: &mut WriteBatch) -> Result<u64, KvError> {
+    fn collect(
+        &self,
+        rows: &[(Vec<u8>, Vec<u8>)],
+        overlay: &Overlay,
+        batch: &mut WriteBatch,
+    ) -> Result<u64, KvError> {
         let mut removed = 0;
         for (dk, judged) in rows {
             if overlay.rows.contains_key(dk) {

@@ -66,9 +66,9 @@ pub fn covers(report: &PeerReport, peer_region: &str, v0: &BTreeMap<String, u64>
 /// stable: every peer covered the round (`settle`: its settle position) and
 /// this node applied each peer's log through that position (`applied_here`).
 pub fn stable(peers: &[String], settle: &HashMap<String, u64>, applied_here: &HashMap<String, u64>) -> bool {
-    peers.iter().all(|p| {
-        settle.get(p).is_some_and(|through| applied_here.get(p).copied().unwrap_or(0) >= *through)
-    })
+    peers
+        .iter()
+        .all(|p| settle.get(p).is_some_and(|through| applied_here.get(p).copied().unwrap_or(0) >= *through))
 }
 
 /// A deleted row found by a round's scan.
@@ -284,9 +284,10 @@ pub async fn pass(node: &Arc<Node>, ack_floor: Option<u64>, settings: GcSettings
         let mut inner = node.gc().inner();
         match inner.round.as_mut() {
             Some(round) => {
-                let (ready, waiting): (Vec<Candidate>, Vec<Candidate>) = std::mem::take(&mut round.candidates)
-                    .into_iter()
-                    .partition(|c| stable(&c.peers, &round.settle, &applied_here));
+                let (ready, waiting): (Vec<Candidate>, Vec<Candidate>) =
+                    std::mem::take(&mut round.candidates)
+                        .into_iter()
+                        .partition(|c| stable(&c.peers, &round.settle, &applied_here));
                 round.candidates = waiting;
                 metrics::gauge!("geokv_tombstones_waiting").set(round.candidates.len() as f64);
                 if round.candidates.is_empty() || round.started.elapsed() > settings.round_max {

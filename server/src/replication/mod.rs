@@ -237,7 +237,11 @@ pub fn progress_ack(node: &Node, through: u64) -> geokv_proto::v1::ShipAck {
         .into_iter()
         .map(|(source, i)| geokv_proto::v1::SourcePosition { source, applied_through: i.applied_through })
         .collect();
-    geokv_proto::v1::ShipAck { applied_through_seq: through, applied_from, destination_log_seq: node.log_seq() }
+    geokv_proto::v1::ShipAck {
+        applied_through_seq: through,
+        applied_from,
+        destination_log_seq: node.log_seq(),
+    }
 }
 
 /// Hands a destination's reported progress to tombstone collection.
