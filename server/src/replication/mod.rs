@@ -138,10 +138,22 @@ impl Replicator {
             .min()
     }
 
-    /// The lowest log position every destination node acknowledged: what
-    /// the log may be trimmed through (None when this node ships nowhere).
+    /// The lowest log position every destination node acknowledged and
+    /// this node stored as its cursor: what the log may be trimmed through
+    /// (None when this node ships nowhere). The stored cursor, not only the
+    /// one in memory, as a restart resumes from it: entries between the two
+    /// must still be there, or the restart would need a repair.
     pub fn acked_by_all(&self) -> Option<u64> {
-        self.links.values().map(|l| l.acked_seq.load(std::sync::atomic::Ordering::Acquire)).min()
+        self.links
+            .values()
+            .map(|l| {
+                let key = ship::cursor_key(&l.destination, &l.destination_node);
+                let stored = self.node.engine().get(crate::storage::Cf::Meta, &key).ok().flatten();
+                let stored =
+                    stored.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map(u64::from_be_bytes);
+                stored.unwrap_or(0).min(l.acked_seq.load(std::sync::atomic::Ordering::Acquire))
+            })
+            .min()
     }
 
     /// Whether this node ships its log to `region` at all.

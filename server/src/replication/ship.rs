@@ -209,7 +209,7 @@ fn oldest_unacked_hlc(node: &Node, seq: u64) -> Option<u64> {
 }
 
 /// Meta key of the position acknowledged by one destination node.
-fn cursor_key(destination: &str, node: &str) -> Vec<u8> {
+pub(crate) fn cursor_key(destination: &str, node: &str) -> Vec<u8> {
     let mut k = b"ship/".to_vec();
     k.extend_from_slice(crate::topology::actor(destination, node).as_bytes());
     k
