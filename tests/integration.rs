@@ -22,5 +22,6 @@ mod power_cut;
 mod reflection;
 mod replication_bounds;
 mod security;
+mod tombstones;
 mod tour;
 mod truthful_reads;

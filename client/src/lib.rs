@@ -717,12 +717,25 @@ impl Client {
         start_after: &[u8],
         limit: u32,
     ) -> Result<ScanPage, Error> {
+        self.scan_rows(table, prefix, start_after, limit, false).await
+    }
+
+    /// [`Client::scan`], listing deleted rows (tombstones, with no values)
+    /// too when `include_deleted`.
+    pub async fn scan_rows(
+        &self,
+        table: &str,
+        prefix: &[u8],
+        start_after: &[u8],
+        limit: u32,
+        include_deleted: bool,
+    ) -> Result<ScanPage, Error> {
         let msg = pb::ScanRequest {
             table: table.to_string(),
             prefix: prefix.to_vec(),
             start_after: start_after.to_vec(),
             limit,
-            include_deleted: false,
+            include_deleted,
         };
         let resp = self
             .attempt(Route::Table(table), |stubs, t| {

@@ -573,6 +573,18 @@ pub struct StorageConfig {
     pub idempotency_ttl_s: u64,
     /// Memtable size per column family, in MiB.
     pub write_buffer_mib: usize,
+    /// How often tombstone collection and log trimming run, in ms; 0 turns
+    /// both off (docs/architecture.md section 17).
+    pub tombstone_gc_interval_ms: u64,
+    /// Rows one collection pass reads at most.
+    pub tombstone_gc_scan_rows_max: usize,
+    /// Deleted rows one collection round considers at most.
+    pub tombstone_gc_rows_max: usize,
+    /// How long a round waits for every replica before it is started
+    /// again, in ms.
+    pub tombstone_gc_round_ms_max: u64,
+    /// Replication-log entries one pass trims at most.
+    pub log_trim_entries_max: usize,
 }
 
 impl Default for StorageConfig {
@@ -586,6 +598,11 @@ impl Default for StorageConfig {
             log_retention_entries: 1_000_000,
             idempotency_ttl_s: 3600,
             write_buffer_mib: 64,
+            tombstone_gc_interval_ms: 1000,
+            tombstone_gc_scan_rows_max: 20_000,
+            tombstone_gc_rows_max: 10_000,
+            tombstone_gc_round_ms_max: 10_000,
+            log_trim_entries_max: 20_000,
         }
     }
 }
@@ -810,6 +827,12 @@ impl Config {
         }
         if s.log_retention_entries == 0 {
             return Err(bad("storage.log_retention_entries", "must be at least 1"));
+        }
+        if s.tombstone_gc_scan_rows_max == 0 || s.tombstone_gc_rows_max == 0 || s.log_trim_entries_max == 0 {
+            return Err(bad(
+                "storage.tombstone_gc_scan_rows_max",
+                "tombstone_gc_scan_rows_max, tombstone_gc_rows_max and log_trim_entries_max must be at least 1",
+            ));
         }
         if s.write_buffer_mib == 0 || s.write_buffer_mib > 4096 {
             return Err(bad("storage.write_buffer_mib", "must be 1..=4096"));

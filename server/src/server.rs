@@ -224,6 +224,16 @@ where
 
     let limit = message_bytes_max(&cfg);
     let replicator = Replicator::start(&cfg, node.clone());
+    let gc_cancel = tokio_util::sync::CancellationToken::new();
+    let gc_task = (cfg.storage.tombstone_gc_interval_ms > 0).then(|| {
+        let floor = replicator.clone();
+        tokio::spawn(crate::kv::gc::run(
+            node.clone(),
+            move || floor.acked_by_all(),
+            std::time::Duration::from_millis(cfg.storage.tombstone_gc_interval_ms),
+            gc_cancel.clone(),
+        ))
+    });
     let peers = Peers::from_topology_with(node.topology(), node.channels());
     let kv = KvServer::new(KvService::new(node.clone(), peers.clone(), Some(consensus.clone())))
         .max_decoding_message_size(limit)
@@ -324,6 +334,10 @@ where
     tracing::info!("shutting down: draining requests and the commit queue");
     health_reporter.set_not_serving::<KvServer<KvService>>().await;
     failover.stop();
+    gc_cancel.cancel();
+    if let Some(t) = gc_task {
+        let _ = t.await;
+    }
     replicator.shutdown().await;
     tracing::info!("shutting down: replication stopped");
     let _ = stop_tx.send(true);

@@ -1026,7 +1026,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "{}",
                     json!({"node_id": s.node_id, "region": s.region, "version": s.version, "uptime_ms": s.uptime_ms,
                         "data_dir": s.data_dir, "regions": s.regions, "tables": tables, "log_seq": s.log_seq,
-                        "durable_writes": s.durable_writes, "storage_engine": s.storage_engine})
+                        "durable_writes": s.durable_writes, "storage_engine": s.storage_engine,
+                        "tombstones": s.tombstones, "tombstone_sweeps": s.tombstone_sweeps,
+                        "tombstones_collected": s.tombstones_collected, "log_entries_trimmed": s.log_entries_trimmed})
                 );
             } else {
                 println!("node      {}/{} (geokv {})", s.region, s.node_id, s.version);
@@ -1036,7 +1038,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     s.storage_engine, s.data_dir, s.durable_writes
                 );
                 println!("regions   {}", s.regions.join(", "));
-                println!("log seq   {}", s.log_seq);
+                println!(
+                    "log seq   {} ({} entries trimmed: every destination had them)",
+                    s.log_seq, s.log_entries_trimmed
+                );
+                println!(
+                    "deleted   {} tombstones (last sweep, {} sweeps), {} collected",
+                    s.tombstones, s.tombstone_sweeps, s.tombstones_collected
+                );
                 for t in &s.tables {
                     println!(
                         "table     {}: {}, default level {}, conflict policy {}, conflicts {}{}",

@@ -1223,6 +1223,7 @@ impl pb::admin_server::Admin for AdminService {
         let (_caller, _access) = authorize_call(&self.node, &request, "admin.node_status", None, &[], None)?;
         let cfg = self.node.config();
         let conflicts = self.node.conflicts();
+        let gc = self.node.gc().stats();
         let tables = cfg
             .tables
             .iter()
@@ -1252,6 +1253,10 @@ impl pb::admin_server::Admin for AdminService {
             hlc: self.node.hlc().now().0,
             durable_writes: cfg.storage.sync,
             storage_engine: self.node.engine().kind().into(),
+            tombstones: gc.tombstones,
+            tombstone_sweeps: gc.sweeps,
+            tombstones_collected: self.node.tombstones_collected(),
+            log_entries_trimmed: gc.log_trimmed,
         }))
     }
 

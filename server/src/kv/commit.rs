@@ -70,6 +70,10 @@ pub enum Work {
     /// (the source ships to every region itself). The source's position is
     /// stored in the same batch, so a frame is applied exactly once.
     Apply(RemoteApply),
+    /// Tombstones found causally stable ([`super::gc`]): each
+    /// `(data key, sealed row)` is removed if the stored row is still
+    /// exactly those bytes (nothing merged into it since it was judged).
+    Collect(Vec<(Vec<u8>, Vec<u8>)>),
 }
 
 /// A replication frame to merge.
@@ -104,6 +108,7 @@ impl CommitJob {
         match &self.work {
             Work::Client { writes, .. } => writes.iter().map(|w| w.key.len() + w.op.payload_bytes()).sum(),
             Work::Apply(a) => a.entries.iter().map(|(_, k, _)| k.len() + 64).sum(),
+            Work::Collect(rows) => rows.iter().map(|(k, _)| k.len()).sum(),
         }
     }
 
@@ -111,6 +116,7 @@ impl CommitJob {
         match &self.work {
             Work::Client { writes, .. } => writes.len(),
             Work::Apply(a) => a.entries.len().max(1),
+            Work::Collect(rows) => rows.len().max(1),
         }
     }
 }
@@ -154,6 +160,8 @@ pub struct CommitState {
     pub inbound: std::sync::Mutex<HashMap<String, Inbound>>,
     /// Announces each new durable log position (to shippers).
     pub log_watch: tokio::sync::watch::Sender<u64>,
+    /// Tombstones removed by collection since start.
+    pub tombstones_collected: AtomicU64,
 }
 
 impl Default for CommitState {
@@ -164,6 +172,7 @@ impl Default for CommitState {
             conflicts: Default::default(),
             inbound: Default::default(),
             log_watch: tokio::sync::watch::channel(0).0,
+            tombstones_collected: AtomicU64::new(0),
         }
     }
 }
@@ -284,6 +293,7 @@ impl Committer {
         let mut replies = Vec::with_capacity(jobs.len());
         let mut conflicts: Vec<String> = Vec::new();
         let mut write_count = 0usize;
+        let mut collected = 0u64;
         for job in jobs {
             let result = match &job.work {
                 Work::Client { writes, idempotency } => self.apply_job(
@@ -297,6 +307,10 @@ impl Committer {
                 Work::Apply(remote) => {
                     self.apply_remote(remote, &mut overlay, &mut batch, &mut next_seq, &mut conflicts)
                 }
+                Work::Collect(rows) => self.collect(rows, &overlay, &mut batch).map(|n| {
+                    collected += n;
+                    Vec::new()
+                }),
             };
             if result.is_ok() {
                 write_count += job.writes();
@@ -330,6 +344,10 @@ impl Committer {
                 metrics::histogram!("geokv_commit_group_writes").record(write_count as f64);
                 metrics::histogram!("geokv_commit_seconds").record(started.elapsed().as_secs_f64());
                 metrics::gauge!("geokv_log_seq").set((next_seq - 1) as f64);
+                if collected > 0 {
+                    self.state.tombstones_collected.fetch_add(collected, Ordering::Relaxed);
+                    metrics::counter!("geokv_tombstones_collected_total").increment(collected);
+                }
                 if !conflicts.is_empty() {
                     let mut map = self.state.conflicts.lock().unwrap_or_else(|p| p.into_inner());
                     for table in conflicts {
@@ -578,6 +596,29 @@ impl Committer {
         batch.extend(job_batch);
         conflicts.extend(job_conflicts);
         Ok(Vec::new())
+    }
+
+    /// Removes each row of `rows` still stored as exactly the judged bytes;
+    /// a row written earlier in this group, or changed in the store, stays
+    /// (the next round judges it again). Returns how many are removed.
+    fn collect(
+        &self,
+        rows: &[(Vec<u8>, Vec<u8>)],
+        overlay: &Overlay,
+        batch: &mut WriteBatch,
+    ) -> Result<u64, KvError> {
+        let mut removed = 0;
+        for (dk, judged) in rows {
+            if overlay.rows.contains_key(dk) {
+                continue;
+            }
+            let stored = self.engine.get(Cf::Data, dk).map_err(|e| KvError::Storage(e.to_string()))?;
+            if stored.as_deref() == Some(judged.as_slice()) {
+                batch.delete(Cf::Data, dk.clone());
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     fn inbound_position(&self, source: &str) -> Result<u64, KvError> {

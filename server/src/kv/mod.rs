@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`row`]: the stored row and the data key layout.
 //! - [`commit`]: the group-commit thread, the only writer of rows.
+//! - [`gc`]: tombstone collection (causal stability from replication
+//!   positions) and replication-log trimming.
 //! - this file: [`Node`], which validates and admits requests (limits,
 //!   tables, placement, residency, levels) and serves reads.
 //!
@@ -11,6 +13,7 @@
 
 pub mod commit;
 pub mod read_path;
+pub mod gc;
 pub mod row;
 
 use std::collections::HashMap;
@@ -247,6 +250,8 @@ pub struct Node {
     channels: crate::transport::Channels,
     /// Authentication, grants and the audit log (`set_security`).
     security: std::sync::OnceLock<Arc<crate::security::authn::Security>>,
+    /// Tombstone collection: peers' reports, the current round, counts.
+    gc: gc::GcState,
 }
 
 impl Node {
@@ -320,6 +325,7 @@ impl Node {
                 options.tls,
             ),
             security: std::sync::OnceLock::new(),
+            gc: gc::GcState::default(),
         }))
     }
 
@@ -713,6 +719,27 @@ impl Node {
             None => Ok(None),
             Some(bytes) => Row::open(&bytes, || display_key(table, key)).map(Some),
         }
+    }
+
+    /// Tombstone collection state (reports from peers, counts).
+    pub fn gc(&self) -> &gc::GcState {
+        &self.gc
+    }
+
+    /// Tombstones collected since start.
+    pub fn tombstones_collected(&self) -> u64 {
+        self.state.tombstones_collected.load(Ordering::Relaxed)
+    }
+
+    /// Removes the rows judged causally stable, each only if it is still
+    /// stored as the judged bytes (through the committer, so no write or
+    /// merge of the same row interleaves).
+    pub async fn collect(&self, rows: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), KvError> {
+        let tx =
+            self.commit_tx.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(KvError::ShuttingDown)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(CommitJob { work: Work::Collect(rows), reply }).await.map_err(|_| KvError::ShuttingDown)?;
+        rx.await.map_err(|_| KvError::ShuttingDown)?.map(|_| ())
     }
 
     /// Returns once every write queued before the call is committed.

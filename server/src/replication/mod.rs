@@ -138,6 +138,24 @@ impl Replicator {
             .min()
     }
 
+    /// The lowest log position every destination node acknowledged and
+    /// this node stored as its cursor: what the log may be trimmed through
+    /// (None when this node ships nowhere). The stored cursor, not only the
+    /// one in memory, as a restart resumes from it: entries between the two
+    /// must still be there, or the restart would need a repair.
+    pub fn acked_by_all(&self) -> Option<u64> {
+        self.links
+            .values()
+            .map(|l| {
+                let key = ship::cursor_key(&l.destination, &l.destination_node);
+                let stored = self.node.engine().get(crate::storage::Cf::Meta, &key).ok().flatten();
+                let stored =
+                    stored.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map(u64::from_be_bytes);
+                stored.unwrap_or(0).min(l.acked_seq.load(std::sync::atomic::Ordering::Acquire))
+            })
+            .min()
+    }
+
     /// Whether this node ships its log to `region` at all.
     pub fn ships_to(&self, region: &str) -> bool {
         self.links.keys().any(|(r, _)| r == region)
@@ -220,4 +238,29 @@ impl crate::kv::WriteGate for Gate {
             }
         }
     }
+}
+
+/// The acknowledgement of a frame applied through `through`, with what this
+/// node has applied from every source and its own log head, read in that
+/// order (tombstone collection at the source, docs/architecture.md section 17).
+pub fn progress_ack(node: &Node, through: u64) -> geokv_proto::v1::ShipAck {
+    let applied_from = node
+        .inbound()
+        .into_iter()
+        .map(|(source, i)| geokv_proto::v1::SourcePosition { source, applied_through: i.applied_through })
+        .collect();
+    geokv_proto::v1::ShipAck {
+        applied_through_seq: through,
+        applied_from,
+        destination_log_seq: node.log_seq(),
+    }
+}
+
+/// Hands a destination's reported progress to tombstone collection.
+pub fn note_peer_progress(node: &Node, link: &ship::LinkState, ack: &geokv_proto::v1::ShipAck) {
+    let report = crate::kv::gc::PeerReport {
+        applied: ack.applied_from.iter().map(|p| (p.source.clone(), p.applied_through)).collect(),
+        log_seq: ack.destination_log_seq,
+    };
+    node.gc().note_report(&crate::topology::actor(&link.destination, &link.destination_node), report);
 }

@@ -168,7 +168,7 @@ impl pb::replication_server::Replication for ReplicationService {
                 if frame.through_seq >= frame.source_head_seq {
                     node.note_fresh(&source, frame.through_seq, frame.sent_hlc);
                 }
-                if tx.send(Ok(pb::ShipAck { applied_through_seq: frame.through_seq })).await.is_err() {
+                if tx.send(Ok(super::progress_ack(&node, frame.through_seq))).await.is_err() {
                     return;
                 }
             }

@@ -209,7 +209,7 @@ fn oldest_unacked_hlc(node: &Node, seq: u64) -> Option<u64> {
 }
 
 /// Meta key of the position acknowledged by one destination node.
-fn cursor_key(destination: &str, node: &str) -> Vec<u8> {
+pub(crate) fn cursor_key(destination: &str, node: &str) -> Vec<u8> {
     let mut k = b"ship/".to_vec();
     k.extend_from_slice(crate::topology::actor(destination, node).as_bytes());
     k
@@ -373,6 +373,7 @@ impl Shipper {
                         }
                     }
                     self.state.acked_seq.fetch_max(ack.applied_through_seq, Ordering::AcqRel);
+                    super::note_peer_progress(&self.node, &self.state, &ack);
                     if last_persist.elapsed() > Duration::from_secs(1) {
                         self.persist_cursor();
                         last_persist = Instant::now();
