@@ -12,9 +12,12 @@
 //! in this module knows about gRPC.
 
 pub mod commit;
-pub mod read_path;
 pub mod gc;
+pub mod read_path;
 pub mod row;
+
+/// A replicated row state: (table, key, row).
+pub type ReplicatedRow = (String, Vec<u8>, Row);
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -575,10 +578,10 @@ impl Node {
     pub fn fence_entries<T>(
         &self,
         source: &str,
-        entries: Vec<(String, Vec<u8>, Row)>,
+        entries: Vec<ReplicatedRow>,
         accepted: &[(u64, u64)],
         attached: Vec<T>,
-    ) -> (Vec<(String, Vec<u8>, Row)>, Vec<T>) {
+    ) -> (Vec<ReplicatedRow>, Vec<T>) {
         let Some(guard) = self.state.leases.get() else { return (entries, attached) };
         let mut kept = Vec::with_capacity(entries.len());
         let mut kept_attached = Vec::with_capacity(attached.len());
