@@ -19,4 +19,5 @@ mod partitions;
 mod reflection;
 mod replication_bounds;
 mod security;
+mod store_identity;
 mod tour;

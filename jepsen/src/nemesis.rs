@@ -44,6 +44,9 @@ pub enum NemesisKind {
     Skew,
     /// Planned failover of the first region's homes to another region, failback after the window.
     Failover,
+    /// kill -9 of one region's node and its store deleted (a lost or
+    /// replaced disk); restarted on an empty store after the window.
+    Wipe,
 }
 
 impl NemesisKind {
@@ -59,6 +62,7 @@ impl NemesisKind {
             NemesisKind::Pause => "pause",
             NemesisKind::Skew => "skew",
             NemesisKind::Failover => "failover",
+            NemesisKind::Wipe => "wipe",
         }
     }
 }
@@ -95,6 +99,10 @@ pub enum Fault {
     Failover {
         from: String,
         to: String,
+    },
+    /// `region`'s node killed and its store deleted; restarted empty when lifted.
+    Wipe {
+        region: String,
     },
 }
 
@@ -179,7 +187,7 @@ fn schedule_aimed(
 /// The regions a fault touches: the one definition of what a fault
 /// reaches, used to aim schedules and to judge coverage.
 ///
-/// - kill, pause, skew: the region(s) whose node it hits;
+/// - kill, pause, skew, wipe: the region(s) whose node it hits;
 /// - a cut (partition, bridge, halves): every region on either side, each
 ///   being cut from at least one other region (a bridge region, on neither
 ///   side, is not touched);
@@ -208,6 +216,9 @@ pub fn touched(f: &Fault) -> BTreeSet<String> {
             out.insert(from.clone());
             out.insert(to.clone());
         }
+        Fault::Wipe { region } => {
+            out.insert(region.clone());
+        }
     }
     out
 }
@@ -230,6 +241,7 @@ fn turn_onto(f: &Fault, target: &str) -> Fault {
         Fault::Stall { links } => links.first().and_then(|l| link_ends(l)).map(|(x, _)| x.to_string()),
         Fault::Kill { regions } => regions.first().cloned(),
         Fault::Pause { region } | Fault::Skew { region, .. } => Some(region.clone()),
+        Fault::Wipe { region } => Some(region.clone()),
     };
     let Some(hit) = hit else { return f.clone() };
     let swap = |r: &str| -> String {
@@ -266,6 +278,7 @@ fn turn_onto(f: &Fault, target: &str) -> Fault {
         Fault::Pause { region } => Fault::Pause { region: swap(region) },
         Fault::Skew { region, skew_ms } => Fault::Skew { region: swap(region), skew_ms: *skew_ms },
         Fault::Failover { from, to } => Fault::Failover { from: from.clone(), to: swap(to) },
+        Fault::Wipe { region } => Fault::Wipe { region: swap(region) },
     }
 }
 
@@ -327,6 +340,7 @@ fn pick(kind: NemesisKind, rng: &mut impl Rng, regions: &[String]) -> Fault {
                 to: others[rng.random_range(0..others.len())].clone(),
             }
         }
+        NemesisKind::Wipe => Fault::Wipe { region: one(rng) },
         NemesisKind::None => unreachable!("no faults are picked for nemesis none"),
     }
 }
@@ -344,6 +358,7 @@ pub fn fault_kind(f: &Fault) -> &'static str {
         Fault::Pause { .. } => "pause",
         Fault::Skew { .. } => "skew",
         Fault::Failover { .. } => "failover",
+        Fault::Wipe { .. } => "wipe",
     }
 }
 
@@ -357,6 +372,7 @@ fn targets(f: &Fault) -> Vec<String> {
         Fault::Pause { region } | Fault::Skew { region, .. } => {
             vec![region.clone()]
         }
+        Fault::Wipe { region } => vec![region.clone()],
     }
 }
 
@@ -456,6 +472,11 @@ async fn install(cluster: &mut Cluster, recorder: &Recorder, f: &Fault) -> StepR
                 Ok(format!("killed and restarted with its clock {skew_ms:+} ms off"))
             }
             Fault::Failover { from, to } => hand_over(cluster, recorder, to, from, to, false).await,
+            Fault::Wipe { region } => {
+                cluster.kill9(region).await?;
+                let deleted = cluster.wipe_store(region)?;
+                Ok(format!("SIGKILL, then {deleted}"))
+            }
         }
     }
     .await;
@@ -500,6 +521,10 @@ async fn lift(cluster: &mut Cluster, recorder: &Recorder, f: &Fault) -> StepResu
                 Ok("killed and restarted with its clock right".into())
             }
             Fault::Failover { from, to } => hand_over(cluster, recorder, to, from, to, true).await,
+            Fault::Wipe { region } => {
+                cluster.restart(region, 0).await?;
+                Ok("restarted on an empty store".into())
+            }
         }
     }
     .await;
@@ -546,7 +571,7 @@ mod tests {
         crate::cluster::REGIONS.iter().map(|r| r.to_string()).collect()
     }
 
-    const ALL: [NemesisKind; 9] = [
+    const ALL: [NemesisKind; 10] = [
         NemesisKind::Partition,
         NemesisKind::Bridge,
         NemesisKind::Halves,
@@ -556,6 +581,7 @@ mod tests {
         NemesisKind::Pause,
         NemesisKind::Skew,
         NemesisKind::Failover,
+        NemesisKind::Wipe,
     ];
 
     fn home() -> Vec<String> {
@@ -610,6 +636,7 @@ mod tests {
         assert_eq!(touched(&Fault::Pause { region: "d".into() }), set(&["d"]));
         assert_eq!(touched(&Fault::Skew { region: "d".into(), skew_ms: -5 }), set(&["d"]));
         assert_eq!(touched(&Fault::Failover { from: "a".into(), to: "b".into() }), set(&["a", "b"]));
+        assert_eq!(touched(&Fault::Wipe { region: "c".into() }), set(&["c"]), "a wipe hits the region it wipes");
     }
 
     /// Aiming changes only the faults it turns, and those keep their shape.

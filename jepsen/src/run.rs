@@ -268,7 +268,7 @@ pub fn check(
     v.push(checker::convergence::check(fin));
     // Home leases move under failover, pauses and kills; clock skew beyond
     // the configured max offset is outside what leases promise.
-    if matches!(opts.nemesis, NemesisKind::Failover | NemesisKind::Pause | NemesisKind::Kill) {
+    if matches!(opts.nemesis, NemesisKind::Failover | NemesisKind::Pause | NemesisKind::Kill | NemesisKind::Wipe) {
         let epochs: Vec<history::EpochRecord> = records
             .iter()
             .filter_map(|r| match r {
@@ -277,6 +277,10 @@ pub fn check(
             })
             .collect();
         v.push(checker::epoch::check(&ops, &epochs));
+    }
+    // A wiped member must not vote again in a term it voted in before.
+    if opts.nemesis == NemesisKind::Wipe {
+        v.push(checker::votes::check(&stored_votes(&opts.out.join("cluster"), &regions)));
     }
     v.push(covered);
     (v, coverage)
@@ -471,4 +475,26 @@ pub fn default_geokv_bin() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target"));
     target.join("debug").join("geokv")
+}
+
+/// Reads every `node-*.log` under `cluster_dir/<region>/`.
+pub fn stored_votes(cluster_dir: &Path, regions: &[String]) -> BTreeMap<String, Vec<checker::votes::StoredVote>> {
+    let mut out = BTreeMap::new();
+    for r in regions {
+        let mut votes = Vec::new();
+        let Ok(entries) = std::fs::read_dir(cluster_dir.join(r)) else { continue };
+        let mut logs: Vec<_> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("node-") && n.ends_with(".log"))
+            })
+            .collect();
+        logs.sort();
+        for log in logs {
+            votes.extend(checker::votes::parse(&std::fs::read_to_string(&log).unwrap_or_default()));
+        }
+        out.insert(r.clone(), votes);
+    }
+    out
 }

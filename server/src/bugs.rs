@@ -19,6 +19,10 @@
 //!   frame's source, a Raft sender, a forwarded request's last hop) instead
 //!   of checking it against the caller's certificate (`security::authn`).
 //! - `grants-off`: every authenticated principal may do everything.
+//! - `identity-off`: replication positions are keyed by node name and
+//!   sequence number only, as before store identities: a wiped node's new
+//!   writes are dropped as duplicates, its writes reuse the old dots, and
+//!   a wiped destination is not re-seeded (`storage::identity`).
 //!
 //! The deterministic simulation (`tests/simulation`) runs many clusters in
 //! one process, each on its own thread, so it switches a bug on for one
@@ -37,6 +41,7 @@ pub enum Bug {
     FencingOff,
     PeerClaimsOff,
     GrantsOff,
+    IdentityOff,
 }
 
 impl Bug {
@@ -49,6 +54,7 @@ impl Bug {
             Bug::FencingOff => "fencing-off",
             Bug::PeerClaimsOff => "peer-claims-off",
             Bug::GrantsOff => "grants-off",
+            Bug::IdentityOff => "identity-off",
         }
     }
 
@@ -61,6 +67,7 @@ impl Bug {
             Bug::FencingOff,
             Bug::PeerClaimsOff,
             Bug::GrantsOff,
+            Bug::IdentityOff,
         ]
         .into_iter()
         .find(|b| b.name() == name)

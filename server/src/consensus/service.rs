@@ -80,7 +80,29 @@ impl pb::consensus_server::Consensus for ConsensusService {
             Ok(pb::RaftKind::Vote) => {
                 let r: openraft::raft::VoteRequest<super::NodeId> = parse(&req.payload, "vote request")?;
                 self.check_sender(&caller, r.vote.leader_id().voted_for())?;
-                reply(&raft.vote(r).await)
+                // A member whose state is gone votes in no old term
+                // (consensus::fence).
+                match self.consensus.fence(&req.group).and_then(|f| f.refuses(r.vote.leader_id().get_term())) {
+                    Some(super::fence::Refusal::Pending) => Err(Status::unavailable(format!(
+                        "this member of `{}` lost its state and is still learning the group's terms: it does not vote yet",
+                        req.group
+                    ))),
+                    Some(super::fence::Refusal::OldTerm(fence)) => {
+                        let refused = openraft::raft::VoteResponse::new(
+                            openraft::Vote::new(fence, self.consensus.me),
+                            None,
+                            false,
+                        );
+                        reply(&Ok::<_, openraft::error::RaftError<super::NodeId>>(refused))
+                    }
+                    None => reply(&raft.vote(r).await),
+                }
+            }
+            Ok(pb::RaftKind::State) => {
+                let initialized = raft.is_initialized().await.map_err(|e| Status::internal(e.to_string()))?;
+                let term = raft.metrics().borrow().current_term;
+                let fence = self.consensus.fence(&req.group).map(|f| f.term()).unwrap_or(0);
+                reply(&super::fence::MemberState { initialized, term: term.max(fence) })
             }
             Ok(pb::RaftKind::InstallSnapshot) => {
                 let r: openraft::raft::InstallSnapshotRequest<super::TypeConfig> =
