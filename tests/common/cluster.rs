@@ -214,6 +214,8 @@ pub struct StoredVote {
     pub term: u64,
     /// The Raft member id voted for.
     pub voted_for: u64,
+    /// A vote the term's leader was established under.
+    pub committed: bool,
 }
 
 /// A running `geokv dev` cluster.
@@ -725,7 +727,8 @@ impl DevCluster {
                     continue;
                 };
                 let (Ok(term), Ok(voted_for)) = (term.parse(), voted_for.parse()) else { continue };
-                votes.push(StoredVote { node: node.clone(), group, term, voted_for });
+                let committed = field("committed").as_deref() == Some("true");
+                votes.push(StoredVote { node: node.clone(), group, term, voted_for, committed });
             }
         }
         votes

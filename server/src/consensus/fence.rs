@@ -10,13 +10,17 @@
 //!
 //! - all answer, none initialized: the cluster's first start; the group
 //!   bootstraps as before;
-//! - all answer, some initialized: this member's state is gone. Every term
-//!   it can have voted in is at most the highest term the others report (a
-//!   candidate stores its own term before asking for votes, and terms never
-//!   go back), so that term becomes its fence: it grants no vote in a term
-//!   at or below it, starts no election until its own term passes it, and
-//!   never bootstraps; it rejoins through the catch-up path, the leader's
-//!   appends or snapshot.
+//! - all answer, some initialized: this member's state is gone. openraft
+//!   votes for a leader id, (term, candidate), and a member's vote only
+//!   ever grows; every vote this member can have stored is at most the
+//!   highest vote the others report (a candidate stores its own vote
+//!   before asking for others', and votes never go back). That vote becomes
+//!   its fence: it grants no vote for a leader id at or below it, takes no
+//!   append or snapshot from a leader below it (answering with the fence,
+//!   so that leader steps down), starts no election until its own term
+//!   passes it, and never bootstraps; it rejoins through the catch-up path,
+//!   the leader's appends or snapshot. Its stored votes therefore never go
+//!   back, which is what makes a vote in a term unique.
 //!
 //! Until every other member answered, it grants no vote and starts no
 //! election. The fence is stored (synced) beside the group's vote, so a
@@ -40,8 +44,10 @@ const ASK_EVERY: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberState {
     pub initialized: bool,
-    /// The member's current term, or its own fence when higher.
+    /// The member's vote (its leader id: term and candidate), or its own
+    /// fence when higher.
     pub term: u64,
+    pub voted_for: NodeId,
 }
 
 /// One group's vote fence at this member.
@@ -49,6 +55,7 @@ pub struct MemberState {
 pub struct Fence {
     pending: AtomicBool,
     term: AtomicU64,
+    voted_for: AtomicU64,
 }
 
 /// Why a vote request is refused.
@@ -56,42 +63,64 @@ pub struct Fence {
 pub enum Refusal {
     /// Still learning the group's terms.
     Pending,
-    /// At or below the fence term.
-    OldTerm(u64),
+    /// At or below the fence (term, candidate).
+    Old(u64, NodeId),
 }
 
 impl Fence {
     pub fn from_record(record: FenceRecord) -> Self {
-        Self { pending: AtomicBool::new(record.pending), term: AtomicU64::new(record.term) }
+        Self {
+            pending: AtomicBool::new(record.pending),
+            term: AtomicU64::new(record.term),
+            voted_for: AtomicU64::new(record.voted_for),
+        }
     }
 
     pub fn term(&self) -> u64 {
         self.term.load(Ordering::Acquire)
     }
 
+    /// The fence as a leader id (term, candidate); (0, 0) when none.
+    pub fn leader_id(&self) -> (u64, NodeId) {
+        (self.term(), self.voted_for.load(Ordering::Acquire))
+    }
+
     pub fn pending(&self) -> bool {
         self.pending.load(Ordering::Acquire)
     }
 
-    /// Whether a vote request of `term` is refused, and why.
-    pub fn refuses(&self, term: u64) -> Option<Refusal> {
+    /// Whether a vote request for the leader id `(term, candidate)` is
+    /// refused, and why: while pending, and at or below the fence.
+    pub fn refuses_vote(&self, term: u64, candidate: NodeId) -> Option<Refusal> {
         if self.pending() {
             return Some(Refusal::Pending);
         }
-        let fence = self.term();
-        (fence > 0 && term <= fence).then_some(Refusal::OldTerm(fence))
+        let (t, n) = self.leader_id();
+        (t > 0 && (term, candidate) <= (t, n)).then_some(Refusal::Old(t, n))
     }
 
-    fn settle(&self, term: u64) {
+    /// Whether an append or snapshot from the leader `(term, leader)` is
+    /// refused: only below the fence (the fence's own leader is taken).
+    pub fn refuses_leader(&self, term: u64, leader: NodeId) -> Option<Refusal> {
+        let (t, n) = self.leader_id();
+        (t > 0 && !self.pending() && (term, leader) < (t, n)).then_some(Refusal::Old(t, n))
+    }
+
+    fn settle(&self, (term, voted_for): (u64, NodeId)) {
         self.term.store(term, Ordering::Release);
+        self.voted_for.store(voted_for, Ordering::Release);
         self.pending.store(false, Ordering::Release);
     }
 }
 
-/// The fence term from every other member's answer: None when none is
-/// initialized (a first start: no fence needed).
-pub fn fence_term(answers: &[MemberState]) -> Option<u64> {
-    answers.iter().any(|a| a.initialized).then(|| answers.iter().map(|a| a.term).max().unwrap_or(0).max(1))
+/// The fence from every other member's answer: the highest vote, as
+/// (term, candidate); None when none is initialized (a first start: no
+/// fence needed).
+pub fn fence_of(answers: &[MemberState]) -> Option<(u64, NodeId)> {
+    answers
+        .iter()
+        .any(|a| a.initialized)
+        .then(|| answers.iter().map(|a| (a.term, a.voted_for)).max().unwrap_or((0, 0)).max((1, 0)))
 }
 
 /// Asks every other member of `group` until all answered, settles the
@@ -121,29 +150,30 @@ pub async fn learn(
             break answers;
         }
         rounds += 1;
-        if rounds % 20 == 1 {
+        if rounds % 20 == 0 {
             tracing::warn!(group = %group, missing = ?missing,
                 "this store was made empty: waiting for every other member of the group before voting");
         }
         tokio::time::sleep(ASK_EVERY).await;
     };
-    match fence_term(&answers) {
+    match fence_of(&answers) {
         None => {
-            if let Err(e) = write_fence(engine.as_ref(), &group, FenceRecord { pending: false, term: 0 }) {
+            if let Err(e) = write_fence(engine.as_ref(), &group, FenceRecord::default()) {
                 tracing::error!(group = %group, error = %e, "cannot store the vote fence");
                 return;
             }
-            fence.settle(0);
+            fence.settle((0, 0));
             raft.runtime_config().elect(true);
             bootstrap.await;
         }
-        Some(term) => {
-            if let Err(e) = write_fence(engine.as_ref(), &group, FenceRecord { pending: false, term }) {
+        Some((term, voted_for)) => {
+            let record = FenceRecord { pending: false, term, voted_for };
+            if let Err(e) = write_fence(engine.as_ref(), &group, record) {
                 tracing::error!(group = %group, error = %e, "cannot store the vote fence");
                 return;
             }
-            fence.settle(term);
-            tracing::warn!(group = %group, fence = term,
+            fence.settle((term, voted_for));
+            tracing::warn!(group = %group, fence_term = term, fence_candidate = voted_for,
                 "this member's Raft state is gone (its store was made empty): it votes in no term up to the fence \
                  and rejoins through the leader's catch-up");
             metrics::counter!("geokv_raft_fenced_rejoins_total", "group" => group.clone()).increment(1);
@@ -172,24 +202,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_first_start_has_no_fence_and_a_lost_state_fences_at_the_highest_term() {
-        let fresh = MemberState { initialized: false, term: 0 };
-        assert_eq!(fence_term(&[fresh, fresh]), None);
-        let a = MemberState { initialized: true, term: 7 };
-        let candidate = MemberState { initialized: true, term: 9 };
-        assert_eq!(fence_term(&[a, candidate]), Some(9));
-        assert_eq!(fence_term(&[fresh, MemberState { initialized: true, term: 0 }]), Some(1));
+    fn a_first_start_has_no_fence_and_a_lost_state_fences_at_the_highest_vote() {
+        let fresh = MemberState { initialized: false, term: 0, voted_for: 0 };
+        assert_eq!(fence_of(&[fresh, fresh]), None);
+        let a = MemberState { initialized: true, term: 7, voted_for: 3 };
+        let candidate = MemberState { initialized: true, term: 9, voted_for: 2 };
+        let other = MemberState { initialized: true, term: 9, voted_for: 5 };
+        assert_eq!(fence_of(&[a, candidate, other]), Some((9, 5)));
+        assert_eq!(fence_of(&[fresh, MemberState { initialized: true, term: 0, voted_for: 0 }]), Some((1, 0)));
     }
 
     #[test]
-    fn a_fence_refuses_old_terms_and_everything_while_pending() {
-        let f = Fence::from_record(FenceRecord { pending: true, term: 0 });
-        assert_eq!(f.refuses(100), Some(Refusal::Pending));
-        f.settle(9);
-        assert_eq!(f.refuses(9), Some(Refusal::OldTerm(9)));
-        assert_eq!(f.refuses(3), Some(Refusal::OldTerm(9)));
-        assert_eq!(f.refuses(10), None);
+    fn a_fence_refuses_old_leader_ids_and_every_vote_while_pending() {
+        let f = Fence::from_record(FenceRecord { pending: true, term: 0, voted_for: 0 });
+        assert_eq!(f.refuses_vote(100, 1), Some(Refusal::Pending));
+        f.settle((9, 5));
+        assert_eq!(f.refuses_vote(9, 5), Some(Refusal::Old(9, 5)));
+        assert_eq!(f.refuses_vote(9, 4), Some(Refusal::Old(9, 5)));
+        assert_eq!(f.refuses_vote(3, 7), Some(Refusal::Old(9, 5)));
+        assert_eq!(f.refuses_vote(9, 6), None, "a higher candidate of the same term");
+        assert_eq!(f.refuses_vote(10, 1), None);
+        assert_eq!(f.refuses_leader(9, 5), None, "the fence's own leader is taken");
+        assert_eq!(f.refuses_leader(9, 4), Some(Refusal::Old(9, 5)));
+        assert_eq!(f.refuses_leader(8, 9), Some(Refusal::Old(9, 5)));
         let none = Fence::default();
-        assert_eq!(none.refuses(1), None);
+        assert_eq!(none.refuses_vote(1, 1), None);
+        assert_eq!(none.refuses_leader(1, 1), None);
     }
 }

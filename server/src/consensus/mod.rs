@@ -394,9 +394,9 @@ impl Consensus {
             };
             let fence = Arc::new(fence::Fence::from_record(record.unwrap_or_default()));
             if learn {
-                store::write_fence(engine.as_ref(), &name, store::FenceRecord { pending: true, term: 0 })
+                store::write_fence(engine.as_ref(), &name, store::FenceRecord { pending: true, term: 0, voted_for: 0 })
                     .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-                let fence = fence::Fence::from_record(store::FenceRecord { pending: true, term: 0 });
+                let fence = fence::Fence::from_record(store::FenceRecord { pending: true, term: 0, voted_for: 0 });
                 let fence = Arc::new(fence);
                 raft.runtime_config().elect(false);
                 let others: Vec<NodeId> = voters.iter().map(|m| m.id).filter(|id| *id != me).collect();

@@ -160,8 +160,11 @@ pub struct FenceRecord {
     /// The member is still learning the group's terms (its store was made
     /// empty): it grants no vote and starts no election.
     pub pending: bool,
-    /// It grants no vote in a term at or below this one (0 = no fence).
+    /// It grants no vote for a leader id at or below (term, voted_for),
+    /// and takes no leader below it (term 0 = no fence).
     pub term: u64,
+    #[serde(default)]
+    pub voted_for: NodeId,
 }
 
 /// The group's fence record at this member, if any.

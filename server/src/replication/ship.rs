@@ -415,11 +415,15 @@ impl Shipper {
         *self.state.destination_store.lock().unwrap_or_else(|p| p.into_inner()) =
             welcome.destination_store.clone();
         let mut batch = crate::storage::WriteBatch::new();
-        batch.put(
-            Cf::Meta,
-            destination_store_key(&self.state.destination, &self.state.destination_node),
-            welcome.destination_store.into_bytes(),
-        );
+        // A new incarnation is remembered only once re-seeded, so a restart
+        // before that re-seeds it again.
+        if !self.state.reseed.load(Ordering::Acquire) {
+            batch.put(
+                Cf::Meta,
+                destination_store_key(&self.state.destination, &self.state.destination_node),
+                welcome.destination_store.into_bytes(),
+            );
+        }
         batch.put(
             Cf::Meta,
             cursor_key(&self.state.destination, &self.state.destination_node),
@@ -467,6 +471,14 @@ impl Shipper {
             if !paused && in_flight.is_empty() && self.state.reseed.load(Ordering::Acquire) {
                 let through = self.repair(channel.clone()).await?;
                 self.state.reseed.store(false, Ordering::Release);
+                let store = self.state.destination_store.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let mut batch = crate::storage::WriteBatch::new();
+                batch.put(
+                    Cf::Meta,
+                    destination_store_key(&self.state.destination, &self.state.destination_node),
+                    store.into_bytes(),
+                );
+                self.node.engine().write(batch, false).map_err(|e| KvError::Storage(e.to_string()))?;
                 read_pos = read_pos.max(through);
                 self.state.acked_seq.fetch_max(through, Ordering::AcqRel);
                 self.persist_cursor();
