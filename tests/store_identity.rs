@@ -130,11 +130,17 @@ async fn a_wiped_node_comes_back_as_a_new_incarnation() {
         let now = (v.term, v.voted_for, v.committed);
         let prev = last.entry((v.node.clone(), v.group.clone())).or_insert(now);
         if now < *prev {
-            failures.push(format!("{} voted again in term {} of {} ({now:?} after {prev:?})", v.node, v.term, v.group));
+            failures.push(format!(
+                "{} voted again in term {} of {} ({now:?} after {prev:?})",
+                v.node, v.term, v.group
+            ));
         }
         *prev = (*prev).max(now);
     }
-    assert!(votes.iter().any(|v| v.node == format!("{EU_CENTRAL}/n1")), "no vote of the wiped node was logged");
+    assert!(
+        votes.iter().any(|v| v.node == format!("{EU_CENTRAL}/n1")),
+        "no vote of the wiped node was logged"
+    );
     eprintln!("{} stored votes read from the node logs", votes.len());
     assert!(failures.is_empty(), "after wiping {EU_CENTRAL}:\n{}", failures.join("\n"));
 }

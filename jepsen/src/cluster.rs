@@ -415,7 +415,9 @@ impl Cluster {
         }
         match std::fs::remove_dir_all(&store) {
             Ok(()) => Ok(format!("deleted {}", store.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(format!("{} was already gone", store.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(format!("{} was already gone", store.display()))
+            }
             Err(e) => Err(anyhow::anyhow!("deleting {}: {e}", store.display())),
         }
     }

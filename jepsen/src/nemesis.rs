@@ -636,7 +636,11 @@ mod tests {
         assert_eq!(touched(&Fault::Pause { region: "d".into() }), set(&["d"]));
         assert_eq!(touched(&Fault::Skew { region: "d".into(), skew_ms: -5 }), set(&["d"]));
         assert_eq!(touched(&Fault::Failover { from: "a".into(), to: "b".into() }), set(&["a", "b"]));
-        assert_eq!(touched(&Fault::Wipe { region: "c".into() }), set(&["c"]), "a wipe hits the region it wipes");
+        assert_eq!(
+            touched(&Fault::Wipe { region: "c".into() }),
+            set(&["c"]),
+            "a wipe hits the region it wipes"
+        );
     }
 
     /// Aiming changes only the faults it turns, and those keep their shape.

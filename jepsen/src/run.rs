@@ -248,6 +248,7 @@ pub fn check(
             return (vec![unusable, covered], coverage);
         }
     };
+    let ops = if opts.nemesis == NemesisKind::Wipe { lost_with_disk(ops, records) } else { ops };
     let mut v = match opts.workload {
         // LOCAL reads are served by the nearest replica: once a failover
         // moved the home away from the node the register clients use, its
@@ -268,7 +269,10 @@ pub fn check(
     v.push(checker::convergence::check(fin));
     // Home leases move under failover, pauses and kills; clock skew beyond
     // the configured max offset is outside what leases promise.
-    if matches!(opts.nemesis, NemesisKind::Failover | NemesisKind::Pause | NemesisKind::Kill | NemesisKind::Wipe) {
+    if matches!(
+        opts.nemesis,
+        NemesisKind::Failover | NemesisKind::Pause | NemesisKind::Kill | NemesisKind::Wipe
+    ) {
         let epochs: Vec<history::EpochRecord> = records
             .iter()
             .filter_map(|r| match r {
@@ -284,6 +288,47 @@ pub fn check(
     }
     v.push(covered);
     (v, coverage)
+}
+
+/// How long before a wipe an EVENTUAL or LOCAL write acknowledged by the
+/// wiped region may still be unshipped, in µs.
+const UNSHIPPED_BEFORE_WIPE_US: u64 = 2_000_000;
+
+/// An EVENTUAL or LOCAL write is durable in the region that acknowledged
+/// it, and shipped from there; a write acknowledged there shortly before
+/// its disk was wiped may exist nowhere else, as those levels say. Such
+/// writes become `unknown` (may have taken effect, or not); QUORUM and
+/// STRONG writes are never touched: none of those may be lost.
+fn lost_with_disk(mut ops: Vec<history::Op>, records: &[history::Record]) -> Vec<history::Op> {
+    let wipes: Vec<(u64, &str)> = records
+        .iter()
+        .filter_map(|r| match r {
+            history::Record::Nemesis(n) if n.action == "start-wipe" && n.status != NemesisStatus::Skipped => {
+                Some(n.targets.iter().map(move |t| (n.time_us, t.as_str())))
+            }
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let mut turned = 0usize;
+    for o in &mut ops {
+        let write = matches!(o.f, F::Write | F::Cas | F::Incr | F::SetAdd | F::SetRemove | F::Resolve);
+        if o.outcome != Kind::Ok || !write || !matches!(o.level.as_str(), "EVENTUAL" | "LOCAL") {
+            continue;
+        }
+        let lost = wipes.iter().any(|(at, region)| {
+            o.region == *region && o.complete_us <= *at && o.complete_us + UNSHIPPED_BEFORE_WIPE_US > *at
+        });
+        if lost {
+            o.outcome = Kind::Unknown;
+            o.error = Some("ACKNOWLEDGED_BY_A_WIPED_REGION".into());
+            turned += 1;
+        }
+    }
+    if turned > 0 {
+        tracing::info!(turned, "writes acknowledged at EVENTUAL or LOCAL shortly before their region was wiped are unknown");
+    }
+    ops
 }
 
 async fn read_digests(cluster: &Cluster, regions: &[String]) -> BTreeMap<String, RegionFinal> {
@@ -478,7 +523,10 @@ pub fn default_geokv_bin() -> PathBuf {
 }
 
 /// Reads every `node-*.log` under `cluster_dir/<region>/`.
-pub fn stored_votes(cluster_dir: &Path, regions: &[String]) -> BTreeMap<String, Vec<checker::votes::StoredVote>> {
+pub fn stored_votes(
+    cluster_dir: &Path,
+    regions: &[String],
+) -> BTreeMap<String, Vec<checker::votes::StoredVote>> {
     let mut out = BTreeMap::new();
     for r in regions {
         let mut votes = Vec::new();
@@ -487,7 +535,9 @@ pub fn stored_votes(cluster_dir: &Path, regions: &[String]) -> BTreeMap<String, 
             .flatten()
             .map(|e| e.path())
             .filter(|p| {
-                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("node-") && n.ends_with(".log"))
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("node-") && n.ends_with(".log"))
             })
             .collect();
         logs.sort();

@@ -722,7 +722,8 @@ impl DevCluster {
                         .find_map(|f| f.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
                         .map(str::to_string)
                 };
-                let (Some(group), Some(term), Some(voted_for)) = (field("group"), field("term"), field("voted_for"))
+                let (Some(group), Some(term), Some(voted_for)) =
+                    (field("group"), field("term"), field("voted_for"))
                 else {
                     continue;
                 };

@@ -209,7 +209,10 @@ mod tests {
         let candidate = MemberState { initialized: true, term: 9, voted_for: 2 };
         let other = MemberState { initialized: true, term: 9, voted_for: 5 };
         assert_eq!(fence_of(&[a, candidate, other]), Some((9, 5)));
-        assert_eq!(fence_of(&[fresh, MemberState { initialized: true, term: 0, voted_for: 0 }]), Some((1, 0)));
+        assert_eq!(
+            fence_of(&[fresh, MemberState { initialized: true, term: 0, voted_for: 0 }]),
+            Some((1, 0))
+        );
     }
 
     #[test]

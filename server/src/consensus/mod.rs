@@ -280,7 +280,13 @@ pub struct Consensus {
 /// region go first (`first`): otherwise a voter nearer the others wins the
 /// first term, and the home only gets the leadership back after a leader
 /// change. The others still bootstrap, after `wait`, if the home never does.
-async fn bootstrap(raft: Raft, name: String, nodes: BTreeMap<NodeId, BasicNode>, first: bool, wait: Duration) {
+async fn bootstrap(
+    raft: Raft,
+    name: String,
+    nodes: BTreeMap<NodeId, BasicNode>,
+    first: bool,
+    wait: Duration,
+) {
     if first {
         if let Err(e) = raft.initialize(nodes).await {
             tracing::debug!(group = %name, error = %e, "initialize");
@@ -384,20 +390,32 @@ impl Consensus {
             let bootstrap_wait = Duration::from_millis(rc.election_timeout_max * BOOTSTRAP_WAIT_TIMEOUTS);
             let raft = Raft::new(me, rc, net, log, sm.clone()).await?;
             let initialized = raft.is_initialized().await?;
-            let record = store::read_fence(engine.as_ref(), &name).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            let record =
+                store::read_fence(engine.as_ref(), &name).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
             let nodes: BTreeMap<NodeId, BasicNode> =
                 voters.iter().map(|m| (m.id, BasicNode { addr: m.actor.clone() })).collect();
-            let boot = bootstrap(raft.clone(), name.clone(), nodes, preferred_region.is_none() || preferred, bootstrap_wait);
+            let boot = bootstrap(
+                raft.clone(),
+                name.clone(),
+                nodes,
+                preferred_region.is_none() || preferred,
+                bootstrap_wait,
+            );
             let learn = match record {
                 Some(r) => r.pending,
                 None => store_created_empty && !initialized,
             };
-            let fence = Arc::new(fence::Fence::from_record(record.unwrap_or_default()));
+            // A member whose store was made empty learns its fence before
+            // it votes or bootstraps (fence.rs); the fence is stored first.
+            let start = if learn {
+                store::FenceRecord { pending: true, ..Default::default() }
+            } else {
+                record.unwrap_or_default()
+            };
+            let fence = Arc::new(fence::Fence::from_record(start));
             if learn {
-                store::write_fence(engine.as_ref(), &name, store::FenceRecord { pending: true, term: 0, voted_for: 0 })
+                store::write_fence(engine.as_ref(), &name, start)
                     .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-                let fence = fence::Fence::from_record(store::FenceRecord { pending: true, term: 0, voted_for: 0 });
-                let fence = Arc::new(fence);
                 raft.runtime_config().elect(false);
                 let others: Vec<NodeId> = voters.iter().map(|m| m.id).filter(|id| *id != me).collect();
                 tokio::spawn(fence::learn(

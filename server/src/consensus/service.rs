@@ -123,7 +123,10 @@ impl pb::consensus_server::Consensus for ConsensusService {
                     self.consensus.fence(&req.group).and_then(|f| f.refuses_leader(term, leader))
                 {
                     let higher = openraft::raft::InstallSnapshotResponse { vote: openraft::Vote::new(t, n) };
-                    return reply(&Ok::<_, openraft::error::RaftError<super::NodeId, openraft::error::InstallSnapshotError>>(higher));
+                    return reply(&Ok::<
+                        _,
+                        openraft::error::RaftError<super::NodeId, openraft::error::InstallSnapshotError>,
+                    >(higher));
                 }
                 reply(&raft.install_snapshot(r).await)
             }

@@ -173,7 +173,11 @@ pub fn read_fence(engine: &dyn Engine, group: &str) -> Result<Option<FenceRecord
 }
 
 /// Stores the group's fence record (synced: it must outlive a crash).
-pub fn write_fence(engine: &dyn Engine, group: &str, record: FenceRecord) -> Result<(), StorageError<NodeId>> {
+pub fn write_fence(
+    engine: &dyn Engine,
+    group: &str,
+    record: FenceRecord,
+) -> Result<(), StorageError<NodeId>> {
     let mut batch = WriteBatch::new();
     batch.put(Cf::Raft, group_key(group, b"fence"), encode(&record)?);
     engine.write(batch, true).map_err(io_write)

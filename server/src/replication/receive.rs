@@ -67,7 +67,10 @@ impl pb::replication_server::Replication for ReplicationService {
         let policy = crate::topology::policy::items(cfg);
         let fingerprint = crate::topology::policy::fingerprint(&policy);
         if hello.policy_fingerprint != fingerprint {
-            let differences = crate::topology::policy::differences(&policy, &crate::topology::policy::from_wire(&hello.policy));
+            let differences = crate::topology::policy::differences(
+                &policy,
+                &crate::topology::policy::from_wire(&hello.policy),
+            );
             let err = crate::error::KvError::ConfigMismatch { peer: source.clone(), differences };
             tracing::error!(peer = %source, error = %err, "refusing a node with another cluster policy");
             metrics::counter!("geokv_config_mismatch_total", "peer" => source).increment(1);
@@ -191,7 +194,11 @@ impl pb::replication_server::Replication for ReplicationService {
                 metrics::counter!("geokv_replication_received_bytes_total", "source" => frame.source_region.clone())
                     .increment(frame.entries.len() as u64);
                 let entries = node.fence_entries(&frame.source_region, opened.entries, &opened.accepted);
-                let store = if crate::storage::identity::identity_off() { String::new() } else { frame.source_store.clone() };
+                let store = if crate::storage::identity::identity_off() {
+                    String::new()
+                } else {
+                    frame.source_store.clone()
+                };
                 let remote = RemoteApply {
                     source: source.clone(),
                     source_store: store.clone(),

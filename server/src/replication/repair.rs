@@ -142,7 +142,8 @@ impl Session {
                 let root = side.tree.hashes(0, &[0]);
                 self.side = Some(side);
                 self.source = Some(crate::topology::actor(&b.source_region, &b.source_node));
-                self.source_store = if crate::storage::identity::identity_off() { String::new() } else { b.source_store };
+                self.source_store =
+                    if crate::storage::identity::identity_off() { String::new() } else { b.source_store };
                 Ok(pb::RepairResponse { hashes: to_hashes(root), ..Default::default() })
             }
             Step::Descend(d) => {

@@ -310,7 +310,9 @@ impl Shipper {
                 Err(e) => {
                     tracing::debug!(destination = %self.state.destination, error = %e, "replication link down");
                     match &e {
-                        KvError::ConfigMismatch { .. } => self.state.set_error(format!("{}: {e}", e.reason())),
+                        KvError::ConfigMismatch { .. } => {
+                            self.state.set_error(format!("{}: {e}", e.reason()))
+                        }
                         _ => self.state.set_error(&e),
                     }
                     metrics::counter!("geokv_replication_link_errors_total", "destination" => self.state.destination.clone())
@@ -387,7 +389,10 @@ impl Shipper {
             }
         };
         if welcome.policy_fingerprint != fingerprint {
-            let differences = crate::topology::policy::differences(&policy, &crate::topology::policy::from_wire(&welcome.policy));
+            let differences = crate::topology::policy::differences(
+                &policy,
+                &crate::topology::policy::from_wire(&welcome.policy),
+            );
             let err = KvError::ConfigMismatch { peer: peer.clone(), differences };
             tracing::error!(peer = %peer, error = %err, "refusing a node with another cluster policy");
             metrics::counter!("geokv_config_mismatch_total", "peer" => peer).increment(1);

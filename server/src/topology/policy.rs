@@ -115,6 +115,12 @@ mod tests {
         c.insert("partitions".into(), "32".into());
         c.insert("zone eu".into(), "[eu-west-1, us-east-1]".into());
         let d = differences(&a, &c);
-        assert_eq!(d, vec!["partitions: here 16, at peer 32", "zone eu: here [eu-west-1], at peer [eu-west-1, us-east-1]"]);
+        assert_eq!(
+            d,
+            vec![
+                "partitions: here 16, at peer 32",
+                "zone eu: here [eu-west-1], at peer [eu-west-1, us-east-1]"
+            ]
+        );
     }
 }
