@@ -8,8 +8,10 @@
 //! once. For each group it first asks every other member for its state
 //! (initialized or not, current term):
 //!
-//! - all answer, none initialized: the cluster's first start; the group
-//!   bootstraps as before;
+//! - all answer, none initialized (a member fenced after its own wipe and
+//!   not yet caught up counts as initialized): the cluster's first start,
+//!   or every member lost its state at once (nothing of the group survives
+//!   to protect); the group bootstraps as before;
 //! - all answer, some initialized: this member's state is gone. openraft
 //!   votes for a leader id, (term, candidate), and a member's vote only
 //!   ever grows; every vote this member can have stored is at most the

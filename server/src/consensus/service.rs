@@ -112,6 +112,9 @@ impl pb::consensus_server::Consensus for ConsensusService {
                 let vote = leader_of(&raft.metrics().borrow().vote);
                 let fence = self.consensus.fence(&req.group).map(|f| f.leader_id()).unwrap_or((0, 0));
                 let (term, voted_for) = vote.max(fence);
+                // A fenced member not yet caught up has no log, but the group
+                // exists: it answers as initialized, with its fence.
+                let initialized = initialized || fence.0 > 0;
                 reply(&super::fence::MemberState { initialized, term, voted_for })
             }
             Ok(pb::RaftKind::InstallSnapshot) => {
