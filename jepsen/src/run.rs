@@ -326,7 +326,10 @@ fn lost_with_disk(mut ops: Vec<history::Op>, records: &[history::Record]) -> Vec
         }
     }
     if turned > 0 {
-        tracing::info!(turned, "writes acknowledged at EVENTUAL or LOCAL shortly before their region was wiped are unknown");
+        tracing::info!(
+            turned,
+            "writes acknowledged at EVENTUAL or LOCAL shortly before their region was wiped are unknown"
+        );
     }
     ops
 }
@@ -547,4 +550,36 @@ pub fn stored_votes(
         out.insert(r.clone(), votes);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes acknowledged at EVENTUAL by the wiped region just before the
+    /// wipe become unknown; earlier ones, other regions' and STRONG ones stay.
+    #[test]
+    fn only_recent_eventual_writes_of_the_wiped_region_become_unknown() {
+        let rec = Recorder::new(std::time::Instant::now() - Duration::from_secs(60));
+        let early = rec.invoke("c1", "eu-west-1", "EVENTUAL", F::Incr, "c0", Value::Int(1)).unwrap();
+        rec.complete(early, Kind::Ok, Value::None, None);
+        std::thread::sleep(Duration::from_millis(2_100));
+        let late = rec.invoke("c1", "eu-west-1", "EVENTUAL", F::SetAdd, "s0", Value::Int(2)).unwrap();
+        let other = rec.invoke("c2", "us-east-1", "EVENTUAL", F::SetAdd, "s0", Value::Int(3)).unwrap();
+        let strong = rec.invoke("c3", "eu-west-1", "STRONG", F::Write, "r0", Value::Int(4)).unwrap();
+        let read = rec.invoke("c4", "eu-west-1", "LOCAL", F::SetRead, "s0", Value::None).unwrap();
+        for op in [late, other, strong] {
+            rec.complete(op, Kind::Ok, Value::None, None);
+        }
+        rec.complete(read, Kind::Ok, Value::List(vec![2]), None);
+        rec.nemesis("start-wipe", vec!["eu-west-1".into()], NemesisStatus::Installed, "");
+        let records = rec.records();
+        let ops = lost_with_disk(history::operations(&records).unwrap(), &records);
+        let outcome = |v: i64| ops.iter().find(|o| o.value == Value::Int(v)).unwrap().outcome;
+        assert_eq!(outcome(1), Kind::Ok, "acknowledged 2 s before the wipe: shipped since");
+        assert_eq!(outcome(2), Kind::Unknown);
+        assert_eq!(outcome(3), Kind::Ok, "another region");
+        assert_eq!(outcome(4), Kind::Ok, "STRONG is never relaxed");
+        assert!(ops.iter().any(|o| o.f == F::SetRead && o.outcome == Kind::Ok), "reads stay");
+    }
 }
