@@ -152,7 +152,7 @@ pub async fn learn(
             break answers;
         }
         rounds += 1;
-        if rounds % 20 == 0 {
+        if rounds.is_multiple_of(20) {
             tracing::warn!(group = %group, missing = ?missing,
                 "this store was made empty: waiting for every other member of the group before voting");
         }
