@@ -36,7 +36,8 @@ struct Common {
     #[arg(long)]
     no_sync: bool,
     /// Switch on a put-back bug in the nodes (a `geokv` built with the
-    /// `geokv-server/bugs` feature): residency-filter-off, ack-before-fsync, fencing-off, merge-off.
+    /// `geokv-server/bugs` feature): residency-filter-off, ack-before-fsync, fencing-off, merge-off,
+    /// identity-off.
     #[arg(long)]
     bug: Option<String>,
 }
