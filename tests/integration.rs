@@ -22,6 +22,7 @@ mod power_cut;
 mod reflection;
 mod replication_bounds;
 mod security;
+mod store_identity;
 mod tombstones;
 mod tour;
 mod truthful_reads;

@@ -447,6 +447,22 @@ impl Cluster {
         self.wait_ready(region, NODE_READY_TIMEOUT).await
     }
 
+    /// Deletes `region`'s store (its data directory), as a lost or replaced
+    /// disk would; its logs stay. The node must be stopped first.
+    pub fn wipe_store(&mut self, region: &str) -> anyhow::Result<String> {
+        let store = self.node_dir(region).join("data");
+        if self.node_mut(region)?.child.is_some() {
+            bail!("node of {region} runs: stop it before deleting its store");
+        }
+        match std::fs::remove_dir_all(&store) {
+            Ok(()) => Ok(format!("deleted {}", store.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(format!("{} was already gone", store.display()))
+            }
+            Err(e) => Err(anyhow::anyhow!("deleting {}: {e}", store.display())),
+        }
+    }
+
     /// SIGSTOP (`pause = true`) or SIGCONT of `region`'s node.
     pub fn pause(&mut self, region: &str, pause: bool) -> anyhow::Result<()> {
         let node = self.node_mut(region)?;

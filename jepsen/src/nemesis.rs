@@ -54,6 +54,9 @@ pub enum NemesisKind {
     /// Power cut of one region's node (sometimes two): kill -9 and every
     /// write it had not synced dropped (the fault filesystem), then restart.
     LoseUnsynced,
+    /// kill -9 of one region's node and its store deleted (a lost or
+    /// replaced disk); restarted on an empty store after the window.
+    Wipe,
 }
 
 impl NemesisKind {
@@ -72,6 +75,7 @@ impl NemesisKind {
             NemesisKind::ClockJump => "clock-jump",
             NemesisKind::ClockJumpIsolated => "clock-jump-isolated",
             NemesisKind::LoseUnsynced => "lose-unsynced",
+            NemesisKind::Wipe => "wipe",
         }
     }
 
@@ -127,6 +131,10 @@ pub enum Fault {
         region: String,
         jump_ms: i64,
         isolate: bool,
+    },
+    /// `region`'s node killed and its store deleted; restarted empty when lifted.
+    Wipe {
+        region: String,
     },
 }
 
@@ -218,7 +226,7 @@ fn schedule_aimed(
 /// The regions a fault touches: the one definition of what a fault
 /// reaches, used to aim schedules and to judge coverage.
 ///
-/// - kill, lose-unsynced, pause, skew: the region(s) whose node it hits;
+/// - kill, lose-unsynced, pause, skew, wipe: the region(s) whose node it hits;
 /// - a cut (partition, bridge, halves): every region on either side, each
 ///   being cut from at least one other region (a bridge region, on neither
 ///   side, is not touched);
@@ -247,6 +255,9 @@ pub fn touched(f: &Fault) -> BTreeSet<String> {
             out.insert(from.clone());
             out.insert(to.clone());
         }
+        Fault::Wipe { region } => {
+            out.insert(region.clone());
+        }
     }
     out
 }
@@ -271,6 +282,7 @@ fn turn_onto(f: &Fault, target: &str) -> Fault {
         Fault::Pause { region } | Fault::Skew { region, .. } | Fault::ClockJump { region, .. } => {
             Some(region.clone())
         }
+        Fault::Wipe { region } => Some(region.clone()),
     };
     let Some(hit) = hit else { return f.clone() };
     let swap = |r: &str| -> String {
@@ -311,6 +323,7 @@ fn turn_onto(f: &Fault, target: &str) -> Fault {
         Fault::ClockJump { region, jump_ms, isolate } => {
             Fault::ClockJump { region: swap(region), jump_ms: *jump_ms, isolate: *isolate }
         }
+        Fault::Wipe { region } => Fault::Wipe { region: swap(region) },
     }
 }
 
@@ -391,6 +404,7 @@ fn pick(kind: NemesisKind, rng: &mut impl Rng, regions: &[String]) -> Fault {
             jump_ms: -rng.random_range(CLOCK_JUMP_MS.0..=CLOCK_JUMP_MS.1),
             isolate: true,
         },
+        NemesisKind::Wipe => Fault::Wipe { region: one(rng) },
         NemesisKind::None => unreachable!("no faults are picked for nemesis none"),
     }
 }
@@ -411,6 +425,7 @@ pub fn fault_kind(f: &Fault) -> &'static str {
         Fault::Failover { .. } => "failover",
         Fault::ClockJump { isolate: false, .. } => "clock-jump",
         Fault::ClockJump { isolate: true, .. } => "clock-jump-isolated",
+        Fault::Wipe { .. } => "wipe",
     }
 }
 
@@ -424,6 +439,7 @@ fn targets(f: &Fault) -> Vec<String> {
         Fault::Pause { region } | Fault::Skew { region, .. } | Fault::ClockJump { region, .. } => {
             vec![region.clone()]
         }
+        Fault::Wipe { region } => vec![region.clone()],
     }
 }
 
@@ -544,6 +560,11 @@ async fn install(cluster: &mut Cluster, recorder: &Recorder, f: &Fault) -> StepR
                 }
                 Ok(format!("wall clock jumped {jump_ms:+} ms, live; {} links black-holed", links.len()))
             }
+            Fault::Wipe { region } => {
+                cluster.kill9(region).await?;
+                let deleted = cluster.wipe_store(region)?;
+                Ok(format!("SIGKILL, then {deleted}"))
+            }
         }
     }
     .await;
@@ -598,6 +619,10 @@ async fn lift(cluster: &mut Cluster, recorder: &Recorder, f: &Fault) -> StepResu
                 Ok(if *isolate { "links healed; wall clock jumped back" } else { "wall clock jumped back" }
                     .into())
             }
+            Fault::Wipe { region } => {
+                cluster.restart(region, 0).await?;
+                Ok("restarted on an empty store".into())
+            }
         }
     }
     .await;
@@ -644,7 +669,7 @@ mod tests {
         crate::cluster::REGIONS.iter().map(|r| r.to_string()).collect()
     }
 
-    const ALL: [NemesisKind; 12] = [
+    const ALL: [NemesisKind; 13] = [
         NemesisKind::Partition,
         NemesisKind::Bridge,
         NemesisKind::Halves,
@@ -657,6 +682,7 @@ mod tests {
         NemesisKind::ClockJump,
         NemesisKind::ClockJumpIsolated,
         NemesisKind::LoseUnsynced,
+        NemesisKind::Wipe,
     ];
 
     fn home() -> Vec<String> {
@@ -712,6 +738,11 @@ mod tests {
         assert_eq!(touched(&Fault::Pause { region: "d".into() }), set(&["d"]));
         assert_eq!(touched(&Fault::Skew { region: "d".into(), skew_ms: -5 }), set(&["d"]));
         assert_eq!(touched(&Fault::Failover { from: "a".into(), to: "b".into() }), set(&["a", "b"]));
+        assert_eq!(
+            touched(&Fault::Wipe { region: "c".into() }),
+            set(&["c"]),
+            "a wipe hits the region it wipes"
+        );
     }
 
     /// Aiming changes only the faults it turns, and those keep their shape.

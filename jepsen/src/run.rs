@@ -251,6 +251,7 @@ pub fn check(
             return (vec![unusable, covered], coverage);
         }
     };
+    let ops = if opts.nemesis == NemesisKind::Wipe { lost_with_disk(ops, records) } else { ops };
     let mut v = match opts.workload {
         // LOCAL reads are served by the nearest replica: once a failover
         // moved the home away from the node the register clients use, its
@@ -286,6 +287,7 @@ pub fn check(
             | NemesisKind::LoseUnsynced
             | NemesisKind::ClockJump
             | NemesisKind::ClockJumpIsolated
+            | NemesisKind::Wipe
     ) {
         let epochs: Vec<history::EpochRecord> = records
             .iter()
@@ -296,8 +298,56 @@ pub fn check(
             .collect();
         v.push(checker::epoch::check(&ops, &epochs));
     }
+    // A wiped member must not vote again in a term it voted in before.
+    if opts.nemesis == NemesisKind::Wipe {
+        v.push(checker::votes::check(&stored_votes(&opts.out.join("cluster"), &regions)));
+    }
     v.push(covered);
     (v, coverage)
+}
+
+/// How long before a wipe an EVENTUAL or LOCAL write acknowledged by the
+/// wiped region may still be unshipped, in µs.
+const UNSHIPPED_BEFORE_WIPE_US: u64 = 2_000_000;
+
+/// An EVENTUAL or LOCAL write is durable in the region that acknowledged
+/// it, and shipped from there; a write acknowledged there shortly before
+/// its disk was wiped may exist nowhere else, as those levels say. Such
+/// writes become `unknown` (may have taken effect, or not); QUORUM and
+/// STRONG writes are never touched: none of those may be lost.
+fn lost_with_disk(mut ops: Vec<history::Op>, records: &[history::Record]) -> Vec<history::Op> {
+    let wipes: Vec<(u64, &str)> = records
+        .iter()
+        .filter_map(|r| match r {
+            history::Record::Nemesis(n) if n.action == "start-wipe" && n.status != NemesisStatus::Skipped => {
+                Some(n.targets.iter().map(move |t| (n.time_us, t.as_str())))
+            }
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let mut turned = 0usize;
+    for o in &mut ops {
+        let write = matches!(o.f, F::Write | F::Cas | F::Incr | F::SetAdd | F::SetRemove | F::Resolve);
+        if o.outcome != Kind::Ok || !write || !matches!(o.level.as_str(), "EVENTUAL" | "LOCAL") {
+            continue;
+        }
+        let lost = wipes.iter().any(|(at, region)| {
+            o.region == *region && o.complete_us <= *at && o.complete_us + UNSHIPPED_BEFORE_WIPE_US > *at
+        });
+        if lost {
+            o.outcome = Kind::Unknown;
+            o.error = Some("ACKNOWLEDGED_BY_A_WIPED_REGION".into());
+            turned += 1;
+        }
+    }
+    if turned > 0 {
+        tracing::info!(
+            turned,
+            "writes acknowledged at EVENTUAL or LOCAL shortly before their region was wiped are unknown"
+        );
+    }
+    ops
 }
 
 async fn read_digests(cluster: &Cluster, regions: &[String]) -> BTreeMap<String, RegionFinal> {
@@ -489,4 +539,63 @@ pub fn default_geokv_bin() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target"));
     target.join("debug").join("geokv")
+}
+
+/// Reads every `node-*.log` under `cluster_dir/<region>/`.
+pub fn stored_votes(
+    cluster_dir: &Path,
+    regions: &[String],
+) -> BTreeMap<String, Vec<checker::votes::StoredVote>> {
+    let mut out = BTreeMap::new();
+    for r in regions {
+        let mut votes = Vec::new();
+        let Ok(entries) = std::fs::read_dir(cluster_dir.join(r)) else { continue };
+        let mut logs: Vec<_> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("node-") && n.ends_with(".log"))
+            })
+            .collect();
+        logs.sort();
+        for log in logs {
+            votes.extend(checker::votes::parse(&std::fs::read_to_string(&log).unwrap_or_default()));
+        }
+        out.insert(r.clone(), votes);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes acknowledged at EVENTUAL by the wiped region just before the
+    /// wipe become unknown; earlier ones, other regions' and STRONG ones stay.
+    #[test]
+    fn only_recent_eventual_writes_of_the_wiped_region_become_unknown() {
+        let rec = Recorder::new(std::time::Instant::now() - Duration::from_secs(60));
+        let early = rec.invoke("c1", "eu-west-1", "EVENTUAL", F::Incr, "c0", Value::Int(1)).unwrap();
+        rec.complete(early, Kind::Ok, Value::None, None);
+        std::thread::sleep(Duration::from_millis(2_100));
+        let late = rec.invoke("c1", "eu-west-1", "EVENTUAL", F::SetAdd, "s0", Value::Int(2)).unwrap();
+        let other = rec.invoke("c2", "us-east-1", "EVENTUAL", F::SetAdd, "s0", Value::Int(3)).unwrap();
+        let strong = rec.invoke("c3", "eu-west-1", "STRONG", F::Write, "r0", Value::Int(4)).unwrap();
+        let read = rec.invoke("c4", "eu-west-1", "LOCAL", F::SetRead, "s0", Value::None).unwrap();
+        for op in [late, other, strong] {
+            rec.complete(op, Kind::Ok, Value::None, None);
+        }
+        rec.complete(read, Kind::Ok, Value::List(vec![2]), None);
+        rec.nemesis("start-wipe", vec!["eu-west-1".into()], NemesisStatus::Installed, "");
+        let records = rec.records();
+        let ops = lost_with_disk(history::operations(&records).unwrap(), &records);
+        let outcome = |v: i64| ops.iter().find(|o| o.value == Value::Int(v)).unwrap().outcome;
+        assert_eq!(outcome(1), Kind::Ok, "acknowledged 2 s before the wipe: shipped since");
+        assert_eq!(outcome(2), Kind::Unknown);
+        assert_eq!(outcome(3), Kind::Ok, "another region");
+        assert_eq!(outcome(4), Kind::Ok, "STRONG is never relaxed");
+        assert!(ops.iter().any(|o| o.f == F::SetRead && o.outcome == Kind::Ok), "reads stay");
+    }
 }

@@ -86,6 +86,14 @@ pub const FULL: &[Scenario] = &[
     s(WorkloadKind::Register, NemesisKind::LoseUnsynced),
     s(WorkloadKind::Counter, NemesisKind::LoseUnsynced),
     s(WorkloadKind::Set, NemesisKind::LoseUnsynced),
+    // A node's store wiped and restarted empty (docs/architecture.md
+    // section 16): its new writes reach every region, it is re-seeded, and
+    // no Raft member votes twice in a term. Not the LOCAL register: its
+    // clients all use the home's node, whose acknowledged LOCAL writes not
+    // yet shipped are lost with its disk, as that level says.
+    s(WorkloadKind::Counter, NemesisKind::Wipe),
+    s(WorkloadKind::Set, NemesisKind::Wipe),
+    strong(NemesisKind::Wipe),
 ];
 
 /// The CI smoke: a few short scenarios touching every checker.

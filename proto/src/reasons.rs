@@ -118,6 +118,8 @@ reasons! {
         "The add would take the counter past the 64-bit range.";
     CLOCK_OFFSET: FailedPrecondition, Server, retryable = false,
         "A peer's clock is further ahead than the configured maximum offset.";
+    CONFIG_MISMATCH: FailedPrecondition, Server, retryable = false,
+        "A peer node has another cluster policy (regions, zones, tables, partitions, localities); the message names the difference.";
     DATA_CORRUPTION: DataLoss, Server, retryable = false,
         "A stored record failed its checksum or version check.";
     STORAGE_FAILURE: Internal, Server, retryable = false,

@@ -29,6 +29,10 @@
 //!   and the control-plane leader grants a lapsed home elsewhere by its
 //!   clock (`failover`, `consensus::control`), so a holder whose clock runs
 //!   behind keeps serving after another region took its home.
+//! - `identity-off`: replication positions are keyed by node name and
+//!   sequence number only, as before store identities: a wiped node's new
+//!   writes are dropped as duplicates, its writes reuse the old dots, and
+//!   a wiped destination is not re-seeded (`storage::identity`).
 //!
 //! The deterministic simulation (`tests/simulation`) runs many clusters in
 //! one process, each on its own thread, so it switches a bug on for one
@@ -48,6 +52,7 @@ pub enum Bug {
     GrantsOff,
     IdempotencyLocal,
     ProposerClockLeases,
+    IdentityOff,
 }
 
 impl Bug {
@@ -62,6 +67,7 @@ impl Bug {
             Bug::GrantsOff => "grants-off",
             Bug::IdempotencyLocal => "idempotency-local",
             Bug::ProposerClockLeases => "proposer-clock-leases",
+            Bug::IdentityOff => "identity-off",
         }
     }
 
@@ -76,6 +82,7 @@ impl Bug {
             Bug::GrantsOff,
             Bug::IdempotencyLocal,
             Bug::ProposerClockLeases,
+            Bug::IdentityOff,
         ]
         .into_iter()
         .find(|b| b.name() == name)

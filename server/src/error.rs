@@ -72,6 +72,9 @@ pub enum KvError {
     /// `bytes`, the encoded row, or `members`, a set's members).
     #[error("row `{key}` would hold {len} {measure}; the limit is {max} (nothing was stored)")]
     RowTooLarge { key: String, measure: &'static str, len: usize, max: usize },
+    /// A peer has another cluster policy (docs/architecture.md section 16).
+    #[error("node `{peer}` has another cluster policy than this node ({}): it may not join", differences.join("; "))]
+    ConfigMismatch { peer: String, differences: Vec<String> },
     #[error(
         "row `{key}` would hold {len} siblings; the limit is {max} (nothing was stored): read it and write with its context"
     )]
@@ -147,6 +150,7 @@ impl KvError {
             KvError::RegionUnreachable { .. } => &reasons::REGION_UNREACHABLE,
             KvError::CounterOverflow => &reasons::COUNTER_OVERFLOW,
             KvError::RowTooLarge { .. } => &reasons::ROW_TOO_LARGE,
+            KvError::ConfigMismatch { .. } => &reasons::CONFIG_MISMATCH,
             KvError::TooManySiblings { .. } => &reasons::TOO_MANY_SIBLINGS,
             KvError::ReplicationBackpressure { .. } => &reasons::REPLICATION_BACKPRESSURE,
             KvError::Fenced { .. } => &reasons::FENCED,
@@ -238,6 +242,10 @@ impl KvError {
                 m.insert("len".into(), len.to_string());
                 m.insert("max".into(), max.to_string());
             }
+            KvError::ConfigMismatch { peer, differences } => {
+                m.insert("peer".into(), peer.clone());
+                m.insert("differences".into(), differences.join("; "));
+            }
             KvError::TooManySiblings { key, len, max } => {
                 m.insert("key".into(), key.clone());
                 m.insert("len".into(), len.to_string());
@@ -314,6 +322,7 @@ mod tests {
             KvError::ShuttingDown,
             KvError::CounterOverflow,
             KvError::RowTooLarge { key: s(), measure: "bytes", len: 2, max: 1 },
+            KvError::ConfigMismatch { peer: s(), differences: vec![s()] },
             KvError::TooManySiblings { key: s(), len: 2, max: 1 },
             KvError::ReplicationBackpressure {
                 destination: s(),

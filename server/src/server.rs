@@ -196,9 +196,10 @@ where
     node.set_security(security.clone());
     let tls_watcher =
         tls.as_ref().map(|t| t.spawn_watcher(std::time::Duration::from_millis(cfg.security.reload_check_ms)));
-    let consensus = Consensus::start_with(cfg.clone(), engine, node.channels().clone())
-        .await
-        .context("starting the consensus groups")?;
+    let consensus =
+        Consensus::start_with(cfg.clone(), engine, node.channels().clone(), node.store().created_empty)
+            .await
+            .context("starting the consensus groups")?;
     node.set_leases(Arc::new(Leases::new(&cfg, &consensus, hlc)));
     if let Some(on_start) = wiring.on_start {
         on_start(&node);

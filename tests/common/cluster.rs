@@ -205,6 +205,19 @@ fn tail(path: &Path, lines: usize) -> String {
     }
 }
 
+/// One Raft vote a node stored (a `VOTE` line of its log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredVote {
+    /// "region/node".
+    pub node: String,
+    pub group: String,
+    pub term: u64,
+    /// The Raft member id voted for.
+    pub voted_for: u64,
+    /// A vote the term's leader was established under.
+    pub committed: bool,
+}
+
 /// A running `geokv dev` cluster.
 pub struct DevCluster {
     /// Owns every file of the cluster; removed on drop.
@@ -640,6 +653,21 @@ impl DevCluster {
         kill_pid(pid);
     }
 
+    /// The store of `region`'s first node (`data_dir` of its `node.toml`).
+    pub fn store_dir(&self, region: &str) -> PathBuf {
+        self.node_dir(region, "n1").join("data")
+    }
+
+    /// Wipes `region`'s node as a lost or replaced disk would: kills it,
+    /// deletes its store, and starts it again on an empty one (same name,
+    /// ports and peers).
+    pub async fn wipe(&mut self, region: &str) {
+        self.kill_9(region);
+        let store = self.store_dir(region);
+        std::fs::remove_dir_all(&store).unwrap_or_else(|e| panic!("delete {}: {e}", store.display()));
+        self.restart(region).await;
+    }
+
     /// Starts `region`'s node again from its `node.toml` (same store, ports
     /// and peers) and waits until it answers `/health`.
     pub async fn restart(&mut self, region: &str) {
@@ -675,6 +703,46 @@ impl DevCluster {
             assert!(!deadline.passed(), "restarted node of {region} not ready in {NODE_READY_TIMEOUT:?}");
             tokio::time::sleep(POLL_INTERVAL).await;
         }
+    }
+
+    /// Every Raft vote the nodes stored, read from their logs (which are
+    /// kept beside the stores, so they outlive a wipe): one per `VOTE` line.
+    pub fn stored_votes(&self) -> Vec<StoredVote> {
+        let mut logs: Vec<(String, PathBuf)> = self
+            .nodes()
+            .into_iter()
+            .map(|(region, id)| (format!("{region}/{id}"), self.node_dir(region, &id).join("node.log")))
+            .collect();
+        for n in 1..=self.restarts {
+            for region in REGIONS {
+                let path = self.dir.path().join(format!("restart-{n}-{region}.log"));
+                if path.exists() {
+                    logs.push((format!("{region}/n1"), path));
+                }
+            }
+        }
+        let mut votes = Vec::new();
+        for (node, path) in logs {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            for line in text.lines() {
+                let Some((_, fields)) = line.split_once("VOTE ") else { continue };
+                let field = |name: &str| {
+                    fields
+                        .split_whitespace()
+                        .find_map(|f| f.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+                        .map(str::to_string)
+                };
+                let (Some(group), Some(term), Some(voted_for)) =
+                    (field("group"), field("term"), field("voted_for"))
+                else {
+                    continue;
+                };
+                let (Ok(term), Ok(voted_for)) = (term.parse(), voted_for.parse()) else { continue };
+                let committed = field("committed").as_deref() == Some("true");
+                votes.push(StoredVote { node: node.clone(), group, term, voted_for, committed });
+            }
+        }
+        votes
     }
 
     fn print_logs(&self) {

@@ -29,6 +29,7 @@ pub mod epoch;
 pub mod linearizable;
 pub mod residency;
 pub mod set;
+pub mod votes;
 
 use std::collections::BTreeMap;
 

@@ -416,8 +416,14 @@ mod tests {
             ],
             links: vec![link("eu-west-1", f64::NAN, ""), link("ap-southeast-1", 2.5, &"x".repeat(1000))],
             inbound: HashMap::from([
-                ("eu-west-1".to_string(), Inbound { applied_through: 4, fresh_as_of_hlc: 1 }),
-                ("ap-southeast-1".to_string(), Inbound { applied_through: 0, fresh_as_of_hlc: 0 }),
+                (
+                    "eu-west-1".to_string(),
+                    Inbound { applied_through: 4, fresh_as_of_hlc: 1, ..Default::default() },
+                ),
+                (
+                    "ap-southeast-1".to_string(),
+                    Inbound { applied_through: 0, fresh_as_of_hlc: 0, ..Default::default() },
+                ),
             ]),
             staleness_ms: HashMap::from([
                 ("eu-west-1".to_string(), 35),

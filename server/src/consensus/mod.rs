@@ -5,6 +5,7 @@
 //!   (column family `raft`), shared by every group.
 //! - [`network`]: Raft messages over gRPC, addressed by the local config.
 //! - [`service`]: the `geokv.consensus.v1.Consensus` gRPC service.
+//! - [`fence`]: a member whose store was made empty votes in no old term.
 //! - [`control`]: the control plane's state machine: home leases, epochs,
 //!   failover state (pure, unit-tested).
 //! - [`strong`]: the STRONG groups' state machine: linearizable registers.
@@ -21,6 +22,7 @@
 //! voters of a group forward to one that is.
 
 pub mod control;
+pub mod fence;
 pub mod network;
 pub mod quorum;
 pub mod service;
@@ -271,6 +273,37 @@ pub struct Consensus {
     /// Lease timing on this node's monotonic clock and its measured clock
     /// offsets (docs/architecture.md section 18).
     pub lease_clock: Arc<crate::failover::lease_clock::LeaseClock>,
+    /// The vote fence of each group this node is a voter of.
+    fences: BTreeMap<String, Arc<fence::Fence>>,
+}
+
+/// Bootstraps a new group: every voter bootstraps with the same membership;
+/// openraft accepts that, and only one initial log can win. Initializing
+/// starts an election at once, so a group with a preferred region lets that
+/// region go first (`first`): otherwise a voter nearer the others wins the
+/// first term, and the home only gets the leadership back after a leader
+/// change. The others still bootstrap, after `wait`, if the home never does.
+async fn bootstrap(
+    raft: Raft,
+    name: String,
+    nodes: BTreeMap<NodeId, BasicNode>,
+    first: bool,
+    wait: Duration,
+) {
+    if first {
+        if let Err(e) = raft.initialize(nodes).await {
+            tracing::debug!(group = %name, error = %e, "initialize");
+        }
+    } else {
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            if matches!(raft.is_initialized().await, Ok(false)) {
+                if let Err(e) = raft.initialize(nodes).await {
+                    tracing::debug!(group = %name, error = %e, "initialize");
+                }
+            }
+        });
+    }
 }
 
 /// Election timeouts a non-preferred voter of a new group waits for the
@@ -303,14 +336,18 @@ impl Consensus {
     /// Starts every group this node is a voter of and bootstraps them.
     pub async fn start(cfg: Arc<Config>, engine: Arc<dyn Engine>) -> anyhow::Result<Arc<Self>> {
         let channels = crate::transport::Channels::plaintext(crate::transport::ChannelSettings::PEER);
-        Self::start_with(cfg, engine, channels).await
+        Self::start_with(cfg, engine, channels, false).await
     }
 
     /// [`Consensus::start`] with peers reached through `channels`.
+    /// `store_created_empty`: the node's store was made empty at this start
+    /// (a first start, or a wiped disk), so each group first learns whether
+    /// this member lost its state ([`fence`]).
     pub async fn start_with(
         cfg: Arc<Config>,
         engine: Arc<dyn Engine>,
         channels: crate::transport::Channels,
+        store_created_empty: bool,
     ) -> anyhow::Result<Arc<Self>> {
         let me = raft_id(&cfg.actor());
         let mut addrs = BTreeMap::new();
@@ -342,6 +379,7 @@ impl Consensus {
         }
         let mut groups = BTreeMap::new();
         let mut members = BTreeMap::new();
+        let mut fences = BTreeMap::new();
         for (name, voters, preferred_region, machine) in wanted {
             members.insert(name.clone(), voters.clone());
             if !voters.iter().any(|m| m.id == me) {
@@ -354,31 +392,53 @@ impl Consensus {
             let net = NetworkFactory { peers: peers.clone(), group: name.clone() };
             let bootstrap_wait = Duration::from_millis(rc.election_timeout_max * BOOTSTRAP_WAIT_TIMEOUTS);
             let raft = Raft::new(me, rc, net, log, sm.clone()).await?;
-            if !raft.is_initialized().await? {
-                let nodes: BTreeMap<NodeId, BasicNode> =
-                    voters.iter().map(|m| (m.id, BasicNode { addr: m.actor.clone() })).collect();
-                // Every voter bootstraps with the same membership; openraft
-                // accepts that, and only one initial log can win. Initializing
-                // starts an election at once, so a group with a preferred
-                // region lets that region go first: otherwise a voter nearer
-                // the others wins the first term, and the home only gets the
-                // leadership back after a leader change. The others still
-                // bootstrap, later, if the home never does.
-                if preferred_region.is_none() || preferred {
-                    if let Err(e) = raft.initialize(nodes).await {
-                        tracing::debug!(group = %name, error = %e, "initialize");
-                    }
-                } else {
-                    let (raft, name) = (raft.clone(), name.clone());
-                    tokio::spawn(async move {
-                        tokio::time::sleep(bootstrap_wait).await;
-                        if matches!(raft.is_initialized().await, Ok(false)) {
-                            if let Err(e) = raft.initialize(nodes).await {
-                                tracing::debug!(group = %name, error = %e, "initialize");
-                            }
-                        }
-                    });
+            let initialized = raft.is_initialized().await?;
+            let record =
+                store::read_fence(engine.as_ref(), &name).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            let nodes: BTreeMap<NodeId, BasicNode> =
+                voters.iter().map(|m| (m.id, BasicNode { addr: m.actor.clone() })).collect();
+            let boot = bootstrap(
+                raft.clone(),
+                name.clone(),
+                nodes,
+                preferred_region.is_none() || preferred,
+                bootstrap_wait,
+            );
+            let learn = match record {
+                Some(r) => r.pending,
+                None => store_created_empty && !initialized,
+            };
+            // A member whose store was made empty learns its fence before
+            // it votes or bootstraps (fence.rs); the fence is stored first.
+            let start = if learn {
+                store::FenceRecord { pending: true, ..Default::default() }
+            } else {
+                record.unwrap_or_default()
+            };
+            let fence = Arc::new(fence::Fence::from_record(start));
+            if learn {
+                store::write_fence(engine.as_ref(), &name, start)
+                    .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+                raft.runtime_config().elect(false);
+                let others: Vec<NodeId> = voters.iter().map(|m| m.id).filter(|id| *id != me).collect();
+                tokio::spawn(fence::learn(
+                    raft.clone(),
+                    name.clone(),
+                    others,
+                    peers.clone(),
+                    engine.clone(),
+                    fence.clone(),
+                    boot,
+                ));
+                fences.insert(name.clone(), fence);
+            } else {
+                if fence.term() > 0 {
+                    // Lost its state once: still no election in an old term.
+                    tokio::spawn(fence::elect_after(raft.clone(), fence.term()));
+                } else if !initialized {
+                    boot.await;
                 }
+                fences.insert(name.clone(), fence);
             }
             groups
                 .insert(name.clone(), Arc::new(Group { name, raft, sm, members: voters, preferred_region }));
@@ -387,7 +447,12 @@ impl Consensus {
             cfg.clock.max_offset_ms,
             cfg.consensus.lease_ms,
         ));
-        Ok(Arc::new(Self { me, cfg, peers, groups, members, control: control_tx, lease_clock }))
+        Ok(Arc::new(Self { me, cfg, peers, groups, members, control: control_tx, lease_clock, fences }))
+    }
+
+    /// The vote fence of `group` at this node, when it is a voter of it.
+    pub fn fence(&self, group: &str) -> Option<&Arc<fence::Fence>> {
+        self.fences.get(group)
     }
 
     pub fn config(&self) -> &Config {

@@ -69,6 +69,21 @@ impl Peers {
     }
 }
 
+impl Peers {
+    /// Member `id`'s state of `group` (a `STATE` message).
+    pub async fn member_state(&self, id: NodeId, group: &str) -> Result<super::fence::MemberState, String> {
+        let mut client = self.client(id).ok_or_else(|| format!("node {id} has no configured address"))?;
+        let mut request = tonic::Request::new(pb::RaftRequest {
+            group: group.to_string(),
+            kind: pb::RaftKind::State as i32,
+            payload: Vec::new(),
+        });
+        request.set_timeout(RPC_TIMEOUT_MIN);
+        let reply = client.raft(request).await.map_err(|s| format!("{}: {}", s.code(), s.message()))?;
+        serde_json::from_slice(&reply.into_inner().payload).map_err(|e| e.to_string())
+    }
+}
+
 /// Creates a connection per (group, target).
 #[derive(Clone)]
 pub struct NetworkFactory {

@@ -54,6 +54,11 @@ impl ConsensusService {
     }
 }
 
+/// A vote's leader id as (term, candidate), as openraft orders them.
+fn leader_of(vote: &openraft::Vote<super::NodeId>) -> (u64, super::NodeId) {
+    (vote.leader_id().get_term(), vote.leader_id().voted_for().unwrap_or(0))
+}
+
 fn parse<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, Status> {
     serde_json::from_slice(bytes).map_err(|e| Status::invalid_argument(format!("{what} does not parse: {e}")))
 }
@@ -75,17 +80,57 @@ impl pb::consensus_server::Consensus for ConsensusService {
                 let r: openraft::raft::AppendEntriesRequest<super::TypeConfig> =
                     parse(&req.payload, "append-entries request")?;
                 self.check_sender(&caller, r.vote.leader_id().voted_for())?;
+                let (term, leader) = leader_of(&r.vote);
+                if let Some(super::fence::Refusal::Old(t, n)) =
+                    self.consensus.fence(&req.group).and_then(|f| f.refuses_leader(term, leader))
+                {
+                    let higher = openraft::raft::AppendEntriesResponse::HigherVote(openraft::Vote::new(t, n));
+                    return reply(&Ok::<_, openraft::error::RaftError<super::NodeId>>(higher));
+                }
                 reply(&raft.append_entries(r).await)
             }
             Ok(pb::RaftKind::Vote) => {
                 let r: openraft::raft::VoteRequest<super::NodeId> = parse(&req.payload, "vote request")?;
                 self.check_sender(&caller, r.vote.leader_id().voted_for())?;
-                reply(&raft.vote(r).await)
+                // A member whose state is gone votes in no old term
+                // (consensus::fence).
+                let (term, candidate) = leader_of(&r.vote);
+                match self.consensus.fence(&req.group).and_then(|f| f.refuses_vote(term, candidate)) {
+                    Some(super::fence::Refusal::Pending) => Err(Status::unavailable(format!(
+                        "this member of `{}` lost its state and is still learning the group's terms: it does not vote yet",
+                        req.group
+                    ))),
+                    Some(super::fence::Refusal::Old(t, n)) => {
+                        let refused = openraft::raft::VoteResponse::new(openraft::Vote::new(t, n), None, false);
+                        reply(&Ok::<_, openraft::error::RaftError<super::NodeId>>(refused))
+                    }
+                    None => reply(&raft.vote(r).await),
+                }
+            }
+            Ok(pb::RaftKind::State) => {
+                let initialized = raft.is_initialized().await.map_err(|e| Status::internal(e.to_string()))?;
+                let vote = leader_of(&raft.metrics().borrow().vote);
+                let fence = self.consensus.fence(&req.group).map(|f| f.leader_id()).unwrap_or((0, 0));
+                let (term, voted_for) = vote.max(fence);
+                // A fenced member not yet caught up has no log, but the group
+                // exists: it answers as initialized, with its fence.
+                let initialized = initialized || fence.0 > 0;
+                reply(&super::fence::MemberState { initialized, term, voted_for })
             }
             Ok(pb::RaftKind::InstallSnapshot) => {
                 let r: openraft::raft::InstallSnapshotRequest<super::TypeConfig> =
                     parse(&req.payload, "install-snapshot request")?;
                 self.check_sender(&caller, r.vote.leader_id().voted_for())?;
+                let (term, leader) = leader_of(&r.vote);
+                if let Some(super::fence::Refusal::Old(t, n)) =
+                    self.consensus.fence(&req.group).and_then(|f| f.refuses_leader(term, leader))
+                {
+                    let higher = openraft::raft::InstallSnapshotResponse { vote: openraft::Vote::new(t, n) };
+                    return reply(&Ok::<
+                        _,
+                        openraft::error::RaftError<super::NodeId, openraft::error::InstallSnapshotError>,
+                    >(higher));
+                }
                 reply(&raft.install_snapshot(r).await)
             }
             _ => Err(Status::invalid_argument(format!("unknown raft message kind {}", req.kind))),

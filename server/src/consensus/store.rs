@@ -3,6 +3,7 @@
 //! Key layout, all under `g/<group>/`:
 //! - `log/<index, 8 bytes big-endian>`: sealed JSON of an openraft entry;
 //! - `vote`, `committed`, `purged`: sealed JSON of the vote and log ids;
+//! - `fence`: the vote fence of a member whose store was made empty;
 //! - `sm/<key>`: the state machine's pairs; `applied`, `membership`;
 //! - `snapshot`: the last built snapshot (meta and data).
 //!
@@ -152,6 +153,36 @@ impl LogStore {
     }
 }
 
+/// The vote fence of a group at this member (docs/architecture.md
+/// section 16): kept beside the group's vote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceRecord {
+    /// The member is still learning the group's terms (its store was made
+    /// empty): it grants no vote and starts no election.
+    pub pending: bool,
+    /// It grants no vote for a leader id at or below (term, voted_for),
+    /// and takes no leader below it (term 0 = no fence).
+    pub term: u64,
+    #[serde(default)]
+    pub voted_for: NodeId,
+}
+
+/// The group's fence record at this member, if any.
+pub fn read_fence(engine: &dyn Engine, group: &str) -> Result<Option<FenceRecord>, StorageError<NodeId>> {
+    read_json(engine, &group_key(group, b"fence"))
+}
+
+/// Stores the group's fence record (synced: it must outlive a crash).
+pub fn write_fence(
+    engine: &dyn Engine,
+    group: &str,
+    record: FenceRecord,
+) -> Result<(), StorageError<NodeId>> {
+    let mut batch = WriteBatch::new();
+    batch.put(Cf::Raft, group_key(group, b"fence"), encode(&record)?);
+    engine.write(batch, true).map_err(io_write)
+}
+
 fn read_json<T: DeserializeOwned>(
     engine: &dyn Engine,
     key: &[u8],
@@ -203,7 +234,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.put_json(b"vote", vote, true)
+        self.put_json(b"vote", vote, true)?;
+        // Every stored vote is logged, so a run can show that no member
+        // voted for two candidates in one term (the log outlives a wiped
+        // store). A committed vote only acknowledges the term's leader.
+        tracing::info!(
+            "VOTE group={} term={} voted_for={} committed={}",
+            self.group,
+            vote.leader_id().get_term(),
+            vote.leader_id().voted_for().unwrap_or(0),
+            vote.is_committed()
+        );
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {

@@ -81,6 +81,10 @@ pub struct RemoteApply {
     /// The source node's actor id ("region/node"): positions are kept per
     /// source node, since every node ships its own log.
     pub source: String,
+    /// The source's store incarnation (`StoreIdentity::tag`, "" when not
+    /// known): positions are kept per incarnation, so a wiped source's new
+    /// log is never taken for the old one's (docs/architecture.md section 16).
+    pub source_store: String,
     pub first_seq: u64,
     pub through_seq: u64,
     pub entries: Vec<(String, Vec<u8>, Row)>,
@@ -124,6 +128,9 @@ impl CommitJob {
 /// Where an inbound replication stream stands, per source node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Inbound {
+    /// The source's store incarnation these positions are of (its latest
+    /// seen here; `StoreIdentity::tag`).
+    pub store: String,
     /// Every entry of the source through this position is applied here.
     pub applied_through: u64,
     /// HLC stamp at which the source last said this region had everything
@@ -177,11 +184,26 @@ impl Default for CommitState {
     }
 }
 
-/// Meta key of the position applied from `source` (an actor, "region/node").
-pub fn inbound_key(source: &str) -> Vec<u8> {
+/// Meta key of the position applied from the store incarnation `store`
+/// of `source` (an actor, "region/node"): `recv/<source>` when the
+/// incarnation is not known (""), `recv/<source>#<store>` otherwise.
+pub fn inbound_key(source: &str, store: &str) -> Vec<u8> {
     let mut k = b"recv/".to_vec();
     k.extend_from_slice(source.as_bytes());
+    if !store.is_empty() {
+        k.push(b'#');
+        k.extend_from_slice(store.as_bytes());
+    }
     k
+}
+
+/// The (source, store incarnation) of an [`inbound_key`].
+pub fn parse_inbound_key(k: &[u8]) -> Option<(String, String)> {
+    let rest = std::str::from_utf8(k.strip_prefix(b"recv/")?).ok()?;
+    Some(match rest.split_once('#') {
+        Some((source, store)) => (source.to_string(), store.to_string()),
+        None => (rest.to_string(), String::new()),
+    })
 }
 
 const IDEM_PREFIX: &[u8] = b"idem/";
@@ -261,7 +283,8 @@ impl Committer {
 struct Overlay {
     rows: HashMap<Vec<u8>, Row>,
     idem: HashMap<String, pb::IdempotencyRecord>,
-    inbound: HashMap<String, u64>,
+    /// Positions per (source, store incarnation).
+    inbound: HashMap<(String, String), u64>,
 }
 
 impl Committer {
@@ -336,9 +359,15 @@ impl Committer {
                 }
                 if !overlay.inbound.is_empty() {
                     let mut inbound = self.state.inbound.lock().unwrap_or_else(|p| p.into_inner());
-                    for (source, through) in &overlay.inbound {
+                    for ((source, store), through) in &overlay.inbound {
                         let e = inbound.entry(source.clone()).or_default();
-                        e.applied_through = e.applied_through.max(*through);
+                        if *store > e.store {
+                            // A newer incarnation of the source: its own positions.
+                            *e = Inbound { store: store.clone(), applied_through: 0, fresh_as_of_hlc: 0 };
+                        }
+                        if *store == e.store {
+                            e.applied_through = e.applied_through.max(*through);
+                        }
                     }
                 }
                 metrics::histogram!("geokv_commit_group_writes").record(write_count as f64);
@@ -523,9 +552,10 @@ impl Committer {
         next_seq: &mut u64,
         conflicts: &mut Vec<String>,
     ) -> Result<Vec<WriteOutcome>, KvError> {
-        let applied = match overlay.inbound.get(&remote.source) {
+        let position = (remote.source.clone(), remote.source_store.clone());
+        let applied = match overlay.inbound.get(&position) {
             Some(seq) => *seq,
-            None => self.inbound_position(&remote.source)?,
+            None => self.inbound_position(&remote.source, &remote.source_store)?,
         };
         let source_region = crate::topology::actor_region(&remote.source).to_string();
         match remote.mode {
@@ -544,10 +574,10 @@ impl Committer {
                 if remote.through_seq > applied {
                     batch.put(
                         Cf::Meta,
-                        inbound_key(&remote.source),
+                        inbound_key(&remote.source, &remote.source_store),
                         remote.through_seq.to_be_bytes().to_vec(),
                     );
-                    overlay.inbound.insert(remote.source.clone(), remote.through_seq);
+                    overlay.inbound.insert(position, remote.through_seq);
                 }
                 return Ok(Vec::new());
             }
@@ -587,8 +617,12 @@ impl Committer {
         }
         *next_seq = seq;
         if remote.mode == ApplyMode::Log {
-            job_batch.put(Cf::Meta, inbound_key(&remote.source), remote.through_seq.to_be_bytes().to_vec());
-            overlay.inbound.insert(remote.source.clone(), remote.through_seq);
+            job_batch.put(
+                Cf::Meta,
+                inbound_key(&remote.source, &remote.source_store),
+                remote.through_seq.to_be_bytes().to_vec(),
+            );
+            overlay.inbound.insert(position, remote.through_seq);
         }
         metrics::counter!("geokv_replication_applied_entries_total", "source" => source_region)
             .increment(remote.entries.len() as u64);
@@ -621,9 +655,11 @@ impl Committer {
         Ok(removed)
     }
 
-    fn inbound_position(&self, source: &str) -> Result<u64, KvError> {
-        let stored =
-            self.engine.get(Cf::Meta, &inbound_key(source)).map_err(|e| KvError::Storage(e.to_string()))?;
+    fn inbound_position(&self, source: &str, store: &str) -> Result<u64, KvError> {
+        let stored = self
+            .engine
+            .get(Cf::Meta, &inbound_key(source, store))
+            .map_err(|e| KvError::Storage(e.to_string()))?;
         Ok(stored.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map(u64::from_be_bytes).unwrap_or(0))
     }
 

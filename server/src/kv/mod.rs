@@ -255,6 +255,18 @@ pub struct Node {
     security: std::sync::OnceLock<Arc<crate::security::authn::Security>>,
     /// Tombstone collection: peers' reports, the current round, counts.
     gc: gc::GcState,
+    /// The store's identity (docs/architecture.md section 16).
+    identity: crate::storage::identity::Opened,
+}
+
+/// The actor id stamped on the writes this node accepts: the node's name
+/// and its store incarnation (the bare name under the put-back bug
+/// `identity-off`).
+fn write_actor(cfg: &Config, identity: &crate::storage::identity::StoreIdentity) -> String {
+    if crate::storage::identity::identity_off() {
+        return cfg.actor();
+    }
+    identity.write_actor(&cfg.actor())
 }
 
 impl Node {
@@ -281,15 +293,35 @@ impl Node {
         }
         {
             let mut inbound = state.inbound.lock().unwrap_or_else(|p| p.into_inner());
-            for (k, v) in engine.scan(Cf::Meta, b"recv/", Some(b"recv0"), 1024)? {
-                let Some(source) = k.strip_prefix(b"recv/") else { continue };
-                let source = String::from_utf8_lossy(source).into_owned();
+            // Positions per (source, store incarnation); each source's
+            // latest incarnation is the one in memory.
+            for (k, v) in engine.scan(Cf::Meta, b"recv/", Some(b"recv0"), 4096)? {
+                let Some((source, store)) = commit::parse_inbound_key(&k) else { continue };
                 let through = <[u8; 8]>::try_from(v.as_slice()).map(u64::from_be_bytes).unwrap_or(0);
-                inbound.insert(source, Inbound { applied_through: through, fresh_as_of_hlc: 0 });
+                let e = inbound.entry(source).or_default();
+                if store >= e.store {
+                    *e = Inbound { store, applied_through: through, fresh_as_of_hlc: 0 };
+                }
             }
         }
+        // A memory store (simulations) takes its UUID from its node's name,
+        // so a run stays reproducible from its seed.
+        let opened = if engine.kind() == "memory" {
+            let digest = <sha2::Sha256 as sha2::Digest>::digest(cfg.actor().as_bytes());
+            let mut uuid = [0u8; 16];
+            uuid.copy_from_slice(&digest[..16]);
+            crate::storage::identity::load_or_create(engine.as_ref(), || uuid, 1)?
+        } else {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(1);
+            crate::storage::identity::load_or_create(engine.as_ref(), rand::random, now_ms)?
+        };
+        tracing::info!(node = %cfg.actor(), store = %opened.identity.tag(), created_empty = opened.created_empty,
+            "store identity");
         let settings = CommitSettings {
-            actor: cfg.actor(),
+            actor: write_actor(&cfg, &opened.identity),
             region: cfg.region.clone(),
             sync: cfg.storage.sync,
             writes_max: cfg.storage.group_commit_writes_max,
@@ -329,7 +361,36 @@ impl Node {
             ),
             security: std::sync::OnceLock::new(),
             gc: gc::GcState::default(),
+            identity: opened,
         }))
+    }
+
+    /// This node's store: its UUID and incarnation, and whether it was made
+    /// empty at this start (docs/architecture.md section 16).
+    pub fn store(&self) -> &crate::storage::identity::Opened {
+        &self.identity
+    }
+
+    /// This node's store incarnation as replication positions key it
+    /// (`StoreIdentity::tag`; "" under the put-back bug `identity-off`,
+    /// which keys positions by node name and sequence only).
+    pub fn store_tag(&self) -> String {
+        if crate::storage::identity::identity_off() {
+            return String::new();
+        }
+        self.identity.identity.tag()
+    }
+
+    /// What this node has applied from the store incarnation `store` of
+    /// the node `source` (an actor): every entry of that incarnation's log
+    /// through the returned position. The destination is the authority on
+    /// this; sources learn it in the link handshake.
+    pub fn applied_from(&self, source: &str, store: &str) -> Result<u64, KvError> {
+        let stored = self
+            .engine
+            .get(Cf::Meta, &commit::inbound_key(source, store))
+            .map_err(|e| KvError::Storage(e.to_string()))?;
+        Ok(stored.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map(u64::from_be_bytes).unwrap_or(0))
     }
 
     /// Installs the write gate (once; later calls are ignored).
@@ -705,6 +766,7 @@ impl Node {
         let (reply, rx) = oneshot::channel();
         let remote = RemoteApply {
             source: "quorum".into(),
+            source_store: String::new(),
             first_seq: 0,
             through_seq: 0,
             entries,

@@ -295,6 +295,7 @@ async fn replicated_frames_merge_once_and_keep_local_writes() {
     let row = remote_counter(5);
     let frame = |first, through| RemoteApply {
         source: "us-east-1/n1".into(),
+        source_store: String::new(),
         first_seq: first,
         through_seq: through,
         entries: vec![("default".into(), b"c".to_vec(), row.clone())],
@@ -328,6 +329,7 @@ async fn repaired_rows_merge_without_moving_the_position_until_done() {
     let row = remote_counter(4);
     let apply = |mode, through, entries: Vec<(String, Vec<u8>, Row)>| RemoteApply {
         source: "us-east-1/n1".into(),
+        source_store: String::new(),
         first_seq: 0,
         through_seq: through,
         entries,
@@ -506,4 +508,34 @@ async fn repair_does_not_bring_back_a_row_fenced_at_its_epoch_end() {
     assert_eq!(keys, vec![b"old".as_slice(), b"new".as_slice()]);
     // Repair records no failover conflicts: it carries row states, not writes.
     assert!(n.failover_conflicts().is_empty());
+}
+
+/// A wiped source's new incarnation numbers its log from 1 again: its
+/// frames are its own positions, never duplicates of the old incarnation's
+/// (docs/architecture.md section 16).
+#[tokio::test]
+async fn a_new_source_incarnation_is_not_taken_for_duplicates() {
+    let node = node();
+    let apply = |store: &str, first, through, value: i64| RemoteApply {
+        source: "us-east-1/n1".into(),
+        source_store: store.into(),
+        first_seq: first,
+        through_seq: through,
+        entries: vec![("default".into(), format!("k{store}{through}").into_bytes(), remote_counter(value))],
+        mode: ApplyMode::Log,
+        idempotency: Vec::new(),
+    };
+    let old = format!("{:016x}-{}", 1, "a".repeat(32));
+    let new = format!("{:016x}-{}", 2, "b".repeat(32));
+    node.apply_remote(apply(&old, 1, 30, 3)).await.unwrap();
+    assert_eq!(node.applied_from("us-east-1/n1", &old).unwrap(), 30);
+    assert_eq!(node.applied_from("us-east-1/n1", &new).unwrap(), 0, "nothing of the new incarnation yet");
+    node.apply_remote(apply(&new, 1, 1, 4)).await.unwrap();
+    assert_eq!(node.applied_from("us-east-1/n1", &new).unwrap(), 1);
+    assert_eq!(node.applied_from("us-east-1/n1", &old).unwrap(), 30, "the old incarnation's position stays");
+    let inbound = &node.inbound()["us-east-1/n1"];
+    assert_eq!((inbound.store.as_str(), inbound.applied_through), (new.as_str(), 1));
+    let key = format!("k{new}1").into_bytes();
+    let read = node.read(&RowRef { key, ..row_ref_c() }, ReadLevel::Local, &[]).unwrap();
+    assert!(read.row.is_some(), "the new incarnation's first entry was applied");
 }

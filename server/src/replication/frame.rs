@@ -84,6 +84,9 @@ pub fn build(
         source_head_seq: head,
         sent_hlc: hlc,
         epoch: crate::kv::commit::INITIAL_EPOCH,
+        // Set by the shipper (`Node::store_tag`); repair frames leave it
+        // empty, since they move no position.
+        source_store: String::new(),
     })
 }
 

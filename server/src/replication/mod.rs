@@ -156,6 +156,14 @@ impl Replicator {
             .min()
     }
 
+    /// What each destination node has applied from this node's store, as
+    /// it said in its last handshake and acknowledged since (one entry per
+    /// link). The destination is the authority: a position here is never
+    /// ahead of what it applied. docs/architecture.md section 16.
+    pub fn positions(&self) -> Vec<ship::LinkPosition> {
+        self.links.values().map(|l| l.position(&self.node)).collect()
+    }
+
     /// Whether this node ships its log to `region` at all.
     pub fn ships_to(&self, region: &str) -> bool {
         self.links.keys().any(|(r, _)| r == region)

@@ -33,6 +33,60 @@ impl pb::replication_server::Replication for ReplicationService {
     type ShipStream = AckStream;
     type RepairStream = RepairAnswers;
 
+    /// Opens a link: refuses a source with another cluster policy
+    /// (`CONFIG_MISMATCH`), and tells it who this store is and what it has
+    /// applied from the source's store incarnation.
+    async fn hello(&self, request: Request<pb::ShipHello>) -> Result<Response<pb::ShipWelcome>, Status> {
+        let caller = crate::security::authn::Caller::of(&request);
+        let hello = request.into_inner();
+        let cfg = self.node.config();
+        if hello.source_region == cfg.region || cfg.regions.iter().all(|r| r.name != hello.source_region) {
+            return Err(crate::error::KvError::UnknownRegion {
+                region: hello.source_region.clone(),
+                known: cfg.region_names(),
+            }
+            .to_status());
+        }
+        if hello.source_node.is_empty() {
+            return Err(crate::error::KvError::MissingField { field: "source_node" }.to_status());
+        }
+        self.node.security().check_claim(
+            &caller,
+            &hello.source_region,
+            Some(&hello.source_node),
+            "a replication handshake",
+        )?;
+        if hello.destination_node != cfg.node_id {
+            return Err(crate::error::KvError::InvalidField {
+                field: "destination_node",
+                why: format!("this is node `{}`, not `{}`", cfg.node_id, hello.destination_node),
+            }
+            .to_status());
+        }
+        let source = crate::topology::actor(&hello.source_region, &hello.source_node);
+        let policy = crate::topology::policy::items(cfg);
+        let fingerprint = crate::topology::policy::fingerprint(&policy);
+        if hello.policy_fingerprint != fingerprint {
+            let differences = crate::topology::policy::differences(
+                &policy,
+                &crate::topology::policy::from_wire(&hello.policy),
+            );
+            let err = crate::error::KvError::ConfigMismatch { peer: source.clone(), differences };
+            tracing::error!(peer = %source, error = %err, "refusing a node with another cluster policy");
+            metrics::counter!("geokv_config_mismatch_total", "peer" => source).increment(1);
+            return Err(err.to_status());
+        }
+        let applied = self.node.applied_from(&source, &hello.source_store).map_err(|e| e.to_status())?;
+        tracing::info!(peer = %source, source_store = %hello.source_store, applied,
+            "replication handshake");
+        Ok(Response::new(pb::ShipWelcome {
+            destination_store: self.node.store_tag(),
+            applied_through_seq: applied,
+            policy: crate::topology::policy::to_wire(&policy),
+            policy_fingerprint: fingerprint,
+        }))
+    }
+
     async fn repair(
         &self,
         request: Request<Streaming<pb::RepairRequest>>,
@@ -145,8 +199,14 @@ impl pb::replication_server::Replication for ReplicationService {
                     &opened.accepted,
                     opened.idempotency,
                 );
+                let store = if crate::storage::identity::identity_off() {
+                    String::new()
+                } else {
+                    frame.source_store.clone()
+                };
                 let remote = RemoteApply {
                     source: source.clone(),
+                    source_store: store.clone(),
                     first_seq: frame.first_seq,
                     through_seq: frame.through_seq,
                     entries,
@@ -155,7 +215,12 @@ impl pb::replication_server::Replication for ReplicationService {
                 };
                 let applied = if remote.entries.is_empty()
                     && frame.through_seq
-                        <= node.inbound().get(&source).map(|i| i.applied_through).unwrap_or(0)
+                        <= node
+                            .inbound()
+                            .get(&source)
+                            .filter(|i| i.store == store)
+                            .map(|i| i.applied_through)
+                            .unwrap_or(0)
                 {
                     Ok(())
                 } else {

@@ -88,12 +88,14 @@ pub struct Session {
     node: Arc<Node>,
     /// Actor id of the source node, set by `Begin`.
     source: Option<String>,
+    /// The source's store incarnation, set by `Begin`.
+    source_store: String,
     side: Option<Side>,
 }
 
 impl Session {
     pub fn new(node: Arc<Node>) -> Self {
-        Self { node, source: None, side: None }
+        Self { node, source: None, source_store: String::new(), side: None }
     }
 
     fn not_begun() -> KvError {
@@ -140,6 +142,8 @@ impl Session {
                 let root = side.tree.hashes(0, &[0]);
                 self.side = Some(side);
                 self.source = Some(crate::topology::actor(&b.source_region, &b.source_node));
+                self.source_store =
+                    if crate::storage::identity::identity_off() { String::new() } else { b.source_store };
                 Ok(pb::RepairResponse { hashes: to_hashes(root), ..Default::default() })
             }
             Step::Descend(d) => {
@@ -180,6 +184,7 @@ impl Session {
                 self.node
                     .apply_remote(RemoteApply {
                         source,
+                        source_store: self.source_store.clone(),
                         first_seq: 0,
                         through_seq: 0,
                         entries,
@@ -194,6 +199,7 @@ impl Session {
                 self.node
                     .apply_remote(RemoteApply {
                         source,
+                        source_store: self.source_store.clone(),
                         first_seq: 0,
                         through_seq: f.through_seq,
                         entries: Vec::new(),
@@ -282,6 +288,7 @@ pub async fn run(
         destination_node: link.destination_node.clone(),
         partitions: partitions.iter().copied().collect(),
         depth,
+        source_store: node.store_tag(),
     };
     let mut asked = vec![0u32];
     let mut answer = from_hashes(peer.ask(Step::Begin(begin)).await?.hashes);

@@ -64,6 +64,26 @@ pub struct LinkState {
     /// one entry each through this position, so the entry it refuses is
     /// found and skipped alone (0 = not set).
     pub solo_through: AtomicU64,
+    /// The destination's store incarnation as its last handshake gave it
+    /// ("" before the first).
+    pub destination_store: Mutex<String>,
+    /// The destination is a new store incarnation (a wiped or replaced
+    /// disk): it is re-seeded by anti-entropy before shipping resumes.
+    pub reseed: AtomicBool,
+}
+
+/// What a destination has applied from this node's store, as it said in
+/// the last handshake and acknowledged since (docs/architecture.md
+/// section 16): every entry of `source_store`'s log through
+/// `applied_through` is applied at `destination_store`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkPosition {
+    pub destination: String,
+    pub destination_node: String,
+    /// "" until the first handshake.
+    pub destination_store: String,
+    pub source_store: String,
+    pub applied_through: u64,
 }
 
 /// A point-in-time view of a link.
@@ -116,6 +136,19 @@ impl LinkState {
             unshippable: AtomicU64::new(0),
             last_unshippable: Mutex::new(String::new()),
             solo_through: AtomicU64::new(0),
+            destination_store: Mutex::new(String::new()),
+            reseed: AtomicBool::new(false),
+        }
+    }
+
+    /// What the destination has applied from `node`'s store.
+    pub fn position(&self, node: &Node) -> LinkPosition {
+        LinkPosition {
+            destination: self.destination.clone(),
+            destination_node: self.destination_node.clone(),
+            destination_store: self.destination_store.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            source_store: node.store_tag(),
+            applied_through: self.acked_seq.load(Ordering::Acquire),
         }
     }
 
@@ -215,6 +248,14 @@ pub(crate) fn cursor_key(destination: &str, node: &str) -> Vec<u8> {
     k
 }
 
+/// Meta key of the store incarnation of one destination node, as its last
+/// handshake gave it.
+fn destination_store_key(destination: &str, node: &str) -> Vec<u8> {
+    let mut k = b"shipstore/".to_vec();
+    k.extend_from_slice(crate::topology::actor(destination, node).as_bytes());
+    k
+}
+
 /// Ships this node's log to one destination node.
 pub struct Shipper {
     node: Arc<Node>,
@@ -251,6 +292,11 @@ impl Shipper {
         let start =
             stored.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map(u64::from_be_bytes).unwrap_or(0);
         self.state.acked_seq.store(start, Ordering::Release);
+        let key = destination_store_key(&self.state.destination, &self.state.destination_node);
+        if let Some(store) = self.node.engine().get(Cf::Meta, &key).ok().flatten() {
+            *self.state.destination_store.lock().unwrap_or_else(|p| p.into_inner()) =
+                String::from_utf8_lossy(&store).into_owned();
+        }
         let mut backoff = Duration::from_millis(self.cfg.reconnect_ms);
         while !cancel.is_cancelled() {
             let result = tokio::select! {
@@ -263,7 +309,12 @@ impl Shipper {
                 Ok(()) => backoff = Duration::from_millis(self.cfg.reconnect_ms),
                 Err(e) => {
                     tracing::debug!(destination = %self.state.destination, error = %e, "replication link down");
-                    self.state.set_error(&e);
+                    match &e {
+                        KvError::ConfigMismatch { .. } => {
+                            self.state.set_error(format!("{}: {e}", e.reason()))
+                        }
+                        _ => self.state.set_error(&e),
+                    }
                     metrics::counter!("geokv_replication_link_errors_total", "destination" => self.state.destination.clone())
                         .increment(1);
                 }
@@ -292,6 +343,101 @@ impl Shipper {
         }
     }
 
+    /// The link handshake: both nodes must have the same cluster policy,
+    /// and the destination says who it is and what it has applied from
+    /// this node's store incarnation. The destination is the authority on
+    /// that: shipping resumes from its answer, and a destination that is a
+    /// new store incarnation (wiped or replaced) is re-seeded by
+    /// anti-entropy first (docs/architecture.md section 16).
+    async fn handshake(
+        &self,
+        client: &mut pb::replication_client::ReplicationClient<tonic::transport::Channel>,
+    ) -> Result<(), KvError> {
+        let cfg = self.node.config();
+        let policy = crate::topology::policy::items(cfg);
+        let fingerprint = crate::topology::policy::fingerprint(&policy);
+        let hello = pb::ShipHello {
+            source_region: cfg.region.clone(),
+            source_node: cfg.node_id.clone(),
+            source_store: self.node.store_tag(),
+            destination_node: self.state.destination_node.clone(),
+            policy: crate::topology::policy::to_wire(&policy),
+            policy_fingerprint: fingerprint.clone(),
+        };
+        let peer = crate::topology::actor(&self.state.destination, &self.state.destination_node);
+        let welcome = match client.hello(hello).await {
+            Ok(w) => w.into_inner(),
+            Err(status) => {
+                use tonic_types::StatusExt;
+                let mismatch = status
+                    .get_details_error_info()
+                    .filter(|i| geokv_proto::reasons::CONFIG_MISMATCH.is(&i.reason));
+                if let Some(info) = mismatch {
+                    tracing::error!(peer = %peer, why = %status.message(),
+                        "the peer refuses this node: another cluster policy");
+                    metrics::counter!("geokv_config_mismatch_total", "peer" => peer.clone()).increment(1);
+                    let theirs = info.metadata.get("differences").cloned().unwrap_or_default();
+                    return Err(KvError::ConfigMismatch {
+                        differences: vec![format!("as {peer} says (there = this node): {theirs}")],
+                        peer,
+                    });
+                }
+                return Err(KvError::RegionUnreachable {
+                    region: self.state.destination.clone(),
+                    why: format!("handshake: {}: {}", status.code(), status.message()),
+                });
+            }
+        };
+        if welcome.policy_fingerprint != fingerprint {
+            let differences = crate::topology::policy::differences(
+                &policy,
+                &crate::topology::policy::from_wire(&welcome.policy),
+            );
+            let err = KvError::ConfigMismatch { peer: peer.clone(), differences };
+            tracing::error!(peer = %peer, error = %err, "refusing a node with another cluster policy");
+            metrics::counter!("geokv_config_mismatch_total", "peer" => peer).increment(1);
+            return Err(err);
+        }
+        let known = self.state.destination_store.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if crate::storage::identity::identity_off() {
+            // Put back: the source keeps its own cursor, whoever answers.
+            return Ok(());
+        }
+        let had = self.state.acked_seq.load(Ordering::Acquire);
+        if !known.is_empty() && known != welcome.destination_store {
+            tracing::warn!(peer = %peer, was = %known, now = %welcome.destination_store, acked = had,
+                "the destination is a new store incarnation (wiped or replaced): re-seeding it by anti-entropy");
+            metrics::counter!("geokv_replication_new_destination_incarnations_total",
+                "destination" => self.state.destination.clone())
+            .increment(1);
+            self.state.reseed.store(true, Ordering::Release);
+        }
+        if welcome.applied_through_seq != had {
+            tracing::info!(peer = %peer, cursor = had, applied = welcome.applied_through_seq,
+                "the destination says where this node's store stands there");
+        }
+        self.state.acked_seq.store(welcome.applied_through_seq, Ordering::Release);
+        *self.state.destination_store.lock().unwrap_or_else(|p| p.into_inner()) =
+            welcome.destination_store.clone();
+        let mut batch = crate::storage::WriteBatch::new();
+        // A new incarnation is remembered only once re-seeded, so a restart
+        // before that re-seeds it again.
+        if !self.state.reseed.load(Ordering::Acquire) {
+            batch.put(
+                Cf::Meta,
+                destination_store_key(&self.state.destination, &self.state.destination_node),
+                welcome.destination_store.into_bytes(),
+            );
+        }
+        batch.put(
+            Cf::Meta,
+            cursor_key(&self.state.destination, &self.state.destination_node),
+            welcome.applied_through_seq.to_be_bytes().to_vec(),
+        );
+        self.node.engine().write(batch, false).map_err(|e| KvError::Storage(e.to_string()))?;
+        Ok(())
+    }
+
     async fn stream_once(&self, cancel: &CancellationToken) -> Result<(), KvError> {
         let unreachable =
             |why: String| KvError::RegionUnreachable { region: self.state.destination.clone(), why };
@@ -309,6 +455,7 @@ impl Shipper {
         let mut client = pb::replication_client::ReplicationClient::new(channel.clone())
             .max_decoding_message_size(wire_max)
             .max_encoding_message_size(wire_max);
+        self.handshake(&mut client).await?;
         let (tx, rx) = mpsc::channel::<pb::ShipFrame>(self.cfg.in_flight_frames_max);
         let mut acks = client
             .ship(ReceiverStream::new(rx))
@@ -326,6 +473,23 @@ impl Shipper {
         loop {
             let paused = self.state.paused.load(Ordering::Acquire);
             let head = self.node.log_seq();
+            if !paused && in_flight.is_empty() && self.state.reseed.load(Ordering::Acquire) {
+                let through = self.repair(channel.clone()).await?;
+                self.state.reseed.store(false, Ordering::Release);
+                let store = self.state.destination_store.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let mut batch = crate::storage::WriteBatch::new();
+                batch.put(
+                    Cf::Meta,
+                    destination_store_key(&self.state.destination, &self.state.destination_node),
+                    store.into_bytes(),
+                );
+                self.node.engine().write(batch, false).map_err(|e| KvError::Storage(e.to_string()))?;
+                read_pos = read_pos.max(through);
+                self.state.acked_seq.fetch_max(through, Ordering::AcqRel);
+                self.persist_cursor();
+                last_persist = Instant::now();
+                continue;
+            }
             if !paused && read_pos < head && in_flight.len() < self.cfg.in_flight_frames_max {
                 if self.behind_retention(read_pos)? {
                     if in_flight.is_empty() {
@@ -389,9 +553,10 @@ impl Shipper {
                     // An idle, caught-up link says so, which is how the
                     // destination knows how fresh its copy is.
                     if in_flight.is_empty() && read_pos >= head && !paused {
-                        let frame = super::frame::build(
+                        let mut frame = super::frame::build(
                             &self.state.source, &self.node.config().node_id, read_pos + 1, read_pos,
                             Vec::new(), head, self.node.hlc().now().0)?;
+                        frame.source_store = self.node.store_tag();
                         in_flight.push_back(InFlight { through_seq: read_pos, bytes: 0, entries: 0 });
                         tx.send(frame).await.map_err(|_| unreachable("stream closed".into()))?;
                     }
@@ -451,7 +616,8 @@ impl Shipper {
         self.state.repairs_started.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("geokv_antientropy_repairs_started_total", &labels).increment(1);
         tracing::info!(destination = %self.state.destination, node = %self.state.destination_node,
-            acked = self.state.acked_seq.load(Ordering::Acquire), "destination is behind log retention: repairing");
+            acked = self.state.acked_seq.load(Ordering::Acquire), reseed = self.state.reseed.load(Ordering::Acquire),
+            "repairing the destination (behind log retention, or a new store incarnation)");
         let result =
             super::repair::run(&self.node, &self.state, channel, self.cfg.repair_batch_rows_max).await;
         self.state.repairing.store(false, Ordering::Release);
@@ -545,7 +711,7 @@ impl Shipper {
             let avg = bytes / entries.len() as u64;
             self.state.avg_entry_bytes.store(avg.max(1), Ordering::Relaxed);
         }
-        let frame = super::frame::build(
+        let mut frame = super::frame::build(
             &self.state.source,
             &cfg.node_id,
             first,
@@ -554,6 +720,7 @@ impl Shipper {
             head,
             self.node.hlc().now().0,
         )?;
+        frame.source_store = self.node.store_tag();
         Ok((frame, bytes))
     }
 }

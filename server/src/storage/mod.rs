@@ -5,10 +5,12 @@
 //!   scans, and atomic multi-column-family batches with optional sync.
 //! - [`rocks`]: the RocksDB engine used by every real node.
 //! - [`memory`]: an in-memory engine for simulation tests only.
+//! - [`identity`]: the store's UUID and incarnation, made at first open.
 //!
 //! Column families separate the row data, the replication log and node
 //! metadata so each can have its own compaction and retention.
 
+pub mod identity;
 pub mod memory;
 pub mod rocks;
 

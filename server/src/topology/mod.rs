@@ -12,6 +12,8 @@
 //! owner of its partition there. Every node accepts every request and
 //! forwards it to the owner (inside the region) or to the right region.
 
+pub mod policy;
+
 use std::collections::BTreeSet;
 
 use crate::config::Config;
