@@ -64,6 +64,10 @@ pub struct LinkState {
     /// one entry each through this position, so the entry it refuses is
     /// found and skipped alone (0 = not set).
     pub solo_through: AtomicU64,
+    /// The last entry skipped as unshippable, as (position before it, its
+    /// position): the destination never applies it, so a handshake that
+    /// answers "before it" resumes after it instead of sending it again.
+    pub skipped: Mutex<(u64, u64)>,
     /// The destination's store incarnation as its last handshake gave it
     /// ("" before the first).
     pub destination_store: Mutex<String>,
@@ -136,6 +140,7 @@ impl LinkState {
             unshippable: AtomicU64::new(0),
             last_unshippable: Mutex::new(String::new()),
             solo_through: AtomicU64::new(0),
+            skipped: Mutex::new((0, 0)),
             destination_store: Mutex::new(String::new()),
             reseed: AtomicBool::new(false),
         }
@@ -416,7 +421,15 @@ impl Shipper {
             tracing::info!(peer = %peer, cursor = had, applied = welcome.applied_through_seq,
                 "the destination says where this node's store stands there");
         }
-        self.state.acked_seq.store(welcome.applied_through_seq, Ordering::Release);
+        // The destination stands just before an entry skipped as
+        // unshippable: it will never have it, so shipping resumes after it.
+        let (skipped_after, skipped_through) = *self.state.skipped.lock().unwrap_or_else(|p| p.into_inner());
+        let resume = if welcome.applied_through_seq == skipped_after && skipped_through > skipped_after {
+            skipped_through
+        } else {
+            welcome.applied_through_seq
+        };
+        self.state.acked_seq.store(resume, Ordering::Release);
         *self.state.destination_store.lock().unwrap_or_else(|p| p.into_inner()) =
             welcome.destination_store.clone();
         let mut batch = crate::storage::WriteBatch::new();
@@ -432,7 +445,7 @@ impl Shipper {
         batch.put(
             Cf::Meta,
             cursor_key(&self.state.destination, &self.state.destination_node),
-            welcome.applied_through_seq.to_be_bytes().to_vec(),
+            resume.to_be_bytes().to_vec(),
         );
         self.node.engine().write(batch, false).map_err(|e| KvError::Storage(e.to_string()))?;
         Ok(())
@@ -583,7 +596,8 @@ impl Shipper {
         if solo >= refused.through_seq && refused.entries <= 1 {
             // A frame of one entry, refused alone: it can never ship there.
             self.state.unshippable(refused.through_seq, "", status.message());
-            self.state.acked_seq.fetch_max(refused.through_seq, Ordering::AcqRel);
+            let before = self.state.acked_seq.fetch_max(refused.through_seq, Ordering::AcqRel);
+            *self.state.skipped.lock().unwrap_or_else(|p| p.into_inner()) = (before, refused.through_seq);
             self.persist_cursor();
         } else {
             self.state.solo_through.store(refused.through_seq, Ordering::Release);
