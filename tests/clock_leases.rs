@@ -16,7 +16,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::cluster::{DevCluster, Options};
+use common::cluster::{forwarded_put, wait_moved, DevCluster, Options};
 use common::Deadline;
 use geokv_client::proto as pb;
 use geokv_client::{Client, Consistency, ReadConsistency, Row, WriteOptions};
@@ -43,44 +43,6 @@ async fn start() -> DevCluster {
     DevCluster::start_with(Options { extra_config: EXTRA.into(), ..Options::scale(0.5) }).await
 }
 
-async fn home_lease(client: &Client, home: &str) -> Option<pb::HomeInfo> {
-    client.region_status().await.ok()?.homes.into_iter().find(|h| h.home == home)
-}
-
-/// Waits until `home` is held by a region other than `old_holder`, as
-/// `client`'s node sees it.
-async fn wait_moved(client: &Client, home: &str, old_holder: &str) -> pb::HomeInfo {
-    let deadline = Deadline::after(FAILOVER_LIMIT);
-    loop {
-        if let Some(h) = home_lease(client, home).await {
-            if h.holder != old_holder {
-                return h;
-            }
-        }
-        assert!(!deadline.passed(), "home {home} still held by {old_holder} after {FAILOVER_LIMIT:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A LOCAL put sent to `region`'s peer port as eu-west-1's node forwarding
-/// it, so that node must accept or refuse it itself (not through the proxy:
-/// a cut-off node still answers here).
-async fn forwarded_put(cluster: &DevCluster, region: &str, key: &str) -> Result<pb::WriteAck, tonic::Status> {
-    let channel = cluster.node_channel(cluster.node_peer_addr(region, 0), ("eu-west-1", "n1")).await;
-    let mut kv = pb::kv_client::KvClient::new(channel);
-    let mut req = tonic::Request::new(pb::PutRequest {
-        row: Some(pb::RowRef { table: "default".into(), key: key.as_bytes().to_vec(), locality: None }),
-        value: b"v".to_vec(),
-        consistency: pb::WriteConsistency::WriteLocal as i32,
-        context: Vec::new(),
-        idempotency_key: String::new(),
-    });
-    req.set_timeout(Duration::from_secs(3));
-    req.metadata_mut().insert("geokv-forwarded-by", "eu-west-1/n1".parse().expect("ascii"));
-    req.metadata_mut().insert("geokv-principal", "root".parse().expect("ascii"));
-    kv.put(req).await.map(|r| r.into_inner().ack.unwrap_or_default())
-}
-
 fn reason(status: tonic::Status) -> String {
     geokv_client::Error::from(status).reason.unwrap_or_default()
 }
@@ -100,13 +62,13 @@ async fn a_holder_whose_clock_runs_behind_stops_serving_once_cut_off() {
     // by its wall clock its lease has 20 s more to run.
     cluster.set_clock_offset(US, -20_000);
     cluster.isolate(US).await;
-    let moved = wait_moved(&eu, US, US).await;
+    let moved = wait_moved(&eu, US, US, FAILOVER_LIMIT, false).await;
     assert!(moved.epoch >= 2, "{moved:?}");
 
     // The old holder, alone with its stale state, accepts nothing.
     let mut accepted = Vec::new();
     for i in 0..20 {
-        match forwarded_put(&cluster, US, &format!("cut{i}")).await {
+        match forwarded_put(&cluster, US, &format!("cut{i}"), b"v").await {
             Ok(ack) => accepted.push((i, ack.epoch)),
             Err(status) => {
                 let r = reason(status);
@@ -170,7 +132,7 @@ async fn a_node_whose_clock_jumps_beyond_the_max_offset_says_so_and_serves_no_le
     assert_eq!(common::metric(cluster.admin_addr(EU_WEST), "geokv_clock_offset_exceeded", &[]), 0.0);
 
     // It refuses LOCAL writes for its home while it still holds it.
-    match forwarded_put(&cluster, US, "jumped").await {
+    match forwarded_put(&cluster, US, "jumped", b"v").await {
         Ok(ack) => panic!("a node 4 s off accepted a write: {ack:?}"),
         Err(status) => {
             let r = reason(status);
@@ -178,7 +140,7 @@ async fn a_node_whose_clock_jumps_beyond_the_max_offset_says_so_and_serves_no_le
         }
     }
     // It stops renewing: another region takes the home and serves it.
-    let moved = wait_moved(&eu, US, US).await;
+    let moved = wait_moved(&eu, US, US, FAILOVER_LIMIT, false).await;
     let deadline = Deadline::after(FAILOVER_LIMIT);
     let ack = loop {
         match eu.put(&default_row("elsewhere"), b"v".to_vec(), local()).await {

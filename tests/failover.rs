@@ -25,10 +25,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{DevCluster, Options};
+use common::cluster::{forwarded_put, wait_moved, DevCluster, Options};
 use common::Deadline;
 use geokv_client::proto as pb;
-use geokv_client::{Client, Consistency, ReadConsistency, Row, WriteOptions};
+use geokv_client::{Consistency, ReadConsistency, Row, WriteOptions};
 
 const US: &str = "us-east-1";
 const EU_WEST: &str = "eu-west-1";
@@ -64,24 +64,6 @@ async fn join_bounded<T>(task: tokio::task::JoinHandle<T>) -> T {
 }
 
 /// The home lease of `home` as `client`'s node sees it.
-async fn home_lease(client: &Client, home: &str) -> Option<pb::HomeInfo> {
-    client.region_status().await.ok()?.homes.into_iter().find(|h| h.home == home)
-}
-
-/// Waits until `home` is held by a region other than `old_holder`.
-async fn wait_moved(client: &Client, home: &str, old_holder: &str) -> pb::HomeInfo {
-    let deadline = Deadline::after(FAILOVER_LIMIT);
-    loop {
-        if let Some(h) = home_lease(client, home).await {
-            if h.holder != old_holder && h.lease_remaining_ms > 0 {
-                return h;
-            }
-        }
-        assert!(!deadline.passed(), "home {home} still held by {old_holder} after {FAILOVER_LIMIT:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// What one writer saw.
 #[derive(Default)]
 struct Log {
@@ -172,7 +154,7 @@ async fn kill_9_of_the_home_loses_no_strong_or_quorum_write() {
     assert!(quorum_ms.is_some(), "no QUORUM write succeeded after the home died");
 
     let reader = cluster.client(EU_CENTRAL).await;
-    let moved = wait_moved(&reader, US, US).await;
+    let moved = wait_moved(&reader, US, US, FAILOVER_LIMIT, true).await;
     assert_eq!(moved.epoch, 2, "one failover moves the home to epoch 2: {moved:?}");
 
     // STRONG: one sequential writer, so the register holds the last
@@ -208,24 +190,6 @@ async fn kill_9_of_the_home_loses_no_strong_or_quorum_write() {
     assert!(missing.is_empty(), "acknowledged LOCAL writes lost after the home returned: {missing:?}");
 }
 
-/// A put sent to `region`'s peer port as eu-west-1's node forwarding it
-/// for `root`, so the node must accept or refuse it itself.
-async fn forwarded_put(cluster: &DevCluster, region: &str, key: &str) -> Result<pb::WriteAck, tonic::Status> {
-    let channel = cluster.node_channel(cluster.node_peer_addr(region, 0), ("eu-west-1", "n1")).await;
-    let mut kv = pb::kv_client::KvClient::new(channel);
-    let mut req = tonic::Request::new(pb::PutRequest {
-        row: Some(pb::RowRef { table: "default".into(), key: key.as_bytes().to_vec(), locality: None }),
-        value: b"from-the-paused-home".to_vec(),
-        consistency: pb::WriteConsistency::WriteLocal as i32,
-        context: Vec::new(),
-        idempotency_key: String::new(),
-    });
-    req.set_timeout(Duration::from_secs(3));
-    req.metadata_mut().insert("geokv-forwarded-by", "eu-west-1/n1".parse().expect("ascii"));
-    req.metadata_mut().insert("geokv-principal", "root".parse().expect("ascii"));
-    kv.put(req).await.map(|r| r.into_inner().ack.unwrap_or_default())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_home_is_fenced_after_failover() {
     let cluster = DevCluster::start(0.5).await;
@@ -240,7 +204,7 @@ async fn a_paused_home_is_fenced_after_failover() {
     }
 
     cluster.pause(US);
-    let moved = wait_moved(&writer, US, US).await;
+    let moved = wait_moved(&writer, US, US, FAILOVER_LIMIT, true).await;
     assert!(moved.epoch >= 2, "{moved:?}");
     for i in 0..20 {
         let key = format!("during{i}");
@@ -255,7 +219,7 @@ async fn a_paused_home_is_fenced_after_failover() {
     // caught up with the control plane, the old home refuses every write.
     let mut refusals = 0;
     for i in 0..30 {
-        match forwarded_put(&cluster, US, &format!("after{i}")).await {
+        match forwarded_put(&cluster, US, &format!("after{i}"), b"from-the-paused-home").await {
             Ok(ack) => panic!("the fenced old home accepted a write: {ack:?}"),
             Err(status) => {
                 let err = geokv_client::Error::from(status);

@@ -16,9 +16,8 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::cluster::DevCluster;
+use common::cluster::{wait_moved, DevCluster};
 use common::Deadline;
-use geokv_client::proto as pb;
 use geokv_client::{Client, Consistency, ReadConsistency, Row, WriteOptions};
 
 const US: &str = "us-east-1";
@@ -29,24 +28,6 @@ const CONVERGE_LIMIT: Duration = Duration::from_secs(60);
 
 fn local(key: &str) -> WriteOptions {
     WriteOptions::default().consistency(Consistency::Local).idempotency_key(key)
-}
-
-async fn holder_of(client: &Client, home: &str) -> Option<pb::HomeInfo> {
-    client.region_status().await.ok()?.homes.into_iter().find(|h| h.home == home)
-}
-
-/// Waits until `home` is held, with a live lease, by a region other than `old`.
-async fn wait_moved(client: &Client, home: &str, old: &str) -> pb::HomeInfo {
-    let deadline = Deadline::after(FAILOVER_LIMIT);
-    loop {
-        if let Some(h) = holder_of(client, home).await {
-            if h.holder != old && h.lease_remaining_ms > 0 {
-                return h;
-            }
-        }
-        assert!(!deadline.passed(), "home {home} still held by {old} after {FAILOVER_LIMIT:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Retries `add` until it is acknowledged (a new holder may refuse for a
@@ -98,7 +79,7 @@ async fn a_counter_add_retried_across_failovers_counts_once() {
     let moved = cluster.cli_json(&["region", "failover", "--from", US, "--to", EU_WEST]).await;
     eprintln!("planned failover: {moved}");
     let eu = cluster.client(EU_WEST).await;
-    let held = wait_moved(&eu, US, US).await;
+    let held = wait_moved(&eu, US, US, FAILOVER_LIMIT, true).await;
     let (value, replayed) = add_until_acked(&eu, &planned, 5, "k-planned").await;
     eprintln!(
         "retry after the planned failover (holder {}): value {value}, replayed {replayed}",
@@ -109,7 +90,7 @@ async fn a_counter_add_retried_across_failovers_counts_once() {
     let seen = counter_everywhere(&cluster, &planned, 5).await;
     assert!(seen.iter().all(|(_, v)| *v == Some(5)), "planned: counted more or less than once: {seen:?}");
     cluster.cli_json(&["region", "failback", "--region", US]).await;
-    wait_moved(&eu, US, EU_WEST).await;
+    wait_moved(&eu, US, EU_WEST, FAILOVER_LIMIT, true).await;
 
     // Unplanned: the home acknowledges, ships nothing (paused), and dies.
     let unplanned = Row::new("default", "idem-unplanned");
@@ -121,7 +102,7 @@ async fn a_counter_add_retried_across_failovers_counts_once() {
     assert_eq!(first, 7);
     cluster.kill_9(US);
     let eu = cluster.client(EU_WEST).await;
-    let held = wait_moved(&eu, US, US).await;
+    let held = wait_moved(&eu, US, US, FAILOVER_LIMIT, true).await;
     let (value, replayed) = add_until_acked(&eu, &unplanned, 7, "k-unplanned").await;
     eprintln!(
         "retry after the unplanned failover (holder {}): value {value}, replayed {replayed}",

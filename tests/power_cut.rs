@@ -106,21 +106,6 @@ async fn acknowledged_puts_survive_a_power_cut() {
     drop(node);
 }
 
-/// The `geokv` build with put-back bugs (`geokv-bugs` beside `geokv`, as
-/// scripts/check builds it); `GEOKV_BUGS_BIN` overrides.
-fn bugs_bin() -> std::path::PathBuf {
-    let bin = std::env::var_os("GEOKV_BUGS_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(common::GEOKV_BIN).with_file_name("geokv-bugs"));
-    assert!(
-        bin.exists(),
-        "{} is missing; build it with: cargo build -p geokv --features geokv-server/bugs && \
-         cp $CARGO_TARGET_DIR/debug/geokv $CARGO_TARGET_DIR/debug/geokv-bugs && cargo build -p geokv",
-        bin.display()
-    );
-    bin
-}
-
 /// Fault first: with `missing-sync` the committer acknowledges writes it
 /// never synced. A `kill -9` keeps them (they are in the page cache), so
 /// the crash test cannot see the bug; a power cut loses them.
@@ -128,7 +113,8 @@ fn bugs_bin() -> std::path::PathBuf {
 async fn a_missing_sync_survives_kill_9_but_not_a_power_cut() {
     let dir = tempfile::Builder::new().prefix("geokv-power-cut-").tempdir().unwrap();
     let fs = mount(dir.path());
-    let mut node = NodeProcess::start_on(&bugs_bin(), &[("GEOKV_BUG", "missing-sync")], fs.mountpoint());
+    let mut node =
+        NodeProcess::start_on(&common::bugs_bin(), &[("GEOKV_BUG", "missing-sync")], fs.mountpoint());
 
     let before_kill = acknowledged_puts(&node, "kill").await;
     node.kill_9();

@@ -627,21 +627,6 @@ async fn the_admin_port_can_serve_tls() {
     assert!(http_get(node.admin_addr, "/health").is_err(), "the TLS admin port answered plaintext");
 }
 
-/// The `geokv` build with put-back bugs (scripts/check makes it beside
-/// `geokv`); `GEOKV_BUGS_BIN` overrides.
-fn bugs_bin() -> std::path::PathBuf {
-    let bin = std::env::var_os("GEOKV_BUGS_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(common::GEOKV_BIN).with_file_name("geokv-bugs"));
-    assert!(
-        bin.exists(),
-        "{} is missing; build it with: cargo build -p geokv --features geokv-server/bugs && \
-         cp $CARGO_TARGET_DIR/debug/geokv $CARGO_TARGET_DIR/debug/geokv-bugs && cargo build -p geokv",
-        bin.display()
-    );
-    bin
-}
-
 /// A put on the peer port that says a node other than the caller forwarded
 /// it, for `principal`.
 async fn forged_forward(node: &NodeProcess, principal: &str) -> Result<(), tonic::Status> {
@@ -678,7 +663,7 @@ async fn put_back_bugs_get_past_the_security_checks() {
     let err = stranger.put(&Row::new("default", "s"), b"x".to_vec(), local()).await.expect_err("no grant");
     assert_eq!(err.reason.as_deref(), Some("PERMISSION_DENIED"), "{err}");
 
-    let bin = bugs_bin();
+    let bin = common::bugs_bin();
     let claims_off = NodeProcess::start_binary(&bin, "", &[("GEOKV_BUG", "peer-claims-off")]);
     forged_forward(&claims_off, "root").await.expect("with peer-claims-off the forged hop gets through");
 

@@ -804,3 +804,55 @@ impl Drop for DevCluster {
         }
     }
 }
+
+/// The lease of `home` as `client`'s node reports it.
+pub async fn home_lease(client: &Client, home: &str) -> Option<geokv_client::proto::HomeInfo> {
+    client.region_status().await.ok()?.homes.into_iter().find(|h| h.home == home)
+}
+
+/// Waits (at most `limit`) until `client`'s node reports `home` held by a
+/// region other than `old_holder`, with a lease time left when
+/// `live_lease`.
+pub async fn wait_moved(
+    client: &Client,
+    home: &str,
+    old_holder: &str,
+    limit: Duration,
+    live_lease: bool,
+) -> geokv_client::proto::HomeInfo {
+    let deadline = Deadline::after(limit);
+    loop {
+        if let Some(h) = home_lease(client, home).await {
+            if h.holder != old_holder && (!live_lease || h.lease_remaining_ms > 0) {
+                return h;
+            }
+        }
+        assert!(!deadline.passed(), "home {home} still held by {old_holder} after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A LOCAL put of `value` sent to `region`'s peer port as eu-west-1's node
+/// forwarding it for `root`, so that node must accept or refuse it itself
+/// (not through the proxy: a cut-off node still answers here).
+pub async fn forwarded_put(
+    cluster: &DevCluster,
+    region: &str,
+    key: &str,
+    value: &[u8],
+) -> Result<geokv_client::proto::WriteAck, tonic::Status> {
+    use geokv_client::proto as pb;
+    let channel = cluster.node_channel(cluster.node_peer_addr(region, 0), ("eu-west-1", "n1")).await;
+    let mut kv = pb::kv_client::KvClient::new(channel);
+    let mut req = tonic::Request::new(pb::PutRequest {
+        row: Some(pb::RowRef { table: "default".into(), key: key.as_bytes().to_vec(), locality: None }),
+        value: value.to_vec(),
+        consistency: pb::WriteConsistency::WriteLocal as i32,
+        context: Vec::new(),
+        idempotency_key: String::new(),
+    });
+    req.set_timeout(Duration::from_secs(3));
+    req.metadata_mut().insert("geokv-forwarded-by", "eu-west-1/n1".parse().expect("ascii"));
+    req.metadata_mut().insert("geokv-principal", "root".parse().expect("ascii"));
+    kv.put(req).await.map(|r| r.into_inner().ack.unwrap_or_default())
+}

@@ -576,3 +576,18 @@ pub fn metric_in(body: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 pub fn tests_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests").join(relative)
 }
+
+/// The `geokv` build with put-back bugs (`geokv-bugs` beside `geokv`, as
+/// scripts/check builds it); `GEOKV_BUGS_BIN` overrides.
+pub fn bugs_bin() -> PathBuf {
+    let bin = std::env::var_os("GEOKV_BUGS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(GEOKV_BIN).with_file_name("geokv-bugs"));
+    assert!(
+        bin.exists(),
+        "{} is missing; build it with: cargo build -p geokv --features geokv-server/bugs && \
+         cp $CARGO_TARGET_DIR/debug/geokv $CARGO_TARGET_DIR/debug/geokv-bugs && cargo build -p geokv",
+        bin.display()
+    );
+    bin
+}
