@@ -13,7 +13,7 @@ use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::DevCluster;
+use common::cluster::{DevCluster, Options};
 use common::Deadline;
 use geokv_client::{Client, Consistency, ReadConsistency, Row, WriteOptions};
 
@@ -70,7 +70,41 @@ async fn check_claim(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bounded_reads_never_claim_less_staleness_than_the_truth() {
     let cluster = DevCluster::start(0.25).await;
+    let claims = withheld_writes_and_bounded_reads(&cluster).await;
+    eprintln!("{}", claims.join("\n"));
+}
 
+/// The check above can fail: with the put-back bug `staleness-home-only`
+/// (the bound measured from the configured home's stream alone, as before
+/// truthful reads) the same steps end in a read that claims less staleness
+/// than the truth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bound_taken_from_the_home_alone_is_caught() {
+    let cluster =
+        DevCluster::start_with(Options { bug: Some("staleness-home-only"), ..Options::scale(0.25) }).await;
+    // The cluster moves into the task, so a failed check stops its nodes
+    // as it unwinds.
+    let run = tokio::spawn(async move { withheld_writes_and_bounded_reads(&cluster).await });
+    let failure = match run.await {
+        Ok(claims) => panic!("every claim held with the bug on:\n{}", claims.join("\n")),
+        Err(e) => e.into_panic(),
+    };
+    let message = failure
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| failure.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
+    assert!(
+        message.contains("claims at most") && message.contains("after failover"),
+        "the bug was not caught by the staleness check but failed otherwise: {message}"
+    );
+    eprintln!("caught: {message}");
+}
+
+/// Withholds writes from a reader's region and checks what BOUNDED reads
+/// there claim (panics on a claim below the truth); returns what each read
+/// did.
+async fn withheld_writes_and_bounded_reads(cluster: &DevCluster) -> Vec<String> {
     // 1. After a planned failover the home's writes come from eu-west-1.
     // Its log is withheld from eu-central-1; us-east-1 (the configured
     // home) keeps shipping, so a bound taken from the home alone is fresh.
@@ -158,5 +192,5 @@ async fn bounded_reads_never_claim_less_staleness_than_the_truth() {
     )
     .await;
     ap.control_replication(US, false).await.expect("resume");
-    eprintln!("{a}\n{b}\n{c}");
+    vec![a, b, c]
 }

@@ -33,6 +33,10 @@
 //!   sequence number only, as before store identities: a wiped node's new
 //!   writes are dropped as duplicates, its writes reuse the old dots, and
 //!   a wiped destination is not re-seeded (`storage::identity`).
+//! - `staleness-home-only`: a read's staleness bound is measured from the
+//!   configured home's stream alone, as before truthful reads, ignoring the
+//!   region a failover moved the home's lease to and regions that accept
+//!   EVENTUAL writes (`kv::Node::stalest_writer`).
 //!
 //! The deterministic simulation (`tests/simulation`) runs many clusters in
 //! one process, each on its own thread, so it switches a bug on for one
@@ -53,6 +57,7 @@ pub enum Bug {
     IdempotencyLocal,
     ProposerClockLeases,
     IdentityOff,
+    StalenessHomeOnly,
 }
 
 impl Bug {
@@ -68,6 +73,7 @@ impl Bug {
             Bug::IdempotencyLocal => "idempotency-local",
             Bug::ProposerClockLeases => "proposer-clock-leases",
             Bug::IdentityOff => "identity-off",
+            Bug::StalenessHomeOnly => "staleness-home-only",
         }
     }
 
@@ -83,6 +89,7 @@ impl Bug {
             Bug::IdempotencyLocal,
             Bug::ProposerClockLeases,
             Bug::IdentityOff,
+            Bug::StalenessHomeOnly,
         ]
         .into_iter()
         .find(|b| b.name() == name)

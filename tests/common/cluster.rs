@@ -95,6 +95,9 @@ pub struct Options {
     /// `geokv dev --client-region`: client ports also fronted by links
     /// with the latency from this region.
     pub client_region: Option<String>,
+    /// A put-back bug (`GEOKV_BUG`) switched on in every node; the cluster
+    /// then runs the `geokv-bugs` binary (`common::bugs_bin`).
+    pub bug: Option<&'static str>,
 }
 
 impl Options {
@@ -105,6 +108,7 @@ impl Options {
             partitions: 64,
             extra_config: String::new(),
             client_region: None,
+            bug: None,
         }
     }
 }
@@ -232,6 +236,10 @@ pub struct DevCluster {
     client_region: bool,
     /// The `geokv dev` process (None once stopped).
     dev: Option<Child>,
+    /// The node binary (`geokv`, or `geokv-bugs` with a put-back bug) and
+    /// the bug, for restarts.
+    bin: PathBuf,
+    bug: Option<&'static str>,
     /// Nodes this harness restarted itself, by region.
     restarted: BTreeMap<String, Child>,
     /// Restarts so far, numbering their log files.
@@ -275,7 +283,12 @@ impl DevCluster {
         std::fs::write(&extra, &options.extra_config).expect("write extra.toml");
         let log = File::create(dir.path().join("dev.log")).expect("create dev.log");
         let err = log.try_clone().expect("clone the dev.log handle");
-        let dev = Command::new(GEOKV_BIN)
+        let bin = match options.bug {
+            Some(_) => super::bugs_bin(),
+            None => PathBuf::from(GEOKV_BIN),
+        };
+        let dev = Command::new(&bin)
+            .env("GEOKV_BUG", options.bug.unwrap_or(""))
             .arg("dev")
             .arg("--nodes-per-region")
             .arg(options.nodes_per_region.to_string())
@@ -308,6 +321,8 @@ impl DevCluster {
             nodes_per_region: options.nodes_per_region,
             client_region: options.client_region.is_some(),
             dev: Some(dev),
+            bin,
+            bug: options.bug,
             restarted: BTreeMap::new(),
             restarts: 0,
         }
@@ -675,7 +690,8 @@ impl DevCluster {
         self.restarts += 1;
         let log_path = self.dir.path().join(format!("restart-{}-{region}.log", self.restarts));
         let log = File::create(&log_path).expect("create a restart log");
-        let child = Command::new(GEOKV_BIN)
+        let child = Command::new(&self.bin)
+            .env("GEOKV_BUG", self.bug.unwrap_or(""))
             .arg("node")
             .arg("--config")
             .arg(self.node_config(region))

@@ -13,7 +13,7 @@
 
 pub mod commit;
 pub mod gc;
-pub mod read_path;
+pub mod route;
 pub mod row;
 
 /// A replicated row state: (table, key, row).
@@ -269,6 +269,18 @@ fn write_actor(cfg: &Config, identity: &crate::storage::identity::StoreIdentity)
     identity.write_actor(&cfg.actor())
 }
 
+/// Whether the test-only `staleness-home-only` bug is switched on: staleness
+/// measured from the configured home alone (see `crate::bugs`).
+fn staleness_home_only() -> bool {
+    #[cfg(feature = "bugs")]
+    {
+        crate::bugs::active(crate::bugs::Bug::StalenessHomeOnly)
+    }
+    #[cfg(not(feature = "bugs"))]
+    {
+        false
+    }
+}
 impl Node {
     /// Starts the node's committer over `engine`. The highest log sequence
     /// number is recovered from the engine, so numbering continues after a restart.
@@ -492,7 +504,14 @@ impl Node {
 
     /// The writer region of the row this copy trails most, and by how much.
     fn stalest_writer(&self, placement: &Placement, partition: u32) -> Option<(String, u64)> {
-        crate::kv::read_path::stalest_writer(&self.cfg.region, &placement.replica_regions, |region| {
+        let home_only;
+        let writers = if staleness_home_only() {
+            home_only = [placement.home_region.clone()];
+            &home_only[..]
+        } else {
+            &placement.replica_regions[..]
+        };
+        crate::kv::route::stalest_writer(&self.cfg.region, writers, |region| {
             self.topology.owner(region, partition).map(|owner| self.source_staleness_ms(&owner.actor()))
         })
         .map(|(region, ms)| (region.to_string(), ms))
