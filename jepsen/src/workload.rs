@@ -628,6 +628,13 @@ pub async fn perform(
     }
 }
 
+/// Whether a client that completed `done` operations in `elapsed` is
+/// behind its schedule of one operation per `think_ms`.
+fn behind_schedule(done: u64, elapsed: Duration, think_ms: u64) -> bool {
+    let due = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX) / think_ms.max(1);
+    done < due
+}
+
 /// One client's loop: bounded by the run's operation count and deadline.
 pub async fn client_loop(spec: ClientSpec, shared: Shared) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
@@ -636,6 +643,13 @@ pub async fn client_loop(spec: ClientSpec, shared: Shared) {
     // Stagger the start so clients do not move in lock step.
     let think_ms = u64::try_from(shared.think.as_millis()).unwrap_or(1_000).max(1);
     tokio::time::sleep(Duration::from_millis(rng.random_range(0..think_ms))).await;
+    // The client's share of the schedule: one operation per think time on
+    // average from here. A client behind it (blocked by a fault: a paused
+    // node, operations that ran to their timeout) skips its think time
+    // until it is back on schedule, never past it, so the run spreads its
+    // operations over its whole time and reaches its count.
+    let started = Instant::now();
+    let mut done: u64 = 0;
     loop {
         if Instant::now() >= shared.deadline {
             return;
@@ -671,9 +685,29 @@ pub async fn client_loop(spec: ClientSpec, shared: Shared) {
             p.value.clone()
         };
         shared.recorder.complete_acked(inv, kind, write, error, ack);
-        // Exponentially distributed think time around the mean, capped.
+        done += 1;
+        // Exponentially distributed think time around the mean, capped; a
+        // millisecond while behind schedule.
         let u: f64 = rng.random_range(0.0001..1.0);
         let pause = (-(u.ln()) * think_ms as f64).min(think_ms as f64 * 5.0) as u64;
+        let pause = if behind_schedule(done, started.elapsed(), think_ms) { 1 } else { pause };
         tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_blocked_by_a_fault_catches_up_to_its_schedule_and_no_further() {
+        // One operation per 250 ms: after 10 s, 40 are due.
+        let think = 250;
+        assert!(behind_schedule(10, Duration::from_secs(10), think), "blocked for 7.5 s: catch up");
+        assert!(behind_schedule(39, Duration::from_secs(10), think));
+        assert!(!behind_schedule(40, Duration::from_secs(10), think), "on schedule: think again");
+        assert!(!behind_schedule(41, Duration::from_secs(10), think), "never ahead of it");
+        assert!(!behind_schedule(0, Duration::from_millis(100), think), "nothing due yet");
+        assert!(behind_schedule(5, Duration::from_secs(1), 0), "a zero think time counts as 1 ms");
     }
 }
