@@ -49,16 +49,7 @@ impl Target for pb::BatchRequest {
     const OP: &'static str = "kv.batch";
     const PRIVILEGE: Privilege = Privilege::Write;
     fn target(&self) -> (Vec<&str>, Option<&[u8]>) {
-        let mut tables: Vec<&str> = self
-            .ops
-            .iter()
-            .filter_map(|op| match &op.op {
-                Some(pb::batch_op::Op::Put(p)) => p.row.as_ref(),
-                Some(pb::batch_op::Op::Delete(d)) => d.row.as_ref(),
-                None => None,
-            })
-            .map(|r| r.table.as_str())
-            .collect();
+        let mut tables: Vec<&str> = batch_rows(self).map(|r| r.table.as_str()).collect();
         tables.sort_unstable();
         tables.dedup();
         (tables, None)
@@ -100,4 +91,13 @@ pub(crate) fn authorize_call<T>(
     }
     let access = access.ok_or_else(|| Status::internal("no access record"))?;
     Ok((caller, access))
+}
+
+/// The rows a batch names, in order (ops without a row are left out).
+pub(super) fn batch_rows(req: &pb::BatchRequest) -> impl Iterator<Item = &pb::RowRef> {
+    req.ops.iter().filter_map(|op| match &op.op {
+        Some(pb::batch_op::Op::Put(p)) => p.row.as_ref(),
+        Some(pb::batch_op::Op::Delete(d)) => d.row.as_ref(),
+        None => None,
+    })
 }

@@ -76,13 +76,17 @@ impl AdminService {
     }
 
     /// Pauses or resumes this node's links to a region and, unless the
-    /// request is node-only, those of every other node of this region.
+    /// request is node-only, those of every other node of this region
+    /// (admins only).
     async fn control_region(
         &self,
-        caller: &Caller,
-        req: pb::ReplicationControlRequest,
+        request: Request<pb::ReplicationControlRequest>,
         paused: bool,
     ) -> Result<Response<pb::ReplicationControlResponse>, Status> {
+        let op = if paused { "admin.pause_replication" } else { "admin.resume_replication" };
+        let (caller, _access) = authorize_call(&self.node, &request, op, Some(Privilege::Admin), &[], None)?;
+        let caller = &caller;
+        let req = request.into_inner();
         let mut links = self.control(&req.destination, paused)?;
         if !req.node_only {
             let fan = pb::ReplicationControlRequest { node_only: true, ..req };
@@ -248,30 +252,14 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ReplicationControlRequest>,
     ) -> Result<Response<pb::ReplicationControlResponse>, Status> {
-        let (caller, _access) = authorize_call(
-            &self.node,
-            &request,
-            "admin.pause_replication",
-            Some(Privilege::Admin),
-            &[],
-            None,
-        )?;
-        self.control_region(&caller, request.into_inner(), true).await
+        self.control_region(request, true).await
     }
 
     async fn resume_replication(
         &self,
         request: Request<pb::ReplicationControlRequest>,
     ) -> Result<Response<pb::ReplicationControlResponse>, Status> {
-        let (caller, _access) = authorize_call(
-            &self.node,
-            &request,
-            "admin.resume_replication",
-            Some(Privilege::Admin),
-            &[],
-            None,
-        )?;
-        self.control_region(&caller, request.into_inner(), false).await
+        self.control_region(request, false).await
     }
 
     async fn residency_audit(

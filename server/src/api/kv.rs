@@ -11,7 +11,7 @@ use pb::kv_client::KvClient;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use super::access::{authorize_call, Target};
+use super::access::{authorize_call, batch_rows, Target};
 use super::convert;
 use super::forward::{on_behalf, HasRow, Hops, Peers, FORWARD_TIMEOUT};
 use crate::config::Level;
@@ -20,6 +20,7 @@ use crate::consensus::quorum::Quorum;
 use crate::consensus::strong::{StrongCommand, StrongReply, StrongValue};
 use crate::consensus::{strong_group, Command, Consensus, Reply as ConsensusReply};
 use crate::error::KvError;
+use crate::kv::commit::{Idempotency, WriteOutcome};
 use crate::kv::route::{self, ReadPath, StrongRead, WritePath};
 use crate::kv::row::RowValue;
 use crate::kv::{
@@ -274,8 +275,8 @@ impl KvService {
         method: &'static str,
         op: Result<WriteOp, KvError>,
         level: i32,
-        idempotency: Result<Option<crate::kv::commit::Idempotency>, KvError>,
-    ) -> Result<crate::kv::commit::WriteOutcome, KvError> {
+        idempotency: Result<Option<Idempotency>, KvError>,
+    ) -> Result<WriteOutcome, KvError> {
         let result = async {
             let op = op?;
             let level = convert::write_level(level, "consistency")?;
@@ -299,6 +300,56 @@ impl KvService {
         .await;
         Self::count(method, &result);
         result
+    }
+
+    /// Commits a one-row write here, or, when this node may not commit it
+    /// (`kv::route::redirect_write`), sends the original request on with
+    /// `call`; `respond` builds the reply from the outcome.
+    async fn write_or_redirect<Req, Resp, F, Fut>(
+        &self,
+        method: &'static str,
+        (op, level, idempotency): (Result<WriteOp, KvError>, i32, Result<Option<Idempotency>, KvError>),
+        hops: &Hops,
+        original: Req,
+        call: F,
+        respond: impl FnOnce(WriteOutcome) -> Resp,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: HasRow,
+        F: FnOnce(KvClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        match self.write_one(method, op, level, idempotency).await {
+            Ok(o) => Ok(Response::new(respond(o))),
+            Err(e) => match route::redirect_write(&e, hops.cross_region) {
+                Some(home) => self.forward_region(home, hops, original, call).await,
+                None => Err(e.into()),
+            },
+        }
+    }
+
+    /// Answers a read, or, when this region's copy was too stale for it
+    /// (`kv::route::redirect_read`), sends the original request on with
+    /// `call`.
+    async fn read_reply<Req, Resp, F, Fut>(
+        &self,
+        result: Result<Resp, KvError>,
+        hops: &Hops,
+        original: Req,
+        call: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: HasRow,
+        F: FnOnce(KvClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        match result {
+            Ok(response) => Ok(Response::new(response)),
+            Err(e) => match route::redirect_read(&e, hops.cross_region) {
+                Some(region) => self.forward_region(region, hops, original, call).await,
+                None => Err(e.into()),
+            },
+        }
     }
 
     /// Runs a put (`value: Some`) or delete on a STRONG table; None when
@@ -337,15 +388,7 @@ impl KvService {
     fn batch_owner(&self, req: &pb::BatchRequest) -> Result<Option<NodeRef>, KvError> {
         let topology = self.node.topology();
         let region = &self.node.config().region;
-        let owners = req
-            .ops
-            .iter()
-            .filter_map(|op| match &op.op {
-                Some(pb::batch_op::Op::Put(p)) => p.row.as_ref(),
-                Some(pb::batch_op::Op::Delete(d)) => d.row.as_ref(),
-                None => None,
-            })
-            .filter_map(|row| topology.owner_of(region, &row.table, &row.key));
+        let owners = batch_rows(req).filter_map(|row| topology.owner_of(region, &row.table, &row.key));
         Ok(route::batch_owner(owners)?.cloned())
     }
 
@@ -364,9 +407,8 @@ impl pb::kv_server::Kv for KvService {
         }
         let copy = req.clone();
         let result = async {
-            let row = convert::row_ref(req.row)?;
-            let level = convert::read_level(req.consistency, req.max_staleness_ms)?;
-            parse_session(&req.session_token)?;
+            let (row, level) =
+                read_request(req.row, req.consistency, req.max_staleness_ms, &req.session_token)?;
             if let ReadPath::Strong(how) = self.read_path(&row, level)? {
                 let value = self.strong_read(&row, how).await?;
                 return Ok(pb::GetResponse {
@@ -408,15 +450,8 @@ impl pb::kv_server::Kv for KvService {
         }
         .await;
         Self::count("get", &result);
-        match result {
-            Ok(response) => Ok(Response::new(response)),
-            Err(e) => match route::redirect_read(&e, hops.cross_region) {
-                Some(region) => {
-                    self.forward_region(region, &hops, copy, |mut c, r| async move { c.get(r).await }).await
-                }
-                None => Err(e.into()),
-            },
-        }
+        let call = |mut c: KvClient<Channel>, r| async move { c.get(r).await };
+        self.read_reply(result, &hops, copy, call).await
     }
 
     async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
@@ -434,18 +469,12 @@ impl pb::kv_server::Kv for KvService {
         }
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
-        let o = match self.write_one("put", convert::put_op(req), level, idem).await {
-            Ok(o) => o,
-            Err(e) => match route::redirect_write(&e, hops.cross_region) {
-                Some(home) => {
-                    return self
-                        .forward_region(home, &hops, copy, |mut c, r| async move { c.put(r).await })
-                        .await
-                }
-                None => return Err(e.into()),
-            },
-        };
-        Ok(Response::new(pb::PutResponse { ack: Some(convert::ack(&o, self.token(o.log_seq))) }))
+        let write = (convert::put_op(req), level, idem);
+        let call = |mut c: KvClient<Channel>, r| async move { c.put(r).await };
+        self.write_or_redirect("put", write, &hops, copy, call, |o| pb::PutResponse {
+            ack: Some(convert::ack(&o, self.token(o.log_seq))),
+        })
+        .await
     }
 
     async fn delete(
@@ -464,18 +493,12 @@ impl pb::kv_server::Kv for KvService {
         }
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
-        let o = match self.write_one("delete", convert::delete_op(req), level, idem).await {
-            Ok(o) => o,
-            Err(e) => match route::redirect_write(&e, hops.cross_region) {
-                Some(home) => {
-                    return self
-                        .forward_region(home, &hops, copy, |mut c, r| async move { c.delete(r).await })
-                        .await
-                }
-                None => return Err(e.into()),
-            },
-        };
-        Ok(Response::new(pb::DeleteResponse { ack: Some(convert::ack(&o, self.token(o.log_seq))) }))
+        let write = (convert::delete_op(req), level, idem);
+        let call = |mut c: KvClient<Channel>, r| async move { c.delete(r).await };
+        self.write_or_redirect("delete", write, &hops, copy, call, |o| pb::DeleteResponse {
+            ack: Some(convert::ack(&o, self.token(o.log_seq))),
+        })
+        .await
     }
 
     async fn batch(&self, request: Request<pb::BatchRequest>) -> Result<Response<pb::BatchResponse>, Status> {
@@ -559,21 +582,13 @@ impl pb::kv_server::Kv for KvService {
         let idem = convert::idempotency(key, &req);
         let op = convert::row_ref(req.row.take())
             .map(|row| WriteOp { row, op: RowOp::CounterAdd { delta: req.delta } });
-        let o = match self.write_one("counter_add", op, req.consistency, idem).await {
-            Ok(o) => o,
-            Err(e) => match route::redirect_write(&e, hops.cross_region) {
-                Some(home) => {
-                    return self
-                        .forward_region(home, &hops, copy, |mut c, r| async move { c.counter_add(r).await })
-                        .await
-                }
-                None => return Err(e.into()),
-            },
-        };
-        Ok(Response::new(pb::CounterAddResponse {
+        let write = (op, req.consistency, idem);
+        let call = |mut c: KvClient<Channel>, r| async move { c.counter_add(r).await };
+        self.write_or_redirect("counter_add", write, &hops, copy, call, |o| pb::CounterAddResponse {
             value: o.counter_value.unwrap_or(0),
             ack: Some(convert::ack(&o, self.token(o.log_seq))),
-        }))
+        })
+        .await
     }
 
     async fn counter_get(
@@ -589,9 +604,8 @@ impl pb::kv_server::Kv for KvService {
         }
         let copy = req.clone();
         let result = async {
-            let row = convert::row_ref(req.row)?;
-            let level = convert::read_level(req.consistency, req.max_staleness_ms)?;
-            parse_session(&req.session_token)?;
+            let (row, level) =
+                read_request(req.row, req.consistency, req.max_staleness_ms, &req.session_token)?;
             let read = self.read_row(&row, level, &req.session_token).await?;
             let value = match &read.row {
                 None => None,
@@ -614,16 +628,8 @@ impl pb::kv_server::Kv for KvService {
         }
         .await;
         Self::count("counter_get", &result);
-        match result {
-            Ok(response) => Ok(Response::new(response)),
-            Err(e) => match route::redirect_read(&e, hops.cross_region) {
-                Some(region) => {
-                    self.forward_region(region, &hops, copy, |mut c, r| async move { c.counter_get(r).await })
-                        .await
-                }
-                None => Err(e.into()),
-            },
-        }
+        let call = |mut c: KvClient<Channel>, r| async move { c.counter_get(r).await };
+        self.read_reply(result, &hops, copy, call).await
     }
 
     async fn set_add(
@@ -640,21 +646,13 @@ impl pb::kv_server::Kv for KvService {
         let idem = convert::idempotency(key, &req);
         let members = std::mem::take(&mut req.members);
         let op = convert::row_ref(req.row.take()).map(|row| WriteOp { row, op: RowOp::SetAdd { members } });
-        let o = match self.write_one("set_add", op, req.consistency, idem).await {
-            Ok(o) => o,
-            Err(e) => match route::redirect_write(&e, hops.cross_region) {
-                Some(home) => {
-                    return self
-                        .forward_region(home, &hops, copy, |mut c, r| async move { c.set_add(r).await })
-                        .await
-                }
-                None => return Err(e.into()),
-            },
-        };
-        Ok(Response::new(pb::SetWriteResponse {
+        let write = (op, req.consistency, idem);
+        let call = |mut c: KvClient<Channel>, r| async move { c.set_add(r).await };
+        self.write_or_redirect("set_add", write, &hops, copy, call, |o| pb::SetWriteResponse {
             members: o.members.clone().unwrap_or_default(),
             ack: Some(convert::ack(&o, self.token(o.log_seq))),
-        }))
+        })
+        .await
     }
 
     async fn set_remove(
@@ -672,21 +670,13 @@ impl pb::kv_server::Kv for KvService {
         let key = std::mem::take(&mut req.idempotency_key);
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
-        let o = match self.write_one("set_remove", convert::set_remove_op(req), level, idem).await {
-            Ok(o) => o,
-            Err(e) => match route::redirect_write(&e, hops.cross_region) {
-                Some(home) => {
-                    return self
-                        .forward_region(home, &hops, copy, |mut c, r| async move { c.set_remove(r).await })
-                        .await
-                }
-                None => return Err(e.into()),
-            },
-        };
-        Ok(Response::new(pb::SetWriteResponse {
+        let write = (convert::set_remove_op(req), level, idem);
+        let call = |mut c: KvClient<Channel>, r| async move { c.set_remove(r).await };
+        self.write_or_redirect("set_remove", write, &hops, copy, call, |o| pb::SetWriteResponse {
             members: o.members.clone().unwrap_or_default(),
             ack: Some(convert::ack(&o, self.token(o.log_seq))),
-        }))
+        })
+        .await
     }
 
     async fn compare_and_set(
@@ -759,9 +749,8 @@ impl pb::kv_server::Kv for KvService {
         }
         let copy = req.clone();
         let result = async {
-            let row = convert::row_ref(req.row)?;
-            let level = convert::read_level(req.consistency, req.max_staleness_ms)?;
-            parse_session(&req.session_token)?;
+            let (row, level) =
+                read_request(req.row, req.consistency, req.max_staleness_ms, &req.session_token)?;
             let read = self.read_row(&row, level, &req.session_token).await?;
             let (found, members, context) = match &read.row {
                 None => (false, Vec::new(), Vec::new()),
@@ -783,17 +772,22 @@ impl pb::kv_server::Kv for KvService {
         }
         .await;
         Self::count("set_members", &result);
-        match result {
-            Ok(response) => Ok(Response::new(response)),
-            Err(e) => match route::redirect_read(&e, hops.cross_region) {
-                Some(region) => {
-                    self.forward_region(region, &hops, copy, |mut c, r| async move { c.set_members(r).await })
-                        .await
-                }
-                None => Err(e.into()),
-            },
-        }
+        let call = |mut c: KvClient<Channel>, r| async move { c.set_members(r).await };
+        self.read_reply(result, &hops, copy, call).await
     }
+}
+
+/// The row and level of a read request, its session token checked.
+fn read_request(
+    row: Option<pb::RowRef>,
+    consistency: i32,
+    max_staleness_ms: u64,
+    session_token: &[u8],
+) -> Result<(RowRef, ReadLevel), KvError> {
+    let row = convert::row_ref(row)?;
+    let level = convert::read_level(consistency, max_staleness_ms)?;
+    parse_session(session_token)?;
+    Ok((row, level))
 }
 
 fn scan_response(page: crate::kv::ScanPage) -> pb::ScanResponse {
