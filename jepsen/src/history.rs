@@ -386,13 +386,21 @@ impl Recorder {
         status: NemesisStatus,
         detail: impl Into<String>,
     ) {
-        let record = NemesisRecord {
-            time_us: self.now_us(),
-            action: action.to_string(),
-            targets,
-            status,
-            detail: detail.into(),
-        };
+        self.nemesis_at(self.now_us(), action, targets, status, detail)
+    }
+
+    /// Records a nemesis step that began at `time_us` (a step that takes a
+    /// while, such as a cut that starts one way, is dated from its start).
+    pub fn nemesis_at(
+        &self,
+        time_us: u64,
+        action: &str,
+        targets: Vec<String>,
+        status: NemesisStatus,
+        detail: impl Into<String>,
+    ) {
+        let record =
+            NemesisRecord { time_us, action: action.to_string(), targets, status, detail: detail.into() };
         tracing::info!(action, targets = ?record.targets, status = ?status, detail = %record.detail, "nemesis");
         self.lock().records.push(Record::Nemesis(record));
     }

@@ -91,11 +91,17 @@ impl NemesisKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "fault", rename_all = "kebab-case")]
 pub enum Fault {
-    /// Cut every link between a region of `a` and a region of `b`.
+    /// Cut every link between a region of `a` and a region of `b`. With
+    /// `mute_first_ms`, the cut starts one way: for that long only the bytes
+    /// `a` sends to `b` are lost (its egress fails), so requests from `b`
+    /// still reach `a` and are served while their replies are lost; then
+    /// every link is black-holed.
     Cut {
         a: Vec<String>,
         b: Vec<String>,
         why: String,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        mute_first_ms: u64,
     },
     Latency {
         between: [String; 2],
@@ -136,6 +142,10 @@ pub enum Fault {
     Wipe {
         region: String,
     },
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// A fault and its window, in ms from the start of the workload.
@@ -296,12 +306,12 @@ fn turn_onto(f: &Fault, target: &str) -> Fault {
     };
     let all = |rs: &[String]| rs.iter().map(|r| swap(r)).collect::<Vec<_>>();
     match f {
-        Fault::Cut { a, b, why } => {
+        Fault::Cut { a, b, why, mute_first_ms } => {
             let why = match why.strip_prefix(BRIDGE_THROUGH) {
                 Some(bridge) => format!("{BRIDGE_THROUGH}{}", swap(bridge)),
                 None => why.clone(),
             };
-            Fault::Cut { a: all(a), b: all(b), why }
+            Fault::Cut { a: all(a), b: all(b), why, mute_first_ms: *mute_first_ms }
         }
         Fault::Latency { between: [x, y], latency_ms, jitter_ms } => {
             Fault::Latency { between: [swap(x), swap(y)], latency_ms: *latency_ms, jitter_ms: *jitter_ms }
@@ -327,6 +337,14 @@ fn turn_onto(f: &Fault, target: &str) -> Fault {
     }
 }
 
+/// How long an isolating partition starts one way (the isolated region's
+/// egress lost, its ingress delivered) before every link is cut. In that
+/// window requests other regions forward to it are served and their
+/// replies lost: the client cannot know whether they applied, which is what
+/// idempotent retries must handle. Fixed, not drawn, so a seed's schedule
+/// stays what it was before the window existed.
+pub const PARTITION_MUTE_FIRST_MS: u64 = 500;
+
 /// How a bridge cut names its bridge region in `why`.
 const BRIDGE_THROUGH: &str = "bridge through ";
 
@@ -338,7 +356,12 @@ fn pick(kind: NemesisKind, rng: &mut impl Rng, regions: &[String]) -> Fault {
         NemesisKind::Partition => {
             let r = one(rng);
             let rest = regions.iter().filter(|x| **x != r).cloned().collect();
-            Fault::Cut { a: vec![r], b: rest, why: "partition".into() }
+            Fault::Cut {
+                a: vec![r],
+                b: rest,
+                why: "partition".into(),
+                mute_first_ms: PARTITION_MUTE_FIRST_MS,
+            }
         }
         NemesisKind::Bridge => {
             // shuffled[0] bridges; the others split into two sides.
@@ -348,11 +371,17 @@ fn pick(kind: NemesisKind, rng: &mut impl Rng, regions: &[String]) -> Fault {
                 a: rest[..mid].to_vec(),
                 b: rest[mid..].to_vec(),
                 why: format!("{BRIDGE_THROUGH}{}", shuffled[0]),
+                mute_first_ms: 0,
             }
         }
         NemesisKind::Halves => {
             let mid = rng.random_range(1..shuffled.len());
-            Fault::Cut { a: shuffled[..mid].to_vec(), b: shuffled[mid..].to_vec(), why: "halves".into() }
+            Fault::Cut {
+                a: shuffled[..mid].to_vec(),
+                b: shuffled[mid..].to_vec(),
+                why: "halves".into(),
+                mute_first_ms: 0,
+            }
         }
         NemesisKind::Latency => Fault::Latency {
             between: [shuffled[0].clone(), shuffled[1].clone()],
@@ -443,6 +472,25 @@ fn targets(f: &Fault) -> Vec<String> {
     }
 }
 
+/// Black-holes every byte a region of `a` sends to a region of `b`, on the
+/// links both ways (on a link `a` dials, its requests; on a link `b` dials,
+/// its replies), and nothing `b` sends.
+fn mute(cluster: &Cluster, a: &[String], b: &[String]) -> anyhow::Result<()> {
+    for x in a {
+        for y in b {
+            let out = cluster.proxies.get(&link_name(x, y))?;
+            let mut f = out.faults();
+            f.to_upstream.black_hole = true;
+            out.set_faults(f)?;
+            let back = cluster.proxies.get(&link_name(y, x))?;
+            let mut f = back.faults();
+            f.to_client.black_hole = true;
+            back.set_faults(f)?;
+        }
+    }
+    Ok(())
+}
+
 fn cut_links(a: &[String], b: &[String]) -> Vec<String> {
     let mut links = BTreeSet::new();
     for x in a {
@@ -496,13 +544,22 @@ async fn hand_over(
 async fn install(cluster: &mut Cluster, recorder: &Recorder, f: &Fault) -> StepResult {
     let result: anyhow::Result<String> = async {
         match f {
-            Fault::Cut { a, b, why } => {
+            Fault::Cut { a, b, why, mute_first_ms } => {
+                let mut muted = String::new();
+                if *mute_first_ms > 0 {
+                    mute(cluster, a, b)?;
+                    tokio::time::sleep(Duration::from_millis(*mute_first_ms)).await;
+                    muted = format!(
+                        "{} muted for {mute_first_ms} ms (its bytes lost, others' delivered), then ",
+                        a.join("+")
+                    );
+                }
                 let links = cut_links(a, b);
                 for l in &links {
                     let link = cluster.proxies.get(l)?;
                     link.set_faults(LinkFaults { partition: true, ..link.faults() })?;
                 }
-                Ok(format!("{why}: {} links black-holed", links.len()))
+                Ok(format!("{why}: {muted}{} links black-holed", links.len()))
             }
             Fault::Latency { between: [x, y], latency_ms, jitter_ms } => {
                 for l in [link_name(x, y), link_name(y, x)] {
@@ -647,13 +704,14 @@ pub async fn run(
             }
             tokio::time::sleep_until(at.into()).await;
             let kind = fault_kind(&step.fault);
+            let began_us = recorder.now_us();
             let (status, detail) = if installing {
                 install(cluster, recorder, &step.fault).await
             } else {
                 lift(cluster, recorder, &step.fault).await
             };
             let action = format!("{}-{kind}", if installing { "start" } else { "stop" });
-            recorder.nemesis(&action, targets(&step.fault), status, detail);
+            recorder.nemesis_at(began_us, &action, targets(&step.fault), status, detail);
         }
     }
 }
@@ -708,7 +766,7 @@ mod tests {
         for seed in 0..50 {
             for aim in [vec![], home(), vec!["eu-west-1".to_string()]] {
                 for step in schedule(NemesisKind::Bridge, seed, &regions(), Duration::from_secs(30), &aim) {
-                    let Fault::Cut { a, b, why } = step.fault else { panic!("bridge is a cut") };
+                    let Fault::Cut { a, b, why, .. } = step.fault else { panic!("bridge is a cut") };
                     assert!(!a.is_empty() && !b.is_empty());
                     let bridge = why.strip_prefix(BRIDGE_THROUGH).expect("a bridge names its bridge");
                     assert!(!a.iter().chain(&b).any(|r| r == bridge), "the bridge talks to both sides");
@@ -723,11 +781,12 @@ mod tests {
     fn touched_follows_each_fault_kind() {
         let s = |v: &[&str]| v.iter().map(|r| r.to_string()).collect::<Vec<_>>();
         let set = |v: &[&str]| v.iter().map(|r| r.to_string()).collect::<BTreeSet<_>>();
-        let cut = Fault::Cut { a: s(&["a"]), b: s(&["b", "c"]), why: "partition".into() };
+        let cut = Fault::Cut { a: s(&["a"]), b: s(&["b", "c"]), why: "partition".into(), mute_first_ms: 0 };
         assert_eq!(touched(&cut), set(&["a", "b", "c"]));
-        let bridge = Fault::Cut { a: s(&["a"]), b: s(&["b"]), why: format!("{BRIDGE_THROUGH}c") };
+        let bridge =
+            Fault::Cut { a: s(&["a"]), b: s(&["b"]), why: format!("{BRIDGE_THROUGH}c"), mute_first_ms: 0 };
         assert_eq!(touched(&bridge), set(&["a", "b"]), "the bridge is cut from nobody");
-        let nothing = Fault::Cut { a: s(&["a", "b"]), b: vec![], why: "halves".into() };
+        let nothing = Fault::Cut { a: s(&["a", "b"]), b: vec![], why: "halves".into(), mute_first_ms: 0 };
         assert!(touched(&nothing).is_empty(), "a cut with an empty side isolates nobody");
         let latency = Fault::Latency { between: ["a".into(), "b".into()], latency_ms: 1, jitter_ms: 1 };
         assert_eq!(touched(&latency), set(&["a", "b"]));

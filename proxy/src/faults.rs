@@ -59,6 +59,12 @@ pub struct DirectionFaults {
     /// Bandwidth cap, in bytes per second, shared by every connection of the
     /// link in this direction; 0 means unlimited.
     pub bandwidth_bytes_per_s: u64,
+    /// One-way black hole: bytes read in this direction are dropped (the
+    /// other direction still flows). A request gets through and its reply
+    /// is lost, as when one side's egress fails. Like a partition, a loss
+    /// dooms that direction of the connection, and the connection is reset
+    /// when the link heals.
+    pub black_hole: bool,
 }
 
 impl DirectionFaults {
@@ -143,19 +149,32 @@ impl LinkFaults {
         }
     }
 
+    /// True when bytes read in `direction` are dropped: the link is
+    /// partitioned or that direction is black-holed.
+    pub fn dropping(&self, direction: Direction) -> bool {
+        self.partition || self.direction(direction).black_hole
+    }
+
+    /// True when any bytes are being dropped (see [`LinkFaults::dropping`]).
+    pub fn dropping_any(&self) -> bool {
+        Direction::BOTH.iter().any(|d| self.dropping(*d))
+    }
+
     /// True when bytes may be delivered right now (neither partitioned nor
     /// stalled).
     pub fn flowing(&self) -> bool {
         !self.partition && !self.stall
     }
 
-    /// The link after `heal`: partition, stall, refuse and the bandwidth caps
-    /// cleared; latency and jitter (the link's distance) kept.
+    /// The link after `heal`: partition, one-way black holes, stall, refuse
+    /// and the bandwidth caps cleared; latency and jitter (the link's
+    /// distance) kept.
     pub fn healed(&self) -> LinkFaults {
         let keep = |d: &DirectionFaults| DirectionFaults {
             latency_ms: d.latency_ms,
             jitter_ms: d.jitter_ms,
             bandwidth_bytes_per_s: 0,
+            black_hole: false,
         };
         LinkFaults {
             to_upstream: keep(&self.to_upstream),
@@ -188,6 +207,9 @@ pub struct DirectionPatch {
     /// New bandwidth cap, in bytes per second (0 = unlimited).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bandwidth_bytes_per_s: Option<u64>,
+    /// Set or clear this direction's one-way black hole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub black_hole: Option<bool>,
 }
 
 impl DirectionPatch {
@@ -204,6 +226,9 @@ impl DirectionPatch {
         }
         if let Some(v) = self.bandwidth_bytes_per_s {
             to.bandwidth_bytes_per_s = v;
+        }
+        if let Some(v) = self.black_hole {
+            to.black_hole = v;
         }
     }
 }
@@ -256,6 +281,7 @@ impl FaultsPatch {
             latency_ms: self.latency_ms,
             jitter_ms: self.jitter_ms,
             bandwidth_bytes_per_s: self.bandwidth_bytes_per_s,
+            black_hole: None,
         };
         for direction in Direction::BOTH {
             both.apply(out.direction_mut(direction));
@@ -312,6 +338,7 @@ impl FaultsPatch {
             (Some(d), "latency_ms") => d.latency_ms = Some(number()?),
             (Some(d), "jitter_ms") => d.jitter_ms = Some(number()?),
             (Some(d), "bandwidth_bytes_per_s") => d.bandwidth_bytes_per_s = Some(number()?),
+            (Some(d), "black_hole") => d.black_hole = Some(boolean()?),
             (None, "latency_ms") => self.latency_ms = Some(number()?),
             (None, "jitter_ms") => self.jitter_ms = Some(number()?),
             (None, "bandwidth_bytes_per_s") => self.bandwidth_bytes_per_s = Some(number()?),
@@ -323,7 +350,8 @@ impl FaultsPatch {
                     option,
                     format!(
                         "unknown option {key:?} (known: latency_ms, jitter_ms, bandwidth_bytes_per_s, \
-                         each optionally prefixed by to_upstream. or to_client.; partition, stall, refuse)"
+                         each optionally prefixed by to_upstream. or to_client.; to_upstream.black_hole, \
+                         to_client.black_hole; partition, stall, refuse)"
                     ),
                 ))
             }
@@ -380,8 +408,14 @@ mod tests {
         patch.set_option("jitter_ms=5").unwrap();
         patch.set_option("stall=on").unwrap();
         let f = patch.apply(&LinkFaults::default()).unwrap();
-        assert_eq!(f.to_upstream, DirectionFaults { latency_ms: 80, jitter_ms: 5, bandwidth_bytes_per_s: 0 });
-        assert_eq!(f.to_client, DirectionFaults { latency_ms: 20, jitter_ms: 5, bandwidth_bytes_per_s: 0 });
+        assert_eq!(
+            f.to_upstream,
+            DirectionFaults { latency_ms: 80, jitter_ms: 5, bandwidth_bytes_per_s: 0, black_hole: false }
+        );
+        assert_eq!(
+            f.to_client,
+            DirectionFaults { latency_ms: 20, jitter_ms: 5, bandwidth_bytes_per_s: 0, black_hole: false }
+        );
         assert!(f.stall && !f.partition && !f.refuse);
     }
 
@@ -399,14 +433,22 @@ mod tests {
     #[test]
     fn heal_keeps_latency_and_jitter_only() {
         let f = LinkFaults {
-            to_upstream: DirectionFaults { latency_ms: 80, jitter_ms: 5, bandwidth_bytes_per_s: 4096 },
+            to_upstream: DirectionFaults {
+                latency_ms: 80,
+                jitter_ms: 5,
+                bandwidth_bytes_per_s: 4096,
+                black_hole: false,
+            },
             to_client: DirectionFaults::latency(70),
             partition: true,
             stall: true,
             refuse: true,
         };
         let h = f.healed();
-        assert_eq!(h.to_upstream, DirectionFaults { latency_ms: 80, jitter_ms: 5, bandwidth_bytes_per_s: 0 });
+        assert_eq!(
+            h.to_upstream,
+            DirectionFaults { latency_ms: 80, jitter_ms: 5, bandwidth_bytes_per_s: 0, black_hole: false }
+        );
         assert_eq!(h.to_client, DirectionFaults::latency(70));
         assert!(h.flowing() && !h.refuse);
     }

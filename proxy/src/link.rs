@@ -134,18 +134,37 @@ impl Shared {
 /// What the halves of one connection share with its supervisor.
 #[derive(Debug, Default)]
 pub(crate) struct ConnShared {
-    /// A partition dropped bytes (or the FIN) of this connection, so its
-    /// stream has a gap and it must never deliver again.
-    pub(crate) lost: AtomicBool,
-    /// Wakes the supervisor when `lost` is first set.
+    /// Per direction (client to upstream, upstream to client): a partition
+    /// or a one-way black hole dropped bytes (or the FIN) of that stream,
+    /// so it has a gap and must never deliver again. The other direction
+    /// is a separate byte stream and may flow on.
+    lost: [AtomicBool; 2],
+    /// Wakes the supervisor when a direction is first marked lost.
     notify: Notify,
 }
 
+fn direction_index(direction: Direction) -> usize {
+    match direction {
+        Direction::ToUpstream => 0,
+        Direction::ToClient => 1,
+    }
+}
+
 impl ConnShared {
-    pub(crate) fn mark_lost(&self) {
-        if !self.lost.swap(true, Ordering::AcqRel) {
+    pub(crate) fn mark_lost(&self, direction: Direction) {
+        if !self.lost[direction_index(direction)].swap(true, Ordering::AcqRel) {
             self.notify.notify_one();
         }
+    }
+
+    /// Whether bytes of `direction` were dropped.
+    pub(crate) fn lost_in(&self, direction: Direction) -> bool {
+        self.lost[direction_index(direction)].load(Ordering::Acquire)
+    }
+
+    /// Whether bytes of either direction were dropped.
+    pub(crate) fn lost(&self) -> bool {
+        Direction::BOTH.iter().any(|d| self.lost_in(*d))
     }
 }
 
@@ -441,7 +460,7 @@ async fn control(mut state: watch::Receiver<LinkState>, epoch: u64, conn: &ConnS
             if s.reset_epoch != epoch {
                 return ConnEnd::ResetAction;
             }
-            if conn.lost() && !s.faults.partition {
+            if conn.lost() && !s.faults.dropping_any() {
                 return ConnEnd::HealedAfterLoss;
             }
         }

@@ -17,7 +17,6 @@
 //! sender's TCP window closes, which is the back-pressure a slow WAN gives.
 
 use std::io;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -167,10 +166,11 @@ async fn write_all(socket: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Waits until the link is partitioned. A closed state channel means the
-/// link is going away; that is the supervisor's to act on, so this waits on.
-async fn until_partitioned(state: &mut watch::Receiver<LinkState>) {
-    if state.wait_for(|s| s.faults.partition).await.is_err() {
+/// Waits until bytes of `direction` are dropped (a partition or a one-way
+/// black hole). A closed state channel means the link is going away; that
+/// is the supervisor's to act on, so this waits on.
+async fn until_dropping(state: &mut watch::Receiver<LinkState>, direction: Direction) {
+    if state.wait_for(|s| s.faults.dropping(direction)).await.is_err() {
         std::future::pending::<()>().await;
     }
 }
@@ -200,7 +200,7 @@ impl Pump<'_> {
     /// broken, so it never delivers past the gap.
     fn drop_bytes(&self, len: usize) {
         stats::add(&self.link.counters.direction(self.direction).bytes_dropped, len);
-        self.conn.mark_lost();
+        self.conn.mark_lost(self.direction);
     }
 
     /// The reading half: from `src` into `queue`, until end of stream.
@@ -217,13 +217,13 @@ impl Pump<'_> {
             let n = read_some(src, &mut buf).await.map_err(self.io_error("read"))?;
             let now = Instant::now();
             stats::add(&counters.direction(self.direction).bytes_read, n);
-            let (partitioned, faults) = {
+            let (dropping, faults) = {
                 let s = self.state.borrow();
-                (s.faults.partition, s.faults.direction(self.direction).clone())
+                (s.faults.dropping(self.direction), s.faults.direction(self.direction).clone())
             };
-            // After a gap nothing more may pass, or the receiver would see a
-            // stream no TCP could deliver.
-            if partitioned || self.conn.lost() {
+            // After a gap nothing more may pass in this direction, or the
+            // receiver would see a stream no TCP could deliver.
+            if dropping || self.conn.lost_in(self.direction) {
                 self.drop_bytes(n);
                 if n == 0 {
                     // The FIN is black-holed too; the supervisor ends this
@@ -237,7 +237,7 @@ impl Pump<'_> {
 
             // Room in the queue: waiting here is the back-pressure. A
             // partition that starts meanwhile drops the chunk, as a cut link
-            // loses what is on it.
+            // (or a black hole on this direction) loses what is on it.
             let reserve = async {
                 let len = u32::try_from(n).expect("a chunk is at most CHUNK_BYTES_MAX");
                 let budget = queue.budget.clone().acquire_many_owned(len).await.ok()?;
@@ -246,7 +246,7 @@ impl Pump<'_> {
             };
             let reserved = tokio::select! {
                 reserved = reserve => reserved,
-                () = until_partitioned(&mut self.state) => None,
+                () = until_dropping(&mut self.state, self.direction) => None,
             };
             let Some((budget, slot)) = reserved else {
                 self.drop_bytes(n);
@@ -304,12 +304,6 @@ impl Pump<'_> {
     }
 }
 
-impl ConnShared {
-    pub(crate) fn lost(&self) -> bool {
-        self.lost.load(Ordering::Acquire)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,12 +312,13 @@ mod tests {
     #[test]
     fn delay_stays_within_latency_plus_minus_jitter() {
         let mut rng = StdRng::seed_from_u64(7);
-        let f = DirectionFaults { latency_ms: 50, jitter_ms: 10, bandwidth_bytes_per_s: 0 };
+        let f =
+            DirectionFaults { latency_ms: 50, jitter_ms: 10, bandwidth_bytes_per_s: 0, black_hole: false };
         for _ in 0..1000 {
             let d = one_way_delay(&f, &mut rng);
             assert!(d >= Duration::from_millis(40) && d <= Duration::from_millis(60), "{d:?}");
         }
-        let f = DirectionFaults { latency_ms: 2, jitter_ms: 10, bandwidth_bytes_per_s: 0 };
+        let f = DirectionFaults { latency_ms: 2, jitter_ms: 10, bandwidth_bytes_per_s: 0, black_hole: false };
         for _ in 0..1000 {
             assert!(one_way_delay(&f, &mut rng) <= Duration::from_millis(12));
         }

@@ -53,7 +53,8 @@ async fn jitter_never_reorders_bytes() {
         let echo = Echo::start().await;
         // Jitter almost as large as the latency: without the order rule,
         // chunks sent 1 ms apart would overtake each other constantly.
-        let jittery = DirectionFaults { latency_ms: 20, jitter_ms: 19, bandwidth_bytes_per_s: 0 };
+        let jittery =
+            DirectionFaults { latency_ms: 20, jitter_ms: 19, bandwidth_bytes_per_s: 0, black_hole: false };
         let faults = LinkFaults { to_upstream: jittery.clone(), to_client: jittery, ..Default::default() };
         let link = Proxy::start(any_port(), echo.addr, faults).await.unwrap();
         let mut c = connect(link.local_addr()).await;
@@ -199,6 +200,49 @@ async fn partition_black_holes_and_heal_restores_flow() {
         // The connection that lost bytes can never deliver past the gap: it
         // is reset, as a TCP whose retransmissions ran out would be.
         assert_eq!(closed_within(&mut busy, Duration::from_secs(5)).await, Some(ErrorKind::ConnectionReset));
+        link.shutdown().await;
+    })
+    .await;
+}
+
+/// A one-way black hole on the replies: requests reach the upstream and are
+/// answered, the answers are lost, later requests still get through; on heal
+/// the connection whose reply stream has a gap is reset.
+#[tokio::test]
+async fn one_way_black_hole_delivers_requests_and_loses_replies() {
+    bounded(async {
+        let echo = Echo::start().await;
+        let link = Proxy::start(any_port(), echo.addr, LinkFaults::symmetric_latency(5)).await.unwrap();
+        let mut c = connect(link.local_addr()).await;
+        c.write_all(b"hello").await.unwrap();
+        assert_eq!(read_n(&mut c, 5, Duration::from_secs(5)).await, b"hello");
+
+        let mut faults = link.faults();
+        faults.to_client.black_hole = true;
+        link.set_faults(faults).unwrap();
+        c.write_all(b"first").await.unwrap();
+        assert_silent(&mut c, Duration::from_millis(300)).await;
+        c.write_all(b"second").await.unwrap();
+        assert_silent(&mut c, Duration::from_millis(300)).await;
+        let stats = link.stats();
+        assert_eq!(stats.to_upstream.bytes_written, 5 + 11, "requests must cross a reply-only black hole");
+        assert_eq!(stats.to_client.bytes_dropped, 11, "the echoes are lost");
+        assert_eq!(stats.to_upstream.bytes_dropped, 0);
+        assert_eq!(stats.connections_active, 1, "a black hole must not close connections");
+
+        let healed = link.heal();
+        assert!(!healed.to_client.black_hole, "heal clears the black hole");
+        assert_eq!(closed_within(&mut c, Duration::from_secs(5)).await, Some(ErrorKind::ConnectionReset));
+        let mut after = connect(link.local_addr()).await;
+        after.write_all(b"again").await.unwrap();
+        assert_eq!(read_n(&mut after, 5, Duration::from_secs(5)).await, b"again");
+
+        // The patch and option forms name it per direction.
+        let mut patch = FaultsPatch::default();
+        patch.set_option("to_upstream.black_hole=on").unwrap();
+        let f = patch.apply(&link.faults()).unwrap();
+        assert!(f.to_upstream.black_hole && !f.to_client.black_hole);
+        assert!(FaultsPatch::default().set_option("black_hole=on").is_err(), "black_hole needs a direction");
         link.shutdown().await;
     })
     .await;
@@ -378,7 +422,7 @@ async fn long_lived_framed_connection_survives_latency_changes() {
         let mut call = 0u32;
         for latency_ms in plan {
             let jitter_ms = latency_ms / 5;
-            let dir = DirectionFaults { latency_ms, jitter_ms, bandwidth_bytes_per_s: 0 };
+            let dir = DirectionFaults { latency_ms, jitter_ms, bandwidth_bytes_per_s: 0, black_hole: false };
             link.set_faults(LinkFaults { to_upstream: dir.clone(), to_client: dir, ..Default::default() })
                 .unwrap();
             for _ in 0..4 {
