@@ -573,6 +573,9 @@ pub struct StorageConfig {
     pub idempotency_ttl_s: u64,
     /// Memtable size per column family, in MiB.
     pub write_buffer_mib: usize,
+    /// RocksDB block cache shared by every column family, in MiB (blocks of
+    /// rows, idempotency records and their bloom filters read from disk).
+    pub block_cache_mib: usize,
     /// How often tombstone collection and log trimming run, in ms; 0 turns
     /// both off (docs/architecture.md section 17).
     pub tombstone_gc_interval_ms: u64,
@@ -598,6 +601,7 @@ impl Default for StorageConfig {
             log_retention_entries: 1_000_000,
             idempotency_ttl_s: 3600,
             write_buffer_mib: 64,
+            block_cache_mib: 256,
             tombstone_gc_interval_ms: 1000,
             tombstone_gc_scan_rows_max: 20_000,
             tombstone_gc_rows_max: 10_000,
@@ -836,6 +840,9 @@ impl Config {
         }
         if s.write_buffer_mib == 0 || s.write_buffer_mib > 4096 {
             return Err(bad("storage.write_buffer_mib", "must be 1..=4096"));
+        }
+        if s.block_cache_mib == 0 || s.block_cache_mib > 1 << 20 {
+            return Err(bad("storage.block_cache_mib", "must be 1..=1048576"));
         }
         let r = &self.replication;
         if r.batch_entries_max == 0 || r.batch_entries_max > 100_000 {

@@ -44,8 +44,11 @@ fn message_bytes_max(cfg: &Config) -> usize {
 pub fn open_engine(cfg: &Config) -> anyhow::Result<Arc<dyn Engine>> {
     Ok(match cfg.storage.engine {
         EngineKind::Rocksdb => {
-            let tuning =
-                RocksOptions { write_buffer_bytes: cfg.storage.write_buffer_mib << 20, background_jobs: 2 };
+            let tuning = RocksOptions {
+                write_buffer_bytes: cfg.storage.write_buffer_mib << 20,
+                block_cache_bytes: cfg.storage.block_cache_mib << 20,
+                background_jobs: 2,
+            };
             Arc::new(
                 RocksEngine::open(&cfg.data_dir, &tuning)
                     .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,

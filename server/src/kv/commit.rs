@@ -417,11 +417,10 @@ impl Committer {
                     return Err(KvError::IdempotencyKeyReused { key: idem.key.clone() });
                 }
                 metrics::counter!("geokv_idempotent_replays_total").increment(1);
-                let mut outcomes: Vec<WriteOutcome> =
-                    serde_json::from_slice(&record.reply).map_err(|e| KvError::Corrupt {
-                        what: format!("idempotency record `{}`", idem.key),
-                        why: e.to_string(),
-                    })?;
+                let mut outcomes = stored_outcomes(&record).map_err(|why| KvError::Corrupt {
+                    what: format!("idempotency record `{}`", idem.key),
+                    why,
+                })?;
                 outcomes.iter_mut().for_each(|o| o.replayed = true);
                 return Ok(outcomes);
             }
@@ -511,11 +510,11 @@ impl Committer {
         }
         if let Some(idem) = idempotency {
             let stored_at_ms = now_ms();
-            let reply = serde_json::to_vec(&outcomes).map_err(|e| KvError::Storage(e.to_string()))?;
             let record = pb::IdempotencyRecord {
                 stored_at_ms,
                 request_hash: idem.request_hash,
-                reply,
+                reply: Vec::new(),
+                outcomes: Some(stored_reply(&outcomes)),
                 origin: self.settings.actor.clone(),
                 hlc: outcomes.iter().map(|o| o.hlc).max().unwrap_or(0),
                 counter_deltas,
@@ -1003,6 +1002,49 @@ fn travels_with_entry(writes: &[AdmittedWrite], record: &pb::IdempotencyRecord) 
     writes.iter().all(|w| Some(&w.placement.zone) == zone) && record.encoded_len() <= IDEM_TRANSFER_BYTES_MAX
 }
 
+/// A request's outcomes as stored in its idempotency record.
+fn stored_reply(outcomes: &[WriteOutcome]) -> pb::StoredReply {
+    pb::StoredReply {
+        outcomes: outcomes
+            .iter()
+            .map(|o| pb::StoredOutcome {
+                context: o.context.clone(),
+                hlc: o.hlc,
+                home_region: o.home_region.clone(),
+                epoch: o.epoch,
+                accepted_by_region: o.accepted_by_region.clone(),
+                log_seq: o.log_seq,
+                counter_value: o.counter_value,
+                members: o.members.clone().unwrap_or_default(),
+                has_members: o.members.is_some(),
+            })
+            .collect(),
+    }
+}
+
+/// The outcomes a record remembers: from `outcomes`, or from the JSON
+/// `reply` of a record written before it existed.
+fn stored_outcomes(record: &pb::IdempotencyRecord) -> Result<Vec<WriteOutcome>, String> {
+    let Some(reply) = &record.outcomes else {
+        return serde_json::from_slice(&record.reply).map_err(|e| e.to_string());
+    };
+    Ok(reply
+        .outcomes
+        .iter()
+        .map(|o| WriteOutcome {
+            context: o.context.clone(),
+            hlc: o.hlc,
+            home_region: o.home_region.clone(),
+            epoch: o.epoch,
+            accepted_by_region: o.accepted_by_region.clone(),
+            log_seq: o.log_seq,
+            counter_value: o.counter_value,
+            members: o.has_members.then(|| o.members.clone()),
+            replayed: false,
+        })
+        .collect())
+}
+
 fn idem_key(key: &str) -> Vec<u8> {
     let mut k = IDEM_PREFIX.to_vec();
     k.extend_from_slice(key.as_bytes());
@@ -1050,6 +1092,39 @@ mod tests {
         };
         let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), 500));
         Committer::new(engine, hlc, settings, Arc::new(CommitState::default()))
+    }
+
+    fn outcome(members: Option<Vec<Vec<u8>>>, counter_value: Option<i64>) -> WriteOutcome {
+        WriteOutcome {
+            context: vec![1, 2, 3],
+            hlc: 42,
+            home_region: "eu-west-1".into(),
+            epoch: 3,
+            accepted_by_region: "eu-central-1".into(),
+            log_seq: 9,
+            counter_value,
+            members,
+            replayed: false,
+        }
+    }
+
+    #[test]
+    fn a_stored_reply_reads_back_as_it_was_and_old_json_records_still_read() {
+        let outcomes = vec![
+            outcome(None, Some(-4)),
+            outcome(Some(Vec::new()), None),
+            outcome(Some(vec![b"a".to_vec(), b"b".to_vec()]), None),
+        ];
+        let record = pb::IdempotencyRecord { outcomes: Some(stored_reply(&outcomes)), ..Default::default() };
+        let sealed = codec::seal_message(&record);
+        let opened: pb::IdempotencyRecord = codec::open_message(&sealed).unwrap();
+        assert_eq!(stored_outcomes(&opened).unwrap(), outcomes, "an empty set is not taken for no set");
+
+        let old =
+            pb::IdempotencyRecord { reply: serde_json::to_vec(&outcomes).unwrap(), ..Default::default() };
+        assert_eq!(stored_outcomes(&old).unwrap(), outcomes);
+        let torn = pb::IdempotencyRecord { reply: b"[{".to_vec(), ..Default::default() };
+        assert!(stored_outcomes(&torn).is_err());
     }
 
     #[test]
