@@ -1,15 +1,19 @@
-//! Group commit: one thread applies writes in arrival order and makes each
-//! group of them durable with a single synced storage batch.
+//! Group commit: writes are applied in arrival order and each group of them
+//! is made durable with a single synced storage batch.
 //!
 //! Writers hand an admitted write to the committer through a bounded queue
-//! and wait for its reply. The committer takes the first waiting write, then
-//! every other write already queued (up to `group_commit_writes_max` writes
-//! or `group_commit_bytes_max` bytes), computes each new row state by merging
-//! into the stored one, and writes all rows, their replication-log entries and
-//! idempotency records in one `WriteBatch` with one WAL sync. Only then are
-//! the replies sent, so an acknowledged write is on disk. While one sync is in
-//! flight the next group gathers, which is what lets many clients share
-//! syncs. Being the only writer also makes each read-merge-write atomic.
+//! and wait for its reply. The preparing thread takes the first waiting
+//! write, then every other write already queued (up to
+//! `group_commit_writes_max` writes or `group_commit_bytes_max` bytes),
+//! computes each new row state by merging into the stored one, and builds
+//! one `WriteBatch` of rows, replication-log entries and idempotency
+//! records. The syncing thread writes it with one WAL sync (several groups
+//! waiting share one), and only then are the replies sent, so an
+//! acknowledged write is on disk. While one group syncs, the next is
+//! prepared over it: the preparer reads rows of groups not yet written
+//! from their overlays, so being the only preparer still makes each
+//! read-merge-write atomic. A group that fails to be written fails every
+//! group prepared over it (docs/decisions/025-commit-cpu.md).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -219,8 +223,12 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Starts the committer thread. It ends once every sender is dropped and the
-/// queue is drained.
+/// Starts the committer: a preparing thread (merges, encodes, log entries,
+/// idempotency records) and a syncing thread (the storage write and its
+/// sync, then the replies), so the next group is prepared while the
+/// current one syncs. The returned thread ends once every sender is
+/// dropped and the queue is drained, and only after the syncer has written
+/// (or failed) every group it was handed.
 pub fn spawn(
     engine: Arc<dyn Engine>,
     hlc: Arc<Hlc>,
@@ -228,10 +236,31 @@ pub fn spawn(
     state: Arc<CommitState>,
     mut rx: mpsc::Receiver<CommitJob>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let (to_sync, from_prepare) = std::sync::mpsc::sync_channel::<Prepared>(PIPELINE_GROUPS_MAX);
+    let pipeline = Arc::new(Pipeline::default());
+    let syncer = Syncer {
+        engine: engine.clone(),
+        state: state.clone(),
+        sync: settings.sync,
+        pipeline: pipeline.clone(),
+    };
+    let sync_thread =
+        std::thread::Builder::new().name("geokv-sync".into()).spawn(move || syncer.run(from_prepare))?;
     std::thread::Builder::new().name("geokv-commit".into()).spawn(move || {
         let mut committer = Committer::new(engine, hlc, settings, state);
+        committer.pipeline = Some(pipeline);
         while let Some(first) = rx.blocking_recv() {
-            committer.gather_and_commit(first, &mut rx);
+            let jobs = committer.gather(first, &mut rx);
+            if let Some(prepared) = committer.prepare_group(jobs) {
+                if let Err(std::sync::mpsc::SendError(p)) = to_sync.send(prepared) {
+                    // The syncer is gone (it panicked): nothing is written.
+                    p.fail(&KvError::Storage("the commit syncer stopped".into()));
+                }
+            }
+        }
+        drop(to_sync);
+        if sync_thread.join().is_err() {
+            tracing::error!("the commit syncer panicked");
         }
     })
 }
@@ -251,11 +280,169 @@ pub fn spawn_task(
     mut rx: mpsc::Receiver<CommitJob>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut committer = Committer::new(engine, hlc, settings, state);
+        let mut committer = Committer::new(engine.clone(), hlc, settings.clone(), state.clone());
+        let syncer = Syncer { engine, state, sync: settings.sync, pipeline: Arc::new(Pipeline::default()) };
         while let Some(first) = rx.recv().await {
-            committer.gather_and_commit(first, &mut rx);
+            let jobs = committer.gather(first, &mut rx);
+            if let Some(prepared) = committer.prepare_group(jobs) {
+                // Written at once: nothing is carried between groups.
+                syncer.write(vec![prepared]);
+            }
         }
     })
+}
+
+/// Prepared groups waiting for the syncer at most; the preparer blocks
+/// behind them (and writers queue behind it), which bounds the memory of
+/// groups not yet durable.
+const PIPELINE_GROUPS_MAX: usize = 2;
+
+/// What the preparer and the syncer share.
+#[derive(Default)]
+struct Pipeline {
+    /// Highest group number written or failed: the preparer drops its
+    /// overlays of groups at or below it (the store answers for them now).
+    settled_group: AtomicU64,
+    /// Era of groups that must fail: a group failed to be written, and every
+    /// group prepared over it (same era) is failed unwritten. The preparer
+    /// starts a new era from the store. 0 = none.
+    failed_era: AtomicU64,
+}
+
+/// A group ready to be written: its batch and everything published once it
+/// is durable.
+struct Prepared {
+    group: u64,
+    era: u64,
+    batch: WriteBatch,
+    replies: Vec<(oneshot::Sender<Result<Vec<WriteOutcome>, KvError>>, Result<Vec<WriteOutcome>, KvError>)>,
+    /// Highest log sequence number in the batch (None: no log entry).
+    through_seq: Option<u64>,
+    inbound: HashMap<(String, String), u64>,
+    conflicts: Vec<String>,
+    collected: u64,
+    write_count: usize,
+    started: Instant,
+}
+
+impl Prepared {
+    /// Answers every job of the group with `e` (jobs that failed on their
+    /// own keep their own error).
+    fn fail(self, e: &KvError) {
+        for (reply, result) in self.replies {
+            let _ = reply.send(result.and(Err(e.clone())));
+        }
+    }
+}
+
+/// Writes prepared groups in order, syncing once for all groups waiting,
+/// and publishes and answers each once it is durable.
+struct Syncer {
+    engine: Arc<dyn Engine>,
+    state: Arc<CommitState>,
+    sync: bool,
+    pipeline: Arc<Pipeline>,
+}
+
+impl Syncer {
+    fn run(self, rx: std::sync::mpsc::Receiver<Prepared>) {
+        while let Ok(first) = rx.recv() {
+            let mut groups = vec![first];
+            while groups.len() < PIPELINE_GROUPS_MAX {
+                match rx.try_recv() {
+                    Ok(g) => groups.push(g),
+                    Err(_) => break,
+                }
+            }
+            self.write(groups);
+        }
+    }
+
+    /// Writes `groups` (in preparation order) as one synced batch.
+    fn write(&self, groups: Vec<Prepared>) {
+        let failed_era = self.pipeline.failed_era.load(Ordering::Acquire);
+        let (doomed, groups): (Vec<Prepared>, Vec<Prepared>) =
+            groups.into_iter().partition(|g| failed_era != 0 && g.era == failed_era);
+        for g in doomed {
+            self.settle(g.group);
+            g.fail(&KvError::Storage("an earlier commit group failed; this one was prepared over it".into()));
+        }
+        let Some(last) = groups.last() else { return };
+        let last_group = last.group;
+        let mut groups = groups;
+        let mut batch = std::mem::take(&mut groups[0].batch);
+        for g in groups.iter_mut().skip(1) {
+            batch.extend(std::mem::take(&mut g.batch));
+        }
+        #[cfg(feature = "bugs")]
+        let sync = crate::bugs::wal_sync(self.sync);
+        #[cfg(not(feature = "bugs"))]
+        let sync = self.sync;
+        match self.engine.write(batch, sync) {
+            Ok(()) => {
+                for g in groups {
+                    self.publish(g);
+                }
+                self.settle(last_group);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "commit failed; the group's writes are not acknowledged");
+                metrics::counter!("geokv_commit_failures_total").increment(1);
+                if let Some(era) = groups.iter().map(|g| g.era).max() {
+                    self.pipeline.failed_era.store(era, Ordering::Release);
+                }
+                self.settle(last_group);
+                let e = KvError::Storage(e.to_string());
+                for g in groups {
+                    g.fail(&e);
+                }
+            }
+        }
+    }
+
+    fn settle(&self, group: u64) {
+        self.pipeline.settled_group.fetch_max(group, Ordering::AcqRel);
+    }
+
+    /// Publishes a durable group's effects and answers its jobs.
+    fn publish(&self, g: Prepared) {
+        if let Some(seq) = g.through_seq {
+            self.state.log_seq.store(seq, Ordering::Release);
+            self.state.log_watch.send_replace(seq);
+        }
+        if !g.inbound.is_empty() {
+            let mut inbound = self.state.inbound.lock().unwrap_or_else(|p| p.into_inner());
+            for ((source, store), through) in &g.inbound {
+                let e = inbound.entry(source.clone()).or_default();
+                if *store > e.store {
+                    // A newer incarnation of the source: its own positions.
+                    *e = Inbound { store: store.clone(), applied_through: 0, fresh_as_of_hlc: 0 };
+                }
+                if *store == e.store {
+                    e.applied_through = e.applied_through.max(*through);
+                }
+            }
+        }
+        metrics::histogram!("geokv_commit_group_writes").record(g.write_count as f64);
+        metrics::histogram!("geokv_commit_seconds").record(g.started.elapsed().as_secs_f64());
+        if let Some(seq) = g.through_seq {
+            metrics::gauge!("geokv_log_seq").set(seq as f64);
+        }
+        if g.collected > 0 {
+            self.state.tombstones_collected.fetch_add(g.collected, Ordering::Relaxed);
+            metrics::counter!("geokv_tombstones_collected_total").increment(g.collected);
+        }
+        if !g.conflicts.is_empty() {
+            let mut map = self.state.conflicts.lock().unwrap_or_else(|p| p.into_inner());
+            for table in g.conflicts {
+                metrics::counter!("geokv_conflicts_total", "table" => table.clone()).increment(1);
+                *map.entry(table).or_default() += 1;
+            }
+        }
+        for (reply, result) in g.replies {
+            let _ = reply.send(result);
+        }
+    }
 }
 
 struct Committer {
@@ -264,6 +451,16 @@ struct Committer {
     settings: CommitSettings,
     state: Arc<CommitState>,
     last_sweep: Instant,
+    /// Shared with the syncer thread (None when each group is written as
+    /// soon as it is prepared).
+    pipeline: Option<Arc<Pipeline>>,
+    /// Overlays of groups handed to the syncer and not yet settled, newest
+    /// last, with their group numbers.
+    carried: std::collections::VecDeque<(u64, Arc<Overlay>)>,
+    /// Next log sequence number to assign (None: read the store's).
+    next_seq: Option<u64>,
+    group: u64,
+    era: u64,
 }
 
 impl Committer {
@@ -273,24 +470,63 @@ impl Committer {
         settings: CommitSettings,
         state: Arc<CommitState>,
     ) -> Self {
-        Self { engine, hlc, settings, state, last_sweep: Instant::now() }
+        Self {
+            engine,
+            hlc,
+            settings,
+            state,
+            last_sweep: Instant::now(),
+            pipeline: None,
+            carried: Default::default(),
+            next_seq: None,
+            group: 0,
+            era: 1,
+        }
     }
 }
 
 /// Rows and idempotency records changed earlier in the same group, which the
-/// store does not have yet.
+/// store does not have yet, over those of earlier groups still on their way
+/// to the store (`carried`, newest first).
 #[derive(Default)]
 struct Overlay {
     rows: HashMap<Vec<u8>, Row>,
     idem: HashMap<String, pb::IdempotencyRecord>,
     /// Positions per (source, store incarnation).
     inbound: HashMap<(String, String), u64>,
+    carried: Vec<Arc<Overlay>>,
+}
+
+impl Overlay {
+    fn over(carried: Vec<Arc<Overlay>>) -> Self {
+        Self { carried, ..Default::default() }
+    }
+
+    fn row(&self, dk: &[u8]) -> Option<&Row> {
+        self.rows.get(dk).or_else(|| self.carried.iter().find_map(|o| o.rows.get(dk)))
+    }
+
+    fn idem_record(&self, key: &str) -> Option<&pb::IdempotencyRecord> {
+        self.idem.get(key).or_else(|| self.carried.iter().find_map(|o| o.idem.get(key)))
+    }
+
+    fn inbound_of(&self, position: &(String, String)) -> Option<u64> {
+        self.inbound
+            .get(position)
+            .or_else(|| self.carried.iter().find_map(|o| o.inbound.get(position)))
+            .copied()
+    }
+
+    /// This group's own changes, without what it was laid over.
+    fn own(self) -> Overlay {
+        Overlay { rows: self.rows, idem: self.idem, inbound: self.inbound, carried: Vec::new() }
+    }
 }
 
 impl Committer {
-    /// Takes `first` and every job already queued behind it (up to the
-    /// group bounds) and commits them as one group.
-    fn gather_and_commit(&mut self, first: CommitJob, rx: &mut mpsc::Receiver<CommitJob>) {
+    /// Takes `first` and every job already queued behind it, up to the
+    /// group bounds.
+    fn gather(&mut self, first: CommitJob, rx: &mut mpsc::Receiver<CommitJob>) -> Vec<CommitJob> {
         let mut jobs = vec![first];
         let mut bytes = jobs[0].bytes();
         let mut writes = jobs[0].writes();
@@ -304,14 +540,44 @@ impl Committer {
                 Err(_) => break,
             }
         }
-        self.commit_group(jobs);
+        jobs
     }
 
-    fn commit_group(&mut self, jobs: Vec<CommitJob>) {
+    /// Drops the overlays of groups the syncer settled, and after a failed
+    /// group starts a new era from what the store holds.
+    fn catch_up_with_syncer(&mut self) {
+        let Some(pipeline) = &self.pipeline else {
+            // Each group was written before the next was prepared.
+            self.carried.clear();
+            self.next_seq = None;
+            return;
+        };
+        if pipeline.failed_era.load(Ordering::Acquire) == self.era {
+            // Groups of this era after the failed one fail unwritten; what
+            // they carried never reached the store.
+            self.era += 1;
+            self.carried.clear();
+            self.next_seq = None;
+            return;
+        }
+        let settled = pipeline.settled_group.load(Ordering::Acquire);
+        while self.carried.front().is_some_and(|(g, _)| *g <= settled) {
+            self.carried.pop_front();
+        }
+    }
+
+    /// Applies `jobs` over the stored rows and the groups not yet written,
+    /// and returns the group's batch with its replies; None when it writes
+    /// nothing (its replies are sent).
+    fn prepare_group(&mut self, jobs: Vec<CommitJob>) -> Option<Prepared> {
         let started = Instant::now();
-        let first_seq = self.state.log_seq.load(Ordering::Acquire) + 1;
+        self.catch_up_with_syncer();
+        let first_seq = match self.next_seq {
+            Some(seq) => seq,
+            None => self.state.log_seq.load(Ordering::Acquire) + 1,
+        };
         let mut next_seq = first_seq;
-        let mut overlay = Overlay::default();
+        let mut overlay = Overlay::over(self.carried.iter().rev().map(|(_, o)| o.clone()).collect());
         let mut batch = WriteBatch::new();
         let mut replies = Vec::with_capacity(jobs.len());
         let mut conflicts: Vec<String> = Vec::new();
@@ -340,63 +606,30 @@ impl Committer {
             }
             replies.push((job.reply, result));
         }
-        self.sweep_idempotency(&mut batch);
+        self.sweep_idempotency(&mut batch, &overlay);
         if batch.is_empty() {
             for (reply, result) in replies {
                 let _ = reply.send(result);
             }
-            return;
+            return None;
         }
-        #[cfg(feature = "bugs")]
-        let sync = crate::bugs::wal_sync(self.settings.sync);
-        #[cfg(not(feature = "bugs"))]
-        let sync = self.settings.sync;
-        match self.engine.write(batch, sync) {
-            Ok(()) => {
-                self.state.log_seq.store(next_seq - 1, Ordering::Release);
-                if next_seq > first_seq {
-                    self.state.log_watch.send_replace(next_seq - 1);
-                }
-                if !overlay.inbound.is_empty() {
-                    let mut inbound = self.state.inbound.lock().unwrap_or_else(|p| p.into_inner());
-                    for ((source, store), through) in &overlay.inbound {
-                        let e = inbound.entry(source.clone()).or_default();
-                        if *store > e.store {
-                            // A newer incarnation of the source: its own positions.
-                            *e = Inbound { store: store.clone(), applied_through: 0, fresh_as_of_hlc: 0 };
-                        }
-                        if *store == e.store {
-                            e.applied_through = e.applied_through.max(*through);
-                        }
-                    }
-                }
-                metrics::histogram!("geokv_commit_group_writes").record(write_count as f64);
-                metrics::histogram!("geokv_commit_seconds").record(started.elapsed().as_secs_f64());
-                metrics::gauge!("geokv_log_seq").set((next_seq - 1) as f64);
-                if collected > 0 {
-                    self.state.tombstones_collected.fetch_add(collected, Ordering::Relaxed);
-                    metrics::counter!("geokv_tombstones_collected_total").increment(collected);
-                }
-                if !conflicts.is_empty() {
-                    let mut map = self.state.conflicts.lock().unwrap_or_else(|p| p.into_inner());
-                    for table in conflicts {
-                        metrics::counter!("geokv_conflicts_total", "table" => table.clone()).increment(1);
-                        *map.entry(table).or_default() += 1;
-                    }
-                }
-                for (reply, result) in replies {
-                    let _ = reply.send(result);
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "commit failed; the group's writes are not acknowledged");
-                metrics::counter!("geokv_commit_failures_total").increment(1);
-                for (reply, result) in replies {
-                    let failed = result.and(Err(KvError::Storage(e.to_string())));
-                    let _ = reply.send(failed);
-                }
-            }
-        }
+        self.group += 1;
+        self.next_seq = Some(next_seq);
+        let own = overlay.own();
+        let inbound = own.inbound.clone();
+        self.carried.push_back((self.group, Arc::new(own)));
+        Some(Prepared {
+            group: self.group,
+            era: self.era,
+            batch,
+            replies,
+            through_seq: (next_seq > first_seq).then(|| next_seq - 1),
+            inbound,
+            conflicts,
+            collected,
+            write_count,
+            started,
+        })
     }
 
     /// Applies one job against the overlay. On error nothing of the job
@@ -444,7 +677,7 @@ impl Committer {
         let mut counter_deltas = Vec::new();
         for (w, epoch) in writes.iter().zip(epochs) {
             let dk = data_key(&w.table, &w.key);
-            let current = match staged.get(&dk).or_else(|| overlay.rows.get(&dk)) {
+            let current = match staged.get(&dk).or_else(|| overlay.row(&dk)) {
                 Some(r) => Some(r.clone()),
                 None => self.load_row(&dk, &w.table, &w.key)?,
             };
@@ -552,8 +785,8 @@ impl Committer {
         conflicts: &mut Vec<String>,
     ) -> Result<Vec<WriteOutcome>, KvError> {
         let position = (remote.source.clone(), remote.source_store.clone());
-        let applied = match overlay.inbound.get(&position) {
-            Some(seq) => *seq,
+        let applied = match overlay.inbound_of(&position) {
+            Some(seq) => seq,
             None => self.inbound_position(&remote.source, &remote.source_store)?,
         };
         let source_region = crate::topology::actor_region(&remote.source).to_string();
@@ -588,7 +821,7 @@ impl Committer {
         let now = self.hlc.now();
         for (table, key, incoming) in &remote.entries {
             let dk = data_key(table, key);
-            let current = match staged.get(&dk).or_else(|| overlay.rows.get(&dk)) {
+            let current = match staged.get(&dk).or_else(|| overlay.row(&dk)) {
                 Some(r) => Some(r.clone()),
                 None => self.load_row(&dk, table, key)?,
             };
@@ -642,7 +875,7 @@ impl Committer {
     ) -> Result<u64, KvError> {
         let mut removed = 0;
         for (dk, judged) in rows {
-            if overlay.rows.contains_key(dk) {
+            if overlay.row(dk).is_some() {
                 continue;
             }
             let stored = self.engine.get(Cf::Data, dk).map_err(|e| KvError::Storage(e.to_string()))?;
@@ -849,7 +1082,7 @@ impl Committer {
     ) -> Result<(), KvError> {
         for d in &duplicate.counter_deltas {
             let dk = data_key(&d.table, &d.key);
-            let current = match staged.get(&dk).or_else(|| overlay.rows.get(&dk)) {
+            let current = match staged.get(&dk).or_else(|| overlay.row(&dk)) {
                 Some(r) => Some(r.clone()),
                 None => self.load_row(&dk, &d.table, &d.key)?,
             };
@@ -893,7 +1126,7 @@ impl Committer {
         key: &str,
         overlay: &Overlay,
     ) -> Result<Option<pb::IdempotencyRecord>, KvError> {
-        if let Some(r) = overlay.idem.get(key) {
+        if let Some(r) = overlay.idem_record(key) {
             return Ok(Some(r.clone()));
         }
         let Some(bytes) =
@@ -912,7 +1145,7 @@ impl Committer {
 
     /// Deletes idempotency records older than the TTL, a bounded number per
     /// sweep, at most once a second.
-    fn sweep_idempotency(&mut self, batch: &mut WriteBatch) {
+    fn sweep_idempotency(&mut self, batch: &mut WriteBatch, overlay: &Overlay) {
         if self.last_sweep.elapsed() < IDEM_SWEEP_EVERY {
             return;
         }
@@ -924,6 +1157,9 @@ impl Committer {
         };
         for (k, _) in expired {
             match idem_key_of_expiry(&k) {
+                // A record stored again (the key reused after it expired)
+                // in a group not yet written stays.
+                Ok(idem) if idem_record_pending(overlay, &idem) => {}
                 Ok(idem) => batch.delete(Cf::Meta, idem),
                 Err(e) => {
                     // A malformed expiry key names no record; it is dropped so
@@ -1045,6 +1281,15 @@ fn stored_outcomes(record: &pb::IdempotencyRecord) -> Result<Vec<WriteOutcome>, 
         .collect())
 }
 
+/// Whether the record stored under the meta key `idem` was written by a
+/// group not yet in the store.
+fn idem_record_pending(overlay: &Overlay, idem: &[u8]) -> bool {
+    let Some(key) = idem.strip_prefix(IDEM_PREFIX).and_then(|k| std::str::from_utf8(k).ok()) else {
+        return false;
+    };
+    overlay.idem_record(key).is_some()
+}
+
 fn idem_key(key: &str) -> Vec<u8> {
     let mut k = IDEM_PREFIX.to_vec();
     k.extend_from_slice(key.as_bytes());
@@ -1149,7 +1394,7 @@ mod tests {
         let mut c = committer(engine.clone());
         c.last_sweep = Instant::now() - IDEM_SWEEP_EVERY * 2;
         let mut batch = WriteBatch::new();
-        c.sweep_idempotency(&mut batch);
+        c.sweep_idempotency(&mut batch, &Overlay::default());
         engine.write(batch, false).unwrap();
         assert_eq!(engine.get(Cf::Meta, b"idemx/\0\0").unwrap(), None, "the malformed key is dropped");
         assert_eq!(engine.get(Cf::Meta, &idem_key("old")).unwrap(), None, "the expired record is swept");

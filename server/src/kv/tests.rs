@@ -8,6 +8,7 @@ use crate::causality::SystemClock;
 use crate::config::Config;
 use crate::storage::memory::MemoryEngine;
 use crate::storage::rocks::{RocksEngine, RocksOptions};
+use crate::storage::{KvPair, KvPairs, StorageError, WriteBatch};
 use commit::ApplyMode;
 
 fn config(extra: &str) -> Arc<Config> {
@@ -538,4 +539,121 @@ async fn a_new_source_incarnation_is_not_taken_for_duplicates() {
     let key = format!("k{new}1").into_bytes();
     let read = node.read(&RowRef { key, ..row_ref_c() }, ReadLevel::Local, &[]).unwrap();
     assert!(read.row.is_some(), "the new incarnation's first entry was applied");
+}
+
+/// An engine whose writes wait at a gate and can be made to fail once, and
+/// which counts writes waiting and point reads of idempotency records.
+#[derive(Default)]
+struct GatedEngine {
+    inner: MemoryEngine,
+    closed: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    fail_next: std::sync::atomic::AtomicBool,
+    waiting: std::sync::atomic::AtomicUsize,
+    idem_gets: std::sync::atomic::AtomicUsize,
+}
+
+impl GatedEngine {
+    fn set_closed(&self, closed: bool) {
+        *self.closed.lock().unwrap() = closed;
+        self.opened.notify_all();
+    }
+}
+
+impl Engine for GatedEngine {
+    fn kind(&self) -> &'static str {
+        "gated"
+    }
+
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        if cf == Cf::Meta && key.starts_with(b"idem/") {
+            self.idem_gets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.inner.get(cf, key)
+    }
+
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.waiting.fetch_add(1, SeqCst);
+        let closed = self.closed.lock().unwrap();
+        let (_open, timeout) =
+            self.opened.wait_timeout_while(closed, std::time::Duration::from_secs(10), |c| *c).unwrap();
+        self.waiting.fetch_sub(1, SeqCst);
+        if timeout.timed_out() {
+            return Err(StorageError::Write {
+                ops: batch.len(),
+                reason: "the test's gate stayed closed".into(),
+            });
+        }
+        if self.fail_next.swap(false, SeqCst) {
+            return Err(StorageError::Write { ops: batch.len(), reason: "injected failure".into() });
+        }
+        self.inner.write(batch, sync)
+    }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        self.inner.sync()
+    }
+
+    fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, StorageError> {
+        self.inner.scan(cf, start, end, limit)
+    }
+
+    fn last(&self, cf: Cf) -> Result<Option<KvPair>, StorageError> {
+        self.inner.last(cf)
+    }
+}
+
+/// Waits (bounded) until `done` holds.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+/// A group prepared while the one before it is being written reads that
+/// group's rows; when the earlier group's write fails, the later one fails
+/// too, unwritten, and the next write starts again from the store: nothing
+/// of either reaches the store or the log, and the log has no hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_group_fails_the_group_prepared_over_it_and_the_next_starts_from_the_store() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let engine = Arc::new(GatedEngine::default());
+    let node = node_on(engine.clone());
+    node.write(put(row("k"), "base", VersionVector::default())).await.unwrap();
+    let base_seq = node.log_seq();
+    let (_, base_ctx) = values(&node, "k");
+
+    engine.set_closed(true);
+    let a = tokio::spawn({
+        let node = node.clone();
+        async move { node.write(put(row("k"), "a", VersionVector::default())).await }
+    });
+    until("the first group is being written", || engine.waiting.load(SeqCst) == 1).await;
+    let b = tokio::spawn({
+        let node = node.clone();
+        let mut req = put(row("k"), "b", VersionVector::default());
+        req.idempotency = Some(Idempotency { key: "b".into(), request_hash: 1 });
+        async move { node.write(req).await }
+    });
+    // The second group's preparation has read its idempotency key.
+    until("the second group is prepared", || engine.idem_gets.load(SeqCst) >= 1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    engine.fail_next.store(true, SeqCst);
+    engine.set_closed(false);
+
+    let a = a.await.unwrap().unwrap_err();
+    let b = b.await.unwrap().unwrap_err();
+    assert!(matches!(&a, KvError::Storage(why) if why.contains("injected failure")), "{a}");
+    assert!(b.to_string().contains("prepared over it"), "{b}");
+    assert_eq!(values(&node, "k").0, ["base"], "nothing of the failed groups is stored");
+    assert_eq!(node.log_seq(), base_seq);
+
+    node.write(put(row("k"), "c", base_ctx)).await.unwrap();
+    assert_eq!(values(&node, "k").0, ["c"], "the next group merged over the stored row");
+    assert_eq!(node.log_seq(), base_seq + 1, "the failed groups' log positions are reused, no hole");
 }
