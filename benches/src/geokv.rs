@@ -196,6 +196,34 @@ impl GeokvConn {
         Ok(())
     }
 
+    /// Writes `value` under every key of `keys` (index, key) in one atomic
+    /// batch (one durable sync on the node).
+    pub async fn put_many(&mut self, keys: &[(u64, Vec<u8>)], value: &[u8]) -> Result<()> {
+        use geokv_proto::v1 as pb;
+        let contexts = self.settings.contexts.as_deref();
+        let ops = keys
+            .iter()
+            .map(|(i, key)| pb::BatchOp {
+                op: Some(pb::batch_op::Op::Put(pb::PutRequest {
+                    row: Some(Row::new(self.settings.table.as_str(), key.as_slice()).to_proto()),
+                    value: value.to_vec(),
+                    context: contexts.and_then(|t| t.get(*i)).map(|c| c.0).unwrap_or_default(),
+                    ..Default::default()
+                })),
+            })
+            .collect();
+        let acks = self.client.batch(ops, Some(self.settings.consistency), None).await?;
+        if acks.len() != keys.len() {
+            anyhow::bail!("a batch of {} puts was answered with {} acknowledgements", keys.len(), acks.len());
+        }
+        if let Some(t) = contexts {
+            for ((i, _), ack) in keys.iter().zip(acks) {
+                t.set(*i, ack.context);
+            }
+        }
+        Ok(())
+    }
+
     pub async fn get(&mut self, key_index: u64, key: &[u8]) -> Result<()> {
         let row = Row::new(self.settings.table.as_str(), key);
         let got = self.client.get(&row, self.read).await?;

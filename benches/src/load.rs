@@ -25,8 +25,9 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const ERROR_PAUSE: Duration = Duration::from_millis(10);
 /// Concurrent writers of the preload.
 const PRELOAD_CLIENTS: usize = 32;
-/// Longest the preload may take before the run fails.
-const PRELOAD_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest the preload may take before the run fails (10M keys load in a
+/// few minutes batched).
+const PRELOAD_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The load's shape: identical for every target of a run.
 #[derive(Debug, Clone)]
@@ -220,23 +221,32 @@ async fn client_loop(
     stats
 }
 
-/// Writes every key once, so gets find values of the configured size.
-pub async fn preload(running: &Running, shape: &Shape) -> Result<()> {
-    let clients = PRELOAD_CLIENTS.min(usize::try_from(shape.keys).unwrap_or(usize::MAX)).max(1);
+/// Writes keys `0..count` once, so gets find values of the configured size:
+/// `batch` keys per request (a geokv batch, a Redis MSET), many requests in
+/// flight.
+pub async fn preload(running: &Running, shape: &Shape, count: u64, batch: usize) -> Result<()> {
+    let batch = batch.max(1) as u64;
+    let chunks = count.div_ceil(batch);
+    let clients = PRELOAD_CLIENTS.min(usize::try_from(chunks).unwrap_or(usize::MAX)).max(1);
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for i in 0..clients {
         let mut conn = running.connect().await.context("opening a preload connection")?;
-        let (keys, stride, op_timeout) = (shape.keys, clients as u64, shape.op_timeout);
+        let (stride, op_timeout) = (clients as u64, shape.op_timeout);
         let value = vec![b'p'; shape.value_bytes];
         tasks.spawn(async move {
-            let mut k = i as u64;
-            while k < keys {
-                tokio::time::timeout(op_timeout, conn.put(k, &key(k), &value))
+            let mut chunk = i as u64;
+            while chunk < chunks {
+                let first = chunk * batch;
+                let keys: Vec<(u64, Vec<u8>)> =
+                    (first..(first + batch).min(count)).map(|k| (k, key(k))).collect();
+                tokio::time::timeout(op_timeout, conn.put_many(&keys, &value))
                     .await
-                    .map_err(|_| anyhow::anyhow!("preload put of key {k} took longer than {op_timeout:?}"))?
-                    .with_context(|| format!("preload put of key {k}"))?;
-                k += stride;
+                    .map_err(|_| {
+                        anyhow::anyhow!("preload of keys from {first} took longer than {op_timeout:?}")
+                    })?
+                    .with_context(|| format!("preload of {} keys from {first}", keys.len()))?;
+                chunk += stride;
             }
             anyhow::Ok(())
         });
@@ -244,15 +254,15 @@ pub async fn preload(running: &Running, shape: &Shape) -> Result<()> {
     let deadline = tokio::time::Instant::from_std(started + PRELOAD_TIMEOUT);
     while let Some(joined) = tokio::time::timeout_at(deadline, tasks.join_next())
         .await
-        .map_err(|_| anyhow::anyhow!("preload of {} keys took longer than {PRELOAD_TIMEOUT:?}", shape.keys))?
+        .map_err(|_| anyhow::anyhow!("preload of {count} keys took longer than {PRELOAD_TIMEOUT:?}"))?
     {
         joined.context("a preload task panicked")??;
     }
+    let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "{}: preloaded {} keys in {:.1} s",
+        "{}: preloaded {count} keys in {secs:.1} s ({:.0} keys/s, {batch} per request)",
         running.kind(),
-        shape.keys,
-        started.elapsed().as_secs_f64()
+        count as f64 / secs.max(1e-9)
     );
     Ok(())
 }

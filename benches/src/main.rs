@@ -44,6 +44,8 @@ const KEYS_MAX: u64 = 10_000_000;
 const VALUE_BYTES_MAX: usize = 1 << 20;
 /// Most concurrent clients in one run (each has its own connection).
 const CLIENTS_MAX: usize = 4096;
+/// Most keys per preload request (geokv's largest `limits.batch_ops_max`).
+const PRELOAD_BATCH_MAX: usize = 10_000;
 /// Longest measured window or warmup, in seconds.
 const DURATION_S_MAX: u64 = 24 * 3600;
 
@@ -142,8 +144,16 @@ struct Args {
     #[arg(long)]
     blind_puts: bool,
     /// With gets in the mix, skip writing every key once before the runs.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "preload")]
     no_preload: bool,
+    /// Write keys 0..N once before the runs, batched (default: every key
+    /// when gets are in the mix, none for puts only).
+    #[arg(long)]
+    preload: Option<u64>,
+    /// Keys per preload request (a geokv batch, at most the node's
+    /// `limits.batch_ops_max`; a Redis MSET; etcd writes them one by one).
+    #[arg(long, default_value_t = 128)]
+    preload_batch: usize,
     /// Print the results as JSON on stdout (progress stays on stderr).
     #[arg(long)]
     json: bool,
@@ -168,6 +178,12 @@ impl Args {
         }
         if self.connections.is_some_and(|c| c == 0 || c > CLIENTS_MAX) {
             bail!("--connections must be 1..={CLIENTS_MAX}");
+        }
+        if self.preload.is_some_and(|n| n > self.keys) {
+            bail!("--preload must be at most --keys ({})", self.keys);
+        }
+        if self.preload_batch == 0 || self.preload_batch > PRELOAD_BATCH_MAX {
+            bail!("--preload-batch must be 1..={PRELOAD_BATCH_MAX}");
         }
         if self.op_timeout_ms == 0 || self.op_timeout_ms > 60_000 {
             bail!("--op-timeout-ms must be 1..=60000");
@@ -302,8 +318,15 @@ async fn run(args: &Args) -> Result<()> {
         eprintln!("{kind}: starting");
         let mut running = Running::start(kind, &plan).await.with_context(|| format!("starting {kind}"))?;
         semantics.push((kind, kind.semantics(args.consistency)));
-        if shape.put_ratio < 1.0 && !args.no_preload {
-            load::preload(&running, &shape).await.with_context(|| format!("preloading {kind}"))?;
+        let preload = match args.preload {
+            Some(n) => n,
+            None if shape.put_ratio < 1.0 && !args.no_preload => shape.keys,
+            None => 0,
+        };
+        if preload > 0 {
+            load::preload(&running, &shape, preload, args.preload_batch)
+                .await
+                .with_context(|| format!("preloading {kind}"))?;
         }
         for &clients in &args.clients {
             eprintln!(

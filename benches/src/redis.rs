@@ -129,6 +129,20 @@ impl RedisConn {
         }
     }
 
+    /// Sets every key of `keys` to `value` with one MSET.
+    pub async fn mset(&mut self, keys: &[(u64, Vec<u8>)], value: &[u8]) -> Result<()> {
+        let mut args: Vec<&[u8]> = Vec::with_capacity(1 + 2 * keys.len());
+        args.push(b"MSET");
+        for (_, k) in keys {
+            args.push(k);
+            args.push(value);
+        }
+        match self.command(&args).await? {
+            Reply::Simple(s) if s == "OK" => Ok(()),
+            other => bail!("MSET answered {other:?}"),
+        }
+    }
+
     pub async fn get(&mut self, key: &[u8]) -> Result<()> {
         match self.command(&[b"GET", key]).await? {
             Reply::Bulk(_) => Ok(()),

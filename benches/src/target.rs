@@ -187,6 +187,21 @@ impl Conn {
         }
     }
 
+    /// Writes `value` under every key of `keys` (index, key): one geokv
+    /// batch, one Redis MSET; etcd gets one put per key.
+    pub async fn put_many(&mut self, keys: &[(u64, Vec<u8>)], value: &[u8]) -> Result<()> {
+        match self {
+            Conn::Geokv(c) => c.put_many(keys, value).await,
+            Conn::Etcd(c) => {
+                for (_, k) in keys {
+                    c.put(k, value).await?;
+                }
+                Ok(())
+            }
+            Conn::Redis(c) => c.mset(keys, value).await,
+        }
+    }
+
     /// Another client's handle on the same connection, where the protocol
     /// multiplexes (HTTP/2: geokv, etcd); None for Redis, whose connection
     /// carries one request at a time.

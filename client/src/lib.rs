@@ -170,7 +170,8 @@ impl Row {
         Self { table: r.table.clone(), key: r.key.clone(), locality }
     }
 
-    fn to_proto(&self) -> pb::RowRef {
+    /// The row as a request names it (for building [`Client::batch`] operations).
+    pub fn to_proto(&self) -> pb::RowRef {
         let locality = match &self.locality {
             Locality::TableDefault => None,
             Locality::HomeRegion(r) => Some(pb::row_ref::Locality::HomeRegion(r.clone())),

@@ -309,13 +309,18 @@ struct Pipeline {
     failed_era: AtomicU64,
 }
 
+/// What a job's writer is answered.
+type JobResult = Result<Vec<WriteOutcome>, KvError>;
+/// Where a job's answer goes.
+type ReplyTo = oneshot::Sender<JobResult>;
+
 /// A group ready to be written: its batch and everything published once it
 /// is durable.
 struct Prepared {
     group: u64,
     era: u64,
     batch: WriteBatch,
-    replies: Vec<(oneshot::Sender<Result<Vec<WriteOutcome>, KvError>>, Result<Vec<WriteOutcome>, KvError>)>,
+    replies: Vec<(ReplyTo, JobResult)>,
     /// Highest log sequence number in the batch (None: no log entry).
     through_seq: Option<u64>,
     inbound: HashMap<(String, String), u64>,
