@@ -567,6 +567,10 @@ pub struct StorageConfig {
     pub group_commit_bytes_max: usize,
     /// Writes waiting for the committer before callers are held back.
     pub commit_queue_max: usize,
+    /// Prepare the next commit group while the current one syncs (a
+    /// preparing and a syncing thread); false prepares and syncs each group
+    /// on one thread (docs/decisions/025-commit-cpu.md).
+    pub commit_pipeline: bool,
     /// Replication-log entries kept on this node.
     pub log_retention_entries: u64,
     /// How long a reply is remembered for its idempotency key, in seconds.
@@ -598,6 +602,7 @@ impl Default for StorageConfig {
             group_commit_writes_max: 512,
             group_commit_bytes_max: 16 << 20,
             commit_queue_max: 8192,
+            commit_pipeline: true,
             log_retention_entries: 1_000_000,
             idempotency_ttl_s: 3600,
             write_buffer_mib: 64,

@@ -155,6 +155,8 @@ pub struct CommitSettings {
     /// Bounds every row a client write leaves (merges from other regions
     /// are never refused: docs/decisions/015-bounded-rows.md).
     pub row_limits: RowLimits,
+    /// Prepare the next group while the current one syncs.
+    pub pipeline: bool,
 }
 
 /// Shared facts the committer publishes for readers.
@@ -236,7 +238,6 @@ pub fn spawn(
     state: Arc<CommitState>,
     mut rx: mpsc::Receiver<CommitJob>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let (to_sync, from_prepare) = std::sync::mpsc::sync_channel::<Prepared>(PIPELINE_GROUPS_MAX);
     let pipeline = Arc::new(Pipeline::default());
     let syncer = Syncer {
         engine: engine.clone(),
@@ -244,11 +245,23 @@ pub fn spawn(
         sync: settings.sync,
         pipeline: pipeline.clone(),
     };
+    if !settings.pipeline {
+        // One thread: each group is written before the next is prepared.
+        return std::thread::Builder::new().name("geokv-commit".into()).spawn(move || {
+            let mut committer = Committer::new(engine, hlc, settings, state, pipeline);
+            while let Some(first) = rx.blocking_recv() {
+                let jobs = committer.gather(first, &mut rx);
+                if let Some(prepared) = committer.prepare_group(jobs) {
+                    syncer.write(vec![prepared]);
+                }
+            }
+        });
+    }
+    let (to_sync, from_prepare) = std::sync::mpsc::sync_channel::<Prepared>(PIPELINE_GROUPS_MAX);
     let sync_thread =
         std::thread::Builder::new().name("geokv-sync".into()).spawn(move || syncer.run(from_prepare))?;
     std::thread::Builder::new().name("geokv-commit".into()).spawn(move || {
-        let mut committer = Committer::new(engine, hlc, settings, state);
-        committer.pipeline = Some(pipeline);
+        let mut committer = Committer::new(engine, hlc, settings, state, pipeline);
         while let Some(first) = rx.blocking_recv() {
             let jobs = committer.gather(first, &mut rx);
             if let Some(prepared) = committer.prepare_group(jobs) {
@@ -280,8 +293,10 @@ pub fn spawn_task(
     mut rx: mpsc::Receiver<CommitJob>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut committer = Committer::new(engine.clone(), hlc, settings.clone(), state.clone());
-        let syncer = Syncer { engine, state, sync: settings.sync, pipeline: Arc::new(Pipeline::default()) };
+        let pipeline = Arc::new(Pipeline::default());
+        let mut committer =
+            Committer::new(engine.clone(), hlc, settings.clone(), state.clone(), pipeline.clone());
+        let syncer = Syncer { engine, state, sync: settings.sync, pipeline };
         while let Some(first) = rx.recv().await {
             let jobs = committer.gather(first, &mut rx);
             if let Some(prepared) = committer.prepare_group(jobs) {
@@ -456,9 +471,8 @@ struct Committer {
     settings: CommitSettings,
     state: Arc<CommitState>,
     last_sweep: Instant,
-    /// Shared with the syncer thread (None when each group is written as
-    /// soon as it is prepared).
-    pipeline: Option<Arc<Pipeline>>,
+    /// Shared with the syncer (a thread of its own, or called inline).
+    pipeline: Arc<Pipeline>,
     /// Overlays of groups handed to the syncer and not yet settled, newest
     /// last, with their group numbers.
     carried: std::collections::VecDeque<(u64, Arc<Overlay>)>,
@@ -474,6 +488,7 @@ impl Committer {
         hlc: Arc<Hlc>,
         settings: CommitSettings,
         state: Arc<CommitState>,
+        pipeline: Arc<Pipeline>,
     ) -> Self {
         Self {
             engine,
@@ -481,7 +496,7 @@ impl Committer {
             settings,
             state,
             last_sweep: Instant::now(),
-            pipeline: None,
+            pipeline,
             carried: Default::default(),
             next_seq: None,
             group: 0,
@@ -551,12 +566,7 @@ impl Committer {
     /// Drops the overlays of groups the syncer settled, and after a failed
     /// group starts a new era from what the store holds.
     fn catch_up_with_syncer(&mut self) {
-        let Some(pipeline) = &self.pipeline else {
-            // Each group was written before the next was prepared.
-            self.carried.clear();
-            self.next_seq = None;
-            return;
-        };
+        let pipeline = &self.pipeline;
         if pipeline.failed_era.load(Ordering::Acquire) == self.era {
             // Groups of this era after the failed one fail unwritten; what
             // they carried never reached the store.
@@ -1339,9 +1349,10 @@ mod tests {
             log_retention_entries: 100,
             idempotency_ttl: Duration::from_millis(1),
             row_limits: RowLimits::from_config(&crate::config::Limits::default()),
+            pipeline: true,
         };
         let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), 500));
-        Committer::new(engine, hlc, settings, Arc::new(CommitState::default()))
+        Committer::new(engine, hlc, settings, Arc::new(CommitState::default()), Arc::new(Pipeline::default()))
     }
 
     fn outcome(members: Option<Vec<Vec<u8>>>, counter_value: Option<i64>) -> WriteOutcome {

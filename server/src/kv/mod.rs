@@ -341,6 +341,7 @@ impl Node {
             log_retention_entries: cfg.storage.log_retention_entries,
             idempotency_ttl: Duration::from_secs(cfg.storage.idempotency_ttl_s),
             row_limits: row::RowLimits::from_config(&cfg.limits),
+            pipeline: cfg.storage.commit_pipeline,
         };
         let (tx, rx) = mpsc::channel(cfg.storage.commit_queue_max);
         let thread = match options.commit {

@@ -657,3 +657,24 @@ async fn a_failed_group_fails_the_group_prepared_over_it_and_the_next_starts_fro
     assert_eq!(values(&node, "k").0, ["c"], "the next group merged over the stored row");
     assert_eq!(node.log_seq(), base_seq + 1, "the failed groups' log positions are reused, no hole");
 }
+
+/// With the pipeline off (one thread prepares and writes each group), a
+/// group that fails to be written fails alone: the next write is prepared
+/// from the store and succeeds, and so does every later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_pipeline_a_failed_group_fails_alone() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let engine = Arc::new(GatedEngine::default());
+    let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), 500));
+    let node = Node::start(config("[storage]\ncommit_pipeline = false"), engine.clone(), hlc).unwrap();
+    node.write(put(row("k"), "base", VersionVector::default())).await.unwrap();
+    let base_seq = node.log_seq();
+    engine.fail_next.store(true, SeqCst);
+    let failed = node.write(put(row("k"), "a", VersionVector::default())).await.unwrap_err();
+    assert!(matches!(&failed, KvError::Storage(why) if why.contains("injected failure")), "{failed}");
+    for (i, v) in ["b", "c"].into_iter().enumerate() {
+        node.write(put(row("k"), v, VersionVector::default())).await.unwrap();
+        assert_eq!(node.log_seq(), base_seq + 1 + i as u64);
+    }
+    assert_eq!(values(&node, "k").0, ["b", "base", "c"]);
+}

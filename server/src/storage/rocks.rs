@@ -45,8 +45,12 @@ impl RocksEngine {
         // Point reads dominate the write path: the row a write merges into
         // and its idempotency key, which is almost always absent. Bloom
         // filters (on disk and in the memtable) answer "absent" without a
-        // skip-list walk or a block read; one block cache serves every
-        // column family, filters and index blocks included.
+        // skip-list walk or a block read; one block cache holds the data
+        // blocks of every column family. Index and filter blocks stay in
+        // the table readers' memory (about 2 bytes per key), not in the
+        // cache: there random reads over a store larger than the cache
+        // evicted them, and every get read and decompressed an index block
+        // again (10M keys: 1,480 gets/s instead of 28,700).
         let cache = rocksdb::Cache::new_lru_cache(tuning.block_cache_bytes);
         let cfs = Cf::ALL.iter().map(|cf| {
             let mut o = Options::default();
@@ -54,8 +58,6 @@ impl RocksEngine {
             let mut table = rocksdb::BlockBasedOptions::default();
             table.set_block_cache(&cache);
             table.set_bloom_filter(10.0, false);
-            table.set_cache_index_and_filter_blocks(true);
-            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
             o.set_block_based_table_factory(&table);
             o.set_memtable_whole_key_filtering(true);
             o.set_memtable_prefix_bloom_ratio(0.05);
