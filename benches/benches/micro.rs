@@ -5,6 +5,10 @@
 //! - `codec`: the versioned, checksummed envelope, sealed and opened.
 //! - `storage`: one-row batches and point reads on RocksDB (unsynced and
 //!   fsync'd) and on the in-memory engine, through the `Engine` trait.
+//! - `commit`: 64 concurrent durable puts (each with an idempotency key, as
+//!   the client sends them) through a node's committer on RocksDB, with
+//!   the two-stage pipeline and on one thread (decision 025); the sync
+//!   stage alone is `storage/rocksdb_put_sync_batch_64`.
 //!
 //! Each group keeps few samples and a short measurement time so the whole
 //! suite runs in a few minutes on a 2-core machine:
@@ -218,9 +222,69 @@ fn storage(c: &mut Criterion) {
     drop(rocks);
 }
 
+/// Concurrent writers per iteration of the commit benchmarks.
+const COMMIT_WRITERS: usize = 64;
+
+fn commit(c: &mut Criterion) {
+    use std::sync::Arc;
+
+    use geokv_server::causality::{Hlc, SystemClock};
+    use geokv_server::config::Config;
+    use geokv_server::kv::commit::Idempotency;
+    use geokv_server::kv::{Node, RowOp, RowRef, WriteOp, WriteRequest};
+    use geokv_server::residency::Locality;
+
+    let mut g = c.benchmark_group("commit");
+    g.throughput(Throughput::Elements(COMMIT_WRITERS as u64));
+    g.sample_size(10);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let runtime = runtime.expect("a tokio runtime");
+    for pipeline in [true, false] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let text = format!("[storage]\ncommit_pipeline = {pipeline}\n");
+        let cfg = Config::from_toml(&text).and_then(Config::finish).expect("the benchmark's config");
+        let engine =
+            Arc::new(RocksEngine::open(dir.path(), &RocksOptions::default()).expect("opening RocksDB"));
+        let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), 500));
+        let node =
+            runtime.block_on(async { Node::start(Arc::new(cfg), engine, hlc) }).expect("starting a node");
+        let mut n = 0u64;
+        let name = if pipeline { "put_64_pipelined" } else { "put_64_one_thread" };
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let writes = (0..COMMIT_WRITERS).map(|_| {
+                    n += 1;
+                    let node = node.clone();
+                    let req = WriteRequest {
+                        ops: vec![WriteOp {
+                            row: RowRef {
+                                table: "default".into(),
+                                key: key(n % STORED_KEYS),
+                                locality: Locality::Unset,
+                            },
+                            op: RowOp::Put { value: vec![0x42; 100], context: VersionVector::new() },
+                        }],
+                        level: None,
+                        idempotency: Some(Idempotency { key: format!("bench-{n}"), request_hash: n }),
+                    };
+                    async move { node.write(req).await }
+                });
+                let tasks: Vec<_> = writes.map(|w| runtime.spawn(w)).collect();
+                runtime.block_on(async {
+                    for t in tasks {
+                        t.await.expect("a write task").expect("a durable put");
+                    }
+                });
+            })
+        });
+        node.shutdown();
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = micro;
     config = config();
-    targets = causality, codec, storage
+    targets = causality, codec, storage, commit
 }
 criterion_main!(micro);
