@@ -20,7 +20,8 @@
 //!   its fence: it grants no vote for a leader id at or below it, takes no
 //!   append or snapshot from a leader below it (answering with the fence,
 //!   so that leader steps down), starts no election until its own term
-//!   passes it, and never bootstraps; it rejoins through the catch-up path,
+//!   reaches the fence's (its election then asks for a term above every
+//!   vote it can have cast), and never bootstraps; it rejoins through the catch-up path,
 //!   the leader's appends or snapshot. Its stored votes therefore never go
 //!   back, which is what makes a vote in a term unique.
 //!
@@ -127,7 +128,7 @@ pub fn fence_of(answers: &[MemberState]) -> Option<(u64, NodeId)> {
 
 /// Asks every other member of `group` until all answered, settles the
 /// fence, then either bootstraps the group (`bootstrap`, a first start) or
-/// lets the member elect once its term passes the fence.
+/// lets the member elect once its term reaches the fence ([`may_elect`]).
 #[allow(clippy::too_many_arguments)]
 pub async fn learn(
     raft: Raft,
@@ -184,12 +185,24 @@ pub async fn learn(
     }
 }
 
-/// Lets `raft` start elections once its current term is above `fence`.
+/// Whether a member fenced at term `fence` may start an election while its
+/// current term is `current`. An election asks for `current + 1`, and every
+/// vote the member can have cast before it lost its state is at or below
+/// the fence, so the election is safe once `current` has reached the fence.
+/// Waiting for `current` to pass the fence instead left a fenced member
+/// holding the longest log unable to campaign and unable to grant its vote
+/// to a shorter log: the group had no leader until another member's term
+/// moved past the fence.
+pub fn may_elect(current: u64, fence: u64) -> bool {
+    current >= fence
+}
+
+/// Lets `raft` start elections once [`may_elect`] holds.
 pub async fn elect_after(raft: Raft, fence: u64) {
     raft.runtime_config().elect(false);
     let mut metrics = raft.metrics();
     loop {
-        if metrics.borrow().current_term > fence {
+        if may_elect(metrics.borrow().current_term, fence) {
             raft.runtime_config().elect(true);
             return;
         }
@@ -215,6 +228,20 @@ mod tests {
             fence_of(&[fresh, MemberState { initialized: true, term: 0, voted_for: 0 }]),
             Some((1, 0))
         );
+    }
+
+    #[test]
+    fn a_fenced_member_campaigns_once_its_term_reaches_the_fence() {
+        // The stall this rule ends: a member fenced at term 1 that voted for
+        // term 1's leader holds the longest log when that leader is cut
+        // off. Its election asks for term 2, above every vote it can have
+        // cast, so it must be free to run it.
+        assert!(may_elect(1, 1));
+        assert!(may_elect(5, 1));
+        // Below the fence an election would ask for a term at or below it,
+        // where this member may already have voted before its state was lost.
+        assert!(!may_elect(0, 1));
+        assert!(!may_elect(8, 9));
     }
 
     #[test]
