@@ -276,6 +276,13 @@ pub fn check(
         ],
     };
     v.push(checker::convergence::check(fin));
+    // A voter coming back from a cut must not unseat the leader of its
+    // STRONG group (pre-vote): operations keep completing after the heal.
+    if opts.workload == WorkloadKind::StrongRegister
+        && matches!(opts.nemesis, NemesisKind::Partition | NemesisKind::Bridge | NemesisKind::Halves)
+    {
+        v.push(checker::availability::check(&ops, &checker::availability::windows(records)));
+    }
     // Home leases move under failover, pauses, kills and power cuts, and
     // must hold under live clock jumps (timed on monotonic clocks); restart
     // skew inside the max offset has nothing to add.

@@ -20,7 +20,10 @@
 //!   depends on (else the run is vacuous).
 //! - [`big_rows`]: hot big rows read alike everywhere; no acknowledged value
 //!   lost, no refused one stored.
+//! - [`availability`]: STRONG operations keep completing after a cut heals
+//!   (no leaderless stretch: pre-vote).
 
+pub mod availability;
 pub mod big_rows;
 pub mod convergence;
 pub mod counter;
