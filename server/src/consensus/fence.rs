@@ -186,10 +186,11 @@ pub async fn learn(
 
 /// Lets `raft` start elections once its current term is above `fence`.
 pub async fn elect_after(raft: Raft, fence: u64) {
+    use openraft::async_runtime::WatchReceiver;
     raft.runtime_config().elect(false);
     let mut metrics = raft.metrics();
     loop {
-        if metrics.borrow().current_term > fence {
+        if metrics.borrow_watched().current_term > fence {
             raft.runtime_config().elect(true);
             return;
         }
