@@ -11,7 +11,7 @@
 //!
 //! So for each heal of a cut (the end of a `partition`, `bridge` or
 //! `halves` window) this checker looks at the window of [`HEAL_WINDOW_US`]
-//! after it and measures the longest stretch with no operation completed
+//! after it (cut short where the next fault starts) and measures the longest stretch with no operation completed
 //! `ok` by any client, and the rate of `ok` completions beside the rate in
 //! the quiet time (outside every fault window and the windows after them).
 //! A stretch longer than [`STALL_MAX_US`] fails the run: operations take
@@ -29,7 +29,7 @@ use crate::history::{Kind, NemesisStatus, Op, Record};
 pub const HEAL_WINDOW_US: u64 = 4_000_000;
 /// The longest stretch after a heal with no operation completed before
 /// the run fails.
-pub const STALL_MAX_US: u64 = 1_500_000;
+pub const STALL_MAX_US: u64 = 1_000_000;
 /// A heal window shorter than this (the run ended first) is not judged.
 pub const WINDOW_MIN_US: u64 = 2_000_000;
 /// Fewest `ok` operations in the quiet time for a verdict.
@@ -92,7 +92,10 @@ pub fn check(ops: &[Op], windows: &[Window]) -> Verdict {
     let mut judged = Vec::new();
     for w in windows.iter().filter(|w| CUTS.contains(&w.kind.as_str())) {
         let Some(heal) = w.stop_us else { continue };
-        let until = heal.saturating_add(HEAL_WINDOW_US).min(end_us);
+        // The window ends early where the next fault starts: a stall
+        // inside that one is its own, not the heal's.
+        let next = windows.iter().map(|n| n.start_us).filter(|t| *t >= heal).min().unwrap_or(u64::MAX);
+        let until = heal.saturating_add(HEAL_WINDOW_US).min(end_us).min(next);
         if until.saturating_sub(heal) < WINDOW_MIN_US {
             continue;
         }
@@ -230,6 +233,20 @@ mod tests {
         assert_eq!(v.outcome, Outcome::Fail, "{}", v.detail);
         assert!(v.detail.contains("heal of partition at 9.000 s"), "{}", v.detail);
         assert!(v.detail.contains("longest stretch with none 2.5"), "{}", v.detail);
+    }
+
+    #[test]
+    fn the_next_fault_ends_the_window() {
+        // A second cut 2.5 s after the first heals stops every operation;
+        // that stall is the second cut's, not the first heal's.
+        let ops = flow(100_000, 30_000_000, 50_000, Some((11_500_000, 16_000_000)));
+        let v = check(&ops, &[cut(5, 9), cut(11, 16)]);
+        assert_eq!(v.outcome, Outcome::Pass, "{}", v.detail);
+        assert!(v.detail.contains("2 heals watched"), "{}", v.detail);
+        // The same stall right after the first heal, with the second cut
+        // later, fails.
+        let ops = flow(100_000, 30_000_000, 50_000, Some((9_000_000, 11_000_000)));
+        assert_eq!(check(&ops, &[cut(5, 9), cut(13, 16)]).outcome, Outcome::Fail);
     }
 
     #[test]

@@ -351,6 +351,19 @@ async fn bootstrap(
 /// preferred one to bootstrap it before bootstrapping it itself.
 const BOOTSTRAP_WAIT_TIMEOUTS: u64 = 4;
 
+/// Whether the test-only `pre-vote-off` bug is switched on: groups run
+/// without pre-vote (see `crate::bugs`).
+fn pre_vote_off() -> bool {
+    #[cfg(feature = "bugs")]
+    {
+        crate::bugs::active(crate::bugs::Bug::PreVoteOff)
+    }
+    #[cfg(not(feature = "bugs"))]
+    {
+        false
+    }
+}
+
 fn raft_config(cfg: &Config, name: &str) -> anyhow::Result<openraft::Config> {
     let c = &cfg.consensus;
     // Every voter has the same timeouts: the preferred region gets the
@@ -372,7 +385,7 @@ fn raft_config(cfg: &Config, name: &str) -> anyhow::Result<openraft::Config> {
         // first, so it does not raise the term and depose a healthy leader.
         // The leader lease (a member that heard from a leader within the
         // election timeout refuses to vote) stays on: openraft always has it.
-        enable_pre_vote: Some(true),
+        enable_pre_vote: Some(!pre_vote_off()),
         // A member whose store was wiped comes back with an empty log; the
         // leader then replicates it from the start instead of panicking
         // (docs/decisions/020-store-identity-and-config-agreement.md).
@@ -751,8 +764,15 @@ impl Consensus {
         Self::unavailable(group, format!("{}: {}", s.code(), s.message()))
     }
 
-    /// A linearizable read of a STRONG row: the leader confirms it still
-    /// leads (read index) and waits until it applied that far.
+    /// A linearizable read of a STRONG row, served by the group's leader
+    /// (the home region's voter, which leadership is transferred back to).
+    /// While a quorum acknowledged one of its messages sent less than the
+    /// leader lease ago, less the maximum clock offset as a margin for the
+    /// monotonic clocks' rates, no voter can have granted another leader a
+    /// vote since (openraft's leader lease), so the leader answers at once
+    /// (a lease read: no round trip). Otherwise it sends a heartbeat round
+    /// and answers once a quorum acknowledged it (read index). Either way
+    /// it waits until it applied that far.
     pub async fn read(
         &self,
         group: &str,
@@ -768,8 +788,7 @@ impl Consensus {
                 if left.is_zero() {
                     break;
                 }
-                match tokio::time::timeout(left, g.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex))
-                    .await
+                match tokio::time::timeout(left, g.raft.ensure_linearizable(self.read_option(&g.raft))).await
                 {
                     Err(_elapsed) => break,
                     Ok(Ok(_)) => {
@@ -804,6 +823,16 @@ impl Consensus {
             }
         }
         Err(last)
+    }
+
+    /// How old a quorum acknowledgement a STRONG read accepts: the leader
+    /// lease (openraft's is the maximum election timeout) less the maximum
+    /// clock offset; zero (read index on every read) when the offset eats
+    /// the whole lease.
+    fn read_option(&self, raft: &Raft) -> openraft::LinearizerOption {
+        let lease = Duration::from_millis(raft.config().election_timeout_max);
+        let age = lease.saturating_sub(Duration::from_millis(self.cfg.clock.max_offset_ms));
+        openraft::LinearizerOption::new(Some(age), true)
     }
 
     async fn forward_read(
