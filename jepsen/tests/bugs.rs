@@ -205,9 +205,9 @@ fn seeds_jumping_the_home(time: std::time::Duration) -> impl Iterator<Item = u64
     let regions: Vec<String> = geokv_jepsen::cluster::REGIONS.iter().map(|r| r.to_string()).collect();
     let depends = vec![regions[0].clone()];
     (14..2_000u64).filter(move |seed| {
-        schedule(NemesisKind::ClockJumpIsolated, *seed, &regions, time, &depends)
-            .iter()
-            .any(|s| matches!(&s.fault, Fault::ClockJump { region, isolate: true, .. } if region == &depends[0]))
+        schedule(NemesisKind::ClockJumpIsolated, *seed, &regions, time, &depends).iter().any(
+            |s| matches!(&s.fault, Fault::ClockJump { region, isolate: true, .. } if region == &depends[0]),
+        )
     })
 }
 
@@ -251,14 +251,24 @@ async fn proposer_clock_leases_are_caught_by_the_epoch_checker() {
             undecided.push(seed);
             continue;
         }
-        assert_eq!(verdict(&with_bug, "one-home-per-epoch"), Outcome::Fail, "seed {seed}: {:?}", with_bug.verdicts);
+        assert_eq!(
+            verdict(&with_bug, "one-home-per-epoch"),
+            Outcome::Fail,
+            "seed {seed}: {:?}",
+            with_bug.verdicts
+        );
         let detail = detail(&with_bug, "one-home-per-epoch");
         assert!(detail.contains("accepted by us-east-1 under epoch 1"), "{detail}");
 
         opts.bug = None;
         opts.out = dir.path().join(format!("control-{seed}"));
         let control = run(&opts).await.expect("control run");
-        assert_eq!(verdict(&control, "one-home-per-epoch"), Outcome::Pass, "seed {seed}: {:?}", control.verdicts);
+        assert_eq!(
+            verdict(&control, "one-home-per-epoch"),
+            Outcome::Pass,
+            "seed {seed}: {:?}",
+            control.verdicts
+        );
         assert_eq!(control.outcome, Outcome::Pass, "seed {seed}: {:?}", control.verdicts);
         return;
     }
@@ -304,7 +314,14 @@ async fn identity_off_is_caught_by_the_set_checker() {
 async fn pre_vote_off_is_caught_by_the_availability_checker() {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = common::with_bug(
-        common::options(WorkloadKind::StrongRegister, NemesisKind::Partition, 30, 4_000, 2, dir.path().join("bug")),
+        common::options(
+            WorkloadKind::StrongRegister,
+            NemesisKind::Partition,
+            30,
+            4_000,
+            2,
+            dir.path().join("bug"),
+        ),
         "pre-vote-off",
     );
     opts.clients_per_region = 4;

@@ -83,8 +83,10 @@ pub fn check(ops: &[Op], windows: &[Window]) -> Verdict {
     done.sort_unstable();
 
     // Quiet time: outside every fault window and the heal window after it.
-    let busy: Vec<(u64, u64)> =
-        windows.iter().map(|w| (w.start_us, w.stop_us.unwrap_or(u64::MAX).saturating_add(HEAL_WINDOW_US))).collect();
+    let busy: Vec<(u64, u64)> = windows
+        .iter()
+        .map(|w| (w.start_us, w.stop_us.unwrap_or(u64::MAX).saturating_add(HEAL_WINDOW_US)))
+        .collect();
     let quiet_at = |t: u64| !busy.iter().any(|(a, b)| (*a..*b).contains(&t));
     let quiet_ok = done.iter().filter(|t| **t <= end_us && quiet_at(**t)).count();
     let quiet_us = quiet_span_us(end_us, &busy);
@@ -145,7 +147,8 @@ pub fn check(ops: &[Op], windows: &[Window]) -> Verdict {
             j.longest_gap_us as f64 / 1e6
         )
     };
-    let stalls: Vec<String> = judged.iter().filter(|j| j.longest_gap_us > STALL_MAX_US).map(describe).collect();
+    let stalls: Vec<String> =
+        judged.iter().filter(|j| j.longest_gap_us > STALL_MAX_US).map(describe).collect();
     if !stalls.is_empty() {
         return Verdict::new(
             "availability",
@@ -203,7 +206,17 @@ mod tests {
         let mut id = 0;
         while t < to_us {
             if !gap.is_some_and(|(a, b)| (a..b).contains(&t)) {
-                ops.push(timed(id, "us-east-1/0", "us-east-1", F::Write, "r0", Value::Int(1), Kind::Ok, t - 50, t));
+                ops.push(timed(
+                    id,
+                    "us-east-1/0",
+                    "us-east-1",
+                    F::Write,
+                    "r0",
+                    Value::Int(1),
+                    Kind::Ok,
+                    t - 50,
+                    t,
+                ));
                 id += 1;
             }
             t += every_us;
