@@ -455,6 +455,7 @@ fn should_transfer(
 /// handover, and after a first election won elsewhere. openraft's transfer
 /// makes the target elect itself at once (its vote request carries the
 /// transfer, so the other members' leader leases do not hold it back).
+#[allow(clippy::too_many_arguments)]
 async fn keep_preferred_leader(
     raft: Raft,
     group: String,

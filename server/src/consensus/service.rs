@@ -133,7 +133,7 @@ impl pb::consensus_server::Consensus for ConsensusService {
         let group = first.group.clone();
         let raft = self.raft(&group)?.clone();
         let head = parse_append(&first, &group)?;
-        let leader = head.vote.leader_id().clone();
+        let leader = *head.vote.leader_id();
         self.check_sender(&caller, Some(leader.node_id))?;
         let fence = self.consensus.fence(&group).cloned();
         if let Some(higher) = fenced_leader(fence.as_ref(), &head.vote) {

@@ -256,7 +256,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let purged: Option<LogId> = self.get_json(b"purged")?;
         let last = *self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let last_log_id = last.or_else(|| purged.clone());
+        let last_log_id = last.or(purged);
         Ok(LogState { last_purged_log_id: purged, last_log_id })
     }
 
@@ -299,7 +299,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut last = None;
         for entry in entries {
             batch.put(Cf::Raft, log_key(&self.group, entry.log_id.index), encode(&entry)?);
-            last = Some(entry.log_id.clone());
+            last = Some(entry.log_id);
         }
         // Written now (visible to the replication readers), reported
         // flushed once the syncer synced it.
@@ -487,12 +487,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut last = None;
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
-            last = Some(entry.log_id.clone());
+            last = Some(entry.log_id);
             let reply = match &entry.payload {
                 EntryPayload::Blank => Reply::None,
                 EntryPayload::Normal(cmd) => self.machine.apply(entry.log_id.index, cmd, &mut view),
                 EntryPayload::Membership(m) => {
-                    let stored = StoredMembership::new(Some(entry.log_id.clone()), m.clone());
+                    let stored = StoredMembership::new(Some(entry.log_id), m.clone());
                     batch.put(Cf::Raft, group_key(&self.group, b"membership"), encode(&stored)?);
                     Reply::None
                 }
@@ -661,7 +661,7 @@ mod tests {
 
         let entries = log.try_get_log_entries(2..5).await.expect("entries");
         assert_eq!(
-            entries.iter().map(|e| e.log_id.clone()).collect::<Vec<_>>(),
+            entries.iter().map(|e| e.log_id).collect::<Vec<_>>(),
             vec![log_id(2, 5, 2), log_id(3, 7, 3), log_id(3, 7, 4)]
         );
         match &entries[0].payload {
