@@ -37,7 +37,7 @@ struct Common {
     no_sync: bool,
     /// Switch on a put-back bug in the nodes (a `geokv` built with the
     /// `geokv-server/bugs` feature): residency-filter-off, missing-sync, fencing-off, merge-off,
-    /// proposer-clock-leases, idempotency-local, identity-off.
+    /// proposer-clock-leases, idempotency-local, identity-off, pre-vote-off.
     #[arg(long)]
     bug: Option<String>,
 }

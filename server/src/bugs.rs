@@ -37,6 +37,10 @@
 //!   configured home's stream alone, as before truthful reads, ignoring the
 //!   region a failover moved the home's lease to and regions that accept
 //!   EVENTUAL writes (`kv::Node::stalest_writer`).
+//! - `pre-vote-off`: Raft groups run without pre-vote, as on openraft 0.9:
+//!   a voter cut off from its group raises its term at each election
+//!   timeout, and when the cut heals that term unseats the leader, so the
+//!   group stalls for an election (`consensus::raft_config`).
 //!
 //! The deterministic simulation (`tests/simulation`) runs many clusters in
 //! one process, each on its own thread, so it switches a bug on for one
@@ -58,6 +62,7 @@ pub enum Bug {
     ProposerClockLeases,
     IdentityOff,
     StalenessHomeOnly,
+    PreVoteOff,
 }
 
 impl Bug {
@@ -74,6 +79,7 @@ impl Bug {
             Bug::ProposerClockLeases => "proposer-clock-leases",
             Bug::IdentityOff => "identity-off",
             Bug::StalenessHomeOnly => "staleness-home-only",
+            Bug::PreVoteOff => "pre-vote-off",
         }
     }
 
@@ -90,6 +96,7 @@ impl Bug {
             Bug::ProposerClockLeases,
             Bug::IdentityOff,
             Bug::StalenessHomeOnly,
+            Bug::PreVoteOff,
         ]
         .into_iter()
         .find(|b| b.name() == name)

@@ -76,7 +76,7 @@ impl ControlService {
     fn strong_leader_region(&self, home: &str) -> Option<String> {
         let name = crate::consensus::strong_group(home);
         let group = self.consensus.group(&name)?;
-        let leader = group.raft.metrics().borrow().current_leader?;
+        let leader = crate::consensus::metrics_of(&group.raft).current_leader?;
         let members = self.consensus.members(&name)?;
         let actor = &members.iter().find(|m| m.id == leader)?.actor;
         Some(crate::topology::actor_region(actor).to_string())
@@ -221,7 +221,7 @@ impl pb::control_server::Control for ControlService {
                 ..Default::default()
             };
             if let Some(g) = self.consensus.group(&name) {
-                let m = g.raft.metrics().borrow().clone();
+                let m = crate::consensus::metrics_of(&g.raft);
                 info.leader = m.current_leader.map(actor_of).unwrap_or_default();
                 info.term = m.current_term;
                 info.local_member = true;

@@ -199,10 +199,11 @@ pub fn may_elect(current: u64, fence: u64) -> bool {
 
 /// Lets `raft` start elections once [`may_elect`] holds.
 pub async fn elect_after(raft: Raft, fence: u64) {
+    use openraft::async_runtime::WatchReceiver;
     raft.runtime_config().elect(false);
     let mut metrics = raft.metrics();
     loop {
-        if may_elect(metrics.borrow().current_term, fence) {
+        if may_elect(metrics.borrow_watched().current_term, fence) {
             raft.runtime_config().elect(true);
             return;
         }

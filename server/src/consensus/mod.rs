@@ -14,6 +14,12 @@
 //! - this file: [`Consensus`], which starts the groups this node belongs to
 //!   and proposes commands, forwarding them to a group's leader.
 //!
+//! openraft 0.10 (docs/decisions/026-openraft-0-10.md): appends to each
+//! follower are pipelined over one ordered gRPC stream, elections start
+//! with a pre-vote, and a STRONG group's leadership is handed to its
+//! preferred region's voter by an explicit leader transfer
+//! ([`keep_preferred_leader`]).
+//!
 //! Membership is static and derived from the config: the control plane has
 //! one voter in each of the first `consensus.voters_max` regions (the
 //! region's first node); the STRONG group of a home has one voter in the
@@ -30,7 +36,6 @@ pub mod store;
 pub mod strong;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,7 +44,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use geokv_proto::consensus as pb;
+use openraft::async_runtime::WatchReceiver as _;
 use openraft::BasicNode;
+use openraft::Instant as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -56,7 +63,8 @@ use strong::{StrongCommand, StrongMachine, StrongReply, StrongValue};
 pub type NodeId = u64;
 
 openraft::declare_raft_types!(
-    /// openraft's types for every geokv group.
+    /// openraft's types for every geokv group (advanced leader ids: a
+    /// term may see several candidates, ordered by node id; decision 020).
     pub TypeConfig:
         D = Command,
         R = Reply,
@@ -64,7 +72,19 @@ openraft::declare_raft_types!(
         Node = BasicNode,
 );
 
-pub type Raft = openraft::Raft<TypeConfig>;
+pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
+pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
+pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
+pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
+pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
+pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
+/// A snapshot: its metadata and the state machine's pairs (JSON).
+pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Vec<u8>>;
+
+/// A copy of a group's current openraft metrics.
+pub fn metrics_of(raft: &Raft) -> openraft::RaftMetrics<TypeConfig> {
+    raft.metrics().borrow_watched().clone()
+}
 
 /// A command of any group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +96,27 @@ pub enum Command {
         request_id: Option<String>,
         op: StrongCommand,
     },
+}
+
+/// A short description for openraft's logs (values are left out).
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Control(c) => write!(f, "control {c:?}"),
+            Command::Strong { request_id, op } => {
+                let (what, table, key) = match op {
+                    StrongCommand::Put { table, key, .. } => ("put", table, key),
+                    StrongCommand::Delete { table, key } => ("delete", table, key),
+                    StrongCommand::Cas { table, key, .. } => ("cas", table, key),
+                };
+                write!(f, "strong {what} {table}/{}", String::from_utf8_lossy(key))?;
+                match request_id {
+                    Some(id) => write!(f, " request {id}"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
 }
 
 /// The reply to a committed command.
@@ -310,26 +351,145 @@ async fn bootstrap(
 /// preferred one to bootstrap it before bootstrapping it itself.
 const BOOTSTRAP_WAIT_TIMEOUTS: u64 = 4;
 
-fn raft_config(cfg: &Config, name: &str, preferred: bool) -> anyhow::Result<openraft::Config> {
+/// Whether the test-only `pre-vote-off` bug is switched on: groups run
+/// without pre-vote (see `crate::bugs`).
+fn pre_vote_off() -> bool {
+    #[cfg(feature = "bugs")]
+    {
+        crate::bugs::active(crate::bugs::Bug::PreVoteOff)
+    }
+    #[cfg(not(feature = "bugs"))]
+    {
+        false
+    }
+}
+
+fn raft_config(cfg: &Config, name: &str) -> anyhow::Result<openraft::Config> {
     let c = &cfg.consensus;
-    // A preferred leader (the home region of a STRONG group) times out first,
-    // so it wins elections whenever it is up to date.
-    let (min, max) = if preferred {
-        (c.election_timeout_min_ms * 2 / 3, c.election_timeout_min_ms)
-    } else {
-        (c.election_timeout_min_ms, c.election_timeout_max_ms)
-    };
+    // Every voter has the same timeouts: the preferred region gets the
+    // leadership by an explicit transfer (`keep_preferred_leader`), not by
+    // timing out first.
+    let min = c.election_timeout_min_ms.max(c.heartbeat_ms * 3);
     let rc = openraft::Config {
         cluster_name: name.to_string(),
         heartbeat_interval: c.heartbeat_ms,
-        election_timeout_min: min.max(c.heartbeat_ms * 3),
-        election_timeout_max: max.max(c.heartbeat_ms * 3 + 1),
+        // The periodic heartbeat to a follower is skipped while an append
+        // it acknowledged went out less than one interval ago (that append
+        // did the heartbeat's work); followers still hear from the leader
+        // at least every two intervals plus one tick, under the election
+        // timeout of three intervals or more (decision 011).
+        heartbeat_min_interval: Some(c.heartbeat_ms),
+        election_timeout_min: min,
+        election_timeout_max: c.election_timeout_max_ms.max(min + 1),
+        // A member that cannot win (partitioned, restarted, behind) asks
+        // first, so it does not raise the term and depose a healthy leader.
+        // The leader lease (a member that heard from a leader within the
+        // election timeout refuses to vote) stays on: openraft always has it.
+        enable_pre_vote: Some(!pre_vote_off()),
+        // A member whose store was wiped comes back with an empty log; the
+        // leader then replicates it from the start instead of panicking
+        // (docs/decisions/020-store-identity-and-config-agreement.md).
+        allow_log_reversion: Some(true),
         install_snapshot_timeout: 5000,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
         max_in_snapshot_log_to_keep: 1000,
+        // A peer that cannot be reached is retried every 200 ms.
+        backoff: "200ms 200ms 200ms".to_string(),
         ..Default::default()
     };
     Ok(rc.validate()?)
+}
+
+/// How often a STRONG group's leader checks whether its preferred region's
+/// voter should lead instead.
+const PREFERRED_CHECK: Duration = Duration::from_millis(250);
+
+/// The region that should lead a STRONG group: the home's current lease
+/// holder when it has a voter in the group (after a failover or a planned
+/// handover, STRONG writes then commit from the region serving the home),
+/// otherwise the home region itself.
+fn preferred_leader(
+    home_key: &str,
+    home_region: &str,
+    members: &[Member],
+    state: &ControlState,
+) -> Option<NodeId> {
+    let holder = state.leases.get(home_key).map(|l| l.holder.as_str());
+    let by_region = |r: &str| members.iter().find(|m| m.region == r).map(|m| m.id);
+    holder.and_then(by_region).or_else(|| by_region(home_region))
+}
+
+/// Whether the leader should hand leadership to `target` now: the target
+/// is another member, it has every entry the leader has, and it
+/// acknowledged the leader within `fresh` (it is up, so the transfer
+/// completes instead of leaving the group without a leader for an
+/// election timeout).
+fn should_transfer(
+    metrics: &openraft::RaftMetrics<TypeConfig>,
+    me: NodeId,
+    target: NodeId,
+    fresh: Duration,
+) -> bool {
+    if target == me || metrics.current_leader != Some(me) {
+        return false;
+    }
+    let Some(last) = metrics.last_log_index else { return false };
+    let caught_up = metrics
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&target))
+        .and_then(|m| m.as_ref())
+        .is_some_and(|m| m.index >= last);
+    let acked = metrics
+        .heartbeat
+        .as_ref()
+        .and_then(|h| h.get(&target))
+        .and_then(|t| t.as_ref())
+        .is_some_and(|t| t.elapsed() <= fresh);
+    caught_up && acked
+}
+
+/// Hands a STRONG group's leadership to its preferred region's voter
+/// ([`preferred_leader`]) whenever this node leads it and that voter is up
+/// to date: after the home region recovers from a failover, after a planned
+/// handover, and after a first election won elsewhere. openraft's transfer
+/// makes the target elect itself at once (its vote request carries the
+/// transfer, so the other members' leader leases do not hold it back).
+#[allow(clippy::too_many_arguments)]
+async fn keep_preferred_leader(
+    raft: Raft,
+    group: String,
+    home_key: String,
+    home_region: String,
+    members: Vec<Member>,
+    me: NodeId,
+    control: watch::Receiver<ControlState>,
+    fresh: Duration,
+    retry_after: Duration,
+) {
+    let mut tick = tokio::time::interval(PREFERRED_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_try: Option<Instant> = None;
+    loop {
+        tick.tick().await;
+        let target = {
+            let state = control.borrow();
+            preferred_leader(&home_key, &home_region, &members, &state)
+        };
+        let Some(target) = target else { continue };
+        let transfer = should_transfer(&metrics_of(&raft), me, target, fresh);
+        if !transfer || last_try.is_some_and(|t| t.elapsed() < retry_after) {
+            continue;
+        }
+        last_try = Some(Instant::now());
+        tracing::info!(group = %group, to = target, "handing leadership to the preferred region's voter");
+        metrics::counter!("geokv_raft_leader_transfers_total", "group" => group.clone()).increment(1);
+        if let Err(e) = raft.trigger().transfer_leader(target).await {
+            // Fatal: the group stopped (shutdown).
+            tracing::debug!(group = %group, error = %e, "leader transfer");
+            return;
+        }
+    }
 }
 
 impl Consensus {
@@ -386,12 +546,12 @@ impl Consensus {
                 continue;
             }
             let preferred = preferred_region.as_deref() == Some(cfg.region.as_str());
-            let rc = Arc::new(raft_config(&cfg, &name, preferred)?);
+            let rc = Arc::new(raft_config(&cfg, &name)?);
             let log = LogStore::open(engine.clone(), &name).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
             let sm = StateMachine::new(engine.clone(), &name, machine);
-            let net = NetworkFactory { peers: peers.clone(), group: name.clone() };
+            let net = NetworkFactory { peers: peers.clone(), group: name.clone(), me };
             let bootstrap_wait = Duration::from_millis(rc.election_timeout_max * BOOTSTRAP_WAIT_TIMEOUTS);
-            let raft = Raft::new(me, rc, net, log, sm.clone()).await?;
+            let raft = Raft::new(me, rc.clone(), net, log, sm.clone()).await?;
             let initialized = raft.is_initialized().await?;
             let record =
                 store::read_fence(engine.as_ref(), &name).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
@@ -439,6 +599,20 @@ impl Consensus {
                     boot.await;
                 }
                 fences.insert(name.clone(), fence);
+            }
+            if let Some(home_region) = &preferred_region {
+                let home_key = name.strip_prefix("strong/").unwrap_or(&name).to_string();
+                tokio::spawn(keep_preferred_leader(
+                    raft.clone(),
+                    name.clone(),
+                    home_key,
+                    home_region.clone(),
+                    voters.clone(),
+                    me,
+                    control_tx.subscribe(),
+                    Duration::from_millis(rc.heartbeat_interval * 3),
+                    Duration::from_millis(rc.election_timeout_max * 2),
+                ));
             }
             groups
                 .insert(name.clone(), Arc::new(Group { name, raft, sm, members: voters, preferred_region }));
@@ -500,7 +674,7 @@ impl Consensus {
 
     /// Whether this node currently leads `group`.
     pub fn is_leader(&self, group: &str) -> bool {
-        self.groups.get(group).is_some_and(|g| g.raft.metrics().borrow().current_leader == Some(self.me))
+        self.groups.get(group).is_some_and(|g| metrics_of(&g.raft).current_leader == Some(self.me))
     }
 
     pub fn peers(&self) -> &Arc<Peers> {
@@ -591,8 +765,15 @@ impl Consensus {
         Self::unavailable(group, format!("{}: {}", s.code(), s.message()))
     }
 
-    /// A linearizable read of a STRONG row: the leader confirms it still
-    /// leads (read index) and waits until it applied that far.
+    /// A linearizable read of a STRONG row, served by the group's leader
+    /// (the home region's voter, which leadership is transferred back to).
+    /// While a quorum acknowledged one of its messages sent less than the
+    /// leader lease ago, less the maximum clock offset as a margin for the
+    /// monotonic clocks' rates, no voter can have granted another leader a
+    /// vote since (openraft's leader lease), so the leader answers at once
+    /// (a lease read: no round trip). Otherwise it sends a heartbeat round
+    /// and answers once a quorum acknowledged it (read index). Either way
+    /// it waits until it applied that far.
     pub async fn read(
         &self,
         group: &str,
@@ -608,7 +789,8 @@ impl Consensus {
                 if left.is_zero() {
                     break;
                 }
-                match tokio::time::timeout(left, g.raft.ensure_linearizable()).await {
+                match tokio::time::timeout(left, g.raft.ensure_linearizable(self.read_option(&g.raft))).await
+                {
                     Err(_elapsed) => break,
                     Ok(Ok(_)) => {
                         let v = g.sm.get(&k).map_err(KvError::Storage)?;
@@ -642,6 +824,16 @@ impl Consensus {
             }
         }
         Err(last)
+    }
+
+    /// How old a quorum acknowledgement a STRONG read accepts: the leader
+    /// lease (openraft's is the maximum election timeout) less the maximum
+    /// clock offset; zero (read index on every read) when the offset eats
+    /// the whole lease.
+    fn read_option(&self, raft: &Raft) -> openraft::LinearizerOption {
+        let lease = Duration::from_millis(raft.config().election_timeout_max);
+        let age = lease.saturating_sub(Duration::from_millis(self.cfg.clock.max_offset_ms));
+        openraft::LinearizerOption::new(Some(age), true)
     }
 
     async fn forward_read(

@@ -4,24 +4,39 @@
 //! serves every group. Peer addresses come from the local config, not from
 //! the membership stored in the log: in an emulated WAN each node reaches
 //! another through its own proxy link, so the address depends on the caller.
+//!
+//! A leader's appends to a follower go over one `RaftStream` call per
+//! replication session (openraft's `stream_append`): requests are written
+//! as openraft produces them, without waiting for the previous reply, and
+//! the follower answers them in order over the same HTTP/2 stream, so
+//! several appends are in flight per follower. Heartbeats, votes,
+//! pre-votes, snapshots and leader transfers are single `Raft` calls; the
+//! heartbeat has its own connection object so that it never queues behind
+//! a replication stream.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::{Stream, StreamExt};
 use geokv_proto::consensus as pb;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+use openraft::base::{BoxFuture, BoxStream};
+use openraft::error::{
+    NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Timeout, Unreachable,
 };
-use openraft::BasicNode;
+use openraft::network::{RPCOption, RPCTypes, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, OptionalSend, RaftNetworkV2};
 use pb::consensus_client::ConsensusClient;
-use serde::{de::DeserializeOwned, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tonic::transport::Channel;
 
-use super::{NodeId, TypeConfig};
+use super::{NodeId, Snapshot, SnapshotMeta, TypeConfig, Vote};
 
 /// Shortest deadline of one Raft message.
 const RPC_TIMEOUT_MIN: Duration = Duration::from_secs(1);
@@ -89,13 +104,31 @@ impl Peers {
 pub struct NetworkFactory {
     pub peers: Arc<Peers>,
     pub group: String,
+    /// This node's Raft id (named in timeout errors).
+    pub me: NodeId,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = Connection;
 
     async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Self::Network {
-        Connection { peers: self.peers.clone(), group: self.group.clone(), target }
+        Connection {
+            peers: self.peers.clone(),
+            group: self.group.clone(),
+            me: self.me,
+            target,
+            heartbeat: false,
+        }
+    }
+
+    async fn new_heartbeat_client(&mut self, target: NodeId, _node: &BasicNode) -> Self::Network {
+        Connection {
+            peers: self.peers.clone(),
+            group: self.group.clone(),
+            me: self.me,
+            target,
+            heartbeat: true,
+        }
     }
 }
 
@@ -103,89 +136,268 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 pub struct Connection {
     peers: Arc<Peers>,
     group: String,
+    me: NodeId,
     target: NodeId,
+    /// The leader's heartbeat connection: its `stream_append` carries one
+    /// empty append, sent as a single `Raft` call.
+    heartbeat: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct TransportError(String);
 
+/// A whole snapshot in one `INSTALL_SNAPSHOT` message (a group's state
+/// machine is small: leases, or STRONG registers).
+#[derive(Serialize, Deserialize)]
+pub struct SnapshotMessage {
+    pub vote: Vote,
+    pub meta: SnapshotMeta,
+    pub data: Vec<u8>,
+}
+
+/// One reply on a `RaftStream`: an append's outcome, or why the member's
+/// group could not take it (it stopped).
+pub type StreamReply = Result<StreamAppendResult<TypeConfig>, String>;
+
+fn unreachable(why: impl ToString) -> Unreachable<TypeConfig> {
+    Unreachable::new(&TransportError(why.to_string()))
+}
+
+/// How a failed gRPC call is reported to openraft: a refusal of the
+/// message itself is a network error (retried at once); anything else
+/// means the peer cannot be reached now (backed off).
+fn status_error(status: &tonic::Status) -> RPCError<TypeConfig> {
+    let e = TransportError(format!("{}: {}", status.code(), status.message()));
+    match status.code() {
+        tonic::Code::InvalidArgument | tonic::Code::NotFound => RPCError::Network(NetworkError::new(&e)),
+        _ => RPCError::Unreachable(Unreachable::new(&e)),
+    }
+}
+
 impl Connection {
-    async fn call<Req, Resp, E>(
+    fn client(&self) -> Result<ConsensusClient<Channel>, Unreachable<TypeConfig>> {
+        self.peers
+            .client(self.target)
+            .ok_or_else(|| unreachable(format!("node {} has no configured address", self.target)))
+    }
+
+    fn timeout(&self, action: RPCTypes, after: Duration) -> Timeout<TypeConfig> {
+        Timeout { action, id: self.me, target: self.target, timeout: after }
+    }
+
+    /// One `Raft` call: `req` as JSON, the reply as JSON of
+    /// `Result<Resp, RaftError>`. A member whose group stopped answers with
+    /// a fatal error, reported as unreachable.
+    async fn call<Req, Resp>(
         &self,
         kind: pb::RaftKind,
         req: &Req,
-        option: &RPCOption,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+        deadline: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
     {
-        let Some(mut client) = self.peers.client(self.target) else {
-            return Err(RPCError::Unreachable(Unreachable::new(&TransportError(format!(
-                "node {} has no configured address",
-                self.target
-            )))));
-        };
+        let mut client = self.client()?;
         let payload = serde_json::to_vec(req)
             .map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e.to_string()))))?;
         let mut request =
             tonic::Request::new(pb::RaftRequest { group: self.group.clone(), kind: kind as i32, payload });
-        // openraft derives the deadline from the heartbeat interval, which
-        // can be shorter than a WAN round trip; a floor keeps far members
-        // reachable (a slow reply only delays that member's stream).
-        request.set_timeout(option.hard_ttl().max(RPC_TIMEOUT_MIN));
-        let reply = match client.raft(request).await {
-            Ok(r) => r.into_inner(),
-            Err(status) => {
-                let e = TransportError(format!("{}: {}", status.code(), status.message()));
-                // Everything but a refusal of the message itself means the
-                // peer cannot be reached now: openraft backs off on
-                // Unreachable, while it retries a NetworkError at once.
-                return Err(match status.code() {
-                    tonic::Code::InvalidArgument | tonic::Code::NotFound => {
-                        RPCError::Network(NetworkError::new(&e))
-                    }
-                    _ => RPCError::Unreachable(Unreachable::new(&e)),
-                });
-            }
-        };
-        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&reply.payload)
+        request.set_timeout(deadline);
+        let reply = client.raft(request).await.map_err(|s| status_error(&s))?.into_inner();
+        let result: Result<Resp, RaftError<TypeConfig>> = serde_json::from_slice(&reply.payload)
             .map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e.to_string()))))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        result.map_err(|e| RPCError::Unreachable(unreachable(format!("member {}: {e}", self.target))))
+    }
+
+    /// openraft derives deadlines from the heartbeat interval, which can be
+    /// shorter than a WAN round trip; a floor keeps far members reachable
+    /// (a slow reply only delays that member's stream).
+    fn deadline(option: &RPCOption) -> Duration {
+        option.hard_ttl().max(RPC_TIMEOUT_MIN)
+    }
+
+    /// The pipelined append stream (see the module documentation).
+    async fn open_stream<S>(
+        &mut self,
+        input: S,
+        option: RPCOption,
+    ) -> Result<
+        BoxStream<'static, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+        RPCError<TypeConfig>,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        let mut client = self.client()?;
+        let sent = Arc::new(AtomicU64::new(0));
+        let counter = sent.clone();
+        let group = self.group.clone();
+        // A request that cannot be encoded ends the stream; the replies
+        // received so far still count, and openraft starts a new session.
+        let outbound = input.scan((), move |_, req| {
+            let msg = match serde_json::to_vec(&req) {
+                Ok(payload) => {
+                    counter.fetch_add(1, Ordering::AcqRel);
+                    Some(pb::RaftRequest {
+                        group: group.clone(),
+                        kind: pb::RaftKind::AppendEntries as i32,
+                        payload,
+                    })
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "an append does not encode; ending the replication stream");
+                    None
+                }
+            };
+            futures_util::future::ready(msg)
+        });
+        let wait = Self::deadline(&RPCOption::new(option.soft_ttl()));
+        let replies =
+            match tokio::time::timeout(wait, client.raft_stream(tonic::Request::new(outbound))).await {
+                Err(_) => return Err(RPCError::Timeout(self.timeout(RPCTypes::AppendEntries, wait))),
+                Ok(Err(status)) => return Err(status_error(&status)),
+                Ok(Ok(r)) => r.into_inner(),
+            };
+        let timeout = self.timeout(RPCTypes::AppendEntries, wait);
+        let target = self.target;
+        let state = ReplyState { replies, sent, received: 0, wait, timeout, target };
+        let out = futures_util::stream::unfold(Some(state), |state| async move {
+            let mut st = state?;
+            let (item, more) = st.next().await?;
+            Some((item, if more { Some(st) } else { None }))
+        });
+        Ok(Box::pin(out))
     }
 }
 
-impl RaftNetwork<TypeConfig> for Connection {
+/// The reading side of a `RaftStream`.
+struct ReplyState {
+    replies: tonic::Streaming<pb::RaftReply>,
+    /// Requests written so far, and replies read: while some are
+    /// unanswered, a reply must come within `wait`.
+    sent: Arc<AtomicU64>,
+    received: u64,
+    wait: Duration,
+    timeout: Timeout<TypeConfig>,
+    target: NodeId,
+}
+
+impl ReplyState {
+    /// The next reply, and whether the stream goes on after it; None at
+    /// the end of the stream.
+    async fn next(&mut self) -> Option<(Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>, bool)> {
+        loop {
+            match tokio::time::timeout(self.wait, self.replies.message()).await {
+                Err(_) if self.sent.load(Ordering::Acquire) > self.received => {
+                    return Some((Err(RPCError::Timeout(self.timeout.clone())), false));
+                }
+                // Idle: nothing is waiting for an answer.
+                Err(_) => continue,
+                Ok(Ok(None)) => return None,
+                Ok(Err(status)) => return Some((Err(status_error(&status)), false)),
+                Ok(Ok(Some(reply))) => {
+                    self.received += 1;
+                    let parsed: StreamReply = match serde_json::from_slice(&reply.payload) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let e = TransportError(format!("append reply does not parse: {e}"));
+                            return Some((Err(RPCError::Network(NetworkError::new(&e))), false));
+                        }
+                    };
+                    return Some(match parsed {
+                        Ok(result) => {
+                            let more = result.is_ok();
+                            (Ok(result), more)
+                        }
+                        Err(why) => (
+                            Err(RPCError::Unreachable(unreachable(format!("member {}: {why}", self.target)))),
+                            false,
+                        ),
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for Connection {
+    type SnapshotData = Vec<u8>;
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(pb::RaftKind::AppendEntries, &rpc, &option).await
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(pb::RaftKind::AppendEntries, &rpc, Self::deadline(&option)).await
     }
 
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
         option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
-    > {
-        self.call(pb::RaftKind::InstallSnapshot, &rpc, &option).await
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        if self.heartbeat {
+            return openraft::network::stream_append_sequential(self, input, option);
+        }
+        Box::pin(async move {
+            let out: BoxStream<'s, _> = self.open_stream(input, option).await?;
+            Ok(out)
+        })
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(pb::RaftKind::Vote, &rpc, &option).await
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(pb::RaftKind::Vote, &rpc, Self::deadline(&option)).await
     }
 
-    fn backoff(&self) -> openraft::network::Backoff {
-        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(pb::RaftKind::PreVote, &rpc, Self::deadline(&option)).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let message = SnapshotMessage { vote, meta: snapshot.meta, data: snapshot.snapshot };
+        let deadline = Self::deadline(&option);
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            sent = self.call(pb::RaftKind::InstallSnapshot, &message, deadline) => match sent {
+                Ok(r) => Ok(r),
+                Err(RPCError::Timeout(t)) => Err(StreamingError::Timeout(t)),
+                Err(RPCError::Network(e)) => Err(StreamingError::Network(e)),
+                Err(RPCError::Unreachable(e)) => Err(StreamingError::Unreachable(e)),
+                Err(RPCError::RemoteError(e)) => Err(StreamingError::Unreachable(unreachable(e))),
+            },
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(pb::RaftKind::TransferLeader, &req, Self::deadline(&option)).await
     }
 }

@@ -1,13 +1,21 @@
 //! The `geokv.consensus.v1.Consensus` service: Raft messages in, leader-only
 //! requests (proposals, linearizable reads) served or forwarded.
 
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
+use futures_util::{Stream, StreamExt};
 use geokv_proto::consensus as pb;
+use openraft::error::RaftError;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendError, VoteResponse,
+};
 use serde::{de::DeserializeOwned, Serialize};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
-use super::{Command, Consensus, Raft};
+use super::fence::{Fence, Refusal};
+use super::network::{SnapshotMessage, StreamReply};
+use super::{Command, Consensus, Raft, TypeConfig, Vote};
 use crate::kv::row::Row;
 use crate::kv::Node;
 use crate::security::authn::Caller;
@@ -55,8 +63,43 @@ impl ConsensusService {
 }
 
 /// A vote's leader id as (term, candidate), as openraft orders them.
-fn leader_of(vote: &openraft::Vote<super::NodeId>) -> (u64, super::NodeId) {
-    (vote.leader_id().get_term(), vote.leader_id().voted_for().unwrap_or(0))
+fn leader_of(vote: &Vote) -> (u64, super::NodeId) {
+    (vote.leader_id().term, vote.leader_id().node_id)
+}
+
+/// The fence's answer to a leader below it: its own vote, higher, so the
+/// leader steps down.
+fn fenced_leader(fence: Option<&Arc<Fence>>, vote: &Vote) -> Option<Vote> {
+    let (term, leader) = leader_of(vote);
+    match fence.and_then(|f| f.refuses_leader(term, leader)) {
+        Some(Refusal::Old(t, n)) => Some(Vote::new(t, n)),
+        _ => None,
+    }
+}
+
+/// Replies of a `RaftStream`.
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<pb::RaftReply, Status>> + Send + 'static>>;
+
+fn stream_reply(reply: &StreamReply) -> Result<pb::RaftReply, Status> {
+    serde_json::to_vec(reply)
+        .map(|payload| pb::RaftReply { payload })
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+fn parse_append(req: &pb::RaftRequest, group: &str) -> Result<AppendEntriesRequest<TypeConfig>, Status> {
+    if req.group != group {
+        return Err(Status::invalid_argument(format!(
+            "a Raft stream of group `{group}` carries a message of group `{}`",
+            req.group
+        )));
+    }
+    if pb::RaftKind::try_from(req.kind) != Ok(pb::RaftKind::AppendEntries) {
+        return Err(Status::invalid_argument(format!(
+            "a Raft stream carries only appends, not kind {}",
+            req.kind
+        )));
+    }
+    parse(&req.payload, "append-entries request")
 }
 
 fn parse<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, Status> {
@@ -71,45 +114,110 @@ fn reply<T: Serialize>(value: &T) -> Result<Response<pb::RaftReply>, Status> {
 
 #[tonic::async_trait]
 impl pb::consensus_server::Consensus for ConsensusService {
+    type RaftStreamStream = ReplyStream;
+
+    /// A leader's pipelined appends (network.rs): every request goes to
+    /// openraft as it arrives, and the replies go back in order. The stream
+    /// speaks for one leader: a request of another group or leader, or one
+    /// that does not parse, ends it; so does the vote fence, whose higher
+    /// vote is then the last reply (the leader steps down).
+    async fn raft_stream(
+        &self,
+        request: Request<Streaming<pb::RaftRequest>>,
+    ) -> Result<Response<Self::RaftStreamStream>, Status> {
+        let caller = Caller::of(&request);
+        let mut inbound = request.into_inner();
+        let Some(first) = inbound.message().await? else {
+            return Ok(Response::new(Box::pin(futures_util::stream::empty())));
+        };
+        let group = first.group.clone();
+        let raft = self.raft(&group)?.clone();
+        let head = parse_append(&first, &group)?;
+        let leader = *head.vote.leader_id();
+        self.check_sender(&caller, Some(leader.node_id))?;
+        let fence = self.consensus.fence(&group).cloned();
+        if let Some(higher) = fenced_leader(fence.as_ref(), &head.vote) {
+            let refused: StreamReply = Ok(Err(StreamAppendError::HigherVote(higher)));
+            let one = stream_reply(&refused);
+            return Ok(Response::new(Box::pin(futures_util::stream::once(async move { one }))));
+        }
+        let refused: Arc<Mutex<Option<Vote>>> = Arc::new(Mutex::new(None));
+        let record = refused.clone();
+        let rest = inbound.scan((), move |_, next| {
+            let req = match next {
+                Ok(msg) => match parse_append(&msg, &group) {
+                    Ok(r) if r.vote.leader_id() == &leader => match fenced_leader(fence.as_ref(), &r.vote) {
+                        Some(higher) => {
+                            *record.lock().unwrap_or_else(|p| p.into_inner()) = Some(higher);
+                            None
+                        }
+                        None => Some(r),
+                    },
+                    Ok(r) => {
+                        tracing::debug!(group = %group, vote = %r.vote, "a Raft stream changed leader; ending it");
+                        None
+                    }
+                    Err(status) => {
+                        tracing::warn!(group = %group, error = %status, "a Raft stream message is refused; ending it");
+                        None
+                    }
+                },
+                Err(status) => {
+                    tracing::debug!(group = %group, error = %status, "a Raft stream broke");
+                    None
+                }
+            };
+            futures_util::future::ready(req)
+        });
+        let input = futures_util::stream::once(async move { head }).chain(rest);
+        let answers = Box::pin(raft.stream_append(input)).map(|r| {
+            let r: StreamReply = r.map_err(|fatal| fatal.to_string());
+            stream_reply(&r)
+        });
+        let tail = futures_util::stream::once(async move {
+            let higher = refused.lock().unwrap_or_else(|p| p.into_inner()).take();
+            higher.map(|h| stream_reply(&Ok(Err(StreamAppendError::HigherVote(h)))))
+        })
+        .filter_map(|r| async move { r });
+        Ok(Response::new(Box::pin(answers.chain(tail))))
+    }
+
     async fn raft(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         let caller = Caller::of(&request);
         let req = request.into_inner();
         let raft = self.raft(&req.group)?;
         match pb::RaftKind::try_from(req.kind) {
             Ok(pb::RaftKind::AppendEntries) => {
-                let r: openraft::raft::AppendEntriesRequest<super::TypeConfig> =
-                    parse(&req.payload, "append-entries request")?;
-                self.check_sender(&caller, r.vote.leader_id().voted_for())?;
-                let (term, leader) = leader_of(&r.vote);
-                if let Some(super::fence::Refusal::Old(t, n)) =
-                    self.consensus.fence(&req.group).and_then(|f| f.refuses_leader(term, leader))
-                {
-                    let higher = openraft::raft::AppendEntriesResponse::HigherVote(openraft::Vote::new(t, n));
-                    return reply(&Ok::<_, openraft::error::RaftError<super::NodeId>>(higher));
+                let r: AppendEntriesRequest<TypeConfig> = parse(&req.payload, "append-entries request")?;
+                self.check_sender(&caller, Some(r.vote.leader_id().node_id))?;
+                if let Some(higher) = fenced_leader(self.consensus.fence(&req.group), &r.vote) {
+                    let higher = AppendEntriesResponse::<TypeConfig>::HigherVote(higher);
+                    return reply(&Ok::<_, RaftError<TypeConfig>>(higher));
                 }
                 reply(&raft.append_entries(r).await)
             }
-            Ok(pb::RaftKind::Vote) => {
-                let r: openraft::raft::VoteRequest<super::NodeId> = parse(&req.payload, "vote request")?;
-                self.check_sender(&caller, r.vote.leader_id().voted_for())?;
+            Ok(kind @ (pb::RaftKind::Vote | pb::RaftKind::PreVote)) => {
+                let r: openraft::raft::VoteRequest<TypeConfig> = parse(&req.payload, "vote request")?;
+                self.check_sender(&caller, Some(r.vote.leader_id().node_id))?;
                 // A member whose state is gone votes in no old term
-                // (consensus::fence).
+                // (consensus::fence), and answers no pre-vote either.
                 let (term, candidate) = leader_of(&r.vote);
                 match self.consensus.fence(&req.group).and_then(|f| f.refuses_vote(term, candidate)) {
-                    Some(super::fence::Refusal::Pending) => Err(Status::unavailable(format!(
+                    Some(Refusal::Pending) => Err(Status::unavailable(format!(
                         "this member of `{}` lost its state and is still learning the group's terms: it does not vote yet",
                         req.group
                     ))),
-                    Some(super::fence::Refusal::Old(t, n)) => {
-                        let refused = openraft::raft::VoteResponse::new(openraft::Vote::new(t, n), None, false);
-                        reply(&Ok::<_, openraft::error::RaftError<super::NodeId>>(refused))
+                    Some(Refusal::Old(t, n)) => {
+                        let refused = VoteResponse::<TypeConfig>::new(Vote::new(t, n), None, false);
+                        reply(&Ok::<_, RaftError<TypeConfig>>(refused))
                     }
+                    None if kind == pb::RaftKind::PreVote => reply(&raft.pre_vote(r).await),
                     None => reply(&raft.vote(r).await),
                 }
             }
             Ok(pb::RaftKind::State) => {
                 let initialized = raft.is_initialized().await.map_err(|e| Status::internal(e.to_string()))?;
-                let vote = leader_of(&raft.metrics().borrow().vote);
+                let vote = leader_of(&super::metrics_of(raft).vote);
                 let fence = self.consensus.fence(&req.group).map(|f| f.leader_id()).unwrap_or((0, 0));
                 let (term, voted_for) = vote.max(fence);
                 // A fenced member not yet caught up has no log, but the group
@@ -118,20 +226,32 @@ impl pb::consensus_server::Consensus for ConsensusService {
                 reply(&super::fence::MemberState { initialized, term, voted_for })
             }
             Ok(pb::RaftKind::InstallSnapshot) => {
-                let r: openraft::raft::InstallSnapshotRequest<super::TypeConfig> =
-                    parse(&req.payload, "install-snapshot request")?;
-                self.check_sender(&caller, r.vote.leader_id().voted_for())?;
-                let (term, leader) = leader_of(&r.vote);
-                if let Some(super::fence::Refusal::Old(t, n)) =
-                    self.consensus.fence(&req.group).and_then(|f| f.refuses_leader(term, leader))
-                {
-                    let higher = openraft::raft::InstallSnapshotResponse { vote: openraft::Vote::new(t, n) };
-                    return reply(&Ok::<
-                        _,
-                        openraft::error::RaftError<super::NodeId, openraft::error::InstallSnapshotError>,
-                    >(higher));
+                let r: SnapshotMessage = parse(&req.payload, "install-snapshot request")?;
+                self.check_sender(&caller, Some(r.vote.leader_id().node_id))?;
+                if let Some(higher) = fenced_leader(self.consensus.fence(&req.group), &r.vote) {
+                    return reply(&Ok::<_, RaftError<TypeConfig>>(SnapshotResponse::<TypeConfig>::new(
+                        higher,
+                    )));
                 }
-                reply(&raft.install_snapshot(r).await)
+                let snapshot = super::Snapshot { meta: r.meta, snapshot: r.data };
+                reply(
+                    &raft
+                        .install_full_snapshot(r.vote, snapshot)
+                        .await
+                        .map_err(RaftError::<TypeConfig>::Fatal),
+                )
+            }
+            Ok(pb::RaftKind::TransferLeader) => {
+                let r: openraft::raft::TransferLeaderRequest<TypeConfig> =
+                    parse(&req.payload, "transfer-leader request")?;
+                self.check_sender(&caller, Some(r.from_leader().leader_id().node_id))?;
+                if self.consensus.fence(&req.group).is_some_and(|f| f.pending()) {
+                    return Err(Status::unavailable(format!(
+                        "this member of `{}` lost its state and is still learning the group's terms",
+                        req.group
+                    )));
+                }
+                reply(&raft.handle_transfer_leader(r).await.map_err(RaftError::<TypeConfig>::Fatal))
             }
             _ => Err(Status::invalid_argument(format!("unknown raft message kind {}", req.kind))),
         }
