@@ -95,6 +95,12 @@ pub enum Command {
     Strong {
         request_id: Option<String>,
         op: StrongCommand,
+        /// The proposer's wall clock when it proposed, in milliseconds:
+        /// what the group's idempotency records are aged by. It is in the
+        /// log, so every replica ages them alike; 0 in entries of older
+        /// builds (their records are the oldest).
+        #[serde(default)]
+        at_ms: u64,
     },
 }
 
@@ -103,7 +109,7 @@ impl std::fmt::Display for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Control(c) => write!(f, "control {c:?}"),
-            Command::Strong { request_id, op } => {
+            Command::Strong { request_id, op, .. } => {
                 let (what, table, key) = match op {
                     StrongCommand::Put { table, key, .. } => ("put", table, key),
                     StrongCommand::Delete { table, key } => ("delete", table, key),
@@ -534,7 +540,10 @@ impl Consensus {
                 strong_group(&key),
                 strong_members(&cfg, &home, &zone),
                 Some(home),
-                Arc::new(StrongMachine),
+                Arc::new(StrongMachine::new(
+                    cfg.storage.idempotency_ttl_s.saturating_mul(1000),
+                    strong::IDEMPOTENCY_RECORDS_MAX,
+                )),
             ));
         }
         let mut groups = BTreeMap::new();

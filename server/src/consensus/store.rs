@@ -365,7 +365,13 @@ pub struct MachineView<'a> {
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
-impl MachineView<'_> {
+impl<'a> MachineView<'a> {
+    /// A view over `engine` alone, for a state machine's unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(engine: &'a dyn Engine, group: &'a str) -> Self {
+        Self { engine, group, pending: BTreeMap::new() }
+    }
+
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, String> {
         if let Some(v) = self.pending.get(key) {
             return Ok(v.clone());
@@ -595,6 +601,7 @@ mod tests {
         Command::Strong {
             request_id: Some("req-1".into()),
             op: StrongCommand::Put { table: "registers".into(), key: b"k".to_vec(), value: b"v".to_vec() },
+            at_ms: 0,
         }
     }
 
