@@ -230,6 +230,16 @@ impl Connection {
     where
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
     {
+        // openraft sleeps its replication backoff inside the request
+        // stream, before it yields a request. A call that fails before it
+        // reads its input (a peer that refuses connections, or is cut off)
+        // would never reach that sleep, and the replication task would
+        // retry at once, forever: so take the first request before the call.
+        let mut input = input;
+        let Some(first) = input.next().await else {
+            return Ok(Box::pin(futures_util::stream::empty()));
+        };
+        let input = futures_util::stream::iter([first]).chain(input);
         let mut client = self.client()?;
         let sent = Arc::new(AtomicU64::new(0));
         let counter = sent.clone();

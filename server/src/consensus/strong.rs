@@ -109,8 +109,10 @@ fn read_u64(view: &MachineView<'_>, key: &[u8]) -> Result<u64, String> {
     match view.get(key)? {
         None => Ok(0),
         Some(b) => {
-            let bytes: [u8; 8] =
-                b.as_slice().try_into().map_err(|_| format!("{} is {} bytes, not 8", String::from_utf8_lossy(key), b.len()))?;
+            let bytes: [u8; 8] = b
+                .as_slice()
+                .try_into()
+                .map_err(|_| format!("{} is {} bytes, not 8", String::from_utf8_lossy(key), b.len()))?;
             Ok(u64::from_be_bytes(bytes))
         }
     }
