@@ -708,7 +708,11 @@ mod tests {
         let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
         write_0_9_group(engine.as_ref());
         let log = LogStore::open(engine.clone(), GROUP).expect("the 0.9 log opens");
-        let sm = StateMachine::new(engine.clone(), GROUP, Arc::new(crate::consensus::strong::StrongMachine));
+        let sm = StateMachine::new(
+            engine.clone(),
+            GROUP,
+            Arc::new(crate::consensus::strong::StrongMachine::new(60_000, 1_000)),
+        );
         let net = NetworkFactory { peers: Arc::new(Peers::new(BTreeMap::new())), group: GROUP.into(), me: 5 };
         let config =
             openraft::Config { cluster_name: GROUP.into(), enable_elect: false, ..Default::default() };
