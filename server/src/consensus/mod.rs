@@ -397,8 +397,8 @@ fn raft_config(cfg: &Config, name: &str) -> anyhow::Result<openraft::Config> {
         // (docs/decisions/020-store-identity-and-config-agreement.md).
         allow_log_reversion: Some(true),
         install_snapshot_timeout: 5000,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
-        max_in_snapshot_log_to_keep: 1000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_every),
+        max_in_snapshot_log_to_keep: c.log_keep,
         // A peer that cannot be reached is retried every 200 ms.
         backoff: "200ms 200ms 200ms".to_string(),
         ..Default::default()
@@ -542,7 +542,7 @@ impl Consensus {
                 Some(home),
                 Arc::new(StrongMachine::new(
                     cfg.storage.idempotency_ttl_s.saturating_mul(1000),
-                    strong::IDEMPOTENCY_RECORDS_MAX,
+                    cfg.consensus.strong_idempotency_records_max,
                 )),
             ));
         }
@@ -558,7 +558,12 @@ impl Consensus {
             let rc = Arc::new(raft_config(&cfg, &name)?);
             let log = LogStore::open(engine.clone(), &name).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
             let sm = StateMachine::new(engine.clone(), &name, machine);
-            let net = NetworkFactory { peers: peers.clone(), group: name.clone(), me };
+            let net = NetworkFactory {
+                peers: peers.clone(),
+                group: name.clone(),
+                me,
+                chunk_bytes: cfg.consensus.snapshot_chunk_bytes,
+            };
             let bootstrap_wait = Duration::from_millis(rc.election_timeout_max * BOOTSTRAP_WAIT_TIMEOUTS);
             let raft = Raft::new(me, rc.clone(), net, log, sm.clone()).await?;
             let initialized = raft.is_initialized().await?;

@@ -78,8 +78,6 @@ pub fn decode_value(bytes: &[u8]) -> Result<StrongValue, String> {
     serde_json::from_slice(bytes).map_err(|e| format!("stored STRONG value does not decode: {e}"))
 }
 
-/// Most idempotency records a STRONG group keeps.
-pub const IDEMPOTENCY_RECORDS_MAX: u64 = 100_000;
 /// Most old records one command drops: at least two, so the queue shrinks
 /// back under its bounds while commands keep coming.
 const EVICT_PER_APPLY: usize = 8;
