@@ -23,6 +23,7 @@ mod reflection;
 mod replication_bounds;
 mod security;
 mod store_identity;
+mod strong_bounds;
 mod tombstones;
 mod tour;
 mod truthful_reads;

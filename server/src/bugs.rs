@@ -41,6 +41,10 @@
 //!   a voter cut off from its group raises its term at each election
 //!   timeout, and when the cut heals that term unseats the leader, so the
 //!   group stalls for an election (`consensus::raft_config`).
+//! - `snapshot-late-copy`: a Raft snapshot reads the state machine when
+//!   it is built, on its own task, instead of copying it between applies,
+//!   so it can hold a later state than the position it records
+//!   (`consensus::store::SnapshotBuilder`).
 //!
 //! The deterministic simulation (`tests/simulation`) runs many clusters in
 //! one process, each on its own thread, so it switches a bug on for one
@@ -63,6 +67,7 @@ pub enum Bug {
     IdentityOff,
     StalenessHomeOnly,
     PreVoteOff,
+    SnapshotLateCopy,
 }
 
 impl Bug {
@@ -80,6 +85,7 @@ impl Bug {
             Bug::IdentityOff => "identity-off",
             Bug::StalenessHomeOnly => "staleness-home-only",
             Bug::PreVoteOff => "pre-vote-off",
+            Bug::SnapshotLateCopy => "snapshot-late-copy",
         }
     }
 
@@ -97,6 +103,7 @@ impl Bug {
             Bug::IdentityOff,
             Bug::StalenessHomeOnly,
             Bug::PreVoteOff,
+            Bug::SnapshotLateCopy,
         ]
         .into_iter()
         .find(|b| b.name() == name)

@@ -333,6 +333,10 @@ impl Default for ReplicationConfig {
     }
 }
 
+/// Largest `consensus.snapshot_chunk_bytes`: a chunk and its header fit
+/// in one message of the consensus port (64 MiB).
+pub const SNAPSHOT_CHUNK_BYTES_MAX: u64 = 32 << 20;
+
 /// The control plane (home leases, epochs, failover) and the STRONG groups.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -370,6 +374,21 @@ pub struct ConsensusConfig {
     /// regions in config order, a STRONG group its home and the next
     /// regions of the failover order. 3 survives the loss of one region.
     pub voters_max: usize,
+    /// A group builds a snapshot of its state machine after this many
+    /// entries since the last one, then drops its log behind it.
+    pub snapshot_every: u64,
+    /// Entries kept behind the last snapshot, so a follower a little
+    /// behind catches up from the log instead of a snapshot.
+    pub log_keep: u64,
+    /// A snapshot goes to a follower in messages of at most this many
+    /// bytes of data (each well under the consensus port's 64 MiB limit).
+    pub snapshot_chunk_bytes: u64,
+    /// Largest snapshot a member accepts, in bytes (it assembles one in
+    /// memory before installing it).
+    pub snapshot_bytes_max: u64,
+    /// Most STRONG idempotency records a group keeps (the oldest go first;
+    /// records also expire after `storage.idempotency_ttl_s`).
+    pub strong_idempotency_records_max: u64,
 }
 
 impl Default for ConsensusConfig {
@@ -385,6 +404,11 @@ impl Default for ConsensusConfig {
             failover_order: BTreeMap::new(),
             lease_wait_ms: 4000,
             voters_max: 3,
+            snapshot_every: 5000,
+            log_keep: 1000,
+            snapshot_chunk_bytes: 1 << 20,
+            snapshot_bytes_max: 1 << 30,
+            strong_idempotency_records_max: 100_000,
         }
     }
 }
@@ -943,6 +967,21 @@ impl Config {
         }
         if c.voters_max == 0 || c.voters_max.is_multiple_of(2) || c.voters_max > 7 {
             return Err(bad("consensus.voters_max", "must be odd, 1 to 7"));
+        }
+        if c.strong_idempotency_records_max == 0 {
+            return Err(bad("consensus.strong_idempotency_records_max", "must be at least 1"));
+        }
+        if c.snapshot_every == 0 {
+            return Err(bad("consensus.snapshot_every", "must be at least 1"));
+        }
+        if c.snapshot_chunk_bytes == 0 || c.snapshot_chunk_bytes > SNAPSHOT_CHUNK_BYTES_MAX {
+            return Err(bad(
+                "consensus.snapshot_chunk_bytes",
+                format!("must be 1 to {SNAPSHOT_CHUNK_BYTES_MAX} (the consensus port takes messages up to 64 MiB)"),
+            ));
+        }
+        if c.snapshot_bytes_max < c.snapshot_chunk_bytes {
+            return Err(bad("consensus.snapshot_bytes_max", "must be at least snapshot_chunk_bytes"));
         }
         for (home, order) in &c.failover_order {
             for r in std::iter::once(home).chain(order) {

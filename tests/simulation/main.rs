@@ -234,12 +234,19 @@ fn seeds_to_run() -> Vec<u64> {
     (first..first + env_u64("GEOKV_SIM_SEEDS").unwrap_or(SEEDS_DEFAULT)).collect()
 }
 
+/// Wall-clock time one seed may take (a seed runs in about 0.2 s). A task
+/// that loops without yielding to virtual time (a retry with no sleep)
+/// stops the simulated clock: the seed then fails with this bound instead
+/// of hanging the test.
+const SEED_WALL_MAX: Duration = Duration::from_secs(60);
+
 /// Runs `seeds` on a few threads (each seed is single-threaded), in order
 /// of seed in the result.
 fn run_many(
     seeds: &[u64],
-    run: impl Fn(u64) -> Result<Summary, String> + Sync,
+    run: impl Fn(u64) -> Result<Summary, String> + Send + Sync + 'static,
 ) -> Vec<(u64, Result<Summary, String>)> {
+    let run = Arc::new(run);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
     let queue = Mutex::new(seeds.iter().copied());
     let results = Mutex::new(Vec::new());
@@ -247,8 +254,7 @@ fn run_many(
         for _ in 0..threads.min(seeds.len().max(1)) {
             s.spawn(|| loop {
                 let Some(seed) = queue.lock().unwrap_or_else(|p| p.into_inner()).next() else { return };
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(seed)))
-                    .unwrap_or_else(|p| Err(format!("panicked: {}", panic_message(&p))));
+                let result = run_bounded(seed, run.clone());
                 results.lock().unwrap_or_else(|p| p.into_inner()).push((seed, result));
             });
         }
@@ -256,6 +262,31 @@ fn run_many(
     let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
     results.sort_by_key(|(seed, _)| *seed);
     results
+}
+
+/// Runs one seed on its own thread, failing it after `SEED_WALL_MAX`. A
+/// seed past the bound is left spinning on its detached thread; the test
+/// process ends it when it exits.
+fn run_bounded(
+    seed: u64,
+    run: Arc<impl Fn(u64) -> Result<Summary, String> + Send + Sync + 'static>,
+) -> Result<Summary, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("seed-{seed}"))
+        .spawn(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(seed)))
+                .unwrap_or_else(|p| Err(format!("panicked: {}", panic_message(&p))));
+            let _ = tx.send(result);
+        })
+        .map_err(|e| format!("cannot start the seed's thread: {e}"))?;
+    rx.recv_timeout(SEED_WALL_MAX).unwrap_or_else(|_| {
+        Err(format!(
+            "stalled: the seed did not finish in {} s of wall time; a task loops without yielding to \
+             virtual time (a retry with no sleep?)",
+            SEED_WALL_MAX.as_secs()
+        ))
+    })
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
@@ -345,7 +376,7 @@ mod put_back_bugs {
     /// violation that starts with one of `expected`.
     fn caught(bug: Bug, expected: &[&str]) {
         let seeds: Vec<u64> = (0..SEEDS).collect();
-        let results = super::run_many(&seeds, |seed| with_bug(bug, || super::run_seed(seed)));
+        let results = super::run_many(&seeds, move |seed| with_bug(bug, || super::run_seed(seed)));
         for (seed, result) in results {
             match result {
                 Ok(s) => panic!("{} went unnoticed at seed {seed}: {s:?}", bug.name()),

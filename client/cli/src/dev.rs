@@ -249,7 +249,12 @@ fn config_text(
             "\n[[tables]]\nname = \"eu_users\"\nzone = \"eu\"\ndefault_consistency = \"eventual\"\n",
         );
     }
-    out.push_str(&consensus_section(args));
+    // An extra `[consensus]` section gets dev's timing added to it (one
+    // table may not be defined twice).
+    let extra_consensus = extra.lines().any(|l| l.trim() == "[consensus]");
+    if !extra_consensus {
+        out.push_str(&consensus_section(args));
+    }
     // Linearizable registers, led from the first region, replicated to all.
     out.push_str(&format!(
         "\n[[tables]]\nname = \"registers\"\nlocality = \"by_table\"\nhome_region = \"{}\"\n\
@@ -258,7 +263,11 @@ fn config_text(
     ));
     if !extra.is_empty() {
         out.push_str("\n# From --extra-config.\n");
-        out.push_str(extra);
+        if extra_consensus {
+            out.push_str(&extra.replacen("[consensus]", consensus_section(args).trim(), 1));
+        } else {
+            out.push_str(extra);
+        }
         out.push('\n');
     }
     out

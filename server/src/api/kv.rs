@@ -134,7 +134,8 @@ impl KvService {
         request_id: Option<String>,
     ) -> Result<(StrongReply, pb::WriteAck), KvError> {
         let (consensus, group, placement) = self.strong_target(row)?;
-        let reply = consensus.propose(&group, Command::Strong { request_id, op }, 0).await?;
+        let at_ms = self.node.hlc().wall_ms();
+        let reply = consensus.propose(&group, Command::Strong { request_id, op, at_ms }, 0).await?;
         let (reply, index) = match reply {
             (ConsensusReply::Strong(StrongReply::Failed { why }), _) => {
                 return Err(KvError::Corrupt { what: format!("STRONG row in {group}"), why })

@@ -95,6 +95,12 @@ pub enum Command {
     Strong {
         request_id: Option<String>,
         op: StrongCommand,
+        /// The proposer's wall clock when it proposed, in milliseconds:
+        /// what the group's idempotency records are aged by. It is in the
+        /// log, so every replica ages them alike; 0 in entries of older
+        /// builds (their records are the oldest).
+        #[serde(default)]
+        at_ms: u64,
     },
 }
 
@@ -103,7 +109,7 @@ impl std::fmt::Display for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Control(c) => write!(f, "control {c:?}"),
-            Command::Strong { request_id, op } => {
+            Command::Strong { request_id, op, .. } => {
                 let (what, table, key) = match op {
                     StrongCommand::Put { table, key, .. } => ("put", table, key),
                     StrongCommand::Delete { table, key } => ("delete", table, key),
@@ -391,8 +397,8 @@ fn raft_config(cfg: &Config, name: &str) -> anyhow::Result<openraft::Config> {
         // (docs/decisions/020-store-identity-and-config-agreement.md).
         allow_log_reversion: Some(true),
         install_snapshot_timeout: 5000,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
-        max_in_snapshot_log_to_keep: 1000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_every),
+        max_in_snapshot_log_to_keep: c.log_keep,
         // A peer that cannot be reached is retried every 200 ms.
         backoff: "200ms 200ms 200ms".to_string(),
         ..Default::default()
@@ -534,7 +540,10 @@ impl Consensus {
                 strong_group(&key),
                 strong_members(&cfg, &home, &zone),
                 Some(home),
-                Arc::new(StrongMachine),
+                Arc::new(StrongMachine::new(
+                    cfg.storage.idempotency_ttl_s.saturating_mul(1000),
+                    cfg.consensus.strong_idempotency_records_max,
+                )),
             ));
         }
         let mut groups = BTreeMap::new();
@@ -549,7 +558,12 @@ impl Consensus {
             let rc = Arc::new(raft_config(&cfg, &name)?);
             let log = LogStore::open(engine.clone(), &name).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
             let sm = StateMachine::new(engine.clone(), &name, machine);
-            let net = NetworkFactory { peers: peers.clone(), group: name.clone(), me };
+            let net = NetworkFactory {
+                peers: peers.clone(),
+                group: name.clone(),
+                me,
+                chunk_bytes: cfg.consensus.snapshot_chunk_bytes,
+            };
             let bootstrap_wait = Duration::from_millis(rc.election_timeout_max * BOOTSTRAP_WAIT_TIMEOUTS);
             let raft = Raft::new(me, rc.clone(), net, log, sm.clone()).await?;
             let initialized = raft.is_initialized().await?;

@@ -106,6 +106,8 @@ pub struct NetworkFactory {
     pub group: String,
     /// This node's Raft id (named in timeout errors).
     pub me: NodeId,
+    /// Largest piece of a snapshot per message (`consensus.snapshot_chunk_bytes`).
+    pub chunk_bytes: u64,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -118,6 +120,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             me: self.me,
             target,
             heartbeat: false,
+            chunk_bytes: self.chunk_bytes.max(1),
         }
     }
 
@@ -128,6 +131,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             me: self.me,
             target,
             heartbeat: true,
+            chunk_bytes: self.chunk_bytes.max(1),
         }
     }
 }
@@ -141,19 +145,57 @@ pub struct Connection {
     /// The leader's heartbeat connection: its `stream_append` carries one
     /// empty append, sent as a single `Raft` call.
     heartbeat: bool,
+    chunk_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct TransportError(String);
 
-/// A whole snapshot in one `INSTALL_SNAPSHOT` message (a group's state
-/// machine is small: leases, or STRONG registers).
+/// A whole snapshot in one `INSTALL_SNAPSHOT` message, as builds before
+/// snapshot chunks sent it (still accepted).
 #[derive(Serialize, Deserialize)]
 pub struct SnapshotMessage {
     pub vote: Vote,
     pub meta: SnapshotMeta,
     pub data: Vec<u8>,
+}
+
+/// The header of one `INSTALL_SNAPSHOT_CHUNK` message: the piece of the
+/// snapshot (`meta`, `total` bytes in all) that starts at `offset`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    pub vote: Vote,
+    pub meta: SnapshotMeta,
+    pub offset: u64,
+    pub total: u64,
+}
+
+impl SnapshotChunk {
+    /// The message: the header's length (u32, big-endian), the header as
+    /// JSON, then the piece.
+    pub fn encode(&self, piece: &[u8]) -> Result<Vec<u8>, String> {
+        let header = serde_json::to_vec(self).map_err(|e| e.to_string())?;
+        let len = u32::try_from(header.len()).map_err(|_| "snapshot chunk header over 4 GiB".to_string())?;
+        let mut out = Vec::with_capacity(4 + header.len() + piece.len());
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(piece);
+        Ok(out)
+    }
+
+    /// The header and the piece of a message.
+    pub fn decode(message: &[u8]) -> Result<(Self, &[u8]), String> {
+        let (len, rest) =
+            message.split_first_chunk::<4>().ok_or("snapshot chunk shorter than its header length")?;
+        let len = u32::from_be_bytes(*len) as usize;
+        if rest.len() < len {
+            return Err(format!("snapshot chunk header of {len} bytes cut short at {}", rest.len()));
+        }
+        let (header, piece) = rest.split_at(len);
+        let header = serde_json::from_slice(header).map_err(|e| format!("snapshot chunk header: {e}"))?;
+        Ok((header, piece))
+    }
 }
 
 /// One reply on a `RaftStream`: an append's outcome, or why the member's
@@ -199,9 +241,20 @@ impl Connection {
         Req: Serialize,
         Resp: DeserializeOwned,
     {
-        let mut client = self.client()?;
         let payload = serde_json::to_vec(req)
             .map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e.to_string()))))?;
+        self.call_raw(kind, payload, deadline).await
+    }
+
+    /// One `Raft` call with an encoded payload; the reply as JSON of
+    /// `Result<Resp, RaftError>`.
+    async fn call_raw<Resp: DeserializeOwned>(
+        &self,
+        kind: pb::RaftKind,
+        payload: Vec<u8>,
+        deadline: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        let mut client = self.client()?;
         let mut request =
             tonic::Request::new(pb::RaftRequest { group: self.group.clone(), kind: kind as i32, payload });
         request.set_timeout(deadline);
@@ -209,6 +262,33 @@ impl Connection {
         let result: Result<Resp, RaftError<TypeConfig>> = serde_json::from_slice(&reply.payload)
             .map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e.to_string()))))?;
         result.map_err(|e| RPCError::Unreachable(unreachable(format!("member {}: {e}", self.target))))
+    }
+
+    /// A snapshot in pieces of at most `chunk_bytes`, one message each,
+    /// in order; the member installs it on the last. A member that answers
+    /// a piece with a higher vote ends the transfer (the leader steps down).
+    async fn send_snapshot(
+        &self,
+        vote: Vote,
+        snapshot: Snapshot,
+        deadline: Duration,
+    ) -> Result<SnapshotResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let data = snapshot.snapshot;
+        let total = data.len() as u64;
+        let mut offset = 0u64;
+        loop {
+            let end = (offset + self.chunk_bytes).min(total);
+            let piece = &data[offset as usize..end as usize];
+            let header = SnapshotChunk { vote, meta: snapshot.meta.clone(), offset, total };
+            let payload =
+                header.encode(piece).map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e))))?;
+            let reply: SnapshotResponse<TypeConfig> =
+                self.call_raw(pb::RaftKind::InstallSnapshotChunk, payload, deadline).await?;
+            if end == total || reply.vote > vote {
+                return Ok(reply);
+            }
+            offset = end;
+        }
     }
 
     /// openraft derives deadlines from the heartbeat interval, which can be
@@ -230,6 +310,16 @@ impl Connection {
     where
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
     {
+        // openraft sleeps its replication backoff inside the request
+        // stream, before it yields a request. A call that fails before it
+        // reads its input (a peer that refuses connections, or is cut off)
+        // would never reach that sleep, and the replication task would
+        // retry at once, forever: so take the first request before the call.
+        let mut input = input;
+        let Some(first) = input.next().await else {
+            return Ok(Box::pin(futures_util::stream::empty()));
+        };
+        let input = futures_util::stream::iter([first]).chain(input);
         let mut client = self.client()?;
         let sent = Arc::new(AtomicU64::new(0));
         let counter = sent.clone();
@@ -379,11 +469,10 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let message = SnapshotMessage { vote, meta: snapshot.meta, data: snapshot.snapshot };
         let deadline = Self::deadline(&option);
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
-            sent = self.call(pb::RaftKind::InstallSnapshot, &message, deadline) => match sent {
+            sent = self.send_snapshot(vote, snapshot, deadline) => match sent {
                 Ok(r) => Ok(r),
                 Err(RPCError::Timeout(t)) => Err(StreamingError::Timeout(t)),
                 Err(RPCError::Network(e)) => Err(StreamingError::Network(e)),

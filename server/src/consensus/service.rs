@@ -14,7 +14,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::fence::{Fence, Refusal};
-use super::network::{SnapshotMessage, StreamReply};
+use super::network::{SnapshotChunk, SnapshotMessage, StreamReply};
 use super::{Command, Consensus, Raft, TypeConfig, Vote};
 use crate::kv::row::Row;
 use crate::kv::Node;
@@ -25,11 +25,70 @@ use crate::security::authn::Caller;
 pub struct ConsensusService {
     consensus: Arc<Consensus>,
     node: Arc<Node>,
+    /// Snapshots being received, one per group (a newer one replaces it).
+    incoming: Arc<Mutex<std::collections::BTreeMap<String, Incoming>>>,
+}
+
+/// A snapshot whose pieces are arriving.
+struct Incoming {
+    vote: Vote,
+    meta: super::SnapshotMeta,
+    total: u64,
+    data: Vec<u8>,
 }
 
 impl ConsensusService {
     pub fn new(consensus: Arc<Consensus>, node: Arc<Node>) -> Self {
-        Self { consensus, node }
+        Self { consensus, node, incoming: Default::default() }
+    }
+
+    /// Adds one piece to the group's incoming snapshot; the whole snapshot
+    /// once `piece` is its last, else None.
+    fn assemble(
+        &self,
+        group: &str,
+        header: SnapshotChunk,
+        piece: &[u8],
+    ) -> Result<Option<(Vote, super::Snapshot)>, Status> {
+        let max = self.node.config().consensus.snapshot_bytes_max;
+        if header.total > max {
+            return Err(Status::resource_exhausted(format!(
+                "a snapshot of `{group}` of {} bytes is over this member's consensus.snapshot_bytes_max ({max})",
+                header.total
+            )));
+        }
+        let mut incoming = self.incoming.lock().unwrap_or_else(|p| p.into_inner());
+        if header.offset == 0 {
+            incoming.remove(group);
+        }
+        let entry = incoming.entry(group.to_string()).or_insert_with(|| Incoming {
+            vote: header.vote,
+            meta: header.meta.clone(),
+            total: header.total,
+            data: Vec::new(),
+        });
+        let follows = entry.vote == header.vote
+            && entry.meta == header.meta
+            && entry.total == header.total
+            && entry.data.len() as u64 == header.offset
+            && header.offset + piece.len() as u64 <= header.total;
+        if !follows {
+            let have = entry.data.len();
+            incoming.remove(group);
+            return Err(Status::failed_precondition(format!(
+                "a snapshot piece of `{group}` at offset {} does not follow the {have} bytes received: the \
+                 transfer starts again",
+                header.offset
+            )));
+        }
+        entry.data.extend_from_slice(piece);
+        metrics::counter!("geokv_raft_snapshot_chunks_received_total", "group" => group.to_string())
+            .increment(1);
+        if (entry.data.len() as u64) < entry.total {
+            return Ok(None);
+        }
+        let done = incoming.remove(group).expect("the entry was just updated");
+        Ok(Some((done.vote, super::Snapshot { meta: done.meta, snapshot: done.data })))
     }
 
     /// A Raft message speaks for the member whose certificate sent it: the
@@ -240,6 +299,29 @@ impl pb::consensus_server::Consensus for ConsensusService {
                         .await
                         .map_err(RaftError::<TypeConfig>::Fatal),
                 )
+            }
+            Ok(pb::RaftKind::InstallSnapshotChunk) => {
+                let (header, piece) = SnapshotChunk::decode(&req.payload).map_err(|why| {
+                    Status::invalid_argument(format!("install-snapshot-chunk request does not parse: {why}"))
+                })?;
+                self.check_sender(&caller, Some(header.vote.leader_id().node_id))?;
+                if let Some(higher) = fenced_leader(self.consensus.fence(&req.group), &header.vote) {
+                    return reply(&Ok::<_, RaftError<TypeConfig>>(SnapshotResponse::<TypeConfig>::new(
+                        higher,
+                    )));
+                }
+                match self.assemble(&req.group, header, piece)? {
+                    None => {
+                        let vote = super::metrics_of(raft).vote;
+                        reply(&Ok::<_, RaftError<TypeConfig>>(SnapshotResponse::<TypeConfig>::new(vote)))
+                    }
+                    Some((vote, snapshot)) => reply(
+                        &raft
+                            .install_full_snapshot(vote, snapshot)
+                            .await
+                            .map_err(RaftError::<TypeConfig>::Fatal),
+                    ),
+                }
             }
             Ok(pb::RaftKind::TransferLeader) => {
                 let r: openraft::raft::TransferLeaderRequest<TypeConfig> =

@@ -365,7 +365,13 @@ pub struct MachineView<'a> {
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
-impl MachineView<'_> {
+impl<'a> MachineView<'a> {
+    /// A view over `engine` alone, for a state machine's unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(engine: &'a dyn Engine, group: &'a str) -> Self {
+        Self { engine, group, pending: BTreeMap::new() }
+    }
+
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, String> {
         if let Some(v) = self.pending.get(key) {
             return Ok(v.clone());
@@ -393,18 +399,164 @@ pub trait Machine: Send + Sync + 'static {
     fn applied(&self, _view_of: &dyn Fn(&[u8]) -> Option<Vec<u8>>) {}
 }
 
-/// A snapshot's data: every pair of the state machine.
-#[derive(Serialize, Deserialize)]
-struct SnapshotData {
-    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+/// First bytes of a snapshot's data in the framed format: then, per pair
+/// of the state machine in key order, the key's length (u32, big-endian),
+/// the key, the value's length and the value. Data without them is the
+/// JSON object `{"pairs": [[key, value], ...]}` of older builds.
+const SNAPSHOT_MAGIC: &[u8; 4] = b"GKS1";
+
+/// A stored snapshot's data is kept in pieces of at most this many bytes
+/// (`g/<group>/snapshot/<n>`), never as one value.
+const SNAPSHOT_PIECE_BYTES: usize = 1 << 20;
+
+/// Encodes the state machine's pairs as snapshot data.
+pub fn encode_snapshot(pairs: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<u8>, io::Error> {
+    let len = pairs.iter().map(|(k, v)| 8 + k.len() + v.len()).sum::<usize>() + SNAPSHOT_MAGIC.len();
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    for (k, v) in pairs {
+        for part in [k, v] {
+            let n = u32::try_from(part.len()).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidData, "a state-machine pair is over 4 GiB")
+            })?;
+            out.extend_from_slice(&n.to_be_bytes());
+            out.extend_from_slice(part);
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes snapshot data (framed, or the JSON of older builds).
+pub fn decode_snapshot(data: &[u8]) -> Result<KvPairs, io::Error> {
+    let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot data: {why}"));
+    let Some(mut rest) = data.strip_prefix(SNAPSHOT_MAGIC.as_slice()) else {
+        #[derive(Deserialize)]
+        struct Legacy {
+            pairs: KvPairs,
+        }
+        let legacy: Legacy = serde_json::from_slice(data).map_err(|e| bad(e.to_string()))?;
+        return Ok(legacy.pairs);
+    };
+    let mut pairs = Vec::new();
+    while !rest.is_empty() {
+        let k = take_framed(&mut rest, "key").map_err(bad)?;
+        let v = take_framed(&mut rest, "value").map_err(bad)?;
+        pairs.push((k, v));
+    }
+    Ok(pairs)
+}
+
+/// One length-prefixed part of framed snapshot data.
+fn take_framed(rest: &mut &[u8], what: &str) -> Result<Vec<u8>, String> {
+    let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(|| format!("{what} length cut short"))?;
+    let len = u32::from_be_bytes(*len) as usize;
+    if tail.len() < len {
+        return Err(format!("{what} of {len} bytes cut short at {}", tail.len()));
+    }
+    let (part, tail) = tail.split_at(len);
+    *rest = tail;
+    Ok(part.to_vec())
 }
 
 /// The last built or installed snapshot. `meta` keeps openraft's layout
-/// (0.9's `snapshot_id` slot included), so both versions read it.
+/// (0.9's `snapshot_id` slot included), so both versions read it. The data
+/// is in `pieces` values of at most [`SNAPSHOT_PIECE_BYTES`]; a record of
+/// an older build holds it in `data`.
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     data: Vec<u8>,
+    #[serde(default)]
+    len: u64,
+    #[serde(default)]
+    pieces: u64,
+}
+
+fn snapshot_piece_key(group: &str, n: u64) -> Vec<u8> {
+    let mut k = group_key(group, b"snapshot/");
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+/// Adds to `batch` the writes that store `data` as the group's snapshot,
+/// replacing the pieces of the one before.
+fn store_snapshot(
+    engine: &dyn Engine,
+    group: &str,
+    meta: &SnapshotMeta,
+    data: &[u8],
+    batch: &mut WriteBatch,
+) -> Result<(), io::Error> {
+    let start = group_key(group, b"snapshot/");
+    let end = prefix_end(&start);
+    let old = engine.scan(Cf::Raft, &start, end.as_deref(), usize::MAX).map_err(io_read)?;
+    for (k, _) in old {
+        batch.delete(Cf::Raft, k);
+    }
+    let mut pieces = 0;
+    for piece in data.chunks(SNAPSHOT_PIECE_BYTES) {
+        batch.put(Cf::Raft, snapshot_piece_key(group, pieces), piece.to_vec());
+        pieces += 1;
+    }
+    let record = StoredSnapshot { meta: meta.clone(), data: Vec::new(), len: data.len() as u64, pieces };
+    batch.put(Cf::Raft, group_key(group, b"snapshot"), encode(&record)?);
+    Ok(())
+}
+
+/// The group's stored snapshot, if any.
+fn load_snapshot(engine: &dyn Engine, group: &str) -> Result<Option<Snapshot>, io::Error> {
+    let Some(stored) = read_json::<StoredSnapshot>(engine, &group_key(group, b"snapshot"))? else {
+        return Ok(None);
+    };
+    if stored.pieces == 0 && stored.len == 0 {
+        return Ok(Some(Snapshot { meta: stored.meta, snapshot: stored.data }));
+    }
+    let mut data = Vec::with_capacity(stored.len as usize);
+    for n in 0..stored.pieces {
+        let piece =
+            engine.get(Cf::Raft, &snapshot_piece_key(group, n)).map_err(io_read)?.ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("snapshot piece {n} of {} is missing", stored.pieces),
+                )
+            })?;
+        data.extend_from_slice(&piece);
+    }
+    if data.len() as u64 != stored.len {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("snapshot pieces hold {} bytes, not {}", data.len(), stored.len),
+        ));
+    }
+    Ok(Some(Snapshot { meta: stored.meta, snapshot: data }))
+}
+
+/// A snapshot being built: the state machine as it stood when the builder
+/// was made. openraft builds snapshots on a task of their own while the
+/// state machine goes on applying, so the builder takes its copy at once
+/// (on the state machine's worker, between applies), never later.
+pub struct SnapshotBuilder {
+    sm: StateMachine,
+    /// The applied position and membership the copy is of.
+    meta: Option<Result<SnapshotMeta, io::Error>>,
+    /// The copy of the pairs; None only with the put-back bug
+    /// `snapshot-late-copy`, which reads them when the snapshot is built
+    /// (builds before this one read the position and the pairs at two
+    /// moments, and an apply between them made the two disagree).
+    pairs: Option<Result<KvPairs, io::Error>>,
+}
+
+/// Whether the test-only `snapshot-late-copy` bug is on (`crate::bugs`).
+fn snapshot_late_copy() -> bool {
+    #[cfg(feature = "bugs")]
+    {
+        crate::bugs::active(crate::bugs::Bug::SnapshotLateCopy)
+    }
+    #[cfg(not(feature = "bugs"))]
+    {
+        false
+    }
 }
 
 /// The state machine of one group over the engine.
@@ -446,34 +598,49 @@ impl StateMachine {
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+impl StateMachine {
+    /// The last applied log id and membership, as stored.
+    fn read_applied(&self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let applied: Option<Option<LogId>> =
+            read_json(self.engine.as_ref(), &group_key(&self.group, b"applied"))?;
+        let membership = read_json(self.engine.as_ref(), &group_key(&self.group, b"membership"))?;
+        Ok((applied.flatten(), membership.unwrap_or_default()))
+    }
+
+    /// The position a snapshot taken now is at.
+    fn snapshot_meta(&self) -> Result<SnapshotMeta, io::Error> {
+        let (last_applied, membership) = self.read_applied()?;
+        Ok(SnapshotMeta { last_log_id: last_applied, last_membership: membership })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let (last_applied, membership) = self.clone().applied_state().await?;
-        let data = serde_json::to_vec(&SnapshotData { pairs: self.all_pairs()? }).map_err(io_write)?;
-        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership };
+        let meta =
+            self.meta.take().unwrap_or_else(|| Err(io::Error::other("the snapshot was built already")))?;
+        let pairs = match self.pairs.take() {
+            Some(pairs) => pairs?,
+            None => self.sm.all_pairs()?,
+        };
+        let data = encode_snapshot(&pairs)?;
+        drop(pairs);
+        let (engine, group) = (&self.sm.engine, &self.sm.group);
         let mut batch = WriteBatch::new();
-        batch.put(
-            Cf::Raft,
-            group_key(&self.group, b"snapshot"),
-            encode(&StoredSnapshot { meta: meta.clone(), data: data.clone() })?,
-        );
-        self.engine.write(batch, true).map_err(io_write)?;
+        store_snapshot(engine.as_ref(), group, &meta, &data, &mut batch)?;
+        engine.write(batch, true).map_err(io_write)?;
+        metrics::gauge!("geokv_raft_snapshot_bytes", "group" => group.clone()).set(data.len() as f64);
         Ok(Snapshot { meta, snapshot: data })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotData = Vec<u8>;
-    type SnapshotBuilder = StateMachine;
+    type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
-        let applied: Option<Option<LogId>> =
-            read_json(self.engine.as_ref(), &group_key(&self.group, b"applied"))?;
-        let applied = applied.flatten();
-        let membership = read_json(self.engine.as_ref(), &group_key(&self.group, b"membership"))?;
-        Ok((applied, membership.unwrap_or_default()))
+        self.read_applied()
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
@@ -519,36 +686,34 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
+    /// Runs on the state machine's worker, between applies: the copy it
+    /// takes is exactly the state at the applied position it records.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.clone()
+        let meta = Some(self.snapshot_meta());
+        let pairs = (!snapshot_late_copy()).then(|| self.all_pairs());
+        SnapshotBuilder { sm: self.clone(), meta, pairs }
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: Vec<u8>) -> Result<(), io::Error> {
-        let parsed: SnapshotData =
-            serde_json::from_slice(&data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let pairs = decode_snapshot(&data)?;
         let mut batch = WriteBatch::new();
         for (k, _) in self.all_pairs()? {
             batch.delete(Cf::Raft, sm_key(&self.group, &k));
         }
-        for (k, v) in parsed.pairs {
+        for (k, v) in pairs {
             batch.put(Cf::Raft, sm_key(&self.group, &k), v);
         }
         batch.put(Cf::Raft, group_key(&self.group, b"applied"), encode(&meta.last_log_id)?);
         batch.put(Cf::Raft, group_key(&self.group, b"membership"), encode(&meta.last_membership)?);
-        batch.put(
-            Cf::Raft,
-            group_key(&self.group, b"snapshot"),
-            encode(&StoredSnapshot { meta: meta.clone(), data })?,
-        );
+        store_snapshot(self.engine.as_ref(), &self.group, meta, &data, &mut batch)?;
         self.engine.write(batch, true).map_err(io_write)?;
+        metrics::counter!("geokv_raft_snapshots_installed_total", "group" => self.group.clone()).increment(1);
         self.publish();
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        let stored: Option<StoredSnapshot> =
-            read_json(self.engine.as_ref(), &group_key(&self.group, b"snapshot"))?;
-        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: s.data }))
+        load_snapshot(self.engine.as_ref(), &self.group)
     }
 }
 
@@ -595,6 +760,7 @@ mod tests {
         Command::Strong {
             request_id: Some("req-1".into()),
             op: StrongCommand::Put { table: "registers".into(), key: b"k".to_vec(), value: b"v".to_vec() },
+            at_ms: 0,
         }
     }
 
@@ -645,6 +811,94 @@ mod tests {
                 r#"{{"meta":{{"last_log_id":{{"leader_id":{{"term":3,"node_id":7}},"index":3}},"last_membership":{{"log_id":{{"leader_id":{{"term":2,"node_id":5}},"index":2}},"membership":{MEMBERSHIP}}},"snapshot_id":"3-12"}},"data":{data_json}}}"#
             ),
         );
+    }
+
+    /// Stores the index of each applied entry under `n`.
+    struct LastIndex;
+
+    impl Machine for LastIndex {
+        fn apply(&self, index: u64, _command: &Command, view: &mut MachineView<'_>) -> Reply {
+            view.put(b"n", index.to_be_bytes().to_vec());
+            Reply::None
+        }
+    }
+
+    async fn apply_range(sm: &mut StateMachine, indexes: std::ops::RangeInclusive<u64>) {
+        let entries: Vec<Result<EntryResponder<TypeConfig>, io::Error>> = indexes
+            .map(|i| Ok((Entry { log_id: log_id(1, 5, i), payload: EntryPayload::Normal(command()) }, None)))
+            .collect();
+        sm.apply(futures_util::stream::iter(entries)).await.expect("apply");
+    }
+
+    /// Builds a snapshot whose builder was made after entries 1-3 and
+    /// which is built after entries 4-6 applied: the position it records,
+    /// and the applied index its data holds.
+    fn snapshot_built_during_applies() -> (Option<u64>, u64) {
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        rt.block_on(async {
+            let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
+            let mut sm = StateMachine::new(engine.clone(), GROUP, Arc::new(LastIndex));
+            apply_range(&mut sm, 1..=3).await;
+            let mut builder = sm.get_snapshot_builder().await;
+            apply_range(&mut sm, 4..=6).await;
+            let snapshot = builder.build_snapshot().await.expect("build");
+            // Stored in pieces, and read back whole.
+            let stored = sm.get_current_snapshot().await.expect("read").expect("stored");
+            assert_eq!((&stored.meta, &stored.snapshot), (&snapshot.meta, &snapshot.snapshot));
+            let pairs = decode_snapshot(&snapshot.snapshot).expect("decodes");
+            let [(k, v)] = pairs.as_slice() else { panic!("one pair expected: {pairs:?}") };
+            assert_eq!(k, b"n");
+            let held = u64::from_be_bytes(v.as_slice().try_into().expect("8 bytes"));
+            (snapshot.meta.last_log_id.map(|l| l.index), held)
+        })
+    }
+
+    /// openraft builds a snapshot on a task of its own while the state
+    /// machine goes on applying: the snapshot must hold the state at the
+    /// position it records, not a later one (a member installing a later
+    /// state under an earlier position applies the entries between twice).
+    #[test]
+    fn a_snapshot_holds_the_state_at_its_recorded_position() {
+        assert_eq!(snapshot_built_during_applies(), (Some(3), 3));
+    }
+
+    /// The put-back bug that reads the state late is caught by the test
+    /// above: its snapshot records entry 3 but holds entry 6.
+    #[cfg(feature = "bugs")]
+    #[test]
+    fn snapshot_late_copy_is_caught() {
+        use crate::bugs::{with_bug, Bug};
+        let (position, held) = with_bug(Bug::SnapshotLateCopy, snapshot_built_during_applies);
+        assert_eq!(position, Some(3));
+        assert_ne!(held, 3, "the late copy went unnoticed");
+    }
+
+    #[test]
+    fn snapshot_data_round_trips_and_refuses_cut_data() {
+        let pairs: KvPairs = (0..5000u32)
+            .map(|i| (format!("k{i:05}").into_bytes(), vec![i as u8; (i % 700) as usize]))
+            .collect();
+        let data = encode_snapshot(&pairs).expect("encodes");
+        assert!(data.len() > SNAPSHOT_PIECE_BYTES, "the test spans several stored pieces");
+        assert_eq!(decode_snapshot(&data).expect("decodes"), pairs);
+        let cut = decode_snapshot(&data[..data.len() - 1]).expect_err("cut data is refused");
+        assert_eq!(cut.kind(), io::ErrorKind::InvalidData);
+        // The JSON of older builds still installs.
+        let legacy = br#"{"pairs":[[[107],[118]]]}"#;
+        assert_eq!(decode_snapshot(legacy).expect("legacy"), vec![(b"k".to_vec(), b"v".to_vec())]);
+
+        let engine = MemoryEngine::new();
+        let meta = SnapshotMeta::default();
+        for data in [data.clone(), data[..10].to_vec()] {
+            let mut batch = WriteBatch::new();
+            store_snapshot(&engine, GROUP, &meta, &data, &mut batch).expect("store");
+            engine.write(batch, true).expect("write");
+            assert_eq!(load_snapshot(&engine, GROUP).expect("load").expect("stored").snapshot, data);
+        }
+        // The smaller snapshot left no piece of the larger one behind.
+        let start = group_key(GROUP, b"snapshot/");
+        let pieces = engine.scan(Cf::Raft, &start, prefix_end(&start).as_deref(), usize::MAX).expect("scan");
+        assert_eq!(pieces.len(), 1);
     }
 
     #[tokio::test]
@@ -701,8 +955,17 @@ mod tests {
         let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
         write_0_9_group(engine.as_ref());
         let log = LogStore::open(engine.clone(), GROUP).expect("the 0.9 log opens");
-        let sm = StateMachine::new(engine.clone(), GROUP, Arc::new(crate::consensus::strong::StrongMachine));
-        let net = NetworkFactory { peers: Arc::new(Peers::new(BTreeMap::new())), group: GROUP.into(), me: 5 };
+        let sm = StateMachine::new(
+            engine.clone(),
+            GROUP,
+            Arc::new(crate::consensus::strong::StrongMachine::new(60_000, 1_000)),
+        );
+        let net = NetworkFactory {
+            peers: Arc::new(Peers::new(BTreeMap::new())),
+            group: GROUP.into(),
+            me: 5,
+            chunk_bytes: 1 << 20,
+        };
         let config =
             openraft::Config { cluster_name: GROUP.into(), enable_elect: false, ..Default::default() };
         let config = Arc::new(config.validate().expect("config"));
