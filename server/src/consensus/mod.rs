@@ -29,6 +29,7 @@
 
 pub mod control;
 pub mod fence;
+pub mod json_bytes;
 pub mod network;
 pub mod quorum;
 pub mod service;

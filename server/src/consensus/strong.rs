@@ -15,12 +15,14 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::json_bytes;
 use super::store::{Machine, MachineView};
 use super::{Command, Reply};
 
 /// A stored STRONG value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StrongValue {
+    #[serde(with = "json_bytes")]
     pub value: Vec<u8>,
     /// Log index of the write that produced it.
     pub version: u64,
@@ -31,19 +33,25 @@ pub struct StrongValue {
 pub enum StrongCommand {
     Put {
         table: String,
+        #[serde(with = "json_bytes")]
         key: Vec<u8>,
+        #[serde(with = "json_bytes")]
         value: Vec<u8>,
     },
     Delete {
         table: String,
+        #[serde(with = "json_bytes")]
         key: Vec<u8>,
     },
     /// Writes `value` (None deletes) only if the current value is
     /// `expected` (None = absent).
     Cas {
         table: String,
+        #[serde(with = "json_bytes")]
         key: Vec<u8>,
+        #[serde(with = "json_bytes::option", default)]
         expected: Option<Vec<u8>>,
+        #[serde(with = "json_bytes::option", default)]
         value: Option<Vec<u8>>,
     },
 }
