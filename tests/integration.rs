@@ -27,3 +27,4 @@ mod strong_bounds;
 mod tombstones;
 mod tour;
 mod truthful_reads;
+mod ttl;

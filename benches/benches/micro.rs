@@ -262,7 +262,11 @@ fn commit(c: &mut Criterion) {
                                 key: key(n % STORED_KEYS),
                                 locality: Locality::Unset,
                             },
-                            op: RowOp::Put { value: vec![0x42; 100], context: VersionVector::new() },
+                            op: RowOp::Put {
+                                value: vec![0x42; 100],
+                                context: VersionVector::new(),
+                                ttl_ms: 0,
+                            },
                         }],
                         level: None,
                         idempotency: Some(Idempotency { key: format!("bench-{n}"), request_hash: n }),

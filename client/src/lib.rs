@@ -213,6 +213,9 @@ pub struct WriteOptions {
     pub context: Option<CausalContext>,
     /// Makes a retried write apply once. Generated when None.
     pub idempotency_key: Option<String>,
+    /// Puts only: how long the value lives, from the write's time; None
+    /// uses the table's default (`ttl_s`). Whole milliseconds, at least 1.
+    pub ttl: Option<std::time::Duration>,
 }
 
 impl WriteOptions {
@@ -228,6 +231,11 @@ impl WriteOptions {
 
     pub fn idempotency_key(mut self, k: impl Into<String>) -> Self {
         self.idempotency_key = Some(k.into());
+        self
+    }
+
+    pub fn ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.ttl = Some(ttl);
         self
     }
 }
@@ -643,6 +651,8 @@ impl Client {
             consistency: opts.consistency.map(Consistency::to_proto).unwrap_or(0),
             context: opts.context.clone().unwrap_or_default().0,
             idempotency_key: Self::idempotency(&opts),
+            // Below a millisecond rounds up: 0 would mean the table default.
+            ttl_ms: opts.ttl.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)),
         };
         let resp = self
             .attempt(Route::Row(row, RowOp::Write(opts.consistency)), |stubs, t| {
@@ -891,6 +901,13 @@ impl Client {
             a.residency_audit(r).await
         })
         .await
+    }
+
+    /// Flushes and fully compacts the store of every node of the connected
+    /// node's region, so expired values leave the disk now; needs `admin`.
+    pub async fn compact(&self) -> Result<pb::CompactResponse, Error> {
+        self.admin_call(pb::CompactRequest { node_only: false }, |mut a, r| async move { a.compact(r).await })
+            .await
     }
 
     /// The access audit log of the connected node's region (every node of

@@ -45,6 +45,8 @@
 //!   it is built, on its own task, instead of copying it between applies,
 //!   so it can hold a later state than the position it records
 //!   (`consensus::store::SnapshotBuilder`).
+//! - `ttl-ignored`: values never expire: reads show them after their TTL
+//!   and compaction keeps them (`kv::expiry`).
 //!
 //! The deterministic simulation (`tests/simulation`) runs many clusters in
 //! one process, each on its own thread, so it switches a bug on for one
@@ -68,6 +70,7 @@ pub enum Bug {
     StalenessHomeOnly,
     PreVoteOff,
     SnapshotLateCopy,
+    TtlIgnored,
 }
 
 impl Bug {
@@ -86,6 +89,7 @@ impl Bug {
             Bug::StalenessHomeOnly => "staleness-home-only",
             Bug::PreVoteOff => "pre-vote-off",
             Bug::SnapshotLateCopy => "snapshot-late-copy",
+            Bug::TtlIgnored => "ttl-ignored",
         }
     }
 
@@ -104,6 +108,7 @@ impl Bug {
             Bug::StalenessHomeOnly,
             Bug::PreVoteOff,
             Bug::SnapshotLateCopy,
+            Bug::TtlIgnored,
         ]
         .into_iter()
         .find(|b| b.name() == name)

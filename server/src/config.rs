@@ -505,6 +505,15 @@ pub struct TableConfig {
     /// Level used when a write does not name one.
     pub default_consistency: Level,
     pub conflict: ConflictPolicy,
+    /// Default time to live of a put's value, in seconds, from the write's
+    /// HLC time; 0 = values never expire unless a put sets its own TTL.
+    /// Applies to register values (counters and sets do not expire).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub ttl_s: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl Default for TableConfig {
@@ -518,6 +527,7 @@ impl Default for TableConfig {
             localities: BTreeMap::new(),
             default_consistency: Level::Local,
             conflict: ConflictPolicy::Siblings,
+            ttl_s: 0,
         }
     }
 }
@@ -546,6 +556,8 @@ pub struct Limits {
     /// Members a set row may hold after an add accepted here; past it
     /// `ROW_TOO_LARGE` (measure `members`).
     pub set_members_max: usize,
+    /// Longest TTL a put may ask for (or a table default), in seconds.
+    pub ttl_s_max: u64,
 }
 
 /// Room a row of one value needs beyond the value and its key (placement,
@@ -566,6 +578,7 @@ impl Default for Limits {
             row_bytes_max: 4 << 20,
             siblings_max: 32,
             set_members_max: 100_000,
+            ttl_s_max: 10 * 365 * 86_400,
         }
     }
 }
@@ -822,6 +835,20 @@ impl Config {
         ] {
             if v < lo || v > hi {
                 return Err(bad(field, format!("{v} is outside {lo}..={hi}")));
+            }
+        }
+        if l.ttl_s_max == 0 || l.ttl_s_max > 100 * 365 * 86_400 {
+            return Err(bad(
+                "limits.ttl_s_max",
+                format!("{} is outside 1..=100 years in seconds", l.ttl_s_max),
+            ));
+        }
+        for (i, t) in self.tables.iter().enumerate() {
+            if t.ttl_s > l.ttl_s_max {
+                return Err(bad(
+                    format!("tables[{i}].ttl_s"),
+                    format!("{} is above limits.ttl_s_max ({})", t.ttl_s, l.ttl_s_max),
+                ));
             }
         }
         let row_min =
@@ -1132,6 +1159,8 @@ mod tests {
             ("[limits]\nrow_bytes_max = 1048576", "limits.row_bytes_max"),
             ("[limits]\nrow_bytes_max = 2147483648", "limits.row_bytes_max"),
             ("[limits]\nsiblings_max = 0", "limits.siblings_max"),
+            ("[limits]\nttl_s_max = 0", "limits.ttl_s_max"),
+            ("[[tables]]\nname = \"t\"\nttl_s = 99999999999", "tables[0].ttl_s"),
             ("[limits]\nset_members_max = 0", "limits.set_members_max"),
             ("[localities]\nDE = \"mars-1\"", "localities.DE"),
         ];

@@ -24,7 +24,7 @@ use crate::replication::{receive::ReplicationService, Replicator};
 use crate::security::authn::Security;
 use crate::storage::memory::MemoryEngine;
 use crate::storage::rocks::{RocksEngine, RocksOptions};
-use crate::storage::Engine;
+use crate::storage::{Cf, Engine};
 use geokv_proto::consensus::consensus_server::ConsensusServer;
 use geokv_proto::v1::control_server::ControlServer;
 use geokv_proto::v1::replication_server::ReplicationServer;
@@ -48,6 +48,11 @@ pub fn open_engine(cfg: &Config) -> anyhow::Result<Arc<dyn Engine>> {
                 write_buffer_bytes: cfg.storage.write_buffer_mib << 20,
                 block_cache_bytes: cfg.storage.block_cache_mib << 20,
                 background_jobs: 2,
+                rules: vec![
+                    (Cf::Data, Arc::new(crate::kv::expiry::DataExpiry::new(Arc::new(SystemClock))) as _),
+                    (Cf::ReplLog, Arc::new(crate::kv::expiry::LogExpiry::new(Arc::new(SystemClock))) as _),
+                    (Cf::Raft, Arc::new(crate::kv::expiry::StrongExpiry::new(Arc::new(SystemClock))) as _),
+                ],
             };
             Arc::new(
                 RocksEngine::open(&cfg.data_dir, &tuning)

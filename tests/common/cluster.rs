@@ -866,6 +866,7 @@ pub async fn forwarded_put(
         consistency: pb::WriteConsistency::WriteLocal as i32,
         context: Vec::new(),
         idempotency_key: String::new(),
+        ttl_ms: 0,
     });
     req.set_timeout(Duration::from_secs(3));
     req.metadata_mut().insert("geokv-forwarded-by", "eu-west-1/n1".parse().expect("ascii"));

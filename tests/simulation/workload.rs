@@ -157,6 +157,7 @@ async fn execute(op: &PlannedOp) -> Outcome {
                 consistency: level(op.level),
                 context: Vec::new(),
                 idempotency_key: String::new(),
+                ttl_ms: 0,
             })
             .await
             .map(|r| r.into_inner().ack),

@@ -44,6 +44,11 @@ enum Command {
         /// Read the value from this file (any bytes).
         #[arg(long)]
         value_file: Option<PathBuf>,
+        /// Time to live, from the write's time: 500ms, 30s, 5m, 2h or 7d
+        /// (default: the table's `ttl_s`, none unless set). Once it passed,
+        /// no region returns the value; compaction removes it from disk.
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<Duration>,
         #[command(flatten)]
         write: WriteArgs,
         #[command(flatten)]
@@ -182,6 +187,12 @@ enum Command {
     Residency {
         #[command(subcommand)]
         action: ResidencyAction,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Flush and fully compact the store of every node of every region,
+    /// so expired values leave the disk now (needs `admin`).
+    Compact {
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -445,6 +456,27 @@ impl WriteArgs {
     }
 }
 
+/// Parses a TTL such as `500ms`, `30s`, `5m`, `2h` or `7d` (a whole
+/// number and a unit, above zero).
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("`{text}` is not a number and a unit such as 30s"))?;
+    let ms_per = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("`{text}`: the unit must be ms, s, m, h or d")),
+    };
+    match n.checked_mul(ms_per) {
+        Some(0) => Err("a TTL must be above zero".into()),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+        None => Err(format!("`{text}` is too long")),
+    }
+}
+
 impl ReadArgs {
     fn level(&self) -> Result<ReadConsistency, Failure> {
         self.consistency.parse().map_err(Failure::Usage)
@@ -586,10 +618,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Put { row, value, value_file, write, conn } => {
+        Command::Put { row, value, value_file, ttl, write, conn } => {
             let value = read_value(value, value_file.as_deref())?;
             let client = connect(&conn).await?;
-            let ack = client.put(&row.row(), value, write.options()?).await?;
+            let mut opts = write.options()?;
+            opts.ttl = ttl;
+            let ack = client.put(&row.row(), value, opts).await?;
             if conn.json {
                 println!("{}", ack_json(&ack));
             } else {
@@ -876,6 +910,43 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             Ok(())
+        }
+        Command::Compact { conn } => {
+            let entry = connect(&conn).await?;
+            let regions = cluster::connect_all(&entry, &client_config(&conn)).await?;
+            let mut done = Vec::new();
+            let mut failed = Vec::new();
+            for (name, client) in &regions.clients {
+                match client {
+                    Ok(c) => match c.compact().await {
+                        Ok(r) => done.push(r),
+                        Err(e) => failed.push(format!("{name}: {e}")),
+                    },
+                    Err(e) => failed.push(format!("{name}: {e}")),
+                }
+            }
+            if conn.json {
+                let rows: Vec<_> = done
+                    .iter()
+                    .map(|r| json!({"region": r.region, "nodes": r.nodes, "expired_stripped": r.expired_stripped}))
+                    .collect();
+                println!("{}", json!({"compacted": rows, "failed": failed}));
+            } else {
+                for r in &done {
+                    println!(
+                        "{}: {} nodes compacted, {} expired values removed",
+                        r.region, r.nodes, r.expired_stripped
+                    );
+                }
+                for f in &failed {
+                    println!("FAILED {f}");
+                }
+            }
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure::Other(anyhow::anyhow!("{} regions were not compacted", failed.len())))
+            }
         }
         Command::Residency { action: ResidencyAction::Audit, conn } => {
             let entry = connect(&conn).await?;

@@ -301,6 +301,36 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(out))
     }
 
+    async fn compact(
+        &self,
+        request: Request<pb::CompactRequest>,
+    ) -> Result<Response<pb::CompactResponse>, Status> {
+        let (caller, _access) =
+            authorize_call(&self.node, &request, "admin.compact", Some(Privilege::Admin), &[], None)?;
+        let node_only = request.into_inner().node_only;
+        let before = crate::kv::expiry::stripped_total();
+        let engine = self.node.engine().clone();
+        tokio::task::spawn_blocking(move || engine.compact())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::from(KvError::Storage(e.to_string())))?;
+        let mut out = pb::CompactResponse {
+            region: self.node.config().region.clone(),
+            nodes: 1,
+            expired_stripped: crate::kv::expiry::stripped_total().saturating_sub(before),
+        };
+        if !node_only {
+            let req = pb::CompactRequest { node_only: true };
+            for other in
+                self.on_region_peers(&caller, req, |mut c, r| async move { c.compact(r).await }).await?
+            {
+                out.nodes += other.nodes;
+                out.expired_stripped += other.expired_stripped;
+            }
+        }
+        Ok(Response::new(out))
+    }
+
     async fn digest(
         &self,
         request: Request<pb::DigestRequest>,

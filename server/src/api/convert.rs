@@ -81,7 +81,7 @@ pub fn idempotency(key: String, request: &impl prost::Message) -> Result<Option<
 
 pub fn put_op(req: pb::PutRequest) -> Result<WriteOp, KvError> {
     let context = parse_context(&req.context)?;
-    Ok(WriteOp { row: row_ref(req.row)?, op: RowOp::Put { value: req.value, context } })
+    Ok(WriteOp { row: row_ref(req.row)?, op: RowOp::Put { value: req.value, context, ttl_ms: req.ttl_ms } })
 }
 
 pub fn delete_op(req: pb::DeleteRequest) -> Result<WriteOp, KvError> {

@@ -134,7 +134,9 @@ impl KvService {
         request_id: Option<String>,
     ) -> Result<(StrongReply, pb::WriteAck), KvError> {
         let (consensus, group, placement) = self.strong_target(row)?;
-        let at_ms = self.node.hlc().wall_ms();
+        // The command's time is its HLC time: it dates idempotency records
+        // and TTL expiry the same way on every replica.
+        let at_ms = self.node.hlc().now().physical_ms();
         let reply = consensus.propose(&group, Command::Strong { request_id, op, at_ms }, 0).await?;
         let (reply, index) = match reply {
             (ConsensusReply::Strong(StrongReply::Failed { why }), _) => {
@@ -165,13 +167,23 @@ impl KvService {
     }
 
     /// A STRONG read: linearizable at STRONG, else this region's replica
-    /// when it has one.
+    /// when it has one. An expired value reads as absent.
     async fn strong_read(&self, row: &RowRef, how: StrongRead) -> Result<Option<StrongValue>, KvError> {
         let (consensus, group, _) = self.strong_target(row)?;
-        match how {
-            StrongRead::LocalCopy => consensus.read_local(&group, &row.table, &row.key),
-            StrongRead::Linearizable => consensus.read(&group, &row.table, &row.key, 0).await,
-        }
+        let value = match how {
+            StrongRead::LocalCopy => consensus.read_local(&group, &row.table, &row.key)?,
+            StrongRead::Linearizable => consensus.read(&group, &row.table, &row.key, 0).await?,
+        };
+        let now_ms = crate::kv::expiry::read_ms(self.node.hlc());
+        Ok(value.filter(|v| !v.is_expired(now_ms)))
+    }
+
+    /// The TTL of a STRONG put: its own, else the table's default, bounded
+    /// by `limits.ttl_s_max`.
+    fn strong_ttl(&self, table: &str, ttl_ms: u64) -> Result<u64, KvError> {
+        let cfg = self.node.config();
+        let t = cfg.table(table).ok_or_else(|| KvError::UnknownTable { table: table.to_string() })?;
+        crate::kv::resolve_ttl(t, &cfg.limits, ttl_ms)
     }
 
     /// Authorizes a KV request and learns its hops.
@@ -353,12 +365,12 @@ impl KvService {
         }
     }
 
-    /// Runs a put (`value: Some`) or delete on a STRONG table; None when
-    /// the row is not in one.
+    /// Runs a put (`value: Some`, with its TTL) or delete on a STRONG
+    /// table; None when the row is not in one.
     async fn strong_put_or_delete(
         &self,
         row: &Option<pb::RowRef>,
-        value: Option<Vec<u8>>,
+        value: Option<(Vec<u8>, u64)>,
         level: i32,
         idempotency_key: &str,
     ) -> Result<Option<pb::WriteAck>, Status> {
@@ -370,7 +382,12 @@ impl KvService {
                 return Ok(None);
             }
             let op = match value {
-                Some(value) => StrongCommand::Put { table: row.table.clone(), key: row.key.clone(), value },
+                Some((value, ttl_ms)) => StrongCommand::Put {
+                    table: row.table.clone(),
+                    key: row.key.clone(),
+                    value,
+                    ttl_ms: self.strong_ttl(&row.table, ttl_ms)?,
+                },
                 None => StrongCommand::Delete { table: row.table.clone(), key: row.key.clone() },
             };
             let id = (!idempotency_key.is_empty()).then(|| idempotency_key.to_string());
@@ -438,7 +455,7 @@ impl pb::kv_server::Kv for KvService {
                             actual: r.value.kind(),
                         });
                     }
-                    let (siblings, context) = register_view(r);
+                    let (siblings, context) = register_view(r, crate::kv::expiry::read_ms(self.node.hlc()));
                     (!siblings.is_empty(), siblings, context)
                 }
             };
@@ -463,8 +480,9 @@ impl pb::kv_server::Kv for KvService {
         }
         let copy = req.clone();
         let key = std::mem::take(&mut req.idempotency_key);
-        if let Some(ack) =
-            self.strong_put_or_delete(&req.row, Some(req.value.clone()), req.consistency, &key).await?
+        if let Some(ack) = self
+            .strong_put_or_delete(&req.row, Some((req.value.clone(), req.ttl_ms)), req.consistency, &key)
+            .await?
         {
             return Ok(Response::new(pb::PutResponse { ack: Some(ack) }));
         }
@@ -550,7 +568,7 @@ impl pb::kv_server::Kv for KvService {
         let limit = if req.limit == 0 { 100 } else { req.limit as usize };
         let result = self.node.scan(&req.table, &req.prefix, &req.start_after, limit, req.include_deleted);
         Self::count("scan", &result);
-        let local = scan_response(result?);
+        let local = scan_response(result?, crate::kv::expiry::read_ms(self.node.hlc()));
         let peers: Vec<NodeRef> = self.node.topology().region_peers().into_iter().cloned().collect();
         if hops.in_region || peers.is_empty() {
             return Ok(Response::new(local));
@@ -713,6 +731,7 @@ impl pb::kv_server::Kv for KvService {
                 key: row.key.clone(),
                 expected: req.expected,
                 value: req.value,
+                ttl_ms: self.strong_ttl(&row.table, 0)?,
             };
             let (reply, ack) = self.strong_write(&row, op, idempotency_key).await?;
             Ok(match reply {
@@ -791,12 +810,12 @@ fn read_request(
     Ok((row, level))
 }
 
-fn scan_response(page: crate::kv::ScanPage) -> pb::ScanResponse {
+fn scan_response(page: crate::kv::ScanPage, now_ms: u64) -> pb::ScanResponse {
     let rows = page
         .rows
         .into_iter()
         .map(|r| {
-            let (siblings, context) = register_view(&r.row);
+            let (siblings, context) = register_view(&r.row, now_ms);
             let (counter_value, set_members) = match &r.row.value {
                 RowValue::Counter(c) => (c.value(), Vec::new()),
                 RowValue::Set(s) => (0, s.members().into_iter().map(<[u8]>::to_vec).collect()),

@@ -56,6 +56,8 @@ pub struct LwwRegister {
     pub(super) actor: Actor,
     /// The winning value, `None` when deleted or never written.
     pub(super) value: Option<Vec<u8>>,
+    /// Wall-clock millisecond after which the value is invisible; 0 = never.
+    pub(super) expires_ms: u64,
 }
 
 impl LwwRegister {
@@ -63,7 +65,37 @@ impl LwwRegister {
     pub fn new(actor: impl Into<Actor>, value: Option<Vec<u8>>, hlc: HlcTimestamp) -> Self {
         let actor = actor.into();
         debug_assert!(!actor.is_empty(), "a write needs an actor");
-        Self { hlc, actor, value }
+        Self { hlc, actor, value, expires_ms: 0 }
+    }
+
+    /// This register's value expiring at `expires_ms` (0 = never).
+    pub fn expiring(mut self, expires_ms: u64) -> Self {
+        self.expires_ms = expires_ms;
+        self
+    }
+
+    /// The value a reader at wall-clock millisecond `now_ms` sees: `None`
+    /// when deleted, never written or expired.
+    pub fn visible_value(&self, now_ms: u64) -> Option<&[u8]> {
+        if self.expires_ms != 0 && self.expires_ms <= now_ms {
+            return None;
+        }
+        self.value.as_deref()
+    }
+
+    /// When the value expires (0 = never).
+    pub fn expires_ms(&self) -> u64 {
+        self.expires_ms
+    }
+
+    /// Drops the value if it expired at `now_ms`, keeping the stamp so an
+    /// older write arriving later still loses. Returns whether it did.
+    pub fn strip_expired(&mut self, now_ms: u64) -> bool {
+        let expired = self.value.is_some() && self.visible_value(now_ms).is_none();
+        if expired {
+            self.value = None;
+        }
+        expired
     }
 
     /// Writes `value` (`None` deletes) stamped `hlc`; returns whether it won,
@@ -114,8 +146,10 @@ impl LwwRegister {
         self.actor.is_empty() && self.hlc == HlcTimestamp::default() && self.value.is_none()
     }
 
-    fn order_key(&self) -> (HlcTimestamp, &str, Option<&[u8]>) {
-        (self.hlc, &self.actor, self.value.as_deref())
+    /// Later stamp wins; for the same write, its stripped (expired) copy
+    /// wins over its value, so replicas converge after compaction.
+    fn order_key(&self) -> (HlcTimestamp, &str, bool, Option<&[u8]>) {
+        (self.hlc, &self.actor, self.value.is_none() && !self.is_unset(), self.value.as_deref())
     }
 }
 

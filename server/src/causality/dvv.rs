@@ -28,12 +28,37 @@ pub struct Sibling {
     pub hlc: HlcTimestamp,
     /// The value, or `None` for a delete (tombstone).
     pub value: Option<Vec<u8>>,
+    /// Wall-clock millisecond after which the value is invisible (its
+    /// write's HLC time plus its TTL); 0 = never (docs/architecture.md
+    /// section 13).
+    pub expires_ms: u64,
 }
 
 impl Sibling {
     /// Whether this sibling records a delete.
     pub fn is_tombstone(&self) -> bool {
         self.value.is_none()
+    }
+
+    /// Whether the value has expired at wall-clock millisecond `now_ms`.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_ms != 0 && self.expires_ms <= now_ms
+    }
+
+    /// A value a reader at `now_ms` sees: neither deleted nor expired.
+    pub fn is_visible(&self, now_ms: u64) -> bool {
+        !self.is_tombstone() && !self.is_expired(now_ms)
+    }
+
+    /// Of two copies of the same write, the one both replicas keep: a
+    /// tombstone (an expired value stripped by compaction) over its value,
+    /// else the larger, so merge stays commutative even on corrupt input.
+    fn preferred_over(&self, other: &Self) -> bool {
+        match (self.is_tombstone(), other.is_tombstone()) {
+            (true, false) => true,
+            (false, true) => false,
+            _ => self > other,
+        }
     }
 }
 
@@ -69,10 +94,22 @@ impl DvvSet {
         value: Option<Vec<u8>>,
         hlc: HlcTimestamp,
     ) -> Dot {
+        self.write_expiring(actor, context, value, hlc, 0)
+    }
+
+    /// [`DvvSet::write`] of a value that expires at `expires_ms` (0 = never).
+    pub fn write_expiring(
+        &mut self,
+        actor: &str,
+        context: &VersionVector,
+        value: Option<Vec<u8>>,
+        hlc: HlcTimestamp,
+        expires_ms: u64,
+    ) -> Dot {
         self.siblings.retain(|sibling| !context.covers(&sibling.dot));
         self.clock.merge(context);
         let dot = self.clock.increment(actor);
-        let sibling = Sibling { dot: dot.clone(), hlc, value };
+        let sibling = Sibling { dot: dot.clone(), hlc, value, expires_ms };
         let at = self.siblings.partition_point(|s| s.dot < sibling.dot);
         self.siblings.insert(at, sibling);
         dot
@@ -98,10 +135,11 @@ impl DvvSet {
                 Entry::Vacant(slot) => {
                     slot.insert(sibling.clone());
                 }
-                // The same write on both sides; they agree unless a record
-                // was corrupted, and then the larger wins on either side.
+                // The same write on both sides; they agree unless one was
+                // stripped after expiring (the tombstone wins) or a record
+                // was corrupted (the larger wins on either side).
                 Entry::Occupied(mut slot) => {
-                    if sibling > slot.get() {
+                    if sibling.preferred_over(slot.get()) {
                         slot.insert(sibling.clone());
                     }
                 }
@@ -120,6 +158,26 @@ impl DvvSet {
     /// Non-tombstone siblings, ordered by dot.
     pub fn live_siblings(&self) -> impl Iterator<Item = &Sibling> + '_ {
         self.siblings.iter().filter(|sibling| !sibling.is_tombstone())
+    }
+
+    /// Siblings a reader at wall-clock millisecond `now_ms` sees: neither
+    /// tombstones nor expired, ordered by dot.
+    pub fn visible_siblings(&self, now_ms: u64) -> impl Iterator<Item = &Sibling> + '_ {
+        self.siblings.iter().filter(move |sibling| sibling.is_visible(now_ms))
+    }
+
+    /// Turns every value expired at `now_ms` into a tombstone of the same
+    /// dot, keeping the clock, so the value's bytes leave the row while an
+    /// older copy arriving later is still superseded. Returns how many.
+    pub fn strip_expired(&mut self, now_ms: u64) -> usize {
+        let mut stripped = 0;
+        for sibling in &mut self.siblings {
+            if sibling.value.is_some() && sibling.is_expired(now_ms) {
+                sibling.value = None;
+                stripped += 1;
+            }
+        }
+        stripped
     }
 
     /// Every sibling, tombstones included, ordered by dot.

@@ -216,7 +216,13 @@ impl From<&DvvSet> for pb::DvvSet {
                 .iter()
                 .map(|sibling| {
                     let (value, tombstone) = encode_value(&sibling.value);
-                    pb::DvvSibling { dot: Some((&sibling.dot).into()), value, tombstone, hlc: sibling.hlc.0 }
+                    pb::DvvSibling {
+                        dot: Some((&sibling.dot).into()),
+                        value,
+                        tombstone,
+                        hlc: sibling.hlc.0,
+                        expires_ms: sibling.expires_ms,
+                    }
                 })
                 .collect(),
         }
@@ -240,6 +246,7 @@ impl TryFrom<pb::DvvSet> for DvvSet {
                 dot,
                 hlc: HlcTimestamp(sibling.hlc),
                 value: decode_value(sibling.value, sibling.tombstone, "DvvSibling.value")?,
+                expires_ms: sibling.expires_ms,
             });
         }
         siblings.sort();
@@ -255,7 +262,7 @@ impl TryFrom<pb::DvvSet> for DvvSet {
 impl From<&LwwRegister> for pb::LwwRegister {
     fn from(reg: &LwwRegister) -> Self {
         let (value, tombstone) = encode_value(&reg.value);
-        Self { hlc: reg.hlc.0, actor: reg.actor.clone(), value, tombstone }
+        Self { hlc: reg.hlc.0, actor: reg.actor.clone(), value, tombstone, expires_ms: reg.expires_ms }
     }
 }
 
@@ -264,7 +271,12 @@ impl TryFrom<pb::LwwRegister> for LwwRegister {
 
     fn try_from(proto: pb::LwwRegister) -> Result<Self, DecodeError> {
         let value = decode_value(proto.value, proto.tombstone, "LwwRegister.value")?;
-        let reg = LwwRegister { hlc: HlcTimestamp(proto.hlc), actor: proto.actor, value };
+        let reg = LwwRegister {
+            hlc: HlcTimestamp(proto.hlc),
+            actor: proto.actor,
+            value,
+            expires_ms: proto.expires_ms,
+        };
         // Only the never-written register has no actor.
         if reg.actor.is_empty() && !reg.is_unset() {
             return Err(DecodeError::EmptyActor { field: "LwwRegister.actor" });

@@ -295,6 +295,14 @@ impl Hlc {
         self.max_offset_ms
     }
 
+    /// The time a read judges expiry by, in milliseconds: the wall clock,
+    /// or the latest stamp issued or observed when that is ahead (so a
+    /// value that expired for a writer this node heard from is expired
+    /// here too). Does not advance the clock.
+    pub fn read_ms(&self) -> u64 {
+        self.clock.now_ms().max(self.last().physical_ms())
+    }
+
     /// The node's wall clock in milliseconds (the clock leases are judged by).
     pub fn wall_ms(&self) -> u64 {
         self.clock.now_ms()

@@ -336,7 +336,13 @@ fn arbitrary_dvv_proto() -> impl Strategy<Value = pb::DvvSet> {
         any::<bool>(),
         any::<u64>(),
     )
-        .prop_map(|(dot, value, tombstone, hlc)| pb::DvvSibling { dot, value, tombstone, hlc });
+        .prop_map(|(dot, value, tombstone, hlc)| pb::DvvSibling {
+            dot,
+            value,
+            tombstone,
+            hlc,
+            expires_ms: 0,
+        });
     (arbitrary_clock(), proptest::collection::vec(sibling, 0..4))
         .prop_map(|(clock, siblings)| pb::DvvSet { clock, siblings })
 }

@@ -759,7 +759,12 @@ mod tests {
     fn command() -> Command {
         Command::Strong {
             request_id: Some("req-1".into()),
-            op: StrongCommand::Put { table: "registers".into(), key: b"k".to_vec(), value: b"v".to_vec() },
+            op: StrongCommand::Put {
+                table: "registers".into(),
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                ttl_ms: 0,
+            },
             at_ms: 0,
         }
     }

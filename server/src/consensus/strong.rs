@@ -26,6 +26,21 @@ pub struct StrongValue {
     pub value: Vec<u8>,
     /// Log index of the write that produced it.
     pub version: u64,
+    /// Millisecond after which the value is invisible (the command's time
+    /// plus its TTL); 0 = never. Absent in values of older builds.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub expires_ms: u64,
+}
+
+impl StrongValue {
+    /// Whether the value has expired at millisecond `now_ms`.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_ms != 0 && self.expires_ms <= now_ms
+    }
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// A linearizable write.
@@ -37,6 +52,9 @@ pub enum StrongCommand {
         key: Vec<u8>,
         #[serde(with = "json_bytes")]
         value: Vec<u8>,
+        /// Time to live from the command's time, in milliseconds; 0 = none.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        ttl_ms: u64,
     },
     Delete {
         table: String,
@@ -53,6 +71,9 @@ pub enum StrongCommand {
         expected: Option<Vec<u8>>,
         #[serde(with = "json_bytes::option", default)]
         value: Option<Vec<u8>>,
+        /// Time to live of the written value, as for `Put`.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        ttl_ms: u64,
     },
 }
 
@@ -178,11 +199,12 @@ impl StrongMachine {
         k: Vec<u8>,
         value: Option<Vec<u8>>,
         index: u64,
+        expires_ms: u64,
     ) -> Result<StrongReply, String> {
         match value {
             Some(value) => {
-                let v =
-                    serde_json::to_vec(&StrongValue { value, version: index }).map_err(|e| e.to_string())?;
+                let v = serde_json::to_vec(&StrongValue { value, version: index, expires_ms })
+                    .map_err(|e| e.to_string())?;
                 view.put(&k, v);
             }
             None => view.delete(&k),
@@ -190,19 +212,30 @@ impl StrongMachine {
         Ok(StrongReply::Written { version: index })
     }
 
-    fn run(index: u64, cmd: &StrongCommand, view: &mut MachineView<'_>) -> Result<StrongReply, String> {
+    /// Runs `cmd` at log `index`; `at_ms` is the command's time (its
+    /// proposer's HLC, carried in the log), which dates expiry, so every
+    /// replica reaches the same state.
+    fn run(
+        index: u64,
+        at_ms: u64,
+        cmd: &StrongCommand,
+        view: &mut MachineView<'_>,
+    ) -> Result<StrongReply, String> {
+        let expiry = |ttl_ms: u64| if ttl_ms == 0 { 0 } else { at_ms.saturating_add(ttl_ms) };
         match cmd {
-            StrongCommand::Put { table, key, value } => {
-                Self::write(view, row_key(table, key), Some(value.clone()), index)
+            StrongCommand::Put { table, key, value, ttl_ms } => {
+                Self::write(view, row_key(table, key), Some(value.clone()), index, expiry(*ttl_ms))
             }
-            StrongCommand::Delete { table, key } => Self::write(view, row_key(table, key), None, index),
-            StrongCommand::Cas { table, key, expected, value } => {
+            StrongCommand::Delete { table, key } => Self::write(view, row_key(table, key), None, index, 0),
+            StrongCommand::Cas { table, key, expected, value, ttl_ms } => {
                 let k = row_key(table, key);
-                let current = view.get(&k)?.map(|b| decode_value(&b)).transpose()?;
+                // An expired value is absent, as it is to a reader.
+                let current =
+                    view.get(&k)?.map(|b| decode_value(&b)).transpose()?.filter(|c| !c.is_expired(at_ms));
                 if current.as_ref().map(|c| &c.value) != expected.as_ref() {
                     return Ok(StrongReply::CasFailed { current });
                 }
-                Self::write(view, k, value.clone(), index)
+                Self::write(view, k, value.clone(), index, expiry(*ttl_ms))
             }
         }
     }
@@ -220,7 +253,8 @@ impl Machine for StrongMachine {
                         }
                     }
                 }
-                let reply = Self::run(index, op, view).unwrap_or_else(|why| StrongReply::Failed { why });
+                let reply =
+                    Self::run(index, *at_ms, op, view).unwrap_or_else(|why| StrongReply::Failed { why });
                 if let (Some(k), Ok(bytes)) = (idem_key, serde_json::to_vec(&reply)) {
                     view.put(&k, bytes);
                     if let Some(id) = request_id {
@@ -244,7 +278,12 @@ mod tests {
     fn put(id: &str, at_ms: u64) -> Command {
         Command::Strong {
             request_id: Some(id.to_string()),
-            op: StrongCommand::Put { table: "t".into(), key: b"k".to_vec(), value: id.as_bytes().to_vec() },
+            op: StrongCommand::Put {
+                table: "t".into(),
+                key: b"k".to_vec(),
+                value: id.as_bytes().to_vec(),
+                ttl_ms: 0,
+            },
             at_ms,
         }
     }

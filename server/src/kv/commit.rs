@@ -963,8 +963,9 @@ impl Committer {
         let mut counter_value = None;
         let mut members = None;
         let context: VersionVector = match (&w.op, &mut row.value) {
-            (RowOp::Put { value, context }, RowValue::Register(dvv)) => {
-                dvv.write(actor, context, Some(value.clone()), HlcTimestamp(hlc));
+            (RowOp::Put { value, context, ttl_ms }, RowValue::Register(dvv)) => {
+                let expires_ms = expiry_ms(hlc, *ttl_ms);
+                dvv.write_expiring(actor, context, Some(value.clone()), HlcTimestamp(hlc), expires_ms);
                 conflicted = dvv.live_values().len() > 1;
                 dvv.context().clone()
             }
@@ -973,8 +974,9 @@ impl Committer {
                 dvv.write(actor, &seen, None, HlcTimestamp(hlc));
                 dvv.context().clone()
             }
-            (RowOp::Put { value, .. }, RowValue::Lww(reg)) => {
-                let incoming = LwwRegister::new(actor, Some(value.clone()), HlcTimestamp(hlc));
+            (RowOp::Put { value, ttl_ms, .. }, RowValue::Lww(reg)) => {
+                let incoming = LwwRegister::new(actor, Some(value.clone()), HlcTimestamp(hlc))
+                    .expiring(expiry_ms(hlc, *ttl_ms));
                 reg.merge_reporting(&incoming);
                 VersionVector::default()
             }
@@ -1331,6 +1333,15 @@ fn idem_key_of_expiry(k: &[u8]) -> Result<Vec<u8>, KvError> {
     let mut idem = IDEM_PREFIX.to_vec();
     idem.extend_from_slice(key);
     Ok(idem)
+}
+
+/// When a value written at HLC stamp `hlc` with `ttl_ms` to live expires
+/// (wall-clock milliseconds; 0 = never), so every region agrees.
+pub fn expiry_ms(hlc: u64, ttl_ms: u64) -> u64 {
+    if ttl_ms == 0 {
+        return 0;
+    }
+    HlcTimestamp(hlc).physical_ms().saturating_add(ttl_ms)
 }
 
 #[cfg(test)]

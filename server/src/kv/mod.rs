@@ -12,6 +12,7 @@
 //! in this module knows about gRPC.
 
 pub mod commit;
+pub mod expiry;
 pub mod gc;
 pub mod route;
 pub mod row;
@@ -51,6 +52,9 @@ pub enum RowOp {
     Put {
         value: Vec<u8>,
         context: VersionVector,
+        /// Time to live in milliseconds from the write's HLC time; 0 means
+        /// the table's default at admission, and none after it.
+        ttl_ms: u64,
     },
     /// `context: None` deletes what the accepting region currently stores.
     Delete {
@@ -577,11 +581,14 @@ impl Node {
             return Err(KvError::BatchTooLarge { len: req.ops.len(), max: self.cfg.limits.batch_ops_max });
         }
         let mut admitted = Vec::with_capacity(req.ops.len());
-        for w in req.ops {
+        for mut w in req.ops {
             let table = self.table(&w.row.table)?;
             self.check_key(&w.row.key)?;
-            match &w.op {
-                RowOp::Put { value, .. } => self.check_value(value.len())?,
+            match &mut w.op {
+                RowOp::Put { value, ttl_ms, .. } => {
+                    self.check_value(value.len())?;
+                    *ttl_ms = resolve_ttl(table, &self.cfg.limits, *ttl_ms)?;
+                }
                 RowOp::SetAdd { members } | RowOp::SetRemove { members, .. } => {
                     if members.is_empty() {
                         return Err(KvError::MissingField { field: "members" });
@@ -1028,6 +1035,7 @@ impl Node {
         }
         let mut rows = Vec::new();
         let mut examined = 0usize;
+        let now_ms = expiry::read_ms(&self.hlc);
         let mut last_key: Option<Vec<u8>> = None;
         let mut exhausted = false;
         while rows.len() < limit && examined < SCAN_EXAMINED_MAX {
@@ -1052,7 +1060,7 @@ impl Node {
                 if !placement.allows(&self.cfg.region) {
                     continue;
                 }
-                if !include_deleted && row_is_deleted(&row) {
+                if !include_deleted && row_is_invisible(&row, now_ms) {
                     continue;
                 }
                 rows.push(ScannedRow { key, row });
@@ -1075,6 +1083,35 @@ impl Node {
     }
 }
 
+/// The TTL a put gets, in milliseconds: its own, else the table's default
+/// (0 = none), refused past `limits.ttl_s_max`.
+pub fn resolve_ttl(
+    table: &crate::config::TableConfig,
+    limits: &crate::config::Limits,
+    ttl_ms: u64,
+) -> Result<u64, KvError> {
+    let ttl_ms = if ttl_ms == 0 { table.ttl_s.saturating_mul(1000) } else { ttl_ms };
+    let max_ms = limits.ttl_s_max.saturating_mul(1000);
+    if ttl_ms > max_ms {
+        return Err(KvError::InvalidField {
+            field: "ttl_ms",
+            why: format!("{ttl_ms} ms; the limit is {max_ms} ms (limits.ttl_s_max)"),
+        });
+    }
+    Ok(ttl_ms)
+}
+
+/// Whether a reader at wall-clock millisecond `now_ms` sees nothing in
+/// the row: deleted, expired, or an empty set.
+pub fn row_is_invisible(row: &Row, now_ms: u64) -> bool {
+    match &row.value {
+        RowValue::Register(d) => d.visible_siblings(now_ms).next().is_none(),
+        RowValue::Lww(l) => l.visible_value(now_ms).is_none(),
+        RowValue::Counter(_) => false,
+        RowValue::Set(s) => s.is_empty(),
+    }
+}
+
 /// A register row whose every value is deleted, or an empty set.
 pub fn row_is_deleted(row: &Row) -> bool {
     match &row.value {
@@ -1085,13 +1122,13 @@ pub fn row_is_deleted(row: &Row) -> bool {
     }
 }
 
-/// The live values of a register row, with the context to write back.
-pub fn register_view(row: &Row) -> (Vec<SiblingValue>, Vec<u8>) {
+/// The values of a register row a reader at wall-clock millisecond
+/// `now_ms` sees (live and not expired), with the context to write back.
+pub fn register_view(row: &Row, now_ms: u64) -> (Vec<SiblingValue>, Vec<u8>) {
     match &row.value {
         RowValue::Register(d) => {
             let siblings = d
-                .siblings()
-                .iter()
+                .visible_siblings(now_ms)
                 .filter_map(|s| {
                     s.value.as_ref().map(|v| SiblingValue {
                         value: v.clone(),
@@ -1104,7 +1141,7 @@ pub fn register_view(row: &Row) -> (Vec<SiblingValue>, Vec<u8>) {
         }
         RowValue::Lww(l) => {
             let siblings = l
-                .value()
+                .visible_value(now_ms)
                 .map(|v| {
                     vec![SiblingValue { value: v.to_vec(), hlc: l.hlc().0, origin: l.actor().to_string() }]
                 })

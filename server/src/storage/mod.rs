@@ -110,6 +110,24 @@ pub enum StorageError {
     Write { ops: usize, reason: String },
 }
 
+/// What a compaction does with one stored record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compacted {
+    Keep,
+    Remove,
+    /// Keep the key with this value instead.
+    Change(Vec<u8>),
+}
+
+/// A rule that compaction applies to every record of one column family
+/// (expired values leave the disk this way: docs/architecture.md section
+/// 13). It must only make changes no reader can see.
+pub trait CompactionRule: Send + Sync + 'static {
+    /// A name for RocksDB's log.
+    fn name(&self) -> &'static str;
+    fn filter(&self, key: &[u8], value: &[u8]) -> Compacted;
+}
+
 /// One key and its value.
 pub type KvPair = (Vec<u8>, Vec<u8>);
 /// Ordered key-value pairs returned by a scan.
@@ -139,6 +157,14 @@ pub trait Engine: Send + Sync + 'static {
     /// The last pair of the column family, if any (used to recover the log's
     /// highest sequence number).
     fn last(&self, cf: Cf) -> Result<Option<KvPair>, StorageError>;
+
+    /// Flushes every column family and compacts each whole, through its
+    /// compaction rule, so data removed or stripped leaves the files now
+    /// (and write-ahead logs holding it become obsolete). The in-memory
+    /// engine keeps nothing on disk and does nothing.
+    fn compact(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
 }
 
 /// The smallest key greater than every key that starts with `prefix`, or

@@ -1,13 +1,17 @@
 //! The RocksDB engine: one database per node, one column family per [`Cf`].
 
+use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use rocksdb::compaction_filter::{CompactionFilter, Decision};
+use rocksdb::compaction_filter_factory::{CompactionFilterContext, CompactionFilterFactory};
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteOptions, DB};
 
-use super::{BatchOp, Cf, Engine, KvPair, KvPairs, StorageError, WriteBatch};
+use super::{BatchOp, Cf, Compacted, CompactionRule, Engine, KvPair, KvPairs, StorageError, WriteBatch};
 
 /// Tuning that the node passes explicitly rather than trusting defaults.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RocksOptions {
     /// Memtable size per column family, in bytes.
     pub write_buffer_bytes: usize,
@@ -15,11 +19,80 @@ pub struct RocksOptions {
     pub block_cache_bytes: usize,
     /// Background compaction and flush threads.
     pub background_jobs: i32,
+    /// Compaction rules, at most one per column family.
+    pub rules: Vec<(Cf, Arc<dyn CompactionRule>)>,
+}
+
+impl std::fmt::Debug for RocksOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksOptions")
+            .field("write_buffer_bytes", &self.write_buffer_bytes)
+            .field("block_cache_bytes", &self.block_cache_bytes)
+            .field("background_jobs", &self.background_jobs)
+            .field("rules", &self.rules.iter().map(|(cf, r)| (cf.name(), r.name())).collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Default for RocksOptions {
     fn default() -> Self {
-        Self { write_buffer_bytes: 64 << 20, block_cache_bytes: 256 << 20, background_jobs: 2 }
+        Self {
+            write_buffer_bytes: 64 << 20,
+            block_cache_bytes: 256 << 20,
+            background_jobs: 2,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// Makes one filter per compaction run, so a filter is only ever called
+/// from one thread.
+struct RuleFactory {
+    rule: Arc<dyn CompactionRule>,
+    name: CString,
+}
+
+impl CompactionFilterFactory for RuleFactory {
+    type Filter = RuleFilter;
+
+    fn create(&mut self, _context: CompactionFilterContext) -> RuleFilter {
+        RuleFilter { rule: self.rule.clone(), name: self.name.clone(), changed: Vec::new() }
+    }
+
+    fn name(&self) -> &CStr {
+        &self.name
+    }
+}
+
+struct RuleFilter {
+    rule: Arc<dyn CompactionRule>,
+    name: CString,
+    /// The last changed value, kept until the next call.
+    changed: Vec<u8>,
+}
+
+impl CompactionFilter for RuleFilter {
+    fn filter(&mut self, _level: u32, key: &[u8], value: &[u8]) -> Decision {
+        match self.rule.filter(key, value) {
+            Compacted::Keep => Decision::Keep,
+            Compacted::Remove => Decision::Remove,
+            Compacted::Change(v) => {
+                self.changed = v;
+                // SAFETY: `Decision::Change` wants a `'static` slice, but
+                // RocksDB's C shim copies the new value into its own string
+                // before the callback returns (rocksdb_compactionfilter_t::
+                // Filter in db/c.cc, `new_value->assign`), and `changed` is
+                // not touched again until this filter's next call, which
+                // comes from the same compaction thread after that copy.
+                let bytes: &'static [u8] =
+                    unsafe { std::slice::from_raw_parts(self.changed.as_ptr(), self.changed.len()) };
+                Decision::Change(bytes)
+            }
+        }
+    }
+
+    fn name(&self) -> &CStr {
+        &self.name
     }
 }
 
@@ -63,6 +136,10 @@ impl RocksEngine {
             o.set_memtable_prefix_bloom_ratio(0.05);
             if *cf == Cf::Data {
                 o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            }
+            if let Some((_, rule)) = tuning.rules.iter().find(|(c, _)| c == cf) {
+                let name = CString::new(rule.name()).unwrap_or_else(|_| c"geokv-rule".to_owned());
+                o.set_compaction_filter_factory(RuleFactory { rule: rule.clone(), name });
             }
             ColumnFamilyDescriptor::new(cf.name(), o)
         });
@@ -136,11 +213,76 @@ impl Engine for RocksEngine {
             }
         }
     }
+
+    fn compact(&self) -> Result<(), StorageError> {
+        let fail = |cf: Cf, e: rocksdb::Error| StorageError::Write {
+            ops: 0,
+            reason: format!("compacting {cf}: {e}"),
+        };
+        let mut flush = rocksdb::FlushOptions::default();
+        flush.set_wait(true);
+        for cf in Cf::ALL.iter().copied() {
+            self.db.flush_cf_opt(&self.handle(cf)?, &flush).map_err(|e| fail(cf, e))?;
+        }
+        // Every file, the bottommost level included, goes through the
+        // rules; a plain compaction would leave the last level as it is.
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        opts.set_exclusive_manual_compaction(true);
+        for cf in Cf::ALL.iter().copied() {
+            self.db.compact_range_cf_opt(&self.handle(cf)?, None::<&[u8]>, None::<&[u8]>, &opts);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Drops keys starting with `x`, turns a leading `d` of a value into
+    /// `e` (rules must be idempotent: a record may pass through several
+    /// compactions, and a full one runs it twice).
+    struct TestRule;
+
+    impl CompactionRule for TestRule {
+        fn name(&self) -> &'static str {
+            "test-rule"
+        }
+
+        fn filter(&self, key: &[u8], value: &[u8]) -> Compacted {
+            if key.starts_with(b"x") {
+                Compacted::Remove
+            } else if value.starts_with(b"d") {
+                Compacted::Change([&b"e"[..], &value[1..]].concat())
+            } else {
+                Compacted::Keep
+            }
+        }
+    }
+
+    #[test]
+    fn compaction_applies_the_column_family_rule_to_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let tuning =
+            RocksOptions { rules: vec![(Cf::Data, Arc::new(TestRule) as _)], ..RocksOptions::default() };
+        let engine = RocksEngine::open(dir.path(), &tuning).unwrap();
+        let mut batch = WriteBatch::default();
+        for (k, v) in [(&b"xa"[..], &b"1"[..]), (b"b", b"d2"), (b"c", b"3")] {
+            batch.put(Cf::Data, k.to_vec(), v.to_vec());
+            batch.put(Cf::Meta, k.to_vec(), v.to_vec());
+        }
+        engine.write(batch, true).unwrap();
+        // Before a compaction nothing changed.
+        assert_eq!(engine.get(Cf::Data, b"xa").unwrap(), Some(b"1".to_vec()));
+        engine.compact().unwrap();
+        assert_eq!(engine.get(Cf::Data, b"xa").unwrap(), None);
+        assert_eq!(engine.get(Cf::Data, b"b").unwrap(), Some(b"e2".to_vec()));
+        assert_eq!(engine.get(Cf::Data, b"c").unwrap(), Some(b"3".to_vec()));
+        // Another column family has no rule.
+        assert_eq!(engine.get(Cf::Meta, b"xa").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(engine.get(Cf::Meta, b"b").unwrap(), Some(b"d2".to_vec()));
+    }
 
     #[test]
     fn conforms_and_persists() {

@@ -1,0 +1,262 @@
+//! Row TTL on disk: the compaction rules that take expired values off the
+//! disk (docs/architecture.md section 13).
+//!
+//! A value's expiry is fixed when it is written (its HLC time plus its
+//! TTL) and travels with it, so every region hides it at the same moment;
+//! reads hide it at once (`register_view`, `row_is_invisible`). Compaction
+//! then strips it: an expired register value becomes a tombstone of the
+//! same dot (the row keeps its clock, so an older copy of the row arriving
+//! later is still superseded and nothing comes back), which tombstone
+//! collection removes once every region has it (section 17). An expired
+//! STRONG value is removed outright: every replica applies the same
+//! commands and treats it as absent already.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use geokv_proto::storage as pb;
+
+use crate::causality::hlc::{Hlc, PhysicalClock};
+use crate::consensus::strong::decode_value;
+use crate::storage::{Compacted, CompactionRule};
+
+use super::row::Row;
+use super::RowValue;
+
+/// Expired values stripped or removed by compaction since the process
+/// started (also `geokv_ttl_values_stripped_total`).
+static STRIPPED: AtomicU64 = AtomicU64::new(0);
+
+/// How many expired values compaction has taken off the disk so far.
+pub fn stripped_total() -> u64 {
+    STRIPPED.load(Ordering::Relaxed)
+}
+
+fn count(n: u64) {
+    STRIPPED.fetch_add(n, Ordering::Relaxed);
+    metrics::counter!("geokv_ttl_values_stripped_total").increment(n);
+}
+
+/// Whether values expire (not with the put-back bug `ttl-ignored`).
+fn enforced() -> bool {
+    #[cfg(feature = "bugs")]
+    if crate::bugs::active(crate::bugs::Bug::TtlIgnored) {
+        return false;
+    }
+    true
+}
+
+/// The time reads judge expiry by ([`Hlc::read_ms`]); 0, before every
+/// expiry, with the put-back bug `ttl-ignored`.
+pub fn read_ms(hlc: &Hlc) -> u64 {
+    if enforced() {
+        hlc.read_ms()
+    } else {
+        0
+    }
+}
+
+/// Strips the values of `row` expired at `now_ms`; returns how many.
+pub fn strip_row(row: &mut Row, now_ms: u64) -> usize {
+    if !enforced() {
+        return 0;
+    }
+    match &mut row.value {
+        RowValue::Register(d) => d.strip_expired(now_ms),
+        RowValue::Lww(l) => usize::from(l.strip_expired(now_ms)),
+        RowValue::Counter(_) | RowValue::Set(_) => 0,
+    }
+}
+
+/// The rule of the `data` column family: expired values become
+/// tombstones of their dots.
+pub struct DataExpiry {
+    clock: Arc<dyn PhysicalClock>,
+}
+
+impl DataExpiry {
+    pub fn new(clock: Arc<dyn PhysicalClock>) -> Self {
+        Self { clock }
+    }
+}
+
+impl CompactionRule for DataExpiry {
+    fn name(&self) -> &'static str {
+        "geokv-data-expiry"
+    }
+
+    fn filter(&self, key: &[u8], value: &[u8]) -> Compacted {
+        // A row that does not decode is kept as it is: reads report it.
+        let Ok(mut row) = Row::open(value, || String::from_utf8_lossy(key).into_owned()) else {
+            return Compacted::Keep;
+        };
+        match strip_row(&mut row, self.clock.now_ms()) {
+            0 => Compacted::Keep,
+            n => {
+                count(n as u64);
+                Compacted::Change(row.seal())
+            }
+        }
+    }
+}
+
+/// The rule of the `repl_log` column family: a log entry carries its row's
+/// whole state, so its expired values are stripped the same way (a
+/// receiver merging the stripped state gets the tombstone, which is what
+/// it would end at anyway).
+pub struct LogExpiry {
+    clock: Arc<dyn PhysicalClock>,
+}
+
+impl LogExpiry {
+    pub fn new(clock: Arc<dyn PhysicalClock>) -> Self {
+        Self { clock }
+    }
+}
+
+impl CompactionRule for LogExpiry {
+    fn name(&self) -> &'static str {
+        "geokv-log-expiry"
+    }
+
+    fn filter(&self, _key: &[u8], value: &[u8]) -> Compacted {
+        let Ok(mut entry) = crate::codec::open_message::<pb::LogEntry>(value) else {
+            return Compacted::Keep;
+        };
+        let Some(Ok(mut row)) = entry.row.take().map(Row::from_proto) else {
+            return Compacted::Keep;
+        };
+        match strip_row(&mut row, self.clock.now_ms()) {
+            0 => Compacted::Keep,
+            n => {
+                count(n as u64);
+                entry.row = Some(row.to_proto());
+                Compacted::Change(crate::codec::seal_message(&entry))
+            }
+        }
+    }
+}
+
+/// The rule of the `raft` column family: expired STRONG values leave the
+/// state machines (`g/<group>/sm/r/<table>\0<key>`).
+pub struct StrongExpiry {
+    clock: Arc<dyn PhysicalClock>,
+}
+
+impl StrongExpiry {
+    pub fn new(clock: Arc<dyn PhysicalClock>) -> Self {
+        Self { clock }
+    }
+}
+
+/// Whether `key` names a STRONG row in a group's state machine.
+fn is_strong_row(key: &[u8]) -> bool {
+    key.starts_with(b"g/") && key.windows(6).any(|w| w == b"/sm/r/")
+}
+
+impl CompactionRule for StrongExpiry {
+    fn name(&self) -> &'static str {
+        "geokv-strong-expiry"
+    }
+
+    fn filter(&self, key: &[u8], value: &[u8]) -> Compacted {
+        if !is_strong_row(key) {
+            return Compacted::Keep;
+        }
+        match decode_value(value) {
+            Ok(v) if enforced() && v.is_expired(self.clock.now_ms()) => {
+                count(1);
+                Compacted::Remove
+            }
+            _ => Compacted::Keep,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::causality::hlc::{HlcTimestamp, ManualClock};
+    use crate::causality::{DvvSet, VersionVector};
+
+    fn row(value: RowValue) -> Row {
+        Row { home_region: "eu-west-1".into(), zone: "eu".into(), epoch: 1, hlc: 0, value }
+    }
+
+    #[test]
+    fn compaction_strips_expired_register_values_and_keeps_their_dots() {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let rule = DataExpiry::new(clock.clone());
+        let mut d = DvvSet::new();
+        d.write_expiring("eu/n1", &VersionVector::new(), Some(b"short".to_vec()), HlcTimestamp(1), 2_000);
+        d.write(
+            "eu/n1",
+            &VersionVector::new(),
+            Some(b"forever".to_vec()),
+            HlcTimestamp::from_parts(1_500, 0),
+        );
+        let sealed = row(RowValue::Register(d.clone())).seal();
+        // Not yet expired: kept as it is.
+        assert_eq!(rule.filter(b"t\0k", &sealed), Compacted::Keep);
+        clock.set(2_000);
+        let Compacted::Change(bytes) = rule.filter(b"t\0k", &sealed) else { panic!("not changed") };
+        let stripped = Row::open(&bytes, || "t/k".into()).unwrap();
+        let RowValue::Register(s) = &stripped.value else { panic!("kind changed") };
+        assert_eq!(s.live_values(), vec![&b"forever"[..]]);
+        assert_eq!(s.sibling_count(), 2, "the expired write stays as a tombstone of its dot");
+        assert_eq!(s.context(), d.context());
+        assert!(!bytes.windows(5).any(|w| w == b"short"), "the expired value's bytes are gone");
+        // Merging the unstripped copy back keeps the tombstone: both
+        // replicas converge on the stripped state.
+        let mut merged = s.clone();
+        merged.merge(&d);
+        assert_eq!(&merged, s);
+        let mut other = d.clone();
+        other.merge(s);
+        assert_eq!(&other, s);
+    }
+
+    #[test]
+    fn compaction_strips_expired_values_from_log_entries() {
+        let clock = Arc::new(ManualClock::new(10_000));
+        let rule = LogExpiry::new(clock);
+        let mut d = DvvSet::new();
+        d.write_expiring("eu/n1", &VersionVector::new(), Some(b"marker".to_vec()), HlcTimestamp(1), 9_000);
+        let entry = pb::LogEntry {
+            seq: 7,
+            table: "t".into(),
+            key: b"k".to_vec(),
+            row: Some(row(RowValue::Register(d)).to_proto()),
+            ..Default::default()
+        };
+        let Compacted::Change(bytes) = rule.filter(&7u64.to_be_bytes(), &crate::codec::seal_message(&entry))
+        else {
+            panic!("not changed")
+        };
+        assert!(!bytes.windows(6).any(|w| w == b"marker"));
+        let back: pb::LogEntry = crate::codec::open_message(&bytes).unwrap();
+        assert_eq!(back.seq, 7);
+        let back = Row::from_proto(back.row.unwrap()).unwrap();
+        assert!(crate::kv::row_is_invisible(&back, 0));
+    }
+
+    #[test]
+    fn expired_strong_values_are_removed_and_other_records_kept() {
+        let clock = Arc::new(ManualClock::new(5_000));
+        let rule = StrongExpiry::new(clock);
+        let value = |expires_ms: u64| {
+            serde_json::to_vec(&crate::consensus::strong::StrongValue {
+                value: b"v".to_vec(),
+                version: 3,
+                expires_ms,
+            })
+            .unwrap()
+        };
+        assert_eq!(rule.filter(b"g/s-eu/sm/r/t\0k", &value(4_000)), Compacted::Remove);
+        assert_eq!(rule.filter(b"g/s-eu/sm/r/t\0k", &value(6_000)), Compacted::Keep);
+        assert_eq!(rule.filter(b"g/s-eu/sm/r/t\0k", &value(0)), Compacted::Keep);
+        // Not a STRONG row: log entries, votes, idempotency records.
+        assert_eq!(rule.filter(b"g/s-eu/log/1", &value(4_000)), Compacted::Keep);
+        assert_eq!(rule.filter(b"g/s-eu/sm/i/x", &value(4_000)), Compacted::Keep);
+    }
+}
