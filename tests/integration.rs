@@ -24,6 +24,7 @@ mod replication_bounds;
 mod security;
 mod store_identity;
 mod strong_bounds;
+mod subjects;
 mod tombstones;
 mod tour;
 mod truthful_reads;

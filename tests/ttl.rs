@@ -9,11 +9,10 @@
 
 use crate::common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::cluster::{DevCluster, Options, REGIONS};
-use common::Deadline;
+use common::{marker, store_holds, Deadline};
 use geokv_client::{Client, Consistency, ReadConsistency, Row, WriteOptions};
 
 const US: &str = "us-east-1";
@@ -23,41 +22,6 @@ const TTL: Duration = Duration::from_secs(2);
 const CLOCK_MARGIN: Duration = Duration::from_millis(800);
 /// Longest wait for a value to reach every region's store.
 const REPLICATE_LIMIT: Duration = Duration::from_secs(30);
-
-/// 24 bytes no other data holds, from the clock, the process id and
-/// `tag`: no 4-byte run of them is likely to occur elsewhere in a block, so
-/// LZ4 (the `data` column family's compression) stores them verbatim
-/// instead of as a back-reference (a readable tag sharing a word with a
-/// key would not be).
-fn marker(tag: &[u8; 8]) -> Vec<u8> {
-    let mut seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos() as u64
-        ^ (u64::from(std::process::id()) << 32)
-        ^ u64::from_le_bytes(*tag);
-    let mut out = Vec::with_capacity(24);
-    for _ in 0..24 {
-        // xorshift64*
-        seed ^= seed >> 12;
-        seed ^= seed << 25;
-        seed ^= seed >> 27;
-        out.push((seed.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8);
-    }
-    out
-}
-
-/// Whether any file under `dir` contains `needle`.
-fn store_holds(dir: &Path, needle: &[u8]) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else { return false };
-    entries.flatten().any(|e| {
-        let path = e.path();
-        if path.is_dir() {
-            return store_holds(&path, needle);
-        }
-        std::fs::read(&path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
-    })
-}
 
 async fn wait_in_every_store(cluster: &DevCluster, needle: &[u8], what: &str) {
     let deadline = Deadline::after(REPLICATE_LIMIT);

@@ -910,6 +910,26 @@ impl Client {
             .await
     }
 
+    /// Erases a data subject's values on every node of the connected node's
+    /// region at `fence_hlc` (0: that node picks the fence, as the first
+    /// region of an erasure does); needs the `erase` grant. Idempotent: an
+    /// erasure repeated with its fence changes nothing more.
+    pub async fn erase_subject(
+        &self,
+        subject: &[u8],
+        fence_hlc: u64,
+    ) -> Result<pb::EraseSubjectResponse, Error> {
+        let msg = pb::EraseSubjectRequest { subject: subject.to_vec(), fence_hlc, node_only: false };
+        self.admin_call(msg, |mut a, r| async move { a.erase_subject(r).await }).await
+    }
+
+    /// The rows of a data subject stored in the connected node's region;
+    /// needs the `export` grant (the call is in the region's audit log).
+    pub async fn export_subject(&self, subject: &[u8]) -> Result<pb::ExportSubjectResponse, Error> {
+        let msg = pb::ExportSubjectRequest { subject: subject.to_vec(), node_only: false };
+        self.admin_call(msg, |mut a, r| async move { a.export_subject(r).await }).await
+    }
+
     /// The access audit log of the connected node's region (every node of
     /// it), oldest first; needs the `admin` grant.
     pub async fn audit_log(

@@ -45,6 +45,10 @@
 //!   it is built, on its own task, instead of copying it between applies,
 //!   so it can hold a later state than the position it records
 //!   (`consensus::store::SnapshotBuilder`).
+//! - `erasure-unfenced`: rows that arrive after a subject's erasure (late
+//!   replicated entries, repairs) are merged without its fence, so values
+//!   a region wrote before the erasure and shipped late come back
+//!   (`kv::commit`, `lifecycle`).
 //! - `ttl-ignored`: values never expire: reads show them after their TTL
 //!   and compaction keeps them (`kv::expiry`).
 //!
@@ -71,6 +75,7 @@ pub enum Bug {
     PreVoteOff,
     SnapshotLateCopy,
     TtlIgnored,
+    ErasureUnfenced,
 }
 
 impl Bug {
@@ -90,6 +95,7 @@ impl Bug {
             Bug::PreVoteOff => "pre-vote-off",
             Bug::SnapshotLateCopy => "snapshot-late-copy",
             Bug::TtlIgnored => "ttl-ignored",
+            Bug::ErasureUnfenced => "erasure-unfenced",
         }
     }
 
@@ -109,6 +115,7 @@ impl Bug {
             Bug::PreVoteOff,
             Bug::SnapshotLateCopy,
             Bug::TtlIgnored,
+            Bug::ErasureUnfenced,
         ]
         .into_iter()
         .find(|b| b.name() == name)

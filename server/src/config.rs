@@ -64,6 +64,26 @@ pub struct Config {
     pub partitions: u32,
     pub consensus: ConsensusConfig,
     pub security: SecurityConfig,
+    pub lifecycle: LifecycleConfig,
+}
+
+/// Data subjects: erasure and export (docs/architecture.md section 13).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LifecycleConfig {
+    /// The cluster-wide key of the subject hash (64 hex digits, the same
+    /// on every node): subjects are indexed and recorded in the erasure
+    /// ledger only as HMAC-SHA256 of their id under it, never raw.
+    /// Required when a table declares subjects.
+    pub subject_key: Option<String>,
+    /// Most rows one export may return from one node.
+    pub export_rows_max: usize,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self { subject_key: None, export_rows_max: 100_000 }
+    }
 }
 
 /// TLS, authentication, authorization and the access audit log
@@ -510,6 +530,12 @@ pub struct TableConfig {
     /// Applies to register values (counters and sets do not expire).
     #[serde(skip_serializing_if = "is_zero")]
     pub ttl_s: u64,
+    /// How a row's data subject is found: the key up to the first
+    /// occurrence of this separator (`user-42:email` with `:` belongs to
+    /// `user-42`); a key without it has no subject. Unset: the table's
+    /// rows have no subject (`geokv subject erase` and `export` skip it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject_separator: Option<String>,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -528,6 +554,7 @@ impl Default for TableConfig {
             default_consistency: Level::Local,
             conflict: ConflictPolicy::Siblings,
             ttl_s: 0,
+            subject_separator: None,
         }
     }
 }
@@ -694,6 +721,7 @@ impl Default for Config {
             partitions: 64,
             consensus: ConsensusConfig::default(),
             security: SecurityConfig::default(),
+            lifecycle: LifecycleConfig::default(),
         }
     }
 }
@@ -843,7 +871,36 @@ impl Config {
                 format!("{} is outside 1..=100 years in seconds", l.ttl_s_max),
             ));
         }
+        let subjects = self.tables.iter().any(|t| t.subject_separator.is_some());
+        match &self.lifecycle.subject_key {
+            Some(k) if k.len() != 64 || hex::decode(k).is_err() => {
+                return Err(bad("lifecycle.subject_key", "must be 64 hex digits (32 bytes)"));
+            }
+            None if subjects => {
+                return Err(bad(
+                    "lifecycle.subject_key",
+                    "a table declares subjects (subject_separator): the cluster needs a subject key, \
+                     64 hex digits, the same on every node",
+                ));
+            }
+            _ => {}
+        }
+        if self.lifecycle.export_rows_max == 0 || self.lifecycle.export_rows_max > 10_000_000 {
+            return Err(bad("lifecycle.export_rows_max", "must be within 1..=10000000"));
+        }
         for (i, t) in self.tables.iter().enumerate() {
+            if let Some(sep) = &t.subject_separator {
+                if sep.is_empty() || sep.len() > 8 {
+                    return Err(bad(format!("tables[{i}].subject_separator"), "must be 1 to 8 bytes"));
+                }
+                if t.default_consistency == Level::Strong {
+                    return Err(bad(
+                        format!("tables[{i}].subject_separator"),
+                        "STRONG tables do not take subjects yet (their values live in Raft logs and \
+                         snapshots, which erasure does not purge)",
+                    ));
+                }
+            }
             if t.ttl_s > l.ttl_s_max {
                 return Err(bad(
                     format!("tables[{i}].ttl_s"),

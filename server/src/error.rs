@@ -114,6 +114,12 @@ pub enum KvError {
     /// metadata names both, so an operator can add the grant.
     #[error("principal `{principal}` lacks the grant `{missing_grant}`: {why}")]
     PermissionDenied { principal: String, missing_grant: String, why: String },
+    /// A write carried a causal context read before the row's subject was
+    /// erased (docs/architecture.md section 13).
+    #[error(
+        "row `{key}`: its subject was erased after this write's context was read (fence {fence_hlc}); read the row again, or write without a context"
+    )]
+    SubjectErased { key: String, fence_hlc: u64 },
 }
 
 impl KvError {
@@ -158,6 +164,7 @@ impl KvError {
             KvError::QuorumUnavailable { .. } => &reasons::QUORUM_UNAVAILABLE,
             KvError::Unauthenticated { .. } => &reasons::UNAUTHENTICATED,
             KvError::PermissionDenied { .. } => &reasons::PERMISSION_DENIED,
+            KvError::SubjectErased { .. } => &reasons::SUBJECT_ERASED,
         }
     }
 
@@ -212,6 +219,10 @@ impl KvError {
             }
             KvError::QuorumUnavailable { group, .. } => {
                 m.insert("group".into(), group.clone());
+            }
+            KvError::SubjectErased { key, fence_hlc } => {
+                m.insert("key".into(), key.clone());
+                m.insert("fence_hlc".into(), fence_hlc.to_string());
             }
             KvError::PermissionDenied { principal, missing_grant, .. } => {
                 m.insert("principal".into(), principal.clone());
@@ -335,6 +346,7 @@ mod tests {
             KvError::QuorumUnavailable { group: s(), why: s() },
             KvError::Unauthenticated { why: s() },
             KvError::PermissionDenied { principal: s(), missing_grant: s(), why: s() },
+            KvError::SubjectErased { key: s(), fence_hlc: 1 },
         ]
     }
 

@@ -29,6 +29,7 @@ pub mod consensus;
 pub mod error;
 pub mod failover;
 pub mod kv;
+pub mod lifecycle;
 pub mod replication;
 pub mod residency;
 pub mod security;

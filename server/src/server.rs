@@ -19,7 +19,9 @@ use crate::config::{Config, EngineKind};
 use crate::consensus::service::ConsensusService;
 use crate::consensus::Consensus;
 use crate::failover::{Failover, Leases};
+use crate::kv::expiry::{DataExpiry, LogExpiry};
 use crate::kv::{Node, NodeOptions};
+use crate::lifecycle::Lifecycle;
 use crate::replication::{receive::ReplicationService, Replicator};
 use crate::security::authn::Security;
 use crate::storage::memory::MemoryEngine;
@@ -41,7 +43,7 @@ fn message_bytes_max(cfg: &Config) -> usize {
 }
 
 /// Opens the configured engine.
-pub fn open_engine(cfg: &Config) -> anyhow::Result<Arc<dyn Engine>> {
+pub fn open_engine(cfg: &Config, lifecycle: &Arc<Lifecycle>) -> anyhow::Result<Arc<dyn Engine>> {
     Ok(match cfg.storage.engine {
         EngineKind::Rocksdb => {
             let tuning = RocksOptions {
@@ -49,8 +51,8 @@ pub fn open_engine(cfg: &Config) -> anyhow::Result<Arc<dyn Engine>> {
                 block_cache_bytes: cfg.storage.block_cache_mib << 20,
                 background_jobs: 2,
                 rules: vec![
-                    (Cf::Data, Arc::new(crate::kv::expiry::DataExpiry::new(Arc::new(SystemClock))) as _),
-                    (Cf::ReplLog, Arc::new(crate::kv::expiry::LogExpiry::new(Arc::new(SystemClock))) as _),
+                    (Cf::Data, Arc::new(DataExpiry::new(Arc::new(SystemClock), lifecycle.clone())) as _),
+                    (Cf::ReplLog, Arc::new(LogExpiry::new(Arc::new(SystemClock), lifecycle.clone())) as _),
                     (Cf::Raft, Arc::new(crate::kv::expiry::StrongExpiry::new(Arc::new(SystemClock))) as _),
                 ],
             };
@@ -117,12 +119,14 @@ async fn serve_secured(
     admin: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let engine = open_engine(&cfg)?;
+    // The compaction rules and the node share the erasure fences.
+    let lifecycle = Arc::new(Lifecycle::new(&cfg));
+    let engine = open_engine(&cfg, &lifecycle)?;
     let wiring = Wiring {
         grpc_addr: format!("{} (peer {})", grpc.local_addr()?, peer.local_addr()?),
         engine,
         clock: Arc::new(SystemClock),
-        node: NodeOptions { tls: tls.clone(), ..NodeOptions::default() },
+        node: NodeOptions { tls: tls.clone(), lifecycle: Some(lifecycle), ..NodeOptions::default() },
         admin: Some(admin),
         on_start: None,
         audit: true,

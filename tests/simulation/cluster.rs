@@ -151,7 +151,12 @@ pub fn host(
                 grpc_addr: format!("{region}:{}", crate::net::GRPC_PORT),
                 engine,
                 clock: Arc::new(SimClock { skew_ms }),
-                node: NodeOptions { commit: CommitMode::Task, dialer: crate::net::dialer(), tls: None },
+                node: NodeOptions {
+                    commit: CommitMode::Task,
+                    dialer: crate::net::dialer(),
+                    tls: None,
+                    lifecycle: None,
+                },
                 admin: None,
                 on_start: Some(Box::new(move |node: &Arc<Node>| nodes.set(region, node))),
                 audit: false,

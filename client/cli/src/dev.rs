@@ -198,6 +198,13 @@ struct NodePorts {
     admin: SocketAddr,
 }
 
+/// What every node's config gets alike: `--extra-config` and the subject key.
+#[derive(Clone, Copy)]
+struct ClusterText<'a> {
+    extra: &'a str,
+    subject_key: &'a str,
+}
+
 fn config_text(
     args: &DevArgs,
     node: (&str, &str),
@@ -205,8 +212,9 @@ fn config_text(
     ports: NodePorts,
     certs_dir: Option<&Path>,
     peers: &BTreeMap<String, Vec<PeerAddr>>,
-    extra: &str,
+    cluster: &ClusterText<'_>,
 ) -> String {
+    let ClusterText { extra, subject_key } = *cluster;
     let (region, id) = node;
     let NodePorts { grpc, peer, admin } = ports;
     let mut out = String::new();
@@ -241,12 +249,14 @@ fn config_text(
         out.push_str(&format!("{c} = \"{r}\"\n"));
     }
     out.push_str(&format!(
-        "\n[[tables]]\nname = \"default\"\ndefault_home_region = \"{}\"\n\n[[tables]]\nname = \"users\"\n",
+        "\n[[tables]]\nname = \"default\"\ndefault_home_region = \"{}\"\nsubject_separator = \":\"\n\n\
+         [[tables]]\nname = \"users\"\nsubject_separator = \":\"\n",
         args.regions[0]
     ));
     if eu.len() >= 2 {
         out.push_str(
-            "\n[[tables]]\nname = \"eu_users\"\nzone = \"eu\"\ndefault_consistency = \"eventual\"\n",
+            "\n[[tables]]\nname = \"eu_users\"\nzone = \"eu\"\ndefault_consistency = \"eventual\"\n\
+             subject_separator = \":\"\n",
         );
     }
     // An extra `[consensus]` section gets dev's timing added to it (one
@@ -261,16 +271,51 @@ fn config_text(
          default_consistency = \"strong\"\n",
         args.regions[0]
     ));
+    // The cluster's subject key: one `[lifecycle]` table, merged with an
+    // extra one.
+    let lifecycle = format!("[lifecycle]\nsubject_key = \"{subject_key}\"");
+    let extra_lifecycle = extra.lines().any(|l| l.trim() == "[lifecycle]");
+    if !extra_lifecycle {
+        out.push_str(&format!("\n{lifecycle}\n"));
+    }
     if !extra.is_empty() {
         out.push_str("\n# From --extra-config.\n");
+        let mut extra = extra.to_string();
         if extra_consensus {
-            out.push_str(&extra.replacen("[consensus]", consensus_section(args).trim(), 1));
-        } else {
-            out.push_str(extra);
+            extra = extra.replacen("[consensus]", consensus_section(args).trim(), 1);
         }
+        if extra_lifecycle {
+            extra = extra.replacen("[lifecycle]", &lifecycle, 1);
+        }
+        out.push_str(&extra);
         out.push('\n');
     }
     out
+}
+
+/// The dev cluster's subject key (`lifecycle.subject_key`): made once per
+/// data dir and kept in `<data-dir>/subject-key`, so a restarted cluster
+/// hashes subjects as before.
+fn dev_subject_key(data_dir: &Path) -> anyhow::Result<String> {
+    use std::hash::{BuildHasher, Hasher};
+    let path = data_dir.join("subject-key");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let key = text.trim().to_string();
+        if key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(key);
+        }
+        anyhow::bail!("{} does not hold 64 hex digits; delete it to make a new key", path.display());
+    }
+    // RandomState is seeded from the operating system's randomness.
+    let mut key = String::with_capacity(64);
+    for i in 0..4u64 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(i);
+        key.push_str(&format!("{:016x}", h.finish()));
+    }
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::write(&path, &key).with_context(|| format!("writing {}", path.display()))?;
+    Ok(key)
 }
 
 /// Name of the proxy link from one node to another.
@@ -312,6 +357,8 @@ impl DevCluster {
             std::fs::remove_dir_all(&args.data_dir)
                 .with_context(|| format!("removing {}", args.data_dir.display()))?;
         }
+        let subject_key = dev_subject_key(&args.data_dir)?;
+        let cluster_text = ClusterText { extra: &extra, subject_key: &subject_key };
         let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
         // (region, node id) -> ports, in start order.
         let mut addrs: Vec<((String, String), NodePorts)> = Vec::new();
@@ -412,7 +459,7 @@ impl DevCluster {
                 });
             }
             let config = dir.join("node.toml");
-            let text = config_text(args, (r, id), &dir, *ports, certs_dir.as_deref(), &peers, &extra);
+            let text = config_text(args, (r, id), &dir, *ports, certs_dir.as_deref(), &peers, &cluster_text);
             std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
             let log = std::fs::File::create(dir.join("node.log"))?;
             let mut command = Command::new(geokv_bin);

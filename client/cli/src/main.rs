@@ -12,12 +12,14 @@ mod cluster;
 mod control;
 mod dev;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use geokv_client::proto as pb;
 use geokv_client::{CausalContext, Client, ClientConfig, Consistency, ReadConsistency, Row, WriteOptions};
 use serde_json::json;
 
@@ -190,6 +192,14 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Data subjects (tables with `subject_separator`): erase or export
+    /// everything a subject's id names, in every region.
+    Subject {
+        #[command(subcommand)]
+        action: SubjectAction,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Flush and fully compact the store of every node of every region,
     /// so expired values leave the disk now (needs `admin`).
     Compact {
@@ -302,6 +312,26 @@ enum ReplicationAction {
 enum ResidencyAction {
     /// Lists every row stored outside its residency zone, in every region.
     Audit,
+}
+
+#[derive(Subcommand)]
+enum SubjectAction {
+    /// Erase the subject in every region (needs `erase`): every value of
+    /// its rows written up to the erasure's fence is removed from every
+    /// node's data, replication log and files, and stays removed when a
+    /// late copy arrives. Prints one receipt per node; fails, naming the
+    /// regions without one, if some region cannot be reached within
+    /// --wait-s (run it again to finish: it is idempotent).
+    Erase {
+        /// The subject's id (the key prefix before the table's separator).
+        id: String,
+        /// How long to keep retrying regions that cannot be reached.
+        #[arg(long, default_value_t = 60)]
+        wait_s: u64,
+    },
+    /// Every row of the subject as JSON lines (needs `export`), read from
+    /// each region's own nodes, so a row is only read inside its zone.
+    Export { id: String },
 }
 
 #[derive(Args)]
@@ -454,6 +484,151 @@ impl WriteArgs {
         o.idempotency_key = self.idempotency_key.clone();
         Ok(o)
     }
+}
+
+/// A client config for long admin work (an erasure compacts every store):
+/// the per-attempt deadline is at least two minutes.
+fn long_config(conn: &ConnArgs) -> ClientConfig {
+    let mut cfg = client_config(conn);
+    cfg.timeout = cfg.timeout.max(Duration::from_secs(120));
+    cfg
+}
+
+/// `geokv subject erase`: every region, the first picking the fence.
+async fn subject_erase(conn: &ConnArgs, subject: &[u8], wait: Duration) -> Result<(), Failure> {
+    let started = std::time::Instant::now();
+    let entry = connect(conn).await?;
+    let mut fence = 0u64;
+    let mut receipts: Vec<pb::ErasureReceipt> = Vec::new();
+    let mut done: std::collections::BTreeSet<String> = Default::default();
+    let mut errors: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        let regions = cluster::connect_all(&entry, &long_config(conn)).await?;
+        for (name, client) in &regions.clients {
+            if done.contains(name) {
+                continue;
+            }
+            let result = match client {
+                Ok(c) => c.erase_subject(subject, fence).await,
+                Err(e) => Err(e.clone()),
+            };
+            match result {
+                Ok(r) => {
+                    fence = r.fence_hlc;
+                    receipts.extend(r.receipts);
+                    done.insert(name.clone());
+                    errors.remove(name);
+                }
+                Err(e) => {
+                    errors.insert(name.clone(), e.to_string());
+                }
+            }
+        }
+        if errors.is_empty() || started.elapsed() >= wait {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let hash = receipts.first().map(|r| r.subject_hash.clone()).unwrap_or_default();
+    if conn.json {
+        let rows: Vec<_> = receipts
+            .iter()
+            .map(|r| {
+                json!({"region": r.region, "node": r.node, "rows": r.rows, "values": r.values, "bytes": r.bytes,
+                    "counters_kept": r.counters_kept, "fence_hlc": r.fence_hlc, "erased_at_ms": r.erased_at_ms,
+                    "took_ms": r.took_ms})
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"subject_hash": hash, "fence_hlc": fence, "receipts": rows, "pending": errors,
+                "took_ms": started.elapsed().as_millis() as u64})
+        );
+    } else {
+        println!("subject {hash}: fence {fence}");
+        for r in &receipts {
+            println!(
+                "  {}/{}: {} rows, {} values ({} bytes) erased in {} ms{}",
+                r.region,
+                r.node,
+                r.rows,
+                r.values,
+                r.bytes,
+                r.took_ms,
+                if r.counters_kept > 0 {
+                    format!(", {} counters kept", r.counters_kept)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        for (region, why) in &errors {
+            println!("  {region}: NO RECEIPT: {why}");
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Other(anyhow::anyhow!(
+            "{} regions have not erased the subject yet ({}); run the erasure again",
+            errors.len(),
+            errors.keys().cloned().collect::<Vec<_>>().join(", ")
+        )))
+    }
+}
+
+/// `geokv subject export`: each region's rows, one JSON line per row with
+/// the regions that hold it (the values of the home's copy when it has one).
+async fn subject_export(conn: &ConnArgs, subject: &[u8]) -> Result<(), Failure> {
+    let entry = connect(conn).await?;
+    let regions = cluster::connect_all(&entry, &long_config(conn)).await?;
+    let mut rows: BTreeMap<(String, Vec<u8>), (pb::ExportedRow, std::collections::BTreeSet<String>)> =
+        BTreeMap::new();
+    let mut failed = Vec::new();
+    for (name, client) in &regions.clients {
+        let result = match client {
+            Ok(c) => c.export_subject(subject).await,
+            Err(e) => Err(e.clone()),
+        };
+        match result {
+            Ok(r) => {
+                for row in r.rows {
+                    let slot = rows
+                        .entry((row.table.clone(), row.key.clone()))
+                        .or_insert_with(|| (row.clone(), Default::default()));
+                    slot.1.insert(row.region.clone());
+                    if row.region == row.home_region {
+                        slot.0 = row;
+                    }
+                }
+            }
+            Err(e) => failed.push(format!("{name}: {e}")),
+        }
+    }
+    if !failed.is_empty() {
+        return Err(Failure::Other(anyhow::anyhow!(
+            "the export is incomplete, nothing is printed: {}",
+            failed.join("; ")
+        )));
+    }
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    for ((table, key), (row, holders)) in rows {
+        let siblings: Vec<_> = row
+            .siblings
+            .iter()
+            .map(|s| json!({"value": text(&s.value), "value_base64": b64(&s.value), "hlc": s.hlc, "origin": s.origin}))
+            .collect();
+        let mut line = json!({"table": table, "key": text(&key), "key_base64": b64(&key), "kind": row.kind,
+            "home_region": row.home_region, "zone": row.zone, "regions": holders});
+        match row.kind.as_str() {
+            "counter" => line["counter"] = json!(row.counter_value),
+            "set" => line["members"] = json!(row.set_members.iter().map(|m| text(m)).collect::<Vec<_>>()),
+            _ => line["siblings"] = json!(siblings),
+        }
+        println!("{line}");
+    }
+    Ok(())
 }
 
 /// Parses a TTL such as `500ms`, `30s`, `5m`, `2h` or `7d` (a whole
@@ -910,6 +1085,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             Ok(())
+        }
+        Command::Subject { action: SubjectAction::Erase { id, wait_s }, conn } => {
+            subject_erase(&conn, id.as_bytes(), Duration::from_secs(wait_s)).await
+        }
+        Command::Subject { action: SubjectAction::Export { id }, conn } => {
+            subject_export(&conn, id.as_bytes()).await
         }
         Command::Compact { conn } => {
             let entry = connect(&conn).await?;

@@ -331,6 +331,72 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(out))
     }
 
+    async fn erase_subject(
+        &self,
+        request: Request<pb::EraseSubjectRequest>,
+    ) -> Result<Response<pb::EraseSubjectResponse>, Status> {
+        let subject = request.get_ref().subject.clone();
+        let (caller, _access) = authorize_call(
+            &self.node,
+            &request,
+            "admin.erase_subject",
+            Some(Privilege::Erase),
+            &[],
+            Some(&subject),
+        )?;
+        let req = request.into_inner();
+        let receipt = self.node.erase_subject(&req.subject, req.fence_hlc).await?;
+        let fence_hlc = receipt.fence_hlc;
+        let mut out =
+            pb::EraseSubjectResponse { fence_hlc, receipts: vec![convert::receipt(&self.node, receipt)] };
+        if !req.node_only {
+            let peer_req = pb::EraseSubjectRequest { subject: req.subject, fence_hlc, node_only: true };
+            for other in self
+                .on_region_peers(&caller, peer_req, |mut c, r| async move { c.erase_subject(r).await })
+                .await?
+            {
+                out.receipts.extend(other.receipts);
+            }
+        }
+        Ok(Response::new(out))
+    }
+
+    async fn export_subject(
+        &self,
+        request: Request<pb::ExportSubjectRequest>,
+    ) -> Result<Response<pb::ExportSubjectResponse>, Status> {
+        let subject = request.get_ref().subject.clone();
+        let (caller, _access) = authorize_call(
+            &self.node,
+            &request,
+            "admin.export_subject",
+            Some(Privilege::Export),
+            &[],
+            Some(&subject),
+        )?;
+        let req = request.into_inner();
+        let node = self.node.clone();
+        let s = req.subject.clone();
+        let rows = tokio::task::spawn_blocking(move || node.export_subject(&s))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        let now_ms = crate::kv::expiry::read_ms(self.node.hlc());
+        let read_hlc = self.node.hlc().now().0;
+        let mut out = pb::ExportSubjectResponse {
+            rows: rows.iter().map(|r| convert::exported_row(&self.node, r, now_ms, read_hlc)).collect(),
+        };
+        if !req.node_only {
+            let peer_req = pb::ExportSubjectRequest { subject: req.subject, node_only: true };
+            for other in self
+                .on_region_peers(&caller, peer_req, |mut c, r| async move { c.export_subject(r).await })
+                .await?
+            {
+                out.rows.extend(other.rows);
+            }
+        }
+        Ok(Response::new(out))
+    }
+
     async fn digest(
         &self,
         request: Request<pb::DigestRequest>,

@@ -6,7 +6,8 @@ use geokv_proto::v1 as pb;
 use crate::config::Level;
 use crate::error::KvError;
 use crate::kv::commit::{Idempotency, WriteOutcome};
-use crate::kv::{parse_context, ReadInfo, RowOp, RowRef, SiblingValue, WriteOp};
+use crate::kv::row::RowValue;
+use crate::kv::{parse_context, Node, ReadInfo, RowOp, RowRef, SiblingValue, WriteOp};
 use crate::residency::{Locality, ReadLevel};
 
 /// Idempotency keys longer than this are refused: they are stored per write.
@@ -117,6 +118,49 @@ pub fn read_info(i: ReadInfo) -> pb::ReadInfo {
 
 pub fn siblings(values: Vec<SiblingValue>) -> Vec<pb::Sibling> {
     values.into_iter().map(|s| pb::Sibling { value: s.value, hlc: s.hlc, origin: s.origin }).collect()
+}
+
+/// One node's erasure receipt.
+pub fn receipt(node: &Node, r: crate::kv::subject::Receipt) -> pb::ErasureReceipt {
+    pb::ErasureReceipt {
+        region: node.config().region.clone(),
+        node: node.config().node_id.clone(),
+        subject_hash: r.subject_hash,
+        fence_hlc: r.fence_hlc,
+        rows: r.rows,
+        values: r.values,
+        bytes: r.bytes,
+        counters_kept: r.counters_kept,
+        erased_at_ms: r.erased_at_ms,
+        took_ms: r.took_ms,
+    }
+}
+
+/// A subject's row as this node holds it, for an export.
+pub fn exported_row(
+    node: &Node,
+    r: &crate::kv::subject::SubjectRow,
+    now_ms: u64,
+    read_hlc: u64,
+) -> pb::ExportedRow {
+    let (values, _) = crate::kv::register_view(&r.row, now_ms, read_hlc);
+    let (counter_value, set_members) = match &r.row.value {
+        RowValue::Counter(c) => (c.value(), Vec::new()),
+        RowValue::Set(s) => (0, s.members().into_iter().map(<[u8]>::to_vec).collect()),
+        _ => (0, Vec::new()),
+    };
+    pb::ExportedRow {
+        table: r.table.clone(),
+        key: r.key.clone(),
+        kind: r.row.value.kind().to_string(),
+        siblings: siblings(values),
+        counter_value,
+        set_members,
+        home_region: r.row.home_region.clone(),
+        zone: r.row.zone.clone(),
+        region: node.config().region.clone(),
+        node: node.config().node_id.clone(),
+    }
 }
 
 #[cfg(test)]

@@ -455,7 +455,11 @@ impl pb::kv_server::Kv for KvService {
                             actual: r.value.kind(),
                         });
                     }
-                    let (siblings, context) = register_view(r, crate::kv::expiry::read_ms(self.node.hlc()));
+                    let (siblings, context) = register_view(
+                        r,
+                        crate::kv::expiry::read_ms(self.node.hlc()),
+                        self.node.hlc().now().0,
+                    );
                     (!siblings.is_empty(), siblings, context)
                 }
             };
@@ -488,7 +492,11 @@ impl pb::kv_server::Kv for KvService {
         }
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
-        let write = (convert::put_op(req), level, idem);
+        let write = (
+            self.node.check_context(&req.row, &req.context).and_then(|()| convert::put_op(req)),
+            level,
+            idem,
+        );
         let call = |mut c: KvClient<Channel>, r| async move { c.put(r).await };
         self.write_or_redirect("put", write, &hops, copy, call, |o| pb::PutResponse {
             ack: Some(convert::ack(&o, self.token(o.log_seq))),
@@ -512,7 +520,11 @@ impl pb::kv_server::Kv for KvService {
         }
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
-        let write = (convert::delete_op(req), level, idem);
+        let write = (
+            self.node.check_context(&req.row, &req.context).and_then(|()| convert::delete_op(req)),
+            level,
+            idem,
+        );
         let call = |mut c: KvClient<Channel>, r| async move { c.delete(r).await };
         self.write_or_redirect("delete", write, &hops, copy, call, |o| pb::DeleteResponse {
             ack: Some(convert::ack(&o, self.token(o.log_seq))),
@@ -537,10 +549,12 @@ impl pb::kv_server::Kv for KvService {
                 let (op, op_level) = match op.op {
                     Some(pb::batch_op::Op::Put(p)) => {
                         let l = p.consistency;
+                        self.node.check_context(&p.row, &p.context)?;
                         (convert::put_op(p)?, l)
                     }
                     Some(pb::batch_op::Op::Delete(d)) => {
                         let l = d.consistency;
+                        self.node.check_context(&d.row, &d.context)?;
                         (convert::delete_op(d)?, l)
                     }
                     None => return Err(KvError::MissingField { field: "ops.op" }),
@@ -568,7 +582,8 @@ impl pb::kv_server::Kv for KvService {
         let limit = if req.limit == 0 { 100 } else { req.limit as usize };
         let result = self.node.scan(&req.table, &req.prefix, &req.start_after, limit, req.include_deleted);
         Self::count("scan", &result);
-        let local = scan_response(result?, crate::kv::expiry::read_ms(self.node.hlc()));
+        let local =
+            scan_response(result?, crate::kv::expiry::read_ms(self.node.hlc()), self.node.hlc().now().0);
         let peers: Vec<NodeRef> = self.node.topology().region_peers().into_iter().cloned().collect();
         if hops.in_region || peers.is_empty() {
             return Ok(Response::new(local));
@@ -689,7 +704,11 @@ impl pb::kv_server::Kv for KvService {
         let key = std::mem::take(&mut req.idempotency_key);
         let idem = convert::idempotency(key, &req);
         let level = req.consistency;
-        let write = (convert::set_remove_op(req), level, idem);
+        let write = (
+            self.node.check_context(&req.row, &req.context).and_then(|()| convert::set_remove_op(req)),
+            level,
+            idem,
+        );
         let call = |mut c: KvClient<Channel>, r| async move { c.set_remove(r).await };
         self.write_or_redirect("set_remove", write, &hops, copy, call, |o| pb::SetWriteResponse {
             members: o.members.clone().unwrap_or_default(),
@@ -810,12 +829,12 @@ fn read_request(
     Ok((row, level))
 }
 
-fn scan_response(page: crate::kv::ScanPage, now_ms: u64) -> pb::ScanResponse {
+fn scan_response(page: crate::kv::ScanPage, now_ms: u64, read_hlc: u64) -> pb::ScanResponse {
     let rows = page
         .rows
         .into_iter()
         .map(|r| {
-            let (siblings, context) = register_view(&r.row, now_ms);
+            let (siblings, context) = register_view(&r.row, now_ms, read_hlc);
             let (counter_value, set_members) = match &r.row.value {
                 RowValue::Counter(c) => (c.value(), Vec::new()),
                 RowValue::Set(s) => (0, s.members().into_iter().map(<[u8]>::to_vec).collect()),

@@ -88,6 +88,16 @@ impl LwwRegister {
         self.expires_ms
     }
 
+    /// Drops the value if it was written at or before HLC stamp `fence`,
+    /// keeping the stamp; returns the bytes dropped.
+    pub fn strip_through(&mut self, fence: HlcTimestamp) -> usize {
+        if self.hlc <= fence {
+            self.value.take().map_or(0, |v| v.len())
+        } else {
+            0
+        }
+    }
+
     /// Drops the value if it expired at `now_ms`, keeping the stamp so an
     /// older write arriving later still loses. Returns whether it did.
     pub fn strip_expired(&mut self, now_ms: u64) -> bool {

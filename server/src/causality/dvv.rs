@@ -170,14 +170,21 @@ impl DvvSet {
     /// dot, keeping the clock, so the value's bytes leave the row while an
     /// older copy arriving later is still superseded. Returns how many.
     pub fn strip_expired(&mut self, now_ms: u64) -> usize {
-        let mut stripped = 0;
+        self.strip_where(|s| s.is_expired(now_ms)).0
+    }
+
+    /// Turns every value `which` picks into a tombstone of the same dot,
+    /// keeping the clock (as [`DvvSet::strip_expired`]); returns how many
+    /// values and how many value bytes left the row.
+    pub fn strip_where(&mut self, which: impl Fn(&Sibling) -> bool) -> (usize, usize) {
+        let (mut values, mut bytes) = (0, 0);
         for sibling in &mut self.siblings {
-            if sibling.value.is_some() && sibling.is_expired(now_ms) {
-                sibling.value = None;
-                stripped += 1;
+            if sibling.value.is_some() && which(sibling) {
+                bytes += sibling.value.take().map_or(0, |v| v.len());
+                values += 1;
             }
         }
-        stripped
+        (values, bytes)
     }
 
     /// Every sibling, tombstones included, ordered by dot.

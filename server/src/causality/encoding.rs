@@ -81,7 +81,22 @@ pub enum ContextError {
 /// Encodes a causal context for a client, who hands it back unchanged on
 /// the next write.
 pub fn encode_context(context: &VersionVector) -> Vec<u8> {
-    codec::seal_message(&pb::CausalContext { clock: Some(context.into()) })
+    encode_context_at(context, 0)
+}
+
+/// [`encode_context`] stamped with the HLC time `hlc` it is handed out at.
+pub fn encode_context_at(context: &VersionVector, hlc: u64) -> Vec<u8> {
+    codec::seal_message(&pb::CausalContext { clock: Some(context.into()), hlc })
+}
+
+/// The HLC stamp a context was handed out at (0: unknown, or empty).
+pub fn context_stamp(bytes: &[u8]) -> Result<(VersionVector, u64), ContextError> {
+    if bytes.is_empty() {
+        return Ok((VersionVector::new(), 0));
+    }
+    let clock = decode_context(bytes)?;
+    let message: pb::CausalContext = codec::open_message(bytes)?;
+    Ok((clock, message.hlc))
 }
 
 /// Decodes a context a client sent back. Empty input is the empty context
@@ -554,12 +569,13 @@ mod tests {
     fn a_well_sealed_but_invalid_context_is_refused() {
         let forged = codec::seal_message(&pb::CausalContext {
             clock: Some(pb::VersionVector { entries: vec![entry(EU, 0)] }),
+            hlc: 0,
         });
         assert!(matches!(
             decode_context(&forged),
             Err(ContextError::Invalid(DecodeError::ZeroCounter { .. }))
         ));
-        let no_clock = codec::seal_message(&pb::CausalContext { clock: None });
+        let no_clock = codec::seal_message(&pb::CausalContext { clock: None, hlc: 0 });
         assert_eq!(
             decode_context(&no_clock),
             Err(ContextError::Invalid(DecodeError::MissingField { field: "CausalContext.clock" }))

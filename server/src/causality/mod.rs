@@ -27,6 +27,9 @@ mod tests;
 
 pub use crdt::{Crdt, LwwRegister, MvRegister, OrSet, PnCounter};
 pub use dvv::{DvvSet, Sibling};
-pub use encoding::{decode_context, encode_context, ContextError, DecodeError, CONTEXT_BYTES_MAX};
+pub use encoding::{
+    context_stamp, decode_context, encode_context, encode_context_at, ContextError, DecodeError,
+    CONTEXT_BYTES_MAX,
+};
 pub use hlc::{ClockOffsetError, Hlc, HlcTimestamp, ManualClock, PhysicalClock, SystemClock};
 pub use vv::{Actor, Dot, VersionVector};

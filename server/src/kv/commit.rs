@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::row::{data_key, display_key, Row, RowLimits, RowMeasure, RowValue};
 use super::{AdmittedWrite, RowOp};
 use crate::causality::{
-    encode_context, Crdt, DvvSet, Hlc, HlcTimestamp, LwwRegister, OrSet, PnCounter, VersionVector,
+    encode_context_at, Crdt, DvvSet, Hlc, HlcTimestamp, LwwRegister, OrSet, PnCounter, VersionVector,
 };
 use crate::codec;
 use crate::config::ConflictPolicy;
@@ -78,6 +78,9 @@ pub enum Work {
     /// `(data key, sealed row)` is removed if the stored row is still
     /// exactly those bytes (nothing merged into it since it was judged).
     Collect(Vec<(Vec<u8>, Vec<u8>)>),
+    /// An erasure: the values of these rows (table, key) written at or
+    /// before the HLC stamp `fence` are stripped (`lifecycle::fence_row`).
+    Fence { rows: Vec<(String, Vec<u8>)>, fence: u64 },
 }
 
 /// A replication frame to merge.
@@ -117,6 +120,7 @@ impl CommitJob {
             Work::Client { writes, .. } => writes.iter().map(|w| w.key.len() + w.op.payload_bytes()).sum(),
             Work::Apply(a) => a.entries.iter().map(|(_, k, _)| k.len() + 64).sum(),
             Work::Collect(rows) => rows.iter().map(|(k, _)| k.len()).sum(),
+            Work::Fence { rows, .. } => rows.iter().map(|(t, k)| t.len() + k.len()).sum(),
         }
     }
 
@@ -125,6 +129,7 @@ impl CommitJob {
             Work::Client { writes, .. } => writes.len(),
             Work::Apply(a) => a.entries.len().max(1),
             Work::Collect(rows) => rows.len().max(1),
+            Work::Fence { rows, .. } => rows.len().max(1),
         }
     }
 }
@@ -157,6 +162,8 @@ pub struct CommitSettings {
     pub row_limits: RowLimits,
     /// Prepare the next group while the current one syncs.
     pub pipeline: bool,
+    /// Subjects and their erasure fences (docs/architecture.md section 13).
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
 }
 
 /// Shared facts the committer publishes for readers.
@@ -615,6 +622,9 @@ impl Committer {
                     collected += n;
                     Vec::new()
                 }),
+                Work::Fence { rows, fence } => {
+                    self.fence(rows, *fence, &mut overlay, &mut batch).map(|()| Vec::new())
+                }
             };
             if result.is_ok() {
                 write_count += job.writes();
@@ -840,7 +850,7 @@ impl Committer {
                 Some(r) => Some(r.clone()),
                 None => self.load_row(&dk, table, key)?,
             };
-            let merged = match current {
+            let mut merged = match current {
                 None => incoming.clone(),
                 Some(mut row) => {
                     if merge_row(&mut row, incoming) {
@@ -849,6 +859,16 @@ impl Committer {
                     row
                 }
             };
+            // An erased subject's values from before its fence, late from
+            // a region that had not erased yet or from a repair, are
+            // stripped in the same step: never stored live again.
+            if let Some(fence) = self.settings.lifecycle.fence_of(table, key).filter(|_| !arrivals_unfenced())
+            {
+                let fenced = crate::lifecycle::fence_row(&mut merged, fence);
+                if fenced.values > 0 {
+                    metrics::counter!("geokv_erasure_fenced_arrivals_total").increment(fenced.values as u64);
+                }
+            }
             let delay_s =
                 now.physical_ms().saturating_sub(HlcTimestamp(incoming.hlc).physical_ms()) as f64 / 1000.0;
             if remote.mode == ApplyMode::Log {
@@ -877,6 +897,31 @@ impl Committer {
         batch.extend(job_batch);
         conflicts.extend(job_conflicts);
         Ok(Vec::new())
+    }
+
+    /// Strips from each of `rows` the values written at or before `fence`
+    /// (an erasure), in this group's batch; rows with nothing to strip are
+    /// left alone.
+    fn fence(
+        &self,
+        rows: &[(String, Vec<u8>)],
+        fence: u64,
+        overlay: &mut Overlay,
+        batch: &mut WriteBatch,
+    ) -> Result<(), KvError> {
+        for (table, key) in rows {
+            let dk = data_key(table, key);
+            let current = match overlay.row(&dk) {
+                Some(r) => Some(r.clone()),
+                None => self.load_row(&dk, table, key)?,
+            };
+            let Some(mut row) = current else { continue };
+            if crate::lifecycle::fence_row(&mut row, fence).values > 0 {
+                batch.put(Cf::Data, dk.clone(), row.seal());
+                overlay.rows.insert(dk, row);
+            }
+        }
+        Ok(())
     }
 
     /// Removes each row of `rows` still stored as exactly the judged bytes;
@@ -928,6 +973,15 @@ impl Committer {
     ) -> Result<Option<(Row, WriteOutcome, bool)>, KvError> {
         let actor = self.settings.actor.as_str();
         let shown = || display_key(&w.table, &w.key);
+        // A write lands on the fenced state, whether or not the erasure's
+        // own step ran yet.
+        let current = match (current, self.settings.lifecycle.fence_of(&w.table, &w.key)) {
+            (Some(mut row), Some(fence)) => {
+                crate::lifecycle::fence_row(&mut row, fence);
+                Some(row)
+            }
+            (current, _) => current,
+        };
         if let Some(existing) = &current {
             if existing.home_region != w.placement.home_region {
                 return Err(KvError::HomeMismatch {
@@ -1017,7 +1071,7 @@ impl Committer {
             (RowOp::SetAdd { .. }, v) | (RowOp::SetRemove { .. }, v) => return Err(wrong("set", v)),
         };
         let outcome = WriteOutcome {
-            context: encode_context(&context),
+            context: encode_context_at(&context, hlc),
             hlc,
             home_region: row.home_region.clone(),
             epoch,
@@ -1335,6 +1389,16 @@ fn idem_key_of_expiry(k: &[u8]) -> Result<Vec<u8>, KvError> {
     Ok(idem)
 }
 
+/// Whether the put-back bug `erasure-unfenced` is on: rows arriving after
+/// an erasure merge without its fence.
+fn arrivals_unfenced() -> bool {
+    #[cfg(feature = "bugs")]
+    if crate::bugs::active(crate::bugs::Bug::ErasureUnfenced) {
+        return true;
+    }
+    false
+}
+
 /// When a value written at HLC stamp `hlc` with `ttl_ms` to live expires
 /// (wall-clock milliseconds; 0 = never), so every region agrees.
 pub fn expiry_ms(hlc: u64, ttl_ms: u64) -> u64 {
@@ -1361,6 +1425,7 @@ mod tests {
             idempotency_ttl: Duration::from_millis(1),
             row_limits: RowLimits::from_config(&crate::config::Limits::default()),
             pipeline: true,
+            lifecycle: Arc::new(crate::lifecycle::Lifecycle::new(&crate::config::Config::default())),
         };
         let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), 500));
         Committer::new(engine, hlc, settings, Arc::new(CommitState::default()), Arc::new(Pipeline::default()))

@@ -10,6 +10,10 @@
 //! collection removes once every region has it (section 17). An expired
 //! STRONG value is removed outright: every replica applies the same
 //! commands and treats it as absent already.
+//!
+//! The same rules apply erasure fences (`crate::lifecycle`): a value of an
+//! erased subject written through its fence is stripped wherever a
+//! compaction finds it, in a stored row or a replication-log entry.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,8 +24,9 @@ use crate::causality::hlc::{Hlc, PhysicalClock};
 use crate::consensus::strong::decode_value;
 use crate::storage::{Compacted, CompactionRule};
 
-use super::row::Row;
-use super::RowValue;
+use super::row::RowValue;
+use super::row::{split_data_key, Row};
+use crate::lifecycle::{fence_row, Lifecycle};
 
 /// Expired values stripped or removed by compaction since the process
 /// started (also `geokv_ttl_values_stripped_total`).
@@ -68,15 +73,26 @@ pub fn strip_row(row: &mut Row, now_ms: u64) -> usize {
     }
 }
 
-/// The rule of the `data` column family: expired values become
+/// Strips what `row` (of `table`, `key`) may no longer hold at `now_ms`:
+/// expired values, and values of an erased subject through its fence.
+fn strip_all(lifecycle: &Lifecycle, table: &str, key: &[u8], row: &mut Row, now_ms: u64) -> usize {
+    let mut n = strip_row(row, now_ms);
+    if let Some(fence) = lifecycle.fence_of(table, key) {
+        n += fence_row(row, fence).values;
+    }
+    n
+}
+
+/// The rule of the `data` column family: expired and erased values become
 /// tombstones of their dots.
 pub struct DataExpiry {
     clock: Arc<dyn PhysicalClock>,
+    lifecycle: Arc<Lifecycle>,
 }
 
 impl DataExpiry {
-    pub fn new(clock: Arc<dyn PhysicalClock>) -> Self {
-        Self { clock }
+    pub fn new(clock: Arc<dyn PhysicalClock>, lifecycle: Arc<Lifecycle>) -> Self {
+        Self { clock, lifecycle }
     }
 }
 
@@ -87,10 +103,11 @@ impl CompactionRule for DataExpiry {
 
     fn filter(&self, key: &[u8], value: &[u8]) -> Compacted {
         // A row that does not decode is kept as it is: reads report it.
+        let Some((table, row_key)) = split_data_key(key) else { return Compacted::Keep };
         let Ok(mut row) = Row::open(value, || String::from_utf8_lossy(key).into_owned()) else {
             return Compacted::Keep;
         };
-        match strip_row(&mut row, self.clock.now_ms()) {
+        match strip_all(&self.lifecycle, table, row_key, &mut row, self.clock.now_ms()) {
             0 => Compacted::Keep,
             n => {
                 count(n as u64);
@@ -106,11 +123,12 @@ impl CompactionRule for DataExpiry {
 /// it would end at anyway).
 pub struct LogExpiry {
     clock: Arc<dyn PhysicalClock>,
+    lifecycle: Arc<Lifecycle>,
 }
 
 impl LogExpiry {
-    pub fn new(clock: Arc<dyn PhysicalClock>) -> Self {
-        Self { clock }
+    pub fn new(clock: Arc<dyn PhysicalClock>, lifecycle: Arc<Lifecycle>) -> Self {
+        Self { clock, lifecycle }
     }
 }
 
@@ -126,7 +144,7 @@ impl CompactionRule for LogExpiry {
         let Some(Ok(mut row)) = entry.row.take().map(Row::from_proto) else {
             return Compacted::Keep;
         };
-        match strip_row(&mut row, self.clock.now_ms()) {
+        match strip_all(&self.lifecycle, &entry.table, &entry.key, &mut row, self.clock.now_ms()) {
             0 => Compacted::Keep,
             n => {
                 count(n as u64);
@@ -179,6 +197,10 @@ mod tests {
     use crate::causality::hlc::{HlcTimestamp, ManualClock};
     use crate::causality::{DvvSet, VersionVector};
 
+    fn no_subjects() -> Arc<Lifecycle> {
+        Arc::new(Lifecycle::new(&crate::config::Config::default()))
+    }
+
     fn row(value: RowValue) -> Row {
         Row { home_region: "eu-west-1".into(), zone: "eu".into(), epoch: 1, hlc: 0, value }
     }
@@ -186,7 +208,7 @@ mod tests {
     #[test]
     fn compaction_strips_expired_register_values_and_keeps_their_dots() {
         let clock = Arc::new(ManualClock::new(1_000));
-        let rule = DataExpiry::new(clock.clone());
+        let rule = DataExpiry::new(clock.clone(), no_subjects());
         let mut d = DvvSet::new();
         d.write_expiring("eu/n1", &VersionVector::new(), Some(b"short".to_vec()), HlcTimestamp(1), 2_000);
         d.write(
@@ -219,7 +241,7 @@ mod tests {
     #[test]
     fn compaction_strips_expired_values_from_log_entries() {
         let clock = Arc::new(ManualClock::new(10_000));
-        let rule = LogExpiry::new(clock);
+        let rule = LogExpiry::new(clock, no_subjects());
         let mut d = DvvSet::new();
         d.write_expiring("eu/n1", &VersionVector::new(), Some(b"marker".to_vec()), HlcTimestamp(1), 9_000);
         let entry = pb::LogEntry {

@@ -16,6 +16,7 @@ pub mod expiry;
 pub mod gc;
 pub mod route;
 pub mod row;
+pub mod subject;
 
 /// A replicated row state: (table, key, row).
 pub type ReplicatedRow = (String, Vec<u8>, Row);
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use geokv_proto::storage as pb;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::causality::{decode_context, encode_context, Hlc, VersionVector};
+use crate::causality::{decode_context, encode_context_at, Hlc, VersionVector};
 use crate::codec;
 use crate::config::{Config, ConflictPolicy, Level};
 use crate::error::KvError;
@@ -235,6 +236,9 @@ pub struct NodeOptions {
     pub dialer: crate::transport::Dialer,
     /// The node's TLS identity and roots; None for plaintext.
     pub tls: Option<Arc<geokv_net::tls::Tls>>,
+    /// Subjects and erasure fences, shared with the engine's compaction
+    /// rules; None makes the node its own.
+    pub lifecycle: Option<Arc<crate::lifecycle::Lifecycle>>,
 }
 
 /// A node's key-value service: owns the engine, the clock and the committer.
@@ -261,6 +265,8 @@ pub struct Node {
     gc: gc::GcState,
     /// The store's identity (docs/architecture.md section 16).
     identity: crate::storage::identity::Opened,
+    /// Subjects and erasure fences (docs/architecture.md section 13).
+    lifecycle: Arc<crate::lifecycle::Lifecycle>,
 }
 
 /// The actor id stamped on the writes this node accepts: the node's name
@@ -336,6 +342,12 @@ impl Node {
         };
         tracing::info!(node = %cfg.actor(), store = %opened.identity.tag(), created_empty = opened.created_empty,
             "store identity");
+        let lifecycle =
+            options.lifecycle.clone().unwrap_or_else(|| Arc::new(crate::lifecycle::Lifecycle::new(&cfg)));
+        let erased = lifecycle.load(engine.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if erased > 0 {
+            tracing::info!(subjects = erased, "erasure ledger loaded: fences applied");
+        }
         let settings = CommitSettings {
             actor: write_actor(&cfg, &opened.identity),
             region: cfg.region.clone(),
@@ -346,6 +358,7 @@ impl Node {
             idempotency_ttl: Duration::from_secs(cfg.storage.idempotency_ttl_s),
             row_limits: row::RowLimits::from_config(&cfg.limits),
             pipeline: cfg.storage.commit_pipeline,
+            lifecycle: lifecycle.clone(),
         };
         let (tx, rx) = mpsc::channel(cfg.storage.commit_queue_max);
         let thread = match options.commit {
@@ -379,6 +392,7 @@ impl Node {
             security: std::sync::OnceLock::new(),
             gc: gc::GcState::default(),
             identity: opened,
+            lifecycle,
         }))
     }
 
@@ -1123,8 +1137,9 @@ pub fn row_is_deleted(row: &Row) -> bool {
 }
 
 /// The values of a register row a reader at wall-clock millisecond
-/// `now_ms` sees (live and not expired), with the context to write back.
-pub fn register_view(row: &Row, now_ms: u64) -> (Vec<SiblingValue>, Vec<u8>) {
+/// `now_ms` sees (live and not expired), with the context to write back,
+/// stamped with the HLC time of the read, `read_hlc`.
+pub fn register_view(row: &Row, now_ms: u64, read_hlc: u64) -> (Vec<SiblingValue>, Vec<u8>) {
     match &row.value {
         RowValue::Register(d) => {
             let siblings = d
@@ -1137,7 +1152,7 @@ pub fn register_view(row: &Row, now_ms: u64) -> (Vec<SiblingValue>, Vec<u8>) {
                     })
                 })
                 .collect();
-            (siblings, encode_context(d.context()))
+            (siblings, encode_context_at(d.context(), read_hlc))
         }
         RowValue::Lww(l) => {
             let siblings = l
@@ -1146,7 +1161,7 @@ pub fn register_view(row: &Row, now_ms: u64) -> (Vec<SiblingValue>, Vec<u8>) {
                     vec![SiblingValue { value: v.to_vec(), hlc: l.hlc().0, origin: l.actor().to_string() }]
                 })
                 .unwrap_or_default();
-            (siblings, encode_context(&VersionVector::default()))
+            (siblings, encode_context_at(&VersionVector::default(), read_hlc))
         }
         RowValue::Counter(_) | RowValue::Set(_) => (Vec::new(), Vec::new()),
     }

@@ -56,7 +56,7 @@ fn put(row: RowRef, value: &str, context: VersionVector) -> WriteRequest {
 
 fn values(node: &Node, key: &str) -> (Vec<String>, VersionVector) {
     let read = node.read(&row(key), ReadLevel::Local, &[]).unwrap();
-    let (siblings, ctx) = register_view(read.row.as_ref().expect("row exists"), 0);
+    let (siblings, ctx) = register_view(read.row.as_ref().expect("row exists"), 0, 0);
     let mut vals: Vec<String> = siblings.into_iter().map(|s| String::from_utf8(s.value).unwrap()).collect();
     vals.sort();
     (vals, parse_context(&ctx).unwrap())
@@ -100,7 +100,7 @@ async fn delete_with_context_removes_what_it_saw() {
     .unwrap();
     let read = node.read(&row("d"), ReadLevel::Local, &[]).unwrap();
     assert!(row_is_deleted(read.row.as_ref().unwrap()));
-    assert!(register_view(read.row.as_ref().unwrap(), 0).0.is_empty());
+    assert!(register_view(read.row.as_ref().unwrap(), 0, 0).0.is_empty());
 }
 
 #[tokio::test]
@@ -285,7 +285,7 @@ async fn lww_table_keeps_the_last_write() {
     node.write(put(lww("x"), "one", VersionVector::default())).await.unwrap();
     node.write(put(lww("x"), "two", VersionVector::default())).await.unwrap();
     let read = node.read(&lww("x"), ReadLevel::Local, &[]).unwrap();
-    let (siblings, _) = register_view(read.row.as_ref().unwrap(), 0);
+    let (siblings, _) = register_view(read.row.as_ref().unwrap(), 0, 0);
     assert_eq!(siblings.len(), 1);
     assert_eq!(siblings[0].value, b"two");
 }

@@ -213,7 +213,7 @@ pub fn decode_record(key: &[u8], value: &[u8]) -> Result<AuditRecord, AuditError
 ///
 /// Written out over `sha2` rather than pulling in a crate for twenty
 /// lines; the tests check it against RFC 4231.
-fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+pub(crate) fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     const BLOCK: usize = 64;
     let mut block = [0u8; BLOCK];
     if key.len() > BLOCK {

@@ -33,6 +33,13 @@ pub fn items(cfg: &Config) -> BTreeMap<String, String> {
     for (locality, region) in &cfg.localities {
         out.insert(format!("locality {locality}"), region.clone());
     }
+    // Nodes must hash subjects alike, or an erasure would miss rows: the
+    // key is compared by a digest of it, never sent.
+    if let Some(key) = &cfg.lifecycle.subject_key {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(format!("geokv subject key {}", key.to_ascii_lowercase()));
+        out.insert("lifecycle subject_key".to_string(), format!("sha256 {}", hex::encode(&digest[..8])));
+    }
     out
 }
 
