@@ -29,3 +29,4 @@ mod tombstones;
 mod tour;
 mod truthful_reads;
 mod ttl;
+mod watch;

@@ -721,6 +721,32 @@ impl Client {
     }
 
     /// One page of a table's rows whose keys start with `prefix`.
+    /// Opens a change feed of `table`'s rows under `prefix`, served by the
+    /// region the client reaches (needs `watch`): every change from any
+    /// region, per key in the order applied there, at least once, with a
+    /// heartbeat every second. Pass the cursor of the last event handled
+    /// to resume after a disconnect (empty: from now on); a cursor older
+    /// than the region keeps fails with `CURSOR_COMPACTED`. The stream is
+    /// not retried: reopen it with the last cursor.
+    pub async fn watch(
+        &self,
+        table: &str,
+        prefix: &[u8],
+        cursor: &[u8],
+    ) -> Result<tonic::Streaming<pb::WatchEvent>, Error> {
+        let msg =
+            pb::WatchRequest { table: table.to_string(), prefix: prefix.to_vec(), cursor: cursor.to_vec() };
+        let resp = self
+            .attempt(Route::Table(table), |stubs, _t| {
+                let mut kv = stubs.kv;
+                // No deadline: a watch lasts until the caller drops it.
+                let msg = msg.clone();
+                async move { kv.watch(tonic::Request::new(msg)).await }
+            })
+            .await?;
+        Ok(resp.into_inner())
+    }
+
     pub async fn scan(
         &self,
         table: &str,

@@ -136,6 +136,8 @@ reasons! {
         "No region holds the home's lease right now.";
     CLOCK_OFFSET_EXCEEDED: Unavailable, Server, retryable = true,
         "This node's clock is further from its peers' than the configured maximum offset, so it serves no home lease until it is back within it.";
+    CURSOR_COMPACTED: OutOfRange, Server, retryable = false,
+        "A watch cursor is older than the change feed's retention; start a new watch.";
     SUBJECT_ERASED: FailedPrecondition, Server, retryable = false,
         "The write's causal context was read before the row's data subject was erased; read again or write without a context.";
     QUORUM_UNAVAILABLE: Unavailable, Server, retryable = true,

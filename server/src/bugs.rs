@@ -49,6 +49,9 @@
 //!   replicated entries, repairs) are merged without its fence, so values
 //!   a region wrote before the erasure and shipped late come back
 //!   (`kv::commit`, `lifecycle`).
+//! - `feed-local-only`: the change feed records only the node's own
+//!   writes, not the entries it applies from other regions, so a watcher
+//!   misses every change made elsewhere (`kv::commit`, `kv::feed`).
 //! - `ttl-ignored`: values never expire: reads show them after their TTL
 //!   and compaction keeps them (`kv::expiry`).
 //!
@@ -76,6 +79,7 @@ pub enum Bug {
     SnapshotLateCopy,
     TtlIgnored,
     ErasureUnfenced,
+    FeedLocalOnly,
 }
 
 impl Bug {
@@ -96,6 +100,7 @@ impl Bug {
             Bug::SnapshotLateCopy => "snapshot-late-copy",
             Bug::TtlIgnored => "ttl-ignored",
             Bug::ErasureUnfenced => "erasure-unfenced",
+            Bug::FeedLocalOnly => "feed-local-only",
         }
     }
 
@@ -116,6 +121,7 @@ impl Bug {
             Bug::SnapshotLateCopy,
             Bug::TtlIgnored,
             Bug::ErasureUnfenced,
+            Bug::FeedLocalOnly,
         ]
         .into_iter()
         .find(|b| b.name() == name)

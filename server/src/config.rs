@@ -65,6 +65,26 @@ pub struct Config {
     pub consensus: ConsensusConfig,
     pub security: SecurityConfig,
     pub lifecycle: LifecycleConfig,
+    pub watch: WatchConfig,
+}
+
+/// Change feeds (docs/architecture.md section 13).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WatchConfig {
+    /// Changes each node keeps for watchers to resume from; a cursor older
+    /// than that gets `CURSOR_COMPACTED`. 0 turns the change feed off
+    /// (`Watch` is then refused).
+    pub retention_entries: u64,
+    /// Longest gap between a watcher's events: a heartbeat with the
+    /// resolved time and the cursor.
+    pub heartbeat_ms: u64,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        Self { retention_entries: 100_000, heartbeat_ms: 1000 }
+    }
 }
 
 /// Data subjects: erasure and export (docs/architecture.md section 13).
@@ -722,6 +742,7 @@ impl Default for Config {
             consensus: ConsensusConfig::default(),
             security: SecurityConfig::default(),
             lifecycle: LifecycleConfig::default(),
+            watch: WatchConfig::default(),
         }
     }
 }
@@ -884,6 +905,12 @@ impl Config {
                 ));
             }
             _ => {}
+        }
+        if self.watch.retention_entries > 100_000_000 {
+            return Err(bad("watch.retention_entries", "must be within 0..=100000000"));
+        }
+        if !(50..=60_000).contains(&self.watch.heartbeat_ms) {
+            return Err(bad("watch.heartbeat_ms", "must be within 50..=60000"));
         }
         if self.lifecycle.export_rows_max == 0 || self.lifecycle.export_rows_max > 10_000_000 {
             return Err(bad("lifecycle.export_rows_max", "must be within 1..=10000000"));

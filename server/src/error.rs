@@ -120,6 +120,11 @@ pub enum KvError {
         "row `{key}`: its subject was erased after this write's context was read (fence {fence_hlc}); read the row again, or write without a context"
     )]
     SubjectErased { key: String, fence_hlc: u64 },
+    /// A watch cursor is behind the change feed's retention.
+    #[error(
+        "the cursor is behind this region's change feed: changes of `{origin}` after position {delivered} were trimmed (through {trimmed}); start a new watch (and read the rows again)"
+    )]
+    CursorCompacted { origin: String, delivered: u64, trimmed: u64 },
 }
 
 impl KvError {
@@ -165,6 +170,7 @@ impl KvError {
             KvError::Unauthenticated { .. } => &reasons::UNAUTHENTICATED,
             KvError::PermissionDenied { .. } => &reasons::PERMISSION_DENIED,
             KvError::SubjectErased { .. } => &reasons::SUBJECT_ERASED,
+            KvError::CursorCompacted { .. } => &reasons::CURSOR_COMPACTED,
         }
     }
 
@@ -219,6 +225,11 @@ impl KvError {
             }
             KvError::QuorumUnavailable { group, .. } => {
                 m.insert("group".into(), group.clone());
+            }
+            KvError::CursorCompacted { origin, delivered, trimmed } => {
+                m.insert("origin".into(), origin.clone());
+                m.insert("delivered".into(), delivered.to_string());
+                m.insert("trimmed".into(), trimmed.to_string());
             }
             KvError::SubjectErased { key, fence_hlc } => {
                 m.insert("key".into(), key.clone());
@@ -347,6 +358,7 @@ mod tests {
             KvError::Unauthenticated { why: s() },
             KvError::PermissionDenied { principal: s(), missing_grant: s(), why: s() },
             KvError::SubjectErased { key: s(), fence_hlc: 1 },
+            KvError::CursorCompacted { origin: s(), delivered: 1, trimmed: 2 },
         ]
     }
 

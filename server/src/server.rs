@@ -19,7 +19,7 @@ use crate::config::{Config, EngineKind};
 use crate::consensus::service::ConsensusService;
 use crate::consensus::Consensus;
 use crate::failover::{Failover, Leases};
-use crate::kv::expiry::{DataExpiry, LogExpiry};
+use crate::kv::expiry::{DataExpiry, FeedExpiry, LogExpiry};
 use crate::kv::{Node, NodeOptions};
 use crate::lifecycle::Lifecycle;
 use crate::replication::{receive::ReplicationService, Replicator};
@@ -53,6 +53,7 @@ pub fn open_engine(cfg: &Config, lifecycle: &Arc<Lifecycle>) -> anyhow::Result<A
                 rules: vec![
                     (Cf::Data, Arc::new(DataExpiry::new(Arc::new(SystemClock), lifecycle.clone())) as _),
                     (Cf::ReplLog, Arc::new(LogExpiry::new(Arc::new(SystemClock), lifecycle.clone())) as _),
+                    (Cf::Feed, Arc::new(FeedExpiry::new(Arc::new(SystemClock), lifecycle.clone())) as _),
                     (Cf::Raft, Arc::new(crate::kv::expiry::StrongExpiry::new(Arc::new(SystemClock))) as _),
                 ],
             };
@@ -247,6 +248,7 @@ where
             gc_cancel.clone(),
         ))
     });
+    let feed_task = tokio::spawn(crate::kv::feed::run_trim(node.clone(), gc_cancel.clone()));
     let peers = Peers::from_topology_with(node.topology(), node.channels());
     let kv = KvServer::new(KvService::new(node.clone(), peers.clone(), Some(consensus.clone())))
         .max_decoding_message_size(limit)
@@ -351,6 +353,7 @@ where
     if let Some(t) = gc_task {
         let _ = t.await;
     }
+    let _ = feed_task.await;
     replicator.shutdown().await;
     tracing::info!("shutting down: replication stopped");
     let _ = stop_tx.send(true);

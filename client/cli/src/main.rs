@@ -192,6 +192,24 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Follow the changes of the rows under a key prefix, from any region,
+    /// as the connected region applies them (needs `watch`). One line per
+    /// change; with --json, heartbeats too, each with the cursor to pass to
+    /// --from to resume after it.
+    Watch {
+        /// Key prefix ("" for the whole table).
+        prefix: String,
+        #[arg(long, default_value = "default")]
+        table: String,
+        /// Resume after this cursor (from an earlier --json line).
+        #[arg(long)]
+        from: Option<String>,
+        /// Stop after this many changes (default: run until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Data subjects (tables with `subject_separator`): erase or export
     /// everything a subject's id names, in every region.
     Subject {
@@ -492,6 +510,61 @@ fn long_config(conn: &ConnArgs) -> ClientConfig {
     let mut cfg = client_config(conn);
     cfg.timeout = cfg.timeout.max(Duration::from_secs(120));
     cfg
+}
+
+/// `geokv watch`: prints changes (and, with --json, heartbeats) as they come.
+async fn watch(
+    conn: &ConnArgs,
+    table: &str,
+    prefix: &[u8],
+    from: Option<&str>,
+    count: Option<u64>,
+) -> Result<(), Failure> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let cursor = match from {
+        Some(c) => b64.decode(c).map_err(|e| Failure::Usage(format!("--from is not a cursor: {e}")))?,
+        None => Vec::new(),
+    };
+    let client = connect(conn).await?;
+    let mut stream = client.watch(table, prefix, &cursor).await?;
+    let mut seen = 0u64;
+    while count.is_none_or(|n| seen < n) {
+        let event = match stream.message().await {
+            Ok(Some(e)) => e,
+            Ok(None) => return Err(Failure::Other(anyhow::anyhow!("the serving node ended the watch"))),
+            Err(status) => return Err(geokv_client::Error::from(status).into()),
+        };
+        let cursor = b64.encode(&event.cursor);
+        match event.event {
+            Some(pb::watch_event::Event::Change(c)) => {
+                seen += 1;
+                let values: Vec<String> = c.siblings.iter().map(|s| text(&s.value)).collect();
+                if conn.json {
+                    let values_b64: Vec<String> = c.siblings.iter().map(|s| b64.encode(&s.value)).collect();
+                    println!(
+                        "{}",
+                        json!({"key": text(&c.key), "values": values, "values_base64": values_b64, "kind": c.kind,
+                            "counter": c.counter_value, "origin": c.origin, "origin_seq": c.origin_seq,
+                            "hlc": c.hlc, "cursor": cursor})
+                    );
+                } else if values.is_empty() {
+                    println!("{} (deleted)", text(&c.key));
+                } else {
+                    println!("{} = {}", text(&c.key), values.join(" | "));
+                }
+            }
+            Some(pb::watch_event::Event::ResolvedHlc(hlc)) => {
+                if conn.json {
+                    println!("{}", json!({"resolved_hlc": hlc, "cursor": cursor}));
+                }
+            }
+            None => {}
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+    Ok(())
 }
 
 /// `geokv subject erase`: every region, the first picking the fence.
@@ -1085,6 +1158,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
             Ok(())
+        }
+        Command::Watch { prefix, table, from, count, conn } => {
+            watch(&conn, &table, prefix.as_bytes(), from.as_deref(), count).await
         }
         Command::Subject { action: SubjectAction::Erase { id, wait_s }, conn } => {
             subject_erase(&conn, id.as_bytes(), Duration::from_secs(wait_s)).await

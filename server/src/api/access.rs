@@ -56,6 +56,14 @@ impl Target for pb::BatchRequest {
     }
 }
 
+impl Target for pb::WatchRequest {
+    const OP: &'static str = "kv.watch";
+    const PRIVILEGE: Privilege = Privilege::Watch;
+    fn target(&self) -> (Vec<&str>, Option<&[u8]>) {
+        (vec![self.table.as_str()], None)
+    }
+}
+
 impl Target for pb::ScanRequest {
     const OP: &'static str = "kv.scan";
     const PRIVILEGE: Privilege = Privilege::Read;

@@ -410,6 +410,54 @@ impl KvService {
         Ok(route::batch_owner(owners)?.cloned())
     }
 
+    /// Checks a watch: a known table, a region inside the table's zone, a
+    /// change feed on, one node in the region (the feed is per node), and
+    /// a cursor the feed still covers.
+    fn admit_watch(&self, req: pb::WatchRequest) -> Result<crate::kv::feed::Watch, KvError> {
+        let cfg = self.node.config();
+        if req.table.is_empty() {
+            return Err(KvError::MissingField { field: "table" });
+        }
+        let table =
+            cfg.table(&req.table).ok_or_else(|| KvError::UnknownTable { table: req.table.clone() })?;
+        if let Some(zone) = table.zone.as_ref().and_then(|z| cfg.zone(z)) {
+            if !zone.regions.contains(&cfg.region) {
+                return Err(KvError::ResidencyViolation {
+                    zone: zone.name.clone(),
+                    allowed: zone.regions.clone(),
+                    region: cfg.region.clone(),
+                });
+            }
+        }
+        if cfg.watch.retention_entries == 0 {
+            return Err(KvError::InvalidField {
+                field: "table",
+                why: "this cluster keeps no change feed (watch.retention_entries = 0)".into(),
+            });
+        }
+        let region_nodes = self.node.topology().nodes(&cfg.region).len();
+        if region_nodes > 1 {
+            return Err(KvError::InvalidField {
+                field: "table",
+                why: format!(
+                    "region `{}` has {region_nodes} nodes: watches are served by regions of one node so far",
+                    cfg.region
+                ),
+            });
+        }
+        if req.prefix.len() > cfg.limits.key_bytes_max {
+            return Err(KvError::KeyTooLarge { len: req.prefix.len(), max: cfg.limits.key_bytes_max });
+        }
+        let cursor = if req.cursor.is_empty() {
+            None
+        } else {
+            let c = crate::kv::feed::Cursor::decode(&req.cursor)?;
+            crate::kv::feed::check_cursor(&self.node, &c)?;
+            Some(c)
+        };
+        Ok(crate::kv::feed::Watch { table: req.table, prefix: req.prefix, cursor })
+    }
+
     fn token(&self, log_seq: u64) -> Vec<u8> {
         self.node.session_token(&[], log_seq).unwrap_or_default()
     }
@@ -417,6 +465,19 @@ impl KvService {
 
 #[tonic::async_trait]
 impl pb::kv_server::Kv for KvService {
+    type WatchStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+    async fn watch(&self, request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let _hops = self.enter(&request)?;
+        let req = request.into_inner();
+        let watch = self.admit_watch(req).map_err(Status::from)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(crate::kv::feed::serve(self.node.clone(), watch, tx));
+        metrics::counter!("geokv_watches_total").increment(1);
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let hops = self.enter(&request)?;
         let req = request.into_inner();

@@ -99,6 +99,9 @@ pub struct RemoteApply {
     /// Idempotency records that travelled with the entries (key, record):
     /// stored here so a retry that lands in this region is replayed.
     pub idempotency: Vec<(String, pb::IdempotencyRecord)>,
+    /// Per entry, its position in the source's log (shipped entries; empty
+    /// for repairs, which carry rows, not log entries).
+    pub seqs: Vec<u64>,
 }
 
 /// How a [`RemoteApply`] relates to the source's log position.
@@ -164,6 +167,10 @@ pub struct CommitSettings {
     pub pipeline: bool,
     /// Subjects and their erasure fences (docs/architecture.md section 13).
     pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
+    /// This node's origin in change feeds ("region/node#store").
+    pub origin: String,
+    /// Whether changes go to the change feed (`watch.retention_entries` > 0).
+    pub feed: bool,
 }
 
 /// Shared facts the committer publishes for readers.
@@ -182,6 +189,9 @@ pub struct CommitState {
     pub log_watch: tokio::sync::watch::Sender<u64>,
     /// Tombstones removed by collection since start.
     pub tombstones_collected: AtomicU64,
+    /// Highest change-feed position durably written, announced to watchers.
+    pub feed_seq: AtomicU64,
+    pub feed_watch: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for CommitState {
@@ -193,6 +203,8 @@ impl Default for CommitState {
             inbound: Default::default(),
             log_watch: tokio::sync::watch::channel(0).0,
             tombstones_collected: AtomicU64::new(0),
+            feed_seq: AtomicU64::new(0),
+            feed_watch: tokio::sync::watch::channel(0).0,
         }
     }
 }
@@ -345,6 +357,8 @@ struct Prepared {
     replies: Vec<(ReplyTo, JobResult)>,
     /// Highest log sequence number in the batch (None: no log entry).
     through_seq: Option<u64>,
+    /// Highest change-feed position in the batch (None: no change).
+    feed_through: Option<u64>,
     inbound: HashMap<(String, String), u64>,
     conflicts: Vec<String>,
     collected: u64,
@@ -437,6 +451,10 @@ impl Syncer {
             self.state.log_seq.store(seq, Ordering::Release);
             self.state.log_watch.send_replace(seq);
         }
+        if let Some(seq) = g.feed_through {
+            self.state.feed_seq.store(seq, Ordering::Release);
+            self.state.feed_watch.send_replace(seq);
+        }
         if !g.inbound.is_empty() {
             let mut inbound = self.state.inbound.lock().unwrap_or_else(|p| p.into_inner());
             for ((source, store), through) in &g.inbound {
@@ -485,6 +503,8 @@ struct Committer {
     carried: std::collections::VecDeque<(u64, Arc<Overlay>)>,
     /// Next log sequence number to assign (None: read the store's).
     next_seq: Option<u64>,
+    /// Next change-feed position to assign (0: read the published one).
+    feed_next: std::cell::Cell<u64>,
     group: u64,
     era: u64,
 }
@@ -506,6 +526,7 @@ impl Committer {
             pipeline,
             carried: Default::default(),
             next_seq: None,
+            feed_next: std::cell::Cell::new(0),
             group: 0,
             era: 1,
         }
@@ -580,6 +601,7 @@ impl Committer {
             self.era += 1;
             self.carried.clear();
             self.next_seq = None;
+            self.feed_next.set(0);
             return;
         }
         let settled = pipeline.settled_group.load(Ordering::Acquire);
@@ -598,6 +620,10 @@ impl Committer {
             Some(seq) => seq,
             None => self.state.log_seq.load(Ordering::Acquire) + 1,
         };
+        if self.feed_next.get() == 0 {
+            self.feed_next.set(self.state.feed_seq.load(Ordering::Acquire) + 1);
+        }
+        let first_feed = self.feed_next.get();
         let mut next_seq = first_seq;
         let mut overlay = Overlay::over(self.carried.iter().rev().map(|(_, o)| o.clone()).collect());
         let mut batch = WriteBatch::new();
@@ -649,6 +675,7 @@ impl Committer {
             batch,
             replies,
             through_seq: (next_seq > first_seq).then(|| next_seq - 1),
+            feed_through: (self.feed_next.get() > first_feed).then(|| self.feed_next.get() - 1),
             inbound,
             conflicts,
             collected,
@@ -844,7 +871,8 @@ impl Committer {
         let mut job_batch = WriteBatch::new();
         let mut job_conflicts = Vec::new();
         let now = self.hlc.now();
-        for (table, key, incoming) in &remote.entries {
+        let origin = format!("{}#{}", remote.source, remote.source_store);
+        for (i, (table, key, incoming)) in remote.entries.iter().enumerate() {
             let dk = data_key(table, key);
             let current = match staged.get(&dk).or_else(|| overlay.row(&dk)) {
                 Some(r) => Some(r.clone()),
@@ -876,6 +904,21 @@ impl Committer {
                     .record(delay_s);
             }
             job_batch.put(Cf::Data, dk.clone(), merged.seal());
+            // Shipped log entries are changes watchers see, named by their
+            // position in the origin's log.
+            if let (ApplyMode::Log, Some(origin_seq), false) =
+                (remote.mode, remote.seqs.get(i), feed_local_only())
+            {
+                self.put_feed(
+                    &mut job_batch,
+                    &origin,
+                    *origin_seq,
+                    table,
+                    key,
+                    merged.to_proto(),
+                    incoming.hlc,
+                );
+            }
             staged.insert(dk, merged);
         }
         let mut seq = *next_seq;
@@ -1088,10 +1131,51 @@ impl Committer {
     /// out of the retention window.
     fn put_log_entry(&self, batch: &mut WriteBatch, entry: &pb::LogEntry) {
         let seq = entry.seq;
+        if let Some(row) = &entry.row {
+            self.put_feed(
+                batch,
+                &self.settings.origin,
+                seq,
+                &entry.table,
+                &entry.key,
+                row.clone(),
+                entry.hlc,
+            );
+        }
         batch.put(Cf::ReplLog, seq.to_be_bytes().to_vec(), codec::seal_message(entry));
         if seq > self.settings.log_retention_entries {
             batch.delete(Cf::ReplLog, (seq - self.settings.log_retention_entries).to_be_bytes().to_vec());
         }
+    }
+
+    /// Appends one change to the change feed at the next position
+    /// (`kv::feed`; trimmed to its retention in the background).
+    #[allow(clippy::too_many_arguments)]
+    fn put_feed(
+        &self,
+        batch: &mut WriteBatch,
+        origin: &str,
+        origin_seq: u64,
+        table: &str,
+        key: &[u8],
+        row: pb::Row,
+        hlc: u64,
+    ) {
+        if !self.settings.feed {
+            return;
+        }
+        let local_seq = self.feed_next.get();
+        self.feed_next.set(local_seq + 1);
+        let entry = pb::FeedEntry {
+            local_seq,
+            origin: origin.to_string(),
+            origin_seq,
+            table: table.to_string(),
+            key: key.to_vec(),
+            row: Some(row),
+            hlc,
+        };
+        batch.put(Cf::Feed, super::feed::entry_key(local_seq), codec::seal_message(&entry));
     }
 
     fn put_idempotency(&self, batch: &mut WriteBatch, key: &str, record: &pb::IdempotencyRecord) {
@@ -1389,6 +1473,16 @@ fn idem_key_of_expiry(k: &[u8]) -> Result<Vec<u8>, KvError> {
     Ok(idem)
 }
 
+/// Whether the put-back bug `feed-local-only` is on: applied entries from
+/// other regions stay out of the change feed.
+fn feed_local_only() -> bool {
+    #[cfg(feature = "bugs")]
+    if crate::bugs::active(crate::bugs::Bug::FeedLocalOnly) {
+        return true;
+    }
+    false
+}
+
 /// Whether the put-back bug `erasure-unfenced` is on: rows arriving after
 /// an erasure merge without its fence.
 fn arrivals_unfenced() -> bool {
@@ -1426,6 +1520,8 @@ mod tests {
             row_limits: RowLimits::from_config(&crate::config::Limits::default()),
             pipeline: true,
             lifecycle: Arc::new(crate::lifecycle::Lifecycle::new(&crate::config::Config::default())),
+            origin: "eu-west-1/n1#test".into(),
+            feed: true,
         };
         let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), 500));
         Committer::new(engine, hlc, settings, Arc::new(CommitState::default()), Arc::new(Pipeline::default()))

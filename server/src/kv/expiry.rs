@@ -155,6 +155,45 @@ impl CompactionRule for LogExpiry {
     }
 }
 
+/// The rule of the `feed` column family: a change-feed entry carries the
+/// row's state, stripped as in the replication log.
+pub struct FeedExpiry {
+    clock: Arc<dyn PhysicalClock>,
+    lifecycle: Arc<Lifecycle>,
+}
+
+impl FeedExpiry {
+    pub fn new(clock: Arc<dyn PhysicalClock>, lifecycle: Arc<Lifecycle>) -> Self {
+        Self { clock, lifecycle }
+    }
+}
+
+impl CompactionRule for FeedExpiry {
+    fn name(&self) -> &'static str {
+        "geokv-feed-expiry"
+    }
+
+    fn filter(&self, key: &[u8], value: &[u8]) -> Compacted {
+        if !key.starts_with(b"l/") {
+            return Compacted::Keep;
+        }
+        let Ok(mut entry) = crate::codec::open_message::<pb::FeedEntry>(value) else {
+            return Compacted::Keep;
+        };
+        let Some(Ok(mut row)) = entry.row.take().map(Row::from_proto) else {
+            return Compacted::Keep;
+        };
+        match strip_all(&self.lifecycle, &entry.table, &entry.key, &mut row, self.clock.now_ms()) {
+            0 => Compacted::Keep,
+            n => {
+                count(n as u64);
+                entry.row = Some(row.to_proto());
+                Compacted::Change(crate::codec::seal_message(&entry))
+            }
+        }
+    }
+}
+
 /// The rule of the `raft` column family: expired STRONG values leave the
 /// state machines (`g/<group>/sm/r/<table>\0<key>`).
 pub struct StrongExpiry {

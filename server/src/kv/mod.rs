@@ -13,6 +13,7 @@
 
 pub mod commit;
 pub mod expiry;
+pub mod feed;
 pub mod gc;
 pub mod route;
 pub mod row;
@@ -348,6 +349,10 @@ impl Node {
         if erased > 0 {
             tracing::info!(subjects = erased, "erasure ledger loaded: fences applied");
         }
+        // The change feed continues after its last stored position.
+        let feed_head = feed::newest(engine.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        state.feed_seq.store(feed_head, Ordering::Release);
+        state.feed_watch.send_replace(feed_head);
         let settings = CommitSettings {
             actor: write_actor(&cfg, &opened.identity),
             region: cfg.region.clone(),
@@ -359,6 +364,12 @@ impl Node {
             row_limits: row::RowLimits::from_config(&cfg.limits),
             pipeline: cfg.storage.commit_pipeline,
             lifecycle: lifecycle.clone(),
+            origin: format!(
+                "{}#{}",
+                cfg.actor(),
+                if crate::storage::identity::identity_off() { String::new() } else { opened.identity.tag() }
+            ),
+            feed: cfg.watch.retention_entries > 0,
         };
         let (tx, rx) = mpsc::channel(cfg.storage.commit_queue_max);
         let thread = match options.commit {
@@ -813,6 +824,7 @@ impl Node {
             entries,
             mode: commit::ApplyMode::RepairRows,
             idempotency: Vec::new(),
+            seqs: Vec::new(),
         };
         tx.send(CommitJob { work: Work::Apply(remote), reply }).await.map_err(|_| KvError::ShuttingDown)?;
         rx.await.map_err(|_| KvError::ShuttingDown)?.map(|_| ())

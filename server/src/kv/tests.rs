@@ -302,6 +302,7 @@ async fn replicated_frames_merge_once_and_keep_local_writes() {
         entries: vec![("default".into(), b"c".to_vec(), row.clone())],
         mode: ApplyMode::Log,
         idempotency: Vec::new(),
+        seqs: Vec::new(),
     };
     node.apply_remote(frame(1, 1)).await.unwrap();
     node.apply_remote(frame(1, 1)).await.unwrap();
@@ -336,6 +337,7 @@ async fn repaired_rows_merge_without_moving_the_position_until_done() {
         entries,
         mode,
         idempotency: Vec::new(),
+        seqs: Vec::new(),
     };
     let rows = vec![("default".to_string(), b"c".to_vec(), row.clone())];
     node.apply_remote(apply(ApplyMode::RepairRows, 0, rows.clone())).await.unwrap();
@@ -525,6 +527,7 @@ async fn a_new_source_incarnation_is_not_taken_for_duplicates() {
         entries: vec![("default".into(), format!("k{store}{through}").into_bytes(), remote_counter(value))],
         mode: ApplyMode::Log,
         idempotency: Vec::new(),
+        seqs: Vec::new(),
     };
     let old = format!("{:016x}-{}", 1, "a".repeat(32));
     let new = format!("{:016x}-{}", 2, "b".repeat(32));

@@ -98,6 +98,8 @@ pub struct OpenedFrame {
     pub accepted: Vec<(u64, u64)>,
     /// Per entry: the idempotency record that travelled with it, if any.
     pub idempotency: Vec<Option<(String, spb::IdempotencyRecord)>>,
+    /// Per entry: its position in the source's log.
+    pub seqs: Vec<u64>,
     pub max_hlc: u64,
 }
 
@@ -120,6 +122,7 @@ pub fn open(cfg: &Config, frame: &pb::ShipFrame, max_bytes: usize) -> Result<Ope
             entries: Vec::new(),
             accepted: Vec::new(),
             idempotency: Vec::new(),
+            seqs: Vec::new(),
             max_hlc: 0,
         });
     }
@@ -156,6 +159,7 @@ pub fn open(cfg: &Config, frame: &pb::ShipFrame, max_bytes: usize) -> Result<Ope
     let mut entries = Vec::with_capacity(batch.entries.len());
     let mut accepted = Vec::with_capacity(batch.entries.len());
     let mut idempotency = Vec::with_capacity(batch.entries.len());
+    let mut seqs = Vec::with_capacity(batch.entries.len());
     let mut max_hlc = 0;
     for e in batch.entries {
         if e.seq < frame.first_seq || e.seq > frame.through_seq {
@@ -194,9 +198,10 @@ pub fn open(cfg: &Config, frame: &pb::ShipFrame, max_bytes: usize) -> Result<Ope
         };
         accepted.push((e.accepted_epoch, e.hlc));
         idempotency.push(idem);
+        seqs.push(e.seq);
         entries.push((e.table, e.key, row));
     }
-    Ok(OpenedFrame { entries, accepted, idempotency, max_hlc })
+    Ok(OpenedFrame { entries, accepted, idempotency, seqs, max_hlc })
 }
 
 #[cfg(test)]

@@ -193,12 +193,11 @@ impl pb::replication_server::Replication for ReplicationService {
                 }
                 metrics::counter!("geokv_replication_received_bytes_total", "source" => frame.source_region.clone())
                     .increment(frame.entries.len() as u64);
-                let (entries, idempotency) = node.fence_entries(
-                    &frame.source_region,
-                    opened.entries,
-                    &opened.accepted,
-                    opened.idempotency,
-                );
+                // Each entry's log position travels with it through fencing.
+                let attached = opened.seqs.into_iter().zip(opened.idempotency).collect();
+                let (entries, attached): (_, Vec<(u64, _)>) =
+                    node.fence_entries(&frame.source_region, opened.entries, &opened.accepted, attached);
+                let (seqs, idempotency): (Vec<u64>, Vec<_>) = attached.into_iter().unzip();
                 let store = if crate::storage::identity::identity_off() {
                     String::new()
                 } else {
@@ -212,6 +211,7 @@ impl pb::replication_server::Replication for ReplicationService {
                     entries,
                     mode: ApplyMode::Log,
                     idempotency: idempotency.into_iter().flatten().collect(),
+                    seqs,
                 };
                 let applied = if remote.entries.is_empty()
                     && frame.through_seq

@@ -190,6 +190,7 @@ impl Session {
                         entries,
                         mode: ApplyMode::RepairRows,
                         idempotency: Vec::new(),
+                        seqs: Vec::new(),
                     })
                     .await?;
                 Ok(pb::RepairResponse { rows_applied: rows, ..Default::default() })
@@ -205,6 +206,7 @@ impl Session {
                         entries: Vec::new(),
                         mode: ApplyMode::RepairDone,
                         idempotency: Vec::new(),
+                        seqs: Vec::new(),
                     })
                     .await?;
                 Ok(pb::RepairResponse::default())

@@ -34,11 +34,15 @@ pub enum Cf {
     /// repair read only [`Cf::Data`], so nothing here is ever replicated,
     /// digested or repaired.
     Audit,
+    /// The change feed (`kv::feed`): `l/<local seq>` -> sealed
+    /// `storage::FeedEntry`, and `f/<origin>` -> the highest origin
+    /// position trimmed. Local to the node, like the audit log.
+    Feed,
 }
 
 impl Cf {
     /// Every column family; the RocksDB engine opens (and creates) these.
-    pub const ALL: [Cf; 5] = [Cf::Data, Cf::ReplLog, Cf::Meta, Cf::Raft, Cf::Audit];
+    pub const ALL: [Cf; 6] = [Cf::Data, Cf::ReplLog, Cf::Meta, Cf::Raft, Cf::Audit, Cf::Feed];
 
     /// The column family's name on disk.
     pub fn name(self) -> &'static str {
@@ -48,6 +52,7 @@ impl Cf {
             Cf::Meta => "meta",
             Cf::Raft => "raft",
             Cf::Audit => "audit",
+            Cf::Feed => "feed",
         }
     }
 }

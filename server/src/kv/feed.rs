@@ -1,0 +1,328 @@
+//! The change feed (docs/architecture.md section 13): every change a node
+//! applies, its own writes and the entries it applies from other regions,
+//! in the order applied, kept for `watch.retention_entries` positions in
+//! the `feed` column family and streamed to watchers.
+//!
+//! Each change is named by its origin (the node and store incarnation
+//! whose log holds the write, `region/node#store`) and its position in
+//! that log, so a watcher's cursor is a position per origin: the same
+//! cursor resumes on this node after a restart (the feed is written in the
+//! same batch as the change), and a change seen twice is recognised. An
+//! origin's changes reach the feed in the order of its log, so "delivered
+//! through position p of origin o" is all a cursor needs. Trimming the
+//! feed records, per origin, the highest position trimmed (`f/<origin>`);
+//! a cursor behind that is refused with `CURSOR_COMPACTED`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use geokv_proto::storage as spb;
+use geokv_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::Node;
+use crate::codec;
+use crate::error::KvError;
+use crate::storage::{Cf, WriteBatch};
+
+/// Feed entries read per page.
+const PAGE: usize = 256;
+/// Most entries one trimming pass removes.
+const TRIM_PER_PASS: usize = 10_000;
+
+/// Key of the feed entry at local position `seq`.
+pub fn entry_key(seq: u64) -> Vec<u8> {
+    let mut k = b"l/".to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn floor_key(origin: &str) -> Vec<u8> {
+    let mut k = b"f/".to_vec();
+    k.extend_from_slice(origin.as_bytes());
+    k
+}
+
+fn seq_of(key: &[u8]) -> Option<u64> {
+    key.strip_prefix(b"l/").and_then(|s| <[u8; 8]>::try_from(s).ok()).map(u64::from_be_bytes)
+}
+
+/// A watcher's position: per origin, the last position delivered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cursor(pub BTreeMap<String, u64>);
+
+impl Cursor {
+    pub fn encode(&self) -> Vec<u8> {
+        let positions = self
+            .0
+            .iter()
+            .map(|(actor, counter)| spb::VvEntry { actor: actor.clone(), counter: *counter })
+            .collect();
+        codec::seal_message(&spb::FeedCursor { positions })
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, KvError> {
+        let bad = |why: String| KvError::InvalidField { field: "cursor", why };
+        if bytes.len() > 1 << 20 {
+            return Err(bad(format!("{} bytes; a cursor is at most 1 MiB", bytes.len())));
+        }
+        let c: spb::FeedCursor = codec::open_message(bytes).map_err(|e| bad(e.to_string()))?;
+        Ok(Self(c.positions.into_iter().map(|e| (e.actor, e.counter)).collect()))
+    }
+}
+
+/// The highest trimmed position of every origin.
+pub fn floors(node: &Node) -> Result<BTreeMap<String, u64>, KvError> {
+    let storage = |e: crate::storage::StorageError| KvError::Storage(e.to_string());
+    let mut out = BTreeMap::new();
+    let mut start = b"f/".to_vec();
+    loop {
+        let page = node.engine().scan(Cf::Feed, &start, Some(b"f0"), PAGE).map_err(storage)?;
+        for (k, v) in &page {
+            let origin = String::from_utf8_lossy(&k[2..]).into_owned();
+            let seq = <[u8; 8]>::try_from(v.as_slice()).map(u64::from_be_bytes).unwrap_or(u64::MAX);
+            out.insert(origin, seq);
+        }
+        match page.last() {
+            Some((k, _)) if page.len() == PAGE => {
+                start = k.clone();
+                start.push(0);
+            }
+            _ => return Ok(out),
+        }
+    }
+}
+
+/// Checks that `cursor` can resume: every origin trimmed past it refuses
+/// it with `CURSOR_COMPACTED`.
+pub fn check_cursor(node: &Node, cursor: &Cursor) -> Result<(), KvError> {
+    for (origin, trimmed) in floors(node)? {
+        let delivered = cursor.0.get(&origin).copied().unwrap_or(0);
+        if trimmed > delivered {
+            return Err(KvError::CursorCompacted { origin, delivered, trimmed });
+        }
+    }
+    Ok(())
+}
+
+/// Feed entries from local position `from` on, at most `limit`.
+fn read_page(node: &Node, from: u64, limit: usize) -> Result<Vec<spb::FeedEntry>, KvError> {
+    let page = node
+        .engine()
+        .scan(Cf::Feed, &entry_key(from), Some(b"l0"), limit)
+        .map_err(|e| KvError::Storage(e.to_string()))?;
+    page.iter()
+        .map(|(k, v)| {
+            codec::open_message::<spb::FeedEntry>(v).map_err(|e| KvError::Corrupt {
+                what: format!("change feed entry {:?}", seq_of(k)),
+                why: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The oldest local position still in the feed (1 when empty).
+fn oldest(node: &Node) -> Result<u64, KvError> {
+    let first =
+        node.engine().scan(Cf::Feed, b"l/", Some(b"l0"), 1).map_err(|e| KvError::Storage(e.to_string()))?;
+    Ok(first.first().and_then(|(k, _)| seq_of(k)).unwrap_or(1))
+}
+
+/// The local position of the newest entry (recovered at start).
+pub fn newest(engine: &dyn crate::storage::Engine) -> Result<u64, KvError> {
+    let last = engine.last(Cf::Feed).map_err(|e| KvError::Storage(e.to_string()))?;
+    Ok(last.and_then(|(k, _)| seq_of(&k)).unwrap_or(0))
+}
+
+/// Removes entries past the retention, oldest first, recording per
+/// origin the highest position removed; returns how many it removed.
+pub fn trim(node: &Node) -> Result<u64, KvError> {
+    let retention = node.config().watch.retention_entries;
+    let head = node.state.feed_seq.load(Ordering::Acquire);
+    if retention == 0 || head <= retention {
+        return Ok(0);
+    }
+    let keep_from = head - retention + 1;
+    let mut from = oldest(node)?;
+    let mut floors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut batch = WriteBatch::new();
+    let mut removed = 0u64;
+    while from < keep_from && (removed as usize) < TRIM_PER_PASS {
+        let want = (keep_from - from).min(PAGE as u64) as usize;
+        let page = read_page(node, from, want)?;
+        let Some(last) = page.last() else { break };
+        from = last.local_seq + 1;
+        for e in page.into_iter().filter(|e| e.local_seq < keep_from) {
+            let f = floors.entry(e.origin.clone()).or_insert(0);
+            *f = (*f).max(e.origin_seq);
+            batch.delete(Cf::Feed, entry_key(e.local_seq));
+            removed += 1;
+        }
+    }
+    if removed == 0 {
+        return Ok(0);
+    }
+    let stored = self::floors(node)?;
+    for (origin, seq) in floors {
+        let seq = seq.max(stored.get(&origin).copied().unwrap_or(0));
+        batch.put(Cf::Feed, floor_key(&origin), seq.to_be_bytes().to_vec());
+    }
+    node.engine().write(batch, false).map_err(|e| KvError::Storage(e.to_string()))?;
+    metrics::counter!("geokv_feed_trimmed_total").increment(removed);
+    Ok(removed)
+}
+
+/// Trims the feed every second until `cancel`.
+pub async fn run_trim(node: Arc<Node>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let n = node.clone();
+        match tokio::task::spawn_blocking(move || trim(&n)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "change feed trimming failed; retried in a second"),
+            Err(e) => tracing::warn!(error = %e, "change feed trimming task failed"),
+        }
+    }
+}
+
+/// What a watcher asked for.
+pub struct Watch {
+    pub table: String,
+    pub prefix: Vec<u8>,
+    /// None: changes from now on.
+    pub cursor: Option<Cursor>,
+}
+
+/// The HLC time through which this node has every change of every source
+/// it hears from (its own clock when it hears from none).
+fn resolved_hlc(node: &Node) -> u64 {
+    let sources = node.inbound();
+    let own = node.hlc().now().0;
+    sources.values().map(|i| i.fresh_as_of_hlc).min().map_or(own, |m| m.min(own))
+}
+
+fn change_event(node: &Node, e: spb::FeedEntry, cursor: &Cursor) -> Result<pb::WatchEvent, KvError> {
+    let row = e
+        .row
+        .map(super::row::Row::from_proto)
+        .transpose()
+        .map_err(|why| KvError::Corrupt { what: format!("change feed entry {}", e.local_seq), why })?;
+    let now_ms = super::expiry::read_ms(node.hlc());
+    let (siblings, kind, counter_value, set_members) = match &row {
+        Some(r) => {
+            let (values, _) = super::register_view(r, now_ms, 0);
+            let (counter, members) = match &r.value {
+                super::RowValue::Counter(c) => (c.value(), Vec::new()),
+                super::RowValue::Set(s) => (0, s.members().into_iter().map(<[u8]>::to_vec).collect()),
+                _ => (0, Vec::new()),
+            };
+            (values, r.value.kind().to_string(), counter, members)
+        }
+        None => (Vec::new(), String::new(), 0, Vec::new()),
+    };
+    Ok(pb::WatchEvent {
+        event: Some(pb::watch_event::Event::Change(pb::WatchChange {
+            key: e.key,
+            siblings: crate::api::convert::siblings(siblings),
+            origin: e.origin,
+            origin_seq: e.origin_seq,
+            hlc: e.hlc,
+            kind,
+            counter_value,
+            set_members,
+        })),
+        cursor: cursor.encode(),
+    })
+}
+
+/// Streams `watch` into `tx` until the receiver goes away or the node
+/// fails: stored changes after the cursor first, then new ones as they are
+/// written, with a heartbeat at least every `watch.heartbeat_ms`.
+pub async fn serve(node: Arc<Node>, watch: Watch, tx: mpsc::Sender<Result<pb::WatchEvent, tonic::Status>>) {
+    if let Err(e) = stream(&node, watch, &tx).await {
+        let _ = tx.send(Err(e.into())).await;
+    }
+}
+
+async fn stream(
+    node: &Arc<Node>,
+    watch: Watch,
+    tx: &mpsc::Sender<Result<pb::WatchEvent, tonic::Status>>,
+) -> Result<(), KvError> {
+    let mut changes = node.state.feed_watch.subscribe();
+    let head = node.state.feed_seq.load(Ordering::Acquire);
+    // Without a cursor, the stored changes only set the cursor.
+    let deliver_after = if watch.cursor.is_some() { 0 } else { head };
+    let mut cursor = watch.cursor.unwrap_or_default();
+    let mut next = oldest(node)?;
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(node.config().watch.heartbeat_ms));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        loop {
+            let n = node.clone();
+            let page = tokio::task::spawn_blocking(move || read_page(&n, next, PAGE))
+                .await
+                .map_err(|e| KvError::Storage(e.to_string()))??;
+            let Some(last) = page.last() else { break };
+            let full = page.len() == PAGE;
+            next = last.local_seq + 1;
+            for e in page {
+                let delivered = cursor.0.entry(e.origin.clone()).or_insert(0);
+                if e.origin_seq <= *delivered {
+                    continue;
+                }
+                *delivered = e.origin_seq;
+                if e.local_seq <= deliver_after || e.table != watch.table || !e.key.starts_with(&watch.prefix)
+                {
+                    continue;
+                }
+                let event = change_event(node, e, &cursor)?;
+                if tx.send(Ok(event)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return Err(KvError::ShuttingDown);
+                }
+            }
+            _ = heartbeat.tick() => {
+                let event = pb::WatchEvent {
+                    event: Some(pb::watch_event::Event::ResolvedHlc(resolved_hlc(node))),
+                    cursor: cursor.encode(),
+                };
+                if tx.send(Ok(event)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            _ = tx.closed() => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_bad_ones_are_refused() {
+        let c = Cursor([("us-east-1/n1#a".to_string(), 7), ("eu-west-1/n1#b".to_string(), 3)].into());
+        assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
+        assert!(matches!(Cursor::decode(b"nonsense"), Err(KvError::InvalidField { field: "cursor", .. })));
+        assert_eq!(seq_of(&entry_key(42)), Some(42));
+        assert!(entry_key(1) < entry_key(256), "big-endian keys sort by position");
+    }
+}
