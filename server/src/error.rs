@@ -114,6 +114,25 @@ pub enum KvError {
     /// metadata names both, so an operator can add the grant.
     #[error("principal `{principal}` lacks the grant `{missing_grant}`: {why}")]
     PermissionDenied { principal: String, missing_grant: String, why: String },
+    /// Rows of `zone` have no usable backup destination on `node`
+    /// (docs/decisions/029-zone-strict-backups.md).
+    #[error("node `{node}` holds rows of zone `{}` but {why}; nothing of that zone was written anywhere", display_zone(zone))]
+    BackupDestinationMissing { zone: String, node: String, why: String },
+    #[error("the backup does not fit this cluster: {why}")]
+    BackupMismatch { why: String },
+    #[error("node `{node}` is not empty ({why}): a backup is restored into a fresh cluster only")]
+    RestoreNotEmpty { node: String, why: String },
+    #[error("backup file {file} is corrupt: {why}")]
+    BackupCorrupt { file: String, why: String },
+}
+
+/// A zone's name for messages ("" is the rows of no zone).
+fn display_zone(zone: &str) -> &str {
+    if zone.is_empty() {
+        "(none: unrestricted rows)"
+    } else {
+        zone
+    }
 }
 
 impl KvError {
@@ -158,6 +177,10 @@ impl KvError {
             KvError::QuorumUnavailable { .. } => &reasons::QUORUM_UNAVAILABLE,
             KvError::Unauthenticated { .. } => &reasons::UNAUTHENTICATED,
             KvError::PermissionDenied { .. } => &reasons::PERMISSION_DENIED,
+            KvError::BackupDestinationMissing { .. } => &reasons::BACKUP_DESTINATION_MISSING,
+            KvError::BackupMismatch { .. } => &reasons::BACKUP_MISMATCH,
+            KvError::RestoreNotEmpty { .. } => &reasons::RESTORE_NOT_EMPTY,
+            KvError::BackupCorrupt { .. } => &reasons::BACKUP_CORRUPT,
         }
     }
 
@@ -251,6 +274,16 @@ impl KvError {
                 m.insert("len".into(), len.to_string());
                 m.insert("max".into(), max.to_string());
             }
+            KvError::BackupDestinationMissing { zone, node, .. } => {
+                m.insert("zone".into(), zone.clone());
+                m.insert("node".into(), node.clone());
+            }
+            KvError::RestoreNotEmpty { node, .. } => {
+                m.insert("node".into(), node.clone());
+            }
+            KvError::BackupCorrupt { file, .. } => {
+                m.insert("file".into(), file.clone());
+            }
             _ => {}
         }
         m
@@ -335,6 +368,10 @@ mod tests {
             KvError::QuorumUnavailable { group: s(), why: s() },
             KvError::Unauthenticated { why: s() },
             KvError::PermissionDenied { principal: s(), missing_grant: s(), why: s() },
+            KvError::BackupDestinationMissing { zone: s(), node: s(), why: s() },
+            KvError::BackupMismatch { why: s() },
+            KvError::RestoreNotEmpty { node: s(), why: s() },
+            KvError::BackupCorrupt { file: s(), why: s() },
         ]
     }
 

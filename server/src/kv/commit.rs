@@ -109,6 +109,10 @@ pub enum ApplyMode {
     /// Anti-entropy finished: every row the source had at `through_seq` was
     /// sent, so the position moves up to it (never down).
     RepairDone,
+    /// Rows of a backup being restored: merged like repaired rows, and each
+    /// merged state appended to this node's log (accepted under no epoch,
+    /// like a compensation) so it ships to every region that may hold it.
+    Restore,
 }
 
 impl CommitJob {
@@ -834,6 +838,7 @@ impl Committer {
         let mut job_batch = WriteBatch::new();
         let mut job_conflicts = Vec::new();
         let now = self.hlc.now();
+        let mut seq = *next_seq;
         for (table, key, incoming) in &remote.entries {
             let dk = data_key(table, key);
             let current = match staged.get(&dk).or_else(|| overlay.row(&dk)) {
@@ -855,10 +860,24 @@ impl Committer {
                 metrics::histogram!("geokv_replication_apply_delay_seconds", "source" => source_region.clone())
                     .record(delay_s);
             }
-            job_batch.put(Cf::Data, dk.clone(), merged.seal());
+            let proto = merged.to_proto();
+            job_batch.put(Cf::Data, dk.clone(), codec::seal_message(&proto));
+            if remote.mode == ApplyMode::Restore {
+                let entry = pb::LogEntry {
+                    seq,
+                    table: table.clone(),
+                    key: key.clone(),
+                    row: Some(proto),
+                    hlc: self.hlc.now_after(HlcTimestamp(merged.hlc)).0,
+                    origin: self.settings.actor.clone(),
+                    accepted_epoch: 0,
+                    idempotency: None,
+                };
+                self.put_log_entry(&mut job_batch, &entry);
+                seq += 1;
+            }
             staged.insert(dk, merged);
         }
-        let mut seq = *next_seq;
         for (key, record) in &remote.idempotency {
             self.take_idempotency(key, record, overlay, &mut staged, &mut job_batch, &mut seq)?;
         }
