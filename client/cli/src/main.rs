@@ -7,6 +7,7 @@
 //!   stable reason and exit with status 1.
 //! - `status`: what a node says about itself.
 
+mod backup;
 mod cert;
 mod cluster;
 mod control;
@@ -187,6 +188,14 @@ enum Command {
     Residency {
         #[command(subcommand)]
         action: ResidencyAction,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Zone-strict backups: create, verify, restore (needs `admin`;
+    /// docs/decisions/029-zone-strict-backups.md).
+    Backup {
+        #[command(subcommand)]
+        action: backup::BackupAction,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -948,6 +957,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Err(Failure::Other(anyhow::anyhow!("{} regions were not compacted", failed.len())))
             }
         }
+        Command::Backup { action, conn } => backup::run(action, &conn).await,
         Command::Residency { action: ResidencyAction::Audit, conn } => {
             let entry = connect(&conn).await?;
             let regions = cluster::connect_all(&entry, &client_config(&conn)).await?;

@@ -530,10 +530,36 @@ impl pb::admin_server::Admin for AdminService {
             authorize_call(&self.node, &request, "admin.backup_restore", Some(Privilege::Admin), &[], None)?;
         let req = request.into_inner();
         let manifest = crate::backup::Manifest::parse(&req.manifest)?;
+        let cfg = self.node.config();
+        if req.prepare {
+            crate::backup::prepare_restore(&self.node, &manifest)
+                .await
+                .inspect_err(|e| tracing::warn!(backup = %manifest.backup_id, error = %e, "restore refused"))?;
+            let mut nodes = vec![pb::BackupRestoreNode {
+                region: cfg.region.clone(),
+                node_id: cfg.node_id.clone(),
+                zones: Vec::new(),
+            }];
+            if !req.node_only {
+                let fan = pb::BackupRestoreRequest { node_only: true, ..req };
+                for other in self
+                    .on_region_peers_within(&caller, fan, BACKUP_FANOUT_TIMEOUT, |mut c, r| async move {
+                        c.backup_restore(r).await
+                    })
+                    .await?
+                {
+                    nodes.extend(other.nodes);
+                }
+            }
+            return Ok(Response::new(pb::BackupRestoreResponse {
+                region: cfg.region.clone(),
+                nodes,
+                homes_raised: 0,
+            }));
+        }
         let restored = crate::backup::restore_node(&self.node, &manifest)
             .await
             .inspect_err(|e| tracing::warn!(backup = %manifest.backup_id, error = %e, "restore failed"))?;
-        let cfg = self.node.config();
         tracing::info!(backup = %manifest.backup_id, rows = restored.values().sum::<u64>(), "backup restored");
         let mut nodes = vec![pb::BackupRestoreNode {
             region: cfg.region.clone(),

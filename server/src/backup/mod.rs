@@ -292,6 +292,16 @@ pub fn create_node_part(
         // A failed backup leaves nothing of this node behind.
         for dir in &created {
             let _ = std::fs::remove_dir_all(dir);
+            // Then the backup's region and id folders, if nothing else
+            // (another node's part) is in them.
+            let mut up = dir.parent();
+            for _ in 0..2 {
+                let Some(p) = up else { break };
+                if std::fs::remove_dir(p).is_err() {
+                    break;
+                }
+                up = p.parent();
+            }
         }
     }
     result
@@ -457,12 +467,12 @@ pub fn verify(
 /// Rows restored on one node, per zone.
 pub type RestoredZones = BTreeMap<String, u64>;
 
-/// Loads this node's part of `manifest` into its store, which must hold no
-/// rows. Every file is checked whole before any row is loaded; rows then
-/// go through the committer's merge and into the replication log, so they
-/// replicate like any write (a region whose cut missed a write its home
-/// had gets it from the home's restored copy).
-pub async fn restore_node(node: &Arc<Node>, manifest: &Manifest) -> Result<RestoredZones, KvError> {
+/// Meta key naming the backup a node was prepared for (`<id>`) or has
+/// restored (`done:<id>`).
+const RESTORE_MARK: &[u8] = b"backup/restore";
+
+/// This node's part of `manifest`, after checking the policy fingerprint.
+fn my_part<'m>(node: &Node, manifest: &'m Manifest) -> Result<&'m NodePart, KvError> {
     let cfg = node.config();
     let mine = policy_fingerprint(cfg);
     if manifest.policy_fingerprint != mine {
@@ -474,23 +484,18 @@ pub async fn restore_node(node: &Arc<Node>, manifest: &Manifest) -> Result<Resto
             ),
         });
     }
-    let Some(part) = manifest.nodes.iter().find(|n| n.region == cfg.region && n.node_id == cfg.node_id) else {
-        return Err(KvError::BackupMismatch {
-            why: format!("the backup has no part for node {}", node.actor()),
-        });
-    };
-    let engine = node.engine().clone();
-    let first = tokio::task::spawn_blocking(move || engine.scan(Cf::Data, b"", None, 1))
-        .await
-        .map_err(|e| KvError::Storage(e.to_string()))?
-        .map_err(|e| KvError::Storage(e.to_string()))?;
-    if let Some((k, _)) = first.first() {
-        let what = split_data_key(k).map(|(t, key)| display_key(t, key)).unwrap_or_default();
-        return Err(KvError::RestoreNotEmpty { node: node.actor(), why: format!("it stores row {what}") });
-    }
+    manifest.nodes.iter().find(|n| n.region == cfg.region && n.node_id == cfg.node_id).ok_or_else(|| {
+        KvError::BackupMismatch { why: format!("the backup has no part for node {}", node.actor()) }
+    })
+}
+
+/// Where this node reads each of its files: its own `[backup]` folder of
+/// the file's zone (the restoring cluster's configuration, not the
+/// manifest's, says where a zone's backups live).
+fn my_paths(node: &Node, part: &NodePart) -> Result<Vec<(PathBuf, ZoneFile)>, KvError> {
     let mut paths = Vec::new();
     for f in &part.files {
-        let Some(dir) = cfg.backup.dir_of(&f.zone) else {
+        let Some(dir) = node.config().backup.dir_of(&f.zone) else {
             return Err(KvError::BackupDestinationMissing {
                 zone: f.zone.clone(),
                 node: node.actor(),
@@ -499,22 +504,77 @@ pub async fn restore_node(node: &Arc<Node>, manifest: &Manifest) -> Result<Resto
         };
         paths.push((dir.join(&f.path), f.clone()));
     }
-    // Every file whole first: a corrupt file restores nothing.
-    let checked = paths.clone();
+    Ok(paths)
+}
+
+fn storage_err(e: impl std::fmt::Display) -> KvError {
+    KvError::Storage(e.to_string())
+}
+
+/// First phase of a restore, run on every node of the cluster before any
+/// node loads a row: checks the policy, this node's part, every one of its
+/// files whole (SHA-256, counts, zones), and that the store holds no row;
+/// then marks the node as prepared for this backup. A restore loads
+/// nothing anywhere unless every node prepared.
+pub async fn prepare_restore(node: &Arc<Node>, manifest: &Manifest) -> Result<(), KvError> {
+    let part = my_part(node, manifest)?;
+    let paths = my_paths(node, part)?;
+    let engine = node.engine().clone();
+    let first = tokio::task::spawn_blocking(move || engine.scan(Cf::Data, b"", None, 1))
+        .await
+        .map_err(storage_err)?
+        .map_err(storage_err)?;
+    if let Some((k, _)) = first.first() {
+        let what = split_data_key(k).map(|(t, key)| display_key(t, key)).unwrap_or_default();
+        return Err(KvError::RestoreNotEmpty { node: node.actor(), why: format!("it stores row {what}") });
+    }
     tokio::task::spawn_blocking(move || {
-        for (path, f) in &checked {
+        for (path, f) in &paths {
             file::check(path, f, &mut |_, _, _| Ok(()))?;
         }
         Ok::<_, KvError>(())
     })
     .await
-    .map_err(|e| KvError::Storage(e.to_string()))??;
+    .map_err(storage_err)??;
+    let mut batch = crate::storage::WriteBatch::new();
+    batch.put(Cf::Meta, RESTORE_MARK.to_vec(), manifest.backup_id.as_bytes().to_vec());
+    node.engine().write(batch, true).map_err(storage_err)
+}
+
+/// Second phase: loads this node's part of `manifest`, prepared by
+/// [`prepare_restore`]. Rows go through the committer's merge and into the
+/// replication log, so they replicate like any write (a region whose cut
+/// missed a write its home had gets it from the home's restored copy; rows
+/// another region shipped here first merge idempotently).
+pub async fn restore_node(node: &Arc<Node>, manifest: &Manifest) -> Result<RestoredZones, KvError> {
+    let part = my_part(node, manifest)?;
+    let paths = my_paths(node, part)?;
+    let mark = node.engine().get(Cf::Meta, RESTORE_MARK).map_err(storage_err)?;
+    let id = manifest.backup_id.as_bytes();
+    match mark.as_deref() {
+        Some(m) if m == id => {}
+        Some(m) if m.strip_prefix(b"done:") == Some(id) => {
+            return Err(KvError::RestoreNotEmpty {
+                node: node.actor(),
+                why: format!("backup `{}` was already restored here", manifest.backup_id),
+            });
+        }
+        _ => {
+            return Err(KvError::RestoreNotEmpty {
+                node: node.actor(),
+                why: format!("it was not prepared for backup `{}` (the restore checks every node first)", manifest.backup_id),
+            });
+        }
+    }
     let mut restored = RestoredZones::new();
     for (path, f) in paths {
         let rows = load_file(node, path, f.clone()).await?;
         *restored.entry(f.zone.clone()).or_default() += rows;
     }
     after_load(node, manifest, part).await?;
+    let mut batch = crate::storage::WriteBatch::new();
+    batch.put(Cf::Meta, RESTORE_MARK.to_vec(), [&b"done:"[..], id].concat());
+    node.engine().write(batch, true).map_err(storage_err)?;
     Ok(restored)
 }
 

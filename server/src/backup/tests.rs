@@ -99,6 +99,9 @@ async fn each_zone_goes_to_its_own_folder_and_restores_into_a_fresh_node() {
     assert_eq!(report.rows, 200);
 
     let fresh = node(cfg.clone());
+    let e = restore_node(&fresh, &parsed).await.unwrap_err();
+    assert_eq!(e.reason(), "RESTORE_NOT_EMPTY", "a load needs the prepare first: {e}");
+    prepare_restore(&fresh, &parsed).await.unwrap();
     let restored = restore_node(&fresh, &parsed).await.unwrap();
     assert_eq!(restored.get("").copied(), Some(100));
     assert_eq!(restored.get("eu").copied(), Some(100));
@@ -110,8 +113,10 @@ async fn each_zone_goes_to_its_own_folder_and_restores_into_a_fresh_node() {
     assert_eq!(fresh.stored_row("default", b"g7").unwrap(), source.stored_row("default", b"g7").unwrap());
     assert!(fresh.log_seq() >= 200, "restored rows are logged so they replicate");
 
-    // A second restore into the now non-empty node is refused.
+    // A second restore into the now non-empty node is refused, at either phase.
     let again = restore_node(&fresh, &parsed).await.unwrap_err();
+    assert_eq!(again.reason(), "RESTORE_NOT_EMPTY");
+    let again = prepare_restore(&fresh, &parsed).await.unwrap_err();
     assert_eq!(again.reason(), "RESTORE_NOT_EMPTY");
 }
 
@@ -160,7 +165,7 @@ async fn corrupt_files_and_manifests_and_other_policies_are_refused() {
     let mut other_policy = manifest.clone();
     other_policy.policy_fingerprint = "0".repeat(32);
     other_policy.checksum = other_policy.compute_checksum();
-    let e = restore_node(&node(cfg.clone()), &other_policy).await.unwrap_err();
+    let e = prepare_restore(&node(cfg.clone()), &other_policy).await.unwrap_err();
     assert_eq!(e.reason(), "BACKUP_MISMATCH");
 
     // One flipped byte: verify and restore both refuse, and nothing is restored.
@@ -173,7 +178,7 @@ async fn corrupt_files_and_manifests_and_other_policies_are_refused() {
     let e = verify(&manifest, |p, z| p.zone_dirs.get(z).map(PathBuf::from)).unwrap_err();
     assert_eq!(e.reason(), "BACKUP_CORRUPT");
     let fresh = node(cfg);
-    let e = restore_node(&fresh, &manifest).await.unwrap_err();
+    let e = prepare_restore(&fresh, &manifest).await.unwrap_err();
     assert_eq!(e.reason(), "BACKUP_CORRUPT");
     assert!(fresh.stored_row("eu_users", b"e0").unwrap().is_none());
 }

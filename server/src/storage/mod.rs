@@ -240,7 +240,7 @@ pub(crate) mod conformance {
         let snap = engine.snapshot();
         let mut batch = WriteBatch::new();
         batch.put(Cf::Data, b"d".to_vec(), b"4".to_vec());
-        batch.delete(Cf::Data, b"a".to_vec());
+        batch.delete(Cf::Data, b"c".to_vec());
         engine.write(batch, false).unwrap();
         let mut seen = Vec::new();
         snap.for_each(Cf::Data, b"", None, &mut |k, v| {
@@ -249,7 +249,7 @@ pub(crate) mod conformance {
         })
         .unwrap();
         assert_eq!(seen, vec![(b"a".to_vec(), b"1".to_vec()), (b"c".to_vec(), b"3".to_vec())]);
-        assert_eq!(snap.get(Cf::Data, b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(snap.get(Cf::Data, b"c").unwrap(), Some(b"3".to_vec()));
         assert_eq!(snap.get(Cf::Data, b"d").unwrap(), None);
         assert_eq!(snap.last(Cf::Data).unwrap(), Some((b"c".to_vec(), b"3".to_vec())));
         let mut first = Vec::new();
@@ -260,7 +260,8 @@ pub(crate) mod conformance {
         .unwrap();
         assert_eq!(first, vec![b"c".to_vec()]);
         drop(snap);
-        assert_eq!(engine.get(Cf::Data, b"a").unwrap(), None);
+        assert_eq!(engine.get(Cf::Data, b"c").unwrap(), None);
+        assert_eq!(engine.get(Cf::Data, b"d").unwrap(), Some(b"4".to_vec()));
     }
 
     #[test]
