@@ -242,6 +242,16 @@ async fn a_backup_under_write_load_restores_every_acknowledged_write_and_keeps_e
 
     // A second restore into the now non-empty cluster is refused.
     fresh.cli(&["backup", "restore", "--from", &catalog_arg]).await.assert_reason("RESTORE_NOT_EMPTY");
+
+    // One flipped byte in one EU file: verify fails, naming the file.
+    let piece = files_under(&eu).into_iter().find(|p| p.extension().is_some_and(|e| e == "gkb")).expect("an EU piece");
+    let mut bytes = std::fs::read(&piece).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x20;
+    std::fs::write(&piece, &bytes).unwrap();
+    let out = fresh.cli(&["backup", "verify", "--from", &catalog_arg]).await;
+    out.assert_reason("BACKUP_CORRUPT");
+    eprintln!("corrupt file caught: {}", out.stderr.trim());
     eprintln!("whole test took {:?}", started.elapsed());
 }
 

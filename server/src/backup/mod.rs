@@ -1,5 +1,5 @@
 //! Zone-strict backup and restore (docs/decisions/029-zone-strict-backups.md,
-//! docs/architecture.md section 5 on residency).
+//! docs/architecture.md sections 7 and 20).
 //!
 //! # Layout
 //! - [`file`]: the backup file format (numbered pieces of one zone's rows,
