@@ -99,7 +99,8 @@ fn backup_config(global: &Path, eu: Option<&Path>) -> String {
 async fn writer(cluster_client: geokv_client::Client, eu: bool, stop: Arc<AtomicBool>) -> Vec<Acked> {
     let mut acked = Vec::new();
     let deadline = Deadline::after(WRITER_LIMIT);
-    let opts = WriteOptions::default().consistency(if eu { Consistency::Eventual } else { Consistency::Local });
+    let opts =
+        WriteOptions::default().consistency(if eu { Consistency::Eventual } else { Consistency::Local });
     for i in 0..WRITES_MAX {
         if stop.load(Ordering::Acquire) || deadline.passed() {
             break;
@@ -117,7 +118,8 @@ async fn writer(cluster_client: geokv_client::Client, eu: bool, stop: Arc<Atomic
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_backup_under_write_load_restores_every_acknowledged_write_and_keeps_eu_rows_out_of_other_destinations() {
+async fn a_backup_under_write_load_restores_every_acknowledged_write_and_keeps_eu_rows_out_of_other_destinations(
+) {
     let root = tempfile::Builder::new().prefix("geokv-backup-it-").tempdir().expect("temp dir");
     let (global, eu) = (root.path().join("dest-global"), root.path().join("dest-eu"));
     std::fs::create_dir_all(&global).unwrap();
@@ -151,7 +153,10 @@ async fn a_backup_under_write_load_restores_every_acknowledged_write_and_keeps_e
         us_before.len(),
         eu_before.len(),
     );
-    assert!(us_before.len() >= 10 && eu_before.len() >= 10, "the writers made too few writes before the backup");
+    assert!(
+        us_before.len() >= 10 && eu_before.len() >= 10,
+        "the writers made too few writes before the backup"
+    );
     assert!(during > 0, "no write ran concurrently with the backup");
     assert_eq!(created["nodes"].as_array().map(Vec::len), Some(4), "every node has a part: {created}");
 
@@ -162,14 +167,25 @@ async fn a_backup_under_write_load_restores_every_acknowledged_write_and_keeps_e
     let us_values: Vec<Vec<u8>> = us_before.iter().map(|a| a.value.clone()).collect();
     let leaked = found_in(&global, &eu_values);
     assert!(leaked.is_empty(), "{} EU rows are in the non-EU destination {}", leaked.len(), global.display());
-    assert_eq!(found_in(&eu, &eu_values).len(), eu_values.len(), "the scan finds every EU value in the EU destination");
-    assert_eq!(found_in(&global, &us_values).len(), us_values.len(), "the scan finds every unrestricted value");
+    assert_eq!(
+        found_in(&eu, &eu_values).len(),
+        eu_values.len(),
+        "the scan finds every EU value in the EU destination"
+    );
+    assert_eq!(
+        found_in(&global, &us_values).len(),
+        us_values.len(),
+        "the scan finds every unrestricted value"
+    );
     let verified = source.cli_json(&["backup", "verify", "--from", &catalog_arg]).await;
     assert_eq!(verified["ok"], true, "{verified}");
     eprintln!("verify: {verified}");
 
     let all_eu: Vec<Vec<u8>> = eu_acked.iter().map(|a| a.value.clone()).collect();
-    assert!(found_in(&global, &all_eu).is_empty(), "an EU row written during the backup reached the non-EU destination");
+    assert!(
+        found_in(&global, &all_eu).is_empty(),
+        "an EU row written during the backup reached the non-EU destination"
+    );
     let manifest_text = std::fs::read_to_string(catalog.join("manifest.json")).expect("manifest written");
     let as_bytes = manifest_text.as_bytes();
     assert!(
@@ -244,7 +260,10 @@ async fn a_backup_under_write_load_restores_every_acknowledged_write_and_keeps_e
     fresh.cli(&["backup", "restore", "--from", &catalog_arg]).await.assert_reason("RESTORE_NOT_EMPTY");
 
     // One flipped byte in one EU file: verify fails, naming the file.
-    let piece = files_under(&eu).into_iter().find(|p| p.extension().is_some_and(|e| e == "gkb")).expect("an EU piece");
+    let piece = files_under(&eu)
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "gkb"))
+        .expect("an EU piece");
     let mut bytes = std::fs::read(&piece).unwrap();
     let at = bytes.len() / 2;
     bytes[at] ^= 0x20;
@@ -261,15 +280,20 @@ async fn a_backup_without_an_eu_destination_fails_and_writes_no_eu_row_anywhere(
     let global = root.path().join("dest-global");
     std::fs::create_dir_all(&global).unwrap();
     let cluster =
-        DevCluster::start_with(Options { extra_config: backup_config(&global, None), ..Options::scale(0.1) }).await;
+        DevCluster::start_with(Options { extra_config: backup_config(&global, None), ..Options::scale(0.1) })
+            .await;
     let eu = cluster.client(EU_CENTRAL).await;
     let us = cluster.client(US).await;
     let mut eu_values = Vec::new();
     for i in 0..20u64 {
         let v = marker(1000 + i);
-        eu.put(&Row::new("eu_users", format!("secret-{i}")).locality("DE"), v.clone(), WriteOptions::default())
-            .await
-            .expect("eu put");
+        eu.put(
+            &Row::new("eu_users", format!("secret-{i}")).locality("DE"),
+            v.clone(),
+            WriteOptions::default(),
+        )
+        .await
+        .expect("eu put");
         eu_values.push(v);
         us.put(&Row::new("default", format!("open-{i}")), marker(2000 + i), WriteOptions::default())
             .await

@@ -116,7 +116,10 @@ pub enum KvError {
     PermissionDenied { principal: String, missing_grant: String, why: String },
     /// Rows of `zone` have no usable backup destination on `node`
     /// (docs/decisions/029-zone-strict-backups.md).
-    #[error("node `{node}` holds rows of zone `{}` but {why}; nothing of that zone was written anywhere", display_zone(zone))]
+    #[error(
+        "node `{node}` holds rows of zone `{}` but {why}; nothing of that zone was written anywhere",
+        display_zone(zone)
+    )]
     BackupDestinationMissing { zone: String, node: String, why: String },
     #[error("the backup does not fit this cluster: {why}")]
     BackupMismatch { why: String },

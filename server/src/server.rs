@@ -250,7 +250,7 @@ where
     let admin_svc = AdminServer::new(
         AdminService::new(node.clone(), replicator.clone(), peers.clone()).with_consensus(consensus.clone()),
     )
-        .max_encoding_message_size(64 << 20);
+    .max_encoding_message_size(64 << 20);
     // Sized from the row limit, so the largest legal row always ships.
     let replication_wire_max = crate::replication::frame::wire_bytes_max(&cfg);
     let replication_svc = ReplicationServer::new(ReplicationService::new(node.clone(), replicator.clone()))

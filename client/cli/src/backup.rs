@@ -70,14 +70,19 @@ fn read_manifest(dir: &Path) -> Result<(String, Manifest), Failure> {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub async fn run(action: BackupAction, conn: &ConnArgs) -> Result<(), Failure> {
     match action {
         BackupAction::Create { to, deadline_s } => create(&to, Duration::from_secs(deadline_s), conn).await,
         BackupAction::Verify { from, zone_dirs } => verify(&from, &zone_dirs, conn.json),
-        BackupAction::Restore { from, deadline_s } => restore(&from, Duration::from_secs(deadline_s), conn).await,
+        BackupAction::Restore { from, deadline_s } => {
+            restore(&from, Duration::from_secs(deadline_s), conn).await
+        }
     }
 }
 
@@ -90,9 +95,13 @@ async fn create(to: &Path, deadline: Duration, conn: &ConnArgs) -> Result<(), Fa
     }
     let manifest_path = to.join(MANIFEST_FILE);
     if manifest_path.exists() {
-        return Err(Failure::Usage(format!("{} already exists: a backup id is used once", manifest_path.display())));
+        return Err(Failure::Usage(format!(
+            "{} already exists: a backup id is used once",
+            manifest_path.display()
+        )));
     }
-    std::fs::create_dir_all(to).map_err(|e| Failure::Usage(format!("cannot create {}: {e}", to.display())))?;
+    std::fs::create_dir_all(to)
+        .map_err(|e| Failure::Usage(format!("cannot create {}: {e}", to.display())))?;
     let entry = connect(conn).await?;
     let regions = cluster::connect_all(&entry, &client_config(conn)).await?;
     let expected_nodes: usize = regions.view.regions.iter().map(|r| r.client_addrs.len().max(1)).sum();
@@ -114,7 +123,9 @@ async fn create(to: &Path, deadline: Duration, conn: &ConnArgs) -> Result<(), Fa
             Ok(Ok(resp)) => {
                 for text in resp.node_parts {
                     let part: NodePart = serde_json::from_str(&text).map_err(|e| {
-                        Failure::Other(anyhow::anyhow!("region {name} answered a part that does not decode: {e}"))
+                        Failure::Other(anyhow::anyhow!(
+                            "region {name} answered a part that does not decode: {e}"
+                        ))
                     })?;
                     parts.push(part);
                 }

@@ -532,9 +532,9 @@ impl pb::admin_server::Admin for AdminService {
         let manifest = crate::backup::Manifest::parse(&req.manifest)?;
         let cfg = self.node.config();
         if req.prepare {
-            crate::backup::prepare_restore(&self.node, &manifest)
-                .await
-                .inspect_err(|e| tracing::warn!(backup = %manifest.backup_id, error = %e, "restore refused"))?;
+            crate::backup::prepare_restore(&self.node, &manifest).await.inspect_err(
+                |e| tracing::warn!(backup = %manifest.backup_id, error = %e, "restore refused"),
+            )?;
             let mut nodes = vec![pb::BackupRestoreNode {
                 region: cfg.region.clone(),
                 node_id: cfg.node_id.clone(),

@@ -189,15 +189,14 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
+/// What [`check`] calls per row: its table, key and sealed bytes.
+pub type RowVisit<'a> = dyn FnMut(&str, &[u8], &[u8]) -> Result<(), KvError> + 'a;
+
 /// Reads the piece at `path` listed as `expected`, checking its size,
 /// framing, zone, every row (envelope checksum, and its zone is the
 /// piece's), the row count and the SHA-256; `visit` sees each row's table,
 /// key and sealed bytes as it is read. Returns the rows read.
-pub fn check(
-    path: &Path,
-    expected: &ZoneFile,
-    visit: &mut dyn FnMut(&str, &[u8], &[u8]) -> Result<(), KvError>,
-) -> Result<u64, KvError> {
+pub fn check(path: &Path, expected: &ZoneFile, visit: &mut RowVisit<'_>) -> Result<u64, KvError> {
     let corrupt = |why: String| KvError::BackupCorrupt { file: path.display().to_string(), why };
     let file = File::open(path).map_err(|e| corrupt(format!("cannot be read: {e}")))?;
     let len = file.metadata().map_err(|e| corrupt(format!("cannot be read: {e}")))?.len();
@@ -232,7 +231,8 @@ pub fn check(
                 let table = read_field(&mut r, TABLE_BYTES_MAX, len).map_err(|e| corrupt(e.to_string()))?;
                 let key = read_field(&mut r, KEY_BYTES_MAX, len).map_err(|e| corrupt(e.to_string()))?;
                 let sealed = read_field(&mut r, u32::MAX, len).map_err(|e| corrupt(e.to_string()))?;
-                let table = std::str::from_utf8(&table).map_err(|_| corrupt("a table name is not UTF-8".into()))?;
+                let table =
+                    std::str::from_utf8(&table).map_err(|_| corrupt("a table name is not UTF-8".into()))?;
                 let row = Row::open(&sealed, || display_key(table, &key))
                     .map_err(|e| corrupt(format!("row {}: {e}", display_key(table, &key))))?;
                 if row.zone != expected.zone {

@@ -146,7 +146,12 @@ impl Manifest {
             return Err(KvError::BackupMismatch {
                 why: format!(
                     "nodes disagree on the cluster policy ({}/{} has {}, {}/{} has {})",
-                    first.region, first.node_id, policy, other.region, other.node_id, other.policy_fingerprint
+                    first.region,
+                    first.node_id,
+                    policy,
+                    other.region,
+                    other.node_id,
+                    other.policy_fingerprint
                 ),
             });
         }
@@ -197,8 +202,9 @@ impl Manifest {
         }
         for n in &m.nodes {
             for f in &n.files {
-                file::check_relative(&f.path)
-                    .map_err(|why| KvError::BackupMismatch { why: format!("file path `{}`: {why}", f.path) })?;
+                file::check_relative(&f.path).map_err(|why| KvError::BackupMismatch {
+                    why: format!("file path `{}`: {why}", f.path),
+                })?;
             }
         }
         Ok(m)
@@ -245,7 +251,11 @@ pub fn homes_of(state: &ControlState) -> Vec<HomeEpochs> {
                 ended: history
                     .iter()
                     .filter_map(|r| {
-                        r.ended_ms.map(|ended_ms| EpochEnd { epoch: r.epoch, holder: r.holder.clone(), ended_ms })
+                        r.ended_ms.map(|ended_ms| EpochEnd {
+                            epoch: r.epoch,
+                            holder: r.holder.clone(),
+                            ended_ms,
+                        })
                     })
                     .collect(),
                 pruned_through_epoch: pruned.through_epoch,
@@ -363,7 +373,10 @@ fn write_part(
         .for_each(Cf::Data, b"", None, &mut |k, v| {
             let step = (|| {
                 let Some((table, key)) = split_data_key(k) else {
-                    return Err(KvError::Corrupt { what: format!("data key 0x{}", hex::encode(k)), why: "no table".into() });
+                    return Err(KvError::Corrupt {
+                        what: format!("data key 0x{}", hex::encode(k)),
+                        why: "no table".into(),
+                    });
                 };
                 let row = Row::open(v, || display_key(table, key))?;
                 let Some(writer) = writers.get_mut(&row.zone) else {
@@ -562,7 +575,10 @@ pub async fn restore_node(node: &Arc<Node>, manifest: &Manifest) -> Result<Resto
         _ => {
             return Err(KvError::RestoreNotEmpty {
                 node: node.actor(),
-                why: format!("it was not prepared for backup `{}` (the restore checks every node first)", manifest.backup_id),
+                why: format!(
+                    "it was not prepared for backup `{}` (the restore checks every node first)",
+                    manifest.backup_id
+                ),
             });
         }
     }

@@ -229,7 +229,10 @@ fn restored_homes_take_the_highest_epoch_and_the_known_ends() {
     let m = Manifest::assemble(
         "b",
         0,
-        vec![part(2, vec![], 500), part(3, vec![EpochEnd { epoch: 2, holder: "us".into(), ended_ms: 400 }], 600)],
+        vec![
+            part(2, vec![], 500),
+            part(3, vec![EpochEnd { epoch: 2, holder: "us".into(), ended_ms: 400 }], 600),
+        ],
     )
     .unwrap();
     let homes = restored_homes(&m);

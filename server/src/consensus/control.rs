@@ -419,7 +419,8 @@ impl ControlState {
                     while history.len() > EPOCH_HISTORY_MAX {
                         let gone = history.remove(0);
                         pruned.through_epoch = pruned.through_epoch.max(gone.epoch);
-                        pruned.ended_ms_max = pruned.ended_ms_max.max(gone.ended_ms.unwrap_or(gone.granted_ms));
+                        pruned.ended_ms_max =
+                            pruned.ended_ms_max.max(gone.ended_ms.unwrap_or(gone.granted_ms));
                     }
                     self.history.insert(h.home.clone(), history);
                     if pruned.through_epoch > 0 {
@@ -579,7 +580,12 @@ mod tests {
         assert_eq!(s, before);
         // A home first granted after the restore starts above its floor.
         let restore_eu = ControlCommand::RestoreEpochs {
-            homes: vec![RestoredHome { home: "eu".into(), floor: 7, ended: vec![], pruned: PrunedEpochs::default() }],
+            homes: vec![RestoredHome {
+                home: "eu".into(),
+                floor: 7,
+                ended: vec![],
+                pruned: PrunedEpochs::default(),
+            }],
             now_ms: 20_000,
         };
         s.apply(&restore_eu);

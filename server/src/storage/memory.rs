@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Mutex;
 
-use super::{BatchOp, Cf, Engine, KvPair, KvPairs, Snapshot, StorageError, WriteBatch};
+use super::{BatchOp, Cf, Engine, KvPair, KvPairs, Snapshot, StorageError, Visit, WriteBatch};
 
 /// Every column family's ordered map.
 type Families = BTreeMap<Cf, BTreeMap<Vec<u8>, Vec<u8>>>;
@@ -94,7 +94,7 @@ impl Snapshot for MemorySnapshot {
         cf: Cf,
         start: &[u8],
         end: Option<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StorageError>,
+        visit: &mut Visit<'_>,
     ) -> Result<(), StorageError> {
         let Some(map) = self.0.get(&cf) else { return Ok(()) };
         let upper = match end {

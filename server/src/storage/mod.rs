@@ -173,6 +173,9 @@ pub trait Engine: Send + Sync + 'static {
     fn snapshot(&self) -> Box<dyn Snapshot + '_>;
 }
 
+/// What [`Snapshot::for_each`] calls per pair: true to go on.
+pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StorageError> + 'a;
+
 /// A consistent, read-only view of a store at one point in time
 /// ([`Engine::snapshot`]).
 pub trait Snapshot {
@@ -186,7 +189,7 @@ pub trait Snapshot {
         cf: Cf,
         start: &[u8],
         end: Option<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StorageError>,
+        visit: &mut Visit<'_>,
     ) -> Result<(), StorageError>;
 
     /// The last pair of the column family in this view, if any.

@@ -8,7 +8,10 @@ use rocksdb::compaction_filter::{CompactionFilter, Decision};
 use rocksdb::compaction_filter_factory::{CompactionFilterContext, CompactionFilterFactory};
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteOptions, DB};
 
-use super::{BatchOp, Cf, Compacted, CompactionRule, Engine, KvPair, KvPairs, Snapshot, StorageError, WriteBatch};
+use super::{
+    BatchOp, Cf, Compacted, CompactionRule, Engine, KvPair, KvPairs, Snapshot, StorageError, Visit,
+    WriteBatch,
+};
 
 /// Tuning that the node passes explicitly rather than trusting defaults.
 #[derive(Clone)]
@@ -259,7 +262,7 @@ impl Snapshot for RocksSnapshot<'_> {
         cf: Cf,
         start: &[u8],
         end: Option<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, StorageError>,
+        visit: &mut Visit<'_>,
     ) -> Result<(), StorageError> {
         let handle = self.engine.handle(cf)?;
         for item in self.snap.iterator_cf(&handle, IteratorMode::From(start, Direction::Forward)) {
