@@ -532,12 +532,24 @@ fn storage_err(e: impl std::fmt::Display) -> KvError {
 pub async fn prepare_restore(node: &Arc<Node>, manifest: &Manifest) -> Result<(), KvError> {
     let part = my_part(node, manifest)?;
     let paths = my_paths(node, part)?;
+    let id = manifest.backup_id.as_bytes();
+    let mark = node.engine().get(Cf::Meta, RESTORE_MARK).map_err(storage_err)?;
+    if mark.as_deref().and_then(|m| m.strip_prefix(b"done:")) == Some(id) {
+        return Err(KvError::RestoreNotEmpty {
+            node: node.actor(),
+            why: format!("backup `{}` was already restored here", manifest.backup_id),
+        });
+    }
+    // A node prepared for this very backup may hold some of its rows (a
+    // load that was cut off, or rows another region shipped): loading
+    // them again merges idempotently, so the restore may be run again.
+    let resuming = mark.as_deref() == Some(id);
     let engine = node.engine().clone();
     let first = tokio::task::spawn_blocking(move || engine.scan(Cf::Data, b"", None, 1))
         .await
         .map_err(storage_err)?
         .map_err(storage_err)?;
-    if let Some((k, _)) = first.first() {
+    if let Some((k, _)) = first.first().filter(|_| !resuming) {
         let what = split_data_key(k).map(|(t, key)| display_key(t, key)).unwrap_or_default();
         return Err(KvError::RestoreNotEmpty { node: node.actor(), why: format!("it stores row {what}") });
     }

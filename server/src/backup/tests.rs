@@ -102,6 +102,22 @@ async fn each_zone_goes_to_its_own_folder_and_restores_into_a_fresh_node() {
     let e = restore_node(&fresh, &parsed).await.unwrap_err();
     assert_eq!(e.reason(), "RESTORE_NOT_EMPTY", "a load needs the prepare first: {e}");
     prepare_restore(&fresh, &parsed).await.unwrap();
+    // A load cut off part way (here: one row already in) can be prepared
+    // and run again.
+    let (table, key, row) = {
+        let f = parsed.nodes[0].files.iter().find(|f| f.zone == "eu").unwrap();
+        let mut first = None;
+        check(&eu.join(&f.path), f, &mut |t, k, sealed| {
+            if first.is_none() {
+                first = Some((t.to_string(), k.to_vec(), Row::open(sealed, String::new).unwrap()));
+            }
+            Ok(())
+        })
+        .unwrap();
+        first.unwrap()
+    };
+    fresh.restore_rows(vec![(table, key, row)]).await.unwrap();
+    prepare_restore(&fresh, &parsed).await.unwrap();
     let restored = restore_node(&fresh, &parsed).await.unwrap();
     assert_eq!(restored.get("").copied(), Some(100));
     assert_eq!(restored.get("eu").copied(), Some(100));
