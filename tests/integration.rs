@@ -5,6 +5,7 @@
 
 mod common;
 
+mod backup;
 mod big_rows;
 mod cli;
 mod client_routing;

@@ -956,6 +956,47 @@ impl Client {
         self.admin_call(msg, |mut a, r| async move { a.export_subject(r).await }).await
     }
 
+    /// Writes backup `backup_id` of every node of the connected node's
+    /// region into the zone destinations of their `[backup]` sections;
+    /// returns each node's part of the manifest. Needs `admin`. `deadline`
+    /// bounds the whole call (a backup reads every store in full), and it
+    /// is never retried: a backup id is used once.
+    pub async fn backup_create(
+        &self,
+        backup_id: &str,
+        deadline: Duration,
+    ) -> Result<pb::BackupCreateResponse, Error> {
+        let msg = pb::BackupCreateRequest { backup_id: backup_id.to_string(), node_only: false };
+        let resp = self
+            .attempt(Route::Any, |stubs, _| {
+                let mut admin = stubs.admin;
+                let req = self.request(msg.clone(), deadline);
+                async move { admin.backup_create(req).await }
+            })
+            .await?;
+        Ok(resp.into_inner())
+    }
+
+    /// Restores the connected node's region from `manifest` (its JSON
+    /// text): `prepare` checks every node and marks it, otherwise the rows
+    /// are loaded and the homes' epochs raised. Needs `admin`.
+    pub async fn backup_restore(
+        &self,
+        manifest: &str,
+        prepare: bool,
+        deadline: Duration,
+    ) -> Result<pb::BackupRestoreResponse, Error> {
+        let msg = pb::BackupRestoreRequest { manifest: manifest.to_string(), node_only: false, prepare };
+        let resp = self
+            .attempt(Route::Any, |stubs, _| {
+                let mut admin = stubs.admin;
+                let req = self.request(msg.clone(), deadline);
+                async move { admin.backup_restore(req).await }
+            })
+            .await?;
+        Ok(resp.into_inner())
+    }
+
     /// The access audit log of the connected node's region (every node of
     /// it), oldest first; needs the `admin` grant.
     pub async fn audit_log(

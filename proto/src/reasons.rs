@@ -148,6 +148,14 @@ reasons! {
         "The request carries no credentials, or credentials that do not verify.";
     PERMISSION_DENIED: PermissionDenied, Server, retryable = false,
         "The authenticated principal lacks a grant the request needs.";
+    BACKUP_DESTINATION_MISSING: FailedPrecondition, Server, retryable = false,
+        "A node holds rows of a residency zone with no backup destination configured, or one it cannot write; the backup fails rather than write them anywhere else.";
+    BACKUP_MISMATCH: FailedPrecondition, Server, retryable = false,
+        "The backup does not fit this cluster (another cluster policy, or no part for this node), or its manifest does not decode.";
+    RESTORE_NOT_EMPTY: FailedPrecondition, Server, retryable = false,
+        "A restore was refused because the node's store already holds rows.";
+    BACKUP_CORRUPT: DataLoss, Server, retryable = false,
+        "A backup file fails its checksum, row count or zone check; nothing of it was restored.";
     UNREACHABLE: Unavailable, Client, retryable = true,
         "The client cannot connect to the endpoint.";
     ZONE_UNREACHABLE: Unavailable, Client, retryable = true,

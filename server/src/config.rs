@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +66,9 @@ pub struct Config {
     pub security: SecurityConfig,
     pub lifecycle: LifecycleConfig,
     pub watch: WatchConfig,
+    /// Where this node writes backups, per residency zone
+    /// (docs/decisions/029-zone-strict-backups.md).
+    pub backup: BackupConfig,
 }
 
 /// Change feeds (docs/architecture.md section 13).
@@ -103,6 +106,45 @@ pub struct LifecycleConfig {
 impl Default for LifecycleConfig {
     fn default() -> Self {
         Self { subject_key: None, export_rows_max: 100_000 }
+    }
+}
+
+/// Backup destinations: one folder per residency zone. A row of zone Z is
+/// written only to Z's folder; a zone with no folder here fails the backup
+/// of a node that holds it (`BACKUP_DESTINATION_MISSING`), never falls
+/// back to another zone's folder.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackupConfig {
+    /// `{ zone = "eu", dir = "/backups/eu" }`; zone "" is the destination
+    /// of unrestricted rows (rows of no zone).
+    pub destinations: Vec<BackupDestination>,
+    /// Largest backup file; a zone's rows are split into numbered pieces
+    /// of at most this many bytes (a single row larger than it gets a
+    /// piece of its own).
+    pub piece_bytes_max: u64,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        Self { destinations: Vec::new(), piece_bytes_max: 64 << 20 }
+    }
+}
+
+/// The backup folder of one residency zone.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackupDestination {
+    /// A configured zone, or "" for rows of no zone.
+    pub zone: String,
+    /// An absolute folder path, used by no other zone.
+    pub dir: PathBuf,
+}
+
+impl BackupConfig {
+    /// The folder of `zone`'s backups, if one is configured.
+    pub fn dir_of(&self, zone: &str) -> Option<&Path> {
+        self.destinations.iter().find(|d| d.zone == zone).map(|d| d.dir.as_path())
     }
 }
 
@@ -743,6 +785,7 @@ impl Default for Config {
             security: SecurityConfig::default(),
             lifecycle: LifecycleConfig::default(),
             watch: WatchConfig::default(),
+            backup: BackupConfig::default(),
         }
     }
 }
@@ -764,6 +807,42 @@ impl Config {
 
     /// Fills in the implied defaults (the region list, the `default` table)
     /// and validates. Call after applying command-line overrides.
+    /// Backup destinations: known zones, each once, absolute folders of
+    /// which none holds another (zones must never share files).
+    fn validate_backup(&self) -> Result<(), ConfigError> {
+        let b = &self.backup;
+        if b.piece_bytes_max < 4096 || b.piece_bytes_max > 1 << 40 {
+            return Err(bad("backup.piece_bytes_max", "must be 4096..=1099511627776"));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, d) in b.destinations.iter().enumerate() {
+            let field = format!("backup.destinations[{i}]");
+            if !d.zone.is_empty() && self.zone(&d.zone).is_none() {
+                return Err(bad(format!("{field}.zone"), format!("unknown zone `{}`", d.zone)));
+            }
+            if !seen.insert(d.zone.as_str()) {
+                return Err(bad(format!("{field}.zone"), format!("zone `{}` has two destinations", d.zone)));
+            }
+            if !d.dir.is_absolute() || d.dir.components().any(|c| c == std::path::Component::ParentDir) {
+                return Err(bad(format!("{field}.dir"), "must be an absolute path without `..`"));
+            }
+            for (j, other) in b.destinations.iter().enumerate().take(i) {
+                if d.dir.starts_with(&other.dir) || other.dir.starts_with(&d.dir) {
+                    return Err(bad(
+                        format!("{field}.dir"),
+                        format!(
+                            "overlaps backup.destinations[{j}].dir ({}): zones `{}` and `{}` would share files",
+                            other.dir.display(),
+                            d.zone,
+                            other.zone
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn finish(mut self) -> Result<Self, ConfigError> {
         if self.regions.is_empty() {
             self.regions.push(RegionConfig { name: self.region.clone(), nodes: Vec::new() });
@@ -1076,6 +1155,7 @@ impl Config {
                 "must exceed twice clock.max_offset_ms and twice renew_every_ms (renew_every_ms at least 1)",
             ));
         }
+        self.validate_backup()?;
         if c.voters_max == 0 || c.voters_max.is_multiple_of(2) || c.voters_max > 7 {
             return Err(bad("consensus.voters_max", "must be odd, 1 to 7"));
         }
@@ -1247,6 +1327,17 @@ mod tests {
             ("[[tables]]\nname = \"t\"\nttl_s = 99999999999", "tables[0].ttl_s"),
             ("[limits]\nset_members_max = 0", "limits.set_members_max"),
             ("[localities]\nDE = \"mars-1\"", "localities.DE"),
+            ("[backup]\ndestinations = [{ zone = \"mars\", dir = \"/b\" }]", "backup.destinations[0].zone"),
+            ("[backup]\ndestinations = [{ zone = \"\", dir = \"rel\" }]", "backup.destinations[0].dir"),
+            (
+                "[backup]\ndestinations = [{ zone = \"\", dir = \"/b\" }, { zone = \"\", dir = \"/c\" }]",
+                "backup.destinations[1].zone",
+            ),
+            (
+                "[[zones]]\nname = \"eu\"\nregions = [\"local-1\"]\n[backup]\ndestinations = [{ zone = \"\", dir = \"/b\" }, { zone = \"eu\", dir = \"/b/eu\" }]",
+                "backup.destinations[1].dir",
+            ),
+            ("[backup]\npiece_bytes_max = 10", "backup.piece_bytes_max"),
         ];
         for (text, field) in cases {
             let err = Config::from_toml(text).and_then(Config::finish).unwrap_err();

@@ -125,6 +125,28 @@ pub enum KvError {
         "the cursor is behind this region's change feed: changes of `{origin}` after position {delivered} were trimmed (through {trimmed}); start a new watch (and read the rows again)"
     )]
     CursorCompacted { origin: String, delivered: u64, trimmed: u64 },
+    /// Rows of `zone` have no usable backup destination on `node`
+    /// (docs/decisions/029-zone-strict-backups.md).
+    #[error(
+        "node `{node}` holds rows of zone `{}` but {why}; nothing of that zone was written anywhere",
+        display_zone(zone)
+    )]
+    BackupDestinationMissing { zone: String, node: String, why: String },
+    #[error("the backup does not fit this cluster: {why}")]
+    BackupMismatch { why: String },
+    #[error("node `{node}` is not empty ({why}): a backup is restored into a fresh cluster only")]
+    RestoreNotEmpty { node: String, why: String },
+    #[error("backup file {file} is corrupt: {why}")]
+    BackupCorrupt { file: String, why: String },
+}
+
+/// A zone's name for messages ("" is the rows of no zone).
+fn display_zone(zone: &str) -> &str {
+    if zone.is_empty() {
+        "(none: unrestricted rows)"
+    } else {
+        zone
+    }
 }
 
 impl KvError {
@@ -171,6 +193,10 @@ impl KvError {
             KvError::PermissionDenied { .. } => &reasons::PERMISSION_DENIED,
             KvError::SubjectErased { .. } => &reasons::SUBJECT_ERASED,
             KvError::CursorCompacted { .. } => &reasons::CURSOR_COMPACTED,
+            KvError::BackupDestinationMissing { .. } => &reasons::BACKUP_DESTINATION_MISSING,
+            KvError::BackupMismatch { .. } => &reasons::BACKUP_MISMATCH,
+            KvError::RestoreNotEmpty { .. } => &reasons::RESTORE_NOT_EMPTY,
+            KvError::BackupCorrupt { .. } => &reasons::BACKUP_CORRUPT,
         }
     }
 
@@ -273,6 +299,16 @@ impl KvError {
                 m.insert("len".into(), len.to_string());
                 m.insert("max".into(), max.to_string());
             }
+            KvError::BackupDestinationMissing { zone, node, .. } => {
+                m.insert("zone".into(), zone.clone());
+                m.insert("node".into(), node.clone());
+            }
+            KvError::RestoreNotEmpty { node, .. } => {
+                m.insert("node".into(), node.clone());
+            }
+            KvError::BackupCorrupt { file, .. } => {
+                m.insert("file".into(), file.clone());
+            }
             _ => {}
         }
         m
@@ -359,6 +395,10 @@ mod tests {
             KvError::PermissionDenied { principal: s(), missing_grant: s(), why: s() },
             KvError::SubjectErased { key: s(), fence_hlc: 1 },
             KvError::CursorCompacted { origin: s(), delivered: 1, trimmed: 2 },
+            KvError::BackupDestinationMissing { zone: s(), node: s(), why: s() },
+            KvError::BackupMismatch { why: s() },
+            KvError::RestoreNotEmpty { node: s(), why: s() },
+            KvError::BackupCorrupt { file: s(), why: s() },
         ]
     }
 

@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod backup;
 #[cfg(feature = "bugs")]
 pub mod bugs;
 pub mod causality;

@@ -253,8 +253,10 @@ where
     let kv = KvServer::new(KvService::new(node.clone(), peers.clone(), Some(consensus.clone())))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(64 << 20);
-    let admin_svc = AdminServer::new(AdminService::new(node.clone(), replicator.clone(), peers.clone()))
-        .max_encoding_message_size(64 << 20);
+    let admin_svc = AdminServer::new(
+        AdminService::new(node.clone(), replicator.clone(), peers.clone()).with_consensus(consensus.clone()),
+    )
+    .max_encoding_message_size(64 << 20);
     // Sized from the row limit, so the largest legal row always ships.
     let replication_wire_max = crate::replication::frame::wire_bytes_max(&cfg);
     let replication_svc = ReplicationServer::new(ReplicationService::new(node.clone(), replicator.clone()))

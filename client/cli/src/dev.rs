@@ -275,6 +275,9 @@ fn config_text(
     // extra one.
     let lifecycle = format!("[lifecycle]\nsubject_key = \"{subject_key}\"");
     let extra_lifecycle = extra.lines().any(|l| l.trim() == "[lifecycle]");
+    // An extra section that names its own key (two clusters sharing one,
+    // as a backup restored elsewhere needs) keeps it.
+    let extra_key = extra.lines().any(|l| l.trim_start().starts_with("subject_key"));
     if !extra_lifecycle {
         out.push_str(&format!("\n{lifecycle}\n"));
     }
@@ -284,7 +287,7 @@ fn config_text(
         if extra_consensus {
             extra = extra.replacen("[consensus]", consensus_section(args).trim(), 1);
         }
-        if extra_lifecycle {
+        if extra_lifecycle && !extra_key {
             extra = extra.replacen("[lifecycle]", &lifecycle, 1);
         }
         out.push_str(&extra);

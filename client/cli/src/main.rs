@@ -7,6 +7,7 @@
 //!   stable reason and exit with status 1.
 //! - `status`: what a node says about itself.
 
+mod backup;
 mod cert;
 mod cluster;
 mod control;
@@ -215,6 +216,14 @@ enum Command {
     Subject {
         #[command(subcommand)]
         action: SubjectAction,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Zone-strict backups: create, verify, restore (needs `admin`;
+    /// docs/decisions/029-zone-strict-backups.md).
+    Backup {
+        #[command(subcommand)]
+        action: backup::BackupAction,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -554,12 +563,10 @@ async fn watch(
                     println!("{} = {}", text(&c.key), values.join(" | "));
                 }
             }
-            Some(pb::watch_event::Event::ResolvedHlc(hlc)) => {
-                if conn.json {
-                    println!("{}", json!({"resolved_hlc": hlc, "cursor": cursor}));
-                }
+            Some(pb::watch_event::Event::ResolvedHlc(hlc)) if conn.json => {
+                println!("{}", json!({"resolved_hlc": hlc, "cursor": cursor}));
             }
-            None => {}
+            Some(pb::watch_event::Event::ResolvedHlc(_)) | None => {}
         }
         use std::io::Write;
         let _ = std::io::stdout().flush();
@@ -1205,6 +1212,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Err(Failure::Other(anyhow::anyhow!("{} regions were not compacted", failed.len())))
             }
         }
+        Command::Backup { action, conn } => backup::run(action, &conn).await,
         Command::Residency { action: ResidencyAction::Audit, conn } => {
             let entry = connect(&conn).await?;
             let regions = cluster::connect_all(&entry, &client_config(&conn)).await?;

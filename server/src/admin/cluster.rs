@@ -726,6 +726,7 @@ mod tests {
             pruned: BTreeMap::new(),
             manual_only: false,
             events: vec![event(AP, EU, 2, 996_000), event("x", US, 5, 997_000)],
+            epoch_floors: BTreeMap::new(),
         }
     }
 

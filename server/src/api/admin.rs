@@ -27,11 +27,19 @@ pub struct AdminService {
     replicator: Arc<crate::replication::Replicator>,
     /// For region-wide answers (status, audit, digest) from every node.
     peers: Peers,
+    /// The control plane, for the epochs of backups and restores.
+    consensus: Option<Arc<crate::consensus::Consensus>>,
 }
 
 impl AdminService {
     pub fn new(node: Arc<Node>, replicator: Arc<crate::replication::Replicator>, peers: Peers) -> Self {
-        Self { node, replicator, peers }
+        Self { node, replicator, peers, consensus: None }
+    }
+
+    /// With the control plane (backups record epochs, restores raise them).
+    pub fn with_consensus(mut self, consensus: Arc<crate::consensus::Consensus>) -> Self {
+        self.consensus = Some(consensus);
+        self
     }
 
     fn link(&self, s: crate::replication::ship::LinkSnapshot) -> pb::ReplicationLink {
@@ -118,11 +126,27 @@ impl AdminService {
         F: Fn(AdminClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
+        self.on_region_peers_within(caller, req, ADMIN_FANOUT_TIMEOUT, call).await
+    }
+
+    /// [`Self::on_region_peers`] with each node's deadline.
+    async fn on_region_peers_within<Req, Resp, F, Fut>(
+        &self,
+        caller: &Caller,
+        req: Req,
+        timeout: Duration,
+        call: F,
+    ) -> Result<Vec<Resp>, Status>
+    where
+        Req: Clone,
+        F: Fn(AdminClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
         let mut out = Vec::new();
         for peer in self.node.topology().region_peers() {
             let client = self.peers.admin(peer)?;
             let mut request = on_behalf(req.clone(), &[], self.node.actor(), caller);
-            request.set_timeout(ADMIN_FANOUT_TIMEOUT);
+            request.set_timeout(timeout);
             let resp = call(client, request).await.map_err(|s| {
                 Status::new(s.code(), format!("node {} of this region: {}", peer.actor(), s.message()))
             })?;
@@ -139,6 +163,10 @@ const AUDIT_READ_MAX: usize = 10_000;
 /// Deadline of one node's part of a region-wide admin request (a full
 /// scan of its store for audits and digests).
 const ADMIN_FANOUT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Deadline of one node's part of a backup or restore (a full scan of its
+/// store, or a load of its part of a backup).
+const BACKUP_FANOUT_TIMEOUT: Duration = Duration::from_secs(1800);
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
@@ -528,6 +556,117 @@ impl pb::admin_server::Admin for AdminService {
             records.truncate(limit);
         }
         Ok(Response::new(pb::AuditLogResponse { region, records }))
+    }
+
+    async fn backup_create(
+        &self,
+        request: Request<pb::BackupCreateRequest>,
+    ) -> Result<Response<pb::BackupCreateResponse>, Status> {
+        let (caller, _access) =
+            authorize_call(&self.node, &request, "admin.backup_create", Some(Privilege::Admin), &[], None)?;
+        let req = request.into_inner();
+        let node = self.node.clone();
+        let control = self.consensus.as_ref().map(|c| c.control_state());
+        let id = req.backup_id.clone();
+        let part = tokio::task::spawn_blocking(move || crate::backup::create_node_part(&node, control, &id))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .inspect_err(|e| tracing::warn!(backup = %req.backup_id, error = %e, "backup failed"))?;
+        tracing::info!(backup = %req.backup_id, rows = part.rows(), files = part.files.len(), "backup written");
+        let mut node_parts = vec![serde_json::to_string(&part).map_err(|e| Status::internal(e.to_string()))?];
+        if !req.node_only {
+            let fan = pb::BackupCreateRequest { node_only: true, ..req };
+            for other in self
+                .on_region_peers_within(&caller, fan, BACKUP_FANOUT_TIMEOUT, |mut c, r| async move {
+                    c.backup_create(r).await
+                })
+                .await?
+            {
+                node_parts.extend(other.node_parts);
+            }
+        }
+        Ok(Response::new(pb::BackupCreateResponse { region: self.node.config().region.clone(), node_parts }))
+    }
+
+    async fn backup_restore(
+        &self,
+        request: Request<pb::BackupRestoreRequest>,
+    ) -> Result<Response<pb::BackupRestoreResponse>, Status> {
+        let (caller, _access) =
+            authorize_call(&self.node, &request, "admin.backup_restore", Some(Privilege::Admin), &[], None)?;
+        let req = request.into_inner();
+        let manifest = crate::backup::Manifest::parse(&req.manifest)?;
+        let cfg = self.node.config();
+        if req.prepare {
+            crate::backup::prepare_restore(&self.node, &manifest).await.inspect_err(
+                |e| tracing::warn!(backup = %manifest.backup_id, error = %e, "restore refused"),
+            )?;
+            let mut nodes = vec![pb::BackupRestoreNode {
+                region: cfg.region.clone(),
+                node_id: cfg.node_id.clone(),
+                zones: Vec::new(),
+            }];
+            if !req.node_only {
+                let fan = pb::BackupRestoreRequest { node_only: true, ..req };
+                for other in self
+                    .on_region_peers_within(&caller, fan, BACKUP_FANOUT_TIMEOUT, |mut c, r| async move {
+                        c.backup_restore(r).await
+                    })
+                    .await?
+                {
+                    nodes.extend(other.nodes);
+                }
+            }
+            return Ok(Response::new(pb::BackupRestoreResponse {
+                region: cfg.region.clone(),
+                nodes,
+                homes_raised: 0,
+            }));
+        }
+        let restored = crate::backup::restore_node(&self.node, &manifest)
+            .await
+            .inspect_err(|e| tracing::warn!(backup = %manifest.backup_id, error = %e, "restore failed"))?;
+        tracing::info!(backup = %manifest.backup_id, rows = restored.values().sum::<u64>(), "backup restored");
+        let mut nodes = vec![pb::BackupRestoreNode {
+            region: cfg.region.clone(),
+            node_id: cfg.node_id.clone(),
+            zones: restored.into_iter().map(|(zone, rows)| pb::BackupRestoreZone { zone, rows }).collect(),
+        }];
+        let mut homes_raised = 0;
+        if !req.node_only {
+            let fan = pb::BackupRestoreRequest { node_only: true, ..req };
+            for other in self
+                .on_region_peers_within(&caller, fan, BACKUP_FANOUT_TIMEOUT, |mut c, r| async move {
+                    c.backup_restore(r).await
+                })
+                .await?
+            {
+                nodes.extend(other.nodes);
+            }
+            // Every epoch of the backup is history now: leases move above
+            // them (the same command from each region applies once).
+            let homes = crate::backup::restored_homes(&manifest);
+            if !homes.is_empty() {
+                let Some(consensus) = &self.consensus else {
+                    return Err(Status::failed_precondition("no control plane to raise the epochs in"));
+                };
+                homes_raised = homes.len() as u32;
+                let cmd = crate::consensus::control::ControlCommand::RestoreEpochs {
+                    homes,
+                    now_ms: self.node.hlc().now().physical_ms(),
+                };
+                match consensus
+                    .propose(crate::consensus::CONTROL_GROUP, crate::consensus::Command::Control(cmd), 0)
+                    .await?
+                {
+                    (crate::consensus::Reply::Control(crate::consensus::control::ControlReply::Done), _) => {}
+                    (other, _) => {
+                        return Err(Status::internal(format!("raising the epochs was answered {other:?}")));
+                    }
+                }
+            }
+        }
+        Ok(Response::new(pb::BackupRestoreResponse { region: cfg.region.clone(), nodes, homes_raised }))
     }
 
     async fn locate(

@@ -134,6 +134,21 @@ pub struct ControlState {
     pub manual_only: bool,
     /// Most recent failovers, newest last, bounded.
     pub events: Vec<FailoverEvent>,
+    /// Per home, the highest epoch of a restored backup: every epoch
+    /// granted from then on is above it (docs/decisions/029-zone-strict-backups.md).
+    #[serde(default)]
+    pub epoch_floors: BTreeMap<String, u64>,
+}
+
+/// A home's epochs as a restored backup knew them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoredHome {
+    pub home: String,
+    /// The highest epoch of the backup.
+    pub floor: u64,
+    /// The backup's epochs with their ends: (epoch, holder, ended_ms).
+    pub ended: Vec<(u64, String, u64)>,
+    pub pruned: PrunedEpochs,
 }
 
 /// Failover events kept in the state.
@@ -175,6 +190,15 @@ pub enum ControlCommand {
     },
     SetManualOnly {
         manual_only: bool,
+    },
+    /// After a backup is restored: each home's epoch history becomes the
+    /// backup's (so a replicated entry of one of its epochs is fenced
+    /// exactly as it was), and its lease moves to an epoch above every
+    /// epoch of the backup, as does every later grant. Applied once per
+    /// floor: a repeat is a no-op.
+    RestoreEpochs {
+        homes: Vec<RestoredHome>,
+        now_ms: u64,
     },
 }
 
@@ -244,6 +268,7 @@ impl ControlState {
                         why: format!("home {home} is at epoch {current_epoch}, not {expected_epoch}"),
                     };
                 }
+                let new_epoch = (*expected_epoch).max(self.epoch_floors.get(home).copied().unwrap_or(0)) + 1;
                 let mut unavailable_ms = 0;
                 if let Some(old) = current {
                     match reason {
@@ -297,7 +322,7 @@ impl ControlState {
                         home: home.clone(),
                         from: old.holder.clone(),
                         to: holder.clone(),
-                        epoch: expected_epoch + 1,
+                        epoch: new_epoch,
                         at_ms: *now_ms,
                         unavailable_ms,
                         reason: *reason,
@@ -309,7 +334,7 @@ impl ControlState {
                 let lease = HomeLease {
                     home: home.clone(),
                     holder: holder.clone(),
-                    epoch: expected_epoch + 1,
+                    epoch: new_epoch,
                     expires_ms: now_ms.saturating_add(*lease_ms),
                     granted_ms: *now_ms,
                     renewals: 0,
@@ -353,6 +378,57 @@ impl ControlState {
             }
             ControlCommand::SetManualOnly { manual_only } => {
                 self.manual_only = *manual_only;
+                ControlReply::Done
+            }
+            ControlCommand::RestoreEpochs { homes, now_ms } => {
+                for h in homes {
+                    if self.epoch_floors.get(&h.home).is_some_and(|f| *f >= h.floor) {
+                        continue;
+                    }
+                    self.epoch_floors.insert(h.home.clone(), h.floor);
+                    let mut history: Vec<EpochRecord> = h
+                        .ended
+                        .iter()
+                        .filter(|(epoch, _, _)| *epoch <= h.floor)
+                        .map(|(epoch, holder, ended_ms)| EpochRecord {
+                            epoch: *epoch,
+                            holder: holder.clone(),
+                            granted_ms: 0,
+                            ended_ms: Some(*ended_ms),
+                            reason: GrantReason::Initial,
+                        })
+                        .collect();
+                    let mut pruned = h.pruned;
+                    if let Some(lease) = self.leases.get_mut(&h.home) {
+                        if lease.epoch <= h.floor {
+                            // Same holder, a new epoch: it serves again
+                            // after its first renewal under it.
+                            lease.epoch = h.floor + 1;
+                            lease.renewals = 0;
+                            lease.granted_ms = *now_ms;
+                            lease.draining_to = None;
+                        }
+                        history.push(EpochRecord {
+                            epoch: lease.epoch,
+                            holder: lease.holder.clone(),
+                            granted_ms: *now_ms,
+                            ended_ms: None,
+                            reason: lease.reason,
+                        });
+                    }
+                    while history.len() > EPOCH_HISTORY_MAX {
+                        let gone = history.remove(0);
+                        pruned.through_epoch = pruned.through_epoch.max(gone.epoch);
+                        pruned.ended_ms_max =
+                            pruned.ended_ms_max.max(gone.ended_ms.unwrap_or(gone.granted_ms));
+                    }
+                    self.history.insert(h.home.clone(), history);
+                    if pruned.through_epoch > 0 {
+                        self.pruned.insert(h.home.clone(), pruned);
+                    } else {
+                        self.pruned.remove(&h.home);
+                    }
+                }
                 ControlReply::Done
             }
         }
@@ -476,6 +552,47 @@ mod tests {
         assert_eq!(lease(s.apply(&renew)).renewals, 1);
         assert!(matches!(s.apply(&failover("a", 1, "b", 9000, Some(0))), ControlReply::Rejected { .. }));
         assert_eq!(s.leases["a"].holder, "a");
+    }
+
+    #[test]
+    fn a_restore_moves_epochs_above_the_backup_and_keeps_its_ends() {
+        let mut s = ControlState::default();
+        assert!(matches!(s.apply(&grant("us", 0, "us", 1000, GrantReason::Initial)), ControlReply::Lease(_)));
+        let restore = ControlCommand::RestoreEpochs {
+            homes: vec![RestoredHome {
+                home: "us".into(),
+                floor: 3,
+                ended: vec![(2, "eu".into(), 5000), (3, "us".into(), 9000)],
+                pruned: PrunedEpochs { through_epoch: 1, ended_ms_max: 2000 },
+            }],
+            now_ms: 20_000,
+        };
+        assert_eq!(s.apply(&restore), ControlReply::Done);
+        let l = &s.leases["us"];
+        assert_eq!((l.holder.as_str(), l.epoch, l.renewals), ("us", 4, 0));
+        assert_eq!(s.epoch_record("us", 3).and_then(|r| r.ended_ms), Some(9000));
+        assert_eq!(s.epoch_record("us", 2).and_then(|r| r.ended_ms), Some(5000));
+        assert_eq!(s.epoch_record("us", 4).and_then(|r| r.ended_ms), None);
+        assert_eq!(s.pruned["us"].through_epoch, 1);
+        // Applied again: nothing changes.
+        let before = s.clone();
+        assert_eq!(s.apply(&restore), ControlReply::Done);
+        assert_eq!(s, before);
+        // A home first granted after the restore starts above its floor.
+        let restore_eu = ControlCommand::RestoreEpochs {
+            homes: vec![RestoredHome {
+                home: "eu".into(),
+                floor: 7,
+                ended: vec![],
+                pruned: PrunedEpochs::default(),
+            }],
+            now_ms: 20_000,
+        };
+        s.apply(&restore_eu);
+        match s.apply(&grant("eu", 0, "eu", 21_000, GrantReason::Initial)) {
+            ControlReply::Lease(l) => assert_eq!(l.epoch, 8),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -783,6 +783,37 @@ mod tests {
         }
     }
 
+    /// After a restore (docs/decisions/029-zone-strict-backups.md) the
+    /// backup's epochs fence as they did before it: a write stamped after
+    /// its epoch ended is refused, one stamped before is merged, and the
+    /// epoch current at the backup ends at the backup's cut.
+    #[test]
+    fn a_restored_cluster_fences_the_backups_epochs_as_before() {
+        use crate::consensus::control::{PrunedEpochs, RestoredHome};
+        let wall = ManualClock::new(0);
+        // The fresh cluster's own first grant, at epoch 1.
+        let mut s = granted("us", 100_000);
+        s.apply(&ControlCommand::RestoreEpochs {
+            homes: vec![RestoredHome {
+                home: "us".into(),
+                floor: 3,
+                // Epoch 2 ended at 50,000; epoch 3 was current at the cut, 80,000.
+                ended: vec![(1, "us".into(), 20_000), (2, "eu".into(), 50_000), (3, "us".into(), 80_000)],
+                pruned: PrunedEpochs::default(),
+            }],
+            now_ms: 120_000,
+        });
+        assert_eq!(s.leases["us"].epoch, 4);
+        let (l, _tx) = leases("eu", s, &wall);
+        // A write fenced before the backup (epoch 2, stamped after it ended).
+        assert_eq!(l.fence_entry("us", 2, 70_000), EntryFence::Fenced { current: 4 });
+        assert_eq!(l.fence_entry("us", 2, 49_000), EntryFence::LateButValid { current: 4 });
+        // The backup's current epoch: valid up to the cut, fenced after.
+        assert_eq!(l.fence_entry("us", 3, 79_000), EntryFence::LateButValid { current: 4 });
+        assert_eq!(l.fence_entry("us", 3, 90_000), EntryFence::Fenced { current: 4 });
+        assert_eq!(l.fence_entry("us", 4, 130_000), EntryFence::Current);
+    }
+
     #[test]
     fn an_epoch_pruned_from_the_history_is_still_fenced() {
         let wall = ManualClock::new(0);

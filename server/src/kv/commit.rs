@@ -115,6 +115,10 @@ pub enum ApplyMode {
     /// Anti-entropy finished: every row the source had at `through_seq` was
     /// sent, so the position moves up to it (never down).
     RepairDone,
+    /// Rows of a backup being restored: merged like repaired rows, and each
+    /// merged state appended to this node's log (accepted under no epoch,
+    /// like a compensation) so it ships to every region that may hold it.
+    Restore,
 }
 
 impl CommitJob {
@@ -872,6 +876,7 @@ impl Committer {
         let mut job_conflicts = Vec::new();
         let now = self.hlc.now();
         let origin = format!("{}#{}", remote.source, remote.source_store);
+        let mut seq = *next_seq;
         for (i, (table, key, incoming)) in remote.entries.iter().enumerate() {
             let dk = data_key(table, key);
             let current = match staged.get(&dk).or_else(|| overlay.row(&dk)) {
@@ -903,25 +908,33 @@ impl Committer {
                 metrics::histogram!("geokv_replication_apply_delay_seconds", "source" => source_region.clone())
                     .record(delay_s);
             }
-            job_batch.put(Cf::Data, dk.clone(), merged.seal());
+            let proto = merged.to_proto();
+            job_batch.put(Cf::Data, dk.clone(), codec::seal_message(&proto));
             // Shipped log entries are changes watchers see, named by their
             // position in the origin's log.
             if let (ApplyMode::Log, Some(origin_seq), false) =
                 (remote.mode, remote.seqs.get(i), feed_local_only())
             {
-                self.put_feed(
-                    &mut job_batch,
-                    &origin,
-                    *origin_seq,
-                    table,
-                    key,
-                    merged.to_proto(),
-                    incoming.hlc,
-                );
+                self.put_feed(&mut job_batch, &origin, *origin_seq, table, key, proto.clone(), incoming.hlc);
+            }
+            // Restored rows are logged as this node's writes (and so reach
+            // the feed and every other region).
+            if remote.mode == ApplyMode::Restore {
+                let entry = pb::LogEntry {
+                    seq,
+                    table: table.clone(),
+                    key: key.clone(),
+                    row: Some(proto),
+                    hlc: self.hlc.now_after(HlcTimestamp(merged.hlc)).0,
+                    origin: self.settings.actor.clone(),
+                    accepted_epoch: 0,
+                    idempotency: None,
+                };
+                self.put_log_entry(&mut job_batch, &entry);
+                seq += 1;
             }
             staged.insert(dk, merged);
         }
-        let mut seq = *next_seq;
         for (key, record) in &remote.idempotency {
             self.take_idempotency(key, record, overlay, &mut staged, &mut job_batch, &mut seq)?;
         }

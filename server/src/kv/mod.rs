@@ -787,6 +787,21 @@ impl Node {
 
     /// Merges row states durably (QUORUM replicas, read repair).
     pub async fn merge_rows(&self, entries: Vec<(String, Vec<u8>, Row)>) -> Result<(), KvError> {
+        self.merge_rows_as(entries, commit::ApplyMode::RepairRows).await
+    }
+
+    /// Merges restored rows (a backup's, docs/decisions/029-zone-strict-backups.md)
+    /// with the same residency checks as [`Node::merge_rows`], and logs
+    /// each merged state so it replicates like any write.
+    pub async fn restore_rows(&self, entries: Vec<(String, Vec<u8>, Row)>) -> Result<(), KvError> {
+        self.merge_rows_as(entries, commit::ApplyMode::Restore).await
+    }
+
+    async fn merge_rows_as(
+        &self,
+        entries: Vec<(String, Vec<u8>, Row)>,
+        mode: commit::ApplyMode,
+    ) -> Result<(), KvError> {
         for (table, _, row) in &entries {
             let t = self.table(table)?;
             // The zone a row declares must be the one this node's policy
@@ -822,7 +837,7 @@ impl Node {
             first_seq: 0,
             through_seq: 0,
             entries,
-            mode: commit::ApplyMode::RepairRows,
+            mode,
             idempotency: Vec::new(),
             seqs: Vec::new(),
         };

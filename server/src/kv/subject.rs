@@ -158,6 +158,9 @@ impl Node {
         entry.rows = receipt.rows;
         entry.bytes = receipt.bytes;
         self.lifecycle.record(self.engine.as_ref(), hash, &entry)?;
+        // Into every backup destination too, so no restore brings the
+        // subject back.
+        crate::lifecycle::publish(&self.cfg, &entry)?;
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || engine.compact())
             .await

@@ -602,6 +602,10 @@ impl Engine for GatedEngine {
         self.inner.scan(cf, start, end, limit)
     }
 
+    fn snapshot(&self) -> Box<dyn crate::storage::Snapshot + '_> {
+        self.inner.snapshot()
+    }
+
     fn last(&self, cf: Cf) -> Result<Option<KvPair>, StorageError> {
         self.inner.last(cf)
     }

@@ -175,6 +175,87 @@ impl Lifecycle {
     }
 }
 
+/// Folder of the erasure ledger under a backup destination.
+pub const LEDGER_DIR: &str = "erasure-ledger";
+
+/// Copies `entry` into every backup destination configured on this node
+/// (`<dir>/erasure-ledger/<hash>.json`, written to a temporary name,
+/// synced and renamed), so a restore of any backup, older or newer,
+/// applies the erasure again (hashes and counts only: the same in every
+/// zone's destination).
+pub fn publish(cfg: &Config, entry: &LedgerEntry) -> Result<(), KvError> {
+    let json = serde_json::to_vec_pretty(entry).map_err(|e| KvError::Storage(e.to_string()))?;
+    for d in &cfg.backup.destinations {
+        let dir = d.dir.join(LEDGER_DIR);
+        let fail = |e: std::io::Error| {
+            KvError::Storage(format!("writing the erasure ledger into {}: {e}", dir.display()))
+        };
+        std::fs::create_dir_all(&dir).map_err(fail)?;
+        let path = dir.join(format!("{}.json", entry.subject_hash));
+        let tmp = dir.join(format!(".{}.{}.tmp", entry.subject_hash, std::process::id()));
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+            f.write_all(&json).map_err(fail)?;
+            f.sync_all().map_err(fail)?;
+        }
+        std::fs::rename(&tmp, &path).map_err(fail)?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Every ledger entry found in the backup destinations configured on this
+/// node (bounded: a destination's ledger is read up to 1,000,000 entries).
+pub fn published(cfg: &Config) -> Result<Vec<LedgerEntry>, KvError> {
+    let mut out = Vec::new();
+    for d in &cfg.backup.destinations {
+        let dir = d.dir.join(LEDGER_DIR);
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten().take(1_000_000) {
+            let path = e.path();
+            if path.extension().and_then(|x| x.to_str()) != Some("json") {
+                continue;
+            }
+            let corrupt = |why: String| KvError::Corrupt { what: path.display().to_string(), why };
+            let bytes = std::fs::read(&path).map_err(|e| corrupt(e.to_string()))?;
+            let entry: LedgerEntry = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+            if parse_hash(&entry.subject_hash).is_none() {
+                return Err(corrupt("not a subject hash".into()));
+            }
+            out.push(entry);
+        }
+    }
+    Ok(out)
+}
+
+impl Lifecycle {
+    /// Applies ledger entries from elsewhere (a restore): each is stored in
+    /// this node's ledger (the highest fence of a subject wins) and fences
+    /// from now on. Returns how many subjects.
+    pub fn adopt(&self, engine: &dyn Engine, entries: &[LedgerEntry]) -> Result<usize, KvError> {
+        for e in entries {
+            let hash = parse_hash(&e.subject_hash).ok_or_else(|| KvError::Corrupt {
+                what: "erasure ledger".into(),
+                why: format!("`{}` is not a subject hash", e.subject_hash),
+            })?;
+            let known = self.fences.read().unwrap_or_else(|p| p.into_inner()).get(&hash).copied();
+            if known.is_some_and(|f| f >= e.fence_hlc) {
+                continue;
+            }
+            self.record(engine, hash, e)?;
+        }
+        Ok(entries.len())
+    }
+
+    /// The highest fence of any subject (0 when none).
+    pub fn highest_fence(&self) -> u64 {
+        self.fences.read().unwrap_or_else(|p| p.into_inner()).values().copied().max().unwrap_or(0)
+    }
+}
+
 /// Checks a subject id a client sent.
 pub fn check_subject(subject: &[u8]) -> Result<(), KvError> {
     if subject.is_empty() {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Mutex;
 
-use super::{BatchOp, Cf, Engine, KvPair, KvPairs, StorageError, WriteBatch};
+use super::{BatchOp, Cf, Engine, KvPair, KvPairs, Snapshot, StorageError, Visit, WriteBatch};
 
 /// Every column family's ordered map.
 type Families = BTreeMap<Cf, BTreeMap<Vec<u8>, Vec<u8>>>;
@@ -73,6 +73,44 @@ impl Engine for MemoryEngine {
 
     fn last(&self, cf: Cf) -> Result<Option<KvPair>, StorageError> {
         Ok(self.lock().get(&cf).and_then(|m| m.iter().next_back().map(|(k, v)| (k.clone(), v.clone()))))
+    }
+
+    fn snapshot(&self) -> Box<dyn Snapshot + '_> {
+        // A copy: the memory engine holds simulation-sized stores only.
+        Box::new(MemorySnapshot(self.lock().clone()))
+    }
+}
+
+/// A copy of every column family at one point in time.
+struct MemorySnapshot(Families);
+
+impl Snapshot for MemorySnapshot {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.0.get(&cf).and_then(|m| m.get(key).cloned()))
+    }
+
+    fn for_each(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StorageError> {
+        let Some(map) = self.0.get(&cf) else { return Ok(()) };
+        let upper = match end {
+            Some(e) => Bound::Excluded(e.to_vec()),
+            None => Bound::Unbounded,
+        };
+        for (k, v) in map.range((Bound::Included(start.to_vec()), upper)) {
+            if !visit(k, v)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn last(&self, cf: Cf) -> Result<Option<KvPair>, StorageError> {
+        Ok(self.0.get(&cf).and_then(|m| m.iter().next_back().map(|(k, v)| (k.clone(), v.clone()))))
     }
 }
 

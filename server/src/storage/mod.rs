@@ -170,6 +170,35 @@ pub trait Engine: Send + Sync + 'static {
     fn compact(&self) -> Result<(), StorageError> {
         Ok(())
     }
+
+    /// A point-in-time view of every column family: reads through it see
+    /// the store as it was when it was taken, whatever is written after
+    /// (backups read one node's store as one cut through it:
+    /// docs/decisions/029-zone-strict-backups.md).
+    fn snapshot(&self) -> Box<dyn Snapshot + '_>;
+}
+
+/// What [`Snapshot::for_each`] calls per pair: true to go on.
+pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StorageError> + 'a;
+
+/// A consistent, read-only view of a store at one point in time
+/// ([`Engine::snapshot`]).
+pub trait Snapshot {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// Visits the pairs with `start <= key < end` (no end bound when `end`
+    /// is None) in key order, one at a time (nothing is gathered in
+    /// memory), until `visit` returns false or fails.
+    fn for_each(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StorageError>;
+
+    /// The last pair of the column family in this view, if any.
+    fn last(&self, cf: Cf) -> Result<Option<KvPair>, StorageError>;
 }
 
 /// The smallest key greater than every key that starts with `prefix`, or
@@ -214,6 +243,33 @@ pub(crate) mod conformance {
         batch.delete(Cf::Data, b"b".to_vec());
         engine.write(batch, false).unwrap();
         assert_eq!(engine.get(Cf::Data, b"b").unwrap(), None);
+
+        // A snapshot keeps its point in time while the store changes.
+        let snap = engine.snapshot();
+        let mut batch = WriteBatch::new();
+        batch.put(Cf::Data, b"d".to_vec(), b"4".to_vec());
+        batch.delete(Cf::Data, b"c".to_vec());
+        engine.write(batch, false).unwrap();
+        let mut seen = Vec::new();
+        snap.for_each(Cf::Data, b"", None, &mut |k, v| {
+            seen.push((k.to_vec(), v.to_vec()));
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(b"a".to_vec(), b"1".to_vec()), (b"c".to_vec(), b"3".to_vec())]);
+        assert_eq!(snap.get(Cf::Data, b"c").unwrap(), Some(b"3".to_vec()));
+        assert_eq!(snap.get(Cf::Data, b"d").unwrap(), None);
+        assert_eq!(snap.last(Cf::Data).unwrap(), Some((b"c".to_vec(), b"3".to_vec())));
+        let mut first = Vec::new();
+        snap.for_each(Cf::Data, b"b", Some(b"z"), &mut |k, _| {
+            first.push(k.to_vec());
+            Ok(false)
+        })
+        .unwrap();
+        assert_eq!(first, vec![b"c".to_vec()]);
+        drop(snap);
+        assert_eq!(engine.get(Cf::Data, b"c").unwrap(), None);
+        assert_eq!(engine.get(Cf::Data, b"d").unwrap(), Some(b"4".to_vec()));
     }
 
     #[test]

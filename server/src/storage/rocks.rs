@@ -8,7 +8,10 @@ use rocksdb::compaction_filter::{CompactionFilter, Decision};
 use rocksdb::compaction_filter_factory::{CompactionFilterContext, CompactionFilterFactory};
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteOptions, DB};
 
-use super::{BatchOp, Cf, Compacted, CompactionRule, Engine, KvPair, KvPairs, StorageError, WriteBatch};
+use super::{
+    BatchOp, Cf, Compacted, CompactionRule, Engine, KvPair, KvPairs, Snapshot, StorageError, Visit,
+    WriteBatch,
+};
 
 /// Tuning that the node passes explicitly rather than trusting defaults.
 #[derive(Clone)]
@@ -233,6 +236,56 @@ impl Engine for RocksEngine {
             self.db.compact_range_cf_opt(&self.handle(cf)?, None::<&[u8]>, None::<&[u8]>, &opts);
         }
         Ok(())
+    }
+
+    fn snapshot(&self) -> Box<dyn Snapshot + '_> {
+        Box::new(RocksSnapshot { engine: self, snap: self.db.snapshot() })
+    }
+}
+
+/// A RocksDB snapshot: every read through it sees the sequence number at
+/// which it was taken, in every column family.
+struct RocksSnapshot<'a> {
+    engine: &'a RocksEngine,
+    snap: rocksdb::SnapshotWithThreadMode<'a, DB>,
+}
+
+impl Snapshot for RocksSnapshot<'_> {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.snap
+            .get_cf(&self.engine.handle(cf)?, key)
+            .map_err(|e| StorageError::Read { cf, reason: e.to_string() })
+    }
+
+    fn for_each(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StorageError> {
+        let handle = self.engine.handle(cf)?;
+        for item in self.snap.iterator_cf(&handle, IteratorMode::From(start, Direction::Forward)) {
+            let (k, v) = item.map_err(|e| StorageError::Read { cf, reason: e.to_string() })?;
+            if end.is_some_and(|e| k.as_ref() >= e) {
+                break;
+            }
+            if !visit(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn last(&self, cf: Cf) -> Result<Option<KvPair>, StorageError> {
+        let handle = self.engine.handle(cf)?;
+        match self.snap.iterator_cf(&handle, IteratorMode::End).next() {
+            None => Ok(None),
+            Some(item) => {
+                let (k, v) = item.map_err(|e| StorageError::Read { cf, reason: e.to_string() })?;
+                Ok(Some((k.into_vec(), v.into_vec())))
+            }
+        }
     }
 }
 
