@@ -226,4 +226,21 @@ async fn a_cursor_behind_the_retention_is_refused() {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // A fresh cursor resumes; after the store is wiped (as after a restore
+    // into new stores) it does not: the feed it points into is gone.
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let task = open(&client, b"", &seen).await;
+    let deadline = Deadline::after(DELIVERY_LIMIT);
+    while seen.lock().unwrap().cursor.is_empty() {
+        assert!(!deadline.passed(), "no heartbeat within {DELIVERY_LIMIT:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    task.abort();
+    let fresh = seen.lock().unwrap().cursor.clone();
+    drop(client.watch("default", b"user:", &fresh).await.expect("a current cursor resumes"));
+    let mut cluster = cluster;
+    cluster.wipe(EU_WEST).await;
+    let client = cluster.client(EU_WEST).await;
+    let refused = client.watch("default", b"user:", &fresh).await.expect_err("a cursor of the wiped store");
+    assert_eq!(refused.reason_or_code(), "CURSOR_COMPACTED", "{refused}");
 }

@@ -121,10 +121,8 @@ pub enum KvError {
     )]
     SubjectErased { key: String, fence_hlc: u64 },
     /// A watch cursor is behind the change feed's retention.
-    #[error(
-        "the cursor is behind this region's change feed: changes of `{origin}` after position {delivered} were trimmed (through {trimmed}); start a new watch (and read the rows again)"
-    )]
-    CursorCompacted { origin: String, delivered: u64, trimmed: u64 },
+    #[error("the cursor cannot resume here: {why}; start a new watch (and read the rows again)")]
+    CursorCompacted { origin: String, why: String },
     /// Rows of `zone` have no usable backup destination on `node`
     /// (docs/decisions/029-zone-strict-backups.md).
     #[error(
@@ -252,10 +250,8 @@ impl KvError {
             KvError::QuorumUnavailable { group, .. } => {
                 m.insert("group".into(), group.clone());
             }
-            KvError::CursorCompacted { origin, delivered, trimmed } => {
+            KvError::CursorCompacted { origin, .. } => {
                 m.insert("origin".into(), origin.clone());
-                m.insert("delivered".into(), delivered.to_string());
-                m.insert("trimmed".into(), trimmed.to_string());
             }
             KvError::SubjectErased { key, fence_hlc } => {
                 m.insert("key".into(), key.clone());
@@ -394,7 +390,7 @@ mod tests {
             KvError::Unauthenticated { why: s() },
             KvError::PermissionDenied { principal: s(), missing_grant: s(), why: s() },
             KvError::SubjectErased { key: s(), fence_hlc: 1 },
-            KvError::CursorCompacted { origin: s(), delivered: 1, trimmed: 2 },
+            KvError::CursorCompacted { origin: s(), why: s() },
             KvError::BackupDestinationMissing { zone: s(), node: s(), why: s() },
             KvError::BackupMismatch { why: s() },
             KvError::RestoreNotEmpty { node: s(), why: s() },

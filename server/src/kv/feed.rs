@@ -50,18 +50,22 @@ fn seq_of(key: &[u8]) -> Option<u64> {
     key.strip_prefix(b"l/").and_then(|s| <[u8; 8]>::try_from(s).ok()).map(u64::from_be_bytes)
 }
 
-/// A watcher's position: per origin, the last position delivered.
+/// A watcher's position: per origin, the last position delivered, and
+/// the store whose feed it is a position in.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Cursor(pub BTreeMap<String, u64>);
+pub struct Cursor {
+    pub positions: BTreeMap<String, u64>,
+    pub store: String,
+}
 
 impl Cursor {
     pub fn encode(&self) -> Vec<u8> {
         let positions = self
-            .0
+            .positions
             .iter()
             .map(|(actor, counter)| spb::VvEntry { actor: actor.clone(), counter: *counter })
             .collect();
-        codec::seal_message(&spb::FeedCursor { positions })
+        codec::seal_message(&spb::FeedCursor { positions, store: self.store.clone() })
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, KvError> {
@@ -70,7 +74,10 @@ impl Cursor {
             return Err(bad(format!("{} bytes; a cursor is at most 1 MiB", bytes.len())));
         }
         let c: spb::FeedCursor = codec::open_message(bytes).map_err(|e| bad(e.to_string()))?;
-        Ok(Self(c.positions.into_iter().map(|e| (e.actor, e.counter)).collect()))
+        Ok(Self {
+            positions: c.positions.into_iter().map(|e| (e.actor, e.counter)).collect(),
+            store: c.store,
+        })
     }
 }
 
@@ -99,10 +106,25 @@ pub fn floors(node: &Node) -> Result<BTreeMap<String, u64>, KvError> {
 /// Checks that `cursor` can resume: every origin trimmed past it refuses
 /// it with `CURSOR_COMPACTED`.
 pub fn check_cursor(node: &Node, cursor: &Cursor) -> Result<(), KvError> {
+    let here = node.store_tag();
+    if cursor.store != here {
+        return Err(KvError::CursorCompacted {
+            origin: cursor.store.clone(),
+            why: format!(
+                "it was issued by store `{}` and this node's store is `{here}` (a wiped or restored store keeps no feed of the old one)",
+                cursor.store
+            ),
+        });
+    }
     for (origin, trimmed) in floors(node)? {
-        let delivered = cursor.0.get(&origin).copied().unwrap_or(0);
+        let delivered = cursor.positions.get(&origin).copied().unwrap_or(0);
         if trimmed > delivered {
-            return Err(KvError::CursorCompacted { origin, delivered, trimmed });
+            return Err(KvError::CursorCompacted {
+                why: format!(
+                    "changes of `{origin}` after position {delivered} were trimmed (through {trimmed})"
+                ),
+                origin,
+            });
         }
     }
     Ok(())
@@ -261,7 +283,8 @@ async fn stream(
     let head = node.state.feed_seq.load(Ordering::Acquire);
     // Without a cursor, the stored changes only set the cursor.
     let deliver_after = if watch.cursor.is_some() { 0 } else { head };
-    let mut cursor = watch.cursor.unwrap_or_default();
+    let mut cursor =
+        watch.cursor.unwrap_or_else(|| Cursor { positions: BTreeMap::new(), store: node.store_tag() });
     let mut next = oldest(node)?;
     let mut heartbeat = tokio::time::interval(Duration::from_millis(node.config().watch.heartbeat_ms));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -275,7 +298,7 @@ async fn stream(
             let full = page.len() == PAGE;
             next = last.local_seq + 1;
             for e in page {
-                let delivered = cursor.0.entry(e.origin.clone()).or_insert(0);
+                let delivered = cursor.positions.entry(e.origin.clone()).or_insert(0);
                 if e.origin_seq <= *delivered {
                     continue;
                 }
@@ -319,7 +342,10 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_bad_ones_are_refused() {
-        let c = Cursor([("us-east-1/n1#a".to_string(), 7), ("eu-west-1/n1#b".to_string(), 3)].into());
+        let c = Cursor {
+            positions: [("us-east-1/n1#a".to_string(), 7), ("eu-west-1/n1#b".to_string(), 3)].into(),
+            store: "000001-abc".into(),
+        };
         assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
         assert!(matches!(Cursor::decode(b"nonsense"), Err(KvError::InvalidField { field: "cursor", .. })));
         assert_eq!(seq_of(&entry_key(42)), Some(42));
