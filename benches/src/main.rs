@@ -20,6 +20,7 @@
 mod client_routing;
 mod etcd;
 mod geokv;
+mod lifecycle;
 mod load;
 mod process;
 mod redis;
@@ -69,6 +70,9 @@ enum Mode {
     /// one far endpoint against region-aware, through `geokv dev
     /// --client-region`'s emulated latencies, in one run.
     ClientRouting(client_routing::ClientRoutingArgs),
+    /// Data lifecycle costs: erasure of a large subject, watch delivery
+    /// lag under cross-region writes, puts with a TTL beside puts without.
+    Lifecycle(lifecycle::LifecycleArgs),
 }
 
 #[derive(Parser, Debug)]
@@ -244,6 +248,7 @@ fn main() -> ExitCode {
     let checked = match &args.mode {
         Some(Mode::StrongWan(a)) => a.validate(),
         Some(Mode::ClientRouting(a)) => a.validate(),
+        Some(Mode::Lifecycle(a)) => a.validate(),
         None => args.validate(),
     };
     if let Err(e) = checked {
@@ -304,6 +309,13 @@ async fn run_mode(args: &Args) -> Result<()> {
                 None => geokv::default_binary()?,
             };
             client_routing::run(a, bin).await
+        }
+        Some(Mode::Lifecycle(a)) => {
+            let bin = match &a.geokv_bin {
+                Some(p) => p.clone(),
+                None => geokv::default_binary()?,
+            };
+            lifecycle::run(a, bin).await
         }
         None => run(args).await,
     }

@@ -199,6 +199,19 @@ fn dev_ports(seed: u64) -> Result<(u16, u16)> {
 }
 
 impl GeokvDev {
+    /// The pid of `region`'s node (its command line names its config in
+    /// this cluster's folder), for CPU accounting.
+    pub(crate) fn node_pid(&self, region: &str) -> Option<u32> {
+        let config = self.dir.path().join("dev").join(region).join("node.toml");
+        let wanted = config.to_string_lossy().into_owned();
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.windows(2).any(|w| w[0] == b"--config" && w[1] == wanted.as_bytes()).then_some(pid)
+        })
+    }
+
     /// Starts `geokv dev` with `extra` arguments and waits until `ready`
     /// (given the us-east-1 endpoint and the certificates) succeeds.
     pub(crate) async fn spawn<F, Fut>(
