@@ -149,20 +149,7 @@ async fn late_rows_merged_past_the_fence_are_caught() {
     // The cluster moves into the task, so a failed check stops its nodes
     // as it unwinds.
     let run = tokio::spawn(async move { erase_and_check(&mut cluster).await });
-    let failure = match run.await {
-        Ok(()) => panic!("every erasure check held with the bug on"),
-        Err(e) => e.into_panic(),
-    };
-    let message = failure
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| failure.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_default();
-    assert!(
-        message.contains("came back"),
-        "the bug was not caught by the erasure checks but failed otherwise: {message}"
-    );
-    eprintln!("caught: {message}");
+    common::expect_caught(run, "came back").await;
 }
 
 /// Writes the subjects, erases one with a region away, and checks reads,

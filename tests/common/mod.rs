@@ -626,3 +626,24 @@ pub fn store_holds(dir: &Path, needle: &[u8]) -> bool {
         std::fs::read(&path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
     })
 }
+
+/// Awaits `run`, a check run with a put-back bug switched on, and returns
+/// its panic message; panics unless it failed, and with a message that
+/// contains `needle` (the check the bug is for, not another one).
+pub async fn expect_caught<T: std::fmt::Debug>(run: tokio::task::JoinHandle<T>, needle: &str) -> String {
+    let failure = match run.await {
+        Ok(done) => panic!("every check held with the bug on: {done:?}"),
+        Err(e) => e.into_panic(),
+    };
+    let message = failure
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| failure.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
+    assert!(
+        message.contains(needle),
+        "the bug was not caught by the check for `{needle}` but failed otherwise: {message}"
+    );
+    eprintln!("caught: {message}");
+    message
+}

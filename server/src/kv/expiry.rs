@@ -117,6 +117,45 @@ impl CompactionRule for DataExpiry {
     }
 }
 
+/// An encoded entry carrying a row's whole state: a replication-log or a
+/// change-feed entry.
+trait RowEntry: prost::Message + Default {
+    /// The entry's table, key and row.
+    fn parts(&mut self) -> (&str, &[u8], &mut Option<pb::Row>);
+}
+
+impl RowEntry for pb::LogEntry {
+    fn parts(&mut self) -> (&str, &[u8], &mut Option<pb::Row>) {
+        (&self.table, &self.key, &mut self.row)
+    }
+}
+
+impl RowEntry for pb::FeedEntry {
+    fn parts(&mut self) -> (&str, &[u8], &mut Option<pb::Row>) {
+        (&self.table, &self.key, &mut self.row)
+    }
+}
+
+/// Strips what the row carried by the entry `value` may no longer hold;
+/// an entry that does not decode is kept as it is.
+fn strip_entry<E: RowEntry>(lifecycle: &Lifecycle, now_ms: u64, value: &[u8]) -> Compacted {
+    let Ok(mut entry) = crate::codec::open_message::<E>(value) else {
+        return Compacted::Keep;
+    };
+    let (table, key, slot) = entry.parts();
+    let Some(Ok(mut row)) = slot.take().map(Row::from_proto) else {
+        return Compacted::Keep;
+    };
+    match strip_all(lifecycle, table, key, &mut row, now_ms) {
+        0 => Compacted::Keep,
+        n => {
+            count(n as u64);
+            *slot = Some(row.to_proto());
+            Compacted::Change(crate::codec::seal_message(&entry))
+        }
+    }
+}
+
 /// The rule of the `repl_log` column family: a log entry carries its row's
 /// whole state, so its expired values are stripped the same way (a
 /// receiver merging the stripped state gets the tombstone, which is what
@@ -138,20 +177,7 @@ impl CompactionRule for LogExpiry {
     }
 
     fn filter(&self, _key: &[u8], value: &[u8]) -> Compacted {
-        let Ok(mut entry) = crate::codec::open_message::<pb::LogEntry>(value) else {
-            return Compacted::Keep;
-        };
-        let Some(Ok(mut row)) = entry.row.take().map(Row::from_proto) else {
-            return Compacted::Keep;
-        };
-        match strip_all(&self.lifecycle, &entry.table, &entry.key, &mut row, self.clock.now_ms()) {
-            0 => Compacted::Keep,
-            n => {
-                count(n as u64);
-                entry.row = Some(row.to_proto());
-                Compacted::Change(crate::codec::seal_message(&entry))
-            }
-        }
+        strip_entry::<pb::LogEntry>(&self.lifecycle, self.clock.now_ms(), value)
     }
 }
 
@@ -177,20 +203,7 @@ impl CompactionRule for FeedExpiry {
         if !key.starts_with(b"l/") {
             return Compacted::Keep;
         }
-        let Ok(mut entry) = crate::codec::open_message::<pb::FeedEntry>(value) else {
-            return Compacted::Keep;
-        };
-        let Some(Ok(mut row)) = entry.row.take().map(Row::from_proto) else {
-            return Compacted::Keep;
-        };
-        match strip_all(&self.lifecycle, &entry.table, &entry.key, &mut row, self.clock.now_ms()) {
-            0 => Compacted::Keep,
-            n => {
-                count(n as u64);
-                entry.row = Some(row.to_proto());
-                Compacted::Change(crate::codec::seal_message(&entry))
-            }
-        }
+        strip_entry::<pb::FeedEntry>(&self.lifecycle, self.clock.now_ms(), value)
     }
 }
 
