@@ -39,6 +39,9 @@ pub const TABLE_STRONG_REGISTERS: &str = "strong_registers";
 pub const TABLE_COUNTERS: &str = "counters";
 pub const TABLE_SETS: &str = "sets";
 pub const TABLE_EU_USERS: &str = "eu_users";
+/// Last-writer-wins rows written at EVENTUAL in every region and watched
+/// through a change feed (the watch workload).
+pub const TABLE_WATCHED: &str = "watched";
 
 /// Longest wait for a started node to answer.
 pub const NODE_READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -646,6 +649,9 @@ fn config_text(
     ));
     out.push_str(&format!(
         "[[tables]]\nname = \"{TABLE_SETS}\"\ndefault_home_region = \"{first}\"\ndefault_consistency = \"eventual\"\n\n"
+    ));
+    out.push_str(&format!(
+        "[[tables]]\nname = \"{TABLE_WATCHED}\"\ndefault_home_region = \"{first}\"\ndefault_consistency = \"eventual\"\nconflict = \"lww\"\n\n"
     ));
     if eu.len() >= 2 {
         out.push_str(&format!(

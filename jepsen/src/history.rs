@@ -153,6 +153,45 @@ pub struct NemesisRecord {
     pub detail: String,
 }
 
+/// What a watcher saw (the watch workload's change feed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WatchEventKind {
+    /// The stream was opened; `detail` says whether from a cursor.
+    Open,
+    /// A change of row `key`: its values after the change.
+    Change,
+    /// A resolved-time heartbeat (`hlc`).
+    Heartbeat,
+    /// The stream ended or could not be opened; `detail` says why.
+    Error,
+}
+
+/// One event of a change feed as the harness's watcher received it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchRecord {
+    pub time_us: u64,
+    /// The region serving the feed.
+    pub region: String,
+    pub event: WatchEventKind,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key: String,
+    /// A change's values (decoded), empty for a deleted row.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<i64>,
+    /// The change's name: the node that accepted the write, and its
+    /// position in that node's log.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub origin: String,
+    #[serde(default)]
+    pub seq: u64,
+    /// A change's HLC stamp, or a heartbeat's resolved time.
+    #[serde(default)]
+    pub hlc: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
 /// One line of `history.jsonl`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "record", rename_all = "kebab-case")]
@@ -160,6 +199,7 @@ pub enum Record {
     Op(OpRecord),
     Nemesis(NemesisRecord),
     Epoch(EpochRecord),
+    Watch(WatchRecord),
 }
 
 /// An operation with its invocation and completion joined.
@@ -416,6 +456,18 @@ impl Recorder {
             observed_by: observed_by.to_string(),
         };
         self.lock().records.push(Record::Epoch(record));
+    }
+
+    /// Records what a watcher received (its `time_us` is set here).
+    /// Returns false when the history is full: the watcher stops.
+    pub fn watch(&self, mut record: WatchRecord) -> bool {
+        record.time_us = self.now_us();
+        let mut inner = self.lock();
+        if inner.records.len() + 1 > self.records_max {
+            return false;
+        }
+        inner.records.push(Record::Watch(record));
+        true
     }
 
     pub fn ops_invoked(&self) -> u64 {

@@ -12,8 +12,10 @@
 //!   kills (-9), pauses, restarts with clock skew; stops everything on drop.
 //! - [`nemesis`]: fault kinds, what each touches, the seeded schedule aimed
 //!   at the workload's regions, and their execution.
-//! - [`workload`]: register, counter, set and residency clients, and the
-//!   regions each depends on.
+//! - [`workload`]: register, counter, set, residency, big-rows and watch
+//!   clients, and the regions each depends on.
+//! - [`watcher`]: the watch workload's change-feed follower, resuming from
+//!   its cursor.
 //! - [`run`]: one scenario end to end; [`suite`] many.
 //! - [`report`]: the run folder: history, verdicts, `index.html` with plots.
 
@@ -24,4 +26,5 @@ pub mod nemesis;
 pub mod report;
 pub mod run;
 pub mod suite;
+pub mod watcher;
 pub mod workload;

@@ -50,7 +50,7 @@ pub fn windows(records: &[Record]) -> Vec<Window> {
                 end = end.max(o.time_us as f64 / 1e6);
                 continue;
             }
-            Record::Epoch(_) => continue,
+            Record::Epoch(_) | Record::Watch(_) => continue,
         };
         end = end.max(t);
         if let Some(kind) = rec.action.strip_prefix("start-") {
@@ -98,7 +98,7 @@ pub fn write(dir: &Path, summary: &RunSummary, records: &[Record]) -> anyhow::Re
                 }
             }
             Record::Nemesis(n) => nemesis.push(n),
-            Record::Epoch(_) => {}
+            Record::Epoch(_) | Record::Watch(_) => {}
         }
     }
     latency.sort_by(|a, b| a.0.total_cmp(&b.0));

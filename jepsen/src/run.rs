@@ -20,10 +20,11 @@ use crate::checker::coverage::Coverage;
 use crate::checker::{
     self, digest_key, Audit, FinalState, Outcome, RegionFinal, Verdict, FINAL_CLIENT_PREFIX,
 };
-use crate::cluster::{quick_client, zones, Cluster, ClusterSpec, EU_ZONE, REGIONS};
+use crate::cluster::{quick_client, zones, Cluster, ClusterSpec, EU_ZONE, REGIONS, TABLE_WATCHED};
 use crate::history::{self, Kind, NemesisStatus, Recorder, Value, F};
 use crate::nemesis::{self, NemesisKind, Step};
 use crate::report;
+use crate::watcher::Watcher;
 use crate::workload::{self, ClientSpec, Shared, WorkloadKind};
 
 /// Everything a run depends on; stored as `options.json` in the run folder
@@ -88,6 +89,11 @@ pub fn notes(kind: WorkloadKind, regions: &[String]) -> Vec<String> {
             vec!["counter: increments at EVENTUAL; the quorum-counter workload runs them at QUORUM".into()]
         }
         WorkloadKind::CounterRetry | WorkloadKind::QuorumCounter => Vec::new(),
+        WorkloadKind::Watch => vec![format!(
+            "watch: one watcher, on {} in {} (a region of one node: feeds of regions with several nodes are refused); changes that reach a region only through anti-entropy repair are not in its feed (docs/architecture.md section 13)",
+            workload::WATCH_PREFIX,
+            workload::WATCH_REGION
+        )],
         WorkloadKind::StrongRegister | WorkloadKind::Set | WorkloadKind::Residency | WorkloadKind::BigRows => {
             Vec::new()
         }
@@ -149,6 +155,22 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<RunSummary> {
         next_value: Arc::new(AtomicU64::new(0)),
         eu: zones(&regions).get(EU_ZONE).cloned().unwrap_or_default(),
     };
+    // The watch workload's watcher starts first: its first event fixes
+    // the feed position the writes come after.
+    let mut watcher = None;
+    if opts.workload == WorkloadKind::Watch {
+        let mut w = Watcher::start(
+            cluster.endpoint(workload::WATCH_REGION),
+            workload::WATCH_REGION.to_string(),
+            TABLE_WATCHED.to_string(),
+            workload::WATCH_PREFIX.to_string(),
+            recorder.clone(),
+        );
+        if !w.ready().await {
+            tracing::warn!("the watcher received no event before the workload started");
+        }
+        watcher = Some(w);
+    }
     let handles: Vec<_> =
         clients.into_iter().map(|c| tokio::spawn(workload::client_loop(c, shared.clone()))).collect();
     let observers: Vec<_> = regions
@@ -181,6 +203,10 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<RunSummary> {
         Err(e) => recorder.nemesis("heal-all", vec![], NemesisStatus::Indeterminate, format!("{e:#}")),
     }
     let mut fin = wait_converged(&cluster, &regions, healed_at).await;
+    if let Some(w) = watcher {
+        wait_delivered(&recorder).await;
+        w.stop().await;
+    }
     final_reads(&cluster, opts.workload, &recorder, &regions).await;
     let audits = read_audits(&cluster, &regions).await;
     for (r, a) in audits {
@@ -270,6 +296,16 @@ pub fn check(
         }
         WorkloadKind::Set => vec![checker::set::check(&ops)],
         WorkloadKind::BigRows => vec![checker::big_rows::check(&ops)],
+        WorkloadKind::Watch => {
+            let events: Vec<history::WatchRecord> = records
+                .iter()
+                .filter_map(|r| match r {
+                    history::Record::Watch(w) => Some(w.clone()),
+                    _ => None,
+                })
+                .collect();
+            vec![checker::watch::check(&ops, &events, workload::WATCH_PREFIX)]
+        }
         WorkloadKind::Residency => vec![
             checker::residency::check(&ops, fin, EU_ZONE),
             checker::residency::check_lost_writes(&ops, fin, EU_ZONE),
@@ -460,6 +496,8 @@ async fn final_reads(cluster: &Cluster, kind: WorkloadKind, recorder: &Recorder,
                 }
             }
         }
+        // The watcher's events are checked against the writes themselves.
+        WorkloadKind::Watch => {}
         WorkloadKind::Residency => {
             let keys: std::collections::BTreeSet<&str> = ops
                 .iter()
@@ -491,6 +529,38 @@ async fn final_reads(cluster: &Cluster, kind: WorkloadKind, recorder: &Recorder,
         };
         recorder.complete_acked(inv, k, v, e, ack);
     }
+}
+
+/// Longest wait, once the regions converged, for the watcher to receive
+/// every acknowledged write under its prefix.
+const WATCH_DRAIN: Duration = Duration::from_secs(30);
+
+/// Waits until the watcher received every acknowledged write under the
+/// watched prefix, or [`WATCH_DRAIN`] passes (the checker then names what
+/// is missing).
+async fn wait_delivered(recorder: &Recorder) {
+    let started = Instant::now();
+    while started.elapsed() < WATCH_DRAIN {
+        let records = recorder.records();
+        let mut seen: std::collections::BTreeSet<(&str, i64)> = Default::default();
+        for r in &records {
+            if let history::Record::Watch(w) = r {
+                seen.extend(w.values.iter().map(|v| (w.key.as_str(), *v)));
+            }
+        }
+        let all = records.iter().all(|r| match r {
+            history::Record::Op(o) if o.kind == Kind::Ok && o.f == F::Write => {
+                !o.key.starts_with(workload::WATCH_PREFIX)
+                    || o.value.as_int().is_none_or(|v| seen.contains(&(o.key.as_str(), v)))
+            }
+            _ => true,
+        });
+        if all {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tracing::warn!("the watcher did not receive every acknowledged write in time");
 }
 
 /// How often each region's node is asked for its view of the home leases.

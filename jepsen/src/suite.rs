@@ -96,6 +96,12 @@ pub const FULL: &[Scenario] = &[
     s(WorkloadKind::Counter, NemesisKind::Wipe),
     s(WorkloadKind::Set, NemesisKind::Wipe),
     strong(NemesisKind::Wipe),
+    // A change feed followed through cuts, kills (the watcher resumes
+    // from its cursor) and pauses (docs/architecture.md section 13). Not
+    // under wipe: a wiped store's cursors are refused by design.
+    s(WorkloadKind::Watch, NemesisKind::Partition),
+    s(WorkloadKind::Watch, NemesisKind::Kill),
+    s(WorkloadKind::Watch, NemesisKind::Pause),
 ];
 
 /// The CI smoke: a few short scenarios touching every checker.
@@ -107,6 +113,8 @@ pub const SMOKE: &[Scenario] = &[
     s(WorkloadKind::BigRows, NemesisKind::Partition),
     // Power cuts of the register's home on the fault filesystem.
     s(WorkloadKind::Register, NemesisKind::LoseUnsynced),
+    // A change feed against the acknowledged writes, through cuts.
+    s(WorkloadKind::Watch, NemesisKind::Partition),
 ];
 
 /// Sizes of a suite's runs.

@@ -17,6 +17,13 @@
 //! - **set**: adds and removes (no context) at EVENTUAL, reads at LOCAL.
 //! - **residency**: EU-resident rows (`eu_users`, zone eu) written and read
 //!   from every region; outside the zone every operation must be refused.
+//! - **watch**: EVENTUAL writes of unique values to last-writer-wins rows
+//!   in every region, each key written by one client only (`user:<client>:<n>`
+//!   under the watched prefix, `item:<client>:<n>` outside it), while a
+//!   watcher in [`WATCH_REGION`] follows the prefix's change feed and
+//!   resumes from its last cursor whenever its stream breaks
+//!   (`crate::watcher`). The checker (`checker::watch`) holds every event
+//!   against the history of acknowledged writes.
 //! - **big-rows**: blind (context-less) EVENTUAL puts of values near the
 //!   value limit to a few hot keys from every region, some writes that
 //!   resolve the siblings with a read's context, and reads. The nodes run
@@ -44,7 +51,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::{
     zones, EU_LOCALITIES, EU_ZONE, TABLE_COUNTERS, TABLE_EU_USERS, TABLE_REGISTERS, TABLE_SETS,
-    TABLE_STRONG_REGISTERS,
+    TABLE_STRONG_REGISTERS, TABLE_WATCHED,
 };
 use crate::history::{Ack, Kind, Recorder, Value, F};
 
@@ -63,6 +70,8 @@ pub enum WorkloadKind {
     Residency,
     /// Hot keys with values near the limits (docs/decisions/015-bounded-rows.md).
     BigRows,
+    /// Writes in every region watched through a change feed.
+    Watch,
 }
 
 impl WorkloadKind {
@@ -76,6 +85,7 @@ impl WorkloadKind {
             WorkloadKind::Set => "set",
             WorkloadKind::Residency => "residency",
             WorkloadKind::BigRows => "big-rows",
+            WorkloadKind::Watch => "watch",
         }
     }
 }
@@ -125,8 +135,9 @@ pub fn entry_region<'a>(kind: WorkloadKind, regions: &'a [String], standing: &'a
 /// - strong-register: the home and preferred leader of the consensus group
 ///   (`regions[0]`). Its clients enter in every region, but a fault on a
 ///   follower alone never moves the leader, so entries do not count here.
-/// - counter, quorum-counter, set, big-rows: every region (each is an entry
-///   and accepts writes).
+/// - counter, quorum-counter, set, big-rows, watch: every region (each is
+///   an entry and accepts writes; under watch, a change cut off in any
+///   region must still reach the watcher after the heal).
 /// - counter-retry: the counters' home (`regions[0]`): its holder applies
 ///   every increment, and a fault there is what makes retries cross a
 ///   failover.
@@ -145,7 +156,11 @@ pub fn dependencies(kind: WorkloadKind, regions: &[String]) -> BTreeMap<String, 
         WorkloadKind::StrongRegister => {
             deps.insert(first.clone(), vec![Role::Home, Role::Leader]);
         }
-        WorkloadKind::Counter | WorkloadKind::QuorumCounter | WorkloadKind::Set | WorkloadKind::BigRows => {
+        WorkloadKind::Counter
+        | WorkloadKind::QuorumCounter
+        | WorkloadKind::Set
+        | WorkloadKind::BigRows
+        | WorkloadKind::Watch => {
             for r in regions {
                 deps.insert(r.clone(), vec![Role::Entry]);
             }
@@ -188,6 +203,14 @@ pub const BIG_VALUE_BYTES_MIN: usize = 40 << 10;
 
 /// Register keys.
 pub const REGISTER_KEYS: u64 = 3;
+/// The region whose node serves the watch workload's change feed.
+pub const WATCH_REGION: &str = "eu-west-1";
+/// The prefix the watcher follows; keys under `item:` are written beside it
+/// and must never show up in its feed.
+pub const WATCH_PREFIX: &str = "user:";
+const WATCH_OTHER_PREFIX: &str = "item:";
+/// Keys each watch client writes under each prefix.
+pub const WATCH_KEYS: u64 = 3;
 /// Counter keys.
 pub const COUNTER_KEYS: u64 = 2;
 /// Set keys, and the elements each draws from.
@@ -276,6 +299,11 @@ pub fn counter_row(key: &str) -> Row {
 
 pub fn set_row(key: &str) -> Row {
     Row::new(TABLE_SETS, key.as_bytes().to_vec())
+}
+
+/// A watch workload row (keys `user:<client>:<n>` or `item:<client>:<n>`).
+pub fn watched_row(key: &str) -> Row {
+    Row::new(TABLE_WATCHED, key.as_bytes().to_vec())
 }
 
 /// Residency rows carry their locality in the key: `u-<COUNTRY>-<n>`.
@@ -418,9 +446,22 @@ pub struct Planned {
     pub level: &'static str,
 }
 
-/// Picks the next operation of a client.
-pub fn plan(kind: WorkloadKind, rng: &mut impl Rng, shared: &Shared, written: &[String]) -> Planned {
+/// Picks the next operation of client `client`.
+pub fn plan(
+    kind: WorkloadKind,
+    rng: &mut impl Rng,
+    shared: &Shared,
+    client: &str,
+    written: &[String],
+) -> Planned {
     match kind {
+        WorkloadKind::Watch => {
+            // Mostly under the watched prefix; one write in five beside it.
+            let prefix = if rng.random_bool(0.8) { WATCH_PREFIX } else { WATCH_OTHER_PREFIX };
+            let key = format!("{prefix}{client}:{}", rng.random_range(0..WATCH_KEYS));
+            let v = shared.next_value.fetch_add(1, Ordering::Relaxed) as i64 + 1;
+            Planned { f: F::Write, key, value: Value::Int(v), level: "EVENTUAL" }
+        }
         WorkloadKind::Register => {
             let key = format!("r{}", rng.random_range(0..REGISTER_KEYS));
             if rng.random_bool(0.5) {
@@ -578,6 +619,13 @@ pub async fn perform(
                     Value::None
                 })
             }
+            (WorkloadKind::Watch, F::Write) => {
+                let v = p.value.as_int().unwrap_or_default();
+                client
+                    .put(&watched_row(&p.key), v.to_string().into_bytes(), eventual)
+                    .await
+                    .map(|_| Value::None)
+            }
             (WorkloadKind::Residency, F::Write) => {
                 let v = p.value.as_int().unwrap_or_default();
                 client.put(&eu_row(&p.key), v.to_string().into_bytes(), eventual).await.map(|_| Value::None)
@@ -657,7 +705,7 @@ pub async fn client_loop(spec: ClientSpec, shared: Shared) {
         if shared.invoked.fetch_add(1, Ordering::AcqRel) >= shared.ops_max {
             return;
         }
-        let p = plan(shared.kind, &mut rng, &shared, &written);
+        let p = plan(shared.kind, &mut rng, &shared, &spec.name, &written);
         let Some(inv) =
             shared.recorder.invoke(&spec.name, &spec.region, p.level, p.f, &p.key, p.value.clone())
         else {

@@ -375,3 +375,33 @@ async fn pre_vote_off_is_caught_by_the_availability_checker() {
 const BUG_SEEDS: [u64; 3] = [2, 3, 4];
 /// Runs of the pre-vote control before the test fails.
 const CONTROL_TRIES: usize = 2;
+
+/// Feed local only: a node's change feed records its own writes and not
+/// the ones it applies from other regions. The watcher in eu-west-1 then
+/// misses every change made elsewhere, and the watch checker names the
+/// acknowledged writes it never received. The same scenario and seed
+/// without the bug passes: every acknowledged write under the prefix is
+/// delivered, through the cuts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feed_local_only_is_caught_by_the_watch_checker() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = common::with_bug(
+        common::options(WorkloadKind::Watch, NemesisKind::Partition, 20, 800, 3, dir.path().join("bug")),
+        "feed-local-only",
+    );
+    let with_bug = run(&opts).await.expect("run with the bug");
+    assert_eq!(verdict(&with_bug, "watch"), Outcome::Fail, "{:?}", with_bug.verdicts);
+    let detail = detail(&with_bug, "watch");
+    assert!(detail.contains("acknowledged writes never delivered"), "{detail}");
+    assert!(
+        ["user:us-east-1/", "user:eu-central-1/", "user:ap-southeast-1/"].iter().any(|r| detail.contains(r)),
+        "changes made in other regions are missing: {detail}"
+    );
+    assert!(!detail.contains("user:eu-west-1/"), "the node's own changes are there: {detail}");
+
+    opts.bug = None;
+    opts.out = dir.path().join("control");
+    let control = run(&opts).await.expect("control run");
+    assert_eq!(verdict(&control, "watch"), Outcome::Pass, "{:?}", control.verdicts);
+    assert_eq!(control.outcome, Outcome::Pass, "{:?}", control.verdicts);
+}

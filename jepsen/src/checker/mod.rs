@@ -22,6 +22,8 @@
 //!   lost, no refused one stored.
 //! - [`availability`]: STRONG operations keep completing after a cut heals
 //!   (no leaderless stretch: pre-vote).
+//! - [`watch`]: a change feed delivers every acknowledged write under its
+//!   prefix, per key in order, nothing else, and resumes without a gap.
 
 pub mod availability;
 pub mod big_rows;
@@ -33,6 +35,7 @@ pub mod linearizable;
 pub mod residency;
 pub mod set;
 pub mod votes;
+pub mod watch;
 
 use std::collections::BTreeMap;
 
