@@ -196,6 +196,54 @@ pub struct CommitState {
     /// Highest change-feed position durably written, announced to watchers.
     pub feed_seq: AtomicU64,
     pub feed_watch: tokio::sync::watch::Sender<u64>,
+    /// Commit groups being prepared or written, oldest first: (token, the
+    /// HLC time taken as the group began). Every write a group stamps is
+    /// stamped after its entry, and the entry leaves once the group is
+    /// published or failed; see [`CommitState::stable_hlc`].
+    stamping: std::sync::Mutex<std::collections::VecDeque<(u64, u64)>>,
+    stamping_next: AtomicU64,
+}
+
+impl CommitState {
+    /// An HLC time through which every write this node stamped is published
+    /// (in the replication log, the change feed, the store): the clock now,
+    /// or just before the oldest group still in flight began stamping,
+    /// whichever is earlier. What shippers claim as a link's freshness and
+    /// the change feed as its resolved time (docs/architecture.md section 13).
+    pub fn stable_hlc(&self, hlc: &Hlc) -> u64 {
+        // The clock first, then the groups: a group that registers after
+        // this look takes its time, and its stamps, after `now`.
+        let now = hlc.now().0;
+        let stamping = self.stamping.lock().unwrap_or_else(|p| p.into_inner());
+        stamping.front().map_or(now, |(_, began)| now.min(*began))
+    }
+
+    /// Registers a group about to stamp writes; its entry leaves when the
+    /// returned guard drops.
+    fn begin_stamping(self: &Arc<Self>, hlc: &Hlc) -> Stamping {
+        let token = self.stamping_next.fetch_add(1, Ordering::Relaxed);
+        let mut stamping = self.stamping.lock().unwrap_or_else(|p| p.into_inner());
+        // Read under the lock, so `stable_hlc` either sees the entry or
+        // read the clock before this did.
+        stamping.push_back((token, hlc.now().0));
+        Stamping { state: self.clone(), token }
+    }
+}
+
+/// A commit group's place in [`CommitState`]'s stamping list, held until
+/// the group is published, failed, or found to write nothing.
+struct Stamping {
+    state: Arc<CommitState>,
+    token: u64,
+}
+
+impl Drop for Stamping {
+    fn drop(&mut self) {
+        let mut stamping = self.state.stamping.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = stamping.iter().position(|(t, _)| *t == self.token) {
+            stamping.remove(i);
+        }
+    }
 }
 
 impl Default for CommitState {
@@ -209,6 +257,8 @@ impl Default for CommitState {
             tombstones_collected: AtomicU64::new(0),
             feed_seq: AtomicU64::new(0),
             feed_watch: tokio::sync::watch::channel(0).0,
+            stamping: Default::default(),
+            stamping_next: AtomicU64::new(0),
         }
     }
 }
@@ -368,6 +418,9 @@ struct Prepared {
     collected: u64,
     write_count: usize,
     started: Instant,
+    /// Dropped once the group is published or failed (after its effects
+    /// are visible), which advances [`CommitState::stable_hlc`].
+    _stamping: Stamping,
 }
 
 impl Prepared {
@@ -619,6 +672,7 @@ impl Committer {
     /// nothing (its replies are sent).
     fn prepare_group(&mut self, jobs: Vec<CommitJob>) -> Option<Prepared> {
         let started = Instant::now();
+        let stamping = self.state.begin_stamping(&self.hlc);
         self.catch_up_with_syncer();
         let first_seq = match self.next_seq {
             Some(seq) => seq,
@@ -685,6 +739,7 @@ impl Committer {
             collected,
             write_count,
             started,
+            _stamping: stamping,
         })
     }
 
@@ -1552,6 +1607,29 @@ mod tests {
             members,
             replayed: false,
         }
+    }
+
+    /// A write stamped by a group still in flight is never covered by the
+    /// stable time (what feeds resolve through and shippers claim), and
+    /// the stable time moves past it once the group is done.
+    #[test]
+    fn the_stable_time_stays_before_every_write_of_a_group_in_flight() {
+        let state = Arc::new(CommitState::default());
+        let hlc = Hlc::new(Arc::new(SystemClock), 500);
+        let idle = state.stable_hlc(&hlc);
+        let first = state.begin_stamping(&hlc);
+        let stamped_by_first = hlc.now().0;
+        let second = state.begin_stamping(&hlc);
+        let stamped_by_second = hlc.now().0;
+        let stable = state.stable_hlc(&hlc);
+        assert!(stable > idle, "the clock still moves it up to the group's start");
+        assert!(stable < stamped_by_first, "the first group's write is not published");
+        drop(first);
+        let stable = state.stable_hlc(&hlc);
+        assert!(stable >= stamped_by_first, "the first group is done");
+        assert!(stable < stamped_by_second, "the second is not");
+        drop(second);
+        assert!(state.stable_hlc(&hlc) > stamped_by_second, "nothing in flight: the clock");
     }
 
     #[test]

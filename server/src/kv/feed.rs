@@ -224,10 +224,13 @@ pub struct Watch {
 }
 
 /// The HLC time through which this node has every change of every source
-/// it hears from (its own clock when it hears from none).
+/// it hears from and of its own (every own write stamped by then is
+/// published: [`Node::stable_hlc`]). Taken before the feed is read up to
+/// its head, so every change it covers is delivered before the heartbeat
+/// that carries it.
 fn resolved_hlc(node: &Node) -> u64 {
+    let own = node.stable_hlc();
     let sources = node.inbound();
-    let own = node.hlc().now().0;
     sources.values().map(|i| i.fresh_as_of_hlc).min().map_or(own, |m| m.min(own))
 }
 
@@ -288,6 +291,9 @@ async fn stream(
     let mut next = oldest(node)?;
     let mut heartbeat = tokio::time::interval(Duration::from_millis(node.config().watch.heartbeat_ms));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A heartbeat's resolved time, taken at its tick and sent once the
+    // feed was read through its head after that.
+    let mut resolved: Option<u64> = None;
     loop {
         loop {
             let n = node.clone();
@@ -316,21 +322,24 @@ async fn stream(
                 break;
             }
         }
+        if let Some(r) = resolved.take() {
+            let event = pb::WatchEvent {
+                event: Some(pb::watch_event::Event::ResolvedHlc(r)),
+                cursor: cursor.encode(),
+            };
+            if tx.send(Ok(event)).await.is_err() {
+                return Ok(());
+            }
+        }
         tokio::select! {
             changed = changes.changed() => {
                 if changed.is_err() {
                     return Err(KvError::ShuttingDown);
                 }
             }
-            _ = heartbeat.tick() => {
-                let event = pb::WatchEvent {
-                    event: Some(pb::watch_event::Event::ResolvedHlc(resolved_hlc(node))),
-                    cursor: cursor.encode(),
-                };
-                if tx.send(Ok(event)).await.is_err() {
-                    return Ok(());
-                }
-            }
+            // Read the feed again before sending: a change published after
+            // the last page but covered by this time goes out first.
+            _ = heartbeat.tick() => resolved = Some(resolved_hlc(node)),
             _ = tx.closed() => return Ok(()),
         }
     }

@@ -474,6 +474,12 @@ impl Node {
         self.state.log_seq.load(Ordering::Acquire)
     }
 
+    /// An HLC time through which every write this node stamped is published
+    /// ([`commit::CommitState::stable_hlc`]).
+    pub fn stable_hlc(&self) -> u64 {
+        self.state.stable_hlc(&self.hlc)
+    }
+
     /// Conflicts counted per table since start.
     pub fn conflicts(&self) -> HashMap<String, u64> {
         self.state.conflicts.lock().unwrap_or_else(|p| p.into_inner()).clone()

@@ -485,6 +485,9 @@ impl Shipper {
         let mut last_persist = Instant::now();
         loop {
             let paused = self.state.paused.load(Ordering::Acquire);
+            // Taken before the head: every write stamped by `stable` is at
+            // or below `head`, so a frame through `head` is fresh as of it.
+            let stable = self.node.stable_hlc();
             let head = self.node.log_seq();
             if !paused && in_flight.is_empty() && self.state.reseed.load(Ordering::Acquire) {
                 let through = self.repair(channel.clone()).await?;
@@ -515,7 +518,7 @@ impl Shipper {
                     }
                     // Frames still in flight: wait for their acks, then repair.
                 } else {
-                    let (frame, bytes) = self.next_frame(read_pos, head)?;
+                    let (frame, bytes) = self.next_frame(read_pos, head, stable)?;
                     read_pos = frame.through_seq;
                     let wire = frame.entries.len() as u64;
                     in_flight.push_back(InFlight {
@@ -565,10 +568,14 @@ impl Shipper {
                 _ = heartbeat.tick() => {
                     // An idle, caught-up link says so, which is how the
                     // destination knows how fresh its copy is.
+                    // The freshness it claims is taken before the head
+                    // it is checked against (as above, but now).
+                    let stable = self.node.stable_hlc();
+                    let head = self.node.log_seq();
                     if in_flight.is_empty() && read_pos >= head && !paused {
                         let mut frame = super::frame::build(
                             &self.state.source, &self.node.config().node_id, read_pos + 1, read_pos,
-                            Vec::new(), head, self.node.hlc().now().0)?;
+                            Vec::new(), head, stable)?;
                         frame.source_store = self.node.store_tag();
                         in_flight.push_back(InFlight { through_seq: read_pos, bytes: 0, entries: 0 });
                         tx.send(frame).await.map_err(|_| unreachable("stream closed".into()))?;
@@ -654,10 +661,12 @@ impl Shipper {
         }
     }
 
-    /// Reads the next run of log entries after `after`, leaving out those
+    /// Reads the next run of log entries after `after` (up to `head`, the
+    /// log's head when the HLC time `stable` had every write published;
+    /// the frame claims that time), leaving out those
     /// the destination may not hold and those of partitions another node of
     /// the destination region owns; returns the frame and its raw bytes.
-    fn next_frame(&self, after: u64, head: u64) -> Result<(pb::ShipFrame, u64), KvError> {
+    fn next_frame(&self, after: u64, head: u64, stable: u64) -> Result<(pb::ShipFrame, u64), KvError> {
         let cfg = self.node.config();
         let topology = self.node.topology();
         let start = (after + 1).to_be_bytes();
@@ -725,15 +734,8 @@ impl Shipper {
             let avg = bytes / entries.len() as u64;
             self.state.avg_entry_bytes.store(avg.max(1), Ordering::Relaxed);
         }
-        let mut frame = super::frame::build(
-            &self.state.source,
-            &cfg.node_id,
-            first,
-            through,
-            entries,
-            head,
-            self.node.hlc().now().0,
-        )?;
+        let mut frame =
+            super::frame::build(&self.state.source, &cfg.node_id, first, through, entries, head, stable)?;
         frame.source_store = self.node.store_tag();
         Ok((frame, bytes))
     }
