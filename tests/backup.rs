@@ -10,7 +10,7 @@
 
 use crate::common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,52 +30,9 @@ const WRITES_MAX: usize = 5_000;
 /// Longest a writer runs in all.
 const WRITER_LIMIT: Duration = Duration::from_secs(120);
 
-/// 24 bytes no other data holds (clock, process id, a counter and `tag`,
-/// through xorshift64*): LZ4 and the byte scan see them verbatim.
+/// A marker value for `tag` (`common::marker`).
 fn marker(tag: u64) -> Vec<u8> {
-    let mut seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos() as u64
-        ^ (u64::from(std::process::id()) << 32)
-        ^ tag.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let mut out = Vec::with_capacity(24);
-    for _ in 0..24 {
-        seed ^= seed >> 12;
-        seed ^= seed << 25;
-        seed ^= seed >> 27;
-        out.push((seed.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8);
-    }
-    out
-}
-
-/// Every file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return out };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
-/// The needles found in any file under `dir` (each file read once).
-fn found_in(dir: &Path, needles: &[Vec<u8>]) -> Vec<usize> {
-    let mut hits = vec![false; needles.len()];
-    for path in files_under(dir) {
-        let Ok(bytes) = std::fs::read(&path) else { continue };
-        for (i, n) in needles.iter().enumerate() {
-            if !hits[i] && bytes.windows(n.len()).any(|w| w == n.as_slice()) {
-                hits[i] = true;
-            }
-        }
-    }
-    hits.iter().enumerate().filter(|(_, h)| **h).map(|(i, _)| i).collect()
+    common::marker(&tag.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes())
 }
 
 /// One acknowledged write.
@@ -185,15 +142,15 @@ async fn a_backup_under_write_load_restores_every_acknowledged_write_and_keeps_e
     // unrestricted value in the unrestricted one.
     let eu_values: Vec<Vec<u8>> = eu_before.iter().map(|a| a.value.clone()).collect();
     let us_values: Vec<Vec<u8>> = us_before.iter().map(|a| a.value.clone()).collect();
-    let leaked = found_in(&global, &eu_values);
+    let leaked = common::found_in(&global, &eu_values);
     assert!(leaked.is_empty(), "{} EU rows are in the non-EU destination {}", leaked.len(), global.display());
     assert_eq!(
-        found_in(&eu, &eu_values).len(),
+        common::found_in(&eu, &eu_values).len(),
         eu_values.len(),
         "the scan finds every EU value in the EU destination"
     );
     assert_eq!(
-        found_in(&global, &us_values).len(),
+        common::found_in(&global, &us_values).len(),
         us_values.len(),
         "the scan finds every unrestricted value"
     );
@@ -203,7 +160,7 @@ async fn a_backup_under_write_load_restores_every_acknowledged_write_and_keeps_e
 
     let all_eu: Vec<Vec<u8>> = eu_acked.iter().map(|a| a.value.clone()).collect();
     assert!(
-        found_in(&global, &all_eu).is_empty(),
+        common::found_in(&global, &all_eu).is_empty(),
         "an EU row written during the backup reached the non-EU destination"
     );
     let manifest_text = std::fs::read_to_string(catalog.join("manifest.json")).expect("manifest written");
@@ -229,7 +186,7 @@ async fn a_backup_under_write_load_restores_every_acknowledged_write_and_keeps_e
     // After the backup, `gone` is erased in the source: the backup still
     // holds its values, the erasure ledger in the destinations says so.
     let gone_values: Vec<Vec<u8>> = gone.iter().map(|(_, v)| v.clone()).collect();
-    let in_backup = found_in(&global, &gone_values).len() + found_in(&eu, &gone_values).len();
+    let in_backup = common::found_in(&global, &gone_values).len() + common::found_in(&eu, &gone_values).len();
     assert_eq!(in_backup, gone_values.len(), "the backup holds the subject's values (positive control)");
     let erased = source.cli_json(&["subject", "erase", "gone"]).await;
     assert_eq!(erased["receipts"].as_array().map(Vec::len), Some(4), "{erased}");
@@ -277,7 +234,7 @@ async fn a_backup_under_write_load_restores_every_acknowledged_write_and_keeps_e
         for region in [US, EU_WEST, EU_CENTRAL, AP] {
             let dir = fresh.store_dir(region);
             assert!(
-                found_in(&dir, std::slice::from_ref(value)).is_empty(),
+                common::found_in(&dir, std::slice::from_ref(value)).is_empty(),
                 "{region}: the erased subject's value is in the restored store {}",
                 dir.display()
             );
@@ -306,7 +263,7 @@ async fn a_backup_under_write_load_restores_every_acknowledged_write_and_keeps_e
     fresh.cli(&["backup", "restore", "--from", &catalog_arg]).await.assert_reason("RESTORE_NOT_EMPTY");
 
     // One flipped byte in one EU file: verify fails, naming the file.
-    let piece = files_under(&eu)
+    let piece = common::files_under(&eu)
         .into_iter()
         .find(|p| p.extension().is_some_and(|e| e == "gkb"))
         .expect("an EU piece");
@@ -347,7 +304,7 @@ async fn a_backup_without_an_eu_destination_fails_and_writes_no_eu_row_anywhere(
     }
     // Positive control: the scan finds the EU values where they are stored.
     let deadline = Deadline::after(Duration::from_secs(30));
-    while found_in(&cluster.store_dir(EU_CENTRAL), &eu_values).len() < eu_values.len() {
+    while common::found_in(&cluster.store_dir(EU_CENTRAL), &eu_values).len() < eu_values.len() {
         assert!(!deadline.passed(), "the EU values never showed in eu-central-1's store");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -358,9 +315,9 @@ async fn a_backup_without_an_eu_destination_fails_and_writes_no_eu_row_anywhere(
     eprintln!("refused as expected: {}", out.stderr.trim());
     assert!(out.stderr.contains("eu"), "the error names the zone: {}", out.stderr);
     assert!(!catalog.join("manifest.json").exists(), "a failed backup writes no manifest");
-    let leaked = found_in(&global, &eu_values);
+    let leaked = common::found_in(&global, &eu_values);
     assert!(leaked.is_empty(), "{} EU rows were written to the non-EU destination", leaked.len());
-    for f in files_under(&global) {
+    for f in common::files_under(&global) {
         let path = f.display().to_string();
         assert!(!path.contains("eu-west-1") && !path.contains("eu-central-1"), "an EU node wrote {path}");
     }
@@ -400,9 +357,9 @@ async fn two_nodes_per_region_are_backed_up_and_restored_node_by_node() {
     assert!(nodes.iter().all(|n| n["node_id"] == "n1" || n["node_id"] == "n2"), "{created}");
     let eu_values: Vec<Vec<u8>> =
         written.iter().filter(|(r, _)| r.table == "eu_users").map(|(_, v)| v.clone()).collect();
-    assert!(found_in(&global, &eu_values).is_empty(), "an EU row is in the non-EU destination");
+    assert!(common::found_in(&global, &eu_values).is_empty(), "an EU row is in the non-EU destination");
     assert_eq!(
-        found_in(&eu, &eu_values).len(),
+        common::found_in(&eu, &eu_values).len(),
         eu_values.len(),
         "positive control: every EU value in the EU destination"
     );

@@ -720,7 +720,6 @@ impl Client {
         Ok(resp.acks.into_iter().map(|a| self.ack(Some(a))).collect())
     }
 
-    /// One page of a table's rows whose keys start with `prefix`.
     /// Opens a change feed of `table`'s rows under `prefix`, served by the
     /// region the client reaches (needs `watch`): every change from any
     /// region, per key in the order applied there, at least once, with a
@@ -747,6 +746,7 @@ impl Client {
         Ok(resp.into_inner())
     }
 
+    /// One page of a table's rows whose keys start with `prefix`.
     pub async fn scan(
         &self,
         table: &str,

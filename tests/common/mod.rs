@@ -617,14 +617,37 @@ pub fn marker(tag: &[u8; 8]) -> Vec<u8> {
 
 /// Whether any file under `dir` contains `needle`.
 pub fn store_holds(dir: &Path, needle: &[u8]) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else { return false };
-    entries.flatten().any(|e| {
-        let path = e.path();
-        if path.is_dir() {
-            return store_holds(&path, needle);
+    !found_in(dir, &[needle.to_vec()]).is_empty()
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
         }
-        std::fs::read(&path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
-    })
+    }
+    out
+}
+
+/// The indexes of the needles found in any file under `dir` (each file
+/// read once).
+pub fn found_in(dir: &Path, needles: &[Vec<u8>]) -> Vec<usize> {
+    let mut hits = vec![false; needles.len()];
+    for path in files_under(dir) {
+        let Ok(bytes) = std::fs::read(&path) else { continue };
+        for (i, n) in needles.iter().enumerate() {
+            if !hits[i] && bytes.windows(n.len()).any(|w| w == n.as_slice()) {
+                hits[i] = true;
+            }
+        }
+    }
+    hits.iter().enumerate().filter(|(_, h)| **h).map(|(i, _)| i).collect()
 }
 
 /// Awaits `run`, a check run with a put-back bug switched on, and returns
