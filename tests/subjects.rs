@@ -304,3 +304,52 @@ async fn erase_and_check(cluster: &mut DevCluster) {
     }
     assert_no_store_holds(cluster, written.markers().chain(late.iter()), "after a restart");
 }
+
+/// A set write's reply holds the set's members, and the node keeps that
+/// reply (with the write's idempotency key, in its store and on the log
+/// entry that carries it to the other regions) so a retry is answered the
+/// same. Erasing the subject takes the members out of those replies too:
+/// no store holds them afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn set_members_in_remembered_replies_are_erased() {
+    let cluster = DevCluster::start_with(Options::scale(0.1)).await;
+    let us = cluster.client(US).await;
+    let subject = "s-members";
+    let mut members = Vec::new();
+    for i in 0..3u64 {
+        let m = marker(&(0x5e70 + i).to_le_bytes());
+        let row = Row::new("users", format!("{subject}:set{i}")).home(US);
+        us.set_add(&row, vec![m.clone()], WriteOptions::default().consistency(Consistency::Local))
+            .await
+            .unwrap_or_else(|e| panic!("set add {i}: {e}"));
+        members.push(m);
+    }
+    // The control: another subject's set, which must keep its member.
+    let kept = marker(b"keptset!");
+    us.set_add(
+        &Row::new("users", "s-other:set").home(US),
+        vec![kept.clone()],
+        WriteOptions::default().consistency(Consistency::Local),
+    )
+    .await
+    .expect("the control's set add");
+    cluster.wait_converged(SETTLE_LIMIT).await;
+    for m in members.iter().chain(std::iter::once(&kept)) {
+        assert_eq!(
+            stores_holding(&cluster, m),
+            REGIONS.to_vec(),
+            "marker {} is not in every store",
+            hex_of(m)
+        );
+    }
+
+    let out = cluster.cli(&["subject", "erase", subject]).await.ok();
+    eprintln!("{out}");
+    assert_no_store_holds(&cluster, members.iter(), "after erasing a subject of sets");
+    assert!(!stores_holding(&cluster, &kept).is_empty(), "the other subject's member is gone");
+    for i in 0..3 {
+        let row = Row::new("users", format!("{subject}:set{i}")).home(US);
+        let read = us.set_members(&row, ReadConsistency::Local).await.expect("set read");
+        assert!(read.members.is_empty(), "set{i} still has {:?}", read.members);
+    }
+}

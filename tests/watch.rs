@@ -234,3 +234,81 @@ async fn a_cursor_behind_the_retention_is_refused() {
     let refused = client.watch("default", b"user:", &fresh).await.expect_err("a cursor of the wiped store");
     assert_eq!(refused.reason_or_code(), "CURSOR_COMPACTED", "{refused}");
 }
+
+/// A region that falls behind the replication log's retention catches up
+/// through anti-entropy repair, which sends rows, not log entries: the
+/// watcher there still gets a change for every row the repair changed,
+/// with the row's state after it (the versions in between are collapsed
+/// into it, as the repair collapsed them in the store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rows_a_repair_brings_reach_the_watcher() {
+    let cluster = DevCluster::start_with(Options {
+        extra_config:
+            "[storage]\nlog_retention_entries = 40\n[replication]\nbackpressure_soft_entries = 20\n\
+                       backpressure_hard_entries = 38\nrepair_batch_rows_max = 16\n"
+                .into(),
+        ..Options::scale(0.1)
+    })
+    .await;
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let watcher = cluster.client(EU_WEST).await;
+    let task = open(&watcher, b"", &seen).await;
+    let deadline = Deadline::after(DELIVERY_LIMIT);
+    while seen.lock().unwrap().cursor.is_empty() {
+        assert!(!deadline.passed(), "no heartbeat within {DELIVERY_LIMIT:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Cut off, eu-west-1 falls far behind what us-east-1 keeps of its log.
+    cluster.isolate(EU_WEST).await;
+    let us = cluster.client(US).await;
+    let eventual = WriteOptions::default().consistency(Consistency::Eventual);
+    let mut last = Vec::new();
+    for k in 0..60 {
+        let key = format!("user:repaired:{k}");
+        for v in 0..2 {
+            let value = format!("repaired-{k}-v{v}");
+            us.put(&Row::new("default", key.clone()).home(US), value.clone().into_bytes(), eventual.clone())
+                .await
+                .unwrap_or_else(|e| panic!("put {key}: {e}"));
+            if v == 1 {
+                last.push((key.clone(), value));
+            }
+        }
+    }
+    cluster.heal(EU_WEST).await;
+    cluster.wait_converged(DELIVERY_LIMIT).await;
+
+    // The link was repaired, not replayed from the log.
+    let status = cluster.cli_json(&["replication", "status"]).await;
+    let repaired_rows: u64 = status["links"]
+        .as_array()
+        .expect("links")
+        .iter()
+        .filter(|l| l["source"] == US && l["destination"] == EU_WEST)
+        .map(|l| l["repair"]["rows"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(repaired_rows > 0, "us-east-1 -> eu-west-1 was not repaired: {status}");
+
+    // Every row's final value reaches the watcher.
+    let deadline = Deadline::after(DELIVERY_LIMIT);
+    loop {
+        let missing: Vec<_> = {
+            let s = seen.lock().unwrap();
+            last.iter().filter(|a| !s.values.contains(*a)).cloned().collect()
+        };
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            !deadline.passed(),
+            "{} of {} repaired rows never reached the watcher ({repaired_rows} rows repaired), e.g. {:?}",
+            missing.len(),
+            last.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    task.abort();
+    eprintln!("{} rows repaired; the watcher saw each one's final value", last.len());
+}

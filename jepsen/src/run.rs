@@ -90,7 +90,7 @@ pub fn notes(kind: WorkloadKind, regions: &[String]) -> Vec<String> {
         }
         WorkloadKind::CounterRetry | WorkloadKind::QuorumCounter => Vec::new(),
         WorkloadKind::Watch => vec![format!(
-            "watch: one watcher, on {} in {} (a region of one node: feeds of regions with several nodes are refused); changes that reach a region only through anti-entropy repair are not in its feed (docs/architecture.md section 13)",
+            "watch: one watcher, on {} in {} (a region of one node: feeds of regions with several nodes are refused); the nodes keep their whole replication log through a run, so no change reaches the watcher through anti-entropy repair (docs/architecture.md section 13)",
             workload::WATCH_PREFIX,
             workload::WATCH_REGION
         )],
@@ -103,6 +103,11 @@ pub fn notes(kind: WorkloadKind, regions: &[String]) -> Vec<String> {
 /// Runs one scenario and writes its folder.
 pub async fn run(opts: &RunOptions) -> anyhow::Result<RunSummary> {
     let started = Instant::now();
+    if opts.workload == WorkloadKind::Watch && opts.nemesis == NemesisKind::Wipe {
+        anyhow::bail!(
+            "the watch workload does not run under wipe: a wiped store refuses the cursors it issued (CURSOR_COMPACTED, docs/architecture.md section 13), so its watcher cannot resume"
+        );
+    }
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
     std::fs::write(opts.out.join("seed"), format!("{}\n", opts.seed))?;
     std::fs::write(opts.out.join("command"), format!("{}\n", command_line()))?;

@@ -55,6 +55,7 @@ pub fn open_engine(cfg: &Config, lifecycle: &Arc<Lifecycle>) -> anyhow::Result<A
                     (Cf::ReplLog, Arc::new(LogExpiry::new(Arc::new(SystemClock), lifecycle.clone())) as _),
                     (Cf::Feed, Arc::new(FeedExpiry::new(Arc::new(SystemClock), lifecycle.clone())) as _),
                     (Cf::Raft, Arc::new(crate::kv::expiry::StrongExpiry::new(Arc::new(SystemClock))) as _),
+                    (Cf::Meta, Arc::new(crate::kv::expiry::ReplyErasure::new(lifecycle.clone())) as _),
                 ],
             };
             Arc::new(

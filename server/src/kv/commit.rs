@@ -285,7 +285,7 @@ pub fn parse_inbound_key(k: &[u8]) -> Option<(String, String)> {
     })
 }
 
-const IDEM_PREFIX: &[u8] = b"idem/";
+pub(crate) const IDEM_PREFIX: &[u8] = b"idem/";
 const IDEM_EXPIRY_PREFIX: &[u8] = b"idemx/";
 /// Expired idempotency records removed per sweep, bounding the work of one batch.
 const IDEM_SWEEP_MAX: usize = 256;
@@ -858,7 +858,7 @@ impl Committer {
                 stored_at_ms,
                 request_hash: idem.request_hash,
                 reply: Vec::new(),
-                outcomes: Some(stored_reply(&outcomes)),
+                outcomes: Some(stored_reply(&outcomes, writes)),
                 origin: self.settings.actor.clone(),
                 hlc: outcomes.iter().map(|o| o.hlc).max().unwrap_or(0),
                 counter_deltas,
@@ -938,6 +938,9 @@ impl Committer {
                 Some(r) => Some(r.clone()),
                 None => self.load_row(&dk, table, key)?,
             };
+            // A repaired row reaches the feed only if the merge changed it.
+            let before = (remote.mode == ApplyMode::RepairRows && self.settings.feed)
+                .then(|| current.as_ref().map(Row::to_proto));
             let mut merged = match current {
                 None => incoming.clone(),
                 Some(mut row) => {
@@ -971,6 +974,22 @@ impl Committer {
                 (remote.mode, remote.seqs.get(i), feed_local_only())
             {
                 self.put_feed(&mut job_batch, &origin, *origin_seq, table, key, proto.clone(), incoming.hlc);
+            }
+            // Rows a repair changed are changes too, though not log
+            // entries: named by the source and this feed's own position
+            // (docs/architecture.md section 13).
+            if before.is_some_and(|b| b.as_ref() != Some(&proto)) && !feed_local_only() {
+                let repair_origin = format!("{origin}{REPAIR_ORIGIN_SUFFIX}");
+                let position = self.feed_next.get();
+                self.put_feed(
+                    &mut job_batch,
+                    &repair_origin,
+                    position,
+                    table,
+                    key,
+                    proto.clone(),
+                    merged.hlc,
+                );
             }
             // Restored rows are logged as this node's writes (and so reach
             // the feed and every other region).
@@ -1461,12 +1480,19 @@ fn travels_with_entry(writes: &[AdmittedWrite], record: &pb::IdempotencyRecord) 
     writes.iter().all(|w| Some(&w.placement.zone) == zone) && record.encoded_len() <= IDEM_TRANSFER_BYTES_MAX
 }
 
-/// A request's outcomes as stored in its idempotency record.
-fn stored_reply(outcomes: &[WriteOutcome]) -> pb::StoredReply {
+/// A request's outcomes (one per write of `writes`) as stored in its
+/// idempotency record. An outcome holding set members names its row, so an
+/// erasure of the row's subject finds them (`Lifecycle::purge_reply`).
+fn stored_reply(outcomes: &[WriteOutcome], writes: &[AdmittedWrite]) -> pb::StoredReply {
     pb::StoredReply {
         outcomes: outcomes
             .iter()
-            .map(|o| pb::StoredOutcome {
+            .enumerate()
+            .map(|(i, o)| {
+                let row = writes.get(i).filter(|_| o.members.is_some());
+                (o, row)
+            })
+            .map(|(o, row)| pb::StoredOutcome {
                 context: o.context.clone(),
                 hlc: o.hlc,
                 home_region: o.home_region.clone(),
@@ -1476,6 +1502,8 @@ fn stored_reply(outcomes: &[WriteOutcome]) -> pb::StoredReply {
                 counter_value: o.counter_value,
                 members: o.members.clone().unwrap_or_default(),
                 has_members: o.members.is_some(),
+                table: row.map(|w| w.table.clone()).unwrap_or_default(),
+                key: row.map(|w| w.key.clone()).unwrap_or_default(),
             })
             .collect(),
     }
@@ -1540,6 +1568,10 @@ fn idem_key_of_expiry(k: &[u8]) -> Result<Vec<u8>, KvError> {
     idem.extend_from_slice(key);
     Ok(idem)
 }
+
+/// Appended to a source's origin in the change feed for rows an
+/// anti-entropy repair from it changed; their positions are the feed's own.
+pub const REPAIR_ORIGIN_SUFFIX: &str = "~repair";
 
 /// Whether the put-back bug `feed-local-only` is on: applied entries from
 /// other regions stay out of the change feed.
@@ -1639,7 +1671,8 @@ mod tests {
             outcome(Some(Vec::new()), None),
             outcome(Some(vec![b"a".to_vec(), b"b".to_vec()]), None),
         ];
-        let record = pb::IdempotencyRecord { outcomes: Some(stored_reply(&outcomes)), ..Default::default() };
+        let record =
+            pb::IdempotencyRecord { outcomes: Some(stored_reply(&outcomes, &[])), ..Default::default() };
         let sealed = codec::seal_message(&record);
         let opened: pb::IdempotencyRecord = codec::open_message(&sealed).unwrap();
         assert_eq!(stored_outcomes(&opened).unwrap(), outcomes, "an empty set is not taken for no set");

@@ -122,11 +122,23 @@ impl CompactionRule for DataExpiry {
 trait RowEntry: prost::Message + Default {
     /// The entry's table, key and row.
     fn parts(&mut self) -> (&str, &[u8], &mut Option<pb::Row>);
+
+    /// Empties the erased set members of a reply the entry carries;
+    /// returns how many.
+    fn purge_reply(&mut self, _lifecycle: &Lifecycle) -> usize {
+        0
+    }
 }
 
 impl RowEntry for pb::LogEntry {
     fn parts(&mut self) -> (&str, &[u8], &mut Option<pb::Row>) {
         (&self.table, &self.key, &mut self.row)
+    }
+
+    /// A log entry carries its request's idempotency record to the other
+    /// regions, with the reply.
+    fn purge_reply(&mut self, lifecycle: &Lifecycle) -> usize {
+        self.idempotency.as_mut().and_then(|t| t.record.as_mut()).map_or(0, |r| lifecycle.purge_reply(r))
     }
 }
 
@@ -142,18 +154,21 @@ fn strip_entry<E: RowEntry>(lifecycle: &Lifecycle, now_ms: u64, value: &[u8]) ->
     let Ok(mut entry) = crate::codec::open_message::<E>(value) else {
         return Compacted::Keep;
     };
+    let mut n = entry.purge_reply(lifecycle);
     let (table, key, slot) = entry.parts();
-    let Some(Ok(mut row)) = slot.take().map(Row::from_proto) else {
-        return Compacted::Keep;
-    };
-    match strip_all(lifecycle, table, key, &mut row, now_ms) {
-        0 => Compacted::Keep,
-        n => {
-            count(n as u64);
+    if let Some(proto) = slot.take() {
+        // A row that does not decode keeps its entry as it is.
+        let Ok(mut row) = Row::from_proto(proto) else { return Compacted::Keep };
+        n += strip_all(lifecycle, table, key, &mut row, now_ms);
+        if n > 0 {
             *slot = Some(row.to_proto());
-            Compacted::Change(crate::codec::seal_message(&entry))
         }
     }
+    if n == 0 {
+        return Compacted::Keep;
+    }
+    count(n as u64);
+    Compacted::Change(crate::codec::seal_message(&entry))
 }
 
 /// The rule of the `repl_log` column family: a log entry carries its row's
@@ -204,6 +219,40 @@ impl CompactionRule for FeedExpiry {
             return Compacted::Keep;
         }
         strip_entry::<pb::FeedEntry>(&self.lifecycle, self.clock.now_ms(), value)
+    }
+}
+
+/// The rule of the `meta` column family: remembered replies (idempotency
+/// records) lose the set members of erased subjects.
+pub struct ReplyErasure {
+    lifecycle: Arc<Lifecycle>,
+}
+
+impl ReplyErasure {
+    pub fn new(lifecycle: Arc<Lifecycle>) -> Self {
+        Self { lifecycle }
+    }
+}
+
+impl CompactionRule for ReplyErasure {
+    fn name(&self) -> &'static str {
+        "geokv-reply-erasure"
+    }
+
+    fn filter(&self, key: &[u8], value: &[u8]) -> Compacted {
+        if !self.lifecycle.any_fence() || !key.starts_with(super::commit::IDEM_PREFIX) {
+            return Compacted::Keep;
+        }
+        let Ok(mut record) = crate::codec::open_message::<pb::IdempotencyRecord>(value) else {
+            return Compacted::Keep;
+        };
+        match self.lifecycle.purge_reply(&mut record) {
+            0 => Compacted::Keep,
+            n => {
+                count(n as u64);
+                Compacted::Change(crate::codec::seal_message(&record))
+            }
+        }
     }
 }
 

@@ -138,6 +138,35 @@ impl Lifecycle {
         self.fences.read().unwrap_or_else(|p| p.into_inner()).get(&hash).copied()
     }
 
+    /// Whether any subject was erased (a fence is installed).
+    pub fn any_fence(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// Empties the set members a remembered reply (an idempotency record)
+    /// holds for rows of erased subjects, as of writes through the fence;
+    /// returns how many members. A retry of such a write is still answered
+    /// as applied, with no members. Records from before replies named their
+    /// rows (JSON replies, outcomes without a table) are left: they expire
+    /// with `storage.idempotency_ttl_s`.
+    pub fn purge_reply(&self, record: &mut geokv_proto::storage::IdempotencyRecord) -> usize {
+        if !self.any_fence() {
+            return 0;
+        }
+        let Some(reply) = record.outcomes.as_mut() else { return 0 };
+        let mut purged = 0;
+        for o in &mut reply.outcomes {
+            if o.members.is_empty() || o.table.is_empty() {
+                continue;
+            }
+            if self.fence_of(&o.table, &o.key).is_some_and(|fence| o.hlc <= fence) {
+                purged += o.members.len();
+                o.members.clear();
+            }
+        }
+        purged
+    }
+
     /// Applies a fence from now on (the highest one wins).
     pub fn install(&self, hash: SubjectHash, fence_hlc: u64) {
         let mut fences = self.fences.write().unwrap_or_else(|p| p.into_inner());
@@ -390,6 +419,35 @@ mod tests {
         assert_eq!(again.load(&engine).unwrap(), 1);
         assert_eq!(again.fence_of("users", b"alice:phone"), Some(77));
         assert_eq!(ledger(&engine).unwrap(), vec![entry]);
+    }
+
+    #[test]
+    fn remembered_replies_lose_the_members_of_erased_rows_written_through_the_fence() {
+        use geokv_proto::storage as spb;
+        let l = Lifecycle::new(&cfg());
+        let outcome = |key: &[u8], hlc: u64| spb::StoredOutcome {
+            hlc,
+            members: vec![b"m1".to_vec(), b"m2".to_vec()],
+            has_members: true,
+            table: "users".into(),
+            key: key.to_vec(),
+            ..Default::default()
+        };
+        let mut record = spb::IdempotencyRecord {
+            outcomes: Some(spb::StoredReply {
+                outcomes: vec![
+                    outcome(b"alice:tags", 50),
+                    outcome(b"alice:tags", 90),
+                    outcome(b"bob:tags", 50),
+                ],
+            }),
+            ..Default::default()
+        };
+        assert_eq!(l.purge_reply(&mut record), 0, "nothing erased yet");
+        l.install(l.hash(b"alice").unwrap(), 77);
+        assert_eq!(l.purge_reply(&mut record), 2, "alice's write through the fence");
+        let left: Vec<usize> = record.outcomes.unwrap().outcomes.iter().map(|o| o.members.len()).collect();
+        assert_eq!(left, vec![0, 2, 2], "a later write of alice's and bob's keep theirs");
     }
 
     #[test]
