@@ -12,10 +12,38 @@ use super::Node;
 use crate::causality::{context_stamp, HlcTimestamp};
 use crate::error::KvError;
 use crate::lifecycle::{fence_row, LedgerEntry, Lifecycle};
-use crate::storage::{prefix_end, Cf};
+use crate::storage::{prefix_end, Cf, Engine};
 
 /// Rows read from the store per page while looking for a subject's rows.
 const PAGE_ROWS: usize = 512;
+
+/// One page (at most [`PAGE_ROWS`]) of the rows in `data` from `start` up
+/// to `end`, and where the next page starts (None: the range is done).
+fn subject_page(
+    engine: &dyn Engine,
+    start: &[u8],
+    end: Option<&[u8]>,
+) -> Result<(Vec<SubjectRow>, Option<Vec<u8>>), KvError> {
+    let page = engine.scan(Cf::Data, start, end, PAGE_ROWS).map_err(|e| KvError::Storage(e.to_string()))?;
+    let after = match page.last() {
+        Some((k, _)) if page.len() == PAGE_ROWS => {
+            let mut next = k.clone();
+            next.push(0);
+            Some(next)
+        }
+        _ => None,
+    };
+    let mut rows = Vec::with_capacity(page.len());
+    for (k, v) in &page {
+        let Some((t, key)) = split_data_key(k) else { continue };
+        let row = Row::open(v, || display_key(t, key))?;
+        rows.push(SubjectRow { table: t.to_string(), key: key.to_vec(), row });
+    }
+    Ok((rows, after))
+}
+
+/// A range of `data` keys: its start, and its end (None: to the last key).
+type KeyRange = (Vec<u8>, Option<Vec<u8>>);
 
 /// One row of a subject, as this node stores it.
 #[derive(Debug, Clone)]
@@ -69,43 +97,41 @@ impl Node {
     /// Every row of `subject` this node stores, in every table that
     /// declares subjects, deleted ones included; at most `max` of them.
     pub fn subject_rows(&self, subject: &[u8], max: usize) -> Result<Vec<SubjectRow>, KvError> {
-        crate::lifecycle::check_subject(subject)?;
         let mut out = Vec::new();
-        let mut tables: Vec<(&str, &[u8])> = self.lifecycle.subject_tables().collect();
-        tables.sort_unstable();
-        for (table, sep) in tables {
-            let base = data_key(table, &Lifecycle::key_prefix(subject, sep));
-            let end = prefix_end(&base);
-            let mut start = base.clone();
-            loop {
-                let page = self
-                    .engine
-                    .scan(Cf::Data, &start, end.as_deref(), PAGE_ROWS)
-                    .map_err(|e| KvError::Storage(e.to_string()))?;
-                for (k, v) in &page {
-                    let Some((t, key)) = split_data_key(k) else { continue };
-                    let row = Row::open(v, || display_key(t, key))?;
-                    if out.len() >= max {
-                        return Err(KvError::InvalidField {
-                            field: "subject",
-                            why: format!(
-                                "the subject has more than {max} rows on node {} (lifecycle.export_rows_max)",
-                                self.cfg.actor()
-                            ),
-                        });
-                    }
-                    out.push(SubjectRow { table: t.to_string(), key: key.to_vec(), row });
+        for (start, end) in self.subject_ranges(subject)? {
+            let mut next = Some(start);
+            while let Some(start) = next.take() {
+                let (page, after) = subject_page(self.engine.as_ref(), &start, end.as_deref())?;
+                if out.len() + page.len() > max {
+                    return Err(KvError::InvalidField {
+                        field: "subject",
+                        why: format!(
+                            "the subject has more than {max} rows on node {} (lifecycle.export_rows_max)",
+                            self.cfg.actor()
+                        ),
+                    });
                 }
-                match page.last() {
-                    Some((k, _)) if page.len() == PAGE_ROWS => {
-                        start = k.clone();
-                        start.push(0);
-                    }
-                    _ => break,
-                }
+                out.extend(page);
+                next = after;
             }
         }
         Ok(out)
+    }
+
+    /// The `data` key ranges (start, end) holding `subject`'s rows: one per
+    /// table that declares subjects, in table order.
+    fn subject_ranges(&self, subject: &[u8]) -> Result<Vec<KeyRange>, KvError> {
+        crate::lifecycle::check_subject(subject)?;
+        let mut tables: Vec<(&str, &[u8])> = self.lifecycle.subject_tables().collect();
+        tables.sort_unstable();
+        Ok(tables
+            .into_iter()
+            .map(|(table, sep)| {
+                let base = data_key(table, &Lifecycle::key_prefix(subject, sep));
+                let end = prefix_end(&base);
+                (base, end)
+            })
+            .collect())
     }
 
     /// Erases `subject` on this node at fence `fence_hlc` (0: this node's
@@ -130,30 +156,44 @@ impl Node {
             bytes: 0,
         };
         self.lifecycle.record(self.engine.as_ref(), hash, &entry)?;
-        // A bounded prefix scan per subject table (admin work, paged).
-        let rows = self.subject_rows(subject, usize::MAX)?;
         let mut receipt = Receipt {
             subject_hash: entry.subject_hash.clone(),
             fence_hlc: fence,
-            rows: rows.len() as u64,
+            rows: 0,
             values: 0,
             bytes: 0,
             counters_kept: 0,
             erased_at_ms,
             took_ms: 0,
         };
-        for r in &rows {
-            let mut copy = r.row.clone();
-            let fenced = fence_row(&mut copy, fence);
-            receipt.values += fenced.values as u64;
-            receipt.bytes += fenced.bytes as u64;
-            if matches!(r.row.value, super::RowValue::Counter(_)) {
-                receipt.counters_kept += 1;
+        // A page at a time, read off the async workers: memory stays
+        // bounded by a page however many rows the subject has.
+        for (start, end) in self.subject_ranges(subject)? {
+            let mut next = Some(start);
+            while let Some(start) = next.take() {
+                let engine = self.engine.clone();
+                let end = end.clone();
+                let (page, after) = tokio::task::spawn_blocking(move || {
+                    subject_page(engine.as_ref(), &start, end.as_deref())
+                })
+                .await
+                .map_err(|e| KvError::Storage(e.to_string()))??;
+                receipt.rows += page.len() as u64;
+                for r in &page {
+                    let mut copy = r.row.clone();
+                    let fenced = fence_row(&mut copy, fence);
+                    receipt.values += fenced.values as u64;
+                    receipt.bytes += fenced.bytes as u64;
+                    if matches!(r.row.value, super::RowValue::Counter(_)) {
+                        receipt.counters_kept += 1;
+                    }
+                }
+                if !page.is_empty() {
+                    let keys = page.into_iter().map(|r| (r.table, r.key)).collect();
+                    self.submit(Work::Fence { rows: keys, fence }).await?;
+                }
+                next = after;
             }
-        }
-        for chunk in rows.chunks(PAGE_ROWS) {
-            let keys = chunk.iter().map(|r| (r.table.clone(), r.key.clone())).collect();
-            self.submit(Work::Fence { rows: keys, fence }).await?;
         }
         entry.rows = receipt.rows;
         entry.bytes = receipt.bytes;

@@ -685,3 +685,33 @@ async fn without_the_pipeline_a_failed_group_fails_alone() {
     }
     assert_eq!(values(&node, "k").0, ["b", "base", "c"]);
 }
+
+/// Erasure reads a subject's rows a page at a time: a subject of more rows
+/// than a page is erased whole, and another subject's rows stay.
+#[tokio::test]
+async fn an_erasure_of_more_rows_than_a_page_takes_them_all() {
+    let cfg = config(
+        "[[tables]]\nname = \"people\"\ndefault_home_region = \"eu-west-1\"\nsubject_separator = \":\"\n[lifecycle]\nsubject_key = \"1111111111111111111111111111111111111111111111111111111111111111\"\n",
+    );
+    let node =
+        Node::start(cfg, Arc::new(MemoryEngine::new()), Arc::new(Hlc::new(Arc::new(SystemClock), 500)))
+            .unwrap();
+    let person =
+        |key: String| RowRef { table: "people".into(), key: key.into_bytes(), locality: Locality::Unset };
+    let rows = 2 * 512 + 76;
+    for i in 0..rows {
+        let mut w = put(person(format!("alice:{i:05}")), "secret", VersionVector::default());
+        w.level = Some(Level::Local);
+        node.write(w).await.unwrap();
+    }
+    node.write(put(person("bob:0".into()), "kept", VersionVector::default())).await.unwrap();
+    let receipt = node.erase_subject(b"alice", 0).await.unwrap();
+    assert_eq!((receipt.rows, receipt.values), (rows as u64, rows as u64), "{receipt:?}");
+    let shown = |key: &str| {
+        let read = node.read(&person(key.into()), ReadLevel::Local, &[]).unwrap();
+        read.row.map(|r| register_view(&r, 0, 0).0.len()).unwrap_or(0)
+    };
+    assert_eq!(shown("alice:00000"), 0);
+    assert_eq!(shown(&format!("alice:{:05}", rows - 1)), 0, "the last page too");
+    assert_eq!(shown("bob:0"), 1, "another subject keeps its value");
+}
