@@ -54,6 +54,10 @@ const ETCD_LEADER_TIMEOUT: Duration = Duration::from_secs(60);
 const DEV_STOP_GRACE: Duration = Duration::from_secs(60);
 /// Attempts at finding free ports for `geokv dev`.
 const PORT_TRIES: usize = 50;
+/// Bases of `geokv dev` port ranges: from here, over this many ports, so a
+/// range (base .. base + 99) ends below the ephemeral ports (32768).
+const DEV_PORT_LOW: u16 = 10_000;
+const DEV_PORT_SPAN: u64 = 22_000;
 
 #[derive(Args, Debug, Clone)]
 pub struct StrongWanArgs {
@@ -183,13 +187,18 @@ pub(crate) struct GeokvDev {
     dir: TempDir,
 }
 
-/// A base port whose eight node ports (4 regions x gRPC, admin) and the
-/// proxy control port were free a moment ago.
+/// A base port whose twelve node ports (4 regions x gRPC, admin, peer) and
+/// the proxy control port were free a moment ago. Every one lies below
+/// Linux's ephemeral range (32768 up), so no socket bound to port 0 (the
+/// cluster's latency proxies bind theirs that way) can take one of them
+/// before its node binds it: a base inside that range once gave a region's
+/// client port to a proxy in front of a peer port.
 fn dev_ports(seed: u64) -> Result<(u16, u16)> {
     let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
     for i in 0..PORT_TRIES as u64 {
-        let base = 20_000 + ((seed.wrapping_mul(7919).wrapping_add(i * 1_009)) % 30_000) as u16;
-        let ports: Vec<u16> = (0..4u16).flat_map(|r| [base + 10 * r, base + 10 * r + 1]).collect();
+        let base = DEV_PORT_LOW + ((seed.wrapping_mul(7919).wrapping_add(i * 1_009)) % DEV_PORT_SPAN) as u16;
+        let ports: Vec<u16> =
+            (0..4u16).flat_map(|r| [base + 10 * r, base + 10 * r + 1, base + 10 * r + 50]).collect();
         let control = base + 99;
         if ports.iter().all(|&p| free(p)) && free(control) {
             return Ok((base, control));
