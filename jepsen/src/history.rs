@@ -192,6 +192,23 @@ pub struct WatchRecord {
     pub detail: String,
 }
 
+impl WatchRecord {
+    /// An event of `kind` from `region`, with no change, time or detail.
+    pub fn new(region: &str, event: WatchEventKind) -> Self {
+        Self {
+            time_us: 0,
+            region: region.to_string(),
+            event,
+            key: String::new(),
+            values: Vec::new(),
+            origin: String::new(),
+            seq: 0,
+            hlc: 0,
+            detail: String::new(),
+        }
+    }
+}
+
 /// One line of `history.jsonl`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "record", rename_all = "kebab-case")]

@@ -68,17 +68,7 @@ impl Watcher {
 }
 
 fn record(region: &str, event: WatchEventKind) -> WatchRecord {
-    WatchRecord {
-        time_us: 0,
-        region: region.to_string(),
-        event,
-        key: String::new(),
-        values: Vec::new(),
-        origin: String::new(),
-        seq: 0,
-        hlc: 0,
-        detail: String::new(),
-    }
+    WatchRecord::new(region, event)
 }
 
 async fn follow(

@@ -213,17 +213,7 @@ mod tests {
     }
 
     fn event(kind: WatchEventKind, at_s: u64) -> WatchRecord {
-        WatchRecord {
-            time_us: at_s * 1_000_000,
-            region: "eu-west-1".into(),
-            event: kind,
-            key: String::new(),
-            values: Vec::new(),
-            origin: String::new(),
-            seq: 0,
-            hlc: 0,
-            detail: String::new(),
-        }
+        WatchRecord { time_us: at_s * 1_000_000, ..WatchRecord::new("eu-west-1", kind) }
     }
 
     /// A change stamped at its delivery time (HLC in µs).
