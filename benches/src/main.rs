@@ -243,6 +243,13 @@ impl Args {
     }
 }
 
+/// mimalloc instead of glibc's malloc: the request path allocates and frees
+/// many small buffers on several threads, and glibc's malloc, free and
+/// consolidation were about a tenth of a node's CPU per put
+/// (docs/decisions/031-allocator-and-fewer-inserts.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let checked = match &args.mode {
