@@ -32,6 +32,7 @@ pub mod fence;
 pub mod json_bytes;
 pub mod network;
 pub mod quorum;
+pub mod reads;
 pub mod service;
 pub mod store;
 pub mod strong;
@@ -257,6 +258,8 @@ pub struct Group {
     pub members: Vec<Member>,
     /// The region whose member should lead (STRONG groups).
     pub preferred_region: Option<String>,
+    /// Leadership checks shared by concurrent linearizable reads.
+    pub reads: Arc<reads::ReadGate>,
 }
 
 /// Publishes the control state after every apply.
@@ -629,8 +632,17 @@ impl Consensus {
                     Duration::from_millis(rc.election_timeout_max * 2),
                 ));
             }
-            groups
-                .insert(name.clone(), Arc::new(Group { name, raft, sm, members: voters, preferred_region }));
+            groups.insert(
+                name.clone(),
+                Arc::new(Group {
+                    name,
+                    raft,
+                    sm,
+                    members: voters,
+                    preferred_region,
+                    reads: Arc::new(reads::ReadGate::new()),
+                }),
+            );
         }
         let lease_clock = Arc::new(crate::failover::lease_clock::LeaseClock::new(
             cfg.clock.max_offset_ms,
@@ -804,10 +816,14 @@ impl Consensus {
                 if left.is_zero() {
                     break;
                 }
-                match tokio::time::timeout(left, g.raft.ensure_linearizable(self.read_option(&g.raft))).await
-                {
+                let (raft, option) = (g.raft.clone(), self.read_option(&g.raft));
+                let check = move || {
+                    let (raft, option) = (raft.clone(), option.clone());
+                    async move { reads::confirm_leader(&raft, option).await }
+                };
+                match tokio::time::timeout(left, g.reads.confirm(PROPOSE_TIMEOUT, check)).await {
                     Err(_elapsed) => break,
-                    Ok(Ok(_)) => {
+                    Ok(reads::Confirmed::Leader) => {
                         let v = g.sm.get(&k).map_err(KvError::Storage)?;
                         return v.map(|b| strong::decode_value(&b)).transpose().map_err(|why| {
                             KvError::Corrupt {
@@ -816,14 +832,10 @@ impl Consensus {
                             }
                         });
                     }
-                    Ok(Err(e)) => {
-                        if let Some(leader) = e.forward_to_leader().and_then(|f| f.leader_id) {
-                            if leader != self.me {
-                                return self.forward_read(leader, group, &k, hops, deadline).await;
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok(reads::Confirmed::NotLeader(Some(leader))) if leader != self.me => {
+                        return self.forward_read(leader, group, &k, hops, deadline).await;
                     }
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             }
             return Err(Self::unavailable(group, "no leader confirmed before the deadline"));
