@@ -239,9 +239,11 @@ fn commit(c: &mut Criterion) {
     g.sample_size(10);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
     let runtime = runtime.expect("a tokio runtime");
-    for pipeline in [true, false] {
+    // Pipelined and on one thread, synced; and pipelined with the sync off:
+    // everything but the fsync.
+    for (pipeline, sync) in [(true, true), (false, true), (true, false)] {
         let dir = tempfile::tempdir().expect("temp dir");
-        let text = format!("[storage]\ncommit_pipeline = {pipeline}\n");
+        let text = format!("[storage]\ncommit_pipeline = {pipeline}\nsync = {sync}\n");
         let cfg = Config::from_toml(&text).and_then(Config::finish).expect("the benchmark's config");
         let engine =
             Arc::new(RocksEngine::open(dir.path(), &RocksOptions::default()).expect("opening RocksDB"));
@@ -249,7 +251,11 @@ fn commit(c: &mut Criterion) {
         let node =
             runtime.block_on(async { Node::start(Arc::new(cfg), engine, hlc) }).expect("starting a node");
         let mut n = 0u64;
-        let name = if pipeline { "put_64_pipelined" } else { "put_64_one_thread" };
+        let name = match (pipeline, sync) {
+            (true, true) => "put_64_pipelined",
+            (false, _) => "put_64_one_thread",
+            (true, false) => "put_64_pipelined_unsynced",
+        };
         g.bench_function(name, |b| {
             b.iter(|| {
                 let writes = (0..COMMIT_WRITERS).map(|_| {
@@ -286,9 +292,128 @@ fn commit(c: &mut Criterion) {
     g.finish();
 }
 
+/// The stages of a durable put through the committer, one by one
+/// (docs/decisions/025-commit-cpu.md): what the preparing thread does per
+/// write, what the syncing thread hands RocksDB per group of 64 without
+/// and with the sync, and the whole path with the sync turned off.
+fn commit_stages(c: &mut Criterion) {
+    use geokv_proto::storage as spb;
+    use geokv_server::codec::{open_message, seal_message};
+    use geokv_server::kv::row::{Row, RowValue};
+
+    let mut g = c.benchmark_group("commit_stage");
+    let value = vec![0x42u8; 100];
+    let stored = Row {
+        home_region: "us-east-1".into(),
+        zone: String::new(),
+        epoch: 1,
+        hlc: 1,
+        value: RowValue::Register(dvv_with_siblings(100)),
+    }
+    .seal();
+    let key = key(7);
+
+    // Prepare, per write: open the stored row, write into it with the
+    // context the client read, seal the row, the log entry, the change
+    // feed entry and the idempotency record.
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("prepare_put", |b| {
+        b.iter(|| {
+            let mut row = Row::open(black_box(&stored), || "bench row".into()).expect("a sealed row opens");
+            let RowValue::Register(d) = &mut row.value else { unreachable!("a register row") };
+            let context = d.context().clone();
+            d.write(ACTORS[0], &context, Some(value.clone()), ts(20));
+            let sealed_row = row.seal();
+            let proto = row.to_proto();
+            let entry = spb::LogEntry {
+                seq: 42,
+                table: "default".into(),
+                key: key.clone(),
+                row: Some(proto.clone()),
+                hlc: 20,
+                origin: ACTORS[0].into(),
+                accepted_epoch: 1,
+                idempotency: None,
+            };
+            let feed = spb::FeedEntry {
+                local_seq: 42,
+                origin: ACTORS[0].into(),
+                origin_seq: 42,
+                table: "default".into(),
+                key: key.clone(),
+                row: Some(proto),
+                hlc: 20,
+            };
+            let record = spb::IdempotencyRecord {
+                stored_at_ms: 20,
+                request_hash: 7,
+                origin: ACTORS[0].into(),
+                hlc: 20,
+                outcomes: Some(spb::StoredReply {
+                    outcomes: vec![spb::StoredOutcome {
+                        context: vec![1; 24],
+                        hlc: 20,
+                        home_region: "us-east-1".into(),
+                        epoch: 1,
+                        accepted_by_region: "us-east-1".into(),
+                        log_seq: 42,
+                        ..Default::default()
+                    }],
+                }),
+                ..Default::default()
+            };
+            black_box((sealed_row, seal_message(&entry), seal_message(&feed), seal_message(&record)))
+        })
+    });
+    // The replication receive side of the same row: open a log entry.
+    let sealed_entry = seal_message(&spb::LogEntry {
+        seq: 42,
+        table: "default".into(),
+        key: key.clone(),
+        row: Some(Row::open(&stored, || "bench row".into()).expect("opens").to_proto()),
+        hlc: 20,
+        origin: ACTORS[0].into(),
+        accepted_epoch: 1,
+        idempotency: None,
+    });
+    g.bench_function("open_log_entry", |b| {
+        b.iter(|| black_box(open_message::<spb::LogEntry>(black_box(&sealed_entry)).expect("opens").seq))
+    });
+
+    // Sync stage: a group of 64 puts as the committer writes it (row, log
+    // entry, feed entry, idempotency record and its expiry index per put),
+    // into RocksDB without and with the WAL sync.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rocks = RocksEngine::open(dir.path(), &RocksOptions::default()).expect("opening RocksDB");
+    let sealed = seal(&[0x42u8; 160]);
+    let mut seq = 0u64;
+    let group = |seq: &mut u64| {
+        let mut batch = WriteBatch::new();
+        for _ in 0..COMMIT_WRITERS {
+            *seq += 1;
+            let n = *seq;
+            batch.put(Cf::Data, format!("default\0k{:06}", n % STORED_KEYS).into_bytes(), sealed.clone());
+            batch.put(Cf::ReplLog, n.to_be_bytes().to_vec(), sealed.clone());
+            batch.put(Cf::Feed, [b"l/".as_slice(), &n.to_be_bytes()].concat(), sealed.clone());
+            batch.put(Cf::Meta, format!("idem/req-{n:016x}").into_bytes(), sealed.clone());
+            batch.put(Cf::Meta, [b"idemx/".as_slice(), &n.to_be_bytes(), b"req"].concat(), Vec::new());
+        }
+        batch
+    };
+    g.throughput(Throughput::Elements(COMMIT_WRITERS as u64));
+    g.bench_function("write_group_64_unsynced", |b| {
+        b.iter(|| rocks.write(group(&mut seq), false).expect("unsynced group"))
+    });
+    g.sample_size(10);
+    g.bench_function("write_group_64_synced", |b| {
+        b.iter(|| rocks.write(group(&mut seq), true).expect("synced group"))
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = micro;
     config = config();
-    targets = causality, codec, storage, commit
+    targets = causality, codec, storage, commit, commit_stages
 }
 criterion_main!(micro);
