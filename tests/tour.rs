@@ -12,7 +12,46 @@ use std::process::Command;
 
 use common::cluster::{DevCluster, REGIONS};
 use common::tour::{tour_lines, TOUR_LINES_MIN};
-use common::{run_bounded, CLI_TIMEOUT, GEOKV_BIN};
+use common::{run_bounded, Deadline, CLI_TIMEOUT, GEOKV_BIN};
+
+use std::time::Duration;
+
+/// How long a home moved away by automatic failover may take to come back.
+const HOME_BACK_LIMIT: Duration = Duration::from_secs(60);
+
+/// Waits until `region` holds its own home. The tour's planned failover
+/// starts from the home region; on a loaded machine a lease can lapse
+/// before it (automatic failover moves the home, failback returns it), and
+/// the handover would then be refused with "holds no home". The wait is
+/// reported, so a lapse stays visible; a home that never returns fails.
+async fn home_back_at(cluster: &DevCluster, region: &str) {
+    let deadline = Deadline::after(HOME_BACK_LIMIT);
+    let mut waited = false;
+    loop {
+        // `region status --json` prints one document per part; the homes
+        // are in the last.
+        let out = cluster.cli(&["region", "status", "--json"]).await;
+        let last = out.stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+        let status: serde_json::Value = serde_json::from_str(last).unwrap_or_default();
+        let holds = status["homes"]
+            .as_array()
+            .is_some_and(|hs| hs.iter().any(|h| h["home"] == region && h["holder"] == region));
+        if holds {
+            if waited {
+                eprintln!("tour: {region}'s home had moved (a lease lapsed); it is back: {status}");
+            }
+            return;
+        }
+        assert!(
+            !deadline.passed(),
+            "{region} did not hold its home within {HOME_BACK_LIMIT:?}: {}{}",
+            out.stdout,
+            out.stderr
+        );
+        waited = true;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_tour_works_as_written_on_a_secure_cluster() {
@@ -25,6 +64,9 @@ async fn the_readme_tour_works_as_written_on_a_secure_cluster() {
     let every_region: Vec<String> = REGIONS.iter().map(|r| cluster.grpc_addr(r).to_string()).collect();
     let every_region = every_region.join(",");
     for line in lines {
+        if line.args.starts_with(&["region".to_string(), "failover".to_string()]) {
+            home_back_at(&cluster, REGIONS[0]).await;
+        }
         let mut cmd = Command::new(GEOKV_BIN);
         cmd.args(line.args_with_endpoints(&every_region))
             .arg("--endpoint")
