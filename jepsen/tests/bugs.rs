@@ -371,8 +371,13 @@ async fn pre_vote_off_is_caught_by_the_availability_checker() {
     panic!("the control run with pre-vote failed {CONTROL_TRIES} times: {verdicts:?}");
 }
 
-/// Seeds tried with `pre-vote-off` before the test fails.
-const BUG_SEEDS: [u64; 3] = [2, 3, 4];
+/// Seeds tried with `pre-vote-off` before the test fails, those whose
+/// schedules cut the group's voters most first. Measured 2026-12-06 (one
+/// run each with the bug): seeds 5, 6 and 8 stalled after 2 of 3, 1 of 2
+/// and 2 of 4 heals; 7 did not; seed 2 stalled in about half its runs and
+/// 3 and 4 in none of three (their cuts rarely isolate a voter long
+/// enough), so three misses in a row at [2, 3, 4] became common.
+const BUG_SEEDS: [u64; 4] = [5, 8, 6, 2];
 /// Runs of the pre-vote control before the test fails.
 const CONTROL_TRIES: usize = 2;
 
