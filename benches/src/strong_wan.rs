@@ -91,6 +91,11 @@ pub struct StrongWanArgs {
     /// The `geokv` binary (default: next to this executable).
     #[arg(long)]
     pub geokv_bin: Option<PathBuf>,
+    /// TOML appended to every geokv node's configuration (passed to
+    /// `geokv dev --extra-config`), to measure a setting against the
+    /// defaults.
+    #[arg(long)]
+    pub geokv_extra_config: Option<PathBuf>,
     #[arg(long, default_value = "/usr/bin/etcd")]
     pub etcd_bin: PathBuf,
 }
@@ -114,6 +119,11 @@ impl StrongWanArgs {
         }
         if self.op_timeout_ms == 0 || self.op_timeout_ms > 60_000 {
             bail!("--op-timeout-ms must be 1..=60000");
+        }
+        if let Some(path) = &self.geokv_extra_config {
+            if !path.is_file() {
+                bail!("--geokv-extra-config {}: no such file", path.display());
+            }
         }
         if !(0.0..=1.0).contains(&self.put_ratio) {
             bail!("--put-ratio must be 0..=1");
@@ -279,8 +289,17 @@ impl GeokvDev {
         std::fs::read_to_string(self.dir.path().join("dev.log")).unwrap_or_default()
     }
 
-    async fn start(bin: &std::path::Path, scale: f64) -> Result<Self> {
-        Self::spawn(bin, scale, &[], "STRONG group led from us-east-1", |endpoint, certs| async move {
+    async fn start(
+        bin: &std::path::Path,
+        scale: f64,
+        extra_config: Option<&std::path::Path>,
+    ) -> Result<Self> {
+        let extra_config = extra_config.map(|p| p.display().to_string());
+        let extra: Vec<&str> = match &extra_config {
+            Some(path) => vec!["--extra-config", path],
+            None => Vec::new(),
+        };
+        Self::spawn(bin, scale, &extra, "STRONG group led from us-east-1", |endpoint, certs| async move {
             let client = client(&endpoint, &certs, Duration::from_secs(2)).await?;
             let status = client.region_status().await?;
             let group =
@@ -429,7 +448,9 @@ pub async fn run(args: &StrongWanArgs, default_geokv_bin: PathBuf) -> Result<()>
 
     // geokv first, alone on the machine.
     eprintln!("geokv: starting geokv dev (latency scale {scale})");
-    let dev = GeokvDev::start(&geokv_bin, scale).await.context("starting geokv dev")?;
+    let dev = GeokvDev::start(&geokv_bin, scale, args.geokv_extra_config.as_deref())
+        .await
+        .context("starting geokv dev")?;
     let mut dev = dev;
     let running = Running::Geokv {
         node: None,

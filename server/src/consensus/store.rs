@@ -42,7 +42,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use super::Command;
 use super::{Entry, LogId, NodeId, Reply, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, Vote};
 use crate::codec;
-use crate::storage::{prefix_end, Cf, Engine, KvPairs, WriteBatch};
+use crate::storage::{prefix_end, Cf, Engine, KvPairs, Snapshot as StoreView, WriteBatch};
 
 /// Version of the group's stored encoding, kept at `g/<group>/format`.
 /// 1: openraft's serde JSON, sealed (the shape shared by openraft 0.9 and
@@ -415,15 +415,20 @@ pub fn encode_snapshot(pairs: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<u8>, io::Erro
     let mut out = Vec::with_capacity(len);
     out.extend_from_slice(SNAPSHOT_MAGIC);
     for (k, v) in pairs {
-        for part in [k, v] {
-            let n = u32::try_from(part.len()).map_err(|_| {
-                io::Error::new(io::ErrorKind::InvalidData, "a state-machine pair is over 4 GiB")
-            })?;
-            out.extend_from_slice(&n.to_be_bytes());
-            out.extend_from_slice(part);
-        }
+        push_framed_pair(&mut out, k, v)?;
     }
     Ok(out)
+}
+
+/// Appends one pair, framed, to snapshot data being encoded.
+fn push_framed_pair(out: &mut Vec<u8>, k: &[u8], v: &[u8]) -> Result<(), io::Error> {
+    for part in [k, v] {
+        let n = u32::try_from(part.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a state-machine pair is over 4 GiB"))?;
+        out.extend_from_slice(&n.to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    Ok(())
 }
 
 /// Decodes snapshot data (framed, or the JSON of older builds).
@@ -534,17 +539,27 @@ fn load_snapshot(engine: &dyn Engine, group: &str) -> Result<Option<Snapshot>, i
 
 /// A snapshot being built: the state machine as it stood when the builder
 /// was made. openraft builds snapshots on a task of their own while the
-/// state machine goes on applying, so the builder takes its copy at once
-/// (on the state machine's worker, between applies), never later.
+/// state machine goes on applying, so the builder takes a point-in-time
+/// view of the store at once (on the state machine's worker, between
+/// applies; taking it costs no copy), and the position and pairs are read
+/// from that view on a blocking thread while applies go on.
 pub struct SnapshotBuilder {
     sm: StateMachine,
-    /// The applied position and membership the copy is of.
-    meta: Option<Result<SnapshotMeta, io::Error>>,
-    /// The copy of the pairs; None only with the put-back bug
-    /// `snapshot-late-copy`, which reads them when the snapshot is built
-    /// (builds before this one read the position and the pairs at two
-    /// moments, and an apply between them made the two disagree).
-    pairs: Option<Result<KvPairs, io::Error>>,
+    /// Taken by the first build.
+    source: Option<SnapshotSource>,
+}
+
+/// Where a [`SnapshotBuilder`] reads from.
+enum SnapshotSource {
+    /// The store between two applies: the applied position, the
+    /// membership and the pairs all come from it.
+    View(Box<dyn StoreView + Send + Sync>),
+    /// Only with the put-back bug `snapshot-late-copy`: the position read
+    /// when the builder was made, the pairs read from the live store when
+    /// the snapshot is built (builds before the point-in-time copy read
+    /// them at two moments, and an apply between them made the two
+    /// disagree).
+    Late(Result<SnapshotMeta, io::Error>),
 }
 
 /// Whether the test-only `snapshot-late-copy` bug is on (`crate::bugs`).
@@ -558,6 +573,9 @@ fn snapshot_late_copy() -> bool {
         false
     }
 }
+
+/// A point read of the `raft` column family (the live store, or a view).
+type RaftGet<'a> = dyn Fn(&[u8]) -> Result<Option<Vec<u8>>, crate::storage::StorageError> + 'a;
 
 /// The state machine of one group over the engine.
 #[derive(Clone)]
@@ -585,6 +603,26 @@ impl StateMachine {
         self.machine.applied(&move |k| engine.get(Cf::Raft, &sm_key(&group, k)).ok().flatten());
     }
 
+    /// The snapshot data of the state machine as `view` holds it, encoded
+    /// pair by pair as the view is read (one copy of the data in memory).
+    fn encode_view(&self, view: &dyn StoreView) -> Result<Vec<u8>, io::Error> {
+        let prefix = group_key(&self.group, b"sm/");
+        let end = prefix_end(&prefix);
+        let mut out = SNAPSHOT_MAGIC.to_vec();
+        let mut framed: Result<(), io::Error> = Ok(());
+        view.for_each(Cf::Raft, &prefix, end.as_deref(), &mut |k, v| {
+            // Every visited key starts with the prefix; one that did not
+            // would be skipped, never sliced past its end.
+            if let Some(k) = k.strip_prefix(prefix.as_slice()) {
+                framed = push_framed_pair(&mut out, k, v);
+            }
+            Ok(framed.is_ok())
+        })
+        .map_err(io_read)?;
+        framed?;
+        Ok(out)
+    }
+
     fn all_pairs(&self) -> Result<KvPairs, io::Error> {
         let prefix = group_key(&self.group, b"sm/");
         let end = prefix_end(&prefix);
@@ -601,16 +639,50 @@ impl StateMachine {
 impl StateMachine {
     /// The last applied log id and membership, as stored.
     fn read_applied(&self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
-        let applied: Option<Option<LogId>> =
-            read_json(self.engine.as_ref(), &group_key(&self.group, b"applied"))?;
-        let membership = read_json(self.engine.as_ref(), &group_key(&self.group, b"membership"))?;
+        let get = |key: &[u8]| self.engine.get(Cf::Raft, key);
+        self.applied_from(&get)
+    }
+
+    /// The last applied log id and membership as `get` reads them.
+    fn applied_from(&self, get: &RaftGet<'_>) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let read = |suffix: &[u8]| get(&group_key(&self.group, suffix)).map_err(io_read);
+        let applied: Option<Option<LogId>> = read(b"applied")?.map(|b| decode(&b)).transpose()?;
+        let membership: Option<StoredMembership> = read(b"membership")?.map(|b| decode(&b)).transpose()?;
         Ok((applied.flatten(), membership.unwrap_or_default()))
     }
 
-    /// The position a snapshot taken now is at.
-    fn snapshot_meta(&self) -> Result<SnapshotMeta, io::Error> {
-        let (last_applied, membership) = self.read_applied()?;
+    /// The position a snapshot of the store as `view` holds it is at.
+    fn snapshot_meta(&self, view: &dyn StoreView) -> Result<SnapshotMeta, io::Error> {
+        let get = |key: &[u8]| view.get(Cf::Raft, key);
+        let (last_applied, membership) = self.applied_from(&get)?;
         Ok(SnapshotMeta { last_log_id: last_applied, last_membership: membership })
+    }
+
+    /// Builds, stores (synced) and returns the snapshot `source` describes.
+    fn build_snapshot_from(&self, source: SnapshotSource) -> Result<Snapshot, io::Error> {
+        let started = std::time::Instant::now();
+        let (meta, data) = match source {
+            SnapshotSource::View(view) => {
+                let meta = self.snapshot_meta(view.as_ref())?;
+                let data = self.encode_view(view.as_ref())?;
+                (meta, data)
+            }
+            SnapshotSource::Late(meta) => (meta?, encode_snapshot(&self.all_pairs()?)?),
+        };
+        let mut batch = WriteBatch::new();
+        store_snapshot(self.engine.as_ref(), &self.group, &meta, &data, &mut batch)?;
+        self.engine.write(batch, true).map_err(io_write)?;
+        let group = self.group.clone();
+        metrics::gauge!("geokv_raft_snapshot_bytes", "group" => group.clone()).set(data.len() as f64);
+        metrics::histogram!("geokv_raft_snapshot_build_seconds", "group" => group)
+            .record(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            group = %self.group,
+            bytes = data.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "snapshot built"
+        );
+        Ok(Snapshot { meta, snapshot: data })
     }
 }
 
@@ -618,20 +690,18 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let meta =
-            self.meta.take().unwrap_or_else(|| Err(io::Error::other("the snapshot was built already")))?;
-        let pairs = match self.pairs.take() {
-            Some(pairs) => pairs?,
-            None => self.sm.all_pairs()?,
-        };
-        let data = encode_snapshot(&pairs)?;
-        drop(pairs);
-        let (engine, group) = (&self.sm.engine, &self.sm.group);
-        let mut batch = WriteBatch::new();
-        store_snapshot(engine.as_ref(), group, &meta, &data, &mut batch)?;
-        engine.write(batch, true).map_err(io_write)?;
-        metrics::gauge!("geokv_raft_snapshot_bytes", "group" => group.clone()).set(data.len() as f64);
-        Ok(Snapshot { meta, snapshot: data })
+        let source = self.source.take().ok_or_else(|| io::Error::other("the snapshot was built already"))?;
+        let sm = self.sm.clone();
+        if sm.engine.kind() == "memory" {
+            // The simulation's engine: nothing blocks, and the simulation
+            // keeps to its own threads.
+            return sm.build_snapshot_from(source);
+        }
+        // Reading, encoding and the synced write block: off the runtime's
+        // workers, so client requests and applies go on meanwhile.
+        tokio::task::spawn_blocking(move || sm.build_snapshot_from(source))
+            .await
+            .map_err(|e| io::Error::other(format!("the snapshot build stopped: {e}")))?
     }
 }
 
@@ -686,12 +756,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    /// Runs on the state machine's worker, between applies: the copy it
+    /// Runs on the state machine's worker, between applies: the view it
     /// takes is exactly the state at the applied position it records.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        let meta = Some(self.snapshot_meta());
-        let pairs = (!snapshot_late_copy()).then(|| self.all_pairs());
-        SnapshotBuilder { sm: self.clone(), meta, pairs }
+        let source = if snapshot_late_copy() {
+            SnapshotSource::Late(
+                self.read_applied()
+                    .map(|(last_log_id, last_membership)| SnapshotMeta { last_log_id, last_membership }),
+            )
+        } else {
+            SnapshotSource::View(self.engine.clone().snapshot_owned())
+        };
+        SnapshotBuilder { sm: self.clone(), source: Some(source) }
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: Vec<u8>) -> Result<(), io::Error> {
@@ -837,11 +913,19 @@ mod tests {
 
     /// Builds a snapshot whose builder was made after entries 1-3 and
     /// which is built after entries 4-6 applied: the position it records,
-    /// and the applied index its data holds.
-    fn snapshot_built_during_applies() -> (Option<u64>, u64) {
+    /// and the applied index its data holds. On RocksDB when `rocks`
+    /// (the build reads a point-in-time view on a blocking thread),
+    /// otherwise on the memory engine (a copy, read inline).
+    fn snapshot_built_during_applies(rocks: bool) -> (Option<u64>, u64) {
+        let dir = tempfile::tempdir().expect("temp dir");
         let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
         rt.block_on(async {
-            let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
+            let engine: Arc<dyn Engine> = if rocks {
+                let tuning = crate::storage::rocks::RocksOptions::default();
+                Arc::new(crate::storage::rocks::RocksEngine::open(dir.path(), &tuning).expect("open"))
+            } else {
+                Arc::new(MemoryEngine::new())
+            };
             let mut sm = StateMachine::new(engine.clone(), GROUP, Arc::new(LastIndex));
             apply_range(&mut sm, 1..=3).await;
             let mut builder = sm.get_snapshot_builder().await;
@@ -864,7 +948,8 @@ mod tests {
     /// state under an earlier position applies the entries between twice).
     #[test]
     fn a_snapshot_holds_the_state_at_its_recorded_position() {
-        assert_eq!(snapshot_built_during_applies(), (Some(3), 3));
+        assert_eq!(snapshot_built_during_applies(false), (Some(3), 3), "memory engine");
+        assert_eq!(snapshot_built_during_applies(true), (Some(3), 3), "RocksDB");
     }
 
     /// The put-back bug that reads the state late is caught by the test
@@ -873,9 +958,11 @@ mod tests {
     #[test]
     fn snapshot_late_copy_is_caught() {
         use crate::bugs::{with_bug, Bug};
-        let (position, held) = with_bug(Bug::SnapshotLateCopy, snapshot_built_during_applies);
-        assert_eq!(position, Some(3));
-        assert_ne!(held, 3, "the late copy went unnoticed");
+        for rocks in [false, true] {
+            let (position, held) = with_bug(Bug::SnapshotLateCopy, || snapshot_built_during_applies(rocks));
+            assert_eq!(position, Some(3));
+            assert_ne!(held, 3, "the late copy went unnoticed (rocks: {rocks})");
+        }
     }
 
     #[test]

@@ -606,6 +606,10 @@ impl Engine for GatedEngine {
         self.inner.snapshot()
     }
 
+    fn snapshot_owned(self: Arc<Self>) -> Box<dyn crate::storage::Snapshot + Send + Sync> {
+        self.inner.snapshot_copy()
+    }
+
     fn last(&self, cf: Cf) -> Result<Option<KvPair>, StorageError> {
         self.inner.last(cf)
     }

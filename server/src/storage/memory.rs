@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::{BatchOp, Cf, Engine, KvPair, KvPairs, Snapshot, StorageError, Visit, WriteBatch};
 
@@ -76,7 +76,18 @@ impl Engine for MemoryEngine {
     }
 
     fn snapshot(&self) -> Box<dyn Snapshot + '_> {
-        // A copy: the memory engine holds simulation-sized stores only.
+        self.snapshot_copy()
+    }
+
+    fn snapshot_owned(self: Arc<Self>) -> Box<dyn Snapshot + Send + Sync> {
+        self.snapshot_copy()
+    }
+}
+
+impl MemoryEngine {
+    /// A point-in-time view, as a copy: the memory engine holds
+    /// simulation-sized stores only.
+    pub fn snapshot_copy(&self) -> Box<dyn Snapshot + Send + Sync> {
         Box::new(MemorySnapshot(self.lock().clone()))
     }
 }

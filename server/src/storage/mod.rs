@@ -15,6 +15,7 @@ pub mod memory;
 pub mod rocks;
 
 use std::fmt;
+use std::sync::Arc;
 
 /// A column family of the node's store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -176,6 +177,13 @@ pub trait Engine: Send + Sync + 'static {
     /// (backups read one node's store as one cut through it:
     /// docs/decisions/029-zone-strict-backups.md).
     fn snapshot(&self) -> Box<dyn Snapshot + '_>;
+
+    /// The same view, holding the engine itself rather than borrowing it,
+    /// so it can move to another thread and outlive its caller: a STRONG
+    /// group takes one between two applies and reads its snapshot from it on
+    /// a blocking thread while applies go on (docs/architecture.md
+    /// section 8).
+    fn snapshot_owned(self: Arc<Self>) -> Box<dyn Snapshot + Send + Sync>;
 }
 
 /// What [`Snapshot::for_each`] calls per pair: true to go on.

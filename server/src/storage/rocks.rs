@@ -241,6 +241,52 @@ impl Engine for RocksEngine {
     fn snapshot(&self) -> Box<dyn Snapshot + '_> {
         Box::new(RocksSnapshot { engine: self, snap: self.db.snapshot() })
     }
+
+    fn snapshot_owned(self: Arc<Self>) -> Box<dyn Snapshot + Send + Sync> {
+        Box::new(OwnedRocksSnapshot::new(self))
+    }
+}
+
+/// A [`RocksSnapshot`] that keeps its engine alive: the view borrows the
+/// engine this struct holds.
+struct OwnedRocksSnapshot {
+    /// Declared before `_engine`, so it is released first (fields drop in
+    /// declaration order).
+    view: RocksSnapshot<'static>,
+    _engine: Arc<RocksEngine>,
+}
+
+impl OwnedRocksSnapshot {
+    fn new(engine: Arc<RocksEngine>) -> Self {
+        // SAFETY: the engine sits on the heap behind the Arc this struct
+        // keeps in `_engine`, so it stays alive and in place for as long as
+        // `view` exists, and `view` is dropped before `_engine`. The
+        // 'static borrow never leaves the struct: `Snapshot`'s methods hand
+        // out owned data or slices borrowed from `&self` only.
+        let engine_ref: &'static RocksEngine = unsafe { &*Arc::as_ptr(&engine) };
+        let view = RocksSnapshot { engine: engine_ref, snap: engine_ref.db.snapshot() };
+        Self { view, _engine: engine }
+    }
+}
+
+impl Snapshot for OwnedRocksSnapshot {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.view.get(cf, key)
+    }
+
+    fn for_each(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        end: Option<&[u8]>,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StorageError> {
+        self.view.for_each(cf, start, end, visit)
+    }
+
+    fn last(&self, cf: Cf) -> Result<Option<KvPair>, StorageError> {
+        self.view.last(cf)
+    }
 }
 
 /// A RocksDB snapshot: every read through it sees the sequence number at
@@ -347,5 +393,38 @@ mod tests {
         let reopened = RocksEngine::open(dir.path(), &RocksOptions::default()).unwrap();
         assert_eq!(reopened.get(Cf::Data, b"a").unwrap(), Some(b"1".to_vec()));
         assert_eq!(reopened.get(Cf::Data, b"b").unwrap(), None);
+    }
+
+    /// An owned view moves to another thread, keeps the engine open after
+    /// every other handle is gone, and sees the store as it was when it
+    /// was taken.
+    #[test]
+    fn an_owned_snapshot_outlives_its_handle_and_ignores_later_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(RocksEngine::open(dir.path(), &RocksOptions::default()).unwrap());
+        let put = |k: &[u8], v: &[u8]| {
+            let mut batch = WriteBatch::default();
+            batch.put(Cf::Raft, k.to_vec(), v.to_vec());
+            engine.write(batch, false).unwrap();
+        };
+        put(b"a", b"1");
+        put(b"b", b"2");
+        let view = engine.clone().snapshot_owned();
+        put(b"a", b"changed");
+        put(b"c", b"3");
+        drop(engine);
+        let seen = std::thread::spawn(move || {
+            let mut pairs = Vec::new();
+            view.for_each(Cf::Raft, b"", None, &mut |k, v| {
+                pairs.push((k.to_vec(), v.to_vec()));
+                Ok(true)
+            })
+            .unwrap();
+            (pairs, view.get(Cf::Raft, b"c").unwrap(), view.last(Cf::Raft).unwrap())
+        })
+        .join()
+        .unwrap();
+        let pairs = vec![(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), b"2".to_vec())];
+        assert_eq!(seen, (pairs, None, Some((b"b".to_vec(), b"2".to_vec()))));
     }
 }
