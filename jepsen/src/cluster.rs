@@ -86,6 +86,9 @@ pub struct ClusterSpec {
     pub env: Vec<(String, String)>,
     /// TOML appended to every node's config (a workload's limits).
     pub extra_config: String,
+    /// Lines added to every node's `[consensus]` section (a workload's
+    /// snapshot cadence).
+    pub consensus_config: String,
     /// Lapsed homes move automatically; off, only a nemesis moves them.
     pub automatic_failover: bool,
     /// Each node's data directory on the fault filesystem (power cuts).
@@ -612,7 +615,10 @@ fn config_text(
     // No automatic failover: a killed or paused home keeps its homes, so a
     // LOCAL register at the home stays linearizable; moving homes is the
     // job of a nemesis (planned failover), not a side effect of kill -9.
-    out.push_str(&format!("[consensus]\nmanual_only = {}\n\n", !spec.automatic_failover));
+    out.push_str(&format!(
+        "[consensus]\nmanual_only = {}\n{}\n",
+        !spec.automatic_failover, spec.consensus_config
+    ));
     // The clock-jump nemeses move a node's wall clock through a file
     // (Cluster::set_clock_offset); absent, the clock is the system's.
     out.push_str("[clock]\noffset_control = true\n\n");

@@ -121,6 +121,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<RunSummary> {
         sync: opts.sync,
         env: opts.bug.iter().map(|b| ("GEOKV_BUG".to_string(), b.clone())).collect(),
         extra_config: workload::node_config(opts.workload),
+        consensus_config: workload::consensus_config(opts.workload),
         automatic_failover: opts.nemesis.automatic_failover() || workload::auto_failover(opts.workload),
         fault_fs: opts.nemesis == NemesisKind::LoseUnsynced,
     };

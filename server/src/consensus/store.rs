@@ -676,8 +676,9 @@ impl StateMachine {
         metrics::gauge!("geokv_raft_snapshot_bytes", "group" => group.clone()).set(data.len() as f64);
         metrics::histogram!("geokv_raft_snapshot_build_seconds", "group" => group)
             .record(started.elapsed().as_secs_f64());
-        tracing::debug!(
+        tracing::info!(
             group = %self.group,
+            index = meta.last_log_id.map_or(0, |l| l.index),
             bytes = data.len(),
             ms = started.elapsed().as_millis() as u64,
             "snapshot built"
@@ -784,6 +785,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         store_snapshot(self.engine.as_ref(), &self.group, meta, &data, &mut batch)?;
         self.engine.write(batch, true).map_err(io_write)?;
         metrics::counter!("geokv_raft_snapshots_installed_total", "group" => self.group.clone()).increment(1);
+        tracing::info!(
+            group = %self.group,
+            index = meta.last_log_id.map_or(0, |l| l.index),
+            bytes = data.len(),
+            "snapshot installed"
+        );
         self.publish();
         Ok(())
     }
