@@ -651,10 +651,9 @@ impl StateMachine {
         Ok((applied.flatten(), membership.unwrap_or_default()))
     }
 
-    /// The position a snapshot of the store as `view` holds it is at.
-    fn snapshot_meta(&self, view: &dyn StoreView) -> Result<SnapshotMeta, io::Error> {
-        let get = |key: &[u8]| view.get(Cf::Raft, key);
-        let (last_applied, membership) = self.applied_from(&get)?;
+    /// The position a snapshot of the store as `get` reads it is at.
+    fn snapshot_meta(&self, get: &RaftGet<'_>) -> Result<SnapshotMeta, io::Error> {
+        let (last_applied, membership) = self.applied_from(get)?;
         Ok(SnapshotMeta { last_log_id: last_applied, last_membership: membership })
     }
 
@@ -663,7 +662,7 @@ impl StateMachine {
         let started = std::time::Instant::now();
         let (meta, data) = match source {
             SnapshotSource::View(view) => {
-                let meta = self.snapshot_meta(view.as_ref())?;
+                let meta = self.snapshot_meta(&|key: &[u8]| view.get(Cf::Raft, key))?;
                 let data = self.encode_view(view.as_ref())?;
                 (meta, data)
             }
@@ -761,10 +760,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     /// takes is exactly the state at the applied position it records.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         let source = if snapshot_late_copy() {
-            SnapshotSource::Late(
-                self.read_applied()
-                    .map(|(last_log_id, last_membership)| SnapshotMeta { last_log_id, last_membership }),
-            )
+            SnapshotSource::Late(self.snapshot_meta(&|key: &[u8]| self.engine.get(Cf::Raft, key)))
         } else {
             SnapshotSource::View(self.engine.clone().snapshot_owned())
         };

@@ -239,53 +239,17 @@ impl Engine for RocksEngine {
     }
 
     fn snapshot(&self) -> Box<dyn Snapshot + '_> {
-        Box::new(RocksSnapshot { engine: self, snap: self.db.snapshot() })
+        Box::new(RocksSnapshot { engine: self, snap: self.db.snapshot(), _owner: None })
     }
 
     fn snapshot_owned(self: Arc<Self>) -> Box<dyn Snapshot + Send + Sync> {
-        Box::new(OwnedRocksSnapshot::new(self))
-    }
-}
-
-/// A [`RocksSnapshot`] that keeps its engine alive: the view borrows the
-/// engine this struct holds.
-struct OwnedRocksSnapshot {
-    /// Declared before `_engine`, so it is released first (fields drop in
-    /// declaration order).
-    view: RocksSnapshot<'static>,
-    _engine: Arc<RocksEngine>,
-}
-
-impl OwnedRocksSnapshot {
-    fn new(engine: Arc<RocksEngine>) -> Self {
-        // SAFETY: the engine sits on the heap behind the Arc this struct
-        // keeps in `_engine`, so it stays alive and in place for as long as
-        // `view` exists, and `view` is dropped before `_engine`. The
-        // 'static borrow never leaves the struct: `Snapshot`'s methods hand
-        // out owned data or slices borrowed from `&self` only.
-        let engine_ref: &'static RocksEngine = unsafe { &*Arc::as_ptr(&engine) };
-        let view = RocksSnapshot { engine: engine_ref, snap: engine_ref.db.snapshot() };
-        Self { view, _engine: engine }
-    }
-}
-
-impl Snapshot for OwnedRocksSnapshot {
-    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        self.view.get(cf, key)
-    }
-
-    fn for_each(
-        &self,
-        cf: Cf,
-        start: &[u8],
-        end: Option<&[u8]>,
-        visit: &mut Visit<'_>,
-    ) -> Result<(), StorageError> {
-        self.view.for_each(cf, start, end, visit)
-    }
-
-    fn last(&self, cf: Cf) -> Result<Option<KvPair>, StorageError> {
-        self.view.last(cf)
+        // SAFETY: the engine sits on the heap behind the Arc the view keeps
+        // in `_owner`, so it stays alive and in place for as long as the
+        // view exists, and `snap` (the only other user of the borrow) is
+        // dropped before `_owner`. The 'static borrow never leaves the
+        // view: `Snapshot`'s methods hand out owned data only.
+        let engine: &'static RocksEngine = unsafe { &*Arc::as_ptr(&self) };
+        Box::new(RocksSnapshot { engine, snap: engine.db.snapshot(), _owner: Some(self) })
     }
 }
 
@@ -294,6 +258,10 @@ impl Snapshot for OwnedRocksSnapshot {
 struct RocksSnapshot<'a> {
     engine: &'a RocksEngine,
     snap: rocksdb::SnapshotWithThreadMode<'a, DB>,
+    /// The engine `engine` borrows, for a view that owns its hold on it
+    /// ([`Engine::snapshot_owned`]); declared after `snap`, so the RocksDB
+    /// snapshot is released first (fields drop in declaration order).
+    _owner: Option<Arc<RocksEngine>>,
 }
 
 impl Snapshot for RocksSnapshot<'_> {
