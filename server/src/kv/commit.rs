@@ -478,10 +478,14 @@ impl Syncer {
         let sync = self.sync;
         match self.engine.write(batch, sync) {
             Ok(()) => {
+                // Settled before anyone is answered: once a write is
+                // acknowledged, the next group reads its row from the store,
+                // never from a stale overlay (a stored row damaged after the
+                // acknowledgement is then reported, not merged over).
+                self.settle(last_group);
                 for g in groups {
                     self.publish(g);
                 }
-                self.settle(last_group);
             }
             Err(e) => {
                 tracing::error!(error = %e, "commit failed; the group's writes are not acknowledged");
