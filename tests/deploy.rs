@@ -26,7 +26,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::tour::{tour_lines, TOUR_LINES_MIN};
-use common::{run_bounded, tests_path, CliOutput, Deadline, NodeProcess, CLI_TIMEOUT, GEOKV_BIN};
+use common::{
+    home_held_by, run_bounded, tests_path, CliOutput, Deadline, NodeProcess, CLI_TIMEOUT, GEOKV_BIN,
+};
 
 /// The example's nodes: region, host name, and the loopback address the
 /// host name stands for in this test.
@@ -317,18 +319,12 @@ fn the_three_region_example_runs_from_its_files_and_the_tour_works_on_it() {
     // Planned failover and failback through geokv: us-east-1's homes move
     // to eu-west-1, which then accepts their writes, and come back.
     let moved = d.cli_json(&["region", "failover", "--from", US, "--to", EU]);
-    assert!(
-        moved["homes"].as_array().is_some_and(|hs| hs.iter().any(|h| h["home"] == US && h["holder"] == EU)),
-        "{moved}"
-    );
+    assert!(home_held_by(&moved, US, EU).is_some(), "{moved}");
     let ack = d.write_after_handover(&["put", "deploy:3", "during-failover", "--home", US]);
     assert_eq!(ack["accepted_by_region"], EU, "{ack}");
     d.wait_read("deploy:3", AP, &["--home", US], "during-failover");
     let back = d.cli_json(&["region", "failback", "--region", US]);
-    assert!(
-        back["homes"].as_array().is_some_and(|hs| hs.iter().any(|h| h["home"] == US && h["holder"] == US)),
-        "{back}"
-    );
+    assert!(home_held_by(&back, US, US).is_some(), "{back}");
     let ack = d.write_after_handover(&["put", "deploy:4", "after-failback", "--home", US]);
     assert_eq!(ack["accepted_by_region"], US, "{ack}");
 
@@ -359,10 +355,7 @@ fn the_three_region_example_runs_from_its_files_and_the_tour_works_on_it() {
     d.wait_read("deploy:5", AP, &["--table", "users", "--locality", "SG"], "while-ap-is-down");
     d.wait_read("deploy:6", AP, &[], "quorum-of-two");
     let back = d.cli_json(&["region", "failback", "--region", AP]);
-    assert!(
-        back["homes"].as_array().is_some_and(|hs| hs.iter().any(|h| h["home"] == AP && h["holder"] == AP)),
-        "{back}"
-    );
+    assert!(home_held_by(&back, AP, AP).is_some(), "{back}");
 
     for (region, node) in d.nodes.iter_mut() {
         let status = node.terminate();

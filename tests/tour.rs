@@ -12,7 +12,7 @@ use std::process::Command;
 
 use common::cluster::{DevCluster, REGIONS};
 use common::tour::{tour_lines, TOUR_LINES_MIN};
-use common::{run_bounded, Deadline, CLI_TIMEOUT, GEOKV_BIN};
+use common::{home_held_by, run_bounded, Deadline, CLI_TIMEOUT, GEOKV_BIN};
 
 use std::time::Duration;
 
@@ -33,10 +33,7 @@ async fn home_back_at(cluster: &DevCluster, region: &str) {
         let out = cluster.cli(&["region", "status", "--json"]).await;
         let last = out.stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
         let status: serde_json::Value = serde_json::from_str(last).unwrap_or_default();
-        let holds = status["homes"]
-            .as_array()
-            .is_some_and(|hs| hs.iter().any(|h| h["home"] == region && h["holder"] == region));
-        if holds {
+        if home_held_by(&status, region, region).is_some() {
             if waited {
                 eprintln!("tour: {region}'s home had moved (a lease lapsed); it is back: {status}");
             }

@@ -329,6 +329,130 @@ impl GeokvDev {
     }
 }
 
+impl GeokvDev {
+    /// The us-east-1 node's `geokv_raft_propose_seconds` for [`GROUP`]:
+    /// each STRONG write's consensus round as its leader saw it, without
+    /// the client's hop. `geokv dev` puts a region's admin port right after
+    /// its client port.
+    async fn leader_commits(&self) -> Result<ProposeHistogram> {
+        let port: u16 = self
+            .endpoint
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .context("the endpoint has no port")?;
+        let body = http_get(&format!("127.0.0.1:{}", port + 1), "/metrics").await?;
+        Ok(ProposeHistogram::parse(&body, GROUP))
+    }
+}
+
+/// One plain HTTP/1.1 GET (the admin port of `geokv dev`'s nodes speaks
+/// HTTP), bounded in time and size.
+async fn http_get(addr: &str, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LIMIT: u64 = 16 << 20;
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut raw = Vec::new();
+        stream.take(LIMIT).read_to_end(&mut raw).await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .with_context(|| format!("GET {path} from {addr} timed out"))?
+        .with_context(|| format!("GET {path} from {addr}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").context("no end of the HTTP header")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path} from {addr}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_string())
+}
+
+/// A Prometheus histogram of one group's STRONG commits, as scraped.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct ProposeHistogram {
+    /// (upper bound in seconds, cumulative count), in rising order.
+    buckets: Vec<(f64, u64)>,
+    sum_s: f64,
+    count: u64,
+}
+
+impl ProposeHistogram {
+    const NAME: &'static str = "geokv_raft_propose_seconds";
+
+    /// Reads the series of `group` out of a `/metrics` text (empty when
+    /// the node has committed nothing there yet).
+    fn parse(metrics: &str, group: &str) -> Self {
+        let label = format!("group=\"{group}\"");
+        let mut h = Self::default();
+        for line in metrics.lines().filter(|l| !l.starts_with('#') && l.contains(&label)) {
+            let Some((series, value)) = line.rsplit_once(' ') else { continue };
+            let name = series.split('{').next().unwrap_or_default();
+            let Some(suffix) = name.strip_prefix(Self::NAME) else { continue };
+            match suffix {
+                "_bucket" => {
+                    let le = series.split("le=\"").nth(1).and_then(|r| r.split('"').next());
+                    let bound = match le {
+                        Some("+Inf") => f64::INFINITY,
+                        Some(v) => v.parse().unwrap_or(f64::NAN),
+                        None => continue,
+                    };
+                    if let Ok(n) = value.parse::<f64>() {
+                        h.buckets.push((bound, n as u64));
+                    }
+                }
+                "_sum" => h.sum_s = value.parse().unwrap_or(0.0),
+                "_count" => h.count = value.parse::<f64>().map(|n| n as u64).unwrap_or(0),
+                _ => {}
+            }
+        }
+        h.buckets.retain(|(b, _)| !b.is_nan());
+        h.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        h
+    }
+
+    /// What was recorded between `before` and `self`.
+    fn since(&self, before: &Self) -> Self {
+        let earlier = |bound: f64| before.buckets.iter().find(|(b, _)| *b == bound).map_or(0, |(_, n)| *n);
+        Self {
+            buckets: self.buckets.iter().map(|&(b, n)| (b, n.saturating_sub(earlier(b)))).collect(),
+            sum_s: (self.sum_s - before.sum_s).max(0.0),
+            count: self.count.saturating_sub(before.count),
+        }
+    }
+
+    /// The upper bound (seconds) of the bucket holding quantile `q`.
+    fn quantile_bound(&self, q: f64) -> Option<f64> {
+        let rank = (q * self.count as f64).ceil().max(1.0) as u64;
+        self.buckets.iter().find(|(_, n)| *n >= rank).map(|(b, _)| *b)
+    }
+
+    /// One line for the report.
+    fn describe(&self, clients: usize) -> String {
+        if self.count == 0 {
+            return format!("leader's own commit time at {clients} clients: no commit recorded");
+        }
+        let last_finite = self.buckets.iter().rev().map(|(b, _)| *b).find(|b| b.is_finite()).unwrap_or(0.0);
+        let at = |q: f64| match self.quantile_bound(q) {
+            Some(b) if b.is_finite() => format!("<= {} ms", (b * 1e4).round() / 10.0),
+            _ => format!("> {} ms", (last_finite * 1e4).round() / 10.0),
+        };
+        format!(
+            "leader's own commit time at {clients} clients ({}, warmup included, {} writes): mean {:.3} ms, p50 {}, p90 {}, p99 {}",
+            Self::NAME,
+            self.count,
+            self.sum_s * 1000.0 / self.count as f64,
+            at(0.5),
+            at(0.9),
+            at(0.99),
+        )
+    }
+}
+
 pub(crate) async fn client(endpoint: &str, certs_dir: &std::path::Path, timeout: Duration) -> Result<Client> {
     let mut cfg = ClientConfig::new(endpoint).with_certs_dir(certs_dir);
     cfg.timeout = timeout;
@@ -468,10 +592,18 @@ pub async fn run(args: &StrongWanArgs, default_geokv_bin: PathBuf) -> Result<()>
     };
     for &clients in &args.clients {
         eprintln!("geokv: {clients} clients, {} s warmup + {} s measured", args.warmup_s, args.duration_s);
+        let before = dev.leader_commits().await;
         let m = load::run(&running, &shape, clients)
             .await
             .with_context(|| format!("geokv at {clients} clients"))?;
         dev.child.check_alive().context("geokv dev after a run")?;
+        let after = dev.leader_commits().await;
+        notes.push(match (before, after) {
+            (Ok(b), Ok(a)) => a.since(&b).describe(clients),
+            (Err(e), _) | (_, Err(e)) => {
+                format!("leader's own commit time at {clients} clients: unknown ({e:#})")
+            }
+        });
         eprintln!(
             "geokv: {clients} clients: {:.1} ops/s, p50 {:.3} ms, p99 {:.3} ms, {} errors",
             m.ops_per_s(),
@@ -625,6 +757,34 @@ fn render(args: &StrongWanArgs, setup: &str, results: &[Measured], notes: &[Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_leaders_commit_histogram_is_read_per_group_and_differenced() {
+        let text = |n: [u64; 3], sum: f64| {
+            format!(
+                "# TYPE geokv_raft_propose_seconds histogram\n\
+                 geokv_raft_propose_seconds_bucket{{group=\"strong/us-east-1\",le=\"0.08\"}} {}\n\
+                 geokv_raft_propose_seconds_bucket{{group=\"strong/us-east-1\",le=\"0.1\"}} {}\n\
+                 geokv_raft_propose_seconds_bucket{{group=\"strong/us-east-1\",le=\"+Inf\"}} {}\n\
+                 geokv_raft_propose_seconds_sum{{group=\"strong/us-east-1\"}} {sum}\n\
+                 geokv_raft_propose_seconds_count{{group=\"strong/us-east-1\"}} {}\n\
+                 geokv_raft_propose_seconds_count{{group=\"control\"}} 999\n",
+                n[0], n[1], n[2], n[2]
+            )
+        };
+        let before = ProposeHistogram::parse(&text([1, 1, 1], 0.07), GROUP);
+        assert_eq!(before.count, 1);
+        let after = ProposeHistogram::parse(&text([11, 99, 101], 8.57), GROUP);
+        let run = after.since(&before);
+        assert_eq!(run.count, 100);
+        assert_eq!(run.buckets, vec![(0.08, 10), (0.1, 98), (f64::INFINITY, 100)]);
+        assert_eq!(run.quantile_bound(0.5), Some(0.1));
+        assert_eq!(run.quantile_bound(0.05), Some(0.08));
+        assert_eq!(run.quantile_bound(0.99), Some(f64::INFINITY));
+        let line = run.describe(64);
+        assert!(line.contains("mean 85.000 ms") && line.contains("p50 <= 100 ms"), "{line}");
+        assert!(line.contains("p99 > 100 ms"), "{line}");
+    }
 
     #[test]
     fn delays_from_the_table_are_the_documented_halves() {

@@ -549,6 +549,16 @@ pub async fn https_get(addr: SocketAddr, certs_dir: &Path, path: &str) -> Result
     ok_body(&response, path)
 }
 
+/// The home entry of `home` in a `region status`, `region failover` or
+/// `region failback` JSON answer, when `holder` holds it.
+pub fn home_held_by<'a>(
+    answer: &'a serde_json::Value,
+    home: &str,
+    holder: &str,
+) -> Option<&'a serde_json::Value> {
+    answer["homes"].as_array()?.iter().find(|h| h["home"] == home && h["holder"] == holder)
+}
+
 /// The sum of a Prometheus series over all its label sets in `metrics`
 /// (the text of `/metrics`); 0 if absent.
 pub fn metric_sum(metrics: &str, name: &str) -> f64 {

@@ -41,6 +41,17 @@ pub fn prometheus() -> PrometheusHandle {
                     ],
                 )
                 .expect("bucket list is not empty")
+                // A STRONG commit is bounded below by the nearest majority's
+                // round trip, so its buckets are fine across WAN delays.
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full("geokv_raft_propose_seconds".into()),
+                    &[
+                        0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.075, 0.08,
+                        0.082, 0.084, 0.086, 0.088, 0.09, 0.095, 0.1, 0.11, 0.12, 0.14, 0.16, 0.18, 0.2,
+                        0.25, 0.3, 0.5, 1.0, 2.0, 5.0,
+                    ],
+                )
+                .expect("bucket list is not empty")
                 .build_recorder();
             let handle = recorder.handle();
             // Fails only when another recorder was installed first, in which
