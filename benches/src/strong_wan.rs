@@ -38,6 +38,8 @@ use crate::target::{Running, TargetKind};
 
 /// The STRONG group's voters, home first: the regions etcd's members are named for.
 pub const REGIONS: [&str; 3] = ["us-east-1", "eu-west-1", "eu-central-1"];
+/// Every region of `geokv dev`, each with one node.
+const DEV_REGIONS: [&str; 4] = ["us-east-1", "eu-west-1", "eu-central-1", "ap-southeast-1"];
 /// The home of the `registers` table and the clients' region.
 const HOME: &str = REGIONS[0];
 /// The STRONG group of the `registers` table in `geokv dev`.
@@ -592,15 +594,33 @@ pub async fn run(args: &StrongWanArgs, default_geokv_bin: PathBuf) -> Result<()>
     };
     for &clients in &args.clients {
         eprintln!("geokv: {clients} clients, {} s warmup + {} s measured", args.warmup_s, args.duration_s);
-        let before = dev.leader_commits().await;
+        let leader_pid: Vec<u32> = dev.node_pid(HOME).into_iter().collect();
+        let node_pids: Vec<u32> = DEV_REGIONS.iter().filter_map(|r| dev.node_pid(r)).collect();
+        let cpu = || (process::cpu_seconds_of(&leader_pid), process::cpu_seconds_of(&node_pids));
+        let before = (dev.leader_commits().await, cpu());
         let m = load::run(&running, &shape, clients)
             .await
             .with_context(|| format!("geokv at {clients} clients"))?;
         dev.child.check_alive().context("geokv dev after a run")?;
-        let after = dev.leader_commits().await;
+        let after = (dev.leader_commits().await, cpu());
         notes.push(match (before, after) {
-            (Ok(b), Ok(a)) => a.since(&b).describe(clients),
-            (Err(e), _) | (_, Err(e)) => {
+            ((Ok(b), cpu_b), (Ok(a), cpu_a)) => {
+                let run = a.since(&b);
+                let per_write = |b: Option<f64>, a: Option<f64>, n: usize| match (b, a) {
+                    (Some(b), Some(a)) if run.count > 0 && n > 0 => {
+                        format!("{:.0} µs", (a - b) * 1e6 / run.count as f64)
+                    }
+                    _ => "unknown".to_string(),
+                };
+                format!(
+                    "{}; server CPU per write: leader {}, all {} nodes {}",
+                    run.describe(clients),
+                    per_write(cpu_b.0, cpu_a.0, leader_pid.len()),
+                    node_pids.len(),
+                    per_write(cpu_b.1, cpu_a.1, node_pids.len()),
+                )
+            }
+            ((Err(e), _), _) | (_, (Err(e), _)) => {
                 format!("leader's own commit time at {clients} clients: unknown ({e:#})")
             }
         });

@@ -45,6 +45,10 @@
 //!   it is built, on its own task, instead of copying it between applies,
 //!   so it can hold a later state than the position it records
 //!   (`consensus::store::SnapshotBuilder`).
+//! - `log-tail-stale`: truncating a Raft log leaves the removed entries in
+//!   the group's decoded tail (`consensus::store::LogTail`), so a member
+//!   whose conflicting suffix was cut still reads, replicates and applies
+//!   the entries of a deposed leader.
 //! - `erasure-unfenced`: rows that arrive after a subject's erasure (late
 //!   replicated entries, repairs) are merged without its fence, so values
 //!   a region wrote before the erasure and shipped late come back
@@ -77,6 +81,7 @@ pub enum Bug {
     StalenessHomeOnly,
     PreVoteOff,
     SnapshotLateCopy,
+    LogTailStale,
     TtlIgnored,
     ErasureUnfenced,
     FeedLocalOnly,
@@ -98,6 +103,7 @@ impl Bug {
             Bug::StalenessHomeOnly => "staleness-home-only",
             Bug::PreVoteOff => "pre-vote-off",
             Bug::SnapshotLateCopy => "snapshot-late-copy",
+            Bug::LogTailStale => "log-tail-stale",
             Bug::TtlIgnored => "ttl-ignored",
             Bug::ErasureUnfenced => "erasure-unfenced",
             Bug::FeedLocalOnly => "feed-local-only",
@@ -119,6 +125,7 @@ impl Bug {
             Bug::StalenessHomeOnly,
             Bug::PreVoteOff,
             Bug::SnapshotLateCopy,
+            Bug::LogTailStale,
             Bug::TtlIgnored,
             Bug::ErasureUnfenced,
             Bug::FeedLocalOnly,

@@ -415,6 +415,13 @@ impl Default for ReplicationConfig {
     }
 }
 
+fn default_snapshot_log_ratio() -> f64 {
+    1.0
+}
+
+/// Largest `consensus.snapshot_log_ratio`.
+pub const SNAPSHOT_LOG_RATIO_MAX: f64 = 100.0;
+
 /// Largest `consensus.snapshot_chunk_bytes`: a chunk and its header fit
 /// in one message of the consensus port (64 MiB).
 pub const SNAPSHOT_CHUNK_BYTES_MAX: u64 = 32 << 20;
@@ -456,9 +463,17 @@ pub struct ConsensusConfig {
     /// regions in config order, a STRONG group its home and the next
     /// regions of the failover order. 3 survives the loss of one region.
     pub voters_max: usize,
-    /// A group builds a snapshot of its state machine after this many
-    /// entries since the last one, then drops its log behind it.
+    /// A group builds a snapshot of its state machine after at least this
+    /// many entries since the last one, then drops its log behind it.
     pub snapshot_every: u64,
+    /// ...and once the log since the last snapshot holds at least this
+    /// many times the last snapshot's bytes, so the work of snapshots stays
+    /// proportional to the writes however large the state grows; the log
+    /// then holds at most about this multiple of the state's size. 0:
+    /// snapshot every `snapshot_every` entries whatever the state's size
+    /// (decision 034).
+    #[serde(default = "default_snapshot_log_ratio")]
+    pub snapshot_log_ratio: f64,
     /// Entries kept behind the last snapshot, so a follower a little
     /// behind catches up from the log instead of a snapshot.
     pub log_keep: u64,
@@ -487,6 +502,7 @@ impl Default for ConsensusConfig {
             lease_wait_ms: 4000,
             voters_max: 3,
             snapshot_every: 5000,
+            snapshot_log_ratio: default_snapshot_log_ratio(),
             log_keep: 1000,
             snapshot_chunk_bytes: 1 << 20,
             snapshot_bytes_max: 1 << 30,
@@ -1164,6 +1180,12 @@ impl Config {
         }
         if c.snapshot_every == 0 {
             return Err(bad("consensus.snapshot_every", "must be at least 1"));
+        }
+        if !(0.0..=SNAPSHOT_LOG_RATIO_MAX).contains(&c.snapshot_log_ratio) {
+            return Err(bad(
+                "consensus.snapshot_log_ratio",
+                format!("must be 0 to {SNAPSHOT_LOG_RATIO_MAX}"),
+            ));
         }
         if c.snapshot_chunk_bytes == 0 || c.snapshot_chunk_bytes > SNAPSHOT_CHUNK_BYTES_MAX {
             return Err(bad(

@@ -96,6 +96,10 @@ pub struct LogStore {
     group: String,
     /// Last log id written (None when the log is empty), recovered on open.
     last: Arc<Mutex<Option<LogId>>>,
+    /// The newest entries, decoded, shared by every reader of the group.
+    tail: Arc<Mutex<LogTail>>,
+    /// What this process appended, for the snapshot policy.
+    stats: Arc<LogStats>,
     /// Appends written but not yet synced, to the syncer thread (None for
     /// the memory engine, which has nothing to sync: appends complete
     /// inline, and the simulation keeps to its own threads).
@@ -117,7 +121,129 @@ fn run_log_syncer(engine: Arc<dyn Engine>, rx: std::sync::mpsc::Receiver<IOFlush
     }
 }
 
+/// Entries and encoded bytes this process appended to a group's log,
+/// whose ratio is the average entry size the snapshot policy uses
+/// (`consensus::snapshot_due`, decision 034).
+#[derive(Debug, Default)]
+pub struct LogStats {
+    entries: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl LogStats {
+    fn add(&self, entries: u64, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.entries.fetch_add(entries, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+    }
+
+    /// The average encoded size of an appended entry; None before the
+    /// first append.
+    pub fn average_entry_bytes(&self) -> Option<f64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let entries = self.entries.load(Relaxed);
+        (entries > 0).then(|| self.bytes.load(Relaxed) as f64 / entries as f64)
+    }
+}
+
+/// Entries kept decoded at most: about four seconds of a busy group.
+const TAIL_ENTRIES_MAX: usize = 16_384;
+/// Encoded bytes of the kept entries at most.
+const TAIL_BYTES_MAX: usize = 16 << 20;
+
+/// The newest log entries, decoded, in index order with no gap, ending at
+/// the last entry written. The leader reads each new entry once per
+/// follower to replicate it and once more to apply it, and a follower once
+/// to apply it; the tail answers those reads without a scan of the store
+/// and a JSON decode per entry (decision 034). It only holds entries the
+/// store holds: appends add after they are written; truncation and purge
+/// remove before the store changes; anything outside it is read from the
+/// store. Bounded by entries and encoded bytes, oldest dropped first.
+#[derive(Default)]
+struct LogTail {
+    /// (entry, its encoded size).
+    entries: std::collections::VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+impl LogTail {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    fn last_index(&self) -> Option<u64> {
+        self.entries.back().map(|(e, _)| e.log_id.index)
+    }
+
+    /// Adds the entries just written, in order. An entry that does not
+    /// follow the last kept one starts the tail anew.
+    fn extend(&mut self, written: Vec<(Entry, usize)>) {
+        for (entry, size) in written {
+            if self.last_index().is_some_and(|last| last.checked_add(1) != Some(entry.log_id.index)) {
+                self.clear();
+            }
+            self.bytes += size;
+            self.entries.push_back((entry, size));
+        }
+        while self.entries.len() > TAIL_ENTRIES_MAX || (self.bytes > TAIL_BYTES_MAX && self.entries.len() > 1)
+        {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, size)) = self.entries.pop_front() {
+            self.bytes -= size;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// Drops entries at and after `from`.
+    fn remove_from(&mut self, from: u64) {
+        while self.last_index().is_some_and(|i| i >= from) {
+            if let Some((_, size)) = self.entries.pop_back() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// Drops entries at and before `upto`.
+    fn remove_through(&mut self, upto: u64) {
+        while self.first_index().is_some_and(|i| i <= upto) {
+            self.pop_front();
+        }
+    }
+
+    /// Entries `first..end` (end None: through the last), when the tail
+    /// holds every one of them.
+    fn range(&self, first: u64, end: Option<u64>) -> Option<Vec<Entry>> {
+        let (front, back) = (self.first_index()?, self.last_index()?);
+        let end = end.unwrap_or(back.saturating_add(1));
+        if first < front || end > back.saturating_add(1) {
+            return None;
+        }
+        if end <= first {
+            return Some(Vec::new());
+        }
+        let skip = (first - front) as usize;
+        Some(self.entries.iter().skip(skip).take((end - first) as usize).map(|(e, _)| e.clone()).collect())
+    }
+}
+
 impl LogStore {
+    /// What this store appended so far (shared with its clones).
+    pub fn stats(&self) -> Arc<LogStats> {
+        self.stats.clone()
+    }
+
+    fn tail(&self) -> std::sync::MutexGuard<'_, LogTail> {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn open(engine: Arc<dyn Engine>, group: &str) -> Result<Self, io::Error> {
         check_format(engine.as_ref(), group)?;
         let start = group_key(group, b"log/");
@@ -149,7 +275,14 @@ impl LogStore {
                 .map_err(io_write)?;
             Some(tx)
         };
-        Ok(Self { engine, group: group.to_string(), last: Arc::new(Mutex::new(last)), syncer })
+        Ok(Self {
+            engine,
+            group: group.to_string(),
+            last: Arc::new(Mutex::new(last)),
+            tail: Default::default(),
+            stats: Default::default(),
+            syncer,
+        })
     }
 
     fn get_json<T: DeserializeOwned>(&self, suffix: &[u8]) -> Result<Option<T>, io::Error> {
@@ -235,6 +368,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => Some(*i),
             Bound::Unbounded => None,
         };
+        if let Some(entries) = self.tail().range(first, end) {
+            return Ok(entries);
+        }
         let start_key = log_key(&self.group, first);
         let end_key = match end {
             Some(e) => log_key(&self.group, e),
@@ -296,10 +432,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = WriteBatch::new();
-        let mut last = None;
+        let mut written = Vec::new();
         for entry in entries {
-            batch.put(Cf::Raft, log_key(&self.group, entry.log_id.index), encode(&entry)?);
-            last = Some(entry.log_id);
+            let bytes = encode(&entry)?;
+            let size = bytes.len();
+            batch.put(Cf::Raft, log_key(&self.group, entry.log_id.index), bytes);
+            written.push((entry, size));
         }
         // Written now (visible to the replication readers), reported
         // flushed once the syncer synced it.
@@ -307,9 +445,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             callback.io_completed(Err(io::Error::other(e.to_string())));
             return Err(io_write(e));
         }
-        if let Some(l) = last {
-            *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(l);
+        if let Some((entry, _)) = written.last() {
+            *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(entry.log_id);
         }
+        self.stats.add(written.len() as u64, written.iter().map(|(_, n)| *n as u64).sum());
+        self.tail().extend(written);
         let unsent = match &self.syncer {
             Some(tx) => tx.send(callback).err().map(|std::sync::mpsc::SendError(c)| c),
             None => Some(callback),
@@ -326,6 +466,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.as_ref().map_or(0, |l| l.index.saturating_add(1));
+        #[cfg(feature = "bugs")]
+        let stale_tail = crate::bugs::active(crate::bugs::Bug::LogTailStale);
+        #[cfg(not(feature = "bugs"))]
+        let stale_tail = false;
+        if !stale_tail {
+            self.tail().remove_from(from);
+        }
         let start = log_key(&self.group, from);
         let end = prefix_end(&group_key(&self.group, b"log/")).unwrap_or_default();
         let keys = self.engine.scan(Cf::Raft, &start, Some(&end), 1 << 20).map_err(io_read)?;
@@ -340,6 +487,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        self.tail().remove_through(log_id.index);
         let start = log_key(&self.group, 0);
         let end = log_key(&self.group, log_id.index.saturating_add(1));
         let keys = self.engine.scan(Cf::Raft, &start, Some(&end), 1 << 20).map_err(io_read)?;
@@ -583,13 +731,21 @@ pub struct StateMachine {
     engine: Arc<dyn Engine>,
     group: String,
     machine: Arc<dyn Machine>,
+    /// Bytes of the last snapshot built or installed here (0: none yet
+    /// in this process), for the snapshot policy.
+    snapshot_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StateMachine {
     pub fn new(engine: Arc<dyn Engine>, group: &str, machine: Arc<dyn Machine>) -> Self {
-        let me = Self { engine, group: group.to_string(), machine };
+        let me = Self { engine, group: group.to_string(), machine, snapshot_bytes: Default::default() };
         me.publish();
         me
+    }
+
+    /// Bytes of the last snapshot this process built or installed (0: none).
+    pub fn snapshot_bytes(&self) -> u64 {
+        self.snapshot_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A pair of the state machine as last applied on this node.
@@ -672,6 +828,7 @@ impl StateMachine {
         store_snapshot(self.engine.as_ref(), &self.group, &meta, &data, &mut batch)?;
         self.engine.write(batch, true).map_err(io_write)?;
         let group = self.group.clone();
+        self.snapshot_bytes.store(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         metrics::gauge!("geokv_raft_snapshot_bytes", "group" => group.clone()).set(data.len() as f64);
         metrics::histogram!("geokv_raft_snapshot_build_seconds", "group" => group)
             .record(started.elapsed().as_secs_f64());
@@ -780,6 +937,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         batch.put(Cf::Raft, group_key(&self.group, b"membership"), encode(&meta.last_membership)?);
         store_snapshot(self.engine.as_ref(), &self.group, meta, &data, &mut batch)?;
         self.engine.write(batch, true).map_err(io_write)?;
+        self.snapshot_bytes.store(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         metrics::counter!("geokv_raft_snapshots_installed_total", "group" => self.group.clone()).increment(1);
         tracing::info!(
             group = %self.group,
@@ -966,6 +1124,127 @@ mod tests {
             assert_eq!(position, Some(3));
             assert_ne!(held, 3, "the late copy went unnoticed (rocks: {rocks})");
         }
+    }
+
+    /// Appends, truncations and purges through one store, each read
+    /// through it (answered by its decoded tail where it can) and through
+    /// a second store over the same engine, opened afterwards, which has
+    /// nothing decoded and reads the engine. Err names the first read
+    /// where the two differ.
+    fn tail_reads_match_the_store(rocks: bool) -> Result<usize, String> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        rt.block_on(async {
+            let engine: Arc<dyn Engine> = if rocks {
+                let tuning = crate::storage::rocks::RocksOptions::default();
+                Arc::new(crate::storage::rocks::RocksEngine::open(dir.path(), &tuning).expect("open"))
+            } else {
+                Arc::new(MemoryEngine::new())
+            };
+            let mut log = LogStore::open(engine.clone(), GROUP).expect("open");
+            let entry = |term: u64, index: u64| Entry {
+                log_id: log_id(term, 5, index),
+                payload: EntryPayload::Normal(command()),
+            };
+            let mut checked = 0;
+            let check = |log: LogStore, what: &'static str| {
+                let engine = engine.clone();
+                async move {
+                    let mut log = log;
+                    let mut plain = LogStore::open(engine, GROUP).expect("second open");
+                    for (first, end) in [(1, 8), (1, 3), (3, 6), (2, 3), (5, 5), (0, 100)] {
+                        let tail = log.try_get_log_entries(first..end).await.expect("read");
+                        let store = plain.try_get_log_entries(first..end).await.expect("read");
+                        let ids = |es: &[Entry]| es.iter().map(|e| e.log_id).collect::<Vec<_>>();
+                        if ids(&tail) != ids(&store) {
+                            return Err(format!(
+                                "{what}: entries {first}..{end} read {:?}, the store holds {:?}",
+                                ids(&tail),
+                                ids(&store)
+                            ));
+                        }
+                    }
+                    let tail = log.try_get_log_entries(1..).await.expect("read");
+                    let store = plain.try_get_log_entries(1..).await.expect("read");
+                    if tail != store {
+                        return Err(format!("{what}: the open range differs: {tail:?} against {store:?}"));
+                    }
+                    Ok(())
+                }
+            };
+            log.append((1..=5).map(|i| entry(1, i)), IOFlushed::noop()).await.expect("append");
+            check(log.clone(), "after appending 1-5").await?;
+            checked += 1;
+            // A new leader's entries replace a conflicting suffix.
+            log.truncate_after(Some(log_id(1, 5, 2))).await.expect("truncate");
+            check(log.clone(), "after truncating 3-5").await?;
+            checked += 1;
+            log.append((3..=4).map(|i| entry(2, i)), IOFlushed::noop()).await.expect("append");
+            check(log.clone(), "after appending 3-4 of term 2").await?;
+            checked += 1;
+            log.purge(log_id(1, 5, 2)).await.expect("purge");
+            check(log.clone(), "after purging 1-2").await?;
+            checked += 1;
+            log.truncate_after(None).await.expect("truncate all");
+            check(log.clone(), "after truncating everything").await?;
+            checked += 1;
+            Ok(checked)
+        })
+    }
+
+    /// The decoded tail answers exactly what the store holds, through
+    /// appends, a truncated suffix, a purge and a log made empty.
+    #[test]
+    fn the_log_tail_reads_what_the_store_holds() {
+        assert_eq!(tail_reads_match_the_store(false), Ok(5), "memory engine");
+        assert_eq!(tail_reads_match_the_store(true), Ok(5), "RocksDB");
+    }
+
+    /// The put-back bug that keeps truncated entries in the tail is caught
+    /// by the test above.
+    #[cfg(feature = "bugs")]
+    #[test]
+    fn log_tail_stale_is_caught() {
+        use crate::bugs::{with_bug, Bug};
+        for rocks in [false, true] {
+            let outcome = with_bug(Bug::LogTailStale, || tail_reads_match_the_store(rocks));
+            let why = outcome.expect_err("stale tail entries went unnoticed");
+            assert!(why.starts_with("after truncating 3-5"), "{why}");
+        }
+    }
+
+    /// The tail stays within its bounds, and reads of entries it dropped
+    /// come from the store.
+    #[tokio::test]
+    async fn the_log_tail_is_bounded() {
+        let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
+        let mut log = LogStore::open(engine.clone(), GROUP).expect("open");
+        let total = TAIL_ENTRIES_MAX as u64 + 100;
+        let mut next = 1;
+        while next <= total {
+            let last = (next + 999).min(total);
+            let batch = (next..=last)
+                .map(|i| Entry { log_id: log_id(1, 5, i), payload: EntryPayload::Normal(command()) });
+            log.append(batch, IOFlushed::noop()).await.expect("append");
+            next = last + 1;
+        }
+        {
+            let tail = log.tail();
+            assert_eq!(tail.entries.len(), TAIL_ENTRIES_MAX);
+            assert_eq!(tail.first_index(), Some(101));
+            assert_eq!(tail.bytes, tail.entries.iter().map(|(_, n)| n).sum::<usize>());
+        }
+        let early = log.try_get_log_entries(50..150).await.expect("read");
+        assert_eq!(early.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), (50..150).collect::<Vec<_>>());
+        let mut big = LogTail::default();
+        big.extend(
+            (1..=10)
+                .map(|i| {
+                    (Entry { log_id: log_id(1, 5, i), payload: EntryPayload::Blank }, TAIL_BYTES_MAX / 4)
+                })
+                .collect(),
+        );
+        assert_eq!((big.first_index(), big.last_index(), big.bytes), (Some(7), Some(10), TAIL_BYTES_MAX));
     }
 
     #[test]
