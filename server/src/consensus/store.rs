@@ -202,12 +202,16 @@ impl LogTail {
         self.bytes = 0;
     }
 
+    fn pop_back(&mut self) {
+        if let Some((_, size)) = self.entries.pop_back() {
+            self.bytes -= size;
+        }
+    }
+
     /// Drops entries at and after `from`.
     fn remove_from(&mut self, from: u64) {
         while self.last_index().is_some_and(|i| i >= from) {
-            if let Some((_, size)) = self.entries.pop_back() {
-                self.bytes -= size;
-            }
+            self.pop_back();
         }
     }
 
@@ -793,15 +797,24 @@ impl StateMachine {
 }
 
 impl StateMachine {
-    /// Writes a snapshot's batch (its pieces and its record, atomically)
-    /// and makes it durable before returning. The batch is written
+    /// Adds the snapshot (its pieces and its record) to `batch`, writes the
+    /// batch atomically, makes it durable before returning, and remembers
+    /// the snapshot's size for the snapshot policy. The batch is written
     /// unsynced and the write-ahead log synced afterwards: a synced write
     /// of megabytes would hold every write queued behind it (the group's
     /// log appends and applies share the log) for its whole sync (decision
     /// 034); the sync after it holds no writer.
-    fn store_durably(&self, batch: WriteBatch) -> Result<(), io::Error> {
+    fn keep_snapshot(
+        &self,
+        meta: &SnapshotMeta,
+        data: &[u8],
+        mut batch: WriteBatch,
+    ) -> Result<(), io::Error> {
+        store_snapshot(self.engine.as_ref(), &self.group, meta, data, &mut batch)?;
         self.engine.write(batch, false).map_err(io_write)?;
-        self.engine.sync().map_err(io_write)
+        self.engine.sync().map_err(io_write)?;
+        self.snapshot_bytes.store(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// The last applied log id and membership, as stored.
@@ -835,11 +848,8 @@ impl StateMachine {
             }
             SnapshotSource::Late(meta) => (meta?, encode_snapshot(&self.all_pairs()?)?),
         };
-        let mut batch = WriteBatch::new();
-        store_snapshot(self.engine.as_ref(), &self.group, &meta, &data, &mut batch)?;
-        self.store_durably(batch)?;
+        self.keep_snapshot(&meta, &data, WriteBatch::new())?;
         let group = self.group.clone();
-        self.snapshot_bytes.store(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         metrics::gauge!("geokv_raft_snapshot_bytes", "group" => group.clone()).set(data.len() as f64);
         metrics::histogram!("geokv_raft_snapshot_build_seconds", "group" => group)
             .record(started.elapsed().as_secs_f64());
@@ -946,9 +956,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         batch.put(Cf::Raft, group_key(&self.group, b"applied"), encode(&meta.last_log_id)?);
         batch.put(Cf::Raft, group_key(&self.group, b"membership"), encode(&meta.last_membership)?);
-        store_snapshot(self.engine.as_ref(), &self.group, meta, &data, &mut batch)?;
-        self.store_durably(batch)?;
-        self.snapshot_bytes.store(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.keep_snapshot(meta, &data, batch)?;
         metrics::counter!("geokv_raft_snapshots_installed_total", "group" => self.group.clone()).increment(1);
         tracing::info!(
             group = %self.group,
@@ -1083,6 +1091,16 @@ mod tests {
         sm.apply(futures_util::stream::iter(entries)).await.expect("apply");
     }
 
+    /// RocksDB in `dir` when `rocks`, otherwise the memory engine.
+    fn test_engine(rocks: bool, dir: &std::path::Path) -> Arc<dyn Engine> {
+        if rocks {
+            let tuning = crate::storage::rocks::RocksOptions::default();
+            Arc::new(crate::storage::rocks::RocksEngine::open(dir, &tuning).expect("open"))
+        } else {
+            Arc::new(MemoryEngine::new())
+        }
+    }
+
     /// Builds a snapshot whose builder was made after entries 1-3 and
     /// which is built after entries 4-6 applied: the position it records,
     /// and the applied index its data holds. On RocksDB when `rocks`
@@ -1092,12 +1110,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
         rt.block_on(async {
-            let engine: Arc<dyn Engine> = if rocks {
-                let tuning = crate::storage::rocks::RocksOptions::default();
-                Arc::new(crate::storage::rocks::RocksEngine::open(dir.path(), &tuning).expect("open"))
-            } else {
-                Arc::new(MemoryEngine::new())
-            };
+            let engine = test_engine(rocks, dir.path());
             let mut sm = StateMachine::new(engine.clone(), GROUP, Arc::new(LastIndex));
             apply_range(&mut sm, 1..=3).await;
             let mut builder = sm.get_snapshot_builder().await;
@@ -1146,12 +1159,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
         rt.block_on(async {
-            let engine: Arc<dyn Engine> = if rocks {
-                let tuning = crate::storage::rocks::RocksOptions::default();
-                Arc::new(crate::storage::rocks::RocksEngine::open(dir.path(), &tuning).expect("open"))
-            } else {
-                Arc::new(MemoryEngine::new())
-            };
+            let engine = test_engine(rocks, dir.path());
             let mut log = LogStore::open(engine.clone(), GROUP).expect("open");
             let entry = |term: u64, index: u64| Entry {
                 log_id: log_id(term, 5, index),
