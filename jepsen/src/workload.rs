@@ -187,13 +187,12 @@ pub fn node_config(kind: WorkloadKind) -> String {
 }
 
 /// Lines for every node's `[consensus]` section. strong-register snapshots
-/// its groups after at least 500 entries (and, by the default
-/// `snapshot_log_ratio`, once the log since holds the last snapshot's
-/// bytes) and keeps 200 behind (the defaults are 5,000 and 1,000, more
-/// than a run writes): snapshots are built while
+/// its groups every 500 entries and keeps 200 behind (the defaults are
+/// 5,000 and 1,000, more than a run writes): snapshots are taken while
 /// the faults run, the log is purged behind them, and a member that was
-/// killed or cut off for long comes back by installing one, all under
-/// the linearizability checker.
+/// killed or cut off for long comes back by installing one (the leader's
+/// state machine read from a point-in-time view), all under the
+/// linearizability checker.
 pub fn consensus_config(kind: WorkloadKind) -> String {
     match kind {
         WorkloadKind::StrongRegister => {

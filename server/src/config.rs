@@ -415,10 +415,6 @@ impl Default for ReplicationConfig {
     }
 }
 
-fn default_snapshot_log_ratio() -> f64 {
-    1.0
-}
-
 /// Largest `consensus.snapshot_log_ratio`.
 pub const SNAPSHOT_LOG_RATIO_MAX: f64 = 100.0;
 
@@ -466,14 +462,12 @@ pub struct ConsensusConfig {
     /// A group builds a snapshot of its state machine after at least this
     /// many entries since the last one, then drops its log behind it.
     pub snapshot_every: u64,
-    /// ...and once the log since the last snapshot holds at least this
-    /// many times the last snapshot's bytes, so the work of snapshots stays
-    /// proportional to the writes however large the state grows; the log
-    /// then holds at most about this multiple of the state's size. 0:
-    /// snapshot every `snapshot_every` entries whatever the state's size
-    /// (decision 034).
-    #[serde(default = "default_snapshot_log_ratio")]
-    pub snapshot_log_ratio: f64,
+    /// No effect: a snapshot copies nothing since decision 035, so it is
+    /// taken every `snapshot_every` entries whatever the state's size.
+    /// Still read (and checked) so a configuration written for decision
+    /// 034's rule starts; the node warns that it is ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_log_ratio: Option<f64>,
     /// Entries kept behind the last snapshot, so a follower a little
     /// behind catches up from the log instead of a snapshot.
     pub log_keep: u64,
@@ -502,7 +496,7 @@ impl Default for ConsensusConfig {
             lease_wait_ms: 4000,
             voters_max: 3,
             snapshot_every: 5000,
-            snapshot_log_ratio: default_snapshot_log_ratio(),
+            snapshot_log_ratio: None,
             log_keep: 1000,
             snapshot_chunk_bytes: 1 << 20,
             snapshot_bytes_max: 1 << 30,
@@ -1181,7 +1175,7 @@ impl Config {
         if c.snapshot_every == 0 {
             return Err(bad("consensus.snapshot_every", "must be at least 1"));
         }
-        if !(0.0..=SNAPSHOT_LOG_RATIO_MAX).contains(&c.snapshot_log_ratio) {
+        if c.snapshot_log_ratio.is_some_and(|r| !(0.0..=SNAPSHOT_LOG_RATIO_MAX).contains(&r)) {
             return Err(bad(
                 "consensus.snapshot_log_ratio",
                 format!("must be 0 to {SNAPSHOT_LOG_RATIO_MAX}"),

@@ -80,8 +80,9 @@ pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
 pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
 pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
 pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
-/// A snapshot: its metadata and the state machine's pairs (JSON).
-pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Vec<u8>>;
+/// A snapshot: its metadata and the state machine's pairs (a view of this
+/// member's store, or data received from a leader: decision 035).
+pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, store::SnapshotData>;
 
 /// A copy of a group's current openraft metrics.
 pub fn metrics_of(raft: &Raft) -> openraft::RaftMetrics<TypeConfig> {
@@ -374,10 +375,7 @@ fn pre_vote_off() -> bool {
     }
 }
 
-/// `proportional`: this node decides when the group snapshots
-/// ([`keep_snapshots`]); otherwise openraft snapshots every
-/// `snapshot_every` entries.
-fn raft_config(cfg: &Config, name: &str, proportional: bool) -> anyhow::Result<openraft::Config> {
+fn raft_config(cfg: &Config, name: &str) -> anyhow::Result<openraft::Config> {
     let c = &cfg.consensus;
     // Every voter has the same timeouts: the preferred region gets the
     // leadership by an explicit transfer (`keep_preferred_leader`), not by
@@ -404,91 +402,15 @@ fn raft_config(cfg: &Config, name: &str, proportional: bool) -> anyhow::Result<o
         // (docs/decisions/020-store-identity-and-config-agreement.md).
         allow_log_reversion: Some(true),
         install_snapshot_timeout: 5000,
-        snapshot_policy: if proportional {
-            openraft::SnapshotPolicy::Never
-        } else {
-            openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_every)
-        },
+        // A snapshot copies nothing (decision 035): the log is purged
+        // behind one every `snapshot_every` entries.
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_every),
         max_in_snapshot_log_to_keep: c.log_keep,
         // A peer that cannot be reached is retried every 200 ms.
         backoff: "200ms 200ms 200ms".to_string(),
         ..Default::default()
     };
     Ok(rc.validate()?)
-}
-
-/// How often a group checks whether its next snapshot is due.
-const SNAPSHOT_CHECK: Duration = Duration::from_millis(200);
-/// A snapshot asked for and not seen built within this is asked for again.
-const SNAPSHOT_RETRY: Duration = Duration::from_secs(10);
-
-/// Whether a group should build a snapshot (decision 034): at least
-/// `every` entries applied since the last one, and the log since then,
-/// at `entry_bytes` per entry, at least `ratio` times the last snapshot's
-/// bytes. The amortized work of snapshots is then at most 1/`ratio` of the
-/// log bytes written, whatever the state's size, and the log holds at
-/// most about `ratio` snapshots' worth of bytes, or `every` entries. With
-/// no snapshot or no entry size known yet (a fresh process), or `ratio`
-/// 0, the entry count alone decides.
-pub(crate) fn snapshot_due(
-    entries_since: u64,
-    every: u64,
-    ratio: f64,
-    entry_bytes: Option<f64>,
-    snapshot_bytes: u64,
-) -> bool {
-    if entries_since < every {
-        return false;
-    }
-    match entry_bytes {
-        Some(per_entry) if ratio > 0.0 && snapshot_bytes > 0 => {
-            entries_since as f64 * per_entry >= ratio * snapshot_bytes as f64
-        }
-        _ => true,
-    }
-}
-
-/// Asks openraft for a snapshot of `group` whenever [`snapshot_due`]
-/// says so; ends when the group stops.
-async fn keep_snapshots(
-    raft: Raft,
-    group: String,
-    log: Arc<store::LogStats>,
-    sm: StateMachine,
-    every: u64,
-    ratio: f64,
-) {
-    let mut tick = tokio::time::interval(SNAPSHOT_CHECK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    // (snapshot index when asked, when): not asked again for the same
-    // snapshot until SNAPSHOT_RETRY passed (the build may have failed).
-    let mut asked: Option<(u64, Instant)> = None;
-    loop {
-        tick.tick().await;
-        let m = metrics_of(&raft);
-        if m.running_state.is_err() {
-            return;
-        }
-        let applied = m.last_applied.map_or(0, |l| l.index);
-        let snapshot = m.snapshot.map_or(0, |l| l.index);
-        if !snapshot_due(
-            applied.saturating_sub(snapshot),
-            every,
-            ratio,
-            log.average_entry_bytes(),
-            sm.snapshot_bytes(),
-        ) {
-            continue;
-        }
-        if asked.is_some_and(|(at, when)| at == snapshot && when.elapsed() < SNAPSHOT_RETRY) {
-            continue;
-        }
-        asked = Some((snapshot, Instant::now()));
-        if let Err(e) = raft.trigger().snapshot().await {
-            tracing::debug!(group = %group, error = %e, "snapshot trigger: the group stopped");
-            return;
-        }
-    }
 }
 
 /// How often a STRONG group's leader checks whether its preferred region's
@@ -600,6 +522,13 @@ impl Consensus {
         channels: crate::transport::Channels,
         store_created_empty: bool,
     ) -> anyhow::Result<Arc<Self>> {
+        if let Some(ratio) = cfg.consensus.snapshot_log_ratio {
+            tracing::warn!(
+                ratio,
+                "consensus.snapshot_log_ratio has no effect since snapshots copy nothing (decision 035); \
+                 a snapshot is taken every consensus.snapshot_every entries"
+            );
+        }
         let me = raft_id(&cfg.actor());
         let mut addrs = BTreeMap::new();
         for r in &cfg.regions {
@@ -640,12 +569,8 @@ impl Consensus {
                 continue;
             }
             let preferred = preferred_region.as_deref() == Some(cfg.region.as_str());
-            // The simulation's memory engine keeps openraft's own policy, so
-            // its seeded runs schedule no extra task.
-            let proportional = cfg.consensus.snapshot_log_ratio > 0.0 && engine.kind() != "memory";
-            let rc = Arc::new(raft_config(&cfg, &name, proportional)?);
+            let rc = Arc::new(raft_config(&cfg, &name)?);
             let log = LogStore::open(engine.clone(), &name).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-            let log_stats = log.stats();
             let sm = StateMachine::new(engine.clone(), &name, machine);
             let net = NetworkFactory {
                 peers: peers.clone(),
@@ -655,16 +580,6 @@ impl Consensus {
             };
             let bootstrap_wait = Duration::from_millis(rc.election_timeout_max * BOOTSTRAP_WAIT_TIMEOUTS);
             let raft = Raft::new(me, rc.clone(), net, log, sm.clone()).await?;
-            if proportional {
-                tokio::spawn(keep_snapshots(
-                    raft.clone(),
-                    name.clone(),
-                    log_stats,
-                    sm.clone(),
-                    cfg.consensus.snapshot_every,
-                    cfg.consensus.snapshot_log_ratio,
-                ));
-            }
             let initialized = raft.is_initialized().await?;
             let record =
                 store::read_fence(engine.as_ref(), &name).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
@@ -1018,30 +933,5 @@ impl Consensus {
         for g in self.groups.values() {
             let _ = g.raft.shutdown().await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_snapshot_is_due_by_entries_and_by_bytes_in_proportion_to_the_last() {
-        // Fewer entries than `every`: never.
-        assert!(!snapshot_due(4_999, 5_000, 1.0, Some(300.0), 1));
-        // Entries enough, and the log since (5,000 x 300 B = 1.5 MB) at
-        // least the last snapshot's bytes.
-        assert!(snapshot_due(5_000, 5_000, 1.0, Some(300.0), 1_500_000));
-        // A snapshot of 20 MB waits until the log holds as much.
-        assert!(!snapshot_due(5_000, 5_000, 1.0, Some(300.0), 20_000_000));
-        assert!(!snapshot_due(66_666, 5_000, 1.0, Some(300.0), 20_000_000));
-        assert!(snapshot_due(66_667, 5_000, 1.0, Some(300.0), 20_000_000));
-        // Twice the ratio, twice the log.
-        assert!(!snapshot_due(66_667, 5_000, 2.0, Some(300.0), 20_000_000));
-        assert!(snapshot_due(133_334, 5_000, 2.0, Some(300.0), 20_000_000));
-        // Ratio 0, no snapshot yet or no entry size yet: the count decides.
-        assert!(snapshot_due(5_000, 5_000, 0.0, Some(300.0), 20_000_000));
-        assert!(snapshot_due(5_000, 5_000, 1.0, Some(300.0), 0));
-        assert!(snapshot_due(5_000, 5_000, 1.0, None, 20_000_000));
     }
 }

@@ -273,7 +273,18 @@ impl Connection {
         snapshot: Snapshot,
         deadline: Duration,
     ) -> Result<SnapshotResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let data = snapshot.snapshot;
+        // A member's own snapshot is a view of its store, read and encoded
+        // here, off the state machine's worker (decision 035).
+        let encoded = if snapshot.snapshot.blocks() {
+            let data = snapshot.snapshot;
+            tokio::task::spawn_blocking(move || data.into_bytes()).await.map_err(|e| {
+                RPCError::Network(NetworkError::new(&TransportError(format!("snapshot encode: {e}"))))
+            })?
+        } else {
+            snapshot.snapshot.into_bytes()
+        };
+        let data = encoded
+            .map_err(|e| RPCError::Network(NetworkError::new(&TransportError(format!("snapshot: {e}")))))?;
         let total = data.len() as u64;
         let mut offset = 0u64;
         loop {
@@ -413,7 +424,7 @@ impl ReplyState {
 }
 
 impl RaftNetworkV2<TypeConfig> for Connection {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = super::store::SnapshotData;
 
     async fn append_entries(
         &mut self,

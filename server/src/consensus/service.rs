@@ -88,7 +88,10 @@ impl ConsensusService {
             return Ok(None);
         }
         let done = incoming.remove(group).expect("the entry was just updated");
-        Ok(Some((done.vote, super::Snapshot { meta: done.meta, snapshot: done.data })))
+        Ok(Some((
+            done.vote,
+            super::Snapshot { meta: done.meta, snapshot: super::store::SnapshotData::encoded(done.data) },
+        )))
     }
 
     /// A Raft message speaks for the member whose certificate sent it: the
@@ -292,7 +295,8 @@ impl pb::consensus_server::Consensus for ConsensusService {
                         higher,
                     )));
                 }
-                let snapshot = super::Snapshot { meta: r.meta, snapshot: r.data };
+                let snapshot =
+                    super::Snapshot { meta: r.meta, snapshot: super::store::SnapshotData::encoded(r.data) };
                 reply(
                     &raft
                         .install_full_snapshot(r.vote, snapshot)

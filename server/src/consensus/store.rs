@@ -5,7 +5,9 @@
 //! - `vote`, `committed`, `purged`: sealed JSON of the vote and log ids;
 //! - `fence`: the vote fence of a member whose store was made empty;
 //! - `sm/<key>`: the state machine's pairs; `applied`, `membership`;
-//! - `snapshot`: the last built snapshot (meta and data).
+//! - `snapshot`, `snapshot/<n>`: a snapshot stored by builds before
+//!   decision 035, dropped by the next build or install (a snapshot is now
+//!   the state machine itself, read from a point-in-time view).
 //!
 //! Log appends and votes are synced before openraft is told they are
 //! durable. An append is written at once (readable for replication) and
@@ -13,8 +15,11 @@
 //! order and covers every append waiting with one sync: the leader's own
 //! sync then runs while its entries are already on the way to followers. State-machine writes are not synced: after a crash the applied
 //! position read back may be older, and openraft re-applies the committed
-//! entries after it (the log is only purged behind a synced snapshot), so
-//! every apply must be deterministic, which [`Machine`] implementations are.
+//! entries after it, so every apply must be deterministic, which
+//! [`Machine`] implementations are. The log is only purged behind a
+//! snapshot's position by a synced write, after the applies up to it in
+//! the same write-ahead log, so what the purge removed is in the state
+//! machine on disk.
 
 //!
 //! # Stored formats
@@ -98,8 +103,6 @@ pub struct LogStore {
     last: Arc<Mutex<Option<LogId>>>,
     /// The newest entries, decoded, shared by every reader of the group.
     tail: Arc<Mutex<LogTail>>,
-    /// What this process appended, for the snapshot policy.
-    stats: Arc<LogStats>,
     /// Appends written but not yet synced, to the syncer thread (None for
     /// the memory engine, which has nothing to sync: appends complete
     /// inline, and the simulation keeps to its own threads).
@@ -118,31 +121,6 @@ fn run_log_syncer(engine: Arc<dyn Engine>, rx: std::sync::mpsc::Receiver<IOFlush
         for callback in waiting {
             callback.io_completed(result.clone().map_err(io::Error::other));
         }
-    }
-}
-
-/// Entries and encoded bytes this process appended to a group's log,
-/// whose ratio is the average entry size the snapshot policy uses
-/// (`consensus::snapshot_due`, decision 034).
-#[derive(Debug, Default)]
-pub struct LogStats {
-    entries: std::sync::atomic::AtomicU64,
-    bytes: std::sync::atomic::AtomicU64,
-}
-
-impl LogStats {
-    fn add(&self, entries: u64, bytes: u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.entries.fetch_add(entries, Relaxed);
-        self.bytes.fetch_add(bytes, Relaxed);
-    }
-
-    /// The average encoded size of an appended entry; None before the
-    /// first append.
-    pub fn average_entry_bytes(&self) -> Option<f64> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let entries = self.entries.load(Relaxed);
-        (entries > 0).then(|| self.bytes.load(Relaxed) as f64 / entries as f64)
     }
 }
 
@@ -239,11 +217,6 @@ impl LogTail {
 }
 
 impl LogStore {
-    /// What this store appended so far (shared with its clones).
-    pub fn stats(&self) -> Arc<LogStats> {
-        self.stats.clone()
-    }
-
     fn tail(&self) -> std::sync::MutexGuard<'_, LogTail> {
         self.tail.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -284,7 +257,6 @@ impl LogStore {
             group: group.to_string(),
             last: Arc::new(Mutex::new(last)),
             tail: Default::default(),
-            stats: Default::default(),
             syncer,
         })
     }
@@ -452,7 +424,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if let Some((entry, _)) = written.last() {
             *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(entry.log_id);
         }
-        self.stats.add(written.len() as u64, written.iter().map(|(_, n)| *n as u64).sum());
         self.tail().extend(written);
         let unsent = match &self.syncer {
             Some(tx) => tx.send(callback).err().map(|std::sync::mpsc::SendError(c)| c),
@@ -557,10 +528,6 @@ pub trait Machine: Send + Sync + 'static {
 /// JSON object `{"pairs": [[key, value], ...]}` of older builds.
 const SNAPSHOT_MAGIC: &[u8; 4] = b"GKS1";
 
-/// A stored snapshot's data is kept in pieces of at most this many bytes
-/// (`g/<group>/snapshot/<n>`), never as one value.
-const SNAPSHOT_PIECE_BYTES: usize = 1 << 20;
-
 /// Encodes the state machine's pairs as snapshot data.
 pub fn encode_snapshot(pairs: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<u8>, io::Error> {
     let len = pairs.iter().map(|(k, v)| 8 + k.len() + v.len()).sum::<usize>() + SNAPSHOT_MAGIC.len();
@@ -615,86 +582,112 @@ fn take_framed(rest: &mut &[u8], what: &str) -> Result<Vec<u8>, String> {
     Ok(part.to_vec())
 }
 
-/// The last built or installed snapshot. `meta` keeps openraft's layout
-/// (0.9's `snapshot_id` slot included), so both versions read it. The data
-/// is in `pieces` values of at most [`SNAPSHOT_PIECE_BYTES`]; a record of
-/// an older build holds it in `data`.
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    data: Vec<u8>,
-    #[serde(default)]
-    len: u64,
-    #[serde(default)]
-    pieces: u64,
+/// A snapshot's data (decision 035). A member's own snapshot is a
+/// point-in-time view of its store: the state machine kept on disk by
+/// every apply is the snapshot, so building one copies nothing, and the
+/// pairs are read and encoded only when the snapshot is sent to a member
+/// that is behind the log. A snapshot received from a leader is its
+/// encoded bytes.
+pub struct SnapshotData(Data);
+
+enum Data {
+    Encoded(Vec<u8>),
+    View {
+        group: String,
+        view: Box<dyn StoreView + Send + Sync>,
+        /// Reading the view blocks on the disk (RocksDB), so it is read off
+        /// the runtime's workers; the simulation's memory engine is read
+        /// inline.
+        blocks: bool,
+    },
 }
 
-fn snapshot_piece_key(group: &str, n: u64) -> Vec<u8> {
-    let mut k = group_key(group, b"snapshot/");
-    k.extend_from_slice(&n.to_be_bytes());
-    k
+impl SnapshotData {
+    /// Encoded snapshot data (framed, or the JSON of older builds).
+    pub fn encoded(bytes: Vec<u8>) -> Self {
+        Self(Data::Encoded(bytes))
+    }
+
+    /// Whether [`Self::into_bytes`] reads a store (and should run on a
+    /// blocking thread).
+    pub fn blocks(&self) -> bool {
+        matches!(self.0, Data::View { blocks: true, .. })
+    }
+
+    /// The encoded data: a view is read pair by pair and framed here.
+    pub fn into_bytes(self) -> Result<Vec<u8>, io::Error> {
+        match self.0 {
+            Data::Encoded(bytes) => Ok(bytes),
+            Data::View { group, view, .. } => {
+                let started = std::time::Instant::now();
+                let bytes = encode_view(&group, view.as_ref())?;
+                metrics::gauge!("geokv_raft_snapshot_bytes", "group" => group.clone())
+                    .set(bytes.len() as f64);
+                metrics::histogram!("geokv_raft_snapshot_encode_seconds", "group" => group.clone())
+                    .record(started.elapsed().as_secs_f64());
+                tracing::info!(
+                    group = %group,
+                    bytes = bytes.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "snapshot encoded to send"
+                );
+                Ok(bytes)
+            }
+        }
+    }
 }
 
-/// Adds to `batch` the writes that store `data` as the group's snapshot,
-/// replacing the pieces of the one before.
-fn store_snapshot(
-    engine: &dyn Engine,
-    group: &str,
-    meta: &SnapshotMeta,
-    data: &[u8],
-    batch: &mut WriteBatch,
-) -> Result<(), io::Error> {
+impl Debug for SnapshotData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Data::Encoded(bytes) => write!(f, "SnapshotData({} bytes)", bytes.len()),
+            Data::View { group, .. } => write!(f, "SnapshotData(view of {group})"),
+        }
+    }
+}
+
+/// The snapshot data of `group`'s state machine as `view` holds it,
+/// encoded pair by pair as the view is read (one copy in memory).
+fn encode_view(group: &str, view: &dyn StoreView) -> Result<Vec<u8>, io::Error> {
+    let prefix = group_key(group, b"sm/");
+    let end = prefix_end(&prefix);
+    let mut out = SNAPSHOT_MAGIC.to_vec();
+    let mut framed: Result<(), io::Error> = Ok(());
+    view.for_each(Cf::Raft, &prefix, end.as_deref(), &mut |k, v| {
+        // Every visited key starts with the prefix; one that did not
+        // would be skipped, never sliced past its end.
+        if let Some(k) = k.strip_prefix(prefix.as_slice()) {
+            framed = push_framed_pair(&mut out, k, v);
+        }
+        Ok(framed.is_ok())
+    })
+    .map_err(io_read)?;
+    framed?;
+    Ok(out)
+}
+
+/// Adds to `batch` the deletes of a snapshot stored by builds before
+/// decision 035 (a record `snapshot` and its pieces `snapshot/<n>`), if
+/// the store holds one: its data is a copy of an older state of the pairs
+/// the store keeps anyway.
+fn drop_stored_snapshot(engine: &dyn Engine, group: &str, batch: &mut WriteBatch) -> Result<bool, io::Error> {
+    let record = group_key(group, b"snapshot");
+    if engine.get(Cf::Raft, &record).map_err(io_read)?.is_none() {
+        return Ok(false);
+    }
+    batch.delete(Cf::Raft, record);
     let start = group_key(group, b"snapshot/");
     let end = prefix_end(&start);
-    let old = engine.scan(Cf::Raft, &start, end.as_deref(), usize::MAX).map_err(io_read)?;
-    for (k, _) in old {
+    for (k, _) in engine.scan(Cf::Raft, &start, end.as_deref(), usize::MAX).map_err(io_read)? {
         batch.delete(Cf::Raft, k);
     }
-    let mut pieces = 0;
-    for piece in data.chunks(SNAPSHOT_PIECE_BYTES) {
-        batch.put(Cf::Raft, snapshot_piece_key(group, pieces), piece.to_vec());
-        pieces += 1;
-    }
-    let record = StoredSnapshot { meta: meta.clone(), data: Vec::new(), len: data.len() as u64, pieces };
-    batch.put(Cf::Raft, group_key(group, b"snapshot"), encode(&record)?);
-    Ok(())
+    Ok(true)
 }
 
-/// The group's stored snapshot, if any.
-fn load_snapshot(engine: &dyn Engine, group: &str) -> Result<Option<Snapshot>, io::Error> {
-    let Some(stored) = read_json::<StoredSnapshot>(engine, &group_key(group, b"snapshot"))? else {
-        return Ok(None);
-    };
-    if stored.pieces == 0 && stored.len == 0 {
-        return Ok(Some(Snapshot { meta: stored.meta, snapshot: stored.data }));
-    }
-    let mut data = Vec::with_capacity(stored.len as usize);
-    for n in 0..stored.pieces {
-        let piece =
-            engine.get(Cf::Raft, &snapshot_piece_key(group, n)).map_err(io_read)?.ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("snapshot piece {n} of {} is missing", stored.pieces),
-                )
-            })?;
-        data.extend_from_slice(&piece);
-    }
-    if data.len() as u64 != stored.len {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("snapshot pieces hold {} bytes, not {}", data.len(), stored.len),
-        ));
-    }
-    Ok(Some(Snapshot { meta: stored.meta, snapshot: data }))
-}
-
-/// A snapshot being built: the state machine as it stood when the builder
-/// was made. openraft builds snapshots on a task of their own while the
-/// state machine goes on applying, so the builder takes a point-in-time
-/// view of the store at once (on the state machine's worker, between
-/// applies; taking it costs no copy), and the position and pairs are read
-/// from that view on a blocking thread while applies go on.
+/// A snapshot being built: the state machine as it stood between two
+/// applies, when the builder was made (on the state machine's worker).
+/// Building it reads the applied position and membership from that view;
+/// the view itself is the data (decision 035).
 pub struct SnapshotBuilder {
     sm: StateMachine,
     /// Taken by the first build.
@@ -707,10 +700,9 @@ enum SnapshotSource {
     /// membership and the pairs all come from it.
     View(Box<dyn StoreView + Send + Sync>),
     /// Only with the put-back bug `snapshot-late-copy`: the position read
-    /// when the builder was made, the pairs read from the live store when
-    /// the snapshot is built (builds before the point-in-time copy read
-    /// them at two moments, and an apply between them made the two
-    /// disagree).
+    /// when the builder was made, the pairs from a view of the store taken
+    /// when the snapshot is built (builds that read the two at different
+    /// moments gave data newer than the position it claimed).
     Late(Result<SnapshotMeta, io::Error>),
 }
 
@@ -735,21 +727,13 @@ pub struct StateMachine {
     engine: Arc<dyn Engine>,
     group: String,
     machine: Arc<dyn Machine>,
-    /// Bytes of the last snapshot built or installed here (0: none yet
-    /// in this process), for the snapshot policy.
-    snapshot_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StateMachine {
     pub fn new(engine: Arc<dyn Engine>, group: &str, machine: Arc<dyn Machine>) -> Self {
-        let me = Self { engine, group: group.to_string(), machine, snapshot_bytes: Default::default() };
+        let me = Self { engine, group: group.to_string(), machine };
         me.publish();
         me
-    }
-
-    /// Bytes of the last snapshot this process built or installed (0: none).
-    pub fn snapshot_bytes(&self) -> u64 {
-        self.snapshot_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A pair of the state machine as last applied on this node.
@@ -763,26 +747,6 @@ impl StateMachine {
         self.machine.applied(&move |k| engine.get(Cf::Raft, &sm_key(&group, k)).ok().flatten());
     }
 
-    /// The snapshot data of the state machine as `view` holds it, encoded
-    /// pair by pair as the view is read (one copy of the data in memory).
-    fn encode_view(&self, view: &dyn StoreView) -> Result<Vec<u8>, io::Error> {
-        let prefix = group_key(&self.group, b"sm/");
-        let end = prefix_end(&prefix);
-        let mut out = SNAPSHOT_MAGIC.to_vec();
-        let mut framed: Result<(), io::Error> = Ok(());
-        view.for_each(Cf::Raft, &prefix, end.as_deref(), &mut |k, v| {
-            // Every visited key starts with the prefix; one that did not
-            // would be skipped, never sliced past its end.
-            if let Some(k) = k.strip_prefix(prefix.as_slice()) {
-                framed = push_framed_pair(&mut out, k, v);
-            }
-            Ok(framed.is_ok())
-        })
-        .map_err(io_read)?;
-        framed?;
-        Ok(out)
-    }
-
     fn all_pairs(&self) -> Result<KvPairs, io::Error> {
         let prefix = group_key(&self.group, b"sm/");
         let end = prefix_end(&prefix);
@@ -794,27 +758,11 @@ impl StateMachine {
             .filter_map(|(k, v)| Some((k.strip_prefix(prefix.as_slice())?.to_vec(), v)))
             .collect())
     }
-}
 
-impl StateMachine {
-    /// Adds the snapshot (its pieces and its record) to `batch`, writes the
-    /// batch atomically, makes it durable before returning, and remembers
-    /// the snapshot's size for the snapshot policy. The batch is written
-    /// unsynced and the write-ahead log synced afterwards: a synced write
-    /// of megabytes would hold every write queued behind it (the group's
-    /// log appends and applies share the log) for its whole sync (decision
-    /// 034); the sync after it holds no writer.
-    fn keep_snapshot(
-        &self,
-        meta: &SnapshotMeta,
-        data: &[u8],
-        mut batch: WriteBatch,
-    ) -> Result<(), io::Error> {
-        store_snapshot(self.engine.as_ref(), &self.group, meta, data, &mut batch)?;
-        self.engine.write(batch, false).map_err(io_write)?;
-        self.engine.sync().map_err(io_write)?;
-        self.snapshot_bytes.store(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+    /// The state machine as `view` holds it, as snapshot data.
+    fn data_of(&self, view: Box<dyn StoreView + Send + Sync>) -> SnapshotData {
+        let blocks = self.engine.kind() != "memory";
+        SnapshotData(Data::View { group: self.group.clone(), view, blocks })
     }
 
     /// The last applied log id and membership, as stored.
@@ -837,54 +785,44 @@ impl StateMachine {
         Ok(SnapshotMeta { last_log_id: last_applied, last_membership: membership })
     }
 
-    /// Builds, stores (synced) and returns the snapshot `source` describes.
+    /// The snapshot `source` describes. Nothing is copied or written: the
+    /// pairs up to its position are in the store, durable no later than
+    /// the log is purged behind them (the purge is a synced write to the
+    /// same write-ahead log, after the applies), and are read from the
+    /// view only if the snapshot is sent. A snapshot stored by an older
+    /// build is dropped here.
     fn build_snapshot_from(&self, source: SnapshotSource) -> Result<Snapshot, io::Error> {
         let started = std::time::Instant::now();
-        let (meta, data) = match source {
-            SnapshotSource::View(view) => {
-                let meta = self.snapshot_meta(&|key: &[u8]| view.get(Cf::Raft, key))?;
-                let data = self.encode_view(view.as_ref())?;
-                (meta, data)
-            }
-            SnapshotSource::Late(meta) => (meta?, encode_snapshot(&self.all_pairs()?)?),
+        let (meta, view) = match source {
+            SnapshotSource::View(view) => (self.snapshot_meta(&|key: &[u8]| view.get(Cf::Raft, key))?, view),
+            SnapshotSource::Late(meta) => (meta?, self.engine.clone().snapshot_owned()),
         };
-        self.keep_snapshot(&meta, &data, WriteBatch::new())?;
-        let group = self.group.clone();
-        metrics::gauge!("geokv_raft_snapshot_bytes", "group" => group.clone()).set(data.len() as f64);
-        metrics::histogram!("geokv_raft_snapshot_build_seconds", "group" => group)
+        let mut batch = WriteBatch::new();
+        if drop_stored_snapshot(self.engine.as_ref(), &self.group, &mut batch)? {
+            self.engine.write(batch, false).map_err(io_write)?;
+        }
+        metrics::histogram!("geokv_raft_snapshot_build_seconds", "group" => self.group.clone())
             .record(started.elapsed().as_secs_f64());
         tracing::info!(
             group = %self.group,
             index = meta.last_log_id.map_or(0, |l| l.index),
-            bytes = data.len(),
-            ms = started.elapsed().as_millis() as u64,
             "snapshot built"
         );
-        Ok(Snapshot { meta, snapshot: data })
+        Ok(Snapshot { meta, snapshot: self.data_of(view) })
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let source = self.source.take().ok_or_else(|| io::Error::other("the snapshot was built already"))?;
-        let sm = self.sm.clone();
-        if sm.engine.kind() == "memory" {
-            // The simulation's engine: nothing blocks, and the simulation
-            // keeps to its own threads.
-            return sm.build_snapshot_from(source);
-        }
-        // Reading, encoding and the synced write block: off the runtime's
-        // workers, so client requests and applies go on meanwhile.
-        tokio::task::spawn_blocking(move || sm.build_snapshot_from(source))
-            .await
-            .map_err(|e| io::Error::other(format!("the snapshot build stopped: {e}")))?
+        self.sm.build_snapshot_from(source)
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
@@ -945,7 +883,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder { sm: self.clone(), source: Some(source) }
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: Vec<u8>) -> Result<(), io::Error> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: SnapshotData) -> Result<(), io::Error> {
+        let data = data.into_bytes()?;
         let pairs = decode_snapshot(&data)?;
         let mut batch = WriteBatch::new();
         for (k, _) in self.all_pairs()? {
@@ -956,7 +895,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         batch.put(Cf::Raft, group_key(&self.group, b"applied"), encode(&meta.last_log_id)?);
         batch.put(Cf::Raft, group_key(&self.group, b"membership"), encode(&meta.last_membership)?);
-        self.keep_snapshot(meta, &data, batch)?;
+        drop_stored_snapshot(self.engine.as_ref(), &self.group, &mut batch)?;
+        // Durable before the leader hears of it: it then counts this
+        // member as holding the log up to the snapshot. The batch is
+        // written unsynced and the write-ahead log synced after it, so a
+        // write of megabytes does not hold the writes queued behind it for
+        // its whole sync (decision 034).
+        self.engine.write(batch, false).map_err(io_write)?;
+        self.engine.sync().map_err(io_write)?;
         metrics::counter!("geokv_raft_snapshots_installed_total", "group" => self.group.clone()).increment(1);
         tracing::info!(
             group = %self.group,
@@ -968,8 +914,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
+    /// The state machine as it stands now, between two applies: its own
+    /// snapshot, at the applied position (decision 035). openraft asks for
+    /// it to send to a member behind the log, and once at startup for its
+    /// position; taking the view copies nothing.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        load_snapshot(self.engine.as_ref(), &self.group)
+        let view = self.engine.clone().snapshot_owned();
+        let meta = self.snapshot_meta(&|key: &[u8]| view.get(Cf::Raft, key))?;
+        if meta.last_log_id.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Snapshot { meta, snapshot: self.data_of(view) }))
     }
 }
 
@@ -1115,16 +1070,26 @@ mod tests {
             apply_range(&mut sm, 1..=3).await;
             let mut builder = sm.get_snapshot_builder().await;
             apply_range(&mut sm, 4..=6).await;
-            let snapshot = builder.build_snapshot().await.expect("build");
-            // Stored in pieces, and read back whole.
-            let stored = sm.get_current_snapshot().await.expect("read").expect("stored");
-            assert_eq!((&stored.meta, &stored.snapshot), (&snapshot.meta, &snapshot.snapshot));
-            let pairs = decode_snapshot(&snapshot.snapshot).expect("decodes");
-            let [(k, v)] = pairs.as_slice() else { panic!("one pair expected: {pairs:?}") };
-            assert_eq!(k, b"n");
-            let held = u64::from_be_bytes(v.as_slice().try_into().expect("8 bytes"));
-            (snapshot.meta.last_log_id.map(|l| l.index), held)
+            let built = builder.build_snapshot().await.expect("build");
+            // The current snapshot is the state machine as it stands.
+            let current = sm.get_current_snapshot().await.expect("read").expect("a snapshot");
+            assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(6));
+            assert_eq!(held_index(current.snapshot), 6);
+            (built.meta.last_log_id.map(|l| l.index), held_index(built.snapshot))
         })
+    }
+
+    /// The applied index snapshot data of [`LastIndex`] holds.
+    fn held_index(data: SnapshotData) -> u64 {
+        let bytes = if data.blocks() {
+            std::thread::spawn(move || data.into_bytes()).join().expect("encode thread")
+        } else {
+            data.into_bytes()
+        };
+        let pairs = decode_snapshot(&bytes.expect("encodes")).expect("decodes");
+        let [(k, v)] = pairs.as_slice() else { panic!("one pair expected: {pairs:?}") };
+        assert_eq!(k, b"n");
+        u64::from_be_bytes(v.as_slice().try_into().expect("8 bytes"))
     }
 
     /// openraft builds a snapshot on a task of its own while the state
@@ -1272,26 +1237,45 @@ mod tests {
             .map(|i| (format!("k{i:05}").into_bytes(), vec![i as u8; (i % 700) as usize]))
             .collect();
         let data = encode_snapshot(&pairs).expect("encodes");
-        assert!(data.len() > SNAPSHOT_PIECE_BYTES, "the test spans several stored pieces");
         assert_eq!(decode_snapshot(&data).expect("decodes"), pairs);
         let cut = decode_snapshot(&data[..data.len() - 1]).expect_err("cut data is refused");
         assert_eq!(cut.kind(), io::ErrorKind::InvalidData);
         // The JSON of older builds still installs.
         let legacy = br#"{"pairs":[[[107],[118]]]}"#;
         assert_eq!(decode_snapshot(legacy).expect("legacy"), vec![(b"k".to_vec(), b"v".to_vec())]);
+    }
 
-        let engine = MemoryEngine::new();
-        let meta = SnapshotMeta::default();
-        for data in [data.clone(), data[..10].to_vec()] {
-            let mut batch = WriteBatch::new();
-            store_snapshot(&engine, GROUP, &meta, &data, &mut batch).expect("store");
-            engine.write(batch, true).expect("write");
-            assert_eq!(load_snapshot(&engine, GROUP).expect("load").expect("stored").snapshot, data);
-        }
-        // The smaller snapshot left no piece of the larger one behind.
-        let start = group_key(GROUP, b"snapshot/");
-        let pieces = engine.scan(Cf::Raft, &start, prefix_end(&start).as_deref(), usize::MAX).expect("scan");
-        assert_eq!(pieces.len(), 1);
+    /// A member's snapshot, encoded as it is sent and installed on a
+    /// member with other state, leaves that member with the same pairs,
+    /// position and membership; a snapshot stored by an older build there
+    /// is dropped.
+    #[tokio::test]
+    async fn a_sent_snapshot_installs_the_same_state() {
+        let leader_engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
+        let mut leader = StateMachine::new(leader_engine, GROUP, Arc::new(LastIndex));
+        apply_range(&mut leader, 1..=9).await;
+        let sent = leader.get_current_snapshot().await.expect("read").expect("a snapshot");
+        let meta = sent.meta.clone();
+        let bytes = sent.snapshot.into_bytes().expect("encodes");
+
+        let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
+        let mut member = StateMachine::new(engine.clone(), GROUP, Arc::new(LastIndex));
+        apply_range(&mut member, 1..=2).await;
+        let mut batch = WriteBatch::new();
+        batch.put(Cf::Raft, sm_key(GROUP, b"gone"), b"x".to_vec());
+        batch.put(Cf::Raft, group_key(GROUP, b"snapshot"), b"{}".to_vec());
+        batch.put(Cf::Raft, [group_key(GROUP, b"snapshot/"), 0u64.to_be_bytes().to_vec()].concat(), vec![1]);
+        engine.write(batch, true).expect("write");
+        member.install_snapshot(&meta, SnapshotData::encoded(bytes)).await.expect("install");
+
+        assert_eq!(member.all_pairs().expect("pairs"), leader.all_pairs().expect("pairs"));
+        assert_eq!(
+            member.applied_state().await.expect("applied"),
+            leader.applied_state().await.expect("applied")
+        );
+        let start = group_key(GROUP, b"snapshot");
+        let left = engine.scan(Cf::Raft, &start, prefix_end(&start).as_deref(), usize::MAX).expect("scan");
+        assert!(left.is_empty(), "the stored snapshot of an older build is left: {left:?}");
     }
 
     #[tokio::test]
@@ -1330,10 +1314,17 @@ mod tests {
         assert_eq!(applied, Some(log_id(3, 7, 3)));
         assert_eq!(membership.log_id(), &Some(log_id(2, 5, 2)));
         assert_eq!(membership.membership().voter_ids().collect::<BTreeSet<_>>(), BTreeSet::from([5, 7]));
-        let snapshot = sm.get_current_snapshot().await.expect("snapshot").expect("a snapshot is stored");
+        // The snapshot is the state machine at its applied position; the
+        // copy the 0.9 build stored is dropped by the first build.
+        let snapshot = sm.get_current_snapshot().await.expect("snapshot").expect("a snapshot");
         assert_eq!(snapshot.meta.last_log_id, Some(log_id(3, 7, 3)));
         assert_eq!(snapshot.meta.last_membership, membership);
-        assert_eq!(snapshot.snapshot, br#"{"pairs":[]}"#.to_vec());
+        let data = snapshot.snapshot.into_bytes().expect("encodes");
+        assert_eq!(decode_snapshot(&data).expect("decodes"), KvPairs::new());
+        assert!(engine.get(Cf::Raft, &group_key(GROUP, b"snapshot")).expect("read").is_some());
+        let built = sm.get_snapshot_builder().await.build_snapshot().await.expect("build");
+        assert_eq!(built.meta, snapshot.meta);
+        assert_eq!(engine.get(Cf::Raft, &group_key(GROUP, b"snapshot")).expect("read"), None);
 
         // The store is stamped with the current format at its first open.
         let format: Option<u32> = read_json(engine.as_ref(), &group_key(GROUP, b"format")).expect("format");
