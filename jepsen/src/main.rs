@@ -37,7 +37,7 @@ struct Common {
     no_sync: bool,
     /// Switch on a put-back bug in the nodes (a `geokv` built with the
     /// `geokv-server/bugs` feature): residency-filter-off, missing-sync, fencing-off, merge-off,
-    /// proposer-clock-leases, idempotency-local, identity-off, pre-vote-off.
+    /// proposer-clock-leases, idempotency-local, identity-off, pre-vote-off, leader-restore.
     #[arg(long)]
     bug: Option<String>,
 }

@@ -88,6 +88,9 @@ pub const FULL: &[Scenario] = &[
     s(WorkloadKind::Register, NemesisKind::LoseUnsynced),
     s(WorkloadKind::Counter, NemesisKind::LoseUnsynced),
     s(WorkloadKind::Set, NemesisKind::LoseUnsynced),
+    // A STRONG group's leader power-cut loses the log tail it sent before
+    // its own sync; it must not lead again in the same term (decision 036).
+    strong(NemesisKind::LoseUnsynced),
     // A node's store wiped and restarted empty (docs/architecture.md
     // section 16): its new writes reach every region, it is re-seeded, and
     // no Raft member votes twice in a term. Not the LOCAL register: its

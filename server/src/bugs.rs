@@ -41,6 +41,13 @@
 //!   a voter cut off from its group raises its term at each election
 //!   timeout, and when the cut heals that term unseats the leader, so the
 //!   group stalls for an election (`consensus::raft_config`).
+//! - `leader-restore`: a Raft member that led its group before a restart
+//!   takes the leadership back at startup in the same term, without an
+//!   election (openraft's default). After a power cut it may have lost the
+//!   tail of its log that followers committed (the leader sends entries
+//!   before its own sync), so it serves reads from a stale state machine
+//!   and proposes new entries under log ids the followers already hold
+//!   (`consensus::raft_config`).
 //! - `snapshot-late-copy`: a Raft snapshot reads the state machine when
 //!   it is built, on its own task, instead of copying it between applies,
 //!   so it can hold a later state than the position it records
@@ -80,6 +87,7 @@ pub enum Bug {
     IdentityOff,
     StalenessHomeOnly,
     PreVoteOff,
+    LeaderRestore,
     SnapshotLateCopy,
     LogTailStale,
     TtlIgnored,
@@ -102,6 +110,7 @@ impl Bug {
             Bug::IdentityOff => "identity-off",
             Bug::StalenessHomeOnly => "staleness-home-only",
             Bug::PreVoteOff => "pre-vote-off",
+            Bug::LeaderRestore => "leader-restore",
             Bug::SnapshotLateCopy => "snapshot-late-copy",
             Bug::LogTailStale => "log-tail-stale",
             Bug::TtlIgnored => "ttl-ignored",
@@ -124,6 +133,7 @@ impl Bug {
             Bug::IdentityOff,
             Bug::StalenessHomeOnly,
             Bug::PreVoteOff,
+            Bug::LeaderRestore,
             Bug::SnapshotLateCopy,
             Bug::LogTailStale,
             Bug::TtlIgnored,

@@ -358,6 +358,20 @@ async fn bootstrap(
     }
 }
 
+/// Whether the test-only `leader-restore` bug is switched on: a member
+/// that led before a restart leads again at once, in the same term (see
+/// `crate::bugs`).
+fn leader_restore() -> bool {
+    #[cfg(feature = "bugs")]
+    {
+        crate::bugs::active(crate::bugs::Bug::LeaderRestore)
+    }
+    #[cfg(not(feature = "bugs"))]
+    {
+        false
+    }
+}
+
 /// Election timeouts a non-preferred voter of a new group waits for the
 /// preferred one to bootstrap it before bootstrapping it itself.
 const BOOTSTRAP_WAIT_TIMEOUTS: u64 = 4;
@@ -397,6 +411,16 @@ fn raft_config(cfg: &Config, name: &str) -> anyhow::Result<openraft::Config> {
         // The leader lease (a member that heard from a leader within the
         // election timeout refuses to vote) stays on: openraft always has it.
         enable_pre_vote: Some(!pre_vote_off()),
+        // A member that led before it restarted does not lead again in the
+        // same term: the leader sends entries before its own sync (counting
+        // itself once flushed), so a power cut can take from it the tail of
+        // its log that the followers hold and committed, and its state
+        // machine is not synced either. Restored as leader, it would answer
+        // reads from that stale state and propose new entries under log ids
+        // the followers already hold with other commands. It waits for an
+        // election instead, which a member missing committed entries cannot
+        // win (decision 036; openraft's default restores it).
+        enable_leader_restore: Some(leader_restore()),
         // A member whose store was wiped comes back with an empty log; the
         // leader then replicates it from the start instead of panicking
         // (docs/decisions/020-store-identity-and-config-agreement.md).

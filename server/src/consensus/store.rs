@@ -1377,6 +1377,58 @@ mod tests {
         raft.shutdown().await.expect("shutdown");
     }
 
+    /// Starts member 7 on the 0.9 records, whose stored vote is 7's own
+    /// (term 3, committed): whether it leads within 500 ms. Member 5 cannot
+    /// be reached, so only a restored leadership makes it leader.
+    fn leads_after_restart() -> bool {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
+            write_0_9_group(engine.as_ref());
+            let log = LogStore::open(engine.clone(), GROUP).expect("the log opens");
+            let sm = StateMachine::new(engine.clone(), GROUP, Arc::new(Nothing));
+            let net = NetworkFactory {
+                peers: Arc::new(Peers::new(BTreeMap::new())),
+                group: GROUP.into(),
+                me: 7,
+                chunk_bytes: 1 << 20,
+            };
+            let config =
+                crate::consensus::raft_config(&crate::config::Config::default(), GROUP).expect("config");
+            let raft =
+                crate::consensus::Raft::new(7, Arc::new(config), net, log, sm).await.expect("raft starts");
+            let mut led = false;
+            for _ in 0..25 {
+                if raft.metrics().borrow_watched().state == openraft::ServerState::Leader {
+                    led = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            raft.shutdown().await.expect("shutdown");
+            led
+        })
+    }
+
+    /// A member that led before it restarted does not lead again without
+    /// an election (decision 036): its committed position and state
+    /// machine are not synced, and a power cut may have taken the tail of
+    /// its log that the followers committed, so a restored leader would
+    /// answer reads from an older state and reuse log ids.
+    #[test]
+    fn a_restarted_leader_waits_for_an_election() {
+        assert!(!leads_after_restart(), "the restarted member took the leadership back without an election");
+    }
+
+    /// The put-back bug `leader-restore` (openraft's default) is caught by
+    /// the test above.
+    #[cfg(feature = "bugs")]
+    #[test]
+    fn leader_restore_is_caught() {
+        use crate::bugs::{with_bug, Bug};
+        assert!(with_bug(Bug::LeaderRestore, leads_after_restart), "the bug did not restore the leadership");
+    }
+
     #[test]
     fn a_store_in_a_newer_format_is_refused() {
         let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
