@@ -48,6 +48,10 @@ pub const DEV_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause between polls of a process or a port.
 const POLL_INTERVAL: Duration = Duration::from_millis(25);
+/// Starts of a restarted node whose ports its killed predecessor still
+/// held, and the pause between them.
+const REBIND_ATTEMPTS: u32 = 10;
+const REBIND_PAUSE: Duration = Duration::from_millis(200);
 /// Start attempts on fresh port blocks, when another process took a port of
 /// the block between the probe and the bind.
 const START_ATTEMPTS_MAX: u32 = 3;
@@ -685,39 +689,57 @@ impl DevCluster {
 
     /// Starts `region`'s node again from its `node.toml` (same store, ports
     /// and peers) and waits until it answers `/health`.
+    ///
+    /// A killed node's threads can still hold its ports for a moment after
+    /// its main thread shows as dead (a multi-threaded process releases its
+    /// files when its last thread exits), so a start that fails to bind a
+    /// port is tried again, at most `REBIND_ATTEMPTS` times.
     pub async fn restart(&mut self, region: &str) {
         assert!(self.node_pid(region).is_none(), "restart of {region}, whose node still runs");
-        self.restarts += 1;
-        let log_path = self.dir.path().join(format!("restart-{}-{region}.log", self.restarts));
-        let log = File::create(&log_path).expect("create a restart log");
-        let child = Command::new(&self.bin)
-            .env("GEOKV_BUG", self.bug.unwrap_or(""))
-            .arg("node")
-            .arg("--config")
-            .arg(self.node_config(region))
-            .env("RUST_LOG", "info")
-            .env_remove("GEOKV_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn `geokv node`");
-        self.restarted.insert(region.to_string(), child);
         let admin = self.admin_addr(region);
         let deadline = Deadline::after(NODE_READY_TIMEOUT);
-        loop {
-            let child = self.restarted.get_mut(region).expect("restarted node");
-            if let Some(status) = child.try_wait().expect("poll the restarted node") {
-                self.restarted.remove(region);
-                panic!("restarted node of {region} exited with {status}:\n{}", tail(&log_path, 40));
+        let mut attempt = 0;
+        'start: loop {
+            attempt += 1;
+            self.restarts += 1;
+            let log_path = self.dir.path().join(format!("restart-{}-{region}.log", self.restarts));
+            let log = File::create(&log_path).expect("create a restart log");
+            let child = Command::new(&self.bin)
+                .env("GEOKV_BUG", self.bug.unwrap_or(""))
+                .arg("node")
+                .arg("--config")
+                .arg(self.node_config(region))
+                .env("RUST_LOG", "info")
+                .env_remove("GEOKV_CONFIG")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("spawn `geokv node`");
+            self.restarted.insert(region.to_string(), child);
+            loop {
+                let child = self.restarted.get_mut(region).expect("restarted node");
+                if let Some(status) = child.try_wait().expect("poll the restarted node") {
+                    self.restarted.remove(region);
+                    let log = tail(&log_path, 40);
+                    if log.contains("Address already in use")
+                        && attempt < REBIND_ATTEMPTS
+                        && !deadline.passed()
+                    {
+                        tokio::time::sleep(REBIND_PAUSE).await;
+                        continue 'start;
+                    }
+                    panic!("restarted node of {region} exited with {status} (start {attempt}):\n{log}");
+                }
+                let health = tokio::task::spawn_blocking(move || http_get(admin, "/health"))
+                    .await
+                    .expect("health probe");
+                if health.is_ok_and(|body| body.contains("\"serving\"")) {
+                    return;
+                }
+                assert!(!deadline.passed(), "restarted node of {region} not ready in {NODE_READY_TIMEOUT:?}");
+                tokio::time::sleep(POLL_INTERVAL).await;
             }
-            let health =
-                tokio::task::spawn_blocking(move || http_get(admin, "/health")).await.expect("health probe");
-            if health.is_ok_and(|body| body.contains("\"serving\"")) {
-                return;
-            }
-            assert!(!deadline.passed(), "restarted node of {region} not ready in {NODE_READY_TIMEOUT:?}");
-            tokio::time::sleep(POLL_INTERVAL).await;
         }
     }
 
