@@ -275,16 +275,9 @@ impl Connection {
     ) -> Result<SnapshotResponse<TypeConfig>, RPCError<TypeConfig>> {
         // A member's own snapshot is a view of its store, read and encoded
         // here, off the state machine's worker (decision 035).
-        let encoded = if snapshot.snapshot.blocks() {
-            let data = snapshot.snapshot;
-            tokio::task::spawn_blocking(move || data.into_bytes()).await.map_err(|e| {
-                RPCError::Network(NetworkError::new(&TransportError(format!("snapshot encode: {e}"))))
-            })?
-        } else {
-            snapshot.snapshot.into_bytes()
-        };
-        let data = encoded
-            .map_err(|e| RPCError::Network(NetworkError::new(&TransportError(format!("snapshot: {e}")))))?;
+        let data = snapshot.snapshot.encode().await.map_err(|e| {
+            RPCError::Network(NetworkError::new(&TransportError(format!("snapshot encode: {e}"))))
+        })?;
         let total = data.len() as u64;
         let mut offset = 0u64;
         loop {

@@ -608,10 +608,15 @@ impl SnapshotData {
         Self(Data::Encoded(bytes))
     }
 
-    /// Whether [`Self::into_bytes`] reads a store (and should run on a
-    /// blocking thread).
-    pub fn blocks(&self) -> bool {
-        matches!(self.0, Data::View { blocks: true, .. })
+    /// The encoded data, as [`Self::into_bytes`] gives it, read on a
+    /// blocking thread when reading the view blocks on the disk.
+    pub async fn encode(self) -> Result<Vec<u8>, io::Error> {
+        if !matches!(self.0, Data::View { blocks: true, .. }) {
+            return self.into_bytes();
+        }
+        tokio::task::spawn_blocking(move || self.into_bytes())
+            .await
+            .map_err(|e| io::Error::other(format!("the snapshot encode stopped: {e}")))?
     }
 
     /// The encoded data: a view is read pair by pair and framed here.
@@ -1074,19 +1079,14 @@ mod tests {
             // The current snapshot is the state machine as it stands.
             let current = sm.get_current_snapshot().await.expect("read").expect("a snapshot");
             assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(6));
-            assert_eq!(held_index(current.snapshot), 6);
-            (built.meta.last_log_id.map(|l| l.index), held_index(built.snapshot))
+            assert_eq!(held_index(current.snapshot).await, 6);
+            (built.meta.last_log_id.map(|l| l.index), held_index(built.snapshot).await)
         })
     }
 
     /// The applied index snapshot data of [`LastIndex`] holds.
-    fn held_index(data: SnapshotData) -> u64 {
-        let bytes = if data.blocks() {
-            std::thread::spawn(move || data.into_bytes()).join().expect("encode thread")
-        } else {
-            data.into_bytes()
-        };
-        let pairs = decode_snapshot(&bytes.expect("encodes")).expect("decodes");
+    async fn held_index(data: SnapshotData) -> u64 {
+        let pairs = decode_snapshot(&data.encode().await.expect("encodes")).expect("decodes");
         let [(k, v)] = pairs.as_slice() else { panic!("one pair expected: {pairs:?}") };
         assert_eq!(k, b"n");
         u64::from_be_bytes(v.as_slice().try_into().expect("8 bytes"))
@@ -1344,12 +1344,7 @@ mod tests {
             GROUP,
             Arc::new(crate::consensus::strong::StrongMachine::new(60_000, 1_000)),
         );
-        let net = NetworkFactory {
-            peers: Arc::new(Peers::new(BTreeMap::new())),
-            group: GROUP.into(),
-            me: 5,
-            chunk_bytes: 1 << 20,
-        };
+        let net = unreachable_peers(5);
         let config =
             openraft::Config { cluster_name: GROUP.into(), enable_elect: false, ..Default::default() };
         let config = Arc::new(config.validate().expect("config"));
@@ -1377,6 +1372,17 @@ mod tests {
         raft.shutdown().await.expect("shutdown");
     }
 
+    /// The network of member `me` of the test group, with no peer address:
+    /// every other member is unreachable.
+    fn unreachable_peers(me: NodeId) -> NetworkFactory {
+        NetworkFactory {
+            peers: Arc::new(Peers::new(BTreeMap::new())),
+            group: GROUP.into(),
+            me,
+            chunk_bytes: 1 << 20,
+        }
+    }
+
     /// Starts member 7 on the 0.9 records, whose stored vote is 7's own
     /// (term 3, committed): whether it leads within 500 ms. Member 5 cannot
     /// be reached, so only a restored leadership makes it leader.
@@ -1387,12 +1393,7 @@ mod tests {
             write_0_9_group(engine.as_ref());
             let log = LogStore::open(engine.clone(), GROUP).expect("the log opens");
             let sm = StateMachine::new(engine.clone(), GROUP, Arc::new(Nothing));
-            let net = NetworkFactory {
-                peers: Arc::new(Peers::new(BTreeMap::new())),
-                group: GROUP.into(),
-                me: 7,
-                chunk_bytes: 1 << 20,
-            };
+            let net = unreachable_peers(7);
             let config =
                 crate::consensus::raft_config(&crate::config::Config::default(), GROUP).expect("config");
             let raft =
