@@ -13,6 +13,12 @@
 //! - `commit_stage`: the pipeline's stages one by one: the preparing
 //!   thread's work per put, and the syncing thread's write of a group of
 //!   64 without and with the sync.
+//! - `raft_log_purge`: purging 4,000 entries of a STRONG group's log
+//!   behind a snapshot, in steady state (every earlier entry purged
+//!   before): by reading the purged range and deleting each key in a
+//!   synced batch (the store before decision 037), and by one unsynced
+//!   range deletion (the store now). openraft waits for the purge in its
+//!   core loop, so its time is a stall of the group's leader.
 //!
 //! Each group keeps few samples and a short measurement time so the whole
 //! suite runs in a few minutes on a 2-core machine:
@@ -411,9 +417,64 @@ fn commit_stages(c: &mut Criterion) {
     g.finish();
 }
 
+/// Entries purged at a time: `consensus.snapshot_every` (5,000) less
+/// `consensus.log_keep` (1,000).
+const PURGED_PER_SNAPSHOT: u64 = 4_000;
+
+fn raft_log_key(index: u64) -> Vec<u8> {
+    [b"g/strong/us-east-1/log/".as_slice(), &index.to_be_bytes()].concat()
+}
+
+fn raft_log_purge(c: &mut Criterion) {
+    let mut g = c.benchmark_group("raft_log_purge");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(PURGED_PER_SNAPSHOT));
+    // An entry as the log stores it: sealed JSON of about 250 bytes.
+    let entry = seal(&[b'e'; 250]);
+    for way in ["scan_and_delete_synced", "range_unsynced"] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let rocks = RocksEngine::open(dir.path(), &RocksOptions::default()).expect("opening RocksDB");
+        let mut next = 1u64;
+        let mut purged = 0u64;
+        g.bench_function(way, |b| {
+            b.iter_batched(
+                || {
+                    // Untimed: the entries written since the last purge.
+                    let mut batch = WriteBatch::new();
+                    for _ in 0..PURGED_PER_SNAPSHOT {
+                        batch.put(Cf::Raft, raft_log_key(next), entry.clone());
+                        next += 1;
+                    }
+                    rocks.write(batch, false).expect("append");
+                    next - 1
+                },
+                |upto| {
+                    let mut batch = WriteBatch::new();
+                    batch.put(Cf::Raft, b"g/strong/us-east-1/purged".to_vec(), upto.to_be_bytes().to_vec());
+                    if way == "range_unsynced" {
+                        batch.delete_range(Cf::Raft, raft_log_key(purged + 1), raft_log_key(upto + 1));
+                        rocks.write(batch, false).expect("purge");
+                    } else {
+                        let keys = rocks
+                            .scan(Cf::Raft, &raft_log_key(0), Some(&raft_log_key(upto + 1)), 1 << 20)
+                            .expect("scan");
+                        for (k, _) in keys {
+                            batch.delete(Cf::Raft, k);
+                        }
+                        rocks.write(batch, true).expect("purge");
+                    }
+                    purged = upto;
+                },
+                criterion::BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = micro;
     config = config();
-    targets = causality, codec, storage, commit, commit_stages
+    targets = causality, codec, storage, commit, commit_stages, raft_log_purge
 }
 criterion_main!(micro);

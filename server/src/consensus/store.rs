@@ -17,9 +17,10 @@
 //! position read back may be older, and openraft re-applies the committed
 //! entries after it, so every apply must be deterministic, which
 //! [`Machine`] implementations are. The log is only purged behind a
-//! snapshot's position by a synced write, after the applies up to it in
-//! the same write-ahead log, so what the purge removed is in the state
-//! machine on disk.
+//! snapshot's position, by a write after the applies up to it in the same
+//! write-ahead log, which is recovered as a prefix: a purge that survives
+//! a crash implies those applies did, so what it removed is in the state
+//! machine on disk (decision 037: the purge itself is not synced).
 
 //!
 //! # Stored formats
@@ -448,30 +449,41 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if !stale_tail {
             self.tail().remove_from(from);
         }
+        // One range deletion through the end of the log: nothing is read,
+        // however long the removed suffix.
         let start = log_key(&self.group, from);
         let end = prefix_end(&group_key(&self.group, b"log/")).unwrap_or_default();
-        let keys = self.engine.scan(Cf::Raft, &start, Some(&end), 1 << 20).map_err(io_read)?;
         let mut batch = WriteBatch::new();
-        for (k, _) in keys {
-            batch.delete(Cf::Raft, k);
-        }
+        batch.delete_range(Cf::Raft, start, end);
         self.engine.write(batch, true).map_err(io_write)?;
         let purged: Option<LogId> = self.get_json(b"purged")?;
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = last_log_id.or(purged);
         Ok(())
     }
 
+    /// Runs inside openraft's core loop, which waits for it: it reads one
+    /// key and writes one small unsynced batch, whatever the number of
+    /// entries purged (decision 037). The entries go in one range deletion
+    /// from the previous purge on, so nothing is read and no tombstone is
+    /// written per entry. Unsynced is safe: the write-ahead log is
+    /// recovered as a prefix, the applies the purge is behind were written
+    /// to it before, and the next synced append makes the purge durable;
+    /// a purge lost in a power cut is lost together with everything after
+    /// it, leaving the store as it was before.
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         self.tail().remove_through(log_id.index);
-        let start = log_key(&self.group, 0);
-        let end = log_key(&self.group, log_id.index.saturating_add(1));
-        let keys = self.engine.scan(Cf::Raft, &start, Some(&end), 1 << 20).map_err(io_read)?;
+        let previous: Option<LogId> = self.get_json(b"purged")?;
+        let from = previous.map_or(0, |p| p.index.saturating_add(1));
         let mut batch = WriteBatch::new();
         batch.put(Cf::Raft, group_key(&self.group, b"purged"), encode(&log_id)?);
-        for (k, _) in keys {
-            batch.delete(Cf::Raft, k);
+        if from <= log_id.index {
+            batch.delete_range(
+                Cf::Raft,
+                log_key(&self.group, from),
+                log_key(&self.group, log_id.index.saturating_add(1)),
+            );
         }
-        self.engine.write(batch, true).map_err(io_write)?;
+        self.engine.write(batch, false).map_err(io_write)?;
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if last.as_ref().is_none_or(|l| l.index < log_id.index) {
             *last = Some(log_id);
@@ -792,8 +804,8 @@ impl StateMachine {
 
     /// The snapshot `source` describes. Nothing is copied or written: the
     /// pairs up to its position are in the store, durable no later than
-    /// the log is purged behind them (the purge is a synced write to the
-    /// same write-ahead log, after the applies), and are read from the
+    /// the log is purged behind them (the purge is a write to the same
+    /// write-ahead log, after the applies), and are read from the
     /// view only if the snapshot is sent. A snapshot stored by an older
     /// build is dropped here.
     fn build_snapshot_from(&self, source: SnapshotSource) -> Result<Snapshot, io::Error> {
@@ -1182,6 +1194,58 @@ mod tests {
     fn the_log_tail_reads_what_the_store_holds() {
         assert_eq!(tail_reads_match_the_store(false), Ok(5), "memory engine");
         assert_eq!(tail_reads_match_the_store(true), Ok(5), "RocksDB");
+    }
+
+    /// Two purges in a row, as snapshots trigger them: the engine keeps
+    /// exactly the entries after the last purge, and a store opened over
+    /// it afterwards reports and reads the same log.
+    fn purges_leave_only_the_entries_after_them(rocks: bool) -> Result<(), String> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        rt.block_on(async {
+            let engine = test_engine(rocks, dir.path());
+            let mut log = LogStore::open(engine.clone(), GROUP).expect("open");
+            let entry =
+                |index: u64| Entry { log_id: log_id(1, 5, index), payload: EntryPayload::Normal(command()) };
+            log.append((1..=12).map(entry), IOFlushed::noop()).await.expect("append");
+            log.purge(log_id(1, 5, 4)).await.expect("first purge");
+            log.purge(log_id(1, 5, 9)).await.expect("second purge");
+            let start = group_key(GROUP, b"log/");
+            let end = prefix_end(&start).expect("end of the log's keys");
+            let stored: Vec<u64> = engine
+                .scan(Cf::Raft, &start, Some(&end), 1000)
+                .expect("scan")
+                .iter()
+                .map(|(_, v)| decode::<Entry>(v).expect("an entry").log_id.index)
+                .collect();
+            if stored != vec![10, 11, 12] {
+                return Err(format!("the engine holds entries {stored:?}"));
+            }
+            let mut reopened = LogStore::open(engine.clone(), GROUP).expect("second open");
+            let state = reopened.get_log_state().await.expect("log state");
+            if state.last_purged_log_id != Some(log_id(1, 5, 9))
+                || state.last_log_id != Some(log_id(1, 5, 12))
+            {
+                return Err(format!("a store opened afterwards reports {state:?}"));
+            }
+            let read: Vec<u64> = reopened
+                .try_get_log_entries(10..13)
+                .await
+                .expect("read")
+                .iter()
+                .map(|e| e.log_id.index)
+                .collect();
+            if read != vec![10, 11, 12] {
+                return Err(format!("a store opened afterwards reads {read:?}"));
+            }
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn purges_leave_only_the_entries_after_them_on_both_engines() {
+        assert_eq!(purges_leave_only_the_entries_after_them(false), Ok(()), "memory engine");
+        assert_eq!(purges_leave_only_the_entries_after_them(true), Ok(()), "RocksDB");
     }
 
     /// The put-back bug that keeps truncated entries in the tail is caught

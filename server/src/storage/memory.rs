@@ -52,6 +52,15 @@ impl Engine for MemoryEngine {
                 BatchOp::Delete { cf, key } => {
                     cfs.entry(cf).or_default().remove(&key);
                 }
+                BatchOp::DeleteRange { cf, start, end } => {
+                    let map = cfs.entry(cf).or_default();
+                    if start < end {
+                        let doomed: Vec<Vec<u8>> = map.range(start..end).map(|(k, _)| k.clone()).collect();
+                        for k in doomed {
+                            map.remove(&k);
+                        }
+                    }
+                }
             }
         }
         Ok(())

@@ -67,8 +67,22 @@ impl fmt::Display for Cf {
 /// One change inside a [`WriteBatch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchOp {
-    Put { cf: Cf, key: Vec<u8>, value: Vec<u8> },
-    Delete { cf: Cf, key: Vec<u8> },
+    Put {
+        cf: Cf,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        cf: Cf,
+        key: Vec<u8>,
+    },
+    /// Deletes every key in `[start, end)`: one record, whatever the
+    /// number of keys it covers.
+    DeleteRange {
+        cf: Cf,
+        start: Vec<u8>,
+        end: Vec<u8>,
+    },
 }
 
 /// Changes applied all together or not at all.
@@ -88,6 +102,11 @@ impl WriteBatch {
 
     pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
         self.ops.push(BatchOp::Delete { cf, key: key.into() });
+    }
+
+    /// Deletes every key from `start` (included) to `end` (excluded).
+    pub fn delete_range(&mut self, cf: Cf, start: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) {
+        self.ops.push(BatchOp::DeleteRange { cf, start: start.into(), end: end.into() });
     }
 
     pub fn is_empty(&self) -> bool {

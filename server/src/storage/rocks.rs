@@ -177,6 +177,7 @@ impl Engine for RocksEngine {
             match op {
                 BatchOp::Put { cf, key, value } => wb.put_cf(&self.handle(*cf)?, key, value),
                 BatchOp::Delete { cf, key } => wb.delete_cf(&self.handle(*cf)?, key),
+                BatchOp::DeleteRange { cf, start, end } => wb.delete_range_cf(&self.handle(*cf)?, start, end),
             }
         }
         let mut wo = WriteOptions::default();
