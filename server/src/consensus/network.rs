@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -273,22 +274,28 @@ impl Connection {
         snapshot: Snapshot,
         deadline: Duration,
     ) -> Result<SnapshotResponse<TypeConfig>, RPCError<TypeConfig>> {
-        // A member's own snapshot is a view of its store, read and encoded
-        // here, off the state machine's worker (decision 035).
-        let data = snapshot.snapshot.encode().await.map_err(|e| {
+        // A member's own snapshot is a view of its store, read and framed
+        // here, off the state machine's worker (decision 035), one piece
+        // ahead of the sending (decision 038): the whole state is never
+        // held in memory.
+        let encode_error = |e: io::Error| {
             RPCError::Network(NetworkError::new(&TransportError(format!("snapshot encode: {e}"))))
-        })?;
-        let total = data.len() as u64;
+        };
+        let mut pieces = snapshot.snapshot.pieces().await.map_err(encode_error)?;
+        let total = pieces.total();
+        let piece_max = usize::try_from(self.chunk_bytes).unwrap_or(usize::MAX);
         let mut offset = 0u64;
         loop {
-            let end = (offset + self.chunk_bytes).min(total);
-            let piece = &data[offset as usize..end as usize];
+            let piece = pieces.next(piece_max).await.map_err(encode_error)?;
+            let end = offset + piece.len() as u64;
             let header = SnapshotChunk { vote, meta: snapshot.meta.clone(), offset, total };
-            let payload =
-                header.encode(piece).map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e))))?;
+            let payload = header
+                .encode(&piece)
+                .map_err(|e| RPCError::Network(NetworkError::new(&TransportError(e))))?;
+            drop(piece);
             let reply: SnapshotResponse<TypeConfig> =
                 self.call_raw(pb::RaftKind::InstallSnapshotChunk, payload, deadline).await?;
-            if end == total || reply.vote > vote {
+            if end >= total || reply.vote > vote {
                 return Ok(reply);
             }
             offset = end;

@@ -606,7 +606,7 @@ enum Data {
     Encoded(Vec<u8>),
     View {
         group: String,
-        view: Box<dyn StoreView + Send + Sync>,
+        view: Arc<dyn StoreView + Send + Sync>,
         /// Reading the view blocks on the disk (RocksDB), so it is read off
         /// the runtime's workers; the simulation's memory engine is read
         /// inline.
@@ -621,37 +621,205 @@ impl SnapshotData {
     }
 
     /// The encoded data, as [`Self::into_bytes`] gives it, read on a
-    /// blocking thread when reading the view blocks on the disk.
+    /// blocking thread when reading the view blocks on the disk. Holds the
+    /// whole data: a send takes [`Self::pieces`] instead.
     pub async fn encode(self) -> Result<Vec<u8>, io::Error> {
-        if !matches!(self.0, Data::View { blocks: true, .. }) {
-            return self.into_bytes();
+        let blocks = matches!(self.0, Data::View { blocks: true, .. });
+        run_view_read(blocks, move || self.into_bytes()).await
+    }
+
+    /// The encoded data in pieces, for sending (decision 038): a view is
+    /// read once for its size, then piece by piece as the pieces are
+    /// taken, so the sender holds about one piece, not the whole state.
+    pub async fn pieces(self) -> Result<SnapshotPieces, io::Error> {
+        match self.0 {
+            Data::Encoded(bytes) => {
+                Ok(SnapshotPieces { total: bytes.len() as u64, taken: 0, source: Pieces::Encoded(bytes) })
+            }
+            Data::View { group, view, blocks } => {
+                let started = std::time::Instant::now();
+                let sized = view.clone();
+                let prefix = group_key(&group, b"sm/");
+                let total = run_view_read(blocks, move || framed_size(sized.as_ref(), &prefix)).await?;
+                metrics::gauge!("geokv_raft_snapshot_bytes", "group" => group.clone()).set(total as f64);
+                let next = Some(group_key(&group, b"sm/"));
+                Ok(SnapshotPieces {
+                    total,
+                    taken: 0,
+                    source: Pieces::View {
+                        group,
+                        view,
+                        blocks,
+                        next,
+                        pending: SNAPSHOT_MAGIC.to_vec(),
+                        reading: started.elapsed(),
+                    },
+                })
+            }
         }
-        tokio::task::spawn_blocking(move || self.into_bytes())
-            .await
-            .map_err(|e| io::Error::other(format!("the snapshot encode stopped: {e}")))?
     }
 
     /// The encoded data: a view is read pair by pair and framed here.
     pub fn into_bytes(self) -> Result<Vec<u8>, io::Error> {
         match self.0 {
             Data::Encoded(bytes) => Ok(bytes),
-            Data::View { group, view, .. } => {
-                let started = std::time::Instant::now();
-                let bytes = encode_view(&group, view.as_ref())?;
-                metrics::gauge!("geokv_raft_snapshot_bytes", "group" => group.clone())
-                    .set(bytes.len() as f64);
-                metrics::histogram!("geokv_raft_snapshot_encode_seconds", "group" => group.clone())
-                    .record(started.elapsed().as_secs_f64());
-                tracing::info!(
-                    group = %group,
-                    bytes = bytes.len(),
-                    ms = started.elapsed().as_millis() as u64,
-                    "snapshot encoded to send"
-                );
-                Ok(bytes)
-            }
+            Data::View { group, view, .. } => encode_view(&group, view.as_ref()),
         }
     }
+}
+
+/// Runs `read` (a read of a view) on a blocking thread when the view
+/// blocks on the disk, inline otherwise.
+async fn run_view_read<T: Send + 'static>(
+    blocks: bool,
+    read: impl FnOnce() -> Result<T, io::Error> + Send + 'static,
+) -> Result<T, io::Error> {
+    if !blocks {
+        return read();
+    }
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| io::Error::other(format!("the snapshot read stopped: {e}")))?
+}
+
+/// The size of the framed snapshot data of the pairs under `prefix`.
+fn framed_size(view: &dyn StoreView, prefix: &[u8]) -> Result<u64, io::Error> {
+    let end = prefix_end(prefix);
+    let mut total = SNAPSHOT_MAGIC.len() as u64;
+    view.for_each(Cf::Raft, prefix, end.as_deref(), &mut |k, v| {
+        if let Some(k) = k.strip_prefix(prefix) {
+            total += 8 + k.len() as u64 + v.len() as u64;
+        }
+        Ok(true)
+    })
+    .map_err(io_read)?;
+    Ok(total)
+}
+
+/// Snapshot data taken piece by piece ([`SnapshotData::pieces`]).
+pub struct SnapshotPieces {
+    total: u64,
+    taken: u64,
+    source: Pieces,
+}
+
+enum Pieces {
+    Encoded(Vec<u8>),
+    View {
+        group: String,
+        view: Arc<dyn StoreView + Send + Sync>,
+        blocks: bool,
+        /// The first key not read yet; None once the view is read through.
+        next: Option<Vec<u8>>,
+        /// Framed bytes read and not taken yet.
+        pending: Vec<u8>,
+        /// Time spent reading and framing so far.
+        reading: std::time::Duration,
+    },
+}
+
+impl SnapshotPieces {
+    /// The encoded size of the whole data.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Framed bytes read ahead of the pieces taken.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        match &self.source {
+            Pieces::Encoded(bytes) => bytes.len(),
+            Pieces::View { pending, .. } => pending.len(),
+        }
+    }
+
+    /// The next piece, of at most `max` bytes (at least one); empty once
+    /// every byte was taken. Fails if the view yields other than the size
+    /// it was measured at.
+    pub async fn next(&mut self, max: usize) -> Result<Vec<u8>, io::Error> {
+        let max = max.max(1);
+        let piece = match &mut self.source {
+            Pieces::Encoded(bytes) => {
+                let from = self.taken as usize;
+                let to = (from + max).min(bytes.len());
+                bytes[from..to].to_vec()
+            }
+            Pieces::View { group, view, blocks, next, pending, reading } => {
+                if pending.len() < max && next.is_some() {
+                    let started = std::time::Instant::now();
+                    let (view, prefix) = (view.clone(), group_key(group, b"sm/"));
+                    let (from, mut buf) = (next.take(), std::mem::take(pending));
+                    let (buf, after) = run_view_read(*blocks, move || {
+                        let after = frame_from(view.as_ref(), &prefix, from, &mut buf, max)?;
+                        Ok((buf, after))
+                    })
+                    .await?;
+                    *pending = buf;
+                    *next = after;
+                    *reading += started.elapsed();
+                }
+                let n = max.min(pending.len());
+                let piece: Vec<u8> = pending.drain(..n).collect();
+                if next.is_none() && pending.is_empty() {
+                    metrics::histogram!("geokv_raft_snapshot_encode_seconds", "group" => group.clone())
+                        .record(reading.as_secs_f64());
+                    tracing::info!(
+                        group = %group,
+                        bytes = self.total,
+                        ms = reading.as_millis() as u64,
+                        "snapshot read and framed to send"
+                    );
+                }
+                piece
+            }
+        };
+        self.taken += piece.len() as u64;
+        let exhausted = match &self.source {
+            Pieces::Encoded(bytes) => self.taken as usize >= bytes.len(),
+            Pieces::View { next, pending, .. } => next.is_none() && pending.is_empty(),
+        };
+        if self.taken > self.total || (exhausted && self.taken != self.total) {
+            return Err(io::Error::other(format!(
+                "the snapshot view yielded {} bytes where {} were measured",
+                self.taken, self.total
+            )));
+        }
+        Ok(piece)
+    }
+}
+
+/// Frames into `out` the pairs under `prefix` from key `from` on, until
+/// `out` holds at least `want` bytes or the pairs end. Answers the first
+/// key not framed, None when the pairs ended.
+fn frame_from(
+    view: &dyn StoreView,
+    prefix: &[u8],
+    from: Option<Vec<u8>>,
+    out: &mut Vec<u8>,
+    want: usize,
+) -> Result<Option<Vec<u8>>, io::Error> {
+    let Some(from) = from else { return Ok(None) };
+    let end = prefix_end(prefix);
+    let mut framed: Result<(), io::Error> = Ok(());
+    let mut last: Option<Vec<u8>> = None;
+    let mut full = false;
+    view.for_each(Cf::Raft, &from, end.as_deref(), &mut |k, v| {
+        if let Some(short) = k.strip_prefix(prefix) {
+            framed = push_framed_pair(out, short, v);
+        }
+        last = Some(k.to_vec());
+        full = out.len() >= want;
+        Ok(framed.is_ok() && !full)
+    })
+    .map_err(io_read)?;
+    framed?;
+    Ok(match (full, last) {
+        (true, Some(mut k)) => {
+            k.push(0);
+            Some(k)
+        }
+        _ => None,
+    })
 }
 
 impl Debug for SnapshotData {
@@ -667,19 +835,8 @@ impl Debug for SnapshotData {
 /// encoded pair by pair as the view is read (one copy in memory).
 fn encode_view(group: &str, view: &dyn StoreView) -> Result<Vec<u8>, io::Error> {
     let prefix = group_key(group, b"sm/");
-    let end = prefix_end(&prefix);
     let mut out = SNAPSHOT_MAGIC.to_vec();
-    let mut framed: Result<(), io::Error> = Ok(());
-    view.for_each(Cf::Raft, &prefix, end.as_deref(), &mut |k, v| {
-        // Every visited key starts with the prefix; one that did not
-        // would be skipped, never sliced past its end.
-        if let Some(k) = k.strip_prefix(prefix.as_slice()) {
-            framed = push_framed_pair(&mut out, k, v);
-        }
-        Ok(framed.is_ok())
-    })
-    .map_err(io_read)?;
-    framed?;
+    frame_from(view, &prefix, Some(prefix.clone()), &mut out, usize::MAX)?;
     Ok(out)
 }
 
@@ -779,7 +936,7 @@ impl StateMachine {
     /// The state machine as `view` holds it, as snapshot data.
     fn data_of(&self, view: Box<dyn StoreView + Send + Sync>) -> SnapshotData {
         let blocks = self.engine.kind() != "memory";
-        SnapshotData(Data::View { group: self.group.clone(), view, blocks })
+        SnapshotData(Data::View { group: self.group.clone(), view: Arc::from(view), blocks })
     }
 
     /// The last applied log id and membership, as stored.
@@ -1307,6 +1464,61 @@ mod tests {
         // The JSON of older builds still installs.
         let legacy = br#"{"pairs":[[[107],[118]]]}"#;
         assert_eq!(decode_snapshot(legacy).expect("legacy"), vec![(b"k".to_vec(), b"v".to_vec())]);
+    }
+
+    /// A snapshot taken in pieces, as the network sends it, is the same
+    /// bytes as encoded whole, every piece within the bound, and the sender
+    /// holds at most a piece and one pair ahead (decision 038).
+    fn pieces_match_the_whole(rocks: bool) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).build().expect("runtime");
+        rt.block_on(async {
+            let engine = test_engine(rocks, dir.path());
+            let mut sm = StateMachine::new(engine.clone(), GROUP, Arc::new(LastIndex));
+            apply_range(&mut sm, 1..=3).await;
+            let mut batch = WriteBatch::new();
+            for i in 0..3000u32 {
+                batch.put(
+                    Cf::Raft,
+                    sm_key(GROUP, format!("k{i:05}").as_bytes()),
+                    vec![i as u8; (i % 900) as usize],
+                );
+            }
+            engine.write(batch, false).expect("pairs");
+            let whole = sm.get_current_snapshot().await.expect("read").expect("a snapshot");
+            let whole = whole.snapshot.encode().await.expect("encodes");
+            for max in [1000usize, 4096, 1 << 20] {
+                let current = sm.get_current_snapshot().await.expect("read").expect("a snapshot");
+                let mut pieces = current.snapshot.pieces().await.expect("sized");
+                assert_eq!(pieces.total(), whole.len() as u64, "{max}: measured size");
+                let mut joined = Vec::new();
+                let mut count = 0;
+                loop {
+                    let piece = pieces.next(max).await.expect("a piece");
+                    if piece.is_empty() {
+                        break;
+                    }
+                    assert!(piece.len() <= max, "{max}: a piece of {}", piece.len());
+                    assert!(pieces.held() <= max + 8 + 6 + 900, "{max}: {} bytes held ahead", pieces.held());
+                    joined.extend_from_slice(&piece);
+                    count += 1;
+                    assert!(count <= whole.len() / max + 1, "{max}: more pieces than the size needs");
+                }
+                assert!(
+                    joined == whole,
+                    "{max}: the pieces differ from the whole ({} bytes against {})",
+                    joined.len(),
+                    whole.len()
+                );
+                assert_eq!(count, whole.len().div_ceil(max), "{max}: pieces");
+            }
+        })
+    }
+
+    #[test]
+    fn snapshot_pieces_match_the_whole_on_both_engines() {
+        pieces_match_the_whole(false);
+        pieces_match_the_whole(true);
     }
 
     /// A member's snapshot, encoded as it is sent and installed on a
