@@ -604,14 +604,24 @@ pub struct SnapshotData(Data);
 
 enum Data {
     Encoded(Vec<u8>),
-    View {
-        group: String,
-        view: Arc<dyn StoreView + Send + Sync>,
-        /// Reading the view blocks on the disk (RocksDB), so it is read off
-        /// the runtime's workers; the simulation's memory engine is read
-        /// inline.
-        blocks: bool,
-    },
+    View(SnapshotView),
+}
+
+/// A group's state machine in a point-in-time view of the store.
+struct SnapshotView {
+    group: String,
+    view: Arc<dyn StoreView + Send + Sync>,
+    /// Reading the view blocks on the disk (RocksDB), so it is read off
+    /// the runtime's workers; the simulation's memory engine is read
+    /// inline.
+    blocks: bool,
+}
+
+impl SnapshotView {
+    /// Where the state machine's pairs start.
+    fn prefix(&self) -> Vec<u8> {
+        group_key(&self.group, b"sm/")
+    }
 }
 
 impl SnapshotData {
@@ -624,7 +634,7 @@ impl SnapshotData {
     /// blocking thread when reading the view blocks on the disk. Holds the
     /// whole data: a send takes [`Self::pieces`] instead.
     pub async fn encode(self) -> Result<Vec<u8>, io::Error> {
-        let blocks = matches!(self.0, Data::View { blocks: true, .. });
+        let blocks = matches!(&self.0, Data::View(v) if v.blocks);
         run_view_read(blocks, move || self.into_bytes()).await
     }
 
@@ -636,20 +646,18 @@ impl SnapshotData {
             Data::Encoded(bytes) => {
                 Ok(SnapshotPieces { total: bytes.len() as u64, taken: 0, source: Pieces::Encoded(bytes) })
             }
-            Data::View { group, view, blocks } => {
+            Data::View(state) => {
                 let started = std::time::Instant::now();
-                let sized = view.clone();
-                let prefix = group_key(&group, b"sm/");
-                let total = run_view_read(blocks, move || framed_size(sized.as_ref(), &prefix)).await?;
-                metrics::gauge!("geokv_raft_snapshot_bytes", "group" => group.clone()).set(total as f64);
-                let next = Some(group_key(&group, b"sm/"));
+                let (sized, prefix) = (state.view.clone(), state.prefix());
+                let total = run_view_read(state.blocks, move || framed_size(sized.as_ref(), &prefix)).await?;
+                metrics::gauge!("geokv_raft_snapshot_bytes", "group" => state.group.clone())
+                    .set(total as f64);
+                let next = Some(state.prefix());
                 Ok(SnapshotPieces {
                     total,
                     taken: 0,
                     source: Pieces::View {
-                        group,
-                        view,
-                        blocks,
+                        state,
                         next,
                         pending: SNAPSHOT_MAGIC.to_vec(),
                         reading: started.elapsed(),
@@ -663,7 +671,11 @@ impl SnapshotData {
     pub fn into_bytes(self) -> Result<Vec<u8>, io::Error> {
         match self.0 {
             Data::Encoded(bytes) => Ok(bytes),
-            Data::View { group, view, .. } => encode_view(&group, view.as_ref()),
+            Data::View(state) => {
+                let mut out = SNAPSHOT_MAGIC.to_vec();
+                frame_from(state.view.as_ref(), &state.prefix(), Some(state.prefix()), &mut out, usize::MAX)?;
+                Ok(out)
+            }
         }
     }
 }
@@ -706,9 +718,7 @@ pub struct SnapshotPieces {
 enum Pieces {
     Encoded(Vec<u8>),
     View {
-        group: String,
-        view: Arc<dyn StoreView + Send + Sync>,
-        blocks: bool,
+        state: SnapshotView,
         /// The first key not read yet; None once the view is read through.
         next: Option<Vec<u8>>,
         /// Framed bytes read and not taken yet.
@@ -744,12 +754,13 @@ impl SnapshotPieces {
                 let to = (from + max).min(bytes.len());
                 bytes[from..to].to_vec()
             }
-            Pieces::View { group, view, blocks, next, pending, reading } => {
+            Pieces::View { state, next, pending, reading } => {
+                let group = &state.group;
                 if pending.len() < max && next.is_some() {
                     let started = std::time::Instant::now();
-                    let (view, prefix) = (view.clone(), group_key(group, b"sm/"));
+                    let (view, prefix) = (state.view.clone(), state.prefix());
                     let (from, mut buf) = (next.take(), std::mem::take(pending));
-                    let (buf, after) = run_view_read(*blocks, move || {
+                    let (buf, after) = run_view_read(state.blocks, move || {
                         let after = frame_from(view.as_ref(), &prefix, from, &mut buf, max)?;
                         Ok((buf, after))
                     })
@@ -826,18 +837,9 @@ impl Debug for SnapshotData {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.0 {
             Data::Encoded(bytes) => write!(f, "SnapshotData({} bytes)", bytes.len()),
-            Data::View { group, .. } => write!(f, "SnapshotData(view of {group})"),
+            Data::View(state) => write!(f, "SnapshotData(view of {})", state.group),
         }
     }
-}
-
-/// The snapshot data of `group`'s state machine as `view` holds it,
-/// encoded pair by pair as the view is read (one copy in memory).
-fn encode_view(group: &str, view: &dyn StoreView) -> Result<Vec<u8>, io::Error> {
-    let prefix = group_key(group, b"sm/");
-    let mut out = SNAPSHOT_MAGIC.to_vec();
-    frame_from(view, &prefix, Some(prefix.clone()), &mut out, usize::MAX)?;
-    Ok(out)
 }
 
 /// Adds to `batch` the deletes of a snapshot stored by builds before
@@ -936,7 +938,7 @@ impl StateMachine {
     /// The state machine as `view` holds it, as snapshot data.
     fn data_of(&self, view: Box<dyn StoreView + Send + Sync>) -> SnapshotData {
         let blocks = self.engine.kind() != "memory";
-        SnapshotData(Data::View { group: self.group.clone(), view: Arc::from(view), blocks })
+        SnapshotData(Data::View(SnapshotView { group: self.group.clone(), view: Arc::from(view), blocks }))
     }
 
     /// The last applied log id and membership, as stored.
