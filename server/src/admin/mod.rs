@@ -19,6 +19,13 @@ use crate::replication::Replicator;
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Histograms of counts (items per batch), bucketed as counts: with the
+/// default buckets, made for seconds, every observation of 1 or more fell
+/// in the last two.
+const COUNT_HISTOGRAMS: [&str; 2] = ["geokv_commit_group_writes", "geokv_raft_log_sync_batch"];
+const COUNT_BUCKETS: [f64; 14] =
+    [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
+
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 /// Several nodes in one process (tests) share it.
 pub fn prometheus() -> PrometheusHandle {
@@ -51,7 +58,18 @@ pub fn prometheus() -> PrometheusHandle {
                         0.25, 0.3, 0.5, 1.0, 2.0, 5.0,
                     ],
                 )
-                .expect("bucket list is not empty")
+                .expect("bucket list is not empty");
+            // Counts per batch, not durations: a commit group's writes and
+            // the appends one STRONG log sync covers.
+            let recorder = COUNT_HISTOGRAMS
+                .iter()
+                .fold(recorder, |b, m| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full((*m).into()),
+                        &COUNT_BUCKETS,
+                    )
+                    .expect("bucket list is not empty")
+                })
                 .build_recorder();
             let handle = recorder.handle();
             // Fails only when another recorder was installed first, in which
@@ -110,4 +128,32 @@ async fn health(State(s): State<AdminState>) -> impl IntoResponse {
         "uptime_ms": s.node.uptime().as_millis() as u64,
         "log_seq": s.node.log_seq(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A count histogram tells batches of 3 from batches of 20 on /metrics
+    /// (with the seconds buckets both fell in `le="+Inf"`).
+    #[test]
+    fn count_histograms_have_count_buckets() {
+        let handle = prometheus();
+        for v in [3.0, 20.0, 20.0] {
+            metrics::histogram!("geokv_raft_log_sync_batch").record(v);
+        }
+        let text = handle.render();
+        let bucket = |le: &str| -> f64 {
+            let prefix = format!("geokv_raft_log_sync_batch_bucket{{le=\"{le}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .unwrap_or_else(|| panic!("no bucket le={le} in:\n{text}"))
+                .parse()
+                .expect("a bucket's count is a number")
+        };
+        // Other tests of this process may record batches too: only what
+        // these three add is certain.
+        assert!(bucket("3") - bucket("2") >= 1.0, "the batch of 3 sits between 2 and 3:\n{text}");
+        assert!(bucket("24") - bucket("16") >= 2.0, "the batches of 20 sit between 16 and 24:\n{text}");
+    }
 }
