@@ -845,19 +845,23 @@ impl Debug for SnapshotData {
 /// Adds to `batch` the deletes of a snapshot stored by builds before
 /// decision 035 (a record `snapshot` and its pieces `snapshot/<n>`), if
 /// the store holds one: its data is a copy of an older state of the pairs
-/// the store keeps anyway.
+/// the store keeps anyway. The pieces go in one range deletion, unread.
 fn drop_stored_snapshot(engine: &dyn Engine, group: &str, batch: &mut WriteBatch) -> Result<bool, io::Error> {
     let record = group_key(group, b"snapshot");
     if engine.get(Cf::Raft, &record).map_err(io_read)?.is_none() {
         return Ok(false);
     }
     batch.delete(Cf::Raft, record);
-    let start = group_key(group, b"snapshot/");
-    let end = prefix_end(&start);
-    for (k, _) in engine.scan(Cf::Raft, &start, end.as_deref(), usize::MAX).map_err(io_read)? {
-        batch.delete(Cf::Raft, k);
-    }
+    delete_prefix(batch, &group_key(group, b"snapshot/"));
     Ok(true)
+}
+
+/// Adds to `batch` one range deletion of every key under `prefix`.
+fn delete_prefix(batch: &mut WriteBatch, prefix: &[u8]) {
+    // A group key's prefix ends in `/`, so it always has an end.
+    if let Some(end) = prefix_end(prefix) {
+        batch.delete_range(Cf::Raft, prefix.to_vec(), end);
+    }
 }
 
 /// A snapshot being built: the state machine as it stood between two
@@ -1062,10 +1066,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: SnapshotData) -> Result<(), io::Error> {
         let data = data.into_bytes()?;
         let pairs = decode_snapshot(&data)?;
+        // The state it replaces goes in one range deletion, unread: the
+        // member holds the snapshot's pairs, not those too. The puts after
+        // it in the batch come later in the engine's order, so they stand.
         let mut batch = WriteBatch::new();
-        for (k, _) in self.all_pairs()? {
-            batch.delete(Cf::Raft, sm_key(&self.group, &k));
-        }
+        delete_prefix(&mut batch, &group_key(&self.group, b"sm/"));
         for (k, v) in pairs {
             batch.put(Cf::Raft, sm_key(&self.group, &k), v);
         }
@@ -1526,9 +1531,9 @@ mod tests {
     /// A member's snapshot, encoded as it is sent and installed on a
     /// member with other state, leaves that member with the same pairs,
     /// position and membership; a snapshot stored by an older build there
-    /// is dropped.
-    #[tokio::test]
-    async fn a_sent_snapshot_installs_the_same_state() {
+    /// is dropped; another group's pairs stay. On both engines, and again
+    /// after the member's store is reopened.
+    async fn installs_the_same_state(rocks: bool) {
         let leader_engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
         let mut leader = StateMachine::new(leader_engine, GROUP, Arc::new(LastIndex));
         apply_range(&mut leader, 1..=9).await;
@@ -1536,24 +1541,52 @@ mod tests {
         let meta = sent.meta.clone();
         let bytes = sent.snapshot.into_bytes().expect("encodes");
 
-        let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
+        let dir = tempfile::tempdir().expect("temp dir");
+        let engine = test_engine(rocks, dir.path());
         let mut member = StateMachine::new(engine.clone(), GROUP, Arc::new(LastIndex));
         apply_range(&mut member, 1..=2).await;
+        const OTHER: &str = "strong/eu-west-1";
         let mut batch = WriteBatch::new();
         batch.put(Cf::Raft, sm_key(GROUP, b"gone"), b"x".to_vec());
+        batch.put(Cf::Raft, sm_key(GROUP, b"\xff\xff"), b"x".to_vec());
+        batch.put(Cf::Raft, sm_key(OTHER, b"kept"), b"y".to_vec());
         batch.put(Cf::Raft, group_key(GROUP, b"snapshot"), b"{}".to_vec());
         batch.put(Cf::Raft, [group_key(GROUP, b"snapshot/"), 0u64.to_be_bytes().to_vec()].concat(), vec![1]);
         engine.write(batch, true).expect("write");
         member.install_snapshot(&meta, SnapshotData::encoded(bytes)).await.expect("install");
 
-        assert_eq!(member.all_pairs().expect("pairs"), leader.all_pairs().expect("pairs"));
+        let expected = leader.all_pairs().expect("pairs");
+        let check = |member: &StateMachine, engine: &Arc<dyn Engine>, when: &str| {
+            assert_eq!(member.all_pairs().expect("pairs"), expected, "{when}");
+            let start = group_key(GROUP, b"snapshot");
+            let left =
+                engine.scan(Cf::Raft, &start, prefix_end(&start).as_deref(), usize::MAX).expect("scan");
+            assert!(left.is_empty(), "{when}: the stored snapshot of an older build is left: {left:?}");
+            let other = StateMachine::new(engine.clone(), OTHER, Arc::new(LastIndex));
+            assert_eq!(
+                other.get(b"kept").expect("read"),
+                Some(b"y".to_vec()),
+                "{when}: another group's pair"
+            );
+        };
+        check(&member, &engine, "installed");
         assert_eq!(
             member.applied_state().await.expect("applied"),
             leader.applied_state().await.expect("applied")
         );
-        let start = group_key(GROUP, b"snapshot");
-        let left = engine.scan(Cf::Raft, &start, prefix_end(&start).as_deref(), usize::MAX).expect("scan");
-        assert!(left.is_empty(), "the stored snapshot of an older build is left: {left:?}");
+        if rocks {
+            drop(member);
+            drop(engine);
+            let engine = test_engine(true, dir.path());
+            let member = StateMachine::new(engine.clone(), GROUP, Arc::new(LastIndex));
+            check(&member, &engine, "reopened");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sent_snapshot_installs_the_same_state_on_both_engines() {
+        installs_the_same_state(false).await;
+        installs_the_same_state(true).await;
     }
 
     #[tokio::test]
