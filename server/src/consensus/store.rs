@@ -927,6 +927,8 @@ impl StateMachine {
         self.machine.applied(&move |k| engine.get(Cf::Raft, &sm_key(&group, k)).ok().flatten());
     }
 
+    /// Every pair of the state machine (tests compare two members' states).
+    #[cfg(test)]
     fn all_pairs(&self) -> Result<KvPairs, io::Error> {
         let prefix = group_key(&self.group, b"sm/");
         let end = prefix_end(&prefix);
