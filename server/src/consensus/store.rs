@@ -1067,7 +1067,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: SnapshotData) -> Result<(), io::Error> {
         let data = data.into_bytes()?;
+        let bytes = data.len();
         let pairs = decode_snapshot(&data)?;
+        // Freed before the batch is built and written: the member holds at
+        // most two copies of the snapshot at once (the bytes and the pairs
+        // while decoding, then the pairs and the engine's batch).
+        drop(data);
         // The state it replaces goes in one range deletion, unread: the
         // member holds the snapshot's pairs, not those too. The puts after
         // it in the batch come later in the engine's order, so they stand.
@@ -1090,7 +1095,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         tracing::info!(
             group = %self.group,
             index = meta.last_log_id.map_or(0, |l| l.index),
-            bytes = data.len(),
+            bytes,
             "snapshot installed"
         );
         self.publish();
