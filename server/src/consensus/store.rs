@@ -71,8 +71,13 @@ fn log_key(group: &str, index: u64) -> Vec<u8> {
     k
 }
 
+/// Where the keys of `group`'s state machine start.
+fn sm_prefix(group: &str) -> Vec<u8> {
+    group_key(group, b"sm/")
+}
+
 fn sm_key(group: &str, key: &[u8]) -> Vec<u8> {
-    let mut k = group_key(group, b"sm/");
+    let mut k = sm_prefix(group);
     k.extend_from_slice(key);
     k
 }
@@ -620,7 +625,7 @@ struct SnapshotView {
 impl SnapshotView {
     /// Where the state machine's pairs start.
     fn prefix(&self) -> Vec<u8> {
-        group_key(&self.group, b"sm/")
+        sm_prefix(&self.group)
     }
 }
 
@@ -930,7 +935,7 @@ impl StateMachine {
     /// Every pair of the state machine (tests compare two members' states).
     #[cfg(test)]
     fn all_pairs(&self) -> Result<KvPairs, io::Error> {
-        let prefix = group_key(&self.group, b"sm/");
+        let prefix = sm_prefix(&self.group);
         let end = prefix_end(&prefix);
         let pairs = self.engine.scan(Cf::Raft, &prefix, end.as_deref(), usize::MAX).map_err(io_read)?;
         // Every scanned key starts with the prefix; one that did not would
@@ -1077,7 +1082,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // member holds the snapshot's pairs, not those too. The puts after
         // it in the batch come later in the engine's order, so they stand.
         let mut batch = WriteBatch::new();
-        delete_prefix(&mut batch, &group_key(&self.group, b"sm/"));
+        delete_prefix(&mut batch, &sm_prefix(&self.group));
         for (k, v) in pairs {
             batch.put(Cf::Raft, sm_key(&self.group, &k), v);
         }
