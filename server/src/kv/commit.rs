@@ -557,6 +557,16 @@ struct Committer {
     settings: CommitSettings,
     state: Arc<CommitState>,
     last_sweep: Instant,
+    /// Where the next idempotency sweep starts (an expiry key): every
+    /// expiry key below it is swept, or belongs to a record the sweep
+    /// deleted. Never above an expiry key still to be written (see
+    /// [`Committer::sweep_idempotency`]).
+    sweep_from: Vec<u8>,
+    /// Oldest `stored_at_ms` of a record stored since the last sweep: a
+    /// record stored with a time the sweep already passed (one that
+    /// travelled from another region, or a clock stepped back) moves the
+    /// next sweep's start down to it.
+    stored_oldest_ms: std::cell::Cell<u64>,
     /// Shared with the syncer (a thread of its own, or called inline).
     pipeline: Arc<Pipeline>,
     /// Overlays of groups handed to the syncer and not yet settled, newest
@@ -584,6 +594,8 @@ impl Committer {
             settings,
             state,
             last_sweep: Instant::now(),
+            sweep_from: IDEM_EXPIRY_PREFIX.to_vec(),
+            stored_oldest_ms: std::cell::Cell::new(u64::MAX),
             pipeline,
             carried: Default::default(),
             next_seq: None,
@@ -626,6 +638,14 @@ impl Overlay {
             .copied()
     }
 
+    /// Oldest `stored_at_ms` of the idempotency records not yet in the
+    /// store (this group's and those it was laid over).
+    fn oldest_idem_ms(&self) -> Option<u64> {
+        let own = self.idem.values().map(|r| r.stored_at_ms);
+        let carried = self.carried.iter().flat_map(|o| o.idem.values().map(|r| r.stored_at_ms));
+        own.chain(carried).min()
+    }
+
     /// This group's own changes, without what it was laid over.
     fn own(self) -> Overlay {
         Overlay { rows: self.rows, idem: self.idem, inbound: self.inbound, carried: Vec::new() }
@@ -661,6 +681,8 @@ impl Committer {
             // they carried never reached the store.
             self.era += 1;
             self.carried.clear();
+            // A failed group's sweep deleted nothing: sweep again from the start.
+            self.sweep_from = IDEM_EXPIRY_PREFIX.to_vec();
             self.next_seq = None;
             self.feed_next.set(0);
             return;
@@ -1270,6 +1292,7 @@ impl Committer {
     }
 
     fn put_idempotency(&self, batch: &mut WriteBatch, key: &str, record: &pb::IdempotencyRecord) {
+        self.stored_oldest_ms.set(self.stored_oldest_ms.get().min(record.stored_at_ms));
         batch.put(Cf::Meta, idem_key(key), codec::seal_message(record));
         batch.put(Cf::Meta, idem_expiry_key(record.stored_at_ms, key), Vec::new());
     }
@@ -1389,24 +1412,71 @@ impl Committer {
         Ok(if expired { None } else { Some(record) })
     }
 
-    /// Deletes idempotency records older than the TTL, a bounded number per
-    /// sweep, at most once a second.
+    /// Deletes idempotency records older than the TTL, at most
+    /// `IDEM_SWEEP_MAX` per group. A sweep runs once a second, and on the
+    /// next group again while the last one found more than it could take,
+    /// so records go at least as fast as writes store them: up to 256 per
+    /// group, where writes store at most `writes_max` (the record count of a
+    /// node under steady load stays near its write rate times the TTL).
+    ///
+    /// Each sweep starts where the last one stopped (`sweep_from`), not at
+    /// the first expiry key: the keys it deleted stay in the store as
+    /// tombstones until compaction, and a scan from the start would step
+    /// over every one of them each time. The start never passes a record
+    /// not yet in the store (one of this group or of a group still being
+    /// written, which the scan cannot see), and comes back down to any
+    /// record stored since with an older time.
     fn sweep_idempotency(&mut self, batch: &mut WriteBatch, overlay: &Overlay) {
+        let stored_oldest = self.stored_oldest_ms.replace(u64::MAX);
+        if stored_oldest != u64::MAX {
+            let oldest = idem_expiry_key(stored_oldest, "");
+            if oldest < self.sweep_from {
+                self.sweep_from = oldest;
+            }
+        }
         if self.last_sweep.elapsed() < IDEM_SWEEP_EVERY {
             return;
         }
-        self.last_sweep = Instant::now();
         let cutoff = now_ms().saturating_sub(self.settings.idempotency_ttl.as_millis() as u64);
         let end = idem_expiry_key(cutoff, "");
-        let Ok(expired) = self.engine.scan(Cf::Meta, IDEM_EXPIRY_PREFIX, Some(&end), IDEM_SWEEP_MAX) else {
+        if self.sweep_from >= end {
+            self.last_sweep = Instant::now();
+            return;
+        }
+        let Ok(expired) = self.engine.scan(Cf::Meta, &self.sweep_from, Some(&end), IDEM_SWEEP_MAX) else {
+            self.last_sweep = Instant::now();
             return;
         };
+        let full = expired.len() >= IDEM_SWEEP_MAX;
+        // Where the next sweep may start: past what this one read, or its
+        // end when it read everything, but never past a pending record.
+        let mut next = match expired.last() {
+            Some((k, _)) if full => {
+                let mut after = k.clone();
+                after.push(0);
+                after
+            }
+            _ => end,
+        };
+        if let Some(pending) = overlay.oldest_idem_ms() {
+            next = next.min(idem_expiry_key(pending, ""));
+        }
+        // Lower is always safe (it only reads some keys again).
+        self.sweep_from = next;
+        // A full sweep leaves more behind: the next group sweeps again.
+        if !full {
+            self.last_sweep = Instant::now();
+        }
+        let mut swept = 0u64;
         for (k, _) in expired {
             match idem_key_of_expiry(&k) {
                 // A record stored again (the key reused after it expired)
                 // in a group not yet written stays.
                 Ok(idem) if idem_record_pending(overlay, &idem) => {}
-                Ok(idem) => batch.delete(Cf::Meta, idem),
+                Ok(idem) => {
+                    batch.delete(Cf::Meta, idem);
+                    swept += 1;
+                }
                 Err(e) => {
                     // A malformed expiry key names no record; it is dropped so
                     // it cannot take a slot of every later sweep.
@@ -1416,6 +1486,7 @@ impl Committer {
             }
             batch.delete(Cf::Meta, k);
         }
+        metrics::counter!("geokv_idempotency_records_expired_total").increment(swept);
     }
 }
 
@@ -1715,5 +1786,81 @@ mod tests {
         assert_eq!(engine.get(Cf::Meta, b"idemx/\0\0").unwrap(), None, "the malformed key is dropped");
         assert_eq!(engine.get(Cf::Meta, &idem_key("old")).unwrap(), None, "the expired record is swept");
         assert_eq!(engine.get(Cf::Meta, &idem_expiry_key(1, "old")).unwrap(), None);
+    }
+
+    fn seed_expired(engine: &Arc<dyn Engine>, keys: impl Iterator<Item = (u64, String)>) {
+        let mut seed = WriteBatch::new();
+        for (at, key) in keys {
+            let record = pb::IdempotencyRecord { stored_at_ms: at, ..Default::default() };
+            seed.put(Cf::Meta, idem_key(&key), codec::seal_message(&record));
+            seed.put(Cf::Meta, idem_expiry_key(at, &key), Vec::new());
+        }
+        engine.write(seed, false).unwrap();
+    }
+
+    fn idem_count(engine: &Arc<dyn Engine>) -> (usize, usize) {
+        let records = engine.scan(Cf::Meta, IDEM_PREFIX, Some(b"idem0"), usize::MAX).unwrap().len();
+        let expiry = engine.scan(Cf::Meta, IDEM_EXPIRY_PREFIX, Some(b"idemx0"), usize::MAX).unwrap().len();
+        (records, expiry)
+    }
+
+    /// One group's sweep, written as the syncer would.
+    fn sweep_once(c: &mut Committer, engine: &Arc<dyn Engine>, overlay: &Overlay) {
+        let mut batch = WriteBatch::new();
+        c.sweep_idempotency(&mut batch, overlay);
+        if !batch.is_empty() {
+            engine.write(batch, false).unwrap();
+        }
+    }
+
+    /// Records expire as fast as writes store them: a backlog larger than
+    /// one sweep takes goes in the groups right after, not at one sweep a
+    /// second (which let a node writing more than 256 records a second
+    /// keep every record it ever stored).
+    #[test]
+    fn a_backlog_of_expired_records_goes_in_the_next_groups() {
+        let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
+        seed_expired(&engine, (0..2000u64).map(|i| (1 + i / 7, format!("k{i:05}"))));
+        let mut c = committer(engine.clone());
+        c.last_sweep = Instant::now() - IDEM_SWEEP_EVERY * 2;
+        for _ in 0..2000 / IDEM_SWEEP_MAX + 1 {
+            sweep_once(&mut c, &engine, &Overlay::default());
+        }
+        assert_eq!(idem_count(&engine), (0, 0), "every expired record and expiry key is gone");
+        assert!(c.last_sweep.elapsed() < IDEM_SWEEP_EVERY, "with the backlog cleared it waits again");
+    }
+
+    /// A sweep never steps past a record still on its way to the store,
+    /// nor past one stored later with an older time: both go in a later
+    /// sweep.
+    #[test]
+    fn the_sweep_start_waits_for_pending_and_late_old_records() {
+        let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new());
+        seed_expired(&engine, [(10, "a".to_string()), (30, "c".to_string())].into_iter());
+        let mut c = committer(engine.clone());
+        c.last_sweep = Instant::now() - IDEM_SWEEP_EVERY * 2;
+        // "b" (time 20) is in a group not yet written.
+        let pending = pb::IdempotencyRecord { stored_at_ms: 20, ..Default::default() };
+        let mut overlay = Overlay::default();
+        overlay.idem.insert("b".into(), pending.clone());
+        let mut write_b = WriteBatch::new();
+        c.put_idempotency(&mut write_b, "b", &pending);
+        sweep_once(&mut c, &engine, &overlay);
+        assert_eq!(idem_count(&engine), (0, 0), "a and c are swept");
+        engine.write(write_b, false).unwrap();
+        assert_eq!(idem_count(&engine), (1, 1), "b is written after the sweep");
+        c.last_sweep = Instant::now() - IDEM_SWEEP_EVERY * 2;
+        sweep_once(&mut c, &engine, &Overlay::default());
+        assert_eq!(idem_count(&engine), (0, 0), "b is swept once in the store");
+
+        // A record that travelled from another region, stored with a time
+        // the sweep passed long ago, between two sweeps.
+        let late = pb::IdempotencyRecord { stored_at_ms: 5, ..Default::default() };
+        let mut write_late = WriteBatch::new();
+        c.put_idempotency(&mut write_late, "late", &late);
+        engine.write(write_late, false).unwrap();
+        c.last_sweep = Instant::now() - IDEM_SWEEP_EVERY * 2;
+        sweep_once(&mut c, &engine, &Overlay::default());
+        assert_eq!(idem_count(&engine), (0, 0), "the late record is swept too");
     }
 }
