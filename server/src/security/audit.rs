@@ -15,7 +15,13 @@
 //! `geokv_audit_dropped_total`. A background task ([`AuditLog::start_background`])
 //! writes the queue every [`FLUSH_EVERY`] as unsynced batches (an fsync per
 //! request would cost more than the log is worth; a crash loses at most the
-//! last moments of it) and prunes by age and size every [`PRUNE_EVERY`].
+//! last moments of it) and prunes by age every [`PRUNE_EVERY`], and by
+//! size after any flush that left the log over its bound. A prune that
+//! reached its cap goes on after the next flush, and the cap is at least
+//! what one flush writes, so pruning keeps pace with any append rate.
+//! Each prune starts where the last one stopped: the records it deleted
+//! stay on disk as tombstones until compaction, and a scan from the first
+//! key would step over all of them every time.
 //!
 //! # On disk
 //! - key: big-endian `time_ms` (8 bytes) then a big-endian sequence number
@@ -59,8 +65,11 @@ const SCAN_PAGE: usize = 4_096;
 /// Records the open scan reads to recompute the log's size; past this the
 /// size is what was seen (an under-estimate until age pruning catches up).
 const OPEN_SCAN_RECORDS_MAX: usize = 1 << 21;
-/// Records one [`AuditLog::prune`] deletes at most; the next tick goes on.
+/// Records one [`AuditLog::prune`] deletes at most; the next flush tick
+/// goes on.
 pub const PRUNE_RECORDS_MAX: usize = 65_536;
+// A prune after every flush then deletes at least what the flush wrote.
+const _: () = assert!(PRUNE_RECORDS_MAX >= QUEUE_RECORDS_MAX);
 /// Records one [`AuditLog::query`] returns at most.
 pub const QUERY_LIMIT_MAX: usize = 10_000;
 /// Records one [`AuditLog::query`] examines at most; a query with narrow
@@ -178,6 +187,8 @@ pub enum AuditError {
 pub struct PruneReport {
     pub by_age: usize,
     pub by_bytes: usize,
+    /// The prune stopped at its cap with records still due.
+    pub more: bool,
 }
 
 /// The storage key of the `seq`-th record written at `time_ms`.
@@ -281,6 +292,20 @@ pub struct AuditLog {
     /// Whether the last write failed, so a persistent failure is logged
     /// once rather than every tick.
     failing: AtomicBool,
+    /// Records one prune deletes at most ([`PRUNE_RECORDS_MAX`]).
+    prune_records_max: usize,
+    /// Where pruning stands (taken under `work`).
+    prune: Mutex<PruneState>,
+}
+
+/// Where the next prune starts, and whether one is due before the next
+/// age tick.
+#[derive(Default)]
+struct PruneState {
+    /// Every stored key below this was pruned (empty: start of the log).
+    from: Vec<u8>,
+    /// The last prune stopped at its cap.
+    more: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -350,6 +375,8 @@ impl AuditLog {
             stored_bytes: AtomicU64::new(bytes),
             work: Mutex::new(()),
             failing: AtomicBool::new(false),
+            prune_records_max: PRUNE_RECORDS_MAX,
+            prune: Mutex::new(PruneState::default()),
         })
     }
 
@@ -409,11 +436,22 @@ impl AuditLog {
         for chunk in records.chunks(WRITE_BATCH_RECORDS_MAX) {
             let mut batch = WriteBatch::new();
             let mut bytes = 0u64;
+            let mut oldest: Option<[u8; KEY_BYTES]> = None;
             for rec in chunk {
                 let seq = self.next_seq.fetch_add(1, Ordering::AcqRel);
+                let key = record_key(rec.time_ms, seq);
+                oldest = Some(oldest.map_or(key, |o| o.min(key)));
                 let value = encode_record(rec);
                 bytes += (KEY_BYTES + value.len()) as u64;
-                batch.put(Cf::Audit, record_key(rec.time_ms, seq).to_vec(), value);
+                batch.put(Cf::Audit, key.to_vec(), value);
+            }
+            // A record stamped before where pruning stands (a clock that
+            // went back) moves the next prune's start down to it.
+            if let Some(oldest) = oldest {
+                let mut prune = lock(&self.prune);
+                if oldest.as_slice() < prune.from.as_slice() {
+                    prune.from = oldest.to_vec();
+                }
             }
             if let Err(e) = self.engine.write(batch, false) {
                 dropped("write_failed", total - written);
@@ -432,33 +470,42 @@ impl AuditLog {
 
     /// Deletes records older than the retention age at `now_ms`, then the
     /// oldest ones while the log exceeds its byte bound; at most
-    /// [`PRUNE_RECORDS_MAX`] records per call.
+    /// [`PRUNE_RECORDS_MAX`] records per call (`more` says it stopped there).
+    /// It reads from where the last prune stopped, never from the first key.
     pub fn prune(&self, now_ms: u64) -> Result<PruneReport, AuditError> {
         let _work = lock(&self.work);
+        let cap = self.prune_records_max;
         let mut report = PruneReport::default();
+        let mut start = lock(&self.prune).from.clone();
         if self.retention.age_s > 0 {
             let cutoff = now_ms.saturating_sub(self.retention.age_s.saturating_mul(1000));
             // Keys of records before `cutoff` sort below its 8 bytes alone.
             let end = cutoff.to_be_bytes();
-            while report.by_age < PRUNE_RECORDS_MAX {
-                let budget = SCAN_PAGE.min(PRUNE_RECORDS_MAX - report.by_age);
-                let page = self.engine.scan(Cf::Audit, b"", Some(&end), budget)?;
-                if page.is_empty() {
+            while report.by_age < cap && start.as_slice() < end.as_slice() {
+                let budget = SCAN_PAGE.min(cap - report.by_age);
+                let page = self.engine.scan(Cf::Audit, &start, Some(&end), budget)?;
+                let Some((last, _)) = page.last() else {
+                    start = end.to_vec();
                     break;
-                }
+                };
+                start = successor(last);
                 let n = page.len();
                 self.delete(page.into_iter().map(|(k, v)| (k, v.len())))?;
                 report.by_age += n;
+                if n < budget {
+                    start = start.max(end.to_vec());
+                    break;
+                }
             }
+            report.more |= report.by_age >= cap;
         }
         if self.retention.bytes_max > 0 {
-            while self.stored_bytes() > self.retention.bytes_max
-                && report.by_age + report.by_bytes < PRUNE_RECORDS_MAX
-            {
-                let budget = SCAN_PAGE.min(PRUNE_RECORDS_MAX - report.by_age - report.by_bytes);
-                let page = self.engine.scan(Cf::Audit, b"", None, budget)?;
+            while self.stored_bytes() > self.retention.bytes_max && report.by_age + report.by_bytes < cap {
+                let budget = SCAN_PAGE.min(cap - report.by_age - report.by_bytes);
+                let page = self.engine.scan(Cf::Audit, &start, None, budget)?;
                 if page.is_empty() {
-                    // Nothing stored: the estimate drifted; start it over.
+                    // Nothing stored past the start: the estimate drifted;
+                    // start it over.
                     self.stored_bytes.store(0, Ordering::Release);
                     break;
                 }
@@ -469,11 +516,18 @@ impl AuditLog {
                         break;
                     }
                     excess = excess.saturating_sub((k.len() + v.len()) as u64);
+                    start = successor(&k);
                     doomed.push((k, v.len()));
                 }
                 report.by_bytes += doomed.len();
                 self.delete(doomed.into_iter())?;
             }
+            report.more |= self.stored_bytes() > self.retention.bytes_max;
+        }
+        {
+            let mut prune = lock(&self.prune);
+            prune.from = start;
+            prune.more = report.more;
         }
         if report.by_age > 0 {
             metrics::counter!("geokv_audit_pruned_total", "reason" => "age").increment(report.by_age as u64);
@@ -484,6 +538,25 @@ impl AuditLog {
         }
         metrics::gauge!("geokv_audit_bytes").set(self.stored_bytes() as f64);
         Ok(report)
+    }
+
+    /// Whether a prune is due before the next age tick: the log is over
+    /// its byte bound, or the last prune stopped at its cap.
+    pub fn prune_due(&self) -> bool {
+        (self.retention.bytes_max > 0 && self.stored_bytes() > self.retention.bytes_max)
+            || lock(&self.prune).more
+    }
+
+    /// One flush tick's work: writes the queue, then prunes when `age_tick`
+    /// or [`AuditLog::prune_due`].
+    pub fn maintain(&self, now_ms: u64, age_tick: bool) -> Result<(), AuditError> {
+        if self.queued() > 0 {
+            self.flush()?;
+        }
+        if age_tick || self.prune_due() {
+            self.prune(now_ms)?;
+        }
+        Ok(())
     }
 
     /// Deletes `(key, value length)` pairs in one unsynced batch and takes
@@ -552,7 +625,8 @@ impl AuditLog {
     }
 
     /// Starts the task that flushes every [`FLUSH_EVERY`] (sooner when the
-    /// queue grows long) and prunes every [`PRUNE_EVERY`] by `clock`. On
+    /// queue grows long), prunes every [`PRUNE_EVERY`] by `clock`, and
+    /// prunes after a flush while [`AuditLog::prune_due`]. On
     /// `cancel` it flushes once more and ends. Storage work runs on the
     /// blocking pool, as every engine call may block on IO.
     pub fn start_background(
@@ -567,19 +641,22 @@ impl AuditLog {
             let mut prune_tick = tokio::time::interval(PRUNE_EVERY);
             prune_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tokio::select! {
+                let age_tick = tokio::select! {
                     _ = cancel.cancelled() => break,
-                    _ = flush_tick.tick() => me.flush_in_background().await,
-                    _ = me.wake.notified() => me.flush_in_background().await,
-                    _ = prune_tick.tick() => {
-                        let log = me.clone();
-                        let now_ms = clock.now_ms();
-                        match tokio::task::spawn_blocking(move || log.prune(now_ms)).await {
-                            Ok(Ok(_)) => {}
-                            Ok(Err(e)) => tracing::warn!(error = %e, "audit log prune failed"),
-                            Err(e) => tracing::warn!(error = %e, "audit log prune task failed"),
-                        }
-                    }
+                    _ = flush_tick.tick() => false,
+                    _ = me.wake.notified() => false,
+                    _ = prune_tick.tick() => true,
+                };
+                if !age_tick && me.queued() == 0 && !me.prune_due() {
+                    continue;
+                }
+                let log = me.clone();
+                let now_ms = clock.now_ms();
+                // A failed write is counted and logged by `flush` itself.
+                match tokio::task::spawn_blocking(move || log.maintain(now_ms, age_tick)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "audit log flush or prune failed"),
+                    Err(e) => tracing::warn!(error = %e, "audit log task failed"),
                 }
             }
             me.flush_in_background().await;
@@ -731,7 +808,7 @@ mod tests {
         let before = log.stored_bytes();
         // At 121 s, records before 61 s are older than 60 s.
         let report = log.prune(121_000).unwrap();
-        assert_eq!(report, PruneReport { by_age: 2, by_bytes: 0 });
+        assert_eq!(report, PruneReport { by_age: 2, by_bytes: 0, more: false });
         let left = log.query(0, None, None, 10).unwrap();
         assert_eq!(left.iter().map(|r| r.time_ms).collect::<Vec<_>>(), [61_000, 90_000, 120_000]);
         assert!(log.stored_bytes() < before);
@@ -755,10 +832,86 @@ mod tests {
         let log = open(&engine, AuditRetention { age_s: 0, bytes_max: 4 * one + one / 2 });
         assert_eq!(log.stored_bytes(), total, "the size is recounted at open");
         let report = log.prune(u64::MAX).unwrap();
-        assert_eq!(report, PruneReport { by_age: 0, by_bytes: 6 });
+        assert_eq!(report, PruneReport { by_age: 0, by_bytes: 6, more: false });
         let left = log.query(0, None, None, 100).unwrap();
         assert_eq!(left.iter().map(|r| r.time_ms).collect::<Vec<_>>(), [7, 8, 9, 10]);
         assert!(log.stored_bytes() <= 4 * one + one / 2);
+    }
+
+    /// Bytes of one stored test record with a five-digit time (the
+    /// largest of the flood test's).
+    fn one_record_bytes() -> u64 {
+        let engine = Arc::new(MemoryEngine::new());
+        let log = open(&engine, NO_LIMITS);
+        log.append(record(10_000, "alice", "a", true));
+        log.flush().unwrap();
+        log.stored_bytes()
+    }
+
+    /// Appends far faster than one prune per age tick deletes: each flush
+    /// tick prunes what went over the bound, so the log stays within it
+    /// (it grew without end before, by what the appends outran).
+    #[test]
+    fn pruning_keeps_pace_with_a_flood_of_appends() {
+        let one = one_record_bytes();
+        let engine = Arc::new(MemoryEngine::new());
+        let mut log = open(&engine, AuditRetention { age_s: 0, bytes_max: 50 * one });
+        // A cap per prune of just more than a flush tick's appends, as
+        // PRUNE_RECORDS_MAX is to QUEUE_RECORDS_MAX.
+        log.prune_records_max = 120;
+        for tick in 0..50u64 {
+            for i in 0..100 {
+                log.append(record(tick * 1_000 + i, "alice", "a", true));
+            }
+            log.maintain(tick * 1_000 + 999, false).unwrap();
+            assert!(
+                log.stored_bytes() <= 50 * one,
+                "tick {tick}: {} records stored, bound 50",
+                log.stored_bytes() / one
+            );
+        }
+        let left = log.query(0, None, None, 1_000).unwrap();
+        assert_eq!(left.len(), 50);
+        assert_eq!(left[0].time_ms, 49_050, "the oldest went first");
+        assert_eq!(log.stored_bytes(), open(&engine, NO_LIMITS).stored_bytes(), "estimate matches a recount");
+    }
+
+    /// Age pruning that finds more than its cap goes on at the next flush
+    /// tick, not at the next age tick.
+    #[test]
+    fn an_age_prune_stopped_at_its_cap_goes_on_at_the_next_tick() {
+        let engine = Arc::new(MemoryEngine::new());
+        let mut log = open(&engine, AuditRetention { age_s: 1, bytes_max: 0 });
+        log.prune_records_max = 100;
+        for t in 0..250 {
+            log.append(record(t, "alice", "a", true));
+        }
+        log.flush().unwrap();
+        let report = log.prune(10_000).unwrap();
+        assert_eq!((report.by_age, report.more), (100, true));
+        assert!(log.prune_due());
+        log.maintain(10_000, false).unwrap();
+        log.maintain(10_000, false).unwrap();
+        assert!(log.query(0, None, None, 1_000).unwrap().is_empty(), "all 250 expired records are gone");
+        assert!(!log.prune_due());
+    }
+
+    /// A prune starts where the last one stopped, and a record written
+    /// after it with an older time (a clock stepped back) is still pruned.
+    #[test]
+    fn a_record_older_than_where_pruning_stands_is_still_pruned() {
+        let engine = Arc::new(MemoryEngine::new());
+        let log = open(&engine, AuditRetention { age_s: 1, bytes_max: 0 });
+        for t in [1_000, 2_000, 50_000] {
+            log.append(record(t, "alice", "a", true));
+        }
+        log.flush().unwrap();
+        assert_eq!(log.prune(40_000).unwrap().by_age, 2);
+        log.append(record(500, "alice", "a", true));
+        log.flush().unwrap();
+        assert_eq!(log.prune(40_000).unwrap().by_age, 1, "the late, older record");
+        let left = log.query(0, None, None, 10).unwrap();
+        assert_eq!(left.iter().map(|r| r.time_ms).collect::<Vec<_>>(), [50_000]);
     }
 
     #[test]
