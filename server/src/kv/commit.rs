@@ -196,6 +196,9 @@ pub struct CommitState {
     /// Highest change-feed position durably written, announced to watchers.
     pub feed_seq: AtomicU64,
     pub feed_watch: tokio::sync::watch::Sender<u64>,
+    /// Every change-feed position below this is trimmed (0: not known
+    /// yet; the trimmer finds the oldest stored entry once).
+    pub feed_trimmed_below: AtomicU64,
     /// Commit groups being prepared or written, oldest first: (token, the
     /// HLC time taken as the group began). Every write a group stamps is
     /// stamped after its entry, and the entry leaves once the group is
@@ -257,6 +260,7 @@ impl Default for CommitState {
             tombstones_collected: AtomicU64::new(0),
             feed_seq: AtomicU64::new(0),
             feed_watch: tokio::sync::watch::channel(0).0,
+            feed_trimmed_below: AtomicU64::new(0),
             stamping: Default::default(),
             stamping_next: AtomicU64::new(0),
         }

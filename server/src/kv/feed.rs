@@ -30,8 +30,11 @@ use crate::storage::{Cf, WriteBatch};
 
 /// Feed entries read per page.
 const PAGE: usize = 256;
-/// Most entries one trimming pass removes.
+/// Most entries one trimming batch removes.
 const TRIM_PER_PASS: usize = 10_000;
+/// Most batches one trimming call writes (a million entries: more than a
+/// node writes in the second between two calls).
+const TRIM_BATCHES_MAX: usize = 100;
 
 /// Key of the feed entry at local position `seq`.
 pub fn entry_key(seq: u64) -> Vec<u8> {
@@ -159,41 +162,86 @@ pub fn newest(engine: &dyn crate::storage::Engine) -> Result<u64, KvError> {
     Ok(last.and_then(|(k, _)| seq_of(&k)).unwrap_or(0))
 }
 
-/// Removes entries past the retention, oldest first, recording per
-/// origin the highest position removed; returns how many it removed.
+/// Removes every entry past the retention, oldest first, in batches of
+/// at most [`TRIM_PER_PASS`] (at most [`TRIM_BATCHES_MAX`] of them per
+/// call), recording per origin the highest position removed; returns how
+/// many it removed. A call catches up with everything written since the
+/// last one: one batch per second fell behind any node writing faster.
 pub fn trim(node: &Node) -> Result<u64, KvError> {
+    trim_in_batches(node, TRIM_PER_PASS, TRIM_BATCHES_MAX)
+}
+
+pub(super) fn trim_in_batches(node: &Node, per_batch: usize, batches_max: usize) -> Result<u64, KvError> {
+    let mut removed = 0;
+    for _ in 0..batches_max {
+        let n = trim_batch(node, per_batch)?;
+        removed += n;
+        if n < per_batch as u64 {
+            break;
+        }
+    }
+    if removed > 0 {
+        metrics::counter!("geokv_feed_trimmed_total").increment(removed);
+    }
+    Ok(removed)
+}
+
+/// One batch of [`trim`]. It starts below the retention where the last
+/// one stopped (`feed_trimmed_below`), not at the first stored key: the
+/// entries it deleted stay on disk as tombstones until compaction, and a
+/// scan from the start would step over every one of them each time.
+fn trim_batch(node: &Node, per_batch: usize) -> Result<u64, KvError> {
     let retention = node.config().watch.retention_entries;
     let head = node.state.feed_seq.load(Ordering::Acquire);
     if retention == 0 || head <= retention {
         return Ok(0);
     }
     let keep_from = head - retention + 1;
-    let mut from = oldest(node)?;
+    let mut from = match node.state.feed_trimmed_below.load(Ordering::Acquire) {
+        0 => oldest(node)?,
+        below => below,
+    };
     let mut floors: BTreeMap<String, u64> = BTreeMap::new();
     let mut batch = WriteBatch::new();
     let mut removed = 0u64;
-    while from < keep_from && (removed as usize) < TRIM_PER_PASS {
-        let want = (keep_from - from).min(PAGE as u64) as usize;
-        let page = read_page(node, from, want)?;
-        let Some(last) = page.last() else { break };
-        from = last.local_seq + 1;
-        for e in page.into_iter().filter(|e| e.local_seq < keep_from) {
-            let f = floors.entry(e.origin.clone()).or_insert(0);
-            *f = (*f).max(e.origin_seq);
-            batch.delete(Cf::Feed, entry_key(e.local_seq));
+    while from < keep_from && (removed as usize) < per_batch {
+        let want = (keep_from - from).min(PAGE as u64).min((per_batch - removed as usize) as u64) as usize;
+        let page = node
+            .engine()
+            .scan(Cf::Feed, &entry_key(from), Some(b"l0"), want)
+            .map_err(|e| KvError::Storage(e.to_string()))?;
+        let Some(last) = page.last().and_then(|(k, _)| seq_of(k)) else {
+            from = keep_from;
+            break;
+        };
+        from = last + 1;
+        for (k, v) in page {
+            let Some(seq) = seq_of(&k).filter(|s| *s < keep_from) else { continue };
+            match codec::open_message::<spb::FeedEntry>(&v) {
+                Ok(e) => {
+                    let f = floors.entry(e.origin).or_insert(0);
+                    *f = (*f).max(e.origin_seq);
+                }
+                // Past the retention either way: it goes, or it would stop
+                // every later trim. Its origin's floor is not raised.
+                Err(e) => {
+                    metrics::counter!("geokv_corruption_detected_total").increment(1);
+                    tracing::error!(seq, error = %e, "trimming an unreadable change feed entry");
+                }
+            }
+            batch.delete(Cf::Feed, k);
             removed += 1;
         }
     }
-    if removed == 0 {
-        return Ok(0);
+    if removed > 0 {
+        let stored = self::floors(node)?;
+        for (origin, seq) in floors {
+            let seq = seq.max(stored.get(&origin).copied().unwrap_or(0));
+            batch.put(Cf::Feed, floor_key(&origin), seq.to_be_bytes().to_vec());
+        }
+        node.engine().write(batch, false).map_err(|e| KvError::Storage(e.to_string()))?;
     }
-    let stored = self::floors(node)?;
-    for (origin, seq) in floors {
-        let seq = seq.max(stored.get(&origin).copied().unwrap_or(0));
-        batch.put(Cf::Feed, floor_key(&origin), seq.to_be_bytes().to_vec());
-    }
-    node.engine().write(batch, false).map_err(|e| KvError::Storage(e.to_string()))?;
-    metrics::counter!("geokv_feed_trimmed_total").increment(removed);
+    node.state.feed_trimmed_below.store(from.min(keep_from), Ordering::Release);
     Ok(removed)
 }
 

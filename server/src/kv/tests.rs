@@ -719,3 +719,37 @@ async fn an_erasure_of_more_rows_than_a_page_takes_them_all() {
     assert_eq!(shown(&format!("alice:{:05}", rows - 1)), 0, "the last page too");
     assert_eq!(shown("bob:0"), 1, "another subject keeps its value");
 }
+
+/// The change feed keeps its retention however fast writes come: one
+/// trimming call removes everything past it, in bounded batches (it took
+/// one batch a second, so a node writing faster than that kept every
+/// entry past the first batch).
+#[tokio::test]
+async fn one_feed_trim_catches_up_with_all_writes_past_the_retention() {
+    let cfg = config("[watch]\nretention_entries = 20\n");
+    let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), 500));
+    let engine = Arc::new(MemoryEngine::new());
+    let node = Node::start(cfg, engine.clone(), hlc).unwrap();
+    let stored = |engine: &MemoryEngine| engine.scan(Cf::Feed, b"l/", Some(b"l0"), usize::MAX).unwrap();
+    for round in 0..3 {
+        for i in 0..150 {
+            node.write(put(row(&format!("k{round}-{i}")), "v", VersionVector::default())).await.unwrap();
+        }
+        // Batches of 16: as if each second's writes were many batches' worth.
+        let removed = feed::trim_in_batches(&node, 16, 1_000).unwrap();
+        assert_eq!(removed, if round == 0 { 130 } else { 150 }, "round {round}");
+        let left = stored(&engine);
+        assert_eq!(left.len(), 20, "round {round}: the retention is kept");
+        let head = node.state.feed_seq.load(Ordering::Acquire);
+        assert_eq!(left.first().map(|(k, _)| k.clone()), Some(feed::entry_key(head - 19)));
+    }
+    // Where trimming stands is known: a trim with nothing new removes nothing.
+    assert_eq!(feed::trim_in_batches(&node, 16, 1_000).unwrap(), 0);
+    // A batch bound still bounds one call.
+    for i in 0..100 {
+        node.write(put(row(&format!("more-{i}")), "v", VersionVector::default())).await.unwrap();
+    }
+    assert_eq!(feed::trim_in_batches(&node, 16, 2).unwrap(), 32);
+    assert_eq!(feed::trim_in_batches(&node, 16, 1_000).unwrap(), 68);
+    node.shutdown();
+}
