@@ -194,7 +194,8 @@ impl Engine for RocksEngine {
     fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, StorageError> {
         let handle = self.handle(cf)?;
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(&handle, IteratorMode::From(start, Direction::Forward)) {
+        let mode = IteratorMode::From(start, Direction::Forward);
+        for item in self.db.iterator_cf_opt(&handle, bounded(end), mode) {
             if out.len() >= limit {
                 break;
             }
@@ -254,6 +255,18 @@ impl Engine for RocksEngine {
     }
 }
 
+/// Read options of a forward scan that stops at `end`: RocksDB itself
+/// stops there, instead of stepping over every deleted key past `end`
+/// (tombstones not yet compacted) to find the first live one, which the
+/// scan would then drop.
+fn bounded(end: Option<&[u8]>) -> rocksdb::ReadOptions {
+    let mut opts = rocksdb::ReadOptions::default();
+    if let Some(end) = end {
+        opts.set_iterate_upper_bound(end.to_vec());
+    }
+    opts
+}
+
 /// A RocksDB snapshot: every read through it sees the sequence number at
 /// which it was taken, in every column family.
 struct RocksSnapshot<'a> {
@@ -280,7 +293,8 @@ impl Snapshot for RocksSnapshot<'_> {
         visit: &mut Visit<'_>,
     ) -> Result<(), StorageError> {
         let handle = self.engine.handle(cf)?;
-        for item in self.snap.iterator_cf(&handle, IteratorMode::From(start, Direction::Forward)) {
+        let mode = IteratorMode::From(start, Direction::Forward);
+        for item in self.snap.iterator_cf_opt(&handle, bounded(end), mode) {
             let (k, v) = item.map_err(|e| StorageError::Read { cf, reason: e.to_string() })?;
             if end.is_some_and(|e| k.as_ref() >= e) {
                 break;
