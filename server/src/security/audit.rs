@@ -28,9 +28,11 @@
 //!   (8 bytes), so a scan is in time order and two records of the same
 //!   millisecond never collide; the sequence continues from the highest one
 //!   stored when the log is opened.
-//! - value: the record as JSON inside the versioned, checksummed envelope
-//!   of [`crate::codec`]; a flipped bit reads as [`AuditError::Corrupt`].
-//!   Fields missing from an older record read as empty.
+//! - value: a 0 byte and the record as protobuf (`storage.AuditRecord`)
+//!   inside the versioned, checksummed envelope of [`crate::codec`]; a
+//!   flipped bit reads as [`AuditError::Corrupt`]. Records written before
+//!   that hold JSON (no leading 0 byte) and still read, with fields
+//!   missing from an older record read as empty.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -208,16 +210,50 @@ pub fn parse_key(key: &[u8]) -> Option<(u64, u64)> {
 
 /// The stored form of `record`.
 pub fn encode_record(record: &AuditRecord) -> Vec<u8> {
-    // A struct of strings, integers and a bool always serializes.
-    let json = serde_json::to_vec(record).expect("an audit record serializes to JSON");
-    codec::seal(&json)
+    use prost::Message;
+    let proto = geokv_proto::storage::AuditRecord {
+        time_ms: record.time_ms,
+        principal: record.principal.clone(),
+        operation: record.operation.clone(),
+        table: record.table.clone(),
+        key_hash: record.key_hash.clone(),
+        entry_region: record.entry_region.clone(),
+        serving_region: record.serving_region.clone(),
+        allowed: record.allowed,
+        reason: record.reason.clone(),
+    };
+    let mut payload = Vec::with_capacity(1 + proto.encoded_len());
+    payload.push(PROTOBUF_MARK);
+    proto.encode(&mut payload).expect("a Vec grows to fit");
+    codec::seal(&payload)
 }
 
-/// Reads a stored record back; `key` only names it in the error.
+/// First byte of a protobuf record's payload. Records written before it
+/// are JSON, which starts with `{` (or white space), never with a 0 byte.
+const PROTOBUF_MARK: u8 = 0;
+
+/// Reads a stored record back, protobuf or the JSON of older records;
+/// `key` only names it in the error.
 pub fn decode_record(key: &[u8], value: &[u8]) -> Result<AuditRecord, AuditError> {
+    use prost::Message;
     let corrupt = |reason: String| AuditError::Corrupt { key: hex::encode(key), reason };
     let payload = codec::open(value).map_err(|e| corrupt(e.to_string()))?;
-    serde_json::from_slice(payload).map_err(|e| corrupt(format!("payload does not decode: {e}")))
+    let Some(proto) = payload.strip_prefix(&[PROTOBUF_MARK]) else {
+        return serde_json::from_slice(payload).map_err(|e| corrupt(format!("payload does not decode: {e}")));
+    };
+    let p = geokv_proto::storage::AuditRecord::decode(proto)
+        .map_err(|e| corrupt(format!("payload does not decode: {e}")))?;
+    Ok(AuditRecord {
+        time_ms: p.time_ms,
+        principal: p.principal,
+        operation: p.operation,
+        table: p.table,
+        key_hash: p.key_hash,
+        entry_region: p.entry_region,
+        serving_region: p.serving_region,
+        allowed: p.allowed,
+        reason: p.reason,
+    })
 }
 
 /// HMAC-SHA256 (RFC 2104) of the concatenation of `parts` under `key`.
@@ -838,12 +874,12 @@ mod tests {
         assert!(log.stored_bytes() <= 4 * one + one / 2);
     }
 
-    /// Bytes of one stored test record with a five-digit time (the
-    /// largest of the flood test's).
+    /// Bytes of one stored test record with a time as long as the flood
+    /// test's last ones (the largest of them).
     fn one_record_bytes() -> u64 {
         let engine = Arc::new(MemoryEngine::new());
         let log = open(&engine, NO_LIMITS);
-        log.append(record(10_000, "alice", "a", true));
+        log.append(record(40_000, "alice", "a", true));
         log.flush().unwrap();
         log.stored_bytes()
     }
@@ -933,6 +969,10 @@ mod tests {
             decode_record(&key, &codec::seal(br#""not a record""#)),
             Err(AuditError::Corrupt { .. })
         ));
+        // A record stored as JSON by an older build reads as it was.
+        let json = codec::seal(&serde_json::to_vec(&rec).unwrap());
+        assert_eq!(decode_record(&key, &json).unwrap(), rec);
+        assert_eq!(codec::open(&sealed).unwrap()[0], PROTOBUF_MARK, "new records are protobuf");
         // An older record without newer fields still reads.
         let old =
             decode_record(&key, &codec::seal(br#"{"time_ms":5,"principal":"p","allowed":true}"#)).unwrap();
