@@ -676,6 +676,7 @@ impl AuditLog {
             flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut prune_tick = tokio::time::interval(PRUNE_EVERY);
             prune_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_warned = None;
             loop {
                 let age_tick = tokio::select! {
                     _ = cancel.cancelled() => break,
@@ -688,11 +689,20 @@ impl AuditLog {
                 }
                 let log = me.clone();
                 let now_ms = clock.now_ms();
-                // A failed write is counted and logged by `flush` itself.
-                match tokio::task::spawn_blocking(move || log.maintain(now_ms, age_tick)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(error = %e, "audit log flush or prune failed"),
-                    Err(e) => tracing::warn!(error = %e, "audit log task failed"),
+                // A failed write is counted and logged by `flush` itself. A
+                // prune that keeps failing is retried every tick while it is
+                // due, and logged once per age tick.
+                let failed = match tokio::task::spawn_blocking(move || log.maintain(now_ms, age_tick)).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(format!("audit log flush or prune failed: {e}")),
+                    Err(e) => Some(format!("audit log task failed: {e}")),
+                };
+                if let Some(why) = failed {
+                    metrics::counter!("geokv_audit_maintenance_failures_total").increment(1);
+                    if last_warned.is_none_or(|at: std::time::Instant| at.elapsed() >= PRUNE_EVERY) {
+                        tracing::warn!("{why}");
+                        last_warned = Some(std::time::Instant::now());
+                    }
                 }
             }
             me.flush_in_background().await;
