@@ -532,18 +532,7 @@ impl pb::admin_server::Admin for AdminService {
                 .query(req.since_ms, principal, table, limit)
                 .map_err(|e| Status::from(KvError::Storage(e.to_string())))?;
             let me = self.node.actor();
-            records.extend(found.into_iter().map(|r| pb::AuditEntry {
-                time_ms: r.time_ms,
-                principal: r.principal,
-                operation: r.operation,
-                table: r.table,
-                key_hash: r.key_hash,
-                entry_region: r.entry_region,
-                serving_region: r.serving_region,
-                allowed: r.allowed,
-                reason: r.reason,
-                node: me.clone(),
-            }));
+            records.extend(found.into_iter().map(|r| pb::AuditEntry { node: me.clone(), ..r.into() }));
         }
         if !req.node_only {
             let fan = pb::AuditLogRequest { node_only: true, ..req };

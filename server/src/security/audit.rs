@@ -28,8 +28,8 @@
 //!   (8 bytes), so a scan is in time order and two records of the same
 //!   millisecond never collide; the sequence continues from the highest one
 //!   stored when the log is opened.
-//! - value: a 0 byte and the record as protobuf (`storage.AuditRecord`)
-//!   inside the versioned, checksummed envelope of [`crate::codec`]; a
+//! - value: a 0 byte and the record as protobuf (the API's `AuditEntry`,
+//!   `node` empty) inside the versioned, checksummed envelope of [`crate::codec`]; a
 //!   flipped bit reads as [`AuditError::Corrupt`]. Records written before
 //!   that hold JSON (no leading 0 byte) and still read, with fields
 //!   missing from an older record read as empty.
@@ -211,21 +211,29 @@ pub fn parse_key(key: &[u8]) -> Option<(u64, u64)> {
 /// The stored form of `record`.
 pub fn encode_record(record: &AuditRecord) -> Vec<u8> {
     use prost::Message;
-    let proto = geokv_proto::storage::AuditRecord {
-        time_ms: record.time_ms,
-        principal: record.principal.clone(),
-        operation: record.operation.clone(),
-        table: record.table.clone(),
-        key_hash: record.key_hash.clone(),
-        entry_region: record.entry_region.clone(),
-        serving_region: record.serving_region.clone(),
-        allowed: record.allowed,
-        reason: record.reason.clone(),
-    };
+    let proto = geokv_proto::v1::AuditEntry::from(record.clone());
     let mut payload = Vec::with_capacity(1 + proto.encoded_len());
     payload.push(PROTOBUF_MARK);
     proto.encode(&mut payload).expect("a Vec grows to fit");
     codec::seal(&payload)
+}
+
+/// A record as the API sends it (and as it is stored), `node` empty.
+impl From<AuditRecord> for geokv_proto::v1::AuditEntry {
+    fn from(r: AuditRecord) -> Self {
+        Self {
+            time_ms: r.time_ms,
+            principal: r.principal,
+            operation: r.operation,
+            table: r.table,
+            key_hash: r.key_hash,
+            entry_region: r.entry_region,
+            serving_region: r.serving_region,
+            allowed: r.allowed,
+            reason: r.reason,
+            node: String::new(),
+        }
+    }
 }
 
 /// First byte of a protobuf record's payload. Records written before it
@@ -241,7 +249,7 @@ pub fn decode_record(key: &[u8], value: &[u8]) -> Result<AuditRecord, AuditError
     let Some(proto) = payload.strip_prefix(&[PROTOBUF_MARK]) else {
         return serde_json::from_slice(payload).map_err(|e| corrupt(format!("payload does not decode: {e}")));
     };
-    let p = geokv_proto::storage::AuditRecord::decode(proto)
+    let p = geokv_proto::v1::AuditEntry::decode(proto)
         .map_err(|e| corrupt(format!("payload does not decode: {e}")))?;
     Ok(AuditRecord {
         time_ms: p.time_ms,
