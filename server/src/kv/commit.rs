@@ -293,9 +293,9 @@ pub(crate) const IDEM_PREFIX: &[u8] = b"idem/";
 const IDEM_EXPIRY_PREFIX: &[u8] = b"idemx/";
 /// Expired idempotency records removed per sweep, bounding the work of one batch.
 const IDEM_SWEEP_MAX: usize = 256;
-const IDEM_SWEEP_EVERY: Duration = Duration::from_secs(1);
+pub(super) const IDEM_SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -785,13 +785,17 @@ impl Committer {
         next_seq: &mut u64,
         conflicts: &mut Vec<String>,
     ) -> Result<Vec<WriteOutcome>, KvError> {
+        // The time of an expired record of the key, overwritten below.
+        let mut replaces = None;
         if let Some(idem) = idempotency {
-            if let Some(record) = self.idempotency_record(&idem.key, overlay)? {
+            let lookup = self.idempotency_record(&idem.key, overlay)?;
+            replaces = lookup.stored_at_ms();
+            if let IdemLookup::Live(record) = &lookup {
                 if record.request_hash != idem.request_hash {
                     return Err(KvError::IdempotencyKeyReused { key: idem.key.clone() });
                 }
                 metrics::counter!("geokv_idempotent_replays_total").increment(1);
-                let mut outcomes = stored_outcomes(&record).map_err(|why| KvError::Corrupt {
+                let mut outcomes = stored_outcomes(record).map_err(|why| KvError::Corrupt {
                     what: format!("idempotency record `{}`", idem.key),
                     why,
                 })?;
@@ -901,7 +905,7 @@ impl Committer {
                     metrics::counter!("geokv_idempotency_records_kept_local_total").increment(1);
                 }
             }
-            self.put_idempotency(&mut job_batch, &idem.key, &record);
+            self.put_idempotency(&mut job_batch, &idem.key, &record, replaces);
             overlay.idem.insert(idem.key.clone(), record);
         }
         for entry in &entries {
@@ -1295,8 +1299,22 @@ impl Committer {
         batch.put(Cf::Feed, super::feed::entry_key(local_seq), codec::seal_message(&entry));
     }
 
-    fn put_idempotency(&self, batch: &mut WriteBatch, key: &str, record: &pb::IdempotencyRecord) {
+    /// Stores `record` under `key`, with its expiry key. `replaces` is the
+    /// time of a record of the same key this one overwrites (expired, or
+    /// one a record from another region displaces): its expiry key goes in
+    /// the same batch, since it names the same record key and its sweep
+    /// would delete the new record long before that one expires.
+    fn put_idempotency(
+        &self,
+        batch: &mut WriteBatch,
+        key: &str,
+        record: &pb::IdempotencyRecord,
+        replaces: Option<u64>,
+    ) {
         self.stored_oldest_ms.set(self.stored_oldest_ms.get().min(record.stored_at_ms));
+        if let Some(at) = replaces.filter(|at| *at != record.stored_at_ms) {
+            batch.delete(Cf::Meta, idem_expiry_key(at, key));
+        }
         batch.put(Cf::Meta, idem_key(key), codec::seal_message(record));
         batch.put(Cf::Meta, idem_expiry_key(record.stored_at_ms, key), Vec::new());
     }
@@ -1324,7 +1342,8 @@ impl Committer {
         if expired || incoming.origin.is_empty() {
             return Ok(());
         }
-        if let Some(local) = self.idempotency_record(key, overlay)? {
+        let lookup = self.idempotency_record(key, overlay)?;
+        if let IdemLookup::Live(local) = &lookup {
             if local.origin == incoming.origin || local.origin.is_empty() {
                 return Ok(());
             }
@@ -1333,10 +1352,10 @@ impl Committer {
                 return Ok(());
             }
             if local.origin == self.settings.actor {
-                self.compensate(key, &local, overlay, staged, batch, next_seq)?;
+                self.compensate(key, local, overlay, staged, batch, next_seq)?;
             }
         }
-        self.put_idempotency(batch, key, incoming);
+        self.put_idempotency(batch, key, incoming, lookup.stored_at_ms());
         overlay.idem.insert(key.to_string(), incoming.clone());
         Ok(())
     }
@@ -1394,18 +1413,16 @@ impl Committer {
         Ok(())
     }
 
-    fn idempotency_record(
-        &self,
-        key: &str,
-        overlay: &Overlay,
-    ) -> Result<Option<pb::IdempotencyRecord>, KvError> {
+    /// The record of an idempotency key: one of a group not yet written,
+    /// or the stored one, which is live while younger than the TTL.
+    fn idempotency_record(&self, key: &str, overlay: &Overlay) -> Result<IdemLookup, KvError> {
         if let Some(r) = overlay.idem_record(key) {
-            return Ok(Some(r.clone()));
+            return Ok(IdemLookup::Live(r.clone()));
         }
         let Some(bytes) =
             self.engine.get(Cf::Meta, &idem_key(key)).map_err(|e| KvError::Storage(e.to_string()))?
         else {
-            return Ok(None);
+            return Ok(IdemLookup::Absent);
         };
         let record: pb::IdempotencyRecord = codec::open_message(&bytes).map_err(|e| KvError::Corrupt {
             what: format!("idempotency record `{key}`"),
@@ -1413,7 +1430,11 @@ impl Committer {
         })?;
         let expired =
             now_ms().saturating_sub(record.stored_at_ms) > self.settings.idempotency_ttl.as_millis() as u64;
-        Ok(if expired { None } else { Some(record) })
+        Ok(if expired {
+            IdemLookup::Expired { stored_at_ms: record.stored_at_ms }
+        } else {
+            IdemLookup::Live(record)
+        })
     }
 
     /// Deletes idempotency records older than the TTL, at most
@@ -1611,6 +1632,29 @@ fn stored_outcomes(record: &pb::IdempotencyRecord) -> Result<Vec<WriteOutcome>, 
         .collect())
 }
 
+/// What an idempotency key has on this node.
+enum IdemLookup {
+    Absent,
+    /// A record within the TTL: its request is answered from it.
+    Live(pb::IdempotencyRecord),
+    /// A stored record past the TTL, not yet swept: as if absent, but a
+    /// new record of the key must take its expiry key out.
+    Expired {
+        stored_at_ms: u64,
+    },
+}
+
+impl IdemLookup {
+    /// The time of the record a new one of the same key overwrites.
+    fn stored_at_ms(&self) -> Option<u64> {
+        match self {
+            IdemLookup::Absent => None,
+            IdemLookup::Live(r) => Some(r.stored_at_ms),
+            IdemLookup::Expired { stored_at_ms } => Some(*stored_at_ms),
+        }
+    }
+}
+
 /// Whether the record stored under the meta key `idem` was written by a
 /// group not yet in the store.
 fn idem_record_pending(overlay: &Overlay, idem: &[u8]) -> bool {
@@ -1620,13 +1664,13 @@ fn idem_record_pending(overlay: &Overlay, idem: &[u8]) -> bool {
     overlay.idem_record(key).is_some()
 }
 
-fn idem_key(key: &str) -> Vec<u8> {
+pub(super) fn idem_key(key: &str) -> Vec<u8> {
     let mut k = IDEM_PREFIX.to_vec();
     k.extend_from_slice(key.as_bytes());
     k
 }
 
-fn idem_expiry_key(stored_at_ms: u64, key: &str) -> Vec<u8> {
+pub(super) fn idem_expiry_key(stored_at_ms: u64, key: &str) -> Vec<u8> {
     let mut k = IDEM_EXPIRY_PREFIX.to_vec();
     k.extend_from_slice(&stored_at_ms.to_be_bytes());
     k.extend_from_slice(key.as_bytes());
@@ -1848,7 +1892,7 @@ mod tests {
         let mut overlay = Overlay::default();
         overlay.idem.insert("b".into(), pending.clone());
         let mut write_b = WriteBatch::new();
-        c.put_idempotency(&mut write_b, "b", &pending);
+        c.put_idempotency(&mut write_b, "b", &pending, None);
         sweep_once(&mut c, &engine, &overlay);
         assert_eq!(idem_count(&engine), (0, 0), "a and c are swept");
         engine.write(write_b, false).unwrap();
@@ -1861,7 +1905,7 @@ mod tests {
         // the sweep passed long ago, between two sweeps.
         let late = pb::IdempotencyRecord { stored_at_ms: 5, ..Default::default() };
         let mut write_late = WriteBatch::new();
-        c.put_idempotency(&mut write_late, "late", &late);
+        c.put_idempotency(&mut write_late, "late", &late, None);
         engine.write(write_late, false).unwrap();
         c.last_sweep = Instant::now() - IDEM_SWEEP_EVERY * 2;
         sweep_once(&mut c, &engine, &Overlay::default());

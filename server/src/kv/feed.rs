@@ -197,40 +197,56 @@ fn trim_batch(node: &Node, per_batch: usize) -> Result<u64, KvError> {
         return Ok(0);
     }
     let keep_from = head - retention + 1;
-    let mut from = match node.state.feed_trimmed_below.load(Ordering::Acquire) {
-        0 => oldest(node)?,
-        below => below,
+    // With no trim since the start, from the first key under `l/`
+    // (malformed or not).
+    let (mut from, mut start) = match node.state.feed_trimmed_below.load(Ordering::Acquire) {
+        0 => (oldest(node)?, b"l/".to_vec()),
+        below => (below, entry_key(below)),
     };
     let mut floors: BTreeMap<String, u64> = BTreeMap::new();
     let mut batch = WriteBatch::new();
     let mut removed = 0u64;
+    // Every key in [start, end) is past the retention, or is no entry key
+    // at all (counted as corrupt and deleted with the rest: kept, it would
+    // stay for good, and the next page starts after it either way).
+    let end = entry_key(keep_from);
     while from < keep_from && (removed as usize) < per_batch {
-        let want = (keep_from - from).min(PAGE as u64).min((per_batch - removed as usize) as u64) as usize;
+        let want = PAGE.min(per_batch - removed as usize);
         let page = node
             .engine()
-            .scan(Cf::Feed, &entry_key(from), Some(b"l0"), want)
+            .scan(Cf::Feed, &start, Some(&end), want)
             .map_err(|e| KvError::Storage(e.to_string()))?;
-        let Some(last) = page.last().and_then(|(k, _)| seq_of(k)) else {
-            from = keep_from;
-            break;
-        };
-        from = last + 1;
+        let complete = page.len() < want;
         for (k, v) in page {
-            let Some(seq) = seq_of(&k).filter(|s| *s < keep_from) else { continue };
-            match codec::open_message::<spb::FeedEntry>(&v) {
-                Ok(e) => {
-                    let f = floors.entry(e.origin).or_insert(0);
-                    *f = (*f).max(e.origin_seq);
+            match seq_of(&k) {
+                Some(seq) => {
+                    from = seq + 1;
+                    match codec::open_message::<spb::FeedEntry>(&v) {
+                        Ok(e) => {
+                            let f = floors.entry(e.origin).or_insert(0);
+                            *f = (*f).max(e.origin_seq);
+                        }
+                        // Past the retention either way: it goes, or it would
+                        // stop every later trim. Its origin's floor is not
+                        // raised.
+                        Err(e) => {
+                            metrics::counter!("geokv_corruption_detected_total").increment(1);
+                            tracing::error!(seq, error = %e, "trimming an unreadable change feed entry");
+                        }
+                    }
                 }
-                // Past the retention either way: it goes, or it would stop
-                // every later trim. Its origin's floor is not raised.
-                Err(e) => {
+                None => {
                     metrics::counter!("geokv_corruption_detected_total").increment(1);
-                    tracing::error!(seq, error = %e, "trimming an unreadable change feed entry");
+                    tracing::error!(key = ?k, "trimming a change feed key that names no position");
                 }
             }
+            start.clone_from(&k);
+            start.push(0);
             batch.delete(Cf::Feed, k);
             removed += 1;
+        }
+        if complete {
+            from = keep_from;
         }
     }
     if removed > 0 {

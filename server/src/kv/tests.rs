@@ -753,3 +753,63 @@ async fn one_feed_trim_catches_up_with_all_writes_past_the_retention() {
     assert_eq!(feed::trim_in_batches(&node, 16, 1_000).unwrap(), 68);
     node.shutdown();
 }
+
+/// A key under `l/` that is no entry key (a torn or foreign write) is
+/// trimmed with the entries around it. One that ended a scan page used to
+/// be taken for the end of the feed: every entry of that page was marked
+/// trimmed without being deleted, and stayed until a restart.
+#[tokio::test]
+async fn a_malformed_feed_key_does_not_stop_the_trim() {
+    let cfg = config("[watch]\nretention_entries = 20\n");
+    let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), 500));
+    let engine = Arc::new(MemoryEngine::new());
+    let node = Node::start(cfg, engine.clone(), hlc).unwrap();
+    for i in 0..40 {
+        node.write(put(row(&format!("k{i}")), "v", VersionVector::default())).await.unwrap();
+    }
+    let head = node.state.feed_seq.load(Ordering::Acquire);
+    let mut malformed = feed::entry_key(head - 35);
+    malformed.push(0);
+    let mut seed = WriteBatch::new();
+    seed.put(Cf::Feed, malformed.clone(), b"junk".to_vec());
+    engine.write(seed, false).unwrap();
+    // Pages of 6 from the first entry: the sixth key is the malformed one.
+    let removed = feed::trim_in_batches(&node, 6, 1_000).unwrap();
+    let left = engine.scan(Cf::Feed, b"l/", Some(b"l0"), usize::MAX).unwrap();
+    assert_eq!(left.len(), 20, "only the retention is left");
+    assert_eq!(left.first().map(|(k, _)| k.clone()), Some(feed::entry_key(head - 19)));
+    assert_eq!(removed, head - 20 + 1, "every entry past the retention and the malformed key");
+    node.shutdown();
+}
+
+/// A key reused after its record expired keeps the new record for the
+/// whole TTL. The old record's expiry key, reached by a later sweep, named
+/// the same record key and used to delete the new record with it: a retry
+/// of the new request was then applied a second time.
+#[tokio::test]
+async fn an_idempotency_key_reused_after_expiry_keeps_its_new_record() {
+    let engine = Arc::new(MemoryEngine::new());
+    let old_at = commit::now_ms() - 2 * 3600 * 1000;
+    let old = pb::IdempotencyRecord { stored_at_ms: old_at, request_hash: 7, ..Default::default() };
+    let mut seed = WriteBatch::new();
+    seed.put(Cf::Meta, commit::idem_key("k"), codec::seal_message(&old));
+    seed.put(Cf::Meta, commit::idem_expiry_key(old_at, "k"), Vec::new());
+    engine.write(seed, false).unwrap();
+    let node = node_on(engine.clone());
+    let add = || WriteRequest {
+        ops: vec![WriteOp { row: row("c"), op: RowOp::CounterAdd { delta: 5 } }],
+        level: None,
+        idempotency: Some(Idempotency { key: "k".into(), request_hash: 8 }),
+    };
+    let first = node.write(add()).await.unwrap();
+    assert!(!first[0].replayed, "the expired record is not replayed");
+    assert_eq!(first[0].counter_value, Some(5));
+    // A group more than a second later sweeps, past the old expiry key.
+    tokio::time::sleep(commit::IDEM_SWEEP_EVERY + Duration::from_millis(100)).await;
+    node.write(put(row("other"), "v", VersionVector::default())).await.unwrap();
+    let again = node.write(add()).await.unwrap();
+    assert!(again[0].replayed, "the retry is answered from the new record");
+    assert_eq!(again[0].counter_value, Some(5), "and applied once");
+    let stored = engine.get(Cf::Meta, &commit::idem_key("k")).unwrap();
+    assert!(stored.is_some(), "the new record is still stored");
+}

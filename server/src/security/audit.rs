@@ -209,9 +209,9 @@ pub fn parse_key(key: &[u8]) -> Option<(u64, u64)> {
 }
 
 /// The stored form of `record`.
-pub fn encode_record(record: &AuditRecord) -> Vec<u8> {
+pub fn encode_record(record: AuditRecord) -> Vec<u8> {
     use prost::Message;
-    let proto = geokv_proto::v1::AuditEntry::from(record.clone());
+    let proto = geokv_proto::v1::AuditEntry::from(record);
     let mut payload = Vec::with_capacity(1 + proto.encoded_len());
     payload.push(PROTOBUF_MARK);
     proto.encode(&mut payload).expect("a Vec grows to fit");
@@ -477,7 +477,13 @@ impl AuditLog {
         let records = std::mem::take(&mut *lock(&self.queue)).records;
         let total = records.len();
         let mut written = 0;
-        for chunk in records.chunks(WRITE_BATCH_RECORDS_MAX) {
+        let mut records = records.into_iter();
+        loop {
+            let chunk: Vec<AuditRecord> = records.by_ref().take(WRITE_BATCH_RECORDS_MAX).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            let count = chunk.len();
             let mut batch = WriteBatch::new();
             let mut bytes = 0u64;
             let mut oldest: Option<[u8; KEY_BYTES]> = None;
@@ -505,7 +511,7 @@ impl AuditLog {
                 return Err(e.into());
             }
             self.failing.store(false, Ordering::Release);
-            written += chunk.len();
+            written += count;
             let now = self.stored_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
             metrics::gauge!("geokv_audit_bytes").set(now as f64);
         }
@@ -974,7 +980,7 @@ mod tests {
         let key = record_key(42, 9);
         assert_eq!(parse_key(&key), Some((42, 9)));
         assert_eq!(parse_key(&key[..15]), None);
-        let sealed = encode_record(&rec);
+        let sealed = encode_record(rec.clone());
         assert_eq!(decode_record(&key, &sealed).unwrap(), rec);
         for byte in 0..sealed.len() {
             let mut bad = sealed.clone();
@@ -1015,7 +1021,7 @@ mod tests {
         }
         let mut batch = WriteBatch::new();
         batch.delete(Cf::Audit, record_key(2, 1_000).to_vec());
-        batch.put(Cf::Audit, b"short".to_vec(), encode_record(&record(3, "x", "", true)));
+        batch.put(Cf::Audit, b"short".to_vec(), encode_record(record(3, "x", "", true)));
         engine.write(batch, false).unwrap();
         assert!(matches!(log.query(0, None, None, 10), Err(AuditError::Corrupt { .. })));
         // A log with a malformed key still opens and prunes.
