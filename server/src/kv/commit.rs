@@ -193,6 +193,11 @@ pub struct CommitState {
     pub log_watch: tokio::sync::watch::Sender<u64>,
     /// Tombstones removed by collection since start.
     pub tombstones_collected: AtomicU64,
+    /// Deleted rows staged for the store since start (counted as a group
+    /// is prepared, so a group that fails counts too). Tombstone collection
+    /// skips its scan while this has not moved since a sweep that found no
+    /// deleted row (`kv::gc`).
+    pub tombstones_written: AtomicU64,
     /// Highest change-feed position durably written, announced to watchers.
     pub feed_seq: AtomicU64,
     pub feed_watch: tokio::sync::watch::Sender<u64>,
@@ -258,6 +263,7 @@ impl Default for CommitState {
             inbound: Default::default(),
             log_watch: tokio::sync::watch::channel(0).0,
             tombstones_collected: AtomicU64::new(0),
+            tombstones_written: AtomicU64::new(0),
             feed_seq: AtomicU64::new(0),
             feed_watch: tokio::sync::watch::channel(0).0,
             feed_trimmed_below: AtomicU64::new(0),
@@ -880,6 +886,7 @@ impl Committer {
                 accepted_epoch: if w.lease_home.is_some() { epoch } else { 0 },
                 idempotency: None,
             });
+            self.count_tombstone(&row);
             job_batch.put(Cf::Data, dk.clone(), sealed_row);
             outcome.log_seq = seq;
             seq += 1;
@@ -1001,6 +1008,7 @@ impl Committer {
                     .record(delay_s);
             }
             let proto = merged.to_proto();
+            self.count_tombstone(&merged);
             job_batch.put(Cf::Data, dk.clone(), codec::seal_message(&proto));
             // Shipped log entries are changes watchers see, named by their
             // position in the origin's log.
@@ -1081,6 +1089,7 @@ impl Committer {
             };
             let Some(mut row) = current else { continue };
             if crate::lifecycle::fence_row(&mut row, fence).values > 0 {
+                self.count_tombstone(&row);
                 batch.put(Cf::Data, dk.clone(), row.seal());
                 overlay.rows.insert(dk, row);
             }
@@ -1297,6 +1306,13 @@ impl Committer {
             hlc,
         };
         batch.put(Cf::Feed, super::feed::entry_key(local_seq), codec::seal_message(&entry));
+    }
+
+    /// Counts `row`, about to be staged for the store, if it is deleted.
+    fn count_tombstone(&self, row: &Row) {
+        if super::row_is_deleted(row) {
+            self.state.tombstones_written.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// Stores `record` under `key`, with its expiry key. `replaces` is the

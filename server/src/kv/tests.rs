@@ -554,6 +554,7 @@ struct GatedEngine {
     fail_next: std::sync::atomic::AtomicBool,
     waiting: std::sync::atomic::AtomicUsize,
     idem_gets: std::sync::atomic::AtomicUsize,
+    data_scans: std::sync::atomic::AtomicUsize,
 }
 
 impl GatedEngine {
@@ -599,6 +600,9 @@ impl Engine for GatedEngine {
     }
 
     fn scan(&self, cf: Cf, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, StorageError> {
+        if cf == Cf::Data {
+            self.data_scans.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         self.inner.scan(cf, start, end, limit)
     }
 
@@ -812,4 +816,59 @@ async fn an_idempotency_key_reused_after_expiry_keeps_its_new_record() {
     assert_eq!(again[0].counter_value, Some(5), "and applied once");
     let stored = engine.get(Cf::Meta, &commit::idem_key("k")).unwrap();
     assert!(stored.is_some(), "the new record is still stored");
+}
+
+/// Tombstone collection reads the store only when a deleted row may be in
+/// it: after a sweep that found none, its passes scan nothing until a
+/// deleted row is written (or the clean sweep is too old to stand for
+/// them), and still count as sweeps with no tombstone.
+#[tokio::test]
+async fn tombstone_sweeps_skip_the_scan_while_nothing_was_deleted() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let engine = Arc::new(GatedEngine::default());
+    let node = node_on(engine.clone());
+    for k in ["a", "b", "c"] {
+        node.write(put(row(k), "v", VersionVector::default())).await.unwrap();
+    }
+    let mut settings = gc::GcSettings::from_config(&node.config().storage);
+    let scans = || engine.data_scans.load(SeqCst);
+    let sweeps = |node: &Node| node.gc().stats().sweeps;
+
+    let before = scans();
+    gc::pass(&node, None, settings).await.unwrap();
+    assert!(scans() > before, "the first sweep reads the store");
+    assert_eq!((sweeps(&node), node.gc().stats().tombstones), (1, 0));
+
+    let before = scans();
+    for _ in 0..3 {
+        gc::pass(&node, None, settings).await.unwrap();
+    }
+    assert_eq!(scans(), before, "nothing deleted since a sweep that found nothing: no scan");
+    assert_eq!(sweeps(&node), 4, "each pass still counts as a sweep");
+
+    // A delete: the next sweep reads the store and finds it.
+    let (_, ctx) = values(&node, "b");
+    node.write(WriteRequest {
+        ops: vec![WriteOp { row: row("b"), op: RowOp::Delete { context: Some(ctx) } }],
+        level: Some(Level::Eventual),
+        idempotency: None,
+    })
+    .await
+    .unwrap();
+    let before = scans();
+    gc::pass(&node, None, settings).await.unwrap();
+    assert!(scans() > before, "a deleted row was written: the sweep reads the store");
+    assert_eq!(node.gc().stats().tombstones, 1);
+
+    // A clean sweep stands for the later ones only so long.
+    let fresh_engine = Arc::new(GatedEngine::default());
+    let fresh = node_on(fresh_engine.clone());
+    settings.clean_stands_for = Duration::ZERO;
+    gc::pass(&fresh, None, settings).await.unwrap();
+    let before = fresh_engine.data_scans.load(SeqCst);
+    gc::pass(&fresh, None, settings).await.unwrap();
+    assert!(fresh_engine.data_scans.load(SeqCst) > before, "an old clean sweep stands for nothing");
+    assert_eq!(fresh.gc().stats().sweeps, 2);
+    node.shutdown();
+    fresh.shutdown();
 }
