@@ -328,7 +328,12 @@ pub async fn pass(node: &Arc<Node>, ack_floor: Option<u64>, settings: GcSettings
         // decodes every row: on a store of ten thousand rows that was a
         // few percent of a busy node's CPU, and on a large one a constant
         // read of cold blocks through the cache).
-        let written = node.state.tombstones_written.load(Ordering::Acquire);
+        // Deleted rows the committer staged, and values compaction stripped
+        // (an expired or erased value becomes a tombstone there; counted
+        // per process, so a node may scan for another's strips, never miss
+        // its own but for a compaction still writing its files as the
+        // scan reads, which the ten-minute bound covers).
+        let written = node.state.tombstones_written.load(Ordering::Acquire) + super::expiry::stripped_total();
         {
             let mut inner = node.gc().inner();
             let clean = inner
