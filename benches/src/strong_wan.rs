@@ -792,7 +792,7 @@ fn write_checks(results: &[Measured], rtt_ms: f64) -> Vec<(String, bool)> {
         match results.iter().find(|e| e.target == TargetKind::Etcd && e.clients == c && e.ops > 0) {
             Some(e) => {
                 let ratio = m.ops_per_s() / e.ops_per_s();
-                out.push((format!("{c} clients: ops/s {ratio:.3}x etcd's >= 1.0x"), ratio >= 1.0));
+                out.push((format!("{c} clients: ops/s {ratio:.4}x etcd's >= 1.0x"), ratio >= 1.0));
             }
             None => out.push((format!("{c} clients: no etcd run to compare ops/s with"), false)),
         }
@@ -836,7 +836,7 @@ mod tests {
         ];
         let checks = write_checks(&results, 80.0);
         let failed: Vec<&str> = checks.iter().filter(|(_, ok)| !ok).map(|(w, _)| w.as_str()).collect();
-        assert_eq!(failed, ["64 clients: ops/s 0.999x etcd's >= 1.0x"], "{checks:?}");
+        assert_eq!(failed, ["64 clients: ops/s 0.9987x etcd's >= 1.0x"], "{checks:?}");
         assert_eq!(checks.len(), 4, "1 client: p50; 64 clients: ratio, p50, p99");
 
         let mut slow = vec![84.0; 98];
