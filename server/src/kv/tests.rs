@@ -34,8 +34,13 @@ fn config(extra: &str) -> Arc<Config> {
 }
 
 fn node_on(engine: Arc<dyn Engine>) -> Arc<Node> {
+    node_with("", engine)
+}
+
+/// A node on `engine` with `extra` added to the test configuration.
+fn node_with(extra: &str, engine: Arc<dyn Engine>) -> Arc<Node> {
     let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), 500));
-    Node::start(config(""), engine, hlc).unwrap()
+    Node::start(config(extra), engine, hlc).unwrap()
 }
 
 fn node() -> Arc<Node> {
@@ -730,10 +735,8 @@ async fn an_erasure_of_more_rows_than_a_page_takes_them_all() {
 /// entry past the first batch).
 #[tokio::test]
 async fn one_feed_trim_catches_up_with_all_writes_past_the_retention() {
-    let cfg = config("[watch]\nretention_entries = 20\n");
-    let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), 500));
     let engine = Arc::new(MemoryEngine::new());
-    let node = Node::start(cfg, engine.clone(), hlc).unwrap();
+    let node = node_with("[watch]\nretention_entries = 20\n", engine.clone());
     let stored = |engine: &MemoryEngine| engine.scan(Cf::Feed, b"l/", Some(b"l0"), usize::MAX).unwrap();
     for round in 0..3 {
         for i in 0..150 {
@@ -764,10 +767,8 @@ async fn one_feed_trim_catches_up_with_all_writes_past_the_retention() {
 /// trimmed without being deleted, and stayed until a restart.
 #[tokio::test]
 async fn a_malformed_feed_key_does_not_stop_the_trim() {
-    let cfg = config("[watch]\nretention_entries = 20\n");
-    let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), 500));
     let engine = Arc::new(MemoryEngine::new());
-    let node = Node::start(cfg, engine.clone(), hlc).unwrap();
+    let node = node_with("[watch]\nretention_entries = 20\n", engine.clone());
     for i in 0..40 {
         node.write(put(row(&format!("k{i}")), "v", VersionVector::default())).await.unwrap();
     }

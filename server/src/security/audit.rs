@@ -477,17 +477,14 @@ impl AuditLog {
         let records = std::mem::take(&mut *lock(&self.queue)).records;
         let total = records.len();
         let mut written = 0;
-        let mut records = records.into_iter();
-        loop {
-            let chunk: Vec<AuditRecord> = records.by_ref().take(WRITE_BATCH_RECORDS_MAX).collect();
-            if chunk.is_empty() {
-                break;
-            }
-            let count = chunk.len();
+        let mut records = records.into_iter().peekable();
+        while records.peek().is_some() {
+            let mut count = 0;
             let mut batch = WriteBatch::new();
             let mut bytes = 0u64;
             let mut oldest: Option<[u8; KEY_BYTES]> = None;
-            for rec in chunk {
+            for rec in records.by_ref().take(WRITE_BATCH_RECORDS_MAX) {
+                count += 1;
                 let seq = self.next_seq.fetch_add(1, Ordering::AcqRel);
                 let key = record_key(rec.time_ms, seq);
                 oldest = Some(oldest.map_or(key, |o| o.min(key)));
