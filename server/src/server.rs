@@ -124,6 +124,7 @@ async fn serve_secured(
     // The compaction rules and the node share the erasure fences.
     let lifecycle = Arc::new(Lifecycle::new(&cfg));
     let engine = open_engine(&cfg, &lifecycle)?;
+    let store = engine.clone();
     let wiring = Wiring {
         grpc_addr: format!("{} (peer {})", grpc.local_addr()?, peer.local_addr()?),
         engine,
@@ -135,7 +136,45 @@ async fn serve_secured(
     };
     let client = geokv_net::incoming::incoming(grpc, tls.clone(), "client");
     let peer = geokv_net::incoming::incoming(peer, tls, "peer");
-    serve_with(cfg, wiring, client, Some(peer), shutdown).await
+    let served = serve_with(cfg, wiring, client, Some(peer), shutdown).await;
+    close_store(store).await;
+    served
+}
+
+/// Longest a stopped node waits for its other parts to let go of the store.
+pub const STORE_RELEASE_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Closes the store once nothing else holds it, so that it closes here and
+/// not on whichever thread lets go last. A Raft log syncer thread (which
+/// ends after its group's last log handle is dropped) or a task that
+/// outlives the node could otherwise close RocksDB while the process exits
+/// and tears down RocksDB's own static state: the node then aborts after
+/// "node stopped" ("pthread lock: Invalid argument"). Bounded by
+/// [`STORE_RELEASE_MAX`]; past it the holders are logged and the store is
+/// left to the last of them.
+async fn close_store(store: Arc<dyn Engine>) {
+    let began = tokio::time::Instant::now();
+    loop {
+        let holders = Arc::strong_count(&store) - 1;
+        if holders == 0 {
+            break;
+        }
+        if began.elapsed() >= STORE_RELEASE_MAX {
+            tracing::warn!(
+                holders,
+                "the store is still held {STORE_RELEASE_MAX:?} after the node stopped: it closes when \
+                 they let go"
+            );
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let waited_ms = began.elapsed().as_millis() as u64;
+    // Closing RocksDB waits for its background work: off the async workers.
+    match tokio::task::spawn_blocking(move || drop(store)).await {
+        Ok(()) => tracing::info!(waited_ms, "store closed"),
+        Err(e) => tracing::warn!(error = %e, "closing the store failed"),
+    }
 }
 
 /// What a node runs on besides its config: injected so a deterministic
@@ -512,5 +551,52 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stopped node has closed its store when `serve` returns: nothing
+    /// the node started (a Raft log syncer thread, a task) still holds it,
+    /// so the process does not exit while RocksDB is open on another
+    /// thread, and the same store opens again at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_node_has_closed_its_store() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for round in 0..3 {
+            let cfg =
+                Config { data_dir: dir.path().to_path_buf(), ..Config::default() }.finish().expect("config");
+            let bind = || async { TcpListener::bind("127.0.0.1:0").await.expect("bind") };
+            let (grpc, peer, admin) = (bind().await, bind().await, bind().await);
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let node = tokio::spawn(serve(cfg, grpc, peer, admin, async move {
+                let _ = stop_rx.await;
+            }));
+            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+            let _ = stop_tx.send(());
+            tokio::time::timeout(std::time::Duration::from_secs(30), node)
+                .await
+                .expect("the node stops within 30 s")
+                .expect("the node task")
+                .expect("the node stops cleanly");
+            let left: Vec<String> = std::fs::read_dir("/proc/self/task")
+                .expect("this process's threads")
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .map(|name| name.trim().to_string())
+                .filter(|name| name.starts_with("raft-sync"))
+                .collect();
+            assert!(left.is_empty(), "round {round}: threads of the stopped node still run: {left:?}");
+            let tuning = RocksOptions {
+                write_buffer_bytes: 1 << 20,
+                block_cache_bytes: 1 << 20,
+                background_jobs: 1,
+                rules: Vec::new(),
+            };
+            if let Err(e) = RocksEngine::open(dir.path(), &tuning) {
+                panic!("round {round}: the store is still open after the node stopped: {e}");
+            }
+        }
     }
 }

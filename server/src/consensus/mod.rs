@@ -327,7 +327,13 @@ pub struct Consensus {
     pub lease_clock: Arc<crate::failover::lease_clock::LeaseClock>,
     /// The vote fence of each group this node is a voter of.
     fences: BTreeMap<String, Arc<fence::Fence>>,
+    /// Each group's log syncer thread, joined by [`Consensus::shutdown`].
+    syncers: std::sync::Mutex<Vec<(String, std::thread::JoinHandle<()>)>>,
 }
+
+/// Longest [`Consensus::shutdown`] waits for the groups' log syncer
+/// threads to end once their groups stopped.
+pub const SYNCER_EXIT_MAX: Duration = Duration::from_secs(5);
 
 /// Bootstraps a new group: every voter bootstraps with the same membership;
 /// openraft accepts that, and only one initial log can win. Initializing
@@ -587,6 +593,7 @@ impl Consensus {
         let mut groups = BTreeMap::new();
         let mut members = BTreeMap::new();
         let mut fences = BTreeMap::new();
+        let mut syncers = Vec::new();
         for (name, voters, preferred_region, machine) in wanted {
             members.insert(name.clone(), voters.clone());
             if !voters.iter().any(|m| m.id == me) {
@@ -603,6 +610,9 @@ impl Consensus {
                 chunk_bytes: cfg.consensus.snapshot_chunk_bytes,
             };
             let bootstrap_wait = Duration::from_millis(rc.election_timeout_max * BOOTSTRAP_WAIT_TIMEOUTS);
+            if let Some(thread) = log.take_syncer_thread() {
+                syncers.push((name.clone(), thread));
+            }
             let raft = Raft::new(me, rc.clone(), net, log, sm.clone()).await?;
             let initialized = raft.is_initialized().await?;
             let record =
@@ -682,7 +692,17 @@ impl Consensus {
             cfg.clock.max_offset_ms,
             cfg.consensus.lease_ms,
         ));
-        Ok(Arc::new(Self { me, cfg, peers, groups, members, control: control_tx, lease_clock, fences }))
+        Ok(Arc::new(Self {
+            me,
+            cfg,
+            peers,
+            groups,
+            members,
+            control: control_tx,
+            lease_clock,
+            fences,
+            syncers: std::sync::Mutex::new(syncers),
+        }))
     }
 
     /// The vote fence of `group` at this node, when it is a voter of it.
@@ -952,10 +972,29 @@ impl Consensus {
             .map_err(|why| KvError::Corrupt { what: "STRONG row".into(), why })
     }
 
-    /// Stops every group.
+    /// Stops every group, then joins their log syncer threads (each ends
+    /// once its group let go of its log; bounded by [`SYNCER_EXIT_MAX`],
+    /// past which a thread is left to end by itself, logged).
     pub async fn shutdown(&self) {
         for g in self.groups.values() {
             let _ = g.raft.shutdown().await;
+        }
+        let syncers = std::mem::take(&mut *self.syncers.lock().unwrap_or_else(|p| p.into_inner()));
+        let by = tokio::time::Instant::now() + SYNCER_EXIT_MAX;
+        for (group, thread) in syncers {
+            while !thread.is_finished() && tokio::time::Instant::now() < by {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if !thread.is_finished() {
+                tracing::warn!(
+                    group,
+                    "the group's log syncer still runs {SYNCER_EXIT_MAX:?} after it stopped"
+                );
+                continue;
+            }
+            if tokio::task::spawn_blocking(move || thread.join()).await.map_or(true, |r| r.is_err()) {
+                tracing::error!(group, "the group's log syncer panicked");
+            }
         }
     }
 }

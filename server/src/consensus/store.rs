@@ -113,6 +113,9 @@ pub struct LogStore {
     /// the memory engine, which has nothing to sync: appends complete
     /// inline, and the simulation keeps to its own threads).
     syncer: Option<std::sync::mpsc::Sender<IOFlushed<TypeConfig>>>,
+    /// The syncer thread, for whoever stops the group to join (see
+    /// [`LogStore::take_syncer_thread`]).
+    syncer_thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 /// Syncs the engine for appends in the order they were written and
@@ -247,16 +250,16 @@ impl LogStore {
         if last.is_none() {
             last = read_json(engine.as_ref(), &group_key(group, b"purged"))?;
         }
-        let syncer = if engine.kind() == "memory" {
-            None
+        let (syncer, syncer_thread) = if engine.kind() == "memory" {
+            (None, None)
         } else {
             let (tx, rx) = std::sync::mpsc::channel();
             let sync_engine = engine.clone();
-            std::thread::Builder::new()
+            let thread = std::thread::Builder::new()
                 .name(format!("raft-sync-{group}"))
                 .spawn(move || run_log_syncer(sync_engine, rx))
                 .map_err(io_write)?;
-            Some(tx)
+            (Some(tx), Some(thread))
         };
         Ok(Self {
             engine,
@@ -264,7 +267,16 @@ impl LogStore {
             last: Arc::new(Mutex::new(last)),
             tail: Default::default(),
             syncer,
+            syncer_thread: Arc::new(Mutex::new(syncer_thread)),
         })
+    }
+
+    /// The group's syncer thread (once; None for the memory engine). It
+    /// ends after the last clone of this log store is dropped; a stopping
+    /// node joins it, so that no thread that used the store is still
+    /// exiting while the process tears RocksDB's static state down.
+    pub fn take_syncer_thread(&self) -> Option<std::thread::JoinHandle<()>> {
+        self.syncer_thread.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     fn get_json<T: DeserializeOwned>(&self, suffix: &[u8]) -> Result<Option<T>, io::Error> {

@@ -236,6 +236,24 @@ impl From<AuditRecord> for geokv_proto::v1::AuditEntry {
     }
 }
 
+/// A stored record read back (the entry's `node` is not stored: the
+/// answering node names itself).
+impl From<geokv_proto::v1::AuditEntry> for AuditRecord {
+    fn from(p: geokv_proto::v1::AuditEntry) -> Self {
+        Self {
+            time_ms: p.time_ms,
+            principal: p.principal,
+            operation: p.operation,
+            table: p.table,
+            key_hash: p.key_hash,
+            entry_region: p.entry_region,
+            serving_region: p.serving_region,
+            allowed: p.allowed,
+            reason: p.reason,
+        }
+    }
+}
+
 /// First byte of a protobuf record's payload. Records written before it
 /// are JSON, which starts with `{` (or white space), never with a 0 byte.
 const PROTOBUF_MARK: u8 = 0;
@@ -251,17 +269,7 @@ pub fn decode_record(key: &[u8], value: &[u8]) -> Result<AuditRecord, AuditError
     };
     let p = geokv_proto::v1::AuditEntry::decode(proto)
         .map_err(|e| corrupt(format!("payload does not decode: {e}")))?;
-    Ok(AuditRecord {
-        time_ms: p.time_ms,
-        principal: p.principal,
-        operation: p.operation,
-        table: p.table,
-        key_hash: p.key_hash,
-        entry_region: p.entry_region,
-        serving_region: p.serving_region,
-        allowed: p.allowed,
-        reason: p.reason,
-    })
+    Ok(p.into())
 }
 
 /// HMAC-SHA256 (RFC 2104) of the concatenation of `parts` under `key`.
