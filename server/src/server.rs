@@ -154,26 +154,33 @@ pub const STORE_RELEASE_MAX: std::time::Duration = std::time::Duration::from_sec
 /// left to the last of them.
 async fn close_store(store: Arc<dyn Engine>) {
     let began = tokio::time::Instant::now();
-    loop {
-        let holders = Arc::strong_count(&store) - 1;
-        if holders == 0 {
-            break;
-        }
-        if began.elapsed() >= STORE_RELEASE_MAX {
-            tracing::warn!(
-                holders,
-                "the store is still held {STORE_RELEASE_MAX:?} after the node stopped: it closes when \
-                 they let go"
-            );
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    if !wait_until(began + STORE_RELEASE_MAX, || Arc::strong_count(&store) == 1).await {
+        tracing::warn!(
+            holders = Arc::strong_count(&store) - 1,
+            "the store is still held {STORE_RELEASE_MAX:?} after the node stopped: it closes when they \
+             let go"
+        );
+        return;
     }
     let waited_ms = began.elapsed().as_millis() as u64;
     // Closing RocksDB waits for its background work: off the async workers.
     match tokio::task::spawn_blocking(move || drop(store)).await {
         Ok(()) => tracing::info!(waited_ms, "store closed"),
         Err(e) => tracing::warn!(error = %e, "closing the store failed"),
+    }
+}
+
+/// Checks `done` every 5 ms until it holds (true) or `by` passes (false):
+/// the bounded waits of a stopping node.
+pub(crate) async fn wait_until(by: tokio::time::Instant, done: impl Fn() -> bool) -> bool {
+    loop {
+        if done() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= by {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }
 

@@ -982,10 +982,7 @@ impl Consensus {
         let syncers = std::mem::take(&mut *self.syncers.lock().unwrap_or_else(|p| p.into_inner()));
         let by = tokio::time::Instant::now() + SYNCER_EXIT_MAX;
         for (group, thread) in syncers {
-            while !thread.is_finished() && tokio::time::Instant::now() < by {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            if !thread.is_finished() {
+            if !crate::server::wait_until(by, || thread.is_finished()).await {
                 tracing::warn!(
                     group,
                     "the group's log syncer still runs {SYNCER_EXIT_MAX:?} after it stopped"
