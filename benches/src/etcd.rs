@@ -3,12 +3,19 @@
 //!
 //! Every client sends to the leader (found with Maintenance.Status), which
 //! spares writes the follower-to-leader forwarding hop: etcd's best case.
+//!
+//! With [`Transport::Tls`] the members speak mutual TLS on their client and
+//! peer ports, as geokv always does ([`crate::peer_tls`]); the load clients
+//! connect through the same channel builder as geokv's clients.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use geokv_net::channel::{ChannelSettings, Channels, Dialer};
+
+use crate::peer_tls::{PeerCerts, Transport};
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
 
@@ -29,6 +36,13 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub const INSTALL_HINT: &str = "install etcd (Debian: `apt-get install etcd-server`) or pass --etcd-bin";
 
+/// How this tool reaches the members: plaintext, or a channel builder
+/// holding the load generator's client certificate.
+#[derive(Clone)]
+struct Dial {
+    tls: Option<Channels>,
+}
+
 /// A running cluster; every member stopped and the data removed when dropped.
 pub struct EtcdCluster {
     /// Declared before `dir` so the processes stop before their data goes.
@@ -39,6 +53,8 @@ pub struct EtcdCluster {
     /// Client URL of the member that led when the cluster became ready
     /// (or that [`EtcdCluster::move_leader`] made the leader).
     pub leader_url: String,
+    pub transport: Transport,
+    dial: Dial,
     _dir: TempDir,
 }
 
@@ -48,34 +64,58 @@ pub struct MemberSpec {
     pub client_port: u16,
     /// The port the member listens on for its peers.
     pub peer_port: u16,
-    /// The peer URL the other members are told to use: its own port, or a
-    /// proxy in front of it.
-    pub advertise_peer_url: String,
+    /// The peer address ("host:port") the other members are told to use:
+    /// its own port, or a proxy in front of it.
+    pub advertise_peer_addr: String,
 }
 
 /// Starts `MEMBERS` etcd processes forming one new cluster.
-pub async fn start(bin: &Path) -> Result<EtcdCluster> {
+pub async fn start(bin: &Path, transport: Transport) -> Result<EtcdCluster> {
     let ports = process::free_ports(2 * MEMBERS)?;
     let specs: Vec<MemberSpec> = (0..MEMBERS)
         .map(|i| MemberSpec {
             name: format!("n{i}"),
             client_port: ports[i],
             peer_port: ports[MEMBERS + i],
-            advertise_peer_url: format!("http://127.0.0.1:{}", ports[MEMBERS + i]),
+            advertise_peer_addr: format!("127.0.0.1:{}", ports[MEMBERS + i]),
         })
         .collect();
-    start_members(bin, &specs, &[]).await
+    start_members(bin, &specs, &[], transport).await
 }
 
 /// Starts one etcd process per spec, forming one new cluster, with
 /// `extra_args` for every member (e.g. Raft timing).
-pub async fn start_members(bin: &Path, specs: &[MemberSpec], extra_args: &[String]) -> Result<EtcdCluster> {
+pub async fn start_members(
+    bin: &Path,
+    specs: &[MemberSpec],
+    extra_args: &[String],
+    transport: Transport,
+) -> Result<EtcdCluster> {
     let bin = process::require_binary(bin, INSTALL_HINT)?;
     let dir = tempfile::Builder::new().prefix("geokv-load-etcd-").tempdir().context("creating a temp dir")?;
+    let certs = match transport {
+        Transport::Plaintext => None,
+        Transport::Tls => Some(PeerCerts::create(
+            &dir.path().join("certs"),
+            &specs.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+        )?),
+    };
+    let dial = Dial {
+        tls: certs
+            .as_ref()
+            .map(|c| Channels::new(ChannelSettings::CLIENT, Dialer::tcp(), Some(c.client.clone()))),
+    };
+    let scheme = match transport {
+        Transport::Plaintext => "http",
+        Transport::Tls => "https",
+    };
     let client_urls: Vec<String> =
-        specs.iter().map(|m| format!("http://127.0.0.1:{}", m.client_port)).collect();
-    let initial_cluster =
-        specs.iter().map(|m| format!("{}={}", m.name, m.advertise_peer_url)).collect::<Vec<_>>().join(",");
+        specs.iter().map(|m| format!("{scheme}://127.0.0.1:{}", m.client_port)).collect();
+    let initial_cluster = specs
+        .iter()
+        .map(|m| format!("{}={scheme}://{}", m.name, m.advertise_peer_addr))
+        .collect::<Vec<_>>()
+        .join(",");
     let mut members = Vec::with_capacity(specs.len());
     for (m, client_url) in specs.iter().zip(&client_urls) {
         let mut cmd = Command::new(&bin);
@@ -83,14 +123,23 @@ pub async fn start_members(bin: &Path, specs: &[MemberSpec], extra_args: &[Strin
             .arg(format!("--data-dir={}", dir.path().join(&m.name).display()))
             .arg(format!("--listen-client-urls={client_url}"))
             .arg(format!("--advertise-client-urls={client_url}"))
-            .arg(format!("--listen-peer-urls=http://127.0.0.1:{}", m.peer_port))
-            .arg(format!("--initial-advertise-peer-urls={}", m.advertise_peer_url))
+            .arg(format!("--listen-peer-urls={scheme}://127.0.0.1:{}", m.peer_port))
+            .arg(format!("--initial-advertise-peer-urls={scheme}://{}", m.advertise_peer_addr))
             .arg(format!("--initial-cluster={initial_cluster}"))
             .arg("--initial-cluster-state=new")
             .arg("--initial-cluster-token=geokv-load")
             .arg("--logger=zap")
             .arg("--log-level=warn")
             .args(extra_args);
+        if let Some(certs) = &certs {
+            let files = certs.server(&m.name);
+            for side in ["", "peer-"] {
+                cmd.arg(format!("--{side}cert-file={}", files.cert.display()))
+                    .arg(format!("--{side}key-file={}", files.key.display()))
+                    .arg(format!("--{side}trusted-ca-file={}", files.ca.display()))
+                    .arg(format!("--{side}client-cert-auth"));
+            }
+        }
         let log = dir.path().join(format!("{}.log", m.name));
         members.push(Child::spawn(format!("etcd member {}", m.name), cmd, &log)?);
     }
@@ -99,13 +148,13 @@ pub async fn start_members(bin: &Path, specs: &[MemberSpec], extra_args: &[Strin
         "etcd cluster",
         READY_TIMEOUT,
         || members.iter_mut().try_for_each(Child::check_alive),
-        || leader(urls.clone()),
+        || leader(&dial, urls.clone()),
     )
     .await?;
     let pids: Vec<String> = members.iter().map(|m| m.pid().unwrap_or(0).to_string()).collect();
-    eprintln!("etcd: {} members (pids {}), leader {leader_url}", specs.len(), pids.join(", "));
+    eprintln!("etcd: {} members (pids {}, {transport:?}), leader {leader_url}", specs.len(), pids.join(", "));
     let names = specs.iter().map(|m| m.name.clone()).collect();
-    Ok(EtcdCluster { members, names, client_urls, leader_url, _dir: dir })
+    Ok(EtcdCluster { members, names, client_urls, leader_url, transport, dial, _dir: dir })
 }
 
 impl EtcdCluster {
@@ -119,7 +168,7 @@ impl EtcdCluster {
 
     /// The name of the member every member currently agrees leads.
     pub async fn leader_name(&self) -> Result<String> {
-        let url = leader(self.client_urls.clone()).await?;
+        let url = leader(&self.dial, self.client_urls.clone()).await?;
         let at = self.client_urls.iter().position(|u| *u == url).context("leader URL not in the cluster")?;
         Ok(self.names[at].clone())
     }
@@ -134,12 +183,13 @@ impl EtcdCluster {
         // Bounded by the deadline: each pass sleeps or returns.
         loop {
             let attempt = async {
-                let current = leader(self.client_urls.clone()).await?;
+                let current = leader(&self.dial, self.client_urls.clone()).await?;
                 if current == target_url {
                     return Ok(true);
                 }
-                let target_id = member_id(&target_url).await?;
-                let mut m = MaintenanceClient::new(channel(&current, Duration::from_secs(5)).await?);
+                let target_id = member_id(&self.dial, &target_url).await?;
+                let mut m =
+                    MaintenanceClient::new(channel(&self.dial, &current, Duration::from_secs(5)).await?);
                 m.move_leader(pb::MoveLeaderRequest { target_id })
                     .await
                     .with_context(|| format!("MoveLeader to {name} sent to {current}"))?;
@@ -164,14 +214,23 @@ impl EtcdCluster {
 }
 
 /// The member id of the member serving `url`.
-async fn member_id(url: &str) -> Result<u64> {
-    let mut m = MaintenanceClient::new(channel(url, Duration::from_secs(1)).await?);
+async fn member_id(dial: &Dial, url: &str) -> Result<u64> {
+    let mut m = MaintenanceClient::new(channel(dial, url, Duration::from_secs(1)).await?);
     let status =
         m.status(pb::StatusRequest {}).await.with_context(|| format!("status of {url}"))?.into_inner();
     status.header.map(|h| h.member_id).context("status without a header")
 }
 
-async fn channel(url: &str, timeout: Duration) -> Result<Channel> {
+/// A channel to `url`; with TLS, through the client's certificate (the
+/// load loop bounds each request; `timeout` bounds the connection).
+async fn channel(dial: &Dial, url: &str, timeout: Duration) -> Result<Channel> {
+    if let Some(channels) = &dial.tls {
+        let connect = channels.connect(url, None);
+        return match tokio::time::timeout(timeout, connect).await {
+            Ok(c) => c.with_context(|| format!("connecting to etcd at {url}")),
+            Err(_) => bail!("connecting to etcd at {url}: no connection within {timeout:?}"),
+        };
+    }
     Endpoint::from_shared(url.to_string())
         .with_context(|| format!("bad etcd URL {url}"))?
         .connect_timeout(timeout)
@@ -183,11 +242,11 @@ async fn channel(url: &str, timeout: Duration) -> Result<Channel> {
 }
 
 /// The client URL of the leader, once every member answers and agrees on it.
-async fn leader(urls: Vec<String>) -> Result<String> {
+async fn leader(dial: &Dial, urls: Vec<String>) -> Result<String> {
     let mut leader_id = None;
     let mut ids = Vec::with_capacity(urls.len());
     for url in &urls {
-        let mut m = MaintenanceClient::new(channel(url, Duration::from_secs(1)).await?);
+        let mut m = MaintenanceClient::new(channel(dial, url, Duration::from_secs(1)).await?);
         let status =
             m.status(pb::StatusRequest {}).await.with_context(|| format!("status of {url}"))?.into_inner();
         let member_id = status.header.map(|h| h.member_id).unwrap_or(0);
@@ -215,8 +274,9 @@ pub struct EtcdConn {
 }
 
 impl EtcdConn {
-    pub async fn connect(url: &str, serializable: bool, op_timeout: Duration) -> Result<Self> {
-        Ok(Self { kv: KvClient::new(channel(url, op_timeout).await?), serializable })
+    pub async fn connect(cluster: &EtcdCluster, serializable: bool, op_timeout: Duration) -> Result<Self> {
+        let channel = channel(&cluster.dial, &cluster.leader_url, op_timeout).await?;
+        Ok(Self { kv: KvClient::new(channel), serializable })
     }
 
     pub async fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
@@ -230,5 +290,33 @@ impl EtcdConn {
             pb::RangeRequest { key: key.to_vec(), serializable: self.serializable, ..Default::default() };
         self.kv.range(req).await.context("etcd range")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs etcd (`scripts/deps` installs it); fails without it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tls_cluster_serves_the_load_client_and_refuses_plaintext() {
+        let bin = std::path::Path::new("/usr/bin/etcd");
+        let mut cluster = start(bin, Transport::Tls).await.expect("a 3-member cluster with mutual TLS");
+        assert!(cluster.leader_url.starts_with("https://"), "{}", cluster.leader_url);
+        let mut conn = EtcdConn::connect(&cluster, false, Duration::from_secs(5)).await.expect("TLS client");
+        conn.put(b"k", b"v").await.expect("a put through TLS");
+        conn.get(b"k").await.expect("a linearizable read through TLS");
+
+        // The same port in plaintext gets no answer from etcd.
+        let plain = Dial { tls: None };
+        let url = cluster.leader_url.replacen("https://", "http://", 1);
+        let refused = async {
+            let mut m = MaintenanceClient::new(channel(&plain, &url, Duration::from_secs(2)).await?);
+            m.status(pb::StatusRequest {}).await.context("status")?;
+            anyhow::Ok(())
+        };
+        let outcome = tokio::time::timeout(Duration::from_secs(10), refused).await;
+        assert!(!matches!(outcome, Ok(Ok(()))), "a plaintext client was answered on a TLS port");
+        cluster.check_alive().expect("every member still runs");
     }
 }

@@ -9,6 +9,7 @@
 //! - [`target`]: a running target and the per-client connection enum.
 //! - [`geokv`], [`etcd`], [`redis`]: starting each target on loopback and
 //!   speaking to it.
+//! - [`peer_tls`]: certificates for etcd and Redis with `--peer-transport tls`.
 //! - [`process`]: child processes: free ports, readiness with a deadline,
 //!   stop on drop (SIGTERM, then SIGKILL), temp dirs removed after.
 //! - [`report`]: the table, the geokv/peer ratios, JSON.
@@ -22,6 +23,7 @@ mod etcd;
 mod geokv;
 mod lifecycle;
 mod load;
+mod peer_tls;
 mod process;
 mod redis;
 mod report;
@@ -107,6 +109,10 @@ struct Args {
     geokv_args: Vec<String>,
     #[arg(long, default_value = "/usr/bin/etcd")]
     etcd_bin: PathBuf,
+    /// How etcd (client and peer ports) and Redis are reached: plaintext,
+    /// or mutual TLS as geokv always is.
+    #[arg(long, value_enum, default_value_t = peer_tls::Transport::Plaintext)]
+    peer_transport: peer_tls::Transport,
     #[arg(long, default_value = "/usr/bin/redis-server")]
     redis_bin: PathBuf,
     /// Concurrent clients; a comma list runs each in turn (e.g. `1,64`).
@@ -233,6 +239,7 @@ impl Args {
             geokv_bin,
             geokv_args: self.geokv_args.clone(),
             etcd_bin: self.etcd_bin.clone(),
+            peer_transport: self.peer_transport,
             redis_bin: self.redis_bin.clone(),
             table: self.table.clone(),
             consistency: self.consistency,
@@ -336,7 +343,7 @@ async fn run(args: &Args) -> Result<()> {
     for kind in args.targets() {
         eprintln!("{kind}: starting");
         let mut running = Running::start(kind, &plan).await.with_context(|| format!("starting {kind}"))?;
-        semantics.push((kind, kind.semantics(args.consistency)));
+        semantics.push((kind, kind.semantics(args.consistency, args.peer_transport)));
         let preload = match args.preload {
             Some(n) => n,
             None if shape.put_ratio < 1.0 && !args.no_preload => shape.keys,

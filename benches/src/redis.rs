@@ -1,16 +1,22 @@
 //! Redis as a target: one `redis-server` with an fsync'd append-only file,
 //! and a minimal RESP client (SET and GET, one connection per load client).
+//! With [`Transport::Tls`] the server takes only mutual-TLS connections
+//! (`tls-port`, `tls-auth-clients yes`; [`crate::peer_tls`]).
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use geokv_net::channel::Io;
+use geokv_net::tls::Tls;
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+use crate::peer_tls::{PeerCerts, Transport};
 use crate::process::{self, Child};
 
 /// Longest the server may take to answer its first PING.
@@ -27,6 +33,8 @@ pub struct RedisServer {
     /// Declared before `dir` so the process stops before its files go.
     child: Child,
     pub addr: SocketAddr,
+    /// The load client's identity when the server takes only TLS.
+    pub tls: Option<Arc<Tls>>,
     _dir: TempDir,
 }
 
@@ -38,16 +46,37 @@ impl RedisServer {
 
 /// Starts a server on a free port; every write is fsync'd before the reply
 /// (`appendfsync always`), as geokv's and etcd's are.
-pub async fn start(bin: &Path) -> Result<RedisServer> {
+pub async fn start(bin: &Path, transport: Transport) -> Result<RedisServer> {
     let bin = process::require_binary(bin, INSTALL_HINT)?;
     let dir =
         tempfile::Builder::new().prefix("geokv-load-redis-").tempdir().context("creating a temp dir")?;
     let port = process::free_ports(1)?[0];
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut cmd = Command::new(&bin);
-    cmd.arg("--port")
-        .arg(port.to_string())
-        .arg("--bind")
+    let tls = match transport {
+        Transport::Plaintext => {
+            cmd.arg("--port").arg(port.to_string());
+            None
+        }
+        Transport::Tls => {
+            let certs = PeerCerts::create(&dir.path().join("certs"), &["redis"])?;
+            let files = certs.server("redis");
+            cmd.arg("--port")
+                .arg("0")
+                .arg("--tls-port")
+                .arg(port.to_string())
+                .arg("--tls-cert-file")
+                .arg(&files.cert)
+                .arg("--tls-key-file")
+                .arg(&files.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&files.ca)
+                .arg("--tls-auth-clients")
+                .arg("yes");
+            Some(certs.client)
+        }
+    };
+    cmd.arg("--bind")
         .arg("127.0.0.1")
         .arg("--appendonly")
         .arg("yes")
@@ -64,8 +93,8 @@ pub async fn start(bin: &Path) -> Result<RedisServer> {
         "redis-server",
         READY_TIMEOUT,
         || child.check_alive(),
-        || async move {
-            let mut c = RedisConn::new(addr);
+        || async {
+            let mut c = RedisConn::new(addr, tls.clone());
             let reply = c.command(&[b"PING"]).await?;
             match reply {
                 Reply::Simple(s) if s == "PONG" => Ok(()),
@@ -74,8 +103,8 @@ pub async fn start(bin: &Path) -> Result<RedisServer> {
         },
     )
     .await?;
-    eprintln!("redis: pid {} on {addr}", child.pid().unwrap_or(0));
-    Ok(RedisServer { child, addr, _dir: dir })
+    eprintln!("redis: pid {} on {addr} ({})", child.pid().unwrap_or(0), transport.describe());
+    Ok(RedisServer { child, addr, tls, _dir: dir })
 }
 
 impl RedisServer {
@@ -96,28 +125,42 @@ pub enum Reply {
 /// timed-out reply would leave the stream out of step).
 pub struct RedisConn {
     addr: SocketAddr,
-    stream: Option<BufReader<TcpStream>>,
+    /// The client identity for a TLS server (None: plaintext).
+    tls: Option<Arc<Tls>>,
+    stream: Option<BufReader<Box<dyn Io>>>,
     out: Vec<u8>,
 }
 
 impl RedisConn {
-    pub fn new(addr: SocketAddr) -> Self {
-        Self { addr, stream: None, out: Vec::with_capacity(256) }
+    pub fn new(addr: SocketAddr, tls: Option<Arc<Tls>>) -> Self {
+        Self { addr, tls, stream: None, out: Vec::with_capacity(256) }
     }
 
-    pub async fn connect(addr: SocketAddr) -> Result<Self> {
-        let mut c = Self::new(addr);
+    pub async fn connect(server: &RedisServer) -> Result<Self> {
+        let mut c = Self::new(server.addr, server.tls.clone());
         c.stream().await?;
         Ok(c)
     }
 
-    async fn stream(&mut self) -> Result<&mut BufReader<TcpStream>> {
+    async fn stream(&mut self) -> Result<&mut BufReader<Box<dyn Io>>> {
         if self.stream.is_none() {
             let s = TcpStream::connect(self.addr)
                 .await
                 .with_context(|| format!("connecting to redis at {}", self.addr))?;
             s.set_nodelay(true)?;
-            self.stream = Some(BufReader::new(s));
+            let io: Box<dyn Io> = match &self.tls {
+                None => Box::new(s),
+                Some(tls) => {
+                    let name = rustls_pki_types::ServerName::IpAddress(self.addr.ip().into());
+                    let connector = tokio_rustls::TlsConnector::from(tls.client_config());
+                    let s = connector
+                        .connect(name, s)
+                        .await
+                        .with_context(|| format!("TLS handshake with redis at {}", self.addr))?;
+                    Box::new(s)
+                }
+            };
+            self.stream = Some(BufReader::new(io));
         }
         self.stream.as_mut().context("redis connection missing")
     }
@@ -181,7 +224,7 @@ fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
     }
 }
 
-async fn read_reply(stream: &mut BufReader<TcpStream>) -> Result<Reply> {
+async fn read_reply(stream: &mut BufReader<Box<dyn Io>>) -> Result<Reply> {
     let mut line = Vec::with_capacity(64);
     let n = (&mut *stream)
         .take(LINE_BYTES_MAX as u64)
@@ -230,5 +273,24 @@ mod tests {
         let mut out = Vec::new();
         encode(&mut out, &[b"SET", b"k", b"v\r\n"]);
         assert_eq!(out, b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv\r\n\r\n");
+    }
+
+    /// Needs redis-server (`scripts/deps` installs it); fails without it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tls_server_serves_the_load_client_and_refuses_plaintext() {
+        let mut server =
+            start(Path::new("/usr/bin/redis-server"), Transport::Tls).await.expect("redis with TLS");
+        let mut conn = RedisConn::connect(&server).await.expect("TLS client");
+        conn.set(b"k", b"v").await.expect("SET through TLS");
+        assert_eq!(conn.command(&[b"GET", b"k"]).await.expect("GET"), Reply::Bulk(Some(b"v".to_vec())));
+
+        // The same port in plaintext gets no reply.
+        let mut plain = RedisConn::new(server.addr, None);
+        let outcome = tokio::time::timeout(Duration::from_secs(5), plain.command(&[b"PING"])).await;
+        assert!(
+            !matches!(outcome, Ok(Ok(_))),
+            "a plaintext client was answered on the TLS port: {outcome:?}"
+        );
+        server.check_alive().expect("the server still runs");
     }
 }

@@ -32,6 +32,7 @@ use tempfile::TempDir;
 use crate::etcd::{self, EtcdCluster, MemberSpec};
 use crate::geokv::GeokvSettings;
 use crate::load::{self, Measured, Shape};
+use crate::peer_tls::Transport;
 use crate::process::{self, Child};
 use crate::report;
 use crate::target::{Running, TargetKind};
@@ -102,6 +103,10 @@ pub struct StrongWanArgs {
     pub geokv_extra_config: Option<PathBuf>,
     #[arg(long, default_value = "/usr/bin/etcd")]
     pub etcd_bin: PathBuf,
+    /// etcd's client and peer ports: plaintext, or mutual TLS as geokv's
+    /// (the peer links still pass through the latency proxies).
+    #[arg(long, value_enum, default_value_t = Transport::Plaintext)]
+    pub peer_transport: Transport,
 }
 
 impl StrongWanArgs {
@@ -476,7 +481,12 @@ struct EtcdWan {
 }
 
 impl EtcdWan {
-    async fn start(bin: &std::path::Path, delays_ms: &[u64; 3], scale: f64) -> Result<Self> {
+    async fn start(
+        bin: &std::path::Path,
+        delays_ms: &[u64; 3],
+        scale: f64,
+        transport: Transport,
+    ) -> Result<Self> {
         let ports = process::free_ports(6)?;
         let proxies = ProxySet::new();
         let mut specs = Vec::new();
@@ -497,7 +507,7 @@ impl EtcdWan {
                 name: region.to_string(),
                 client_port: ports[i],
                 peer_port,
-                advertise_peer_url: format!("http://{}", link.local_addr()),
+                advertise_peer_addr: link.local_addr().to_string(),
             });
         }
         // Raft timing as `geokv dev` derives it for the same voters (etcd
@@ -514,7 +524,7 @@ impl EtcdWan {
             format!("--election-timeout={}", heartbeat * 10),
         ];
         eprintln!("etcd: heartbeat {heartbeat} ms, election timeout {} ms", heartbeat * 10);
-        let start = etcd::start_members(bin, &specs, &timing).await;
+        let start = etcd::start_members(bin, &specs, &timing, transport).await;
         let mut cluster = match start {
             Ok(c) => c,
             Err(e) => {
@@ -645,7 +655,8 @@ pub async fn run(args: &StrongWanArgs, default_geokv_bin: PathBuf) -> Result<()>
 
     // Then etcd, alone on the machine.
     eprintln!("etcd: starting 3 members behind peer proxies");
-    let wan = EtcdWan::start(&args.etcd_bin, &delays, scale).await.context("starting etcd")?;
+    let wan =
+        EtcdWan::start(&args.etcd_bin, &delays, scale, args.peer_transport).await.context("starting etcd")?;
     let EtcdWan { cluster, proxies } = wan;
     let mut running = Running::Etcd { cluster, serializable: false, op_timeout: shape.op_timeout };
     let outcome: Result<()> = async {
@@ -667,6 +678,13 @@ pub async fn run(args: &StrongWanArgs, default_geokv_bin: PathBuf) -> Result<()>
         if let Running::Etcd { cluster, .. } = &running {
             let leader = cluster.leader_name().await.unwrap_or_else(|e| format!("unknown ({e:#})"));
             notes.push(format!("etcd leader after the runs: {leader}"));
+            notes.push(format!(
+                "etcd transport: {} (geokv: mutual TLS on every connection)",
+                match cluster.transport {
+                    Transport::Plaintext => "plaintext client and peer ports",
+                    Transport::Tls => "mutual TLS on client and peer ports",
+                }
+            ));
         }
         Ok(())
     }

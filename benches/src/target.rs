@@ -10,6 +10,7 @@ use geokv_client::Consistency;
 
 use crate::etcd::{self, EtcdCluster, EtcdConn};
 use crate::geokv::{self, ContextTable, GeokvConn, GeokvNode, GeokvSettings};
+use crate::peer_tls;
 use crate::redis::{self, RedisConn, RedisServer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -34,7 +35,7 @@ impl TargetKind {
 
     /// What durability and consistency a write of this target has, for the
     /// report.
-    pub fn semantics(self, consistency: Consistency) -> String {
+    pub fn semantics(self, consistency: Consistency, peer_transport: peer_tls::Transport) -> String {
         match self {
             TargetKind::Geokv => {
                 format!("1 node, writes at {consistency:?}, WAL fsync (group commit), mutual TLS")
@@ -43,9 +44,15 @@ impl TargetKind {
                 format!("1 node, writes at {consistency:?}, WAL fsync (group commit), plaintext")
             }
             TargetKind::Etcd => {
-                format!("{} members, raft quorum writes, WAL fsync on each member", etcd::MEMBERS)
+                format!(
+                    "{} members, raft quorum writes, WAL fsync on each member, {}",
+                    etcd::MEMBERS,
+                    peer_transport.describe()
+                )
             }
-            TargetKind::Redis => "1 node, appendonly + appendfsync always".to_string(),
+            TargetKind::Redis => {
+                format!("1 node, appendonly + appendfsync always, {}", peer_transport.describe())
+            }
         }
     }
 }
@@ -65,6 +72,8 @@ pub struct TargetPlan {
     pub geokv_bin: std::path::PathBuf,
     pub geokv_args: Vec<String>,
     pub etcd_bin: std::path::PathBuf,
+    /// How etcd and Redis are reached.
+    pub peer_transport: peer_tls::Transport,
     pub redis_bin: std::path::PathBuf,
     pub table: String,
     pub consistency: Consistency,
@@ -117,13 +126,13 @@ impl Running {
                 Running::Geokv { node, settings, plaintext: !tls }
             }
             TargetKind::Etcd => Running::Etcd {
-                cluster: etcd::start(&plan.etcd_bin).await?,
+                cluster: etcd::start(&plan.etcd_bin, plan.peer_transport).await?,
                 // geokv's LOCAL and EVENTUAL reads are served by the replica
                 // that receives them; etcd's serializable reads are the match.
                 serializable: matches!(plan.consistency, Consistency::Local | Consistency::Eventual),
                 op_timeout: plan.op_timeout,
             },
-            TargetKind::Redis => Running::Redis(redis::start(&plan.redis_bin).await?),
+            TargetKind::Redis => Running::Redis(redis::start(&plan.redis_bin, plan.peer_transport).await?),
         })
     }
 
@@ -162,9 +171,9 @@ impl Running {
         Ok(match self {
             Running::Geokv { settings, .. } => Conn::Geokv(Box::new(GeokvConn::connect(settings).await?)),
             Running::Etcd { cluster, serializable, op_timeout } => {
-                Conn::Etcd(EtcdConn::connect(&cluster.leader_url, *serializable, *op_timeout).await?)
+                Conn::Etcd(EtcdConn::connect(cluster, *serializable, *op_timeout).await?)
             }
-            Running::Redis(server) => Conn::Redis(RedisConn::connect(server.addr).await?),
+            Running::Redis(server) => Conn::Redis(RedisConn::connect(server).await?),
         })
     }
 }
