@@ -14,11 +14,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use geokv_net::channel::{ChannelSettings, Channels, Dialer};
-
-use crate::peer_tls::{PeerCerts, Transport};
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::peer_tls::{PeerCerts, Transport};
 use crate::process::{self, Child};
 
 #[allow(clippy::all, missing_docs)]
