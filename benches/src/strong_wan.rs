@@ -679,11 +679,8 @@ pub async fn run(args: &StrongWanArgs, default_geokv_bin: PathBuf) -> Result<()>
             let leader = cluster.leader_name().await.unwrap_or_else(|e| format!("unknown ({e:#})"));
             notes.push(format!("etcd leader after the runs: {leader}"));
             notes.push(format!(
-                "etcd transport: {} (geokv: mutual TLS on every connection)",
-                match cluster.transport {
-                    Transport::Plaintext => "plaintext client and peer ports",
-                    Transport::Tls => "mutual TLS on client and peer ports",
-                }
+                "etcd transport: {} client and peer ports (geokv: mutual TLS on every connection)",
+                cluster.transport.describe()
             ));
         }
         Ok(())
