@@ -716,6 +716,11 @@ pub struct StorageConfig {
     /// RocksDB block cache shared by every column family, in MiB (blocks of
     /// rows, idempotency records and their bloom filters read from disk).
     pub block_cache_mib: usize,
+    /// Decoded rows the committer keeps of those it last wrote, in
+    /// MiB, so a write to a hot row skips the store's lookup and the decode
+    /// (docs/decisions/043-row-cache-and-shared-connections.md); 0 turns
+    /// it off.
+    pub row_cache_mib: usize,
     /// How often tombstone collection and log trimming run, in ms; 0 turns
     /// both off (docs/architecture.md section 17).
     pub tombstone_gc_interval_ms: u64,
@@ -743,6 +748,7 @@ impl Default for StorageConfig {
             idempotency_ttl_s: 3600,
             write_buffer_mib: 64,
             block_cache_mib: 256,
+            row_cache_mib: 64,
             tombstone_gc_interval_ms: 1000,
             tombstone_gc_scan_rows_max: 20_000,
             tombstone_gc_rows_max: 10_000,
@@ -1072,6 +1078,9 @@ impl Config {
         }
         if s.block_cache_mib == 0 || s.block_cache_mib > 1 << 20 {
             return Err(bad("storage.block_cache_mib", "must be 1..=1048576"));
+        }
+        if s.row_cache_mib > 1 << 20 {
+            return Err(bad("storage.row_cache_mib", "must be 0..=1048576"));
         }
         let r = &self.replication;
         if r.batch_entries_max == 0 || r.batch_entries_max > 100_000 {

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::row::{data_key, display_key, Row, RowLimits, RowMeasure, RowValue};
+use super::row_cache::RowCache;
 use super::{AdmittedWrite, RowOp};
 use crate::causality::{
     encode_context_at, Crdt, DvvSet, Hlc, HlcTimestamp, LwwRegister, OrSet, PnCounter, VersionVector,
@@ -32,7 +33,7 @@ use crate::causality::{
 use crate::codec;
 use crate::config::ConflictPolicy;
 use crate::error::KvError;
-use crate::storage::{Cf, Engine, WriteBatch};
+use crate::storage::{BatchOp, Cf, Engine, WriteBatch};
 
 /// Epoch of every home until failover arrives: nothing fences yet.
 pub const INITIAL_EPOCH: u64 = 1;
@@ -175,6 +176,9 @@ pub struct CommitSettings {
     pub origin: String,
     /// Whether changes go to the change feed (`watch.retention_entries` > 0).
     pub feed: bool,
+    /// Bytes of decoded rows the committer keeps of what it wrote
+    /// (`storage.row_cache_mib`; 0: none).
+    pub row_cache_bytes: usize,
 }
 
 /// Shared facts the committer publishes for readers.
@@ -586,6 +590,9 @@ struct Committer {
     next_seq: Option<u64>,
     /// Next change-feed position to assign (0: read the published one).
     feed_next: std::cell::Cell<u64>,
+    /// Rows of settled groups, decoded (`kv::row_cache`): read after the
+    /// overlays, before the store.
+    rows: std::cell::RefCell<RowCache>,
     group: u64,
     era: u64,
 }
@@ -598,6 +605,7 @@ impl Committer {
         state: Arc<CommitState>,
         pipeline: Arc<Pipeline>,
     ) -> Self {
+        let rows = std::cell::RefCell::new(RowCache::new(settings.row_cache_bytes));
         Self {
             engine,
             hlc,
@@ -610,6 +618,7 @@ impl Committer {
             carried: Default::default(),
             next_seq: None,
             feed_next: std::cell::Cell::new(0),
+            rows,
             group: 0,
             era: 1,
         }
@@ -625,6 +634,11 @@ struct Overlay {
     idem: HashMap<String, pb::IdempotencyRecord>,
     /// Positions per (source, store incarnation).
     inbound: HashMap<(String, String), u64>,
+    /// Every `data` key the group's batch writes: the encoded row's size,
+    /// or None for a deletion. Set once the group is prepared.
+    data_writes: HashMap<Vec<u8>, Option<usize>>,
+    /// The batch deletes a range of `data` keys.
+    data_range_deleted: bool,
     carried: Vec<Arc<Overlay>>,
 }
 
@@ -658,7 +672,51 @@ impl Overlay {
 
     /// This group's own changes, without what it was laid over.
     fn own(self) -> Overlay {
-        Overlay { rows: self.rows, idem: self.idem, inbound: self.inbound, carried: Vec::new() }
+        Overlay {
+            rows: self.rows,
+            idem: self.idem,
+            inbound: self.inbound,
+            data_writes: self.data_writes,
+            data_range_deleted: self.data_range_deleted,
+            carried: Vec::new(),
+        }
+    }
+
+    /// Records the `data` keys `batch` writes, and forgets their cached
+    /// rows: until the group settles, they are read from the overlays.
+    fn note_data_writes(&mut self, batch: &WriteBatch, cache: &mut RowCache) {
+        for op in &batch.ops {
+            match op {
+                BatchOp::Put { cf: Cf::Data, key, value } => {
+                    cache.forget(key);
+                    self.data_writes.insert(key.clone(), Some(value.len()));
+                }
+                BatchOp::Delete { cf: Cf::Data, key } => {
+                    cache.forget(key);
+                    self.data_writes.insert(key.clone(), None);
+                }
+                BatchOp::DeleteRange { cf: Cf::Data, .. } => {
+                    cache.clear();
+                    self.data_range_deleted = true;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Moves a written group's rows into `cache`: they are what the store
+    /// holds now.
+    fn settle_into(self, cache: &mut RowCache) {
+        if self.data_range_deleted {
+            cache.clear();
+        }
+        let mut rows = self.rows;
+        for (dk, written) in self.data_writes {
+            match (written, rows.remove(&dk)) {
+                (Some(bytes), Some(row)) => cache.put(dk, row, bytes),
+                _ => cache.forget(&dk),
+            }
+        }
     }
 }
 
@@ -686,21 +744,40 @@ impl Committer {
     /// group starts a new era from what the store holds.
     fn catch_up_with_syncer(&mut self) {
         let pipeline = &self.pipeline;
+        // Settled before failed: the syncer records a failure before it
+        // settles the failed group, so a failed group read as settled here
+        // is read as failed below, and its rows never reach the cache.
+        let settled = pipeline.settled_group.load(Ordering::Acquire);
         if pipeline.failed_era.load(Ordering::Acquire) == self.era {
             // Groups of this era after the failed one fail unwritten; what
             // they carried never reached the store.
             self.era += 1;
             self.carried.clear();
+            self.rows.get_mut().clear();
             // A failed group's sweep deleted nothing: sweep again from the start.
             self.sweep_from = IDEM_EXPIRY_PREFIX.to_vec();
             self.next_seq = None;
             self.feed_next.set(0);
             return;
         }
-        let settled = pipeline.settled_group.load(Ordering::Acquire);
+        let cache = self.rows.get_mut();
         while self.carried.front().is_some_and(|(g, _)| *g <= settled) {
-            self.carried.pop_front();
+            let Some((_, overlay)) = self.carried.pop_front() else { break };
+            match Arc::try_unwrap(overlay) {
+                Ok(overlay) => overlay.settle_into(cache),
+                // Still shared (not expected once a group is prepared): its
+                // rows are read from the store instead.
+                Err(overlay) => overlay.data_writes.keys().for_each(|dk| cache.forget(dk)),
+            }
         }
+        let (hits, misses) = cache.take_counts();
+        if hits > 0 {
+            metrics::counter!("geokv_commit_row_cache_hits_total").increment(hits);
+        }
+        if misses > 0 {
+            metrics::counter!("geokv_commit_row_cache_misses_total").increment(misses);
+        }
+        metrics::gauge!("geokv_commit_row_cache_bytes").set(cache.bytes() as f64);
     }
 
     /// Applies `jobs` over the stored rows and the groups not yet written,
@@ -760,7 +837,8 @@ impl Committer {
         }
         self.group += 1;
         self.next_seq = Some(next_seq);
-        let own = overlay.own();
+        let mut own = overlay.own();
+        own.note_data_writes(&batch, self.rows.get_mut());
         let inbound = own.inbound.clone();
         self.carried.push_back((self.group, Arc::new(own)));
         Some(Prepared {
@@ -1128,7 +1206,14 @@ impl Committer {
         Ok(stored.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map(u64::from_be_bytes).unwrap_or(0))
     }
 
+    /// The stored row of `dk` (of `table`, `key`), for a key no overlay
+    /// holds, to write it: taken from the row cache, else read from the
+    /// store. Either way the written row enters the cache when its group
+    /// settles.
     fn load_row(&self, dk: &[u8], table: &str, key: &[u8]) -> Result<Option<Row>, KvError> {
+        if let Some(row) = self.rows.borrow_mut().take(dk) {
+            return Ok(Some(row));
+        }
         match self.engine.get(Cf::Data, dk).map_err(|e| KvError::Storage(e.to_string()))? {
             None => Ok(None),
             Some(bytes) => Row::open(&bytes, || display_key(table, key)).map(Some),
@@ -1761,6 +1846,7 @@ mod tests {
             lifecycle: Arc::new(crate::lifecycle::Lifecycle::new(&crate::config::Config::default())),
             origin: "eu-west-1/n1#test".into(),
             feed: true,
+            row_cache_bytes: 1 << 20,
         };
         let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), 500));
         Committer::new(engine, hlc, settings, Arc::new(CommitState::default()), Arc::new(Pipeline::default()))

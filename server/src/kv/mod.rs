@@ -17,6 +17,7 @@ pub mod feed;
 pub mod gc;
 pub mod route;
 pub mod row;
+pub mod row_cache;
 pub mod subject;
 
 /// A replicated row state: (table, key, row).
@@ -370,6 +371,7 @@ impl Node {
                 if crate::storage::identity::identity_off() { String::new() } else { opened.identity.tag() }
             ),
             feed: cfg.watch.retention_entries > 0,
+            row_cache_bytes: cfg.storage.row_cache_mib << 20,
         };
         let (tx, rx) = mpsc::channel(cfg.storage.commit_queue_max);
         let thread = match options.commit {

@@ -214,18 +214,24 @@ async fn residency_and_levels_are_enforced_at_admission() {
     assert_eq!((stored.home_region.as_str(), stored.zone.as_str()), ("eu-central-1", "eu"));
 }
 
-#[tokio::test]
-async fn corrupted_stored_value_is_reported_never_returned() {
-    let engine = Arc::new(MemoryEngine::new());
-    let node = node_on(engine.clone());
-    node.write(put(row("bad"), "precious", VersionVector::default())).await.unwrap();
-    let dk = row::data_key("default", b"bad");
+/// Damages the stored copy of row `key` (one bit flipped in the middle).
+fn damage_stored_row(engine: &MemoryEngine, key: &str) {
+    let dk = row::data_key("default", key.as_bytes());
     let mut bytes = engine.get(Cf::Data, &dk).unwrap().unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
     let mut batch = crate::storage::WriteBatch::new();
     batch.put(Cf::Data, dk, bytes);
     engine.write(batch, true).unwrap();
+}
+
+#[tokio::test]
+async fn corrupted_stored_value_is_reported_never_returned() {
+    let engine = Arc::new(MemoryEngine::new());
+    // Without the committer's row cache a write reads the stored copy too.
+    let node = node_with("[storage]\nrow_cache_mib = 0", engine.clone());
+    node.write(put(row("bad"), "precious", VersionVector::default())).await.unwrap();
+    damage_stored_row(&engine, "bad");
 
     let err = node.read(&row("bad"), ReadLevel::Local, &[]).unwrap_err();
     assert_eq!(err.reason(), "DATA_CORRUPTION");
@@ -234,6 +240,21 @@ async fn corrupted_stored_value_is_reported_never_returned() {
     let err = node.write(put(row("bad"), "new", VersionVector::default())).await.unwrap_err();
     assert_eq!(err.reason(), "DATA_CORRUPTION");
     assert_eq!(node.scan("default", b"", b"", 10, false).unwrap_err().reason(), "DATA_CORRUPTION");
+}
+
+/// With the row cache (the default), a write to a row the committer wrote
+/// last merges into the row it wrote, not into the damaged stored copy:
+/// reads report the damage until then, and the write stores the row whole,
+/// nothing of it lost (docs/decisions/043-row-cache-and-shared-connections.md).
+#[tokio::test]
+async fn a_write_over_a_damaged_stored_copy_keeps_the_row_the_committer_wrote() {
+    let engine = Arc::new(MemoryEngine::new());
+    let node = node_on(engine.clone());
+    node.write(put(row("bad"), "precious", VersionVector::default())).await.unwrap();
+    damage_stored_row(&engine, "bad");
+    assert_eq!(node.read(&row("bad"), ReadLevel::Local, &[]).unwrap_err().reason(), "DATA_CORRUPTION");
+    node.write(put(row("bad"), "new", VersionVector::default())).await.unwrap();
+    assert_eq!(values(&node, "bad").0, ["new", "precious"], "the earlier value kept beside the new one");
 }
 
 #[tokio::test]
