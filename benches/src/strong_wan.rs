@@ -107,6 +107,11 @@ pub struct StrongWanArgs {
     /// (the peer links still pass through the latency proxies).
     #[arg(long, value_enum, default_value_t = Transport::Plaintext)]
     pub peer_transport: Transport,
+    /// Connections shared by the clients of each target (HTTP/2
+    /// multiplexes), as a service sharing one client's channels; default:
+    /// one per client.
+    #[arg(long)]
+    pub connections: Option<usize>,
 }
 
 impl StrongWanArgs {
@@ -137,6 +142,9 @@ impl StrongWanArgs {
         if !(0.0..=1.0).contains(&self.put_ratio) {
             bail!("--put-ratio must be 0..=1");
         }
+        if self.connections.is_some_and(|c| c == 0 || c > 1024) {
+            bail!("--connections must be 1..=1024");
+        }
         Ok(())
     }
 
@@ -149,7 +157,7 @@ impl StrongWanArgs {
             duration: Duration::from_secs(self.duration_s),
             op_timeout: Duration::from_millis(self.op_timeout_ms),
             seed: self.seed,
-            connections: None,
+            connections: self.connections,
         }
     }
 }
@@ -700,7 +708,7 @@ fn render(args: &StrongWanArgs, setup: &str, results: &[Measured], notes: &[Stri
     let scale = args.latency_scale;
     let mut s = String::new();
     s.push_str(&format!(
-        "strong-wan: closed loop, {}, {} B values, {} keys, {} s window after {} s warmup, one connection per client\n",
+        "strong-wan: closed loop, {}, {} B values, {} keys, {} s window after {} s warmup, {}\n",
         if args.put_ratio >= 1.0 {
             "puts only".to_string()
         } else if args.put_ratio <= 0.0 {
@@ -711,7 +719,11 @@ fn render(args: &StrongWanArgs, setup: &str, results: &[Measured], notes: &[Stri
         args.value_bytes,
         args.keys,
         args.duration_s,
-        args.warmup_s
+        args.warmup_s,
+        match args.connections {
+            Some(n) => format!("{n} connections shared by the clients of each target"),
+            None => "one connection per client".to_string(),
+        }
     ));
     s.push_str(&format!(
         "  geokv: `geokv dev` (4 regions), table registers (STRONG), group {GROUP} (voters {}), clients at {HOME}/n1\n",
