@@ -63,11 +63,27 @@ pub struct RowCache {
     bytes_max: usize,
     hits: u64,
     misses: u64,
+    /// Frees dropped generations on a thread of its own: freeing a
+    /// generation of a 64 MiB cache is a hundred thousand rows, tens of
+    /// milliseconds the committer would otherwise stall for.
+    dropper: Option<std::sync::mpsc::SyncSender<Generation>>,
 }
+
+/// Generations waiting for the dropper; past that they are freed inline,
+/// so a cache churning faster than it can be freed slows its writer
+/// instead of holding more memory.
+const DROPS_QUEUED_MAX: usize = 2;
 
 impl RowCache {
     pub fn new(bytes_max: usize) -> Self {
-        Self { newer: Generation::default(), older: Generation::default(), bytes_max, hits: 0, misses: 0 }
+        Self {
+            newer: Generation::default(),
+            older: Generation::default(),
+            bytes_max,
+            hits: 0,
+            misses: 0,
+            dropper: None,
+        }
     }
 
     /// Takes the cached row of `key` out of the cache: the caller is about
@@ -112,8 +128,10 @@ impl RowCache {
 
     /// Forgets every row.
     pub fn clear(&mut self) {
-        self.newer = Generation::default();
-        self.older = Generation::default();
+        let newer = std::mem::take(&mut self.newer);
+        let older = std::mem::take(&mut self.older);
+        self.discard(newer);
+        self.discard(older);
     }
 
     /// Bytes held, both generations.
@@ -134,13 +152,40 @@ impl RowCache {
         (std::mem::take(&mut self.hits), std::mem::take(&mut self.misses))
     }
 
+    /// Frees `g` on the dropper thread (started on first use), or here
+    /// when it is busy or cannot be started.
+    fn discard(&mut self, g: Generation) {
+        if g.rows.is_empty() {
+            return;
+        }
+        if self.dropper.is_none() {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Generation>(DROPS_QUEUED_MAX);
+            let started = std::thread::Builder::new()
+                .name("geokv-row-drop".into())
+                // Ends when the cache, and with it the sender, is dropped.
+                .spawn(move || rx.into_iter().for_each(drop));
+            if started.is_ok() {
+                self.dropper = Some(tx);
+            }
+        }
+        if let Some(tx) = &self.dropper {
+            if let Err(
+                std::sync::mpsc::TrySendError::Full(g) | std::sync::mpsc::TrySendError::Disconnected(g),
+            ) = tx.try_send(g)
+            {
+                drop(g);
+            }
+        }
+    }
+
     fn generation_max(&self) -> usize {
         self.bytes_max / 2
     }
 
     fn admit(&mut self, key: Vec<u8>, entry: Entry) {
         if self.newer.bytes + entry.bytes > self.generation_max() {
-            self.older = std::mem::take(&mut self.newer);
+            let dropped = std::mem::replace(&mut self.older, std::mem::take(&mut self.newer));
+            self.discard(dropped);
         }
         self.newer.bytes += entry.bytes;
         if let Some(old) = self.newer.rows.insert(key, entry) {
