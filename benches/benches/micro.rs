@@ -268,11 +268,21 @@ fn commit(c: &mut Criterion) {
     g.sample_size(10);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
     let runtime = runtime.expect("a tokio runtime");
-    // Pipelined and on one thread, synced; and pipelined with the sync off:
-    // everything but the fsync.
-    for (pipeline, sync) in [(true, true), (false, true), (true, false)] {
+    // Pipelined and on one thread, synced; pipelined with the sync off
+    // (everything but the fsync): a new row per put. Then hot rows: the
+    // same 64 rows of an LWW table (rows stay one value), so every write
+    // after the first merges into a row written before, from the
+    // committer's row cache or, with it off, from the store (decision 043).
+    let lww = "[[tables]]\nname = \"default\"\ndefault_home_region = \"local-1\"\nconflict = \"lww\"\n";
+    let cases = [
+        ("put_64_pipelined", "[storage]\ncommit_pipeline = true\nsync = true\n".to_string(), false),
+        ("put_64_one_thread", "[storage]\ncommit_pipeline = false\nsync = true\n".to_string(), false),
+        ("put_64_pipelined_unsynced", "[storage]\ncommit_pipeline = true\nsync = false\n".to_string(), false),
+        ("put_64_hot_rows_cached", format!("[storage]\nrow_cache_mib = 64\n{lww}"), true),
+        ("put_64_hot_rows_uncached", format!("[storage]\nrow_cache_mib = 0\n{lww}"), true),
+    ];
+    for (name, text, hot) in cases {
         let dir = tempfile::tempdir().expect("temp dir");
-        let text = format!("[storage]\ncommit_pipeline = {pipeline}\nsync = {sync}\n");
         let cfg = Config::from_toml(&text).and_then(Config::finish).expect("the benchmark's config");
         let engine =
             Arc::new(RocksEngine::open(dir.path(), &RocksOptions::default()).expect("opening RocksDB"));
@@ -280,69 +290,15 @@ fn commit(c: &mut Criterion) {
         let node =
             runtime.block_on(async { Node::start(Arc::new(cfg), engine, hlc) }).expect("starting a node");
         let mut n = 0u64;
-        let name = match (pipeline, sync) {
-            (true, true) => "put_64_pipelined",
-            (false, _) => "put_64_one_thread",
-            (true, false) => "put_64_pipelined_unsynced",
-        };
-        g.bench_function(name, |b| {
-            b.iter(|| {
-                let writes = (0..COMMIT_WRITERS).map(|_| {
-                    n += 1;
-                    let node = node.clone();
-                    let req = WriteRequest {
-                        ops: vec![WriteOp {
-                            row: RowRef { table: "default".into(), key: key(n), locality: Locality::Unset },
-                            op: RowOp::Put {
-                                value: vec![0x42; 100],
-                                context: VersionVector::new(),
-                                ttl_ms: 0,
-                            },
-                        }],
-                        level: None,
-                        idempotency: Some(Idempotency { key: format!("bench-{n}"), request_hash: n }),
-                    };
-                    async move { node.write(req).await }
-                });
-                let tasks: Vec<_> = writes.map(|w| runtime.spawn(w)).collect();
-                runtime.block_on(async {
-                    for t in tasks {
-                        t.await.expect("a write task").expect("a durable put");
-                    }
-                });
-            })
-        });
-        node.shutdown();
-    }
-    // Hot rows: 64 concurrent durable puts over the same 64 rows of an LWW
-    // table (rows stay one value), so every write after the first merges
-    // into a row written before: from the committer's row cache, and with
-    // the cache off from the store (decision 043).
-    for cache_mib in [64, 0] {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let text = format!(
-            "[storage]\nrow_cache_mib = {cache_mib}\n[[tables]]\nname = \"default\"\ndefault_home_region = \"local-1\"\nconflict = \"lww\"\n"
-        );
-        let cfg = Config::from_toml(&text).and_then(Config::finish).expect("the benchmark's config");
-        let engine =
-            Arc::new(RocksEngine::open(dir.path(), &RocksOptions::default()).expect("opening RocksDB"));
-        let hlc = Arc::new(Hlc::new(Arc::new(SystemClock), 500));
-        let node =
-            runtime.block_on(async { Node::start(Arc::new(cfg), engine, hlc) }).expect("starting a node");
-        let mut n = 0u64;
-        let name = if cache_mib > 0 { "put_64_hot_rows_cached" } else { "put_64_hot_rows_uncached" };
         g.bench_function(name, |b| {
             b.iter(|| {
                 let writes = (0..COMMIT_WRITERS).map(|i| {
                     n += 1;
                     let node = node.clone();
+                    let row_key = if hot { format!("hot/{i:02}").into_bytes() } else { key(n) };
                     let req = WriteRequest {
                         ops: vec![WriteOp {
-                            row: RowRef {
-                                table: "default".into(),
-                                key: format!("hot/{i:02}").into_bytes(),
-                                locality: Locality::Unset,
-                            },
+                            row: RowRef { table: "default".into(), key: row_key, locality: Locality::Unset },
                             op: RowOp::Put {
                                 value: vec![0x42; 100],
                                 context: VersionVector::new(),
