@@ -718,8 +718,9 @@ pub struct StorageConfig {
     pub block_cache_mib: usize,
     /// Decoded rows the committer keeps of those it last wrote, in
     /// MiB, so a write to a hot row skips the store's lookup and the decode
-    /// (docs/decisions/043-row-cache-and-shared-connections.md); 0 turns
-    /// it off.
+    /// (docs/decisions/043-row-cache-and-shared-connections.md); 0, the
+    /// default, turns it off: on two cores it saved the committer's CPU
+    /// but not the node's, and lengthened the slowest writes.
     pub row_cache_mib: usize,
     /// How often tombstone collection and log trimming run, in ms; 0 turns
     /// both off (docs/architecture.md section 17).
@@ -748,7 +749,7 @@ impl Default for StorageConfig {
             idempotency_ttl_s: 3600,
             write_buffer_mib: 64,
             block_cache_mib: 256,
-            row_cache_mib: 64,
+            row_cache_mib: 0,
             tombstone_gc_interval_ms: 1000,
             tombstone_gc_scan_rows_max: 20_000,
             tombstone_gc_rows_max: 10_000,

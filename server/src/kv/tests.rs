@@ -228,7 +228,8 @@ fn damage_stored_row(engine: &MemoryEngine, key: &str) {
 #[tokio::test]
 async fn corrupted_stored_value_is_reported_never_returned() {
     let engine = Arc::new(MemoryEngine::new());
-    // Without the committer's row cache a write reads the stored copy too.
+    // Without the committer's row cache (the default) a write reads the
+    // stored copy too.
     let node = node_with("[storage]\nrow_cache_mib = 0", engine.clone());
     node.write(put(row("bad"), "precious", VersionVector::default())).await.unwrap();
     damage_stored_row(&engine, "bad");
@@ -242,14 +243,14 @@ async fn corrupted_stored_value_is_reported_never_returned() {
     assert_eq!(node.scan("default", b"", b"", 10, false).unwrap_err().reason(), "DATA_CORRUPTION");
 }
 
-/// With the row cache (the default), a write to a row the committer wrote
+/// With the row cache (`storage.row_cache_mib`), a write to a row the committer wrote
 /// last merges into the row it wrote, not into the damaged stored copy:
 /// reads report the damage until then, and the write stores the row whole,
 /// nothing of it lost (docs/decisions/043-row-cache-and-shared-connections.md).
 #[tokio::test]
 async fn a_write_over_a_damaged_stored_copy_keeps_the_row_the_committer_wrote() {
     let engine = Arc::new(MemoryEngine::new());
-    let node = node_on(engine.clone());
+    let node = node_with("[storage]\nrow_cache_mib = 64", engine.clone());
     node.write(put(row("bad"), "precious", VersionVector::default())).await.unwrap();
     damage_stored_row(&engine, "bad");
     assert_eq!(node.read(&row("bad"), ReadLevel::Local, &[]).unwrap_err().reason(), "DATA_CORRUPTION");
@@ -664,7 +665,8 @@ async fn until(what: &str, done: impl Fn() -> bool) {
 async fn a_failed_group_fails_the_group_prepared_over_it_and_the_next_starts_from_the_store() {
     use std::sync::atomic::Ordering::SeqCst;
     let engine = Arc::new(GatedEngine::default());
-    let node = node_on(engine.clone());
+    // With the committer's row cache: a failed group's rows must not reach it.
+    let node = node_with("[storage]\nrow_cache_mib = 64", engine.clone());
     node.write(put(row("k"), "base", VersionVector::default())).await.unwrap();
     let base_seq = node.log_seq();
     let (_, base_ctx) = values(&node, "k");
