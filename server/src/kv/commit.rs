@@ -761,6 +761,12 @@ impl Committer {
             return;
         }
         let cache = self.rows.get_mut();
+        if !cache.enabled() {
+            while self.carried.front().is_some_and(|(g, _)| *g <= settled) {
+                self.carried.pop_front();
+            }
+            return;
+        }
         while self.carried.front().is_some_and(|(g, _)| *g <= settled) {
             let Some((_, overlay)) = self.carried.pop_front() else { break };
             match Arc::try_unwrap(overlay) {
@@ -838,7 +844,10 @@ impl Committer {
         self.group += 1;
         self.next_seq = Some(next_seq);
         let mut own = overlay.own();
-        own.note_data_writes(&batch, self.rows.get_mut());
+        // With the cache off there is nothing to forget or settle later.
+        if self.rows.get_mut().enabled() {
+            own.note_data_writes(&batch, self.rows.get_mut());
+        }
         let inbound = own.inbound.clone();
         self.carried.push_back((self.group, Arc::new(own)));
         Some(Prepared {

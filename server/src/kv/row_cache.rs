@@ -86,6 +86,11 @@ impl RowCache {
         }
     }
 
+    /// Whether the cache keeps anything (`storage.row_cache_mib` > 0).
+    pub fn enabled(&self) -> bool {
+        self.bytes_max > 0
+    }
+
     /// Takes the cached row of `key` out of the cache: the caller is about
     /// to write the row, and the written row comes back when its group
     /// settles (so no copy is made).
